@@ -1,0 +1,34 @@
+"""Named model shapes that a config can pick with ``model.preset`` and then override field by field.
+
+The shapes follow the published architectures so that a converted checkpoint has the familiar
+``config.json``: TinyLlama-1.1B, Llama-2 7B/13B and Llama-3 70B. ``tiny`` is the test and demo size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # Test and demo size: trains on 2 CPU cores in minutes.
+    "tiny": dict(n_layers=4, hidden=128, n_heads=4, n_kv_heads=2, ffn_hidden=344, vocab_size=8192,
+                 max_seq_len=256, tie_embeddings=True, rope_theta=10000.0),
+    # GPT-3 "small" width and depth with a Llama block.
+    "125m": dict(n_layers=12, hidden=768, n_heads=12, n_kv_heads=12, ffn_hidden=2048, vocab_size=32000,
+                 max_seq_len=2048, tie_embeddings=True, rope_theta=10000.0),
+    # TinyLlama/TinyLlama-1.1B shape.
+    "1.1b": dict(n_layers=22, hidden=2048, n_heads=32, n_kv_heads=4, ffn_hidden=5632, vocab_size=32000,
+                 max_seq_len=2048, tie_embeddings=False, rope_theta=10000.0),
+    # Llama-2 7B and 13B shapes.
+    "7b": dict(n_layers=32, hidden=4096, n_heads=32, n_kv_heads=32, ffn_hidden=11008, vocab_size=32000,
+               max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
+    "13b": dict(n_layers=40, hidden=5120, n_heads=40, n_kv_heads=40, ffn_hidden=13824, vocab_size=32000,
+                max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
+    # Llama-3 70B shape.
+    "70b": dict(n_layers=80, hidden=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256,
+                max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
+}
+
+
+def preset_names() -> list[str]:
+    """The preset names, in order of size."""
+    return list(MODEL_PRESETS)

@@ -1,0 +1,102 @@
+"""Cross-field rules of a config, checked once at load time.
+
+Each rule returns a message that names the field, its value and the fix. All rules run, so a user
+sees every problem of a config at once rather than one per attempt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fm_train.config.schema import FmConfig
+
+
+def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
+    """Return one message per broken rule (empty when the config is consistent)."""
+    errors: list[str] = []
+    m, p, c, t, o = cfg.model, cfg.parallel, cfg.cluster, cfg.train, cfg.optim
+
+    # Layout: world = pp x dp x tp.
+    if c.workers % (p.tp * p.pp) != 0:
+        errors.append(
+            f"cluster.workers={c.workers} is not divisible by parallel.tp x parallel.pp = {p.tp} x {p.pp}"
+            f" = {p.tp * p.pp}: world size must equal dp x pp x tp; set cluster.workers to a multiple of"
+            f" {p.tp * p.pp}"
+        )
+    if p.pp > 1 and p.zero_stage > 1:
+        errors.append(
+            f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine allows"
+            " ZeRO stage 0 or 1 only; set parallel.zero_stage=1 or parallel.pp=1"
+        )
+    if p.offload_optimizer and p.zero_stage == 0:
+        errors.append("parallel.offload_optimizer=true needs parallel.zero_stage >= 1; raise the stage or turn offload off")
+    if m.n_heads % p.tp != 0:
+        errors.append(f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}; pick a tp that divides it")
+    if m.n_kv_heads % p.tp != 0:
+        errors.append(f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.n_kv_heads}; pick a tp that divides it")
+    if m.ffn_hidden % p.tp != 0:
+        errors.append(f"parallel.tp={p.tp} does not divide model.ffn_hidden={m.ffn_hidden}; pick a tp that divides it")
+    if m.vocab_size % p.tp != 0:
+        errors.append(
+            f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size} (vocab-parallel embedding);"
+            f" round model.vocab_size up to a multiple of {p.tp}"
+        )
+    if m.n_layers < p.pp:
+        errors.append(f"model.n_layers={m.n_layers} is smaller than parallel.pp={p.pp}: every stage needs a block; lower parallel.pp")
+
+    # Model shape.
+    if m.hidden % m.n_heads != 0:
+        errors.append(f"model.hidden={m.hidden} is not divisible by model.n_heads={m.n_heads}")
+    elif (m.hidden // m.n_heads) % 2 != 0:
+        errors.append(f"model.hidden / model.n_heads = {m.hidden // m.n_heads} is odd; RoPE needs an even head size")
+    if m.n_heads % m.n_kv_heads != 0:
+        errors.append(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads} (grouped-query attention)")
+    if cfg.data.seq_len > m.max_seq_len:
+        errors.append(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}; lower one or raise the other")
+
+    # Batch.
+    if t.global_batch is not None and c.workers % (p.tp * p.pp) == 0 and t.global_batch != cfg.global_batch:
+        errors.append(
+            f"train.global_batch={t.global_batch} != micro_batch x grad_accum x dp = {t.micro_batch} x"
+            f" {t.grad_accum} x {cfg.dp} = {cfg.global_batch}; fix one of them or drop train.global_batch"
+        )
+
+    # Optimizer and schedule.
+    if o.min_lr > o.lr:
+        errors.append(f"optim.min_lr={o.min_lr} is larger than optim.lr={o.lr}")
+    if o.warmup_steps > t.steps:
+        errors.append(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        errors.append(f"optim.betas={list(o.betas)} must both lie in [0, 1)")
+
+    # Resources.
+    if c.slots_per_node is not None and c.workers > c.slots_per_node and c.workers % c.slots_per_node != 0:
+        errors.append(
+            f"cluster.workers={c.workers} is not a multiple of cluster.slots_per_node={c.slots_per_node};"
+            " use whole nodes"
+        )
+    if c.slots_per_node is not None and p.tp > c.slots_per_node:
+        errors.append(
+            f"parallel.tp={p.tp} exceeds cluster.slots_per_node={c.slots_per_node}: a tensor-parallel group"
+            " would span nodes; lower parallel.tp"
+        )
+
+    # Checkpoint.
+    if cfg.checkpoint.resume not in ("auto", "none") and require_paths and not Path(cfg.checkpoint.resume).exists():
+        errors.append(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist; use auto, none or a step directory")
+
+    # Data paths.
+    if require_paths:
+        for i, src in enumerate(cfg.data.sources):
+            if not src.default_corpus and not (Path(src.path) / "index.json").exists():
+                reason = "does not exist" if not Path(src.path).exists() else "has no index.json"
+                errors.append(
+                    f"data.sources[{i}].path={src.path!r} {reason}; build it with `fm-train shard --out {src.path}`"
+                    " or set default_corpus: true"
+                )
+    return errors
+
+
+def missing_paths(cfg: FmConfig) -> list[str]:
+    """Data paths that do not exist on this machine (reported by ``plan`` as a warning)."""
+    return [s.path for s in cfg.data.sources if not s.default_corpus and not Path(s.path).exists()]

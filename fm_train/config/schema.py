@@ -1,0 +1,190 @@
+"""Typed configuration of an fm-train run.
+
+Every section is a pydantic model with ``extra="forbid"``, so a misspelt key is an error, never a
+silently ignored value. Field-local rules (positive sizes, enums) live on the fields; rules that tie
+several fields together live in :mod:`fm_train.config.rules` and run once, at load time.
+
+Config holds values only. Live objects (process groups, engines, loaders) are build arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeInt
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class RunConfig(_Section):
+    """Where the run lives and how it is seeded."""
+
+    name: str = Field("demo", description="Name shown in logs and the Hugging Face README.")
+    dir: str = Field("runs/demo", description="Run directory: config, metrics, logs, checkpoints, hf/.")
+    seed: int = Field(1234, description="Seed of model init, data order and dropout-free RNG streams.")
+
+
+class ModelConfig(_Section):
+    """Shape of the Llama-family decoder. ``preset`` fills unset fields from a named shape."""
+
+    preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b).")
+    n_layers: PositiveInt = Field(4, description="Number of decoder blocks.")
+    hidden: PositiveInt = Field(128, description="Model width (embedding size).")
+    n_heads: PositiveInt = Field(4, description="Attention (query) heads.")
+    n_kv_heads: PositiveInt = Field(2, description="Key/value heads (grouped-query attention).")
+    ffn_hidden: PositiveInt = Field(344, description="SwiGLU inner width.")
+    vocab_size: PositiveInt = Field(8192, description="Embedding rows; must cover the tokenizer.")
+    max_seq_len: PositiveInt = Field(256, description="Longest sequence RoPE tables are built for.")
+    tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
+    rope_theta: PositiveFloat = Field(10000.0, description="RoPE base frequency.")
+    norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm epsilon.")
+    qkv_bias: bool = Field(False, description="Bias on the q/k/v projections (Qwen-style).")
+    init_std: PositiveFloat = Field(0.02, description="Std of the normal weight init.")
+
+
+class ParallelConfig(_Section):
+    """How the model is split: world = pp x dp x tp, dp derived from ``cluster.workers``."""
+
+    tp: PositiveInt = Field(1, description="Tensor-parallel size (ranks that split each matmul).")
+    pp: PositiveInt = Field(1, description="Pipeline-parallel size (stages).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+
+
+class PrecisionFlags(_Section):
+    """DeepSpeed-style mapping form of ``precision`` (``{bf16: true}``); at most one may be on."""
+
+    bf16: bool = False
+    fp16: bool = False
+
+
+Precision = Literal["bf16", "fp16", "fp32"]
+
+
+class DataSource(_Section):
+    """One shard directory and its mixing weight."""
+
+    path: str = Field(..., description="Directory written by `fm-train shard` (holds index.json).")
+    weight: PositiveFloat = Field(1.0, description="Relative share of samples drawn from this source.")
+    default_corpus: bool = Field(
+        False, description="If the directory is missing, build it from the Python standard library source."
+    )
+
+
+class DataConfig(_Section):
+    """Training data: shard directories, sample length and the reader's policies."""
+
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(path="data/stdlib", weight=1.0, default_corpus=True)],
+        description="Shard directories mixed by weight.",
+    )
+    seq_len: PositiveInt = Field(256, description="Tokens per training sample (shards hold seq_len + 1).")
+    num_workers: NonNegativeInt = Field(1, description="DataLoader worker processes per rank.")
+    on_bad_shard: Literal["fail", "skip"] = Field("fail", description="Corrupt shard: stop, or skip and count.")
+    verify_sha256: bool = Field(False, description="Check each shard's sha256 against index.json on open.")
+    val_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Share of samples held out for validation.")
+    shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window.")
+
+
+class TrainConfig(_Section):
+    """Step counts and batch shape."""
+
+    steps: PositiveInt = Field(300, description="Optimizer steps to train in total.")
+    micro_batch: PositiveInt = Field(4, description="Sequences per rank per forward pass.")
+    grad_accum: PositiveInt = Field(1, description="Micro-batches accumulated per optimizer step.")
+    global_batch: Optional[PositiveInt] = Field(
+        None, description="Optional check: must equal micro_batch x grad_accum x dp."
+    )
+    eval_every: NonNegativeInt = Field(100, description="Validation every N steps (0: never).")
+    eval_batches: PositiveInt = Field(8, description="Micro-batches per validation.")
+    log_every: PositiveInt = Field(10, description="Metrics line every N steps.")
+
+
+class OptimConfig(_Section):
+    """AdamW and the learning-rate schedule."""
+
+    lr: PositiveFloat = Field(3.0e-3, description="Peak learning rate.")
+    min_lr: float = Field(3.0e-4, ge=0.0, description="Learning rate at the end of decay.")
+    warmup_steps: NonNegativeInt = Field(30, description="Linear warmup steps.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay (not applied to norms and biases).")
+    grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0: off).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: PositiveFloat = Field(1e-8, description="AdamW epsilon.")
+
+
+class CheckpointConfig(_Section):
+    """When checkpoints are written and what a start resumes from."""
+
+    every: NonNegativeInt = Field(100, description="Save every N steps (0: only at the end).")
+    keep: PositiveInt = Field(3, description="Keep the newest K checkpoints (never the one `latest` names).")
+    resume: str = Field("auto", description="auto (from latest if any) | none | path to a step directory.")
+
+
+class ConvertConfig(_Section):
+    """Export to a Hugging Face directory at the end of training."""
+
+    at_end: bool = Field(True, description="Convert the final checkpoint to RUN/hf.")
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the exported weights.")
+
+
+class ClusterConfig(_Section):
+    """Resources: how many workers, where, and how failures are handled."""
+
+    address: Optional[str] = Field(None, description="Ray address to join (null: a private local Ray).")
+    workers: PositiveInt = Field(2, description="World size: one worker per device slot.")
+    slots_per_node: Optional[PositiveInt] = Field(
+        None, description="Device slots per node, for planning (null: all workers on one node)."
+    )
+    cpus_per_worker: PositiveFloat = Field(1, description="Ray CPUs reserved per worker.")
+    gpus_per_worker: float = Field(0, ge=0, description="Ray GPUs reserved per worker (0 or 1 in practice).")
+    max_restarts: NonNegativeInt = Field(3, description="Whole-group restarts after a worker failure.")
+    step_timeout_s: PositiveFloat = Field(600, description="A step slower than this counts as a hang.")
+
+
+class LoggingConfig(_Section):
+    """Where metrics go."""
+
+    tensorboard: bool = Field(True, description="Write TensorBoard events to RUN/tensorboard.")
+    jsonl: bool = Field(True, description="Write RUN/metrics.jsonl.")
+    wandb: bool = Field(False, description="Log to Weights & Biases (needs wandb installed and logged in).")
+    all_ranks: bool = Field(False, description="Stream every rank's log lines to the driver, not only rank 0.")
+
+
+class FmConfig(_Section):
+    """The whole run configuration; the top-level keys are the public contract."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    precision: Precision = Field("bf16", description="bf16 | fp16 | fp32.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    convert: ConvertConfig = Field(default_factory=ConvertConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def world_size(self) -> int:
+        """Number of worker processes (``cluster.workers``)."""
+        return self.cluster.workers
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size, derived as ``workers / (tp * pp)``."""
+        return self.cluster.workers // (self.parallel.tp * self.parallel.pp)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: ``micro_batch * grad_accum * dp``."""
+        return self.train.micro_batch * self.train.grad_accum * self.dp
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed per optimizer step."""
+        return self.global_batch * self.data.seq_len

@@ -1,0 +1,11 @@
+"""Pure Llama-family model (imports torch only)."""
+
+from fm_train.model.llama import (
+    LlamaArgs,
+    LlamaForCausalLM,
+    args_from_config,
+    causal_lm_loss,
+    count_parameters,
+)
+
+__all__ = ["LlamaArgs", "LlamaForCausalLM", "args_from_config", "causal_lm_loss", "count_parameters"]

@@ -1,0 +1,218 @@
+"""A pure Llama-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, tied or untied embeddings.
+
+No distributed code lives here; tensor and pipeline parallelism are applied from outside by module
+name (``fm_train/parallel``). Module names map one-to-one onto Hugging Face ``LlamaForCausalLM``
+state-dict keys (``model.layers.0.self_attn.q_proj.weight`` ...), so conversion is a rename-free copy.
+
+Sub-modules that are ``None`` pass their input through (torchtitan's pattern), so one class serves
+every pipeline stage: the first stage keeps ``embed_tokens``, the last keeps ``norm`` and ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """Shape of the model; built from ``fm_train.config.ModelConfig`` by :func:`args_from_config`."""
+
+    n_layers: int
+    hidden: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_hidden: int
+    vocab_size: int
+    max_seq_len: int
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden // self.n_heads
+
+
+def args_from_config(model_cfg) -> LlamaArgs:  # model_cfg: fm_train.config.ModelConfig (kept untyped: model imports torch only)
+    """Model arguments from the ``model`` section of a run config."""
+    fields = LlamaArgs.__dataclass_fields__
+    return LlamaArgs(**{k: getattr(model_cfg, k) for k in fields})
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 like Hugging Face's ``LlamaRMSNorm``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape ``(max_seq_len, head_dim)`` in Hugging Face's half-rotation layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    t = torch.arange(max_seq_len, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` of shape ``(batch, heads, seq, head_dim)`` by position."""
+    cos, sin = cos.to(x.dtype)[None, None], sin.to(x.dtype)[None, None]
+    return x * cos + _rotate_half(x) * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through ``scaled_dot_product_attention``.
+
+    Head counts are read from the projection shapes at run time, so a tensor-parallel plan that
+    splits q/k/v by heads needs no change here.
+    """
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.q_proj = nn.Linear(args.hidden, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.hidden, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.hidden, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden, args.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(args.hidden, args.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(args.ffn_hidden, args.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: attention then MLP, each with a residual."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBackbone(nn.Module):
+    """Embedding, blocks and final norm; HF's ``LlamaModel`` (keys under ``model.``)."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens: nn.Module | None = nn.Embedding(args.vocab_size, args.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
+        self.norm: nn.Module | None = RMSNorm(args.hidden, args.norm_eps)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        # Not persistent: recomputed from args, never stored in checkpoints or the HF export.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        seq = h.shape[1]
+        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.norm(h) if self.norm is not None else h
+
+
+class LlamaForCausalLM(nn.Module):
+    """Backbone plus output head; ``forward(tokens) -> logits`` (float32 logits only if the model is)."""
+
+    def __init__(self, args: LlamaArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.model = LlamaBackbone(args)
+        self.lm_head: nn.Linear | None = nn.Linear(args.hidden, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.model(tokens)
+        return self.lm_head(h) if self.lm_head is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Seeded init, identical in every layout: normal(0, std) for matrices, ones for norms, zero biases.
+
+        Output projections (o_proj, down_proj) are scaled by ``1/sqrt(2 * n_layers)`` (GPT-2/OLMo
+        practice) so the residual stream does not grow with depth. Each parameter draws from its own
+        generator seeded by ``seed`` and its name, so the values depend on nothing else: not on what
+        ran before, nor on which pipeline stage builds which blocks.
+        """
+        std = self.args.init_std
+        for name, param in self.named_parameters():
+            gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+            if param.device.type == "meta":
+                raise RuntimeError(f"init_weights: {name} is on the meta device; call to_empty() first")
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                scale = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``labels`` are already shifted (``labels[i] = tokens[i + 1]``)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def count_parameters(args: LlamaArgs, *, exclude_embeddings: bool = False) -> int:
+    """Parameter count from the shape alone (no model is built; used by the planner and MFU)."""
+    h, f, v, L = args.hidden, args.ffn_hidden, args.vocab_size, args.n_layers
+    kv = args.n_kv_heads * args.head_dim
+    attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if args.qkv_bias else 0)
+    block = attn + 3 * h * f + 2 * h
+    embed = v * h
+    head = 0 if args.tie_embeddings else v * h
+    total = L * block + h + head + (0 if exclude_embeddings else embed)
+    return total

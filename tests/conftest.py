@@ -1,0 +1,63 @@
+"""Shared fixtures: markers that skip cleanly, a real local Ray, the DeepSpeed op cache, a tiny config."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/distributed.py importable as `distributed`
+
+from fm_train.dist.env import ensure_extension_cache  # noqa: E402
+
+ensure_extension_cache()
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _has_gpu() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real, private local Ray instance (127.0.0.1, no dashboard), shared by the session's ray tests."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_config_dict() -> dict:
+    """A tiny, valid run config as a raw mapping (hidden 64, 2 layers, vocab 512)."""
+    return {
+        "run": {"name": "t", "dir": "runs/t", "seed": 7},
+        "model": {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172,
+                  "vocab_size": 512, "max_seq_len": 64, "tie_embeddings": True},
+        "parallel": {"tp": 1, "pp": 1, "zero_stage": 2},
+        "precision": "fp32",
+        "data": {"sources": [{"path": "data/stdlib", "weight": 1.0, "default_corpus": True}], "seq_len": 32},
+        "train": {"steps": 10, "micro_batch": 2, "grad_accum": 1, "eval_every": 0, "log_every": 1},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2},
+        "cluster": {"workers": 2},
+    }
