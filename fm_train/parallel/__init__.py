@@ -1,0 +1,1 @@
+"""Parallelism applied to the pure model from outside: tensor-parallel plan, pipeline stages, DeepSpeed JSON."""
