@@ -34,7 +34,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
-    return path, value
+    return path, _numeric(value)
+
+
+def _numeric(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; users mean a float."""
+    if isinstance(value, list):
+        return [_numeric(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

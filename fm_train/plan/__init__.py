@@ -1,0 +1,1 @@
+"""Planning without starting anything: rank layout, memory and FLOPs estimates."""

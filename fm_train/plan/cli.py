@@ -1,0 +1,38 @@
+"""``fm-train plan``: validate a config and show what a run would do, without starting anything."""
+
+from __future__ import annotations
+
+import argparse
+
+from fm_train.cli_common import ConfigError, add_config_arguments, config_from_args, fail
+from fm_train.config import dump_config
+from fm_train.config.rules import missing_paths
+from fm_train.plan.layout import format_rank_table, rank_table
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fm-train plan``."""
+    add_config_arguments(parser)
+    parser.add_argument("--no-config", action="store_true", help="do not print the resolved config, only the layout")
+    parser.add_argument("--check-paths", action="store_true",
+                        help="fail (instead of warning) when a data path does not exist on this machine")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the resolved config, the layout summary and the rank table; exit 2 on a bad config."""
+    try:
+        cfg = config_from_args(args, require_paths=args.check_paths)
+    except ConfigError as exc:
+        return fail("plan", str(exc))
+    if not args.no_config:
+        print("# resolved config")
+        print(dump_config(cfg))
+    p = cfg.parallel
+    print(f"# layout: world={cfg.world_size} = pp {p.pp} x dp {cfg.dp} x tp {p.tp}; zero stage {p.zero_stage}; "
+          f"{cfg.precision}")
+    print(f"# batch: global {cfg.global_batch} sequences = micro {cfg.train.micro_batch} x accum "
+          f"{cfg.train.grad_accum} x dp {cfg.dp}; {cfg.tokens_per_step:,} tokens per step")
+    for path in missing_paths(cfg):
+        print(f"# warning: data path {path!r} does not exist on this machine")
+    print(format_rank_table(rank_table(cfg)))
+    return 0

@@ -1,0 +1,62 @@
+"""Topology math against DeepSpeed's own PipeModelDataParallelTopology, and the planner's rank table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fm_train.dist.topology import Topology, node_slot
+
+pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYOUTS = [(w, tp, pp) for w in (1, 2, 4, 6, 8, 12, 16, 32, 64) for tp in (1, 2, 4, 8) for pp in (1, 2, 4, 8)
+           if w % (tp * pp) == 0]
+
+
+@pytest.mark.parametrize("world, tp, pp", LAYOUTS)
+def test_matches_deepspeed(world, tp, pp):
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    ours = Topology(world=world, tp=tp, pp=pp)
+    theirs = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=ours.dp)
+    for c in ours.coords:
+        assert theirs.get_rank(pipe=c.pp, data=c.dp, model=c.tp) == c.rank
+        assert theirs.get_coord(c.rank).pipe == c.pp and theirs.get_coord(c.rank).data == c.dp
+    assert sorted(map(sorted, ours.tp_groups())) == sorted(map(sorted, theirs.get_axis_comm_lists("model"))) or tp == 1
+    assert sorted(map(sorted, ours.dp_groups())) == sorted(map(sorted, theirs.get_axis_comm_lists("data"))) or ours.dp == 1
+    assert sorted(map(sorted, ours.pp_groups())) == sorted(map(sorted, theirs.get_axis_comm_lists("pipe"))) or pp == 1
+
+
+def test_tp_peers_are_consecutive_and_node_local():
+    topo = Topology(world=64, tp=8, pp=4)
+    for group in topo.tp_groups():
+        assert group == list(range(group[0], group[0] + 8))
+        assert len({node_slot(r, 8)[0] for r in group}) == 1
+
+
+def test_group_membership_partitions_the_world():
+    topo = Topology(world=24, tp=2, pp=3)
+    for groups in (topo.tp_groups(), topo.dp_groups(), topo.pp_groups()):
+        assert sorted(r for g in groups for r in g) == list(range(24))
+    assert topo.group_of(5, "tp") == [4, 5]
+
+
+def test_bad_layout_is_refused():
+    with pytest.raises(ValueError, match="not divisible"):
+        Topology(world=6, tp=4)
+
+
+@pytest.mark.e2e
+def test_plan_prints_64_rank_table():
+    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(ROOT / "cluster_configs/h100_70b_8node.yaml"),
+                          "--no-config"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
+    assert len(rows) == 64
+    topo = Topology(world=64, tp=8, pp=4)
+    for rank, node, slot, dp, pp, tp in ((int(x) for x in r) for r in rows):
+        c = topo.coord(rank)
+        assert (node, slot) == divmod(rank, 8) and (dp, pp, tp) == (c.dp, c.pp, c.tp)
