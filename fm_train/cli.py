@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -35,7 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fm-train`` console script."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args._run
-    return int(run(args) or 0)
+    try:
+        return int(run(args) or 0)
+    except BrokenPipeError:  # `fm-train plan ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

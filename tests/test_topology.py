@@ -60,3 +60,25 @@ def test_plan_prints_64_rank_table():
     for rank, node, slot, dp, pp, tp in ((int(x) for x in r) for r in rows):
         c = topo.coord(rank)
         assert (node, slot) == divmod(rank, 8) and (dp, pp, tp) == (c.dp, c.pp, c.tp)
+
+
+def test_memory_estimate_follows_zero_stages(tiny_config_dict):
+    from fm_train.config import build_config
+    from fm_train.plan.memory import estimate_memory
+
+    base = {**tiny_config_dict, "cluster": {"workers": 4}}
+    est = {z: estimate_memory(build_config({**base, "parallel": {"zero_stage": z}})) for z in (0, 1, 2, 3)}
+    assert est[1].optimizer == pytest.approx(est[0].optimizer / 4)
+    assert est[2].grads == pytest.approx(est[0].grads / 4) and est[1].grads == est[0].grads
+    assert est[3].params == pytest.approx(est[0].params / 4) and est[2].params == est[0].params
+    ckpt = estimate_memory(build_config({**base, "parallel": {"activation_checkpointing": True}}))
+    assert ckpt.activations < est[2].activations
+
+
+def test_parameter_count_matches_published_shapes():
+    from fm_train.config import build_config
+    from fm_train.plan.flops import parameter_count
+
+    # TinyLlama-1.1B and Llama-2-7B as published.
+    assert parameter_count(build_config({"model": {"preset": "1.1b"}, "data": {"seq_len": 128}}).model) == 1_100_048_384
+    assert parameter_count(build_config({"model": {"preset": "7b"}, "data": {"seq_len": 128}}).model) == 6_738_415_616

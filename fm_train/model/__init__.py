@@ -5,7 +5,6 @@ from fm_train.model.llama import (
     LlamaForCausalLM,
     args_from_config,
     causal_lm_loss,
-    count_parameters,
 )
 
-__all__ = ["LlamaArgs", "LlamaForCausalLM", "args_from_config", "causal_lm_loss", "count_parameters"]
+__all__ = ["LlamaArgs", "LlamaForCausalLM", "args_from_config", "causal_lm_loss"]

@@ -205,14 +205,3 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; ``labels`` are already shifted (``labels[i] = tokens[i + 1]``)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
-
-def count_parameters(args: LlamaArgs, *, exclude_embeddings: bool = False) -> int:
-    """Parameter count from the shape alone (no model is built; used by the planner and MFU)."""
-    h, f, v, L = args.hidden, args.ffn_hidden, args.vocab_size, args.n_layers
-    kv = args.n_kv_heads * args.head_dim
-    attn = h * h + 2 * h * kv + h * h + (h + 2 * kv if args.qkv_bias else 0)
-    block = attn + 3 * h * f + 2 * h
-    embed = v * h
-    head = 0 if args.tie_embeddings else v * h
-    total = L * block + h + head + (0 if exclude_embeddings else embed)
-    return total

@@ -1,0 +1,40 @@
+"""Activation checkpointing applied from outside the pure model, one decoder block at a time.
+
+Each ``DecoderLayer`` instance gets its ``forward`` replaced by a ``torch.utils.checkpoint`` call of
+the original. The module tree and parameter names stay untouched (a wrapper module would add a
+``_checkpoint_wrapped_module`` level to every key), so checkpoints and the HF export do not notice.
+The non-reentrant variant is used: it works with inputs that do not require grad, with ZeRO-3's
+parameter-fetch hooks (they fire again in the recomputation) and with ``torch.no_grad`` evaluation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fm_train.model.llama import DecoderLayer
+
+
+def _checkpointed(forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
+        return forward(*args)
+    return checkpoint(forward, *args, use_reentrant=False)
+
+
+def apply_activation_checkpointing(module: nn.Module) -> int:
+    """Recompute every decoder block of ``module`` in backward; returns how many blocks were wrapped.
+
+    Blocks are found by type anywhere in the tree, so the same call serves the dense model, a
+    tensor-parallel one and the blocks of a pipeline stage. Applying it twice is a no-op.
+    """
+    count = 0
+    for block in module.modules():
+        if isinstance(block, DecoderLayer) and "forward" not in vars(block):
+            # An instance attribute shadows the class method; nn.Module.__call__ still runs hooks.
+            block.forward = functools.partial(_checkpointed, block.forward)  # type: ignore[method-assign]
+            count += 1
+    return count

@@ -1,0 +1,111 @@
+"""Model FLOPs per token, device peak FLOP/s and MFU, with the formula stated so numbers compare.
+
+MFU (model FLOPs utilisation) = achieved model FLOP/s per device / peak FLOP/s of that device, where
+the achieved model FLOP/s count only the FLOPs the model needs, never recomputation (activation
+checkpointing does not raise MFU) and never optimizer or communication work.
+
+FLOPs per trained token (PaLM, appendix B; the same count as Megatron-LM and torchtitan)::
+
+    6 * N  +  12 * L * H * S
+
+* ``N``: parameters that take part in a matmul: every non-embedding parameter plus the output
+  projection (``vocab x hidden``), counted once even when tied to the input embedding. The embedding
+  lookup is a gather, not a matmul, so it is left out. Each such weight costs 2 FLOPs per token in
+  the forward pass and 4 in the backward (gradients w.r.t. input and weight): ``6 N``.
+* ``12 L H S``: attention scores and the weighted sum (``Q K^T`` and ``P V``), 2 matmuls of
+  ``2 S H`` FLOPs per token per layer in the forward, times 3 for forward + backward. ``L`` layers,
+  ``H`` = hidden size (= heads x head size), ``S`` = sequence length. The causal mask is not
+  discounted (as in PaLM); a kernel that skips masked blocks does half of this work.
+
+Peak FLOP/s: dense (no sparsity) tensor-core figures from vendor data sheets, bf16/fp16 and fp32
+(fp32 uses the plain fp32 rate, not TF32). On a CPU there is no meaningful data-sheet figure, so the
+peak is measured once with a matmul (:func:`measure_matmul_flops`) unless
+``FM_TRAIN_PEAK_FLOPS`` gives it; a CPU MFU therefore says how close training runs to the best
+matmul speed this process gets, not to a hardware limit.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from fm_train.model import LlamaArgs, count_parameters
+
+# Dense peak FLOP/s per device: (bf16/fp16 tensor core, fp32). Matched by substring of
+# torch.cuda.get_device_name(), most specific first.
+PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
+    ("GB200", (2.5e15, 80e12)),
+    ("B200", (2.25e15, 80e12)),
+    ("H200", (989e12, 67e12)),
+    ("H100 NVL", (835e12, 60e12)),
+    ("H100 PCIe", (756e12, 51e12)),
+    ("H100", (989e12, 67e12)),  # SXM
+    ("H800", (989e12, 67e12)),
+    ("A100", (312e12, 19.5e12)),
+    ("A800", (312e12, 19.5e12)),
+    ("L40S", (362e12, 91.6e12)),
+    ("L4", (121e12, 30.3e12)),
+    ("A10G", (70e12, 31.2e12)),
+    ("A10", (125e12, 31.2e12)),
+    ("V100", (125e12, 15.7e12)),
+    ("T4", (65e12, 8.1e12)),
+)
+
+ENV_PEAK = "FM_TRAIN_PEAK_FLOPS"
+
+
+def matmul_params(args: LlamaArgs) -> int:
+    """``N`` of the module docstring: non-embedding parameters plus the output projection once."""
+    non_embedding = count_parameters(args, exclude_embeddings=True)
+    # count_parameters already includes an untied head in the non-embedding total.
+    tied_head = args.vocab_size * args.hidden if args.tie_embeddings else 0
+    return non_embedding + tied_head
+
+
+def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 L H S`` (see the module docstring)."""
+    return 6.0 * matmul_params(args) + 12.0 * args.n_layers * args.hidden * seq_len
+
+
+def table_peak_flops(device_name: str, precision: str) -> float | None:
+    """Data-sheet peak FLOP/s for a device name, or None when the device is not in :data:`PEAK_FLOPS`."""
+    for key, (half, fp32) in PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return fp32 if precision == "fp32" else half
+    return None
+
+
+def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
+    """Best FLOP/s of a square matmul in ``dtype`` on ``device``, timed for about ``seconds``."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.matmul(a, b)  # warm-up: allocator, kernel selection
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2.0 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """Peak FLOP/s per device and where the figure came from (``env``, ``table:<name>`` or ``measured``)."""
+    if os.environ.get(ENV_PEAK):
+        return float(os.environ[ENV_PEAK]), "env"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = table_peak_flops(name, precision)
+        if peak is not None:
+            return peak, f"table:{name}"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return measure_matmul_flops(dtype, device), "measured"
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_tok: float, peak: float) -> float:
+    """Model FLOPs utilisation in [0, 1] (can exceed 1 only if ``peak`` is wrong)."""
+    return tokens_per_s_per_device * flops_per_tok / peak if peak > 0 else 0.0

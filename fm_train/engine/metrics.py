@@ -1,0 +1,95 @@
+"""Where metrics go: one compact stdout line, ``RUN/metrics.jsonl`` and TensorBoard (rank 0 only).
+
+A record is a flat dict. Train records carry ``step, loss, lr, grad_norm, tokens_per_s,
+tokens_per_s_per_device, mfu, step_time_s, peak_mem_gib, data_receipt`` (and ``tokens_seen``); eval
+records carry ``step`` and ``val_loss``. Every rank may call :meth:`MetricsSink.write`; only the
+sink built with ``enabled=True`` (rank 0) writes, so the loop needs no rank checks.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+# Shown on the stdout line, in this order, with these formats; everything else goes to the files only.
+_LINE_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("loss", "loss", "{:.4f}"),
+    ("val_loss", "val_loss", "{:.4f}"),
+    ("lr", "lr", "{:.2e}"),
+    ("grad_norm", "gnorm", "{:.3f}"),
+    ("tokens_per_s", "tok/s", "{:,.0f}"),
+    ("tokens_per_s_per_device", "tok/s/dev", "{:,.0f}"),
+    ("mfu", "mfu", "{:.2%}"),
+    ("step_time_s", "step", "{:.3f}s"),
+    ("peak_mem_gib", "mem", "{:.2f}GiB"),
+    ("data_receipt", "data", "{:.12}"),
+)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: allocated device memory on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    # ru_maxrss is in KiB on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
+
+
+def format_line(record: dict[str, Any]) -> str:
+    """``step 10 | loss 5.1234 | lr 1.00e-03 | ...`` with the fields the record has."""
+    parts = [f"step {record['step']}"]
+    for key, label, fmt in _LINE_FIELDS:
+        value = record.get(key)
+        if value is not None and value != "":
+            parts.append(f"{label} {fmt.format(value)}")
+    return " | ".join(parts)
+
+
+class MetricsSink:
+    """Writes records to stdout, ``run_dir/metrics.jsonl`` and ``run_dir/tensorboard``."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool, jsonl: bool = True, tensorboard: bool = True,
+                 stream: TextIO | None = None) -> None:
+        self.enabled = enabled
+        self._stream = stream if stream is not None else sys.stdout
+        self._jsonl: TextIO | None = None
+        self._tb: Any = None
+        if not enabled:
+            return
+        run = Path(run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        if jsonl:
+            # Append: a resumed run continues the same file (its steps carry on from the checkpoint).
+            self._jsonl = open(run / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: pulls in tensorboard
+
+            self._tb = SummaryWriter(log_dir=str(run / "tensorboard"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Emit one record everywhere (a no-op on ranks other than 0)."""
+        if not self.enabled:
+            return
+        print(format_line(record), file=self._stream, flush=True)
+        if self._jsonl is not None:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            prefix = "eval" if "val_loss" in record else "train"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the files."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,141 @@
+"""Shared helpers of the checkpoint and convert tests (no tests here; imported by ``test_checkpoint_*``
+and ``test_convert_*`` and by their spawned gloo ranks).
+
+A tiny DeepSpeed loop stands in for the real training loop: one fixed batch sequence that does not
+depend on the dp size (step ``s`` uses the same global batch whatever the layout), so a dp2 run and a
+dp1 run over the same steps see the same data, and a resumed run sees what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fm_train.config import FmConfig, build_config
+
+VOCAB = 512
+SEQ = 16
+GLOBAL_BATCH = 4
+
+
+def tiny_raw(zero_stage: int, workers: int, *, precision: str = "fp32", tokenizer_root: str | None = None,
+             tie: bool = True, n_layers: int = 2) -> dict[str, Any]:
+    """The tiny test config (hidden 64, vocab 512) as a raw mapping, for ``build_config``."""
+    return {
+        "run": {"name": "ckpt-test", "dir": "runs/t", "seed": 7},
+        "model": {"n_layers": n_layers, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172,
+                  "vocab_size": VOCAB, "max_seq_len": 64, "tie_embeddings": tie},
+        "parallel": {"tp": 1, "pp": 1, "zero_stage": zero_stage},
+        "precision": precision,
+        "data": {"sources": [{"path": tokenizer_root or "data/none", "weight": 1.0}], "seq_len": SEQ},
+        "train": {"steps": 10, "micro_batch": GLOBAL_BATCH // workers, "grad_accum": 1, "eval_every": 0},
+        "optim": {"lr": 1e-2, "min_lr": 1e-4, "warmup_steps": 2},
+        "cluster": {"workers": workers},
+    }
+
+
+def ds_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed JSON for the tiny loop (torch Adam: no fused op to compile on CPU)."""
+    out: dict[str, Any] = {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": cfg.optim.lr, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                  "weight_decay": 0.1, "torch_adam": True}},
+        # A schedule with state, so that a resume that forgot the scheduler shows in the losses.
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": cfg.optim.lr,
+                                                     "warmup_num_steps": 4, "warmup_type": "linear"}},
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    if load_universal:
+        out["checkpoint"] = {"load_universal": True}
+    return out
+
+
+def global_batch(step: int) -> torch.Tensor:
+    """The global batch of ``step`` (GLOBAL_BATCH x (SEQ + 1) tokens), independent of the layout."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+
+
+def build_engine(cfg: FmConfig, *, load_universal: bool = False):
+    """A DeepSpeed engine around the dense tiny model (the other engineers' builder stands in later)."""
+    import deepspeed
+
+    from fm_train.parallel.build import build_train_module
+
+    module = build_train_module(cfg)
+    engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                           config=ds_config(cfg, load_universal=load_universal))
+    return engine
+
+
+def train_steps(engine, first: int, last: int) -> list[float]:
+    """Run steps ``first..last`` (inclusive); return the dp-mean loss of each step."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dp = engine.dp_world_size
+    losses = []
+    for step in range(first, last + 1):
+        batch = global_batch(step)
+        per = GLOBAL_BATCH // dp
+        local = batch[rank * per:(rank + 1) * per]
+        loss = engine(local[:, :-1], local[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        value = loss.detach().float().clone()
+        if dist.is_initialized() and dp > 1:
+            dist.all_reduce(value)
+            value /= dp
+        losses.append(value.item())
+    return losses
+
+
+def make_manifest(cfg: FmConfig, step: int) -> dict[str, Any]:
+    """A manifest as the loop would build it for the tiny dense model."""
+    from fm_train.checkpoint import build_manifest
+    from fm_train.dist import Topology
+
+    topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    return build_manifest(cfg, topo, data_state={"version": 1, "next_index": step * GLOBAL_BATCH},
+                          tokens_seen=step * GLOBAL_BATCH * SEQ, tokenizer_hash="tok-test")
+
+
+def write_tokenizer(root: Path) -> Path:
+    """A tiny BPE tokenizer under ``root/tokenizer`` that AutoTokenizer loads offline (vocab <= 512)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(["def f(x): return x + 1", "import os, sys", "hello world"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    out = root / "tokenizer"
+    fast.save_pretrained(str(out))
+    return out
+
+
+def run_and_save(raw: dict[str, Any], run_dir: str, steps: int, keep: int = 3) -> list[float]:
+    """Per rank: build, train ``steps`` steps, save at the end with the checkpoint API; return losses."""
+    from fm_train.checkpoint import save_checkpoint
+
+    cfg = build_config(raw)
+    engine = build_engine(cfg)
+    losses = train_steps(engine, 1, steps)
+    save_checkpoint(engine, Path(run_dir), steps, manifest=make_manifest(cfg, steps), keep=keep,
+                    is_rank0=dist.get_rank() == 0)
+    return losses
+
+
+def dump(path: Path, obj: Any) -> None:
+    """Write JSON (for a test to read what a rank saw)."""
+    path.write_text(json.dumps(obj))
