@@ -40,7 +40,7 @@ class ModelConfig(_Section):
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: PositiveFloat = Field(10000.0, description="RoPE base frequency.")
     norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm epsilon.")
-    qkv_bias: bool = Field(False, description="Bias on the q/k/v projections (Qwen-style).")
+    qkv_bias: bool = Field(False, description="Bias on the q/k/v/o projections (HF LlamaConfig.attention_bias).")
     init_std: PositiveFloat = Field(0.02, description="Std of the normal weight init.")
 
 

@@ -7,8 +7,9 @@ without a host sync or a collective.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,15 @@ class IntervalMeter:
         self._losses += micro_batches
         self._steps += 1
 
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed time (evaluation, checkpoint saving) out of step time and tokens/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - start
+
     def record(self, state: TrainState, *, lr: float, grad_norm: float | None) -> dict[str, Any]:
         """The train record of the interval (a collective: every rank must call it), then reset.
 
@@ -65,7 +75,7 @@ class IntervalMeter:
         mem = torch.tensor([peak_memory_gib(self.device)], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(totals, group=self.group)
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)  # the fullest device anywhere, not only in the dp group
         tokens_per_s = self._steps * self.spec.tokens_per_step / elapsed
         per_device = tokens_per_s / self.spec.world_size
         record = {

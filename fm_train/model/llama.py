@@ -96,7 +96,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(args.hidden, args.n_heads * self.head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(args.hidden, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.hidden, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
-        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.hidden, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.hidden, bias=args.qkv_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape

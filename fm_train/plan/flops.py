@@ -33,7 +33,7 @@ def parameter_count(shape: ModelShape) -> int:
     """Exact number of trainable parameters (tied embeddings counted once), without building the model."""
     h, f = shape.hidden, shape.ffn_hidden
     kv = shape.n_kv_heads * (h // shape.n_heads)
-    attn = 2 * h * h + 2 * h * kv + ((h + 2 * kv) if shape.qkv_bias else 0)
+    attn = 2 * h * h + 2 * h * kv + ((2 * h + 2 * kv) if shape.qkv_bias else 0)
     block = attn + 3 * h * f + 2 * h  # projections + two RMSNorm weights
     embed = shape.vocab_size * h
     head = 0 if shape.tie_embeddings else shape.vocab_size * h

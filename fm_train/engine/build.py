@@ -1,0 +1,41 @@
+"""``deepspeed.initialize`` for a train module: config rendered once, decay groups, LR schedule."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import deepspeed
+from deepspeed.runtime.engine import DeepSpeedEngine
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from fm_train.config import FmConfig
+from fm_train.engine.activation_checkpointing import apply_activation_checkpointing
+from fm_train.engine.param_groups import weight_decay_groups
+from fm_train.engine.schedule import build_lr_scheduler
+from fm_train.parallel.deepspeed_config import deepspeed_config
+
+
+def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
+                 ds_config: dict[str, Any] | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
+    """Wrap ``module`` (``forward(input_ids, labels) -> loss``) in a DeepSpeed engine.
+
+    ``mpu`` is the tensor/pipeline groups object (Megatron-style ``get_data_parallel_group`` etc.)
+    that DeepSpeed needs when tp > 1, so that it reduces gradients over dp only and checks the batch
+    size against dp, not the world. ``ds_config`` overrides the rendered config (benchmarks, tests).
+    Activation checkpointing, when configured, is applied here, before DeepSpeed hooks the module.
+    """
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(module)
+    config = ds_config if ds_config is not None else deepspeed_config(cfg)
+    # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
+    make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module,
+        model_parameters=weight_decay_groups(module, cfg.optim.weight_decay),
+        config=config,
+        lr_scheduler=make_scheduler,
+        mpu=mpu,
+    )
+    return engine, scheduler

@@ -1,0 +1,327 @@
+"""Megatron-style tensor parallelism applied to the pure model by module name.
+
+The plan (:data:`TP_PLAN`): q/k/v/gate/up are column-parallel (output dim split; q/k/v therefore
+split by whole heads, which ``Attention`` picks up from the projection shapes), o/down are
+row-parallel (input dim split, output all-reduced), ``embed_tokens`` is a vocab-parallel embedding
+and ``lm_head`` is column-parallel over the vocabulary, its local logits feeding
+:func:`vocab_parallel_cross_entropy` so full logits are never gathered for the loss.
+
+The f/g conjugate collectives are hand-written ``torch.autograd.Function`` s (megatron-core is not
+a dependency; DeepSpeed AutoTP only handles HF models and does not compose with ``PipelineModule``;
+see docs/parallelism.md). Each attention/MLP region copies its input into the tp region once (a
+forward pre-hook), so backward all-reduces one activation gradient per region, not one per linear.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from fm_train.dist.groups import ParallelGroups
+from fm_train.model.llama import LlamaArgs, LlamaForCausalLM
+
+Style = Literal["column", "row", "vocab"]
+
+#: Leaf module name -> how it is split. Weights of column/vocab layers split dim 0, row layers dim 1.
+TP_PLAN: dict[str, Style] = {
+    "q_proj": "column", "k_proj": "column", "v_proj": "column", "gate_proj": "column", "up_proj": "column",
+    "o_proj": "row", "down_proj": "row",
+    "embed_tokens": "vocab", "lm_head": "column",
+}
+#: Regions whose column-parallel linears share one input: the copy into the tp region happens once.
+TP_REGIONS: tuple[str, ...] = ("self_attn", "mlp")
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """What a tensor-parallel layer needs to know: its group, its index in it and the group size."""
+
+    group: ProcessGroup | None
+    rank: int = 0
+    size: int = 1
+
+    @classmethod
+    def from_groups(cls, groups: ParallelGroups) -> "TPGroup":
+        """The calling rank's tp group out of its :class:`ParallelGroups`."""
+        return cls(groups.get_tensor_model_parallel_group(), groups.get_tensor_model_parallel_rank(),
+                   groups.get_tensor_model_parallel_world_size())
+
+    def split(self, n: int, what: str) -> int:
+        """Size of this rank's share of ``n`` (``what`` names the dimension in the error)."""
+        if n % self.size != 0:
+            raise ValueError(f"tensor parallelism: tp={self.size} does not divide {what}={n}")
+        return n // self.size
+
+
+SINGLE = TPGroup(None)
+
+
+# ---- f/g conjugate collectives ---------------------------------------------------------------------
+def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    x = x.clone()  # never reduce into a tensor autograd may have saved
+    dist.all_reduce(x, group=tp.group)
+    return x
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient backward (Megatron's ``f``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.tp = tp
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _all_reduce(grad, ctx.tp), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward; identity backward (Megatron's ``g``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
+        return _all_reduce(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dim forward; keep this rank's slice of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.tp = tp
+        parts = [torch.empty_like(x) for _ in range(tp.size)]
+        dist.all_gather(parts, x.contiguous(), group=tp.group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad.chunk(ctx.tp.size, dim=-1)[ctx.tp.rank].contiguous(), None
+
+
+def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Enter a tp region: identity forward, gradient summed over the tp group backward."""
+    return x if tp.size == 1 else _CopyToTP.apply(x, tp)
+
+
+def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Leave a tp region: partial results summed over the tp group forward, identity backward."""
+    return x if tp.size == 1 else _ReduceFromTP.apply(x, tp)
+
+
+def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Concatenate the tp shards of the last dim (e.g. full logits for evaluation or a probe)."""
+    return x if tp.size == 1 else _GatherFromTP.apply(x, tp)
+
+
+# ---- layers ----------------------------------------------------------------------------------------
+class ColumnParallelLinear(nn.Module):
+    """``y_local = x W_local^T + b_local`` with ``W`` split along its output dim (dim 0)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = False,
+                 copy_input: bool = True, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.tp, self.copy_input = tp, copy_input
+        local = tp.split(out_features, "output features")
+        self.weight = nn.Parameter(torch.empty(local, in_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(local, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy_input:
+            x = copy_to_tp(x, self.tp)
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """``y = all_reduce(x_local W_local^T) + b`` with ``W`` split along its input dim (dim 1)."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, bias: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, tp.split(in_features, "input features"), device=device))
+        # The bias is replicated and added once, after the reduction.
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = reduce_from_tp(F.linear(x, self.weight), self.tp)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are split; each rank looks up the ids it owns."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tp: TPGroup,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.tp = tp
+        local = tp.split(num_embeddings, "vocab_size")
+        self.vocab_start = tp.rank * local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        foreign = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(foreign, 0), self.weight)
+        out = out.masked_fill(foreign.unsqueeze(-1), 0.0)
+        return reduce_from_tp(out, self.tp)
+
+
+# ---- vocab-parallel loss ---------------------------------------------------------------------------
+class _VocabParallelCE(torch.autograd.Function):
+    """Per-token cross-entropy over logits split along the vocabulary; only (N,)-sized tensors travel."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, tp: TPGroup):  # type: ignore[override]
+        ctx.in_dtype = logits.dtype
+        x = logits.float()
+        local_v = x.shape[-1]
+        row_max = x.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp.group)
+        x = x - row_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
+        local_t = target - vocab_start
+        mine = (local_t >= 0) & (local_t < local_v)
+        local_t = local_t.clamp(0, local_v - 1)
+        target_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * mine
+        dist.all_reduce(target_logit, group=tp.group)
+        exp = x.exp_()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=tp.group)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, mine, local_t)
+        return sum_exp.log() - target_logit
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        softmax, mine, local_t = ctx.saved_tensors
+        g = softmax.clone()  # d loss / d logit = softmax - one_hot(target), one_hot only where owned
+        g.scatter_add_(-1, local_t.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
+        return (g * grad.unsqueeze(-1)).to(ctx.in_dtype), None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token loss from this rank's vocabulary shard of the logits ``(..., vocab / tp)``.
+
+    Equals ``F.cross_entropy(full_logits, labels, ignore_index=ignore_index)`` (mean over the tokens
+    not ignored) without ever holding ``full_logits``; every tp rank returns the same value.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    target = labels.reshape(-1)
+    valid = target != ignore_index
+    per_token = _VocabParallelCE.apply(flat, target.masked_fill(~valid, -1), tp.rank * flat.shape[-1], tp)
+    return (per_token * valid).sum() / valid.sum()
+
+
+# ---- the plan --------------------------------------------------------------------------------------
+def split_dim_of(name: str) -> int | None:
+    """Tensor-parallel split dim of a parameter by its name (``None``: replicated on every tp rank)."""
+    module, _, kind = name.rpartition(".")
+    style = TP_PLAN.get(module.rpartition(".")[2])
+    if style is None:
+        return None
+    if kind == "bias":  # column biases follow the split outputs; a row bias is added after the reduce
+        return 0 if style == "column" else None
+    return 1 if style == "row" else 0
+
+
+def tp_split_dims(model_or_args: nn.Module | LlamaArgs) -> dict[str, int | None]:
+    """Parameter name -> tp split dim (0, 1 or None) for every state-dict entry, tied duplicates included.
+
+    Given :class:`LlamaArgs`, names are the pure model's (= Hugging Face keys); given a module, the
+    module's own names (a pipeline layer's local names, a wrapper's ``model.`` prefix, ...).
+    """
+    if isinstance(model_or_args, LlamaArgs):
+        with torch.device("meta"):
+            model_or_args = LlamaForCausalLM(model_or_args)
+    return {name: split_dim_of(name) for name, _ in model_or_args.named_parameters(remove_duplicate=False)}
+
+
+def shard(full: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
+    """This rank's contiguous slice of ``full`` along ``dim`` (the whole tensor when replicated)."""
+    if dim is None or tp.size == 1:
+        return full
+    return full.chunk(tp.size, dim=dim)[tp.rank]
+
+
+def _parallel_twin(name: str, module: nn.Module, tp: TPGroup, in_region: bool) -> nn.Module:
+    style, device = TP_PLAN[name.rpartition(".")[2]], None
+    for p in module.parameters():
+        device = p.device
+        break
+    if style == "vocab":
+        if not isinstance(module, nn.Embedding):
+            raise TypeError(f"tensor-parallel plan: {name} should be an nn.Embedding, found {type(module).__name__}")
+        return VocabParallelEmbedding(module.num_embeddings, module.embedding_dim, tp, device=device)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"tensor-parallel plan: {name} should be an nn.Linear, found {type(module).__name__}")
+    bias = module.bias is not None
+    if style == "row":
+        return RowParallelLinear(module.in_features, module.out_features, tp, bias=bias, device=device)
+    return ColumnParallelLinear(module.in_features, module.out_features, tp, bias=bias,
+                                copy_input=not in_region, device=device)
+
+
+def _copy_in_hook(tp: TPGroup):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (copy_to_tp(args[0], tp), *args[1:])
+    return hook
+
+
+def tied_parameters(module: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. embed_tokens.weight and lm_head.weight)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+def retie(module: nn.Module, ties: list[list[str]]) -> None:
+    """Make each group of names share the first name's parameter again (after modules were swapped)."""
+    for names in ties:
+        dims = {split_dim_of(n) for n in names}
+        if len(dims) != 1:
+            raise ValueError(f"tied parameters {names} are split differently by the tp plan ({dims})")
+        owner = module.get_parameter(names[0])
+        for other in names[1:]:
+            mod_name, _, attr = other.rpartition(".")
+            setattr(module.get_submodule(mod_name), attr, owner)
+
+
+@torch.no_grad()
+def apply_tensor_parallel(model: nn.Module, tp: TPGroup) -> nn.Module:
+    """Swap the plan's modules of ``model`` (in place) for their tensor-parallel twins; returns ``model``.
+
+    Names stay the same, so state-dict keys do not change, only shapes. A module on the meta device is
+    replaced by a meta twin (materialise it with :func:`fm_train.parallel.sharded_init.materialize_`); a real
+    one is replaced by a twin holding this rank's slice of its weights. Tied parameters stay tied.
+    """
+    if tp.size == 1:
+        return model
+    ties = tied_parameters(model)
+    targets = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in TP_PLAN]
+    for name, module in targets:
+        parent_name, _, leaf = name.rpartition(".")
+        in_region = parent_name.rpartition(".")[2] in TP_REGIONS
+        twin = _parallel_twin(name, module, tp, in_region)
+        for pname, p in module.named_parameters():
+            if p.device.type != "meta":
+                getattr(twin, pname).copy_(shard(p, split_dim_of(f"{name}.{pname}"), tp))
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, twin)
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in TP_REGIONS:
+            module.register_forward_pre_hook(_copy_in_hook(tp))
+    retie(model, ties)
+    return model
