@@ -126,16 +126,24 @@ def reference_losses(base: dict[str, Any]) -> list[float]:
     return losses
 
 
-@pytest.fixture(scope="module")
+_CACHE: dict[str, Any] = {}
+
+
+# Function-scoped because tiny_config_dict is; the expensive results are computed once per module.
+@pytest.fixture
 def runs(tiny_config_dict, tmp_path_factory) -> dict[str, list[dict[str, Any]]]:
-    root = tmp_path_factory.mktemp("engine_eq")
-    return run_distributed(_train_all_cases, world_size=DP, args=(tiny_config_dict, str(root)))[0]
+    if "runs" not in _CACHE:
+        root = tmp_path_factory.mktemp("engine_eq")
+        _CACHE["runs"] = run_distributed(_train_all_cases, world_size=DP, args=(tiny_config_dict, str(root)))[0]
+    return _CACHE["runs"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def reference(tiny_config_dict) -> list[float]:
-    torch.set_num_threads(1)
-    return reference_losses(tiny_config_dict)
+    if "reference" not in _CACHE:
+        torch.set_num_threads(1)
+        _CACHE["reference"] = reference_losses(tiny_config_dict)
+    return _CACHE["reference"]
 
 
 def train_losses(records: list[dict[str, Any]]) -> list[float]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fm_train.model.llama import LlamaArgs, LlamaForCausalLM
-from fm_train.parallel.tensor_parallel import TPGroup, retie, shard, split_dim_of, tied_parameters
+from fm_train.parallel.tensor_parallel import TPGroup, mark_tensor_parallel, retie, shard, split_dim_of, tied_parameters
 
 
 @functools.lru_cache(maxsize=8)
@@ -65,5 +65,7 @@ def materialize_(module: nn.Module, args: LlamaArgs, seed: int, tp: TPGroup, *, 
         retie(module, ties)  # to_empty replaces each module's parameters separately, breaking ties
     for name, param in module.named_parameters():
         full_name = prefix + name
-        param.copy_(shard(full_init(args, seed, full_name), split_dim_of(full_name), tp))
+        dim = split_dim_of(full_name)
+        param.copy_(shard(full_init(args, seed, full_name), dim, tp))
+        mark_tensor_parallel(param, dim, tp)  # to_empty made new Parameter objects: tag them again
     return module

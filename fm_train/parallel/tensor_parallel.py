@@ -249,6 +249,14 @@ def tp_split_dims(model_or_args: nn.Module | LlamaArgs) -> dict[str, int | None]
     return {name: split_dim_of(name) for name, _ in model_or_args.named_parameters(remove_duplicate=False)}
 
 
+def mark_tensor_parallel(param: nn.Parameter, dim: int | None, tp: TPGroup) -> None:
+    """Tag a parameter with its split dim (``tp_split_dim``) and, when it is a shard, with Megatron's
+    ``tensor_model_parallel`` flag: DeepSpeed then counts it on every tp rank in the gradient norm,
+    and a replicated parameter (a norm weight) only on tp rank 0."""
+    param.tp_split_dim = dim  # type: ignore[attr-defined]
+    param.tensor_model_parallel = dim is not None and tp.size > 1  # type: ignore[attr-defined]
+
+
 def shard(full: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
     """This rank's contiguous slice of ``full`` along ``dim`` (the whole tensor when replicated)."""
     if dim is None or tp.size == 1:
@@ -317,8 +325,10 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup) -> nn.Module:
         in_region = parent_name.rpartition(".")[2] in TP_REGIONS
         twin = _parallel_twin(name, module, tp, in_region)
         for pname, p in module.named_parameters():
+            dim = split_dim_of(f"{name}.{pname}")
             if p.device.type != "meta":
-                getattr(twin, pname).copy_(shard(p, split_dim_of(f"{name}.{pname}"), tp))
+                getattr(twin, pname).copy_(shard(p, dim, tp))
+            mark_tensor_parallel(getattr(twin, pname), dim, tp)
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, twin)
     for name, module in model.named_modules():
         if name.rpartition(".")[2] in TP_REGIONS:
