@@ -1,0 +1,52 @@
+"""The one place that reads the rank environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+
+Launchers (Ray, torchrun, srun) set these variables; everything else receives a :class:`RankEnv`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fm-train" / "torch_extensions"
+
+
+def ensure_extension_cache() -> str:
+    """Point DeepSpeed's JIT op builds at one per-machine cache, so ops compile once, not once per run.
+
+    The first ``deepspeed.init_distributed`` on CPU compiles its shared-memory comm op (25-30 s).
+    """
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    return os.environ["TORCH_EXTENSIONS_DIR"]
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """This process's place in the job, as the launcher described it."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+    @classmethod
+    def from_environ(cls, environ: "os._Environ[str] | dict[str, str] | None" = None) -> "RankEnv":
+        """Read the torchrun-style variables; a missing one means a single-process run (rank 0 of 1)."""
+        env = os.environ if environ is None else environ
+        try:
+            return cls(
+                rank=int(env.get("RANK", 0)),
+                world_size=int(env.get("WORLD_SIZE", 1)),
+                local_rank=int(env.get("LOCAL_RANK", env.get("RANK", 0))),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+            )
+        except ValueError as exc:
+            raise ValueError(f"rank environment is malformed ({exc}); RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers") from None
+
+    def export(self) -> None:
+        """Write the variables back to ``os.environ`` (what torch.distributed and DeepSpeed read)."""
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                          MASTER_ADDR=self.master_addr, MASTER_PORT=str(self.master_port))

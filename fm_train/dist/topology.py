@@ -1,0 +1,89 @@
+"""Pure topology math: ``(world, tp, pp) -> coordinates and groups`` of every rank.
+
+The order is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model; model
+innermost): ``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``. Tensor-parallel peers therefore
+hold consecutive ranks, and the launcher, which numbers ranks node by node, keeps them on one node.
+No torch import here: the launcher and the planner use it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+
+@dataclass(frozen=True)
+class RankCoord:
+    """Where one global rank sits in the 3D grid."""
+
+    rank: int
+    pp: int
+    dp: int
+    tp: int
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A ``pp x dp x tp`` grid of ranks with tp innermost."""
+
+    world: int
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world <= 0 or self.tp <= 0 or self.pp <= 0:
+            raise ValueError(f"world={self.world}, tp={self.tp}, pp={self.pp}: all must be positive")
+        if self.world % (self.tp * self.pp) != 0:
+            raise ValueError(
+                f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}; "
+                "world must equal dp x pp x tp"
+            )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel size."""
+        return self.world // (self.tp * self.pp)
+
+    def rank_of(self, *, pp: int, dp: int, tp: int) -> int:
+        """Global rank at grid coordinates."""
+        if not (0 <= pp < self.pp and 0 <= dp < self.dp and 0 <= tp < self.tp):
+            raise ValueError(f"coordinates pp={pp} dp={dp} tp={tp} outside {self.pp}x{self.dp}x{self.tp}")
+        return (pp * self.dp + dp) * self.tp + tp
+
+    def coord(self, rank: int) -> RankCoord:
+        """Grid coordinates of a global rank."""
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} outside world of {self.world}")
+        tp = rank % self.tp
+        dp = (rank // self.tp) % self.dp
+        pp = rank // (self.tp * self.dp)
+        return RankCoord(rank=rank, pp=pp, dp=dp, tp=tp)
+
+    @cached_property
+    def coords(self) -> tuple[RankCoord, ...]:
+        """Coordinates of every rank, by rank."""
+        return tuple(self.coord(r) for r in range(self.world))
+
+    def tp_groups(self) -> list[list[int]]:
+        """Ranks that split one matmul (same pp and dp), consecutive by construction."""
+        return [[self.rank_of(pp=p, dp=d, tp=t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Ranks that hold the same parameters and average gradients (same pp and tp)."""
+        return [[self.rank_of(pp=p, dp=d, tp=t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        """Ranks that form one pipeline (same dp and tp), stage by stage."""
+        return [[self.rank_of(pp=p, dp=d, tp=t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+    def group_of(self, rank: int, axis: str) -> list[int]:
+        """The members of ``rank``'s group along ``axis`` (``tp``, ``dp`` or ``pp``)."""
+        groups = {"tp": self.tp_groups, "dp": self.dp_groups, "pp": self.pp_groups}[axis]()
+        return next(g for g in groups if rank in g)
+
+
+def node_slot(rank: int, slots_per_node: int | None) -> tuple[int, int]:
+    """``(node index, local slot)`` of a rank when ranks fill nodes in order (launcher's placement)."""
+    if not slots_per_node:
+        return 0, rank
+    return divmod(rank, slots_per_node)
