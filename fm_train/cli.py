@@ -11,8 +11,21 @@ from typing import Callable, Sequence
 # (name, one-line help, module, add-arguments function, run function). Modules are imported to
 # build their parser, so each keeps torch/deepspeed imports inside its run function.
 SUBCOMMANDS: list[tuple[str, str, str, str, str]] = [
+    ("launch", "run a training job on Ray (no CONFIG: the embedded local demo)", "launcher.cli",
+     "add_launch_arguments", "run_launch"),
+    ("submit", "submit `fm-train launch` to a Ray cluster as a Ray Job", "launcher.cli",
+     "add_submit_arguments", "run_submit"),
+    ("status", "show the status of a submitted job", "launcher.cli", "add_status_arguments", "run_status"),
+    ("logs", "print (or follow) the logs of a submitted job", "launcher.cli", "add_logs_arguments", "run_logs"),
+    ("stop", "stop a submitted job", "launcher.cli", "add_stop_arguments", "run_stop"),
+    ("shard", "tokenize raw text into webdataset shards with an index", "data_shards.cli",
+     "add_shard_arguments", "run_shard"),
+    ("convert", "convert a checkpoint (any layout) into a verified Hugging Face directory", "fm_train.convert.cli",
+     "add_convert_arguments", "run_convert"),
     ("plan", "validate a config and print the resolved config and rank layout", "fm_train.plan.cli",
      "add_plan_arguments", "run_plan"),
+    ("worker", "run one training rank from the rank environment (torchrun/srun/Ray)", "fm_train.worker",
+     "add_worker_arguments", "run_worker_cli"),
 ]
 
 

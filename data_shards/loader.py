@@ -1,0 +1,185 @@
+"""Training and validation loaders over shard directories, split by an explicit (dp_rank, dp_size).
+
+Micro-step ``m`` covers global positions ``[P0 + m*G, P0 + (m+1)*G)`` with ``G = micro_batch * dp_size``;
+rank ``r`` reads ``[.. + r*micro_batch, .. + (r+1)*micro_batch)``. Every rank gets a batch at every
+step, for ever (the stream loops over epochs), whatever the number of shards, so no rank runs dry
+while others wait in a collective. With loader workers, worker ``w`` makes micro-steps
+``w, w+W, ...``; DataLoader returns them in round-robin order, so the order, state and receipt stay
+exact. State and receipt are computed in the calling process from the position alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import DataError
+from .order import Mixer, SourceOrder, StreamOrder, ValOrder, val_counts
+from .sample_reader import SampleReader
+from .sources import SourcesInfo, bad_shard_message, check_sources, shard_problem
+from .state import make_state, parse_state, receipt_update
+
+
+@dataclass
+class _Plan:
+    info: SourcesInfo
+    train: StreamOrder
+    val: Optional[StreamOrder]
+    reader: SampleReader
+    skipped: list[str]  # "source:shard name" left out under on_bad_shard=skip
+    config: dict[str, Any]  # the settings the order depends on, echoed in every state
+
+
+class _RankBatches(IterableDataset):
+    """Micro-batches of one dp rank; inside a DataLoader worker, every W-th one."""
+
+    def __init__(self, order: StreamOrder, reader: SampleReader, start: int, micro_batch: int, dp_rank: int,
+                 dp_size: int, num_steps: Optional[int]) -> None:
+        self.order, self.reader, self.start = order, reader, start
+        self.micro_batch, self.dp_rank, self.dp_size, self.num_steps = micro_batch, dp_rank, dp_size, num_steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        steps = itertools.count(w, n) if self.num_steps is None else range(w, self.num_steps, n)
+        offsets = self.dp_rank * self.micro_batch + np.arange(self.micro_batch, dtype=np.int64)
+        for m in steps:
+            tokens = self.reader.read(*self.order.locate(self.start + m * self.micro_batch * self.dp_size + offsets))
+            yield {"step": m, "input_ids": torch.from_numpy(tokens[:, :-1].astype(np.int64)),
+                   "labels": torch.from_numpy(tokens[:, 1:].astype(np.int64))}
+
+
+class DataStream:
+    """Batches of one dp rank: dicts with input_ids, labels (torch.long [micro_batch, seq_len]), state, receipt.
+
+    Each ``iter()`` starts from the state the stream was made with. ``info`` describes the data and
+    ``skipped_shards`` lists shards left out under ``on_bad_shard="skip"``.
+    """
+
+    def __init__(self, plan: _Plan, order: StreamOrder, *, kind: str, start: int, receipt: int, micro_batch: int,
+                 dp_rank: int, dp_size: int, num_workers: int, num_steps: Optional[int]) -> None:
+        self.info, self.skipped_shards = plan.info, plan.skipped
+        self._plan, self._order, self._kind = plan, order, kind
+        self._start, self._receipt, self._num_workers, self._num_steps = start, receipt, num_workers, num_steps
+        self._global_batch = micro_batch * dp_size
+        self._batches = _RankBatches(order, plan.reader, start, micro_batch, dp_rank, dp_size, num_steps)
+
+    def __len__(self) -> int:
+        if self._num_steps is None:
+            raise TypeError("the training stream is infinite")
+        return self._num_steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._num_workers == 0:
+            inner: Iterator = iter(self._batches)
+        else:
+            inner = iter(DataLoader(self._batches, batch_size=None, num_workers=self._num_workers))
+        position, receipt = self._start, self._receipt
+        for expected, item in enumerate(inner):
+            if item["step"] != expected:  # DataLoader's round-robin is what keeps state exact
+                raise RuntimeError(f"loader workers returned micro-step {item['step']}, expected {expected}")
+            positions = np.arange(position, position + self._global_batch, dtype=np.int64)
+            receipt = receipt_update(receipt, positions, self._order.sample_ids(*self._order.locate(positions)))
+            position += self._global_batch
+            consumed, epochs = self._order.epochs(position) if self._kind == "train" else ([], [])
+            yield {"input_ids": item["input_ids"], "labels": item["labels"], "receipt": f"{receipt:016x}",
+                   "state": make_state(self._kind, position, receipt, consumed, epochs, self._plan.skipped,
+                                       self._plan.config)}
+
+
+def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
+                      dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
+                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle_window: int = 1024,
+                      state: dict | None = None) -> DataStream:
+    """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
+
+    The state resumes exactly on any dp size and micro batch (the global order is the same; only
+    the split differs). ``seq_len`` must match the shards; ``val_fraction`` must match the validation
+    loader's so that no validation sample is trained on.
+    """
+    _check_split(micro_batch, dp_rank, dp_size)
+    if num_workers < 0:
+        raise DataError(f"num_workers must be >= 0, got {num_workers}")
+    skip_also = set(state.get("skipped_shards", [])) if isinstance(state, dict) else set()
+    plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, shuffle_window, skip_also)
+    start, receipt = 0, 0
+    if state is not None:
+        start, receipt, _ = parse_state(state, "train", plan.config)
+    return DataStream(plan, plan.train, kind="train", start=start, receipt=receipt, micro_batch=micro_batch,
+                      dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, num_steps=None)
+
+
+def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
+                    dp_size: int, seed: int, val_fraction: float, max_batches: int) -> DataStream:
+    """Finite validation stream of one dp rank: the same batches on every call, at most ``max_batches``.
+
+    Validation samples are the held-out tails of the shards (``val_fraction`` of each source), mixed
+    by the source weights; every rank gets the same number of batches.
+    """
+    _check_split(micro_batch, dp_rank, dp_size)
+    if val_fraction <= 0:
+        raise DataError("validation needs data.val_fraction > 0 (the share of samples held out)")
+    plan = _make_plan(sources, seq_len, seed, "fail", False, val_fraction, 1, set())
+    total = plan.val.total_samples if plan.val is not None else 0
+    steps = min(max_batches, total // (micro_batch * dp_size))
+    if steps < 1:
+        raise DataError(f"the validation split holds {total} samples, fewer than one global batch of "
+                        f"{micro_batch * dp_size}; raise data.val_fraction or lower the batch")
+    return DataStream(plan, plan.val, kind="val", start=0, receipt=0, micro_batch=micro_batch, dp_rank=dp_rank,
+                      dp_size=dp_size, num_workers=0, num_steps=steps)
+
+
+def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:
+    if micro_batch < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise DataError(f"bad data split: micro_batch={micro_batch}, dp_rank={dp_rank}, dp_size={dp_size}")
+
+
+def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad_shard: str, verify_sha256: bool,
+               val_fraction: float, shuffle_window: int, skip_also: set[str]) -> _Plan:
+    """Check the sources, find bad shards (the same on every rank: it depends only on the files) and orders."""
+    if on_bad_shard not in ("fail", "skip"):
+        raise DataError(f"data.on_bad_shard must be 'fail' or 'skip', got {on_bad_shard!r}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    info = check_sources([p for p, _ in sources])
+    if seq_len != info.seq_len:
+        raise DataError(f"data.seq_len is {seq_len} but {info.paths[0]} holds samples of seq_len {info.seq_len}; "
+                        f"set data.seq_len: {info.seq_len} or rebuild the shards with --seq-len {seq_len}")
+    train_orders, val_orders, skipped = [], [], []
+    for s, (directory, index) in enumerate(zip(info.paths, info.indexes)):
+        samples = np.array([e.samples for e in index.shards], dtype=np.int64)
+        val = val_counts(samples, val_fraction)
+        train = samples - val
+        for i, entry in enumerate(index.shards):
+            key = f"{s}:{entry.name}"
+            problem = shard_problem(directory, index, entry, verify_sha256)
+            if problem is not None and on_bad_shard == "fail":
+                raise DataError(bad_shard_message(directory, index, entry.name, problem))
+            if problem is not None or key in skip_also:
+                if problem is not None:
+                    warnings.warn(bad_shard_message(directory, index, entry.name, problem) + " (skipped)")
+                skipped.append(key)
+                train[i] = val[i] = 0
+        train_orders.append(SourceOrder(s, seed, train, shuffle_window))
+        val_orders.append(ValOrder(samples - val, val))  # tails start after the shard's train samples
+    weights = [float(w) for _, w in sources]
+    first = [np.array([e.first_sample for e in ix.shards], dtype=np.int64) for ix in info.indexes]
+    mixer = Mixer(weights)
+    config = {"seed": seed, "weights": mixer.weights, "shuffle_window": shuffle_window,
+              "val_fraction": val_fraction, "samples": [ix.num_samples for ix in info.indexes]}
+    return _Plan(info=info, train=StreamOrder(train_orders, mixer, first), val=_val_order(val_orders, weights, first),
+                 reader=SampleReader(info.paths, info.indexes), skipped=skipped, config=config)
+
+
+def _val_order(orders: list[ValOrder], weights: list[float], first: list[np.ndarray]) -> Optional[StreamOrder]:
+    """Validation order over the sources that hold validation samples."""
+    keep = [s for s, o in enumerate(orders) if o.epoch_len > 0]
+    if not keep:
+        return None
+    return StreamOrder([orders[s] for s in keep], Mixer([weights[s] for s in keep]), first, sources=keep)

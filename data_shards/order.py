@@ -1,0 +1,174 @@
+"""The global sample order: which sample sits at each position of the stream, for any position.
+
+Everything here is a pure function of (seed, source layout, weights, position), computed in closed
+form and vectorized over positions, so that any rank, loader worker or resumed run can jump to any
+position without replaying the stream, and the order never depends on the number of readers.
+
+- One source, epoch ``e``: a seeded permutation of its shards, then the concatenation of their
+  training samples cut into windows of ``window`` samples, each window permuted with its own seed.
+- Several sources: a smooth weighted round-robin pattern over integer weights, repeated with period
+  ``sum(weights)``; position ``p`` belongs to source ``pattern[p % period]``, and is that source's
+  ``k``-th sample where ``k`` counts the earlier positions of the same source.
+- Validation: the last ``floor(C_{i+1} f) - floor(C_i f)`` samples of shard ``i`` (C = cumulative
+  sample counts, f = val_fraction): exactly ``floor(N f)`` samples, spread over all shards, the same
+  for every seed; they never appear in training.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import DataError
+
+_SHARD_TAG, _WINDOW_TAG = 1, 2
+_SOURCE_SHIFT = 40  # sample id = source << 40 | sample number: 2^40 samples per source is plenty
+
+
+def val_counts(samples: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Validation samples held out at the end of each shard (see module docstring)."""
+    f = Fraction(val_fraction).limit_denominator(1_000_000)  # exact integer arithmetic from here on
+    cum = np.concatenate([[0], np.cumsum(samples, dtype=np.int64)])
+    held = np.array([c * f.numerator // f.denominator for c in cum.tolist()], dtype=np.int64)
+    return np.diff(held)
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([k % (1 << 64) for k in key])
+
+
+class SourceOrder:
+    """Training order of one source: stream index ``k`` (across epochs) -> (shard, local sample)."""
+
+    def __init__(self, source: int, seed: int, train: np.ndarray, window: int) -> None:
+        """``train[i]``: training samples of shard i (its first ones); 0 for skipped shards."""
+        self.source, self.seed, self.window = source, seed, max(1, window)
+        self.train = np.asarray(train, dtype=np.int64)
+        self.included = np.flatnonzero(self.train)
+        self.epoch_len = int(self.train.sum())
+        if self.epoch_len == 0:
+            raise DataError(f"source {source} has no training samples left (all shards skipped or held out)")
+        self._epoch = lru_cache(maxsize=4)(self._epoch_layout)
+        self._window = lru_cache(maxsize=64)(self._window_perm)
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        shards = self.included[_rng(_SHARD_TAG, self.seed, self.source, epoch).permutation(len(self.included))]
+        return shards, np.concatenate([[0], np.cumsum(self.train[shards])])
+
+    def _window_perm(self, epoch: int, window: int) -> np.ndarray:
+        size = min(self.window, self.epoch_len - window * self.window)
+        return _rng(_WINDOW_TAG, self.seed, self.source, epoch, window).permutation(size)
+
+    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shard index and local sample index of the source's stream positions ``k``."""
+        k = np.asarray(k, dtype=np.int64)
+        epoch, q = np.divmod(k, self.epoch_len)
+        win, offset = np.divmod(q, self.window)
+        shard = np.empty_like(k)
+        local = np.empty_like(k)
+        # Positions come in increasing runs, so a batch is one or two runs of the same (epoch, window).
+        cuts = np.flatnonzero((np.diff(epoch) != 0) | (np.diff(win) != 0)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(k)]):
+            e, w = int(epoch[a]), int(win[a])
+            shards, cum = self._epoch(e)
+            qq = w * self.window + self._window(e, w)[offset[a:b]]
+            j = np.searchsorted(cum, qq, side="right") - 1
+            shard[a:b] = shards[j]
+            local[a:b] = qq - cum[j]
+        return shard, local
+
+
+class ValOrder:
+    """Validation samples of one source in a fixed order: shards in index order, tails in order."""
+
+    def __init__(self, train: np.ndarray, val: np.ndarray) -> None:
+        self.start = np.asarray(train, dtype=np.int64)  # val samples of shard i start after its train ones
+        self.cum = np.concatenate([[0], np.cumsum(val, dtype=np.int64)])
+        self.epoch_len = int(self.cum[-1])
+
+    def locate(self, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Shard and local index of validation sample ``k`` (wrapping around)."""
+        q = np.asarray(k, dtype=np.int64) % max(1, self.epoch_len)
+        shard = np.searchsorted(self.cum, q, side="right") - 1
+        return shard, self.start[shard] + q - self.cum[shard]
+
+
+class Mixer:
+    """Deterministic weighted interleaving of sources (smooth weighted round-robin, periodic)."""
+
+    def __init__(self, weights: list[float], resolution: int = 10_000) -> None:
+        if not weights or any(not (w > 0 and math.isfinite(w)) for w in weights):
+            raise DataError(f"data source weights must be positive numbers, got {weights}")
+        total = sum(weights)
+        ints = [max(1, round(w / total * resolution)) for w in weights]
+        g = math.gcd(*ints)
+        self.weights = [w // g for w in ints]  # exact shares to 1/resolution
+        self.period = sum(self.weights)
+        current = [0] * len(self.weights)
+        pattern = np.empty(self.period, dtype=np.int64)
+        for t in range(self.period):  # nginx's smooth weighted round-robin: evenly spread, no bursts
+            current = [c + w for c, w in zip(current, self.weights)]
+            pick = max(range(len(current)), key=lambda s: (current[s], -s))
+            current[pick] -= self.period
+            pattern[t] = pick
+        self.pattern = pattern
+        onehot = pattern[None, :] == np.arange(len(self.weights))[:, None]
+        self.prefix = np.concatenate([np.zeros((len(self.weights), 1), np.int64), np.cumsum(onehot, axis=1)], axis=1)
+
+    def split(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Source of each global position and its index within that source's stream."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if self.period == 1:  # one source: no mixing to do
+            return np.zeros_like(positions), positions
+        cycles, r = np.divmod(positions, self.period)
+        source = self.pattern[r]
+        return source, cycles * np.asarray(self.weights)[source] + self.prefix[source, r]
+
+    def consumed(self, position: int) -> list[int]:
+        """Samples taken from each source by the positions before ``position``."""
+        cycles, r = divmod(position, self.period)
+        return [cycles * w + int(self.prefix[s, r]) for s, w in enumerate(self.weights)]
+
+
+class StreamOrder:
+    """Global position -> (source, shard, local sample) and sample ids, for train or validation."""
+
+    def __init__(self, orders: list, mixer: Mixer, first_sample: list[np.ndarray],
+                 sources: list[int] | None = None) -> None:
+        """``orders[j]`` and ``mixer`` weight ``j`` belong to source ``sources[j]`` (default: ``j``)."""
+        self.orders, self.mixer = orders, mixer
+        self.first_sample = first_sample  # per source: global number of each shard's first sample
+        self.sources = np.asarray(sources if sources is not None else range(len(orders)), dtype=np.int64)
+
+    @property
+    def total_samples(self) -> int:
+        """Samples in one epoch of all sources together."""
+        return sum(o.epoch_len for o in self.orders)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, shard, local) of each global position."""
+        j, k = self.mixer.split(positions)
+        if len(self.orders) == 1:
+            return self.sources[j], *self.orders[0].locate(k)
+        shard = np.empty_like(k)
+        local = np.empty_like(k)
+        for s in np.unique(j).tolist():
+            sel = j == s
+            shard[sel], local[sel] = self.orders[s].locate(k[sel])
+        return self.sources[j], shard, local
+
+    def sample_ids(self, source: np.ndarray, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """Stable 64-bit ids: source index and sample number within its directory."""
+        number = np.empty_like(local)
+        for s in (np.unique(source).tolist() if len(self.first_sample) > 1 else [0]):
+            sel = source == s
+            number[sel] = self.first_sample[s][shard[sel]] + local[sel]
+        return (source.astype(np.uint64) << np.uint64(_SOURCE_SHIFT)) | number.astype(np.uint64)
+
+    def epochs(self, position: int) -> tuple[list[int], list[int]]:
+        """Per source: samples consumed before ``position`` and the epoch the next one belongs to."""
+        consumed = self.mixer.consumed(position)
+        return consumed, [c // o.epoch_len for c, o in zip(consumed, self.orders)]

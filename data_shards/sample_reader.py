@@ -1,0 +1,105 @@
+"""Random access to samples: one ``preadv`` per sample at an offset computed from the index.
+
+Why not ``webdataset.WebDataset`` here: it streams a tar front to back, so a reader that needs
+samples by index (equal batches on every rank, exact resume) would read and discard most of the
+file. Our members have fixed offsets (see :mod:`data_shards.index`), so a seek is enough. Each
+sample (header included) is read straight into one row of a batch buffer; headers are then checked
+for the whole batch at once with numpy, so the per-sample Python work is one system call.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError
+from .index import HEADER_BYTES, KEY_DIGITS, ShardIndex, member_data_bytes, member_ext, member_name
+from .sources import bad_shard_message
+
+_MAX_OPEN = 128  # file descriptors kept open per process
+_POWERS = 10 ** np.arange(KEY_DIGITS - 1, -1, -1, dtype=np.int64)
+
+
+class SampleReader:
+    """Reads samples ``(source, shard, local)`` of shard directories built with one tokenizer and seq_len."""
+
+    def __init__(self, directories: list[Path], indexes: list[ShardIndex]) -> None:
+        self.directories, self.indexes = directories, indexes
+        first = indexes[0]
+        self.sample_tokens, self.stride = first.sample_tokens, first.stride_bytes
+        self.data_bytes = member_data_bytes(first.sample_tokens, first.dtype)
+        self.dtype = np.dtype("<u2" if first.dtype == "uint16" else "<u4")
+        suffix = ("." + member_ext(first.dtype)).encode("ascii") + b"\0"
+        self._suffix = np.frombuffer(suffix, dtype=np.uint8)
+        self._first = [np.array([e.first_sample for e in ix.shards], dtype=np.int64) for ix in indexes]
+        self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"] = OrderedDict()  # descriptors do not travel to loader workers; each opens its own
+        return state
+
+    def read(self, source: np.ndarray, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
+        """Token arrays ``[n, seq_len + 1]`` (stored dtype, little-endian) of the given samples, in order."""
+        n = len(source)
+        buf = np.empty((n, self.stride), dtype=np.uint8)
+        flat = memoryview(buf).cast("B")  # 1-D view: rows are sliced as flat byte ranges
+        stride = self.stride
+        got = np.empty(n, dtype=np.int64)
+        numbers = np.empty(n, dtype=np.int64)
+        fds = np.empty(n, dtype=np.int64)
+        key = source * (1 << 32) + shard
+        for k in np.unique(key).tolist():  # a batch touches few shards: look each one up once
+            sel = key == k
+            s, h = divmod(k, 1 << 32)
+            fds[sel] = self._fd(s, h)
+            numbers[sel] = self._first[s][h] + local[sel]
+        for row, (fd, offset) in enumerate(zip(fds.tolist(), (local * stride).tolist())):
+            got[row] = os.preadv(fd, [flat[row * stride:(row + 1) * stride]], offset)
+        ok = got >= HEADER_BYTES + self.data_bytes
+        ok &= (buf[:, :KEY_DIGITS] == (numbers[:, None] // _POWERS) % 10 + ord("0")).all(axis=1)
+        ok &= (buf[:, KEY_DIGITS:KEY_DIGITS + len(self._suffix)] == self._suffix).all(axis=1)
+        ok &= (buf[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all(axis=1)
+        if not ok.all():
+            self._raise(int(np.flatnonzero(~ok)[0]), source, shard, local, got)
+        data = np.ascontiguousarray(buf[:, HEADER_BYTES:HEADER_BYTES + self.data_bytes])
+        return data.view(self.dtype)
+
+    def _raise(self, row: int, source: np.ndarray, shard: np.ndarray, local: np.ndarray, got: np.ndarray) -> None:
+        s, h, i = int(source[row]), int(shard[row]), int(local[row])
+        index = self.indexes[s]
+        name = member_name(index.shards[h].first_sample + i, index.dtype)
+        problem = "truncated" if got[row] < HEADER_BYTES + self.data_bytes else "corrupted"
+        raise DataError(bad_shard_message(self.directories[s], index, index.shards[h].name,
+                                          f"{problem} at sample {i} ({name})"))
+
+    def _fd(self, source: int, shard: int) -> int:
+        key = (source, shard)
+        fd = self._fds.get(key)
+        if fd is not None:
+            self._fds.move_to_end(key)
+            return fd
+        path = self.directories[source] / self.indexes[source].shards[shard].name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise DataError(bad_shard_message(self.directories[source], self.indexes[source],
+                                              path.name, f"unreadable ({exc.strerror})")) from exc
+        self._fds[key] = fd
+        if len(self._fds) > _MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def close(self) -> None:
+        """Close the open shard files."""
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
