@@ -1,4 +1,7 @@
-"""Shared fixtures: markers that skip cleanly, a real local Ray, the DeepSpeed op cache, a tiny config."""
+"""Shared fixtures: gpu tests skip cleanly, offline Hugging Face, the DeepSpeed op cache, a tiny config.
+
+Ray tests start their own real instances per module (launcher tests: ray.cluster_utils.Cluster).
+"""
 
 from __future__ import annotations
 
@@ -35,16 +38,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """A real, private local Ray instance (127.0.0.1, no dashboard), shared by the session's ray tests."""
-    import ray
-
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture

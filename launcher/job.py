@@ -1,0 +1,140 @@
+"""The whole ``fm-train launch`` flow: config, cluster, corpus, training with restarts, conversion, sample.
+
+Everything heavy (corpus building, conversion, sampling) runs in child processes
+(:mod:`launcher.steps`) so that the driver never imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from fm_train.config import FmConfig, dump_config, load_config
+from launcher.cluster import Demand, check_capacity, connect, resolve_address
+from launcher.options import LaunchOptions
+from launcher.outcomes import Succeeded, exit_code
+from launcher.runstate import latest_checkpoint
+from launcher.steps import UNAVAILABLE
+
+Say = Callable[[str], None]
+
+
+def say_flush(text: str) -> None:
+    """Print a driver line at once (stdout is block-buffered when it is a file or a Ray job log)."""
+    print(text, flush=True)
+
+
+def project_root() -> Path:
+    """The checkout that holds this package (where cluster_configs/ lives); the working directory otherwise."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else Path.cwd()
+
+
+def default_config_path() -> Path | None:
+    """cluster_configs/local.yaml of the project, or None when it is not there (built-in defaults apply)."""
+    path = project_root() / "cluster_configs" / "local.yaml"
+    return path if path.is_file() else None
+
+
+def load_run_config(config: str | Path | None, overrides: Sequence[str], options: LaunchOptions,
+                    say: Say = say_flush) -> tuple[FmConfig, str | None, Path | None]:
+    """The validated config, the Ray address to use (None: private local) and the config file used."""
+    path = Path(config) if config is not None else default_config_path()
+    if config is None:
+        say(f"config: {path}" if path else "config: built-in defaults (cluster_configs/local.yaml not found)")
+    cfg = load_config(path, overrides)
+    address = resolve_address(options.address, cfg.cluster.address)
+    if address is None:
+        # Everything runs on this machine, so every data path must exist here, now.
+        cfg = load_config(path, overrides, require_paths=True)
+    return cfg, address, path
+
+
+def launch(config: str | Path | None, overrides: Sequence[str], options: LaunchOptions, say: Say = say_flush) -> int:
+    """Run the full flow; return the process exit status (0 only when training succeeded)."""
+    from launcher.runner import RunPaths, train  # imports Ray
+
+    cfg, address, _ = load_run_config(config, overrides, options, say)
+    conn = connect(address, timeout_s=options.connect_timeout_s)
+    try:
+        say(f"ray: {'private local instance (127.0.0.1, no dashboard)' if conn.private else address or 'existing connection'}")
+        check_capacity(Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker))
+        run_dir = Path(cfg.run.dir).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if options.post_training:
+            ensure_corpus(cfg, say)
+        text = dump_config(cfg)
+        _write_atomic(run_dir / "config.resolved.yaml", text)
+        paths = RunPaths(run_dir=run_dir, run_dir_arg=cfg.run.dir, workdir=os.getcwd(), config_text=text)
+        outcome = train(cfg, paths, options, say)
+        say(f"training {outcome.summary()}")
+        hf_dir = None
+        if isinstance(outcome, Succeeded) and options.post_training and cfg.convert.at_end:
+            hf_dir = convert_and_sample(run_dir, cfg, say)
+        _summary(run_dir, hf_dir, say)
+        return exit_code(outcome)
+    finally:
+        conn.close()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _step(args: list[str], say: Say) -> int:
+    """Run ``python -m launcher.steps ARGS`` with its output passed through; returns the exit code."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher.steps", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # streamed: building a corpus or converting a 70B model takes a while
+        say(f"  {line.rstrip()}")
+    return proc.wait()
+
+
+def ensure_corpus(cfg: FmConfig, say: Say) -> None:
+    """Build each ``default_corpus`` source that has no index.json yet (once, before any worker starts)."""
+    for src in cfg.data.sources:
+        if not src.default_corpus or (Path(src.path) / "index.json").is_file():
+            continue
+        say(f"building the default corpus in {src.path} (vocab {cfg.model.vocab_size}, seq_len {cfg.data.seq_len})")
+        code = _step(["corpus", src.path, "--vocab-size", str(cfg.model.vocab_size), "--seq-len", str(cfg.data.seq_len)], say)
+        if code != 0:
+            raise RuntimeError(f"building the default corpus in {src.path} failed (exit code {code}); see the lines above")
+
+
+def convert_and_sample(run_dir: Path, cfg: FmConfig, say: Say) -> Path | None:
+    """Convert RUN/checkpoints/latest to RUN/hf and print a short sample; None when conversion is skipped."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        say(f"conversion skipped: {run_dir / 'checkpoints' / 'latest'} names no complete checkpoint")
+        return None
+    hf_dir = run_dir / "hf"
+    say(f"converting {ckpt} to {hf_dir} ({cfg.convert.dtype}, logits verified)")
+    code = _step(["convert", str(ckpt), str(hf_dir), "--dtype", cfg.convert.dtype], say)
+    if code == UNAVAILABLE:
+        say("conversion skipped: fm_train.convert is not available in this installation")
+        return None
+    if code != 0:
+        say(f"conversion failed (exit code {code}); the checkpoint {ckpt} is intact")
+        return None
+    say("sample from the converted model:")
+    if _step(["sample", str(hf_dir)], say) != 0:
+        say("sampling failed; the converted model is still in place")
+    return hf_dir
+
+
+def _summary(run_dir: Path, hf_dir: Path | None, say: Say) -> None:
+    items = [("run directory", run_dir), ("resolved config", run_dir / "config.resolved.yaml"),
+             ("metrics", run_dir / "metrics.jsonl"), ("logs", run_dir / "logs"),
+             ("placement", run_dir / "placement.json"), ("checkpoints", run_dir / "checkpoints"),
+             ("failures", run_dir / "failures.jsonl"), ("hugging face model", hf_dir)]
+    say("where everything is:")
+    for name, path in items:
+        if path is not None and path.exists():
+            say(f"  {name:<19} {path}")

@@ -1,0 +1,189 @@
+"""Watch one attempt until it ends and say how: succeeded, failed, hung, preempted or stopped.
+
+The driver polls every actor; each poll brings new log lines, metrics records, the exit code and
+the process state. Any line or record counts as a heartbeat: a group that stays silent for
+``cluster.step_timeout_s`` is hung (a real hang is usually one stuck collective that silences all).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from launcher.group import WorkerGroup
+from launcher.logsink import LogSink
+from launcher.outcomes import Failed, Hung, Outcome, Preempted, Stopped, Succeeded
+from launcher.progress import Progress
+
+_SIGTERM_CODES = (-signal.SIGTERM, 128 + signal.SIGTERM)
+
+
+@dataclass
+class StopRequest:
+    """Set by the driver's signal handler; read by the monitor loop."""
+
+    signal_name: str | None = None
+    count: int = 0
+
+
+@dataclass
+class AttemptWatch:
+    """Everything the monitor needs for one attempt."""
+
+    group: WorkerGroup
+    sink: LogSink
+    progress: Progress
+    step_timeout_s: float
+    total_steps: int
+    poll_interval_s: float
+    stop_grace_s: float
+    failure_grace_s: float
+    stop: StopRequest
+    say: Callable[[str], None]
+    exit_codes: dict[int, int] = field(default_factory=dict)
+    states: dict[int, str] = field(default_factory=dict)
+    last_output: dict[int, float] = field(default_factory=dict)
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 3`` or ``killed by SIGKILL``."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def run_attempt(w: AttemptWatch) -> Outcome:
+    """Poll until the attempt ends; stop the survivors of a failure; return the typed outcome."""
+    start = time.monotonic()
+    last_progress = start
+    w.last_output = {r: start for r in range(len(w.group.actors))}
+    pending: dict[Any, int] = {a.poll.remote(): r for r, a in enumerate(w.group.actors)}
+    while True:
+        round_start = time.monotonic()
+        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=w.poll_interval_s) if pending else ([], [])
+        again: list[int] = []
+        for ref in ready:
+            rank = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                # The actor or its node died: there is no exit code, only Ray's account of it.
+                return _fail(w, rank, None, f"worker actor died ({_short(exc)}); node lost or actor killed")
+            if _absorb(w, rank, result):
+                last_progress = time.monotonic()
+            if result["exit_code"] is None:
+                again.append(rank)
+            else:
+                w.exit_codes[rank] = result["exit_code"]
+        if w.stop.signal_name is not None:
+            return _stopped(w)
+        bad = sorted(r for r, c in w.exit_codes.items() if c != 0 and c not in _SIGTERM_CODES)
+        if bad:
+            rank = bad[0]
+            return _fail(w, rank, w.exit_codes[rank], describe_exit(w.exit_codes[rank]))
+        if len(w.exit_codes) == len(w.group.actors):
+            return _all_exited(w)
+        silent = time.monotonic() - last_progress
+        if silent > w.step_timeout_s:
+            return _hung(w, silent)
+        # Polls answer at once; pace the rounds so the driver does not spin.
+        time.sleep(max(0.0, w.poll_interval_s - (time.monotonic() - round_start)))
+        pending.update({w.group.actors[r].poll.remote(): r for r in again})
+
+
+def _absorb(w: AttemptWatch, rank: int, result: dict) -> bool:
+    """Route one poll result to the logs and the progress line; True when it carried a heartbeat."""
+    now = time.monotonic()
+    for stream, line in result["lines"]:
+        w.sink.write(rank, stream, line)
+    if result["dropped"]:
+        w.sink.note(rank, f"{result['dropped']} lines were dropped (the driver polled too late)")
+    for line in w.progress.update(result["metrics"]):
+        w.say(line)
+    w.states[rank] = result["state"]
+    alive = bool(result["lines"] or result["metrics"])
+    if alive:
+        w.last_output[rank] = now
+    return alive
+
+
+def _drain(w: AttemptWatch) -> None:
+    """Collect the output the workers wrote while being stopped (the last lines matter most)."""
+    refs = {a.poll.remote(): r for r, a in enumerate(w.group.actors)}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=10)
+    for ref in ready:
+        try:
+            _absorb(w, refs[ref], ray.get(ref))
+        except ray.exceptions.RayError:
+            pass
+
+
+def _node(w: AttemptWatch, rank: int) -> tuple[str, str]:
+    r = w.group.placement.by_rank(rank)
+    return r.node_ip, r.node_id
+
+
+def _fail(w: AttemptWatch, rank: int, code: int | None, cause: str) -> Failed:
+    w.say(f"rank {rank} {cause}; stopping the other workers")
+    w.group.stop_all(w.failure_grace_s)
+    _drain(w)
+    ip, nid = _node(w, rank)
+    return Failed(rank=rank, node_ip=ip, node_id=nid, exit_code=code, cause=cause, last_lines=w.sink.last_lines(rank))
+
+
+def _hung(w: AttemptWatch, silent: float) -> Hung:
+    # A stopped process (SIGSTOP, a debugger) is the prime suspect; otherwise whoever went quiet first.
+    stopped = [r for r, s in sorted(w.states.items()) if s == "stopped" and r not in w.exit_codes]
+    running = [r for r in range(len(w.group.actors)) if r not in w.exit_codes]
+    suspect = stopped[0] if stopped else min(running or [0], key=lambda r: (w.last_output.get(r, 0.0), r))
+    states = dict(sorted(w.states.items()))
+    quiet = time.monotonic() - w.last_output.get(suspect, 0.0)
+    cause = f"process state {states.get(suspect, 'unknown')}, last output {quiet:.0f}s ago"
+    w.say(f"no log or metrics line from any rank for {silent:.0f}s (cluster.step_timeout_s={w.step_timeout_s:g});"
+          f" suspect rank {suspect}: {cause}; stopping the workers")
+    last = w.sink.last_lines(suspect)
+    w.group.stop_all(w.failure_grace_s)
+    _drain(w)
+    ip, nid = _node(w, suspect)
+    return Hung(rank=suspect, node_ip=ip, node_id=nid, silent_s=silent, cause=cause, last_lines=last, states=states)
+
+
+def _stopped(w: AttemptWatch) -> Stopped:
+    name = w.stop.signal_name or "signal"
+    w.say(f"{name} received: asking the workers to save and stop (SIGKILL in {w.stop_grace_s:.0f}s; press Ctrl-C again to kill now)")
+    w.group.stop_all(w.stop_grace_s)
+    _drain(w)
+    return Stopped(signal_name=name, last_step=_reached(w))
+
+
+def _reached(w: AttemptWatch) -> int | None:
+    try:
+        state = ray.get(w.group.actors[0].run_state.remote(), timeout=30)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        return w.progress.last_step
+    steps = [s for s in (state["latest_step"], state["metrics_step"], w.progress.last_step) if s is not None]
+    return max(steps) if steps else None
+
+
+def _all_exited(w: AttemptWatch) -> Outcome:
+    reached = _reached(w)
+    signalled = sorted(r for r, c in w.exit_codes.items() if c in _SIGTERM_CODES)
+    if signalled:
+        return Preempted(ranks=tuple(signalled), last_step=reached,
+                         cause="workers were killed by a SIGTERM the launcher did not send")
+    if reached is not None and reached >= w.total_steps:
+        return Succeeded(final_step=reached)
+    return Preempted(ranks=tuple(sorted(w.exit_codes)), last_step=reached,
+                     cause=f"all workers exited 0 before train.steps={w.total_steps} (stopped by the cluster?)")

@@ -1,0 +1,122 @@
+"""Typed outcomes of one attempt (and of a whole run): what happened, to which rank, on which node.
+
+Each outcome knows whether it may be retried and under which budget: failures and hangs spend
+``cluster.max_restarts``; preemptions spend a separate budget because the workers did nothing wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar, Union
+
+
+@dataclass(frozen=True)
+class Succeeded:
+    """Every rank exited 0 and the run reached ``train.steps``."""
+
+    final_step: int | None = None
+    kind: ClassVar[str] = "succeeded"
+
+    def summary(self) -> str:
+        """One line for the driver's output."""
+        return f"succeeded (final step {self.final_step})" if self.final_step is not None else "succeeded"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A worker process exited non-zero, or its actor or node died."""
+
+    rank: int
+    node_ip: str
+    node_id: str
+    exit_code: int | None
+    cause: str
+    last_lines: tuple[str, ...] = ()
+    kind: ClassVar[str] = "failed"
+
+    def summary(self) -> str:
+        """One line naming the rank, the node and the exit code."""
+        code = "no exit code" if self.exit_code is None else f"exit code {self.exit_code}"
+        return f"failed: rank {self.rank} on node {self.node_ip} ({self.node_id[:8]}), {code}: {self.cause}"
+
+
+@dataclass(frozen=True)
+class Hung:
+    """No rank produced a log or metrics line for ``cluster.step_timeout_s``."""
+
+    rank: int
+    node_ip: str
+    node_id: str
+    silent_s: float
+    cause: str
+    last_lines: tuple[str, ...] = ()
+    states: dict[int, str] = field(default_factory=dict)
+    kind: ClassVar[str] = "hung"
+
+    def summary(self) -> str:
+        """One line naming the suspect rank and how long the group was silent."""
+        return f"hung: no progress for {self.silent_s:.0f}s; suspect rank {self.rank} on node {self.node_ip} ({self.node_id[:8]}): {self.cause}"
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """The workers were asked to stop by someone other than the launcher and exited cleanly."""
+
+    ranks: tuple[int, ...]
+    cause: str
+    last_step: int | None = None
+    kind: ClassVar[str] = "preempted"
+
+    def summary(self) -> str:
+        """One line with the ranks that stopped and the step they reached."""
+        return f"preempted at step {self.last_step}: {self.cause} (ranks {list(self.ranks)})"
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """The driver was interrupted (Ctrl-C, SIGTERM); workers were told to save and stop."""
+
+    signal_name: str
+    last_step: int | None = None
+    kind: ClassVar[str] = "stopped"
+
+    def summary(self) -> str:
+        """One line with the signal and the step the workers reached."""
+        return f"stopped by {self.signal_name} at step {self.last_step}; resume by launching the same config again"
+
+
+Outcome = Union[Succeeded, Failed, Hung, Preempted, Stopped]
+
+# Shell convention for a process ended by a signal: 128 + signal number (SIGINT 2, SIGTERM 15).
+_STOP_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def exit_code(outcome: Outcome) -> int:
+    """Process exit status of ``fm-train launch`` for a final outcome."""
+    if isinstance(outcome, Succeeded):
+        return 0
+    if isinstance(outcome, Stopped):
+        return _STOP_EXIT.get(outcome.signal_name, 1)
+    return 1
+
+
+def to_record(outcome: Outcome, *, attempt: int, master_port: int | None) -> dict:
+    """A JSON-ready line for RUN/failures.jsonl."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "attempt": attempt, "kind": outcome.kind,
+              "summary": outcome.summary(), "master_port": master_port}
+    record.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(outcome).items()})
+    if "states" in record:
+        record["states"] = {str(k): v for k, v in record["states"].items()}
+    return record
+
+
+def append_failure(run_dir: Path, outcome: Outcome, *, attempt: int, master_port: int | None) -> Path:
+    """Append one outcome to RUN/failures.jsonl (the history a user reads after a bad night)."""
+    path = run_dir / "failures.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(to_record(outcome, attempt=attempt, master_port=master_port)) + "\n")
+    return path

@@ -1,0 +1,135 @@
+"""Train with restarts: build a group, watch it, record what went wrong, and try again within budget.
+
+Failures and hangs spend ``cluster.max_restarts``; preemptions spend their own budget. Every restart
+is a whole new group on a new MASTER_PORT; the worker resumes from RUN/checkpoints/latest by itself.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Callable, Iterator
+
+from fm_train.config import FmConfig
+from fm_train.dist.topology import Topology
+from launcher.cluster import Demand
+from launcher.group import WorkerGroup
+from launcher.logsink import LogSink
+from launcher.monitor import AttemptWatch, StopRequest, run_attempt
+from launcher.options import LaunchOptions
+from launcher.outcomes import Failed, Hung, Outcome, Preempted, Stopped, Succeeded, append_failure
+from launcher.progress import Progress
+
+
+@contextmanager
+def catch_stop_signals() -> Iterator[StopRequest]:
+    """Turn the first SIGINT/SIGTERM into a graceful stop request; a second one raises KeyboardInterrupt.
+
+    Handlers can only be installed from the main thread; elsewhere (an embedding application) the
+    caller keeps its own handling and the request simply never fires.
+    """
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        request.count += 1
+        if request.count > 1:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: killing the workers now")
+        request.signal_name = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class RunPaths:
+    """Where a run's files live on the driver and how the workers find them."""
+
+    run_dir: Path
+    """Absolute run directory on the driver."""
+    run_dir_arg: str
+    """``run.dir`` as the config says it (relative to ``workdir`` on every node)."""
+    workdir: str
+    """The driver's working directory; workers run there when it exists on their node."""
+    config_text: str
+    """RUN/config.resolved.yaml, written by workers on nodes that do not share the filesystem."""
+
+
+def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[[str], None] = print) -> Outcome:
+    """Run the worker group until success, a stop, or an exhausted budget; return the final outcome."""
+    topology = Topology(cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    demand = Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker)
+    echo_all = cfg.logging.all_ranks if options.all_ranks is None else options.all_ranks
+    sink = LogSink(paths.run_dir, echo_all=echo_all)
+    progress = Progress(cfg.train.steps, interval_s=options.progress_interval_s)
+    failures = preemptions = 0
+    attempt = 0
+    try:
+        with catch_stop_signals() as stop:
+            while True:
+                attempt += 1
+                outcome, port = _one_attempt(cfg, paths, options, topology, demand, sink, progress, stop, attempt, say)
+                if isinstance(outcome, (Succeeded, Stopped)):
+                    return outcome
+                record = append_failure(paths.run_dir, outcome, attempt=attempt, master_port=port)
+                say(f"attempt {attempt} {outcome.summary()}")
+                _print_last_lines(outcome, sink, say)
+                if isinstance(outcome, Preempted):
+                    preemptions += 1
+                    if preemptions > options.max_preemptions:
+                        say(f"giving up: preempted {preemptions} times (budget {options.max_preemptions}); see {record}")
+                        return outcome
+                    say(f"relaunching after preemption ({preemptions} of {options.max_preemptions}; not counted as a failure)")
+                    continue
+                failures += 1
+                if failures > cfg.cluster.max_restarts:
+                    say(f"giving up after {failures - 1} restarts (cluster.max_restarts={cfg.cluster.max_restarts});"
+                        f" last cause: {outcome.summary()}; history in {record}")
+                    return outcome
+                say(f"restarting the whole group ({failures} of {cfg.cluster.max_restarts} restarts);"
+                    " the workers resume from checkpoints/latest")
+    finally:
+        sink.close()
+
+
+def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, topology: Topology, demand: Demand,
+                 sink: LogSink, progress: Progress, stop: StopRequest, attempt: int,
+                 say: Callable[[str], None]) -> tuple[Outcome, int]:
+    group = WorkerGroup.create(demand, topology, placement_timeout_s=options.placement_timeout_s)
+    try:
+        say(f"attempt {attempt}: {topology.world} ranks (dp {topology.dp} x pp {topology.pp} x tp {topology.tp}),"
+            f" MASTER_ADDR={group.master_addr} MASTER_PORT={group.master_port}")
+        say(group.placement.table())
+        for warning in group.placement.warnings:
+            say(f"warning: {warning}")
+        group.save_placement(paths.run_dir, attempt)
+        if stop.signal_name is not None:
+            return Stopped(signal_name=stop.signal_name), group.master_port
+        sink.begin_attempt(group.placement, attempt)
+        progress.reset()
+        group.start(options.worker_command, workdir=paths.workdir, run_dir=paths.run_dir_arg,
+                    config_text=paths.config_text, attempt=attempt, extra_env=options.extra_env)
+        watch = AttemptWatch(group=group, sink=sink, progress=progress, step_timeout_s=cfg.cluster.step_timeout_s,
+                             total_steps=cfg.train.steps, poll_interval_s=options.poll_interval_s,
+                             stop_grace_s=options.stop_grace_s, failure_grace_s=options.failure_grace_s,
+                             stop=stop, say=say)
+        return run_attempt(watch), group.master_port
+    finally:
+        group.teardown()
+
+
+def _print_last_lines(outcome: Outcome, sink: LogSink, say: Callable[[str], None]) -> None:
+    if isinstance(outcome, (Failed, Hung)) and outcome.last_lines:
+        say(f"last lines of rank {outcome.rank} (full log: {sink.path(outcome.rank)}):")
+        for line in outcome.last_lines[-10:]:
+            say(f"    {line}")

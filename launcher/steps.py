@@ -1,0 +1,86 @@
+"""Steps around training that need heavy libraries, run as subprocesses of the driver.
+
+``python -m launcher.steps corpus|convert|sample ...``: building the default corpus (data_shards),
+converting the final checkpoint (fm_train.convert) and sampling from the converted model
+(transformers) import torch; running them in a child process keeps the driver free of it. Exit code
+:data:`UNAVAILABLE` means the component is not installed or not built yet, which the driver reports
+as a skipped step rather than a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+UNAVAILABLE = 3
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    try:
+        from data_shards import build_default_corpus
+    except ImportError as exc:
+        print(f"data_shards.build_default_corpus is not available: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+    path = build_default_corpus(Path(args.out), vocab_size=args.vocab_size, seq_len=args.seq_len, workers=args.workers)
+    print(f"default corpus written to {path}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    try:
+        from fm_train.convert import convert_checkpoint
+    except ImportError as exc:
+        print(f"fm_train.convert.convert_checkpoint is not available: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+    out = convert_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype, verify=True, overwrite=True)
+    print(f"converted {args.checkpoint} to {out or args.out}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        print(f"transformers is not available: {exc}", file=sys.stderr)
+        return UNAVAILABLE
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
+    model.eval()
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch one step; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m launcher.steps", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("corpus", help="build the default corpus shards")
+    p.add_argument("out", help="shard directory to create")
+    p.add_argument("--vocab-size", type=int, required=True, help="tokenizer vocabulary size (model.vocab_size)")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample (data.seq_len)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+    p.set_defaults(fn=_corpus)
+    p = sub.add_parser("convert", help="convert a checkpoint to a Hugging Face directory")
+    p.add_argument("checkpoint", help="a step_XXXXXXXX directory")
+    p.add_argument("out", help="output directory (replaced)")
+    p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32")
+    p.set_defaults(fn=_convert)
+    p = sub.add_parser("sample", help="generate a short sample from a Hugging Face directory")
+    p.add_argument("model", help="directory with config.json, weights and tokenizer")
+    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(fn=_sample)
+    args = parser.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
