@@ -180,6 +180,11 @@ class VocabParallelEmbedding(nn.Module):
 
 
 # ---- vocab-parallel loss ---------------------------------------------------------------------------
+def _reduce_(x: torch.Tensor, tp: TPGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
+    if tp.size > 1:  # a lone rank needs no process group, so the loss also runs without one
+        dist.all_reduce(x, op=op, group=tp.group)
+
+
 class _VocabParallelCE(torch.autograd.Function):
     """Per-token cross-entropy over logits split along the vocabulary; only (N,)-sized tensors travel."""
 
@@ -189,16 +194,16 @@ class _VocabParallelCE(torch.autograd.Function):
         x = logits.float()
         local_v = x.shape[-1]
         row_max = x.max(dim=-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp.group)
+        _reduce_(row_max, tp, dist.ReduceOp.MAX)
         x = x - row_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
         local_t = target - vocab_start
         mine = (local_t >= 0) & (local_t < local_v)
         local_t = local_t.clamp(0, local_v - 1)
         target_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * mine
-        dist.all_reduce(target_logit, group=tp.group)
+        _reduce_(target_logit, tp)
         exp = x.exp_()
         sum_exp = exp.sum(dim=-1)
-        dist.all_reduce(sum_exp, group=tp.group)
+        _reduce_(sum_exp, tp)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, mine, local_t)
         return sum_exp.log() - target_logit
