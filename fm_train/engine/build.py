@@ -17,18 +17,19 @@ from fm_train.engine.schedule import build_lr_scheduler
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
 
-def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
+def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_universal: bool = False,
                  ds_config: dict[str, Any] | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
     """Wrap ``module`` (``forward(input_ids, labels) -> loss``) in a DeepSpeed engine.
 
     ``mpu`` is the tensor/pipeline groups object (Megatron-style ``get_data_parallel_group`` etc.)
     that DeepSpeed needs when tp > 1, so that it reduces gradients over dp only and checks the batch
-    size against dp, not the world. ``ds_config`` overrides the rendered config (benchmarks, tests).
+    size against dp, not the world. ``load_universal``: the checkpoint to resume was saved on another
+dp size (``fm_train.engine.checkpointing.resume_point``). ``ds_config`` overrides the rendered config (benchmarks, tests).
     Activation checkpointing, when configured, is applied here, before DeepSpeed hooks the module.
     """
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(module)
-    config = ds_config if ds_config is not None else deepspeed_config(cfg)
+    config = ds_config if ds_config is not None else deepspeed_config(cfg, load_universal=load_universal)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
     engine, _, _, scheduler = deepspeed.initialize(

@@ -26,14 +26,17 @@ def init_distributed(env: RankEnv) -> str:
     return backend
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, barrier: bool = True) -> None:
     """Barrier, then destroy the process group.
 
     Without the barrier a fast rank tears its group down while a slow one is still in a collective;
     without the teardown, gloo/DeepSpeed background threads can outlive the interpreter and abort it
-    at exit (``terminate called without an active exception``; see CPU_FACTS.md).
+    at exit (``terminate called without an active exception``; see CPU_FACTS.md). After a failure
+    pass ``barrier=False``: the other ranks may be waiting in a different collective, and the
+    launcher, not a hung barrier, should learn about it.
     """
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 

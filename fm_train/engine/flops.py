@@ -4,18 +4,15 @@ MFU (model FLOPs utilisation) = achieved model FLOP/s per device / peak FLOP/s o
 the achieved model FLOP/s count only the FLOPs the model needs, never recomputation (activation
 checkpointing does not raise MFU) and never optimizer or communication work.
 
-FLOPs per trained token (PaLM, appendix B; the same count as Megatron-LM and torchtitan)::
+FLOPs per trained token come from :func:`fm_train.plan.flops.flops_per_token`, the one formula
+shared with the planner::
 
-    6 * N  +  12 * L * H * S
+    6 * N_matmul  +  12 * n_layers * hidden * seq_len
 
-* ``N``: parameters that take part in a matmul: every non-embedding parameter plus the output
-  projection (``vocab x hidden``), counted once even when tied to the input embedding. The embedding
-  lookup is a gather, not a matmul, so it is left out. Each such weight costs 2 FLOPs per token in
-  the forward pass and 4 in the backward (gradients w.r.t. input and weight): ``6 N``.
-* ``12 L H S``: attention scores and the weighted sum (``Q K^T`` and ``P V``), 2 matmuls of
-  ``2 S H`` FLOPs per token per layer in the forward, times 3 for forward + backward. ``L`` layers,
-  ``H`` = hidden size (= heads x head size), ``S`` = sequence length. The causal mask is not
-  discounted (as in PaLM); a kernel that skips masked blocks does half of this work.
+``N_matmul``: every block projection plus the output head (counted even when tied; the embedding
+lookup and the norms are not matmuls). 6 = forward (2) + backward (4) FLOPs per weight and token;
+the second term is the attention score and value matmuls, forward + backward, with no discount
+for the causal mask (PaLM appendix B, Megatron-LM). Recomputation is not counted.
 
 Peak FLOP/s: dense (no sparsity) tensor-core figures from vendor data sheets, bf16/fp16 and fp32
 (fp32 uses the plain fp32 rate, not TF32). On a CPU there is no meaningful data-sheet figure, so the
@@ -31,10 +28,10 @@ import time
 
 import torch
 
-from fm_train.model import LlamaArgs, count_parameters
+from fm_train.plan.flops import flops_per_token
 
 # Dense peak FLOP/s per device: (bf16/fp16 tensor core, fp32). Matched by substring of
-# torch.cuda.get_device_name(), most specific first.
+# torch.cuda.get_device_name(), most specific first ("A100" before "A10").
 PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
     ("GB200", (2.5e15, 80e12)),
     ("B200", (2.25e15, 80e12)),
@@ -46,8 +43,8 @@ PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
     ("A100", (312e12, 19.5e12)),
     ("A800", (312e12, 19.5e12)),
     ("L40S", (362e12, 91.6e12)),
+    ("L40", (181e12, 90.5e12)),
     ("L4", (121e12, 30.3e12)),
-    ("A10G", (70e12, 31.2e12)),
     ("A10", (125e12, 31.2e12)),
     ("V100", (125e12, 15.7e12)),
     ("T4", (65e12, 8.1e12)),
@@ -55,18 +52,7 @@ PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
 
 ENV_PEAK = "FM_TRAIN_PEAK_FLOPS"
 
-
-def matmul_params(args: LlamaArgs) -> int:
-    """``N`` of the module docstring: non-embedding parameters plus the output projection once."""
-    non_embedding = count_parameters(args, exclude_embeddings=True)
-    # count_parameters already includes an untied head in the non-embedding total.
-    tied_head = args.vocab_size * args.hidden if args.tie_embeddings else 0
-    return non_embedding + tied_head
-
-
-def flops_per_token(args: LlamaArgs, seq_len: int) -> float:
-    """Training FLOPs per token: ``6 N + 12 L H S`` (see the module docstring)."""
-    return 6.0 * matmul_params(args) + 12.0 * args.n_layers * args.hidden * seq_len
+__all__ = ["PEAK_FLOPS", "flops_per_token", "measure_matmul_flops", "mfu", "peak_flops", "table_peak_flops"]
 
 
 def table_peak_flops(device_name: str, precision: str) -> float | None:

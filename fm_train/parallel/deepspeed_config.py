@@ -70,11 +70,13 @@ def optimizer_section(cfg: FmConfig) -> dict[str, Any]:
     }
 
 
-def deepspeed_config(cfg: FmConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` (pass it as ``deepspeed.initialize(config=...)``).
 
     The batch triple is derived once from the config: ``train_batch_size = micro_batch x grad_accum x
     dp`` (``cfg.global_batch``), which DeepSpeed re-checks against its own data-parallel size.
+    ``load_universal`` is a fact of the checkpoint being resumed (saved on another dp size, see
+    ``fm_train.checkpoint.prepare_resume``), not of the config, hence an argument.
     """
     t = cfg.train
     config: dict[str, Any] = {
@@ -86,6 +88,7 @@ def deepspeed_config(cfg: FmConfig) -> dict[str, Any]:
         "optimizer": optimizer_section(cfg),
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
     config.update(precision_sections(cfg))
     return config

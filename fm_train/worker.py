@@ -1,0 +1,127 @@
+"""One training process: rank environment -> process group -> data -> module -> engine -> loop.
+
+Resumes from ``checkpoint.resume`` (auto: the run's latest complete checkpoint) and saves every
+``checkpoint.every`` steps and at the end, through :mod:`fm_train.engine.checkpointing`.
+
+Runs under any launcher that sets the torchrun variables (Ray actors, ``torchrun``, ``srun``):
+``fm-train worker CONFIG [--set k=v ...]``. Returns an exit code instead of exiting, so the Ray
+actor can report it; every rank leaves through a barrier and a process-group teardown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fm_train.config import ConfigError, FmConfig, dump_config, load_config
+from fm_train.dist.env import RankEnv, ensure_extension_cache
+from fm_train.dist.topology import Topology
+
+
+def _check_world(cfg: FmConfig, env: RankEnv) -> None:
+    if env.world_size != cfg.world_size:
+        raise ConfigError(
+            f"cluster.workers={cfg.world_size} but the launcher started WORLD_SIZE={env.world_size} processes;"
+            f" pass --set cluster.workers={env.world_size} (the global batch depends on it)"
+        )
+    if cfg.parallel.pp > 1:
+        raise ConfigError(
+            f"parallel.pp={cfg.parallel.pp}: the worker's step loop drives forward/backward itself; the"
+            " pipeline engine's train_batch step is not wired into it yet; use parallel.pp=1"
+        )
+
+
+def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
+    from fm_train.plan.flops import flops_per_token, parameter_count
+
+    return (f"fm-train worker: world {topo.world} = dp {topo.dp} x tp {topo.tp} x pp {topo.pp} ({backend}),"
+            f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {parameter_count(cfg.model) / 1e6:.2f}M params,"
+            f" global batch {cfg.global_batch} x {cfg.data.seq_len} tokens,"
+            f" {flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token, {cfg.train.steps} steps")
+
+
+def run_worker(cfg: FmConfig) -> int:
+    """Train ``cfg`` as the rank the environment names; returns 0 when every step ran."""
+    # Heavy imports here, not at module import: the CLI and the launcher import this module cheaply.
+    from fm_train.dist.groups import ParallelGroups
+    from fm_train.engine import MetricsSink, TrainState, build_engine, train
+    from fm_train.engine import checkpointing
+    from fm_train.engine import data as engine_data
+    from fm_train.engine.distributed import init_distributed, shutdown_distributed
+    from fm_train.parallel.build import build_train_module
+
+    env = RankEnv.from_environ()
+    _check_world(cfg, env)
+    ensure_extension_cache()
+    backend = init_distributed(env)
+    is_rank0 = env.rank == 0
+    try:
+        topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+        coord = topo.coord(env.rank)
+        groups = ParallelGroups(topo) if topo.tp > 1 else None
+        run_dir = Path(cfg.run.dir)
+        if is_rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.resolved.yaml").write_text(dump_config(cfg))
+            print(_banner(cfg, topo, backend), flush=True)
+
+        sources = engine_data.prepare_sources(cfg, is_rank0=is_rank0)
+        info = engine_data.check_sources(cfg, sources)
+        tokenizer_hash = getattr(info, "tokenizer_hash", None)
+        resume_from, universal = checkpointing.resume_point(cfg, topo)
+        engine, scheduler = build_engine(cfg, build_train_module(cfg, groups), mpu=groups, load_universal=universal)
+        state = TrainState(lr_scheduler=scheduler)
+        if resume_from is not None:
+            checkpointing.restore(engine, resume_from, cfg, state, tokenizer_hash)
+            if is_rank0:
+                print(f"resumed from {resume_from} at step {state.step}", flush=True)
+        save = checkpointing.checkpoint_hook(cfg, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash)
+        # tp peers share a dp coordinate, so they receive identical batches.
+        batches = engine_data.train_batches(cfg, sources, dp_rank=coord.dp, dp_size=topo.dp, state=state.data_state)
+        val = engine_data.val_batches(cfg, sources, dp_rank=coord.dp, dp_size=topo.dp)
+        sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
+        try:
+            train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
+                  group=groups.group("dp") if groups is not None else None)
+        finally:
+            sink.close()
+    except BaseException:
+        shutdown_distributed(barrier=False)
+        raise
+    shutdown_distributed()
+    return 0
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fm-train worker``: a config file and ``--set a.b=c`` overrides."""
+    parser.add_argument("config", nargs="?", default=None, help="run config YAML (default: built-in defaults)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set train.steps=100 (repeatable)")
+    return parser
+
+
+def run_worker_cli(args: argparse.Namespace) -> int:
+    """Entry of ``fm-train worker``: load and validate the config, then :func:`run_worker`.
+
+    A config or data problem (``ConfigError``, ``data_shards.DataError``: messages written for the
+    user) prints its message and returns 2; anything else propagates with its traceback.
+    """
+    from data_shards.errors import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return run_worker(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"fm-train worker: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fm_train.worker CONFIG [--set ...]`` (what ``fm-train worker`` does)."""
+    parser = add_worker_arguments(argparse.ArgumentParser(prog="fm-train worker", description=__doc__))
+    return run_worker_cli(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
