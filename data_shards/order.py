@@ -51,8 +51,21 @@ class SourceOrder:
         self.epoch_len = int(self.train.sum())
         if self.epoch_len == 0:
             raise DataError(f"source {source} has no training samples left (all shards skipped or held out)")
+        self._make_caches()
+
+    def _make_caches(self) -> None:
         self._epoch = lru_cache(maxsize=4)(self._epoch_layout)
         self._window = lru_cache(maxsize=64)(self._window_perm)
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers receive the order by pickling; the per-instance caches are rebuilt there.
+        state = dict(self.__dict__)
+        del state["_epoch"], state["_window"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
 
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         shards = self.included[_rng(_SHARD_TAG, self.seed, self.source, epoch).permutation(len(self.included))]

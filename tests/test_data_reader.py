@@ -216,3 +216,17 @@ def test_default_corpus_builds_once(tmp_path):
     stamp = (out / "index.json").stat().st_mtime_ns
     assert build_default_corpus(out, vocab_size=300, seq_len=SEQ) == out
     assert (out / "index.json").stat().st_mtime_ns == stamp
+
+
+def test_source_order_survives_pickling_for_spawned_loader_workers():
+    import pickle
+
+    import numpy as np
+
+    from data_shards.order import SourceOrder
+
+    order = SourceOrder(source=0, seed=3, train=np.array([5, 7, 4]), window=4)
+    positions = np.arange(0, 40)
+    clone = pickle.loads(pickle.dumps(order))
+    for a, b in zip(order.locate(positions), clone.locate(positions)):
+        assert np.array_equal(a, b)
