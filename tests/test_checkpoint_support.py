@@ -63,8 +63,13 @@ def ds_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
 
 def global_batch(step: int) -> torch.Tensor:
     """The global batch of ``step`` (GLOBAL_BATCH x (SEQ + 1) tokens), independent of the layout."""
+    # Random starts, then a fixed rule (next = 5 * cur + 3 mod VOCAB): learnable, so losses fall fast.
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=gen)
+    out = [start]
+    for _ in range(SEQ):
+        out.append((out[-1] * 5 + 3) % VOCAB)
+    return torch.cat(out, dim=1)
 
 
 def build_engine(cfg: FmConfig, *, load_universal: bool = False):
@@ -111,11 +116,12 @@ def make_manifest(cfg: FmConfig, step: int) -> dict[str, Any]:
 
 def write_tokenizer(root: Path) -> Path:
     """A tiny BPE tokenizer under ``root/tokenizer`` that AutoTokenizer loads offline (vocab <= 512)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
     tok.train_from_iterator(["def f(x): return x + 1", "import os, sys", "hello world"] * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -1,0 +1,114 @@
+"""Where checkpoints live and how their files are committed: step-directory names, ``latest``,
+atomic writes.
+
+``RUN/checkpoints/step_XXXXXXXX/`` holds DeepSpeed's files and ``manifest.json``. A directory without
+the manifest is not a checkpoint (a save that died half way); ``RUN/checkpoints/latest`` is a text
+file naming the newest complete step directory. Both marker files are replaced atomically: written to
+a temp file in the same directory, fsynced, renamed over the old name, then the directory is fsynced,
+so a crash leaves either the old or the new file, never a torn one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+MANIFEST = "manifest.json"
+UNIVERSAL = "universal"  # DeepSpeed universal checkpoint cached inside a step dir (prepare_resume)
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, found or used; the message names the path and the fix."""
+
+
+def step_dir_name(step: int) -> str:
+    """``step_00000042``: zero-padded so that names sort like steps."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return f"step_{step:08d}"
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a step-directory name, or None for any other name."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    """``RUN/checkpoints``."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+def is_complete(step_dir: Path) -> bool:
+    """A step directory counts only once its manifest (the commit marker) exists."""
+    return (Path(step_dir) / MANIFEST).is_file()
+
+
+def list_step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """All ``step_*`` directories (complete or not), oldest first."""
+    if not Path(ckpt_dir).is_dir():
+        return []
+    found = [(parse_step(p.name), p) for p in Path(ckpt_dir).iterdir() if p.is_dir()]
+    return sorted((s, p) for s, p in found if s is not None)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush one file's data to disk (DeepSpeed's ``torch.save`` does not)."""
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically: temp file in the same dir, fsync, rename, fsync dir."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def read_latest(ckpt_dir: Path) -> Path | None:
+    """The step directory ``latest`` names, or None when there is no ``latest`` file."""
+    f = Path(ckpt_dir) / LATEST
+    if not f.is_file():
+        return None
+    name = f.read_text(encoding="utf-8").strip()
+    if parse_step(name) is None:
+        raise CheckpointError(f"{f} names {name!r}, which is not a step directory name (step_XXXXXXXX)")
+    return Path(ckpt_dir) / name
+
+
+def write_latest(ckpt_dir: Path, step_dir: Path) -> None:
+    """Point ``latest`` at ``step_dir`` (atomically; only after its manifest exists)."""
+    if not is_complete(step_dir):
+        raise CheckpointError(f"refusing to point {LATEST} at {step_dir}: it has no {MANIFEST}")
+    atomic_write_text(Path(ckpt_dir) / LATEST, Path(step_dir).name + "\n")

@@ -1,0 +1,149 @@
+"""``manifest.json``: what a checkpoint is, written last as its commit marker.
+
+Schema (version 1)::
+
+    format: "fm-train-checkpoint", version: 1
+    step: int, tag: "step_XXXXXXXX", created_unix: float
+    config: the resolved FmConfig as a dict (FmConfig.model_dump(mode="json"))
+    topology: {world, dp, tp, pp, zero_stage, precision}
+    param_prefix: "model."        # wrapper prefix of DeepSpeed's names for a non-pipeline module
+    layers: [{index, module, tp_split_dims: {param: dim | null}}]
+                                  # pipeline layer index -> pure-model module name ("model.layers.3")
+                                  # and, per parameter of that module, the dim tp shards split (null:
+                                  # replicated); the converter merges tp shards and renames pipeline
+                                  # names with it
+    tied: {pipeline tied key: module name}   # DeepSpeed TiedLayerSpec keys (pp > 1), else {}
+    data: {state: <data stream state>, tokenizer_hash: str | null}
+    tokens_seen: int
+    rng: {scheme: "per-rank", files: ["rng/rank_00000.pt", ...]}
+    files: {relative path: size in bytes}    # DeepSpeed's files as written; a missing one is named
+    versions: {python, torch, deepspeed, transformers, fm_train}
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+from fm_train.checkpoint.layout import MANIFEST, CheckpointError, atomic_write_text
+from fm_train.config import FmConfig
+from fm_train.dist import Topology
+
+FORMAT = "fm-train-checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "step", "tag", "config", "topology", "layers", "data", "tokens_seen", "files",
+            "versions")
+
+
+def dense_layers(n_layers: int, tp_split_dims: Mapping[str, int | None] | None = None) -> list[dict]:
+    """The layer table of the Llama model in pipeline order: embedding, blocks, final norm, head.
+
+    ``tp_split_dims`` maps pure-model parameter names (``model.layers.0.self_attn.q_proj.weight``) to
+    their tp split dim or None, as ``fm_train.parallel.tensor_parallel.tp_split_dims(args)`` returns
+    them; each layer records its own parameters by local name. Omitted: no split (right for tp = 1).
+    """
+    modules = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(n_layers)), "model.norm", "lm_head"]
+    dims = tp_split_dims or {}
+    table = []
+    for i, m in enumerate(modules):
+        local = {n[len(m) + 1:]: d for n, d in dims.items() if n.startswith(m + ".")}
+        table.append({"index": i, "module": m, "tp_split_dims": local})
+    return table
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that wrote a checkpoint (for a reader's error messages)."""
+    out = {"python": platform.python_version()}
+    for dist_name, key in (("torch", "torch"), ("deepspeed", "deepspeed"), ("transformers", "transformers"),
+                           ("fm-train", "fm_train")):
+        try:
+            out[key] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            out[key] = "unknown"
+    return out
+
+
+def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tokens_seen: int,
+                   tokenizer_hash: str | None = None, layers: list[dict] | None = None,
+                   tied: Mapping[str, str] | None = None, param_prefix: str = "model.") -> dict[str, Any]:
+    """The caller's part of a manifest; :func:`fm_train.checkpoint.save_checkpoint` adds step, files,
+    RNG and versions. ``layers`` defaults to the dense table (:func:`dense_layers`)."""
+    if topology.tp > 1 and layers is None:
+        raise CheckpointError(f"tp={topology.tp}: pass layers with the tp split dims (the converter needs them)")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config.model_dump(mode="json"),
+        "topology": {"world": topology.world, "dp": topology.dp, "tp": topology.tp, "pp": topology.pp,
+                     "zero_stage": config.parallel.zero_stage, "precision": config.precision},
+        "param_prefix": param_prefix,
+        "layers": layers if layers is not None else dense_layers(config.model.n_layers),
+        "tied": dict(tied or {}),
+        "data": {"state": data_state, "tokenizer_hash": tokenizer_hash},
+        "tokens_seen": int(tokens_seen),
+    }
+
+
+def complete_manifest(partial: Mapping[str, Any], *, step: int, tag: str, files: Mapping[str, int],
+                      rng_files: list[str]) -> dict[str, Any]:
+    """Add what only the saver knows, and check the whole thing before it becomes the commit marker."""
+    out = dict(partial)
+    out.update(step=int(step), tag=tag, created_unix=time.time(), files=dict(files),
+               rng={"scheme": "per-rank", "files": list(rng_files)}, versions=package_versions())
+    out.setdefault("format", FORMAT)
+    out.setdefault("version", VERSION)
+    check_manifest(out, where=f"manifest of {tag}")
+    json.dumps(out)  # fail here, before anything is committed, if the caller passed something non-JSON
+    return out
+
+
+def check_manifest(manifest: Mapping[str, Any], *, where: str) -> None:
+    """Raise :class:`CheckpointError` naming every missing field or a wrong format/version."""
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise CheckpointError(f"{where}: missing field(s) {', '.join(missing)}")
+    if manifest["format"] != FORMAT:
+        raise CheckpointError(f"{where}: format {manifest['format']!r} is not {FORMAT!r}")
+    if manifest["version"] > VERSION:
+        raise CheckpointError(f"{where}: manifest version {manifest['version']} is newer than this fm-train "
+                              f"reads ({VERSION}); upgrade fm-train")
+
+
+def write_manifest(step_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (the commit marker: call after every other file is durable)."""
+    path = Path(step_dir) / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_manifest(step_dir: Path) -> dict[str, Any]:
+    """The manifest of a complete step directory; a clear error for anything else."""
+    step_dir = Path(step_dir)
+    path = step_dir / MANIFEST
+    if not step_dir.is_dir():
+        raise CheckpointError(f"{step_dir} does not exist or is not a directory")
+    if not path.is_file():
+        raise CheckpointError(f"{step_dir} has no {MANIFEST}: it is not a complete checkpoint "
+                              "(the save did not finish, or this is not a step directory)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
+    check_manifest(manifest, where=str(path))
+    return manifest
+
+
+def missing_files(step_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """Files the manifest lists that are absent or of another size (a copied-in-part checkpoint)."""
+    bad = []
+    for rel, size in manifest.get("files", {}).items():
+        p = Path(step_dir) / rel
+        if not p.is_file():
+            bad.append(f"{rel} (missing)")
+        elif p.stat().st_size != size:
+            bad.append(f"{rel} ({p.stat().st_size} bytes, manifest says {size})")
+    return bad

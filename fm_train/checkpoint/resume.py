@@ -1,0 +1,215 @@
+"""Find what to resume from, convert it when the layout changed, and load it into an engine.
+
+A resume on the same layout loads DeepSpeed's files as they are. When the data-parallel size changed,
+:func:`prepare_resume` converts the step once into DeepSpeed's universal checkpoint (cached in
+``step_XXXXXXXX/universal``) and the engine must be built with ``"checkpoint": {"load_universal": true}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch.distributed as dist
+
+from fm_train.checkpoint.layout import (
+    CHECKPOINTS,
+    LATEST,
+    MANIFEST,
+    UNIVERSAL,
+    CheckpointError,
+    checkpoints_dir,
+    fsync_dir,
+    is_complete,
+    list_step_dirs,
+    parse_step,
+    read_latest,
+)
+from fm_train.checkpoint.manifest import missing_files, read_manifest
+from fm_train.checkpoint.rng import load_rng, restore_rng
+from fm_train.config import FmConfig
+from fm_train.dist import Topology
+
+log = logging.getLogger("fm_train.checkpoint")
+
+# Fields whose change makes the saved tensors unusable (max_seq_len and rope_theta may change on purpose).
+SHAPE_FIELDS = ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "tie_embeddings",
+                "qkv_bias")
+
+
+def newest_complete(ckpt_dir: Path) -> Path | None:
+    """The complete step directory to resume from: the one ``latest`` names, else the newest complete.
+
+    Incomplete directories (no manifest) are skipped and reported, one log line each.
+    """
+    entries = list_step_dirs(ckpt_dir)
+    for _, p in entries:
+        if not is_complete(p):
+            log.warning("ignoring incomplete checkpoint %s (no %s: the save did not finish)", p, MANIFEST)
+    latest = read_latest(ckpt_dir)
+    if latest is not None and is_complete(latest):
+        return latest
+    complete = [p for _, p in entries if is_complete(p)]
+    if latest is not None:
+        log.warning("%s names %s, which is not a complete checkpoint; using %s", Path(ckpt_dir) / LATEST,
+                    latest.name, complete[-1] if complete else "nothing")
+    return complete[-1] if complete else None
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step directory from a run dir, a checkpoints dir (via ``latest``) or a step dir itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if parse_step(path.name) is not None or (path / MANIFEST).exists():
+        if not is_complete(path):
+            raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint "
+                                  "(the save did not finish); pick another step directory")
+        return path
+    ckpt_dir = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    if not list_step_dirs(ckpt_dir):
+        raise CheckpointError(f"{path} holds no step_XXXXXXXX directories and no {MANIFEST}: "
+                              "not a run dir, checkpoints dir or step dir")
+    found = newest_complete(ckpt_dir)
+    if found is None:
+        raise CheckpointError(f"{ckpt_dir} holds no complete checkpoint (no step directory has a {MANIFEST})")
+    return found
+
+
+def find_resume_point(run_dir: Path, resume: str) -> Path | None:
+    """``resume``: ``"auto"`` (latest complete step of ``run_dir``, or None), ``"none"`` or a path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return newest_complete(checkpoints_dir(run_dir))
+    return resolve_checkpoint(Path(resume))
+
+
+def _manifest_dir(path: Path) -> Path:
+    """The step directory of ``path`` (which may be its ``universal`` sub-directory)."""
+    return path.parent if path.name == UNIVERSAL and is_complete(path.parent) else path
+
+
+def check_compatible(manifest: Mapping[str, Any], config: FmConfig | None, tokenizer_hash: str | None,
+                     where: Path) -> None:
+    """Refuse a checkpoint whose model shape or tokenizer differ from the current run's."""
+    problems = []
+    if config is not None:
+        saved = manifest["config"]["model"]
+        for f in SHAPE_FIELDS:
+            now = getattr(config.model, f)
+            if saved.get(f) != now:
+                problems.append(f"model.{f}: checkpoint {saved.get(f)!r}, config {now!r}")
+    saved_hash = manifest["data"].get("tokenizer_hash")
+    if tokenizer_hash is not None and saved_hash is not None and saved_hash != tokenizer_hash:
+        problems.append(f"tokenizer hash: checkpoint {saved_hash}, data {tokenizer_hash}")
+    if problems:
+        raise CheckpointError(f"cannot resume from {where}: it was trained with another model or tokenizer ("
+                              + "; ".join(problems) + "); set checkpoint.resume=none to start fresh, or fix the config")
+
+
+def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = None,
+                    tokenizer_hash: str | None = None) -> dict[str, Any]:
+    """Load module, optimizer and LR scheduler (and this rank's RNG) from ``step_dir``; all ranks call it.
+
+    ``step_dir`` is what :func:`prepare_resume` returned (the step dir or its ``universal`` cache).
+    ``config``/``tokenizer_hash`` describe the current run; a different model shape or tokenizer is
+    refused before DeepSpeed reads anything. Returns the manifest (data state, tokens seen, step).
+    """
+    step_dir = Path(step_dir)
+    manifest_dir = _manifest_dir(step_dir)
+    manifest = read_manifest(manifest_dir)
+    check_compatible(manifest, config, tokenizer_hash, manifest_dir)
+    bad = missing_files(manifest_dir, manifest)
+    if bad:
+        raise CheckpointError(f"{manifest_dir} is damaged: " + ", ".join(bad))
+    universal = step_dir.name == UNIVERSAL
+    if universal != bool(engine.load_universal_checkpoint()):
+        raise CheckpointError(
+            f"{step_dir}: the engine has load_universal={engine.load_universal_checkpoint()} but this path "
+            f"{'is' if universal else 'is not'} a universal checkpoint; build the engine with "
+            '"checkpoint": {"load_universal": <needs_universal from prepare_resume>}')
+    saved_dp = manifest["topology"]["dp"]
+    if not universal and saved_dp != engine.dp_world_size and manifest["topology"]["zero_stage"] > 0:
+        raise CheckpointError(f"{manifest_dir} was saved with dp={saved_dp}, the engine has dp="
+                              f"{engine.dp_world_size}; call prepare_resume first (universal checkpoint)")
+    load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed loaded nothing from {step_dir}")
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    same_layout = manifest["topology"]["world"] == (dist.get_world_size() if dist.is_initialized() else 1)
+    rng = load_rng(manifest_dir, rank) if same_layout else None
+    if rng is not None:
+        restore_rng(rng)
+    else:
+        log.info("rank %d: RNG not restored (layout changed); generators keep their seeded state", rank)
+    return manifest
+
+
+def needs_conversion(manifest: Mapping[str, Any], current: Topology) -> bool:
+    """True when DeepSpeed cannot load the step as saved on ``current`` (dp size changed under ZeRO)."""
+    saved = manifest["topology"]
+    if (saved["tp"], saved["pp"]) != (current.tp, current.pp):
+        raise CheckpointError(
+            f"resume across tensor/pipeline sizes (saved tp={saved['tp']} pp={saved['pp']}, now tp={current.tp} "
+            f"pp={current.pp}) is not supported; keep parallel.tp/pp, or export with `fm-train convert` and "
+            "start a new run from the Hugging Face weights")
+    if saved["dp"] == current.dp:
+        return False
+    # Optimizer state partitioned over dp lives in *zero_pp_rank_<dp>_* files (ZeRO >= 1, and the bf16
+    # optimizer of a ZeRO-0 pipeline); without them every rank holds whole state and any dp can load it.
+    return saved["zero_stage"] > 0 or any("zero_pp_rank_" in name for name in manifest["files"])
+
+
+def _convert_to_universal(step_dir: Path, zero_stage: int) -> Path:
+    """Run DeepSpeed's ds_to_universal into a temp dir next to the cache, then rename it into place."""
+    target = step_dir / UNIVERSAL
+    tmp = Path(tempfile.mkdtemp(prefix=f".{UNIVERSAL}.", dir=str(step_dir)))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+           "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    if zero_stage <= 2:
+        cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack the universal info it wants
+    log.info("converting %s to a universal checkpoint (dp size changed): %s", step_dir, " ".join(cmd))
+    # A subprocess: the conversion forks workers and holds the whole state; keep both out of the trainer.
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise CheckpointError(f"ds_to_universal failed on {step_dir} (exit {proc.returncode}):\n{tail}")
+    tmp.rename(target)
+    fsync_dir(step_dir)
+    return target
+
+
+def prepare_resume(step_dir: Path, current_topology: Topology) -> tuple[Path, bool]:
+    """``(path to load, needs_universal)`` for resuming ``step_dir`` on ``current_topology``.
+
+    On a dp-size change the step is converted once to a universal checkpoint, cached atomically in
+    ``step_dir/universal``; build the engine with ``load_universal`` set to ``needs_universal``. With a
+    process group, rank 0 converts and the others wait; call it on every rank.
+    """
+    step_dir = Path(step_dir)
+    manifest = read_manifest(step_dir)
+    if not needs_conversion(manifest, current_topology):
+        return step_dir, False
+    target = step_dir / UNIVERSAL
+    distributed = dist.is_available() and dist.is_initialized()
+    error: str | None = None
+    if not target.is_dir() and (not distributed or dist.get_rank() == 0):
+        try:
+            _convert_to_universal(step_dir, manifest["topology"]["zero_stage"])
+        except CheckpointError as exc:
+            error = str(exc)
+    if distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)  # every rank fails alike, none waits forever
+        error = box[0]
+    if error:
+        raise CheckpointError(error)
+    return target, True

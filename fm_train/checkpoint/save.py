@@ -1,0 +1,113 @@
+"""Save a step: DeepSpeed's sharded files, per-rank RNG, then the manifest, then ``latest``, then
+retention. Every rank calls :func:`save_checkpoint`; rank 0 alone commits and prunes.
+
+Ordering is what makes a SIGKILL at any instant harmless: until ``manifest.json`` exists the step
+directory is ignored by resume and by the converter, and ``latest`` still names the previous step.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch.distributed as dist
+
+from fm_train.checkpoint.layout import (
+    checkpoints_dir,
+    fsync_dir,
+    fsync_file,
+    is_complete,
+    list_step_dirs,
+    read_latest,
+    step_dir_name,
+    write_latest,
+)
+from fm_train.checkpoint.manifest import complete_manifest, write_manifest
+from fm_train.checkpoint.rng import RNG_DIR, save_rng
+
+log = logging.getLogger("fm_train.checkpoint")
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int,
+                    is_rank0: bool) -> Path:
+    """Save ``engine`` at ``step`` under ``RUN/checkpoints/step_XXXXXXXX``; all ranks call it.
+
+    ``manifest`` is the caller's part (:func:`fm_train.checkpoint.build_manifest`); this adds step,
+    the file list, RNG files and package versions. ``keep`` complete checkpoints survive retention.
+    Returns the step directory. A complete checkpoint of the same step is left as it is.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    ckpt_dir = checkpoints_dir(run_dir)
+    tag = step_dir_name(step)
+    step_dir = ckpt_dir / tag
+    if is_complete(step_dir):
+        # Saving the step one resumed from (e.g. a finished run relaunched): the state is already there.
+        log.warning("checkpoint %s already exists and is complete; not overwritten", step_dir)
+        _barrier()
+        return step_dir
+    if is_rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if step_dir.exists():
+            # Leftover of a save that died at this step; DeepSpeed would mix its files with the new ones.
+            log.warning("removing incomplete step directory %s (no manifest) before saving again", step_dir)
+            shutil.rmtree(step_dir)
+    _barrier()
+
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    save_rng(step_dir, _rank())
+    _barrier()  # every rank's files are written (closed) before rank 0 looks at them
+
+    if is_rank0:
+        files = {}
+        for p in sorted(step_dir.rglob("*")):
+            if p.is_file():
+                fsync_file(p)  # DeepSpeed's torch.save does not fsync; the manifest must not outrun data
+                if p.parent.name != RNG_DIR:
+                    files[str(p.relative_to(step_dir))] = p.stat().st_size
+        fsync_dir(step_dir)
+        rng_files = [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(_world())]
+        full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files)
+        write_manifest(step_dir, full)
+        write_latest(ckpt_dir, step_dir)
+        apply_retention(ckpt_dir, keep)
+    _barrier()  # nobody goes on (or exits) before the checkpoint is committed
+    return step_dir
+
+
+def apply_retention(ckpt_dir: Path, keep: int) -> list[Path]:
+    """Delete complete checkpoints beyond the newest ``keep`` and incomplete ones older than the newest
+    complete one; never the one ``latest`` names. Returns what was deleted."""
+    entries = list_step_dirs(ckpt_dir)
+    complete = [(s, p) for s, p in entries if is_complete(p)]
+    if not complete:
+        return []
+    latest = read_latest(ckpt_dir)
+    newest_step = complete[-1][0]
+    doomed = [p for _, p in complete[:-keep]] if len(complete) > keep else []
+    # An incomplete dir newer than the newest complete one may be a save in flight elsewhere: keep it.
+    doomed += [p for s, p in entries if not is_complete(p) and s < newest_step]
+    deleted = []
+    for p in doomed:
+        if latest is not None and p.resolve() == latest.resolve():
+            continue
+        log.info("retention: deleting %s", p)
+        shutil.rmtree(p, ignore_errors=True)
+        deleted.append(p)
+    return deleted
+

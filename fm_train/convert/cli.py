@@ -1,0 +1,65 @@
+"""``fm-train convert`` arguments and entry: parse, call :func:`convert_checkpoint`, report.
+
+Errors are one line on stderr (``fm-train convert: error: ...``) with exit status 2; progress goes
+to stderr too, so stdout carries only the output path for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fm_train.convert.errors import ConvertError
+
+_MIB = 1024**2
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``convert`` arguments to ``parser`` (the CLI owns the sub-command)."""
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", type=Path,
+                        help="run dir, its checkpoints/ dir (uses latest) or a step_XXXXXXXX dir")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Hugging Face output dir, must not exist (default: RUN/hf of the checkpoint's run)")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (bf16)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the logits check against fm_train's model")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="load DeepSpeed files with full unpickling (only for checkpoints you trust)")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="tokenizer dir (default: data.sources[0].path/tokenizer from the manifest)")
+    parser.add_argument("--no-tokenizer", action="store_true", help="export without a tokenizer")
+    parser.add_argument("--max-shard-mb", type=int, default=2048, help="largest safetensors file (2048 MiB)")
+
+
+def _say(msg: str) -> None:
+    print(f"fm-train convert: {msg}", file=sys.stderr, flush=True)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Run a parsed ``convert`` command; 0 on success, 2 on any error (one line on stderr)."""
+    from fm_train.checkpoint import CheckpointError
+    from fm_train.convert.export import convert_checkpoint
+
+    if args.tokenizer is not None and args.no_tokenizer:
+        _say("error: --tokenizer and --no-tokenizer exclude each other")
+        return 2
+    if args.max_shard_mb <= 0:
+        _say("error: --max-shard-mb must be positive")
+        return 2
+    try:
+        out_dir = args.out
+        if out_dir is None:
+            from fm_train.checkpoint import resolve_checkpoint
+
+            out_dir = resolve_checkpoint(args.checkpoint).parent.parent / "hf"  # RUN/checkpoints/step_X -> RUN/hf
+        out = convert_checkpoint(args.checkpoint, out_dir, dtype=args.dtype, verify=not args.no_verify,
+                                 overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                                 tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer,
+                                 max_shard_bytes=args.max_shard_mb * _MIB, progress=_say)
+    except (ConvertError, CheckpointError, OSError) as exc:
+        _say("error: " + " ".join(str(exc).split()))
+        return 2
+    _say(f"wrote {out}")
+    print(out)
+    return 0

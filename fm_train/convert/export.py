@@ -1,0 +1,141 @@
+"""``convert_checkpoint``: a step directory (or a run/checkpoints dir) -> a verified Hugging Face dir.
+
+Everything is written into a temp dir next to ``out`` and renamed into place at the end; on any
+failure, verification included, the temp dir is removed and ``out`` is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
+from fm_train.checkpoint.manifest import missing_files
+from fm_train.convert.ds_reader import DeepSpeedWeights
+from fm_train.convert.errors import ConvertError
+from fm_train.convert.hf_files import (
+    copy_tokenizer,
+    find_tokenizer,
+    hf_config,
+    write_generation_config,
+    write_readme,
+)
+from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_to_fm
+from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
+from fm_train.convert.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_safetensors
+
+log = logging.getLogger("fm_train.convert")
+Progress = Callable[[str], None]
+
+
+def _check_shapes(have: Mapping[str, torch.Size], model_fields: Mapping[str, Any], where: Path) -> None:
+    want = fm_param_shapes(model_fields)
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    wrong = [f"{n} {tuple(have[n])} != {tuple(want[n])}" for n in want if n in have and have[n] != want[n]]
+    if missing or extra or wrong:
+        raise ConvertError(f"{where} does not match the model its manifest describes: missing {missing[:5]}, "
+                           f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (overwrite) is moved aside first, then removed."""
+    old = None
+    if out.exists():
+        if not overwrite:
+            raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=str(out.parent)))
+        old.rmdir()
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor], *,
+                 dtype: str = "bf16", verify: bool = True, overwrite: bool = False, tokenizer: Path | None = None,
+                 max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tolerance: float = DEFAULT_TOLERANCE,
+                 readme: Callable[[Path, str], None] | None = None, progress: Progress = lambda _m: None) -> Path:
+    """Write weights (``fetch``: fm_train name -> fp32 tensor), config, tokenizer and README into
+    ``out`` atomically, verifying logits first unless ``verify`` is False."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    try:
+        bos = eos = None
+        if tokenizer is not None:
+            bos, eos, size = copy_tokenizer(tokenizer, tmp)
+            if size > model_fields["vocab_size"]:
+                raise ConvertError(f"tokenizer at {tokenizer} has {size} tokens, more than model.vocab_size="
+                                   f"{model_fields['vocab_size']}")
+            progress(f"copied tokenizer from {tokenizer}")
+        hf_config(model_fields, dtype=dtype, bos=bos, eos=eos).save_pretrained(str(tmp))
+        write_generation_config(tmp, bos, eos)
+        shapes = {fm_to_hf(n): s for n, s in fm_param_shapes(model_fields).items()}
+        write_safetensors(tmp, shapes, lambda hf_name: fetch(hf_to_fm(hf_name)), DTYPES[dtype],
+                          max_shard_bytes=max_shard_bytes, progress=progress)
+        verified = "skipped (--no-verify)"
+        if verify:
+            progress("verifying: Hugging Face logits vs fm_train's model on a probe batch")
+            report = verify_export(tmp, model_fields, fetch, DTYPES[dtype], tolerance=tolerance)
+            verified = (f"transformers AutoModelForCausalLM logits match fm_train's model on a {report.probe_shape} "
+                        f"probe batch (max abs diff {report.max_abs_diff:.2e}, tolerance {tolerance:g}); "
+                        f"{report.tensors} tensors, none missing or unexpected")
+            progress(f"verified: max abs logit diff {report.max_abs_diff:.2e}")
+        if readme is not None:
+            readme(tmp, verified)
+        _publish(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", verify: bool = True,
+                       overwrite: bool = False, trust_checkpoint: bool = False, tokenizer: Path | None = None,
+                       no_tokenizer: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       tolerance: float = DEFAULT_TOLERANCE, progress: Progress = lambda _m: None) -> Path:
+    """Export ``checkpoint`` (run dir, checkpoints dir via ``latest``, or step dir) to ``out``.
+
+    The tokenizer comes from ``tokenizer`` or else ``data.sources[0].path/tokenizer`` of the manifest's
+    config; when neither exists the conversion stops unless ``no_tokenizer``. Returns ``out``.
+    """
+    try:
+        step_dir = resolve_checkpoint(Path(checkpoint))
+        manifest = read_manifest(step_dir)
+    except CheckpointError as exc:
+        raise ConvertError(str(exc)) from None
+    bad = missing_files(step_dir, manifest)
+    if bad:
+        raise ConvertError(f"{step_dir} is damaged: " + ", ".join(bad))
+    if Path(out).exists() and not overwrite:
+        raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
+    run_dir = step_dir.parent.parent
+    if tokenizer is None and not no_tokenizer:
+        tokenizer, tried = find_tokenizer(manifest["config"], run_dir)
+        if tokenizer is None:
+            raise ConvertError("no tokenizer found (looked in " + ", ".join(str(p) for p in tried)
+                               + "); pass --tokenizer DIR, or --no-tokenizer to export weights without one")
+    progress(f"reading {step_dir} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
+             f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")
+    source = DeepSpeedWeights(step_dir, manifest, trust=trust_checkpoint)
+    model_fields = manifest["config"]["model"]
+    _check_shapes(source.shapes(), model_fields, step_dir)
+    if source.note:
+        progress(source.note)
+
+    def readme(tmp: Path, verified: str) -> None:
+        write_readme(tmp, manifest, dtype=dtype, source=str(step_dir), note=source.note, verified=verified)
+
+    return write_hf_dir(out, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
+                        tokenizer=None if no_tokenizer else tokenizer, max_shard_bytes=max_shard_bytes,
+                        tolerance=tolerance, readme=readme, progress=progress)

@@ -1,0 +1,87 @@
+"""The non-weight files of a Hugging Face export: config.json, generation_config.json, tokenizer,
+README.md. fm_train's ``qkv_bias`` is Llama's ``attention_bias`` (bias on q, k, v and o)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from fm_train.convert.errors import ConvertError
+
+
+def hf_config(model: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
+    """A ``transformers`` config object matching fm_train's model fields exactly."""
+    from transformers import LlamaConfig
+
+    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+    common = dict(vocab_size=model["vocab_size"], hidden_size=model["hidden"], intermediate_size=model["ffn_hidden"],
+                  num_hidden_layers=model["n_layers"], num_attention_heads=model["n_heads"],
+                  num_key_value_heads=model["n_kv_heads"], max_position_embeddings=model["max_seq_len"],
+                  rms_norm_eps=model["norm_eps"], tie_word_embeddings=model["tie_embeddings"], hidden_act="silu",
+                  rope_parameters={"rope_type": "default", "rope_theta": float(model["rope_theta"])},
+                  initializer_range=model.get("init_std", 0.02), bos_token_id=bos, eos_token_id=eos,
+                  use_cache=True, dtype=torch_dtype)
+    return LlamaConfig(**common, attention_bias=bool(model.get("qkv_bias")), mlp_bias=False, head_dim=model["hidden"] // model["n_heads"],
+                       architectures=["LlamaForCausalLM"])
+
+
+def find_tokenizer(config: Mapping[str, Any], run_dir: Path) -> tuple[Path | None, list[Path]]:
+    """``data.sources[0].path/tokenizer``: as written, else relative to the run dir's parent and run dir."""
+    sources = config.get("data", {}).get("sources") or []
+    if not sources:
+        return None, []
+    rel = Path(sources[0]["path"]) / "tokenizer"
+    candidates = [rel] if rel.is_absolute() else [rel, run_dir.parent / rel, run_dir / rel]
+    for c in candidates:
+        if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file():
+            return c, candidates
+    return None, candidates
+
+
+def copy_tokenizer(src: Path, out_dir: Path) -> tuple[int | None, int | None, int]:
+    """Copy the tokenizer files via AutoTokenizer (which proves they load); returns (bos, eos, size)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any loader failure means an unusable tokenizer dir
+        raise ConvertError(f"tokenizer at {src} does not load with AutoTokenizer: {exc}") from None
+    tok.save_pretrained(str(out_dir))
+    return tok.bos_token_id, tok.eos_token_id, len(tok)
+
+
+def write_generation_config(out_dir: Path, bos: int | None, eos: int | None) -> None:
+    """generation_config.json with the tokenizer's special ids (sampling defaults left to the user)."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(str(out_dir))
+
+
+def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, dtype: str, source: str, note: str,
+                 verified: str) -> None:
+    """README.md: what was trained, how far, from which checkpoint, and how the export was checked."""
+    cfg = manifest["config"]
+    m = cfg["model"]
+    arch = "LlamaForCausalLM"
+    lines = [
+        f"# {cfg.get('run', {}).get('name', 'fm-train model')}",
+        "",
+        f"A {arch} pretrained from scratch with fm-train and exported from `{source}`.",
+        "",
+        "| fact | value |", "|---|---|",
+        f"| steps | {manifest['step']} |",
+        f"| tokens seen | {manifest['tokens_seen']:,} |",
+        f"| layers / hidden / heads / kv heads | {m['n_layers']} / {m['hidden']} / {m['n_heads']} / {m['n_kv_heads']} |",
+        f"| ffn hidden / vocab / max seq len | {m['ffn_hidden']} / {m['vocab_size']} / {m['max_seq_len']} |",
+        f"| training precision / export dtype | {cfg.get('precision')} / {dtype} |",
+        f"| layout at save | {json.dumps(manifest['topology'])} |",
+        f"| packages at save | {json.dumps(manifest['versions'])} |",
+        "",
+        f"Weights: {note}." if note else "",
+        f"Verification: {verified}",
+        "",
+        "## Training config", "", "```json", json.dumps(cfg, indent=2), "```", "",
+    ]
+    (out_dir / "README.md").write_text("\n".join(lines))
+

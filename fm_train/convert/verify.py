@@ -1,0 +1,100 @@
+"""Check an export by what it computes, not only by its names: Hugging Face's model loaded from the
+written files must give the logits of fm_train's own model on a fixed probe batch.
+
+For a 16-bit export both sides see the same rounded weights: the reference model gets the fp32
+weights rounded to the export dtype, and Hugging Face loads the 16-bit files upcast to fp32. Both then
+compute in fp32, so the tolerance is the fp32 one whatever the export dtype: a swapped or misnamed
+tensor moves logits by orders of magnitude more than 1e-4, arithmetic order by about 1e-6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from fm_train.convert.errors import ConvertError
+from fm_train.convert.keymap import fm_param_shapes, fm_to_hf
+from fm_train.convert.writer import read_weight_names
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What the verification compared and found."""
+
+    max_abs_diff: float
+    probe_shape: tuple[int, int]
+    tensors: int
+
+
+def probe_batch(vocab_size: int, max_seq_len: int) -> torch.Tensor:
+    """Fixed token ids (2 x up to 32) drawn from a seeded generator, the same on every run."""
+    gen = torch.Generator().manual_seed(20261128)
+    return torch.randint(0, vocab_size, (2, min(32, max_seq_len)), generator=gen)
+
+
+def reference_model(model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
+                    dtype: torch.dtype) -> torch.nn.Module:
+    """fm_train's own model with ``fetch``'s fp32 weights rounded to ``dtype`` and computed in fp32."""
+    from fm_train.config import ModelConfig
+    from fm_train.model import LlamaForCausalLM, args_from_config
+    from fm_train.model.llama import rope_tables
+
+    args = args_from_config(ModelConfig(**model_fields))
+    # Built on meta and then given storage: a random init of every weight would only be overwritten.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(args)
+    model.to_empty(device="cpu")
+    if args.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gives each module its own storage
+    buffers = {n for n, _ in model.named_buffers()}
+    if buffers != {"model.rope_cos", "model.rope_sin"}:
+        raise ConvertError(f"fm_train's model has buffers {sorted(buffers)}; verify.reference_model must fill them")
+    model.model.rope_cos, model.model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    params = dict(model.named_parameters())  # a tied head is the embedding parameter itself
+    expected = fm_param_shapes(model_fields)
+    if set(params) != set(expected):
+        raise ConvertError(f"fm_train's model has parameters {sorted(set(params) ^ set(expected))[:5]} the key map lacks")
+    with torch.no_grad():
+        for name, param in params.items():
+            # One tensor at a time: no second full copy of the weights next to the model.
+            param.copy_(fetch(name).to(dtype).float())
+    return model.eval()
+
+
+def check_names(out_dir: Path, model_fields: Mapping[str, Any]) -> int:
+    """Every expected tensor is in the export and nothing else is; returns the count."""
+    expected = {fm_to_hf(n) for n in fm_param_shapes(model_fields)}
+    written = set(read_weight_names(out_dir))
+    missing, unexpected = sorted(expected - written), sorted(written - expected)
+    if missing or unexpected:
+        raise ConvertError(f"export has missing tensors {missing[:5]} and unexpected tensors {unexpected[:5]}")
+    return len(expected)
+
+
+@torch.no_grad()
+def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
+                  dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
+    """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32) and compare probe logits with
+    fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
+    from transformers import AutoModelForCausalLM
+
+    tensors = check_names(out_dir, model_fields)
+    hf, info = AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True, dtype=torch.float32,
+                                                    output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems:
+        raise ConvertError(f"transformers reports {problems} loading {out_dir}")
+    ref = reference_model(model_fields, fetch, dtype)
+    probe = probe_batch(model_fields["vocab_size"], model_fields["max_seq_len"])
+    got = hf.eval()(input_ids=probe).logits.float()
+    want = ref(probe).float()
+    diff = (got - want).abs().max().item()
+    if not diff <= tolerance:  # also catches NaN
+        raise ConvertError(f"verification failed: Hugging Face logits differ from fm_train's by {diff:.3g} "
+                           f"(tolerance {tolerance:g}); a tensor is misplaced or misshaped in the export")
+    return VerifyReport(max_abs_diff=diff, probe_shape=tuple(probe.shape), tensors=tensors)

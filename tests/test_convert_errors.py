@@ -1,0 +1,142 @@
+"""Bad input to the converter: one clear error line, exit 2, nothing left at --out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+import test_checkpoint_support as S
+from distributed import run_distributed
+
+pytestmark = pytest.mark.multiproc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One ZeRO-2 dp2 run with checkpoints at steps 2 and 3 (shared by this module's tests)."""
+    root = tmp_path_factory.mktemp("conv")
+    S.write_tokenizer(root / "data")
+    raw = S.tiny_raw(2, 2, tokenizer_root=str(root / "data"))
+    run_distributed(_two_saves, 2, args=(raw, str(root / "run")))
+    return root
+
+
+def _two_saves(raw: dict, run_dir: str) -> None:
+    import torch.distributed as dist
+
+    from fm_train.checkpoint import save_checkpoint
+    from fm_train.config import build_config
+
+    cfg = build_config(raw)
+    engine = S.build_engine(cfg)
+    for step in (2, 3):
+        S.train_steps(engine, step if step > 2 else 1, step)
+        save_checkpoint(engine, Path(run_dir), step, manifest=S.make_manifest(cfg, step), keep=5,
+                        is_rank0=dist.get_rank() == 0)
+
+
+def _cli(argv: list[str]) -> argparse.Namespace:
+    from fm_train.convert.cli import add_convert_arguments
+
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    from fm_train.convert.cli import run_convert
+
+    code = run_convert(_cli(argv))
+    return code, capsys.readouterr().err
+
+
+def test_cli_converts_and_refuses_existing_out(trained: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "hf"
+    code, err = _run([str(trained / "run"), "--out", str(out), "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    assert "verified: max abs logit diff" in err and (out / "model.safetensors").is_file()
+    code, err = _run([str(trained / "run"), "--out", str(out)], capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("fm-train convert: error: ") and "--overwrite" in err
+    code, err = _run([str(trained / "run"), "--out", str(out), "--overwrite"], capsys)
+    assert code == 0, err
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the replaced dir and temp dirs are gone
+
+
+def test_cli_default_out_is_the_run_hf_dir(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    code, err = _run([str(run / "checkpoints/step_00000002"), "--no-verify"], capsys)
+    assert code == 0, err
+    assert (run / "hf/config.json").is_file() and "| steps | 2 |" in (run / "hf/README.md").read_text()
+
+
+def test_dir_without_manifest_is_refused_by_name(trained: Path, tmp_path: Path, capsys) -> None:
+    partial = tmp_path / "step_00000009"
+    shutil.copytree(trained / "run/checkpoints/step_00000003", partial)
+    (partial / "manifest.json").unlink()
+    code, err = _run([str(partial), "--out", str(tmp_path / "hf")], capsys)
+    assert code == 2 and str(partial) in err and "no manifest.json" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "hf").exists()
+
+
+def test_missing_shard_file_is_named(trained: Path, tmp_path: Path, capsys) -> None:
+    step = tmp_path / "step_00000003"
+    shutil.copytree(trained / "run/checkpoints/step_00000003", step)
+    (step / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    code, err = _run([str(step), "--out", str(tmp_path / "hf")], capsys)
+    assert code == 2 and "zero_pp_rank_1_mp_rank_00_optim_states.pt (missing)" in err
+    assert not (tmp_path / "hf").exists()
+
+
+def test_missing_tokenizer_needs_a_choice(trained: Path, tmp_path: Path, capsys) -> None:
+    step = tmp_path / "run/checkpoints/step_00000003"
+    shutil.copytree(trained / "run/checkpoints/step_00000003", step)
+    import json
+
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["config"]["data"]["sources"][0]["path"] = str(tmp_path / "nowhere")
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _run([str(step), "--out", str(tmp_path / "hf")], capsys)
+    assert code == 2 and "no tokenizer found" in err and "--no-tokenizer" in err
+    code, err = _run([str(step), "--out", str(tmp_path / "hf"), "--no-tokenizer"], capsys)
+    assert code == 0, err
+    assert not (tmp_path / "hf/tokenizer.json").exists()
+
+
+def test_swapped_same_shape_tensors_fail_verification(trained: Path, tmp_path: Path, monkeypatch) -> None:
+    """q_proj and o_proj of block 0 are both 64x64: names and shapes pass, the logits must not."""
+    from fm_train.convert import ConvertError, convert_checkpoint
+    from fm_train.convert import export as export_mod
+
+    real = export_mod.hf_to_fm
+    swap = {"model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.o_proj.weight",
+            "model.layers.0.self_attn.o_proj.weight": "model.layers.0.self_attn.q_proj.weight"}
+    monkeypatch.setattr(export_mod, "hf_to_fm", lambda name: swap.get(name) or real(name))
+    with pytest.raises(ConvertError, match="verification failed: Hugging Face logits differ"):
+        convert_checkpoint(trained / "run", tmp_path / "hf", dtype="bf16")
+    assert list(tmp_path.iterdir()) == []  # nothing at out, no temp dir
+
+
+def test_partial_step_dir_is_skipped_after_a_kill(trained: Path, tmp_path: Path, caplog) -> None:
+    """A save killed before its manifest: resume and convert use the previous step, and say so."""
+    from fm_train.checkpoint import find_resume_point
+    from fm_train.convert import convert_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    killed = run / "checkpoints/step_00000004"
+    shutil.copytree(run / "checkpoints/step_00000003", killed)
+    (killed / "manifest.json").unlink()
+    (killed / "mp_rank_00_model_states.pt").write_bytes(b"torn")
+    assert (run / "checkpoints/latest").read_text().strip() == "step_00000003"
+    with caplog.at_level(logging.WARNING, logger="fm_train.checkpoint"):
+        assert find_resume_point(run, "auto") == run / "checkpoints/step_00000003"
+    assert any("step_00000004" in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records)
+    out = convert_checkpoint(run, tmp_path / "hf", dtype="fp32", verify=False)
+    assert "| steps | 3 |" in (out / "README.md").read_text()
