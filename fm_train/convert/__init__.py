@@ -1,7 +1,26 @@
-"""DeepSpeed checkpoint -> verified Hugging Face dir, and Hugging Face dir -> fm_train weights."""
+"""DeepSpeed checkpoint -> verified Hugging Face dir, and Hugging Face dir -> fm_train weights.
+
+Names load lazily so that ``fm-train --help`` (which imports ``fm_train.convert.cli``) stays
+torch-free and fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.export import convert_checkpoint, write_hf_dir
-from fm_train.convert.import_hf import import_hf
+
+_LAZY = {
+    "convert_checkpoint": "fm_train.convert.export",
+    "write_hf_dir": "fm_train.convert.export",
+    "import_hf": "fm_train.convert.import_hf",
+}
 
 __all__ = ["ConvertError", "convert_checkpoint", "import_hf", "write_hf_dir"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fm_train.convert' has no attribute {name!r}")
