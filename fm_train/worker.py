@@ -1,4 +1,9 @@
-"""One training process: rank environment -> process group -> data -> module -> engine -> loop.
+"""One training process: rank environment -> process groups -> data -> module -> engine -> loop.
+
+Every layout trains here: data parallel (ZeRO 0-3), tensor parallel, pipeline parallel and their
+products. The module and the engine kind follow from ``parallel.tp``/``parallel.pp``
+(:func:`fm_train.parallel.build.build_train_module`; a pipeline gets DeepSpeed's ``PipelineEngine``
+and the loop its ``train_batch`` step); the data stream is split by the dp coordinate only.
 
 Resumes from ``checkpoint.resume`` (auto: the run's latest complete checkpoint) and saves every
 ``checkpoint.every`` steps and at the end, through :mod:`fm_train.engine.checkpointing`.
@@ -13,10 +18,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fm_train.config import ConfigError, FmConfig, dump_config, load_config
 from fm_train.dist.env import RankEnv, ensure_extension_cache
 from fm_train.dist.topology import Topology
+
+if TYPE_CHECKING:
+    from fm_train.dist.groups import ParallelGroups
 
 
 def _check_world(cfg: FmConfig, env: RankEnv) -> None:
@@ -25,11 +34,15 @@ def _check_world(cfg: FmConfig, env: RankEnv) -> None:
             f"cluster.workers={cfg.world_size} but the launcher started WORLD_SIZE={env.world_size} processes;"
             f" pass --set cluster.workers={env.world_size} (the global batch depends on it)"
         )
-    if cfg.parallel.pp > 1:
-        raise ConfigError(
-            f"parallel.pp={cfg.parallel.pp}: the worker's step loop drives forward/backward itself; the"
-            " pipeline engine's train_batch step is not wired into it yet; use parallel.pp=1"
-        )
+
+
+def _engine_mpu(topo: Topology, groups: ParallelGroups) -> ParallelGroups | None:
+    """What ``deepspeed.initialize`` gets as ``mpu``: our groups for tp without a pipeline, else None.
+
+    A pipeline engine builds its grid from the ``PipelineModule`` and must not get one; a pure dp run
+    needs none (DeepSpeed's default world group is the dp group).
+    """
+    return groups if topo.tp > 1 and topo.pp == 1 else None
 
 
 def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
@@ -58,8 +71,8 @@ def run_worker(cfg: FmConfig) -> int:
     is_rank0 = env.rank == 0
     try:
         topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-        coord = topo.coord(env.rank)
-        groups = ParallelGroups(topo) if topo.tp > 1 else None
+        # First thing after joining, on every rank: each group is a collective over the world.
+        groups = ParallelGroups(topo)
         run_dir = Path(cfg.run.dir)
         if is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -70,20 +83,22 @@ def run_worker(cfg: FmConfig) -> int:
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from, universal = checkpointing.resume_point(cfg, topo)
-        engine, scheduler = build_engine(cfg, build_train_module(cfg, groups), mpu=groups, load_universal=universal)
+        engine, scheduler = build_engine(cfg, build_train_module(cfg, groups), mpu=_engine_mpu(topo, groups),
+                                         load_universal=universal)
         state = TrainState(lr_scheduler=scheduler)
         if resume_from is not None:
             checkpointing.restore(engine, resume_from, cfg, state, tokenizer_hash)
             if is_rank0:
                 print(f"resumed from {resume_from} at step {state.step}", flush=True)
         save = checkpointing.checkpoint_hook(cfg, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash)
-        # tp peers share a dp coordinate, so they receive identical batches.
-        batches = engine_data.train_batches(cfg, sources, dp_rank=coord.dp, dp_size=topo.dp, state=state.data_state)
-        val = engine_data.val_batches(cfg, sources, dp_rank=coord.dp, dp_size=topo.dp)
+        # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches.
+        dp_rank, dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        batches = engine_data.train_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size, state=state.data_state)
+        val = engine_data.val_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size)
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
         try:
             train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
-                  group=groups.group("dp") if groups is not None else None)
+                  group=groups.get_data_parallel_group())
         finally:
             sink.close()
     except BaseException:

@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 import deepspeed
+from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
@@ -19,15 +20,22 @@ from fm_train.parallel.deepspeed_config import deepspeed_config
 
 def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_universal: bool = False,
                  ds_config: dict[str, Any] | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
-    """Wrap ``module`` (``forward(input_ids, labels) -> loss``) in a DeepSpeed engine.
+    """Wrap ``module`` in a DeepSpeed engine: ``forward(input_ids, labels) -> loss``, or a
+    ``PipelineModule``, for which DeepSpeed returns a ``PipelineEngine`` (driven by ``train_batch``).
 
-    ``mpu`` is the tensor/pipeline groups object (Megatron-style ``get_data_parallel_group`` etc.)
-    that DeepSpeed needs when tp > 1, so that it reduces gradients over dp only and checks the batch
-    size against dp, not the world. ``load_universal``: the checkpoint to resume was saved on another
-dp size (``fm_train.engine.checkpointing.resume_point``). ``ds_config`` overrides the rendered config (benchmarks, tests).
-    Activation checkpointing, when configured, is applied here, before DeepSpeed hooks the module.
+    ``mpu`` is the groups object (Megatron-style ``get_data_parallel_group`` etc.) that DeepSpeed
+    needs when tp > 1 without a pipeline, so that it reduces gradients over dp only and checks the
+    batch size against dp, not the world; with a pipeline it must be None (DeepSpeed takes the grid
+    from the module). ``load_universal``: the checkpoint to resume was saved on another dp size
+    (``fm_train.engine.checkpointing.resume_point``). ``ds_config`` overrides the rendered config
+    (benchmarks, tests). Activation checkpointing, when configured, is applied here, before DeepSpeed
+    hooks the module; a pipeline's stages already checkpoint their blocks (``build_pipeline``), and
+    wrapping them again would recompute each block twice.
     """
-    if cfg.parallel.activation_checkpointing:
+    pipelined = isinstance(module, PipelineModule)
+    if pipelined and mpu is not None:
+        raise ValueError("a PipelineModule brings its own process grid: build its engine with mpu=None")
+    if cfg.parallel.activation_checkpointing and not pipelined:
         apply_activation_checkpointing(module)
     config = ds_config if ds_config is not None else deepspeed_config(cfg, load_universal=load_universal)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.

@@ -1,7 +1,9 @@
 """The engine's side of checkpoints: where to resume from, restoring a TrainState, saving when due.
 
 Files, manifests, ``latest``, retention and dp-size changes are :mod:`fm_train.checkpoint`'s job;
-this module only decides *when* and passes the train state (step, tokens seen, data position) in.
+this module only decides *when* and passes in the train state (step, tokens seen, data position)
+and what only the parallel layout knows: the layer table and tied modules the converter needs to
+merge tp shards and rename pipeline layers. The same calls serve a ``PipelineEngine``.
 The LR scheduler travels inside DeepSpeed's own files (``load_lr_scheduler_states=True``).
 """
 
@@ -42,27 +44,53 @@ def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainStat
     state.data_state = manifest["data"]["state"]
 
 
-def _layers(cfg: FmConfig) -> list[dict[str, Any]] | None:
-    if cfg.parallel.tp == 1:
-        return None  # the dense table is the default
-    from fm_train.checkpoint import dense_layers
+def manifest_layers(cfg: FmConfig) -> list[dict[str, Any]]:
+    """The manifest's layer table: pipeline layer index -> pure-model module and its tp split dims.
+
+    The index is the pipeline's own (:func:`~fm_train.parallel.pipeline.pipeline_layer_names`: the
+    converter renames ``layer_XX`` keys with it), the dims are the tp plan's
+    (:func:`~fm_train.parallel.tensor_parallel.tp_split_dims`: the converter concatenates ``mp_rank``
+    shards along them). Recorded for every layout, so a reader never has to guess which applies.
+    """
     from fm_train.model import args_from_config
+    from fm_train.parallel.pipeline import pipeline_layer_names
     from fm_train.parallel.tensor_parallel import tp_split_dims
 
-    return dense_layers(cfg.model.n_layers, tp_split_dims(args_from_config(cfg.model)))
+    args = args_from_config(cfg.model)
+    dims = tp_split_dims(args)
+    table = []
+    for index, module in sorted(pipeline_layer_names(args).items()):
+        prefix = module + "."
+        local = {name[len(prefix):]: dim for name, dim in dims.items() if name.startswith(prefix)}
+        table.append({"index": index, "module": module, "tp_split_dims": local})
+    return table
+
+
+def manifest_tied(cfg: FmConfig) -> dict[str, str]:
+    """DeepSpeed's tied-module key -> pure-model module, for a pipeline with tied embeddings (else empty).
+
+    A pipeline saves the tied embedding/head under ``tied_modules.<key>.``, not under a layer index.
+    """
+    if cfg.parallel.pp == 1 or not cfg.model.tie_embeddings:
+        return {}
+    from fm_train.model import args_from_config
+    from fm_train.parallel.pipeline import TIED_KEY, pipeline_layer_names
+
+    return {TIED_KEY: pipeline_layer_names(args_from_config(cfg.model))[0]}
 
 
 def checkpoint_hook(cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None) -> StepHook:
     """A loop hook that saves every ``checkpoint.every`` steps (0: never in between) and at the last step."""
     from fm_train.checkpoint import build_manifest, save_checkpoint
 
-    every, last, layers = cfg.checkpoint.every, cfg.train.steps, _layers(cfg)
+    every, last = cfg.checkpoint.every, cfg.train.steps
+    layers, tied = manifest_layers(cfg), manifest_tied(cfg)
 
     def maybe_save(engine: DeepSpeedEngine, state: TrainState) -> None:
         if state.step != last and not (every and state.step % every == 0):
             return
         manifest = build_manifest(cfg, topology, data_state=state.data_state, tokens_seen=state.tokens_seen,
-                                  tokenizer_hash=tokenizer_hash, layers=layers)
+                                  tokenizer_hash=tokenizer_hash, layers=layers, tied=tied)
         save_checkpoint(engine, Path(cfg.run.dir), state.step, manifest=manifest, keep=cfg.checkpoint.keep,
                         is_rank0=is_rank0)
 

@@ -33,8 +33,8 @@ class IntervalMeter:
     """Collects steps since the last record and turns them into one train record.
 
     ``group`` is the process group the loss is averaged over (None: the whole world). With tensor
-    or pipeline parallelism pass the data-parallel group (tp peers hold identical losses anyway;
-    under pp only the last stage has one).
+    or pipeline parallelism pass the data-parallel group: tp peers hold identical losses, and a
+    pipeline step hands every stage the loss DeepSpeed broadcast from the last one.
     """
 
     def __init__(self, spec: ThroughputSpec, device: torch.device, group: dist.ProcessGroup | None = None) -> None:

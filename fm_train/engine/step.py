@@ -1,0 +1,55 @@
+"""One optimizer step of a module whose ``forward(input_ids, labels)`` returns the loss (pp = 1).
+
+One step is ``grad_accum`` calls of ``engine(...)``, ``engine.backward`` and ``engine.step``;
+DeepSpeed scales each micro-batch loss by ``1/grad_accum`` and applies the optimizer (and the LR
+scheduler) only at the accumulation boundary. Data parallel and tensor parallel runs take this
+path; a pipeline takes :func:`fm_train.engine.pipeline_step.pipeline_train_step`, which returns the
+same :class:`StepOutput`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping
+
+import torch
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+from fm_train.engine.grad_norm import GradNormTracker
+from fm_train.engine.state import TrainState
+
+Batch = Mapping[str, Any]
+"""``{"input_ids": long[B, S], "labels": long[B, S], "state": dict, "receipt": str}`` (the last two optional)."""
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step reports to the meter."""
+
+    loss_sum: torch.Tensor  # sum of the micro-batch losses, on the device
+    micro_batches: int
+    lr: float  # the rate this step was taken with
+    grad_norm: float | None  # global, before clipping
+
+
+def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], state: TrainState, tokens_per_step: int,
+               grad_norm: GradNormTracker) -> StepOutput:
+    """One optimizer step over ``engine.gradient_accumulation_steps()`` micro-batches; advances ``state``.
+
+    ``grad_norm`` is the tracker attached to ``engine`` (once, before its first step).
+    """
+    accum = engine.gradient_accumulation_steps()
+    lr = float(engine.get_lr()[0])
+    loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
+    for _ in range(accum):
+        batch = next(batches)
+        loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.detach().float()
+        # The batch's state resumes the stream right after it, so the last one is what to save.
+        state.data_state = batch.get("state")
+        state.data_receipt = batch.get("receipt", "")
+    state.step += 1
+    state.tokens_seen += tokens_per_step
+    return StepOutput(loss_sum=loss_sum, micro_batches=accum, lr=lr, grad_norm=grad_norm.last())
