@@ -25,6 +25,7 @@ from fm_train.dist.env import RankEnv, ensure_extension_cache
 from fm_train.dist.topology import Topology
 
 if TYPE_CHECKING:
+    from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
 
 
@@ -57,6 +58,7 @@ def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
 def run_worker(cfg: FmConfig) -> int:
     """Train ``cfg`` as the rank the environment names; returns 0 when every step ran."""
     # Heavy imports here, not at module import: the CLI and the launcher import this module cheaply.
+    from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.engine import checkpointing
@@ -66,6 +68,8 @@ def run_worker(cfg: FmConfig) -> int:
 
     env = RankEnv.from_environ()
     _check_world(cfg, env)
+    # SIGTERM (preemption, the launcher stopping the group) and SIGINT: finish the step, save, exit 0.
+    stop = StopRequest().install()
     ensure_extension_cache()
     backend = init_distributed(env)
     is_rank0 = env.rank == 0
@@ -98,12 +102,17 @@ def run_worker(cfg: FmConfig) -> int:
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
         try:
             train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
-                  group=groups.get_data_parallel_group())
+                  group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save)
         finally:
             sink.close()
+        if state.step < cfg.train.steps and is_rank0:
+            print(f"stopped by {stop.signal_name or 'request'} after step {state.step}; checkpoint saved,"
+                  " run again to resume", flush=True)
     except BaseException:
         shutdown_distributed(barrier=False)
         raise
+    finally:
+        stop.uninstall()
     shutdown_distributed()
     return 0
 

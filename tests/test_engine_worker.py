@@ -32,7 +32,18 @@ def _fake_batches(rank: int, micro: int, state: dict[str, Any] | None = None) ->
         n += 1
 
 
-def _worker_with_fake_data(raw: dict[str, Any]) -> int:
+def _signal_at(batches: Iterator[dict[str, Any]], rank: int, kill_at: int | None) -> Iterator[dict[str, Any]]:
+    """Pass batches through; rank 1 receives SIGTERM while it reads batch ``kill_at`` (a preemption)."""
+    import os
+    import signal
+
+    for batch in batches:
+        if kill_at is not None and rank == 1 and batch["state"]["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        yield batch
+
+
+def _worker_with_fake_data(raw: dict[str, Any], kill_at: int | None = None) -> int:
     import torch.distributed as dist
 
     from fm_train.config import build_config
@@ -41,7 +52,8 @@ def _worker_with_fake_data(raw: dict[str, Any]) -> int:
 
     engine_data.prepare_sources = lambda cfg, is_rank0: [(s.path, s.weight) for s in cfg.data.sources]
     engine_data.check_sources = lambda cfg, sources: None
-    engine_data.train_batches = lambda cfg, sources, dp_rank, dp_size, state: _fake_batches(dp_rank, cfg.train.micro_batch, state)
+    engine_data.train_batches = lambda cfg, sources, dp_rank, dp_size, state: _signal_at(
+        _fake_batches(dp_rank, cfg.train.micro_batch, state), dp_rank, kill_at)
     engine_data.val_batches = lambda cfg, sources, dp_rank, dp_size: (lambda: [next(_fake_batches(99, 2))])
     code = run_worker(build_config(raw))
     assert not dist.is_initialized(), "the worker must tear its process group down"
@@ -112,3 +124,22 @@ def test_loss_falls_on_the_default_corpus(tiny_config_dict, tmp_path):
     assert losses[-1] < losses[0], losses
     assert vals[-1] < vals[0], vals
     assert all(r["data_receipt"] for r in records if "loss" in r)
+
+
+@pytest.mark.multiproc
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tiny_config_dict, tmp_path):
+    raw = {**tiny_config_dict, "run": {**tiny_config_dict["run"], "dir": str(tmp_path / "run")},
+           "train": {**tiny_config_dict["train"], "steps": 8, "log_every": 1, "eval_every": 0},
+           "checkpoint": {"every": 0, "keep": 2}, "logging": {"tensorboard": False}}
+    # Only rank 1 is signalled; both ranks must agree to stop after the same step.
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(raw, 2),
+                           init_process_group=False) == [0, 0]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    first = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in first] == [1, 2, 3]
+    # Run again: resumes at step 3 and reads the batch right after the last one consumed.
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(raw,), init_process_group=False) == [0, 0]
+    resumed = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][len(first):]
+    assert [r["step"] for r in resumed] == [4, 5, 6, 7, 8]
+    assert resumed[0]["data_receipt"] == f"{3:08x}" and resumed[-1]["data_receipt"] == f"{7:08x}"

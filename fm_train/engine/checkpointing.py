@@ -79,19 +79,32 @@ def manifest_tied(cfg: FmConfig) -> dict[str, str]:
     return {TIED_KEY: pipeline_layer_names(args_from_config(cfg.model))[0]}
 
 
-def checkpoint_hook(cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None) -> StepHook:
-    """A loop hook that saves every ``checkpoint.every`` steps (0: never in between) and at the last step."""
-    from fm_train.checkpoint import build_manifest, save_checkpoint
+class CheckpointSaver:
+    """A loop hook that saves every ``checkpoint.every`` steps (0: never in between) and at the last step.
 
-    every, last = cfg.checkpoint.every, cfg.train.steps
-    layers, tied = manifest_layers(cfg), manifest_tied(cfg)
+    :meth:`save` saves unconditionally: the loop calls it when a stop was requested (SIGTERM from a
+    preempting scheduler, Ctrl-C on the driver) so the run can resume exactly where it stopped.
+    """
 
-    def maybe_save(engine: DeepSpeedEngine, state: TrainState) -> None:
-        if state.step != last and not (every and state.step % every == 0):
-            return
-        manifest = build_manifest(cfg, topology, data_state=state.data_state, tokens_seen=state.tokens_seen,
-                                  tokenizer_hash=tokenizer_hash, layers=layers, tied=tied)
-        save_checkpoint(engine, Path(cfg.run.dir), state.step, manifest=manifest, keep=cfg.checkpoint.keep,
-                        is_rank0=is_rank0)
+    def __init__(self, cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None) -> None:
+        self.cfg, self.topology, self.is_rank0, self.tokenizer_hash = cfg, topology, is_rank0, tokenizer_hash
+        self.layers, self.tied = manifest_layers(cfg), manifest_tied(cfg)
 
-    return maybe_save
+    def __call__(self, engine: DeepSpeedEngine, state: TrainState) -> None:
+        every, last = self.cfg.checkpoint.every, self.cfg.train.steps
+        if state.step == last or (every and state.step % every == 0):
+            self.save(engine, state)
+
+    def save(self, engine: DeepSpeedEngine, state: TrainState) -> Path:
+        """Save ``state.step`` now (every rank calls it); returns the step directory."""
+        from fm_train.checkpoint import build_manifest, save_checkpoint
+
+        manifest = build_manifest(self.cfg, self.topology, data_state=state.data_state, tokens_seen=state.tokens_seen,
+                                  tokenizer_hash=self.tokenizer_hash, layers=self.layers, tied=self.tied)
+        return save_checkpoint(engine, Path(self.cfg.run.dir), state.step, manifest=manifest,
+                               keep=self.cfg.checkpoint.keep, is_rank0=self.is_rank0)
+
+
+def checkpoint_hook(cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None) -> CheckpointSaver:
+    """The loop's checkpoint hook for ``cfg`` (see :class:`CheckpointSaver`)."""
+    return CheckpointSaver(cfg, topology, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash)

@@ -46,7 +46,8 @@ def throughput_spec(cfg: FmConfig, device: torch.device) -> ThroughputSpec:
 def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, cfg: FmConfig, *,
           sink: MetricsSink, val_batches: Callable[[], Iterable[Batch]] | None = None,
           hooks: Sequence[StepHook] = (), group: dist.ProcessGroup | None = None,
-          spec: ThroughputSpec | None = None) -> TrainState:
+          spec: ThroughputSpec | None = None, stop: Callable[[], bool] | None = None,
+          on_stop: StepHook | None = None) -> TrainState:
     """Train from ``state.step`` to ``cfg.train.steps``; returns the final state.
 
     Every ``log_every`` steps (and at the last step) a train record goes to ``sink``; every
@@ -54,6 +55,10 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     ``group`` is the data-parallel group losses are averaged over (None: the world). Every rank
     calls this; each record holds the same values on every rank (tp peers compute the same loss, and
     a pipeline's loss is broadcast from its last stage), and the sink decides who writes it.
+
+    ``stop`` is polled after every step; when it is true on any rank (a signal may reach the ranks at
+    different moments, so they agree through one all-reduce), ``on_stop`` runs (the checkpoint save)
+    and the loop returns early with ``state.step < train.steps``.
     """
     t = cfg.train
     pipelined = isinstance(engine, PipelineEngine)
@@ -77,4 +82,17 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
         with meter.paused():
             for hook in hooks:
                 hook(engine, state)
+            if stop is not None and not last and _any_rank(stop(), engine.device):
+                if on_stop is not None:
+                    on_stop(engine, state)
+                break
     return state
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on at least one rank of the world (every rank must call this)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
