@@ -99,7 +99,10 @@ def run_worker(cfg: FmConfig) -> int:
         dp_rank, dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         batches = engine_data.train_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size, state=state.data_state)
         val = engine_data.val_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size)
-        sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
+        wandb = ({"project": cfg.logging.wandb_project, "name": cfg.run.name, "config": cfg.model_dump(mode="json")}
+                 if cfg.logging.wandb else None)
+        sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
+                           wandb=wandb)
         try:
             train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
                   group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save)

@@ -193,3 +193,15 @@ def test_activation_checkpointing_keeps_names_and_gradients(tiny_config_dict):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
     with torch.no_grad():  # eval path runs the block directly
         assert math.isfinite(ckpt(tokens[:, :-1], tokens[:, 1:]).item())
+
+
+def test_wandb_without_the_package_is_a_config_error(tmp_path):
+    import importlib.util
+
+    from fm_train.config import ConfigError
+    from fm_train.engine.metrics import MetricsSink
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here; the missing-package path cannot be exercised")
+    with pytest.raises(ConfigError, match="logging.wandb=true but the wandb package is not installed"):
+        MetricsSink(tmp_path, enabled=False, wandb={"project": "p", "name": "n", "config": {}})

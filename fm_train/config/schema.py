@@ -151,6 +151,7 @@ class LoggingConfig(_Section):
     tensorboard: bool = Field(True, description="Write TensorBoard events to RUN/tensorboard.")
     jsonl: bool = Field(True, description="Write RUN/metrics.jsonl.")
     wandb: bool = Field(False, description="Log to Weights & Biases (needs wandb installed and logged in).")
+    wandb_project: str = Field("fm-train", description="W&B project name when logging.wandb is on.")
     all_ranks: bool = Field(False, description="Stream every rank's log lines to the driver, not only rank 0.")
 
 

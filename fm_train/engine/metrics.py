@@ -1,4 +1,4 @@
-"""Where metrics go: one compact stdout line, ``RUN/metrics.jsonl`` and TensorBoard (rank 0 only).
+"""Where metrics go: one compact stdout line, ``RUN/metrics.jsonl``, TensorBoard and optionally W&B (rank 0 only).
 
 A record is a flat dict. Train records carry ``step, loss, lr, grad_norm, tokens_per_s,
 tokens_per_s_per_device, mfu, step_time_s, peak_mem_gib, data_receipt`` (and ``tokens_seen``); eval
@@ -8,6 +8,7 @@ sink built with ``enabled=True`` (rank 0) writes, so the loop needs no rank chec
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
+
+from fm_train.config import ConfigError
 
 # Shown on the stdout line, in this order, with these formats; everything else goes to the files only.
 _LINE_FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -54,11 +57,20 @@ class MetricsSink:
     """Writes records to stdout, ``run_dir/metrics.jsonl`` and ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, jsonl: bool = True, tensorboard: bool = True,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, wandb: dict[str, Any] | None = None) -> None:
+        """``wandb``: ``{"project": ..., "name": ..., "config": {...}}`` to also log to Weights & Biases."""
         self.enabled = enabled
         self._stream = stream if stream is not None else sys.stdout
         self._jsonl: TextIO | None = None
         self._tb: Any = None
+        self._wandb: Any = None
+        if wandb is not None:
+            # Checked on every rank, so a missing package stops all ranks alike instead of hanging the others.
+            try:
+                import wandb as wandb_module
+            except ImportError:
+                raise ConfigError("logging.wandb=true but the wandb package is not installed; "
+                                  "`pip install wandb` (and `wandb login`) or set logging.wandb=false") from None
         if not enabled:
             return
         run = Path(run_dir)
@@ -70,6 +82,12 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: pulls in tensorboard
 
             self._tb = SummaryWriter(log_dir=str(run / "tensorboard"))
+        if wandb is not None:
+            # A stable id from the run directory: a resumed run continues the same W&B run. The API key
+            # stays in wandb's own store or WANDB_API_KEY; it is never passed through fm-train.
+            run_id = hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:16]
+            self._wandb = wandb_module.init(project=wandb["project"], name=wandb["name"], config=wandb["config"],
+                                            dir=str(run), id=run_id, resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:
         """Emit one record everywhere (a no-op on ranks other than 0)."""
@@ -84,6 +102,9 @@ class MetricsSink:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        if self._wandb is not None:
+            prefix = "eval" if "val_loss" in record else "train"
+            self._wandb.log({f"{prefix}/{k}": v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def close(self) -> None:
         """Flush and close the files."""
@@ -93,3 +114,6 @@ class MetricsSink:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
