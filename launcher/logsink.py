@@ -24,31 +24,54 @@ class LogSink:
         self._files: dict[int, IO[str]] = {}
         self._last: dict[int, deque[str]] = {}
         self._prefix: dict[int, str] = {}
+        self._broken: set[int] = set()  # ranks whose file could not be written this attempt (disk full)
 
     def begin_attempt(self, placement: Placement, attempt: int) -> None:
         """Open (append) each rank's file and mark where this attempt begins."""
         self.close()
+        self._broken.clear()
         for r in placement.ranks:
-            fh = (self.log_dir / f"rank_{r.rank:03d}.log").open("a", buffering=1)
-            fh.write(f"===== attempt {attempt}: rank {r.rank} on node {r.node_ip} ({r.node_id[:8]}) =====\n")
-            self._files[r.rank] = fh
             self._last[r.rank] = deque(maxlen=LAST_LINES)
             self._prefix[r.rank] = f"[rank {r.rank} node {r.node_ip}]"
+            try:
+                self._files[r.rank] = (self.log_dir / f"rank_{r.rank:03d}.log").open("a", buffering=1)
+            except OSError as exc:
+                self._give_up_file(r.rank, exc)
+                continue
+            self._file_write(r.rank, f"===== attempt {attempt}: rank {r.rank} on node {r.node_ip} ({r.node_id[:8]}) =====\n")
 
     def write(self, rank: int, stream: str, line: str) -> None:
         """Record one output line of ``rank`` (stderr lines are marked in the file, not on the console)."""
-        fh = self._files.get(rank)
-        if fh is not None:
-            fh.write(line + "\n" if stream == "out" else f"[stderr] {line}\n")
+        self._file_write(rank, line + "\n" if stream == "out" else f"[stderr] {line}\n")
         self._last.setdefault(rank, deque(maxlen=LAST_LINES)).append(line)
         if rank == 0 or self.echo_all:
             print(f"{self._prefix.get(rank, f'[rank {rank}]')} {line}", file=self.out, flush=True)
 
     def note(self, rank: int, text: str) -> None:
         """A launcher remark in one rank's file (e.g. 'dropped 12 lines')."""
+        self._file_write(rank, f"[launcher] {text}\n")
+
+    def _file_write(self, rank: int, text: str) -> None:
         fh = self._files.get(rank)
+        if fh is None:
+            return
+        try:
+            fh.write(text)
+        except OSError as exc:
+            self._give_up_file(rank, exc)
+
+    def _give_up_file(self, rank: int, exc: OSError) -> None:
+        """Stop writing one rank's file (a full disk must not kill the driver that supervises the run)."""
+        fh = self._files.pop(rank, None)
         if fh is not None:
-            fh.write(f"[launcher] {text}\n")
+            try:
+                fh.close()
+            except OSError:
+                pass  # the buffered tail is lost with the disk space; the console and last_lines keep it
+        if rank not in self._broken:
+            self._broken.add(rank)
+            print(f"[launcher] warning: cannot write {self.path(rank)} ({exc.strerror or exc}); rank {rank}'s"
+                  " output is not logged to a file for the rest of this attempt", file=self.out, flush=True)
 
     def last_lines(self, rank: int) -> tuple[str, ...]:
         """The most recent lines of ``rank`` in this attempt."""
@@ -61,5 +84,8 @@ class LogSink:
     def close(self) -> None:
         """Close the files of the current attempt."""
         for fh in self._files.values():
-            fh.close()
+            try:
+                fh.close()
+            except OSError:
+                pass  # the flush of the last lines failed (disk full); they were echoed or are in last_lines
         self._files.clear()

@@ -81,7 +81,7 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                 outcome, port = _one_attempt(cfg, paths, options, topology, demand, sink, progress, stop, attempt, say)
                 if isinstance(outcome, (Succeeded, Stopped)):
                     return outcome
-                record = append_failure(paths.run_dir, outcome, attempt=attempt, master_port=port)
+                record = _record_failure(paths.run_dir, outcome, attempt, port, say)
                 say(f"attempt {attempt} {outcome.summary()}")
                 _print_last_lines(outcome, sink, say)
                 if isinstance(outcome, Preempted):
@@ -126,6 +126,16 @@ def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, topolog
         return run_attempt(watch), group.master_port
     finally:
         group.teardown()
+
+
+def _record_failure(run_dir: Path, outcome: Outcome, attempt: int, port: int, say: Callable[[str], None]) -> Path:
+    """Append to RUN/failures.jsonl; a full or read-only disk is reported, not allowed to end the run."""
+    try:
+        return append_failure(run_dir, outcome, attempt=attempt, master_port=port)
+    except OSError as exc:
+        path = run_dir / "failures.jsonl"
+        say(f"warning: cannot append to {path} ({exc.strerror or exc}); this attempt's outcome is only on this console")
+        return path
 
 
 def _print_last_lines(outcome: Outcome, sink: LogSink, say: Callable[[str], None]) -> None:
