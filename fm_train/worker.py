@@ -131,15 +131,17 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def run_worker_cli(args: argparse.Namespace) -> int:
     """Entry of ``fm-train worker``: load and validate the config, then :func:`run_worker`.
 
-    A config or data problem (``ConfigError``, ``data_shards.DataError``: messages written for the
-    user) prints its message and returns 2; anything else propagates with its traceback.
+    A config, data or checkpoint problem (``ConfigError``, ``data_shards.DataError``,
+    ``CheckpointError``: messages written for the user) prints its message and returns 2, which the
+    launcher does not retry; anything else propagates with its traceback.
     """
     from data_shards.errors import DataError
+    from fm_train.checkpoint import CheckpointError
 
     try:
         cfg = load_config(args.config, args.overrides)
         return run_worker(cfg)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, CheckpointError) as exc:
         print(f"fm-train worker: {exc}", file=sys.stderr)
         return 2
 

@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import ClassVar, Union
 
 
+# The worker's contract: exit code 2 means bad input (config, data or checkpoint) that fails the same
+# way on every attempt, so the launcher reports it instead of spending cluster.max_restarts on it.
+INPUT_ERROR_EXIT_CODE = 2
+
+
 @dataclass(frozen=True)
 class Succeeded:
     """Every rank exited 0 and the run reached ``train.steps``."""

@@ -21,7 +21,7 @@ from launcher.group import WorkerGroup
 from launcher.logsink import LogSink
 from launcher.monitor import AttemptWatch, StopRequest, run_attempt
 from launcher.options import LaunchOptions
-from launcher.outcomes import Failed, Hung, Outcome, Preempted, Stopped, Succeeded, append_failure
+from launcher.outcomes import INPUT_ERROR_EXIT_CODE, Failed, Hung, Outcome, Preempted, Stopped, Succeeded, append_failure
 from launcher.progress import Progress
 
 
@@ -91,6 +91,10 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                         return outcome
                     say(f"relaunching after preemption ({preemptions} of {options.max_preemptions}; not counted as a failure)")
                     continue
+                if isinstance(outcome, Failed) and outcome.exit_code == INPUT_ERROR_EXIT_CODE:
+                    say(f"not restarting: rank {outcome.rank} reported a config, data or checkpoint error (exit code"
+                        f" {INPUT_ERROR_EXIT_CODE}), which a restart would only repeat; fix it and launch again")
+                    return outcome
                 failures += 1
                 if failures > cfg.cluster.max_restarts:
                     say(f"giving up after {failures - 1} restarts (cluster.max_restarts={cfg.cluster.max_restarts});"

@@ -202,6 +202,14 @@ def test_exceeding_max_restarts_exits_nonzero_with_the_cause(two_nodes, tmp_path
     assert "rank 1 on node" in out and "exited with code 3" in out
 
 
+def test_input_error_exit_code_is_not_restarted(two_nodes, tmp_path, capsys):
+    cfg = write_config(tmp_path, workers=2, steps=6, max_restarts=2)
+    code = launch(cfg, [], options("--crash-rank", "1", "--crash-step", "2", "--crash-code", "2"))
+    assert code == 1
+    assert [r["attempt"] for r in failures(run_dir(tmp_path))] == [1]
+    assert "not restarting: rank 1 reported a config, data or checkpoint error" in capsys.readouterr().out
+
+
 def test_stopped_worker_is_detected_as_a_hang(two_nodes, tmp_path, capsys):
     cfg = write_config(tmp_path, workers=2, steps=10_000, max_restarts=0, step_timeout_s=3)
     run = run_dir(tmp_path)
