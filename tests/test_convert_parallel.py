@@ -21,6 +21,8 @@ LAYOUTS = {
     "tp2-zero2-untied": dict(tp=2, pp=1, zero=2, tie=False),
     "pp2-zero1": dict(tp=1, pp=2, zero=1, tie=True),
     "pp2-zero1-untied": dict(tp=1, pp=2, zero=1, tie=False),
+    # ZeRO-0 pipelines keep their weights in layer_XX-model_TT-model_states.pt files, the optimizer per stage.
+    "pp2-zero0": dict(tp=1, pp=2, zero=0, tie=True),
 }
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: step directories with a manifest written last, atomic ``latest``, retention, resume
-(also on another dp size via DeepSpeed's universal checkpoint), and a graceful-stop flag."""
+(on another dp size via DeepSpeed's universal checkpoint, on another tp/pp size or ZeRO stage by
+resharding), and a graceful-stop flag. See docs/checkpoints.md."""
 
 from fm_train.checkpoint.layout import CheckpointError, step_dir_name
 from fm_train.checkpoint.manifest import build_manifest, dense_layers, read_manifest

@@ -1,8 +1,11 @@
 """Find what to resume from, convert it when the layout changed, and load it into an engine.
 
-A resume on the same layout loads DeepSpeed's files as they are. When the data-parallel size changed,
-:func:`prepare_resume` converts the step once into DeepSpeed's universal checkpoint (cached in
-``step_XXXXXXXX/universal``) and the engine must be built with ``"checkpoint": {"load_universal": true}``.
+A resume on the same layout loads DeepSpeed's files as they are. When only the data-parallel size
+changed, :func:`prepare_resume` converts the step once into DeepSpeed's universal checkpoint (cached
+in ``step_XXXXXXXX/universal``) and the engine must be built with ``"checkpoint": {"load_universal":
+true}``. When the tensor- or pipeline-parallel size or the ZeRO stage changed (with or without dp),
+which DeepSpeed cannot load for fm_train's modules, :func:`load_checkpoint` reshards the step itself
+(:mod:`fm_train.checkpoint.reshard`) into an engine built without ``load_universal``.
 """
 
 from __future__ import annotations
@@ -113,13 +116,31 @@ def check_compatible(manifest: Mapping[str, Any], config: FmConfig | None, token
                               + "; ".join(problems) + "); set checkpoint.resume=none to start fresh, or fix the config")
 
 
+def needs_reshard(manifest: Mapping[str, Any], tp: int, pp: int, zero_stage: int | None) -> bool:
+    """True when the step must be resharded (tp, pp or ZeRO stage changed): DeepSpeed cannot load it.
+
+    ``zero_stage`` None: unknown to the caller, compared as unchanged.
+    """
+    saved = manifest["topology"]
+    return (saved["tp"], saved["pp"]) != (tp, pp) or (zero_stage is not None and saved["zero_stage"] != zero_stage)
+
+
+def _world_and_rank() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
 def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = None,
-                    tokenizer_hash: str | None = None) -> dict[str, Any]:
+                    tokenizer_hash: str | None = None, layout: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load module, optimizer and LR scheduler (and this rank's RNG) from ``step_dir``; all ranks call it.
 
     ``step_dir`` is what :func:`prepare_resume` returned (the step dir or its ``universal`` cache).
     ``config``/``tokenizer_hash`` describe the current run; a different model shape or tokenizer is
-    refused before DeepSpeed reads anything. Returns the manifest (data state, tokens seen, step).
+    refused before DeepSpeed reads anything. When ``config``'s tp, pp or ZeRO stage differ from the
+    step's, the step is resharded into ``engine``; that needs ``layout``, the current engine's names as
+    a manifest records them (``topology.pp``, ``layers``, ``tied``, ``param_prefix``; see
+    ``fm_train.engine.checkpointing.current_layout``). Returns the manifest (data state, tokens, step).
     """
     step_dir = Path(step_dir)
     manifest_dir = _manifest_dir(step_dir)
@@ -128,6 +149,9 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     bad = missing_files(manifest_dir, manifest)
     if bad:
         raise CheckpointError(f"{manifest_dir} is damaged: " + ", ".join(bad))
+    if config is not None and needs_reshard(manifest, config.parallel.tp, config.parallel.pp,
+                                            config.parallel.zero_stage):
+        return _load_resharded(engine, manifest_dir, manifest, config, layout)
     universal = step_dir.name == UNIVERSAL
     if universal != bool(engine.load_universal_checkpoint()):
         raise CheckpointError(
@@ -142,8 +166,8 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed loaded nothing from {step_dir}")
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    same_layout = manifest["topology"]["world"] == (dist.get_world_size() if dist.is_initialized() else 1)
+    world, rank = _world_and_rank()
+    same_layout = manifest["topology"]["world"] == world
     rng = load_rng(manifest_dir, rank) if same_layout else None
     if rng is not None:
         restore_rng(rng)
@@ -152,14 +176,33 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     return manifest
 
 
-def needs_conversion(manifest: Mapping[str, Any], current: Topology) -> bool:
-    """True when DeepSpeed cannot load the step as saved on ``current`` (dp size changed under ZeRO)."""
+def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], config: FmConfig,
+                    layout: Mapping[str, Any] | None) -> dict[str, Any]:
+    from fm_train.checkpoint.reshard import load_resharded
+
+    saved, p = manifest["topology"], config.parallel
+    if layout is None:
+        raise CheckpointError(f"{step_dir} was saved with tp={saved['tp']} pp={saved['pp']} ZeRO-{saved['zero_stage']}, "
+                              f"the run has tp={p.tp} pp={p.pp} ZeRO-{p.zero_stage}: pass layout= (the current "
+                              "engine's layer table) so that it can be resharded")
+    if engine.load_universal_checkpoint():
+        raise CheckpointError(f"{step_dir} is resharded by fm-train, not loaded by DeepSpeed: build the engine "
+                              "with load_universal=False (what prepare_resume returns for it)")
+    world, rank = _world_and_rank()
+    tp_rank = Topology(world=world, tp=p.tp, pp=p.pp).coord(rank).tp
+    log.info("rank %d: resharding %s (tp=%d pp=%d dp=%d ZeRO-%d) for tp=%d pp=%d dp=%d ZeRO-%d", rank, step_dir,
+             saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], p.tp, p.pp, world // (p.tp * p.pp),
+             p.zero_stage)
+    load_resharded(engine, step_dir, manifest, layout, tp_rank=tp_rank, tp_size=p.tp)
+    return manifest
+
+
+def needs_conversion(manifest: Mapping[str, Any], current: Topology, zero_stage: int | None = None) -> bool:
+    """True when DeepSpeed needs the universal checkpoint to load the step on ``current``: only the dp
+    size changed, under ZeRO. A tp/pp/ZeRO-stage change is resharded at load time instead."""
     saved = manifest["topology"]
-    if (saved["tp"], saved["pp"]) != (current.tp, current.pp):
-        raise CheckpointError(
-            f"resume across tensor/pipeline sizes (saved tp={saved['tp']} pp={saved['pp']}, now tp={current.tp} "
-            f"pp={current.pp}) is not supported; keep parallel.tp/pp, or export with `fm-train convert` and "
-            "start a new run from the Hugging Face weights")
+    if needs_reshard(manifest, current.tp, current.pp, zero_stage):
+        return False
     if saved["dp"] == current.dp:
         return False
     # Optimizer state partitioned over dp lives in *zero_pp_rank_<dp>_* files (ZeRO >= 1, and the bf16
@@ -187,16 +230,19 @@ def _convert_to_universal(step_dir: Path, zero_stage: int) -> Path:
     return target
 
 
-def prepare_resume(step_dir: Path, current_topology: Topology) -> tuple[Path, bool]:
-    """``(path to load, needs_universal)`` for resuming ``step_dir`` on ``current_topology``.
+def prepare_resume(step_dir: Path, current_topology: Topology,
+                   zero_stage: int | None = None) -> tuple[Path, bool]:
+    """``(path to load, needs_universal)`` for resuming ``step_dir`` on ``current_topology`` (and
+    ``zero_stage``, when the caller knows it).
 
-    On a dp-size change the step is converted once to a universal checkpoint, cached atomically in
-    ``step_dir/universal``; build the engine with ``load_universal`` set to ``needs_universal``. With a
-    process group, rank 0 converts and the others wait; call it on every rank.
+    On a dp-size change alone the step is converted once to a universal checkpoint, cached atomically
+    in ``step_dir/universal``; build the engine with ``load_universal`` set to ``needs_universal``. With
+    a process group, rank 0 converts and the others wait; call it on every rank. A tp/pp/ZeRO-stage
+    change needs nothing here: :func:`load_checkpoint` reshards the step directory itself.
     """
     step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
-    if not needs_conversion(manifest, current_topology):
+    if not needs_conversion(manifest, current_topology, zero_stage):
         return step_dir, False
     target = step_dir / UNIVERSAL
     distributed = dist.is_available() and dist.is_initialized()

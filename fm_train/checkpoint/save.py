@@ -15,6 +15,7 @@ from typing import Any, Mapping
 import torch.distributed as dist
 
 from fm_train.checkpoint.layout import (
+    CheckpointError,
     checkpoints_dir,
     fsync_dir,
     fsync_file,
@@ -69,8 +70,12 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
             shutil.rmtree(step_dir)
     _barrier()
 
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    save_rng(step_dir, _rank())
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        save_rng(step_dir, _rank())
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error": say what it means.
+        raise CheckpointError(_save_failed_message(ckpt_dir, step_dir, exc)) from exc
     _barrier()  # every rank's files are written (closed) before rank 0 looks at them
 
     if is_rank0:
@@ -88,6 +93,27 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         apply_retention(ckpt_dir, keep)
     _barrier()  # nobody goes on (or exits) before the checkpoint is committed
     return step_dir
+
+
+def _save_failed_message(ckpt_dir: Path, step_dir: Path, exc: BaseException) -> str:
+    """One line: what failed, how much room is left, and that the previous checkpoint is still usable.
+
+    The partial step directory is removed here (its manifest can no longer be written, so it would only
+    hold disk space); resume ignores it either way.
+    """
+    shutil.rmtree(step_dir, ignore_errors=True)
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    try:
+        previous = read_latest(ckpt_dir)
+    except CheckpointError:
+        previous = None
+    first = (str(exc).strip().splitlines() or [""])[0]
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    return (f"rank {_rank()}: saving {step_dir.name} in {ckpt_dir} failed ({type(exc).__name__}: {first}; "
+            f"{free} on that file system); {kept}; free disk space or lower checkpoint.keep, then launch again")
 
 
 def apply_retention(ckpt_dir: Path, keep: int) -> list[Path]:

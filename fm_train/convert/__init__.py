@@ -22,5 +22,9 @@ __all__ = ["ConvertError", "convert_checkpoint", "import_hf", "write_hf_dir"]
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        # Bind the function over the same-named submodule (fm_train.convert.import_hf), which the
+        # import above just set as a package attribute.
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'fm_train.convert' has no attribute {name!r}")

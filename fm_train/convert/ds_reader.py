@@ -1,144 +1,53 @@
-"""fp32 weights out of a DeepSpeed step directory, one full tensor at a time.
+"""fp32 weights and Adam moments out of a DeepSpeed step directory, one full tensor at a time.
 
-Where DeepSpeed keeps the fp32 master weights (0.19 layout):
-
-* ZeRO-0: ``mp_rank_XX_model_states.pt`` ``module`` (fp32 training: the weights themselves; bf16
-  training: the bf16 copies; DeepSpeed stores the fp32 masters there unnamed, so they are not used);
-* ZeRO-1/2: ``[bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt`` ``single_partition_of_fp32_groups``
-  (one flat fp32 partition per param group per dp rank) with ``param_slice_mappings`` (name -> start,
-  numel inside that partition) and ``param_shapes`` in ``mp_rank_XX_model_states.pt``;
-* ZeRO-3: ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` ``fp32_flat_groups``, where every
-  parameter owns ``ceil(numel / dp)`` consecutive elements on each dp rank, in ``param_shapes`` order.
+Where each ZeRO stage keeps them is :mod:`fm_train.convert.ds_ranks`' business (one reader per
+model-parallel rank); this module merges the ranks: tensor-parallel shards (``mp_rank_XX``,
+pipeline-major like DeepSpeed's grid) are concatenated along the split dims the manifest records, and
+pipeline names (``{layer}.{param}``, ``tied_modules.{key}.{param}``) become fm_train names through the
+manifest's layer table. The converter reads the weights; a resume on another tp/pp layout
+(:mod:`fm_train.checkpoint.reshard`) reads the weights, the moments and the step count.
 
 Files are opened with ``torch.load(mmap=True)``, so nothing is read until a parameter is asked for
 and then only its slices: the resident set stays near one tensor plus one output shard, whatever
 the model size (zero_to_fp32's ZeRO-1/2 path concatenates whole groups instead). Loads use
 ``weights_only=True`` with DeepSpeed's three plain record classes allowed, unless the caller trusts
-the checkpoint. Tensor-parallel shards (``mp_rank_XX``, pipeline-major like DeepSpeed's grid) are
-concatenated along the split dims the manifest records.
+the checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import pickle
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from fm_train.convert.ds_files import load_ds_file
+from fm_train.convert.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.keymap import ds_to_fm, tp_split_dim
 
+__all__ = ["DeepSpeedWeights", "load_ds_file"]
+
 log = logging.getLogger("fm_train.convert")
-
-
-def _safe_globals() -> list[Any]:
-    """DeepSpeed classes that its checkpoints pickle: plain records, safe to rebuild."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-
-def load_ds_file(path: Path, *, trust: bool) -> dict[str, Any]:
-    """``torch.load`` one DeepSpeed file memory-mapped; ``weights_only=True`` unless ``trust``."""
-    if not path.is_file():
-        raise ConvertError(f"{path.parent} lacks {path.name}: the checkpoint is incomplete (a rank's shard "
-                           "was not written or not copied)")
-    try:
-        if trust:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ConvertError(f"{path} does not load with weights_only=True ({first}); if you trust where this "
-                           "checkpoint came from, pass --trust-checkpoint") from None
-
-
-class _ModuleWeights:
-    """ZeRO-0: whole tensors in the model-states ``module``."""
-
-    def __init__(self, model_file: Path, trust: bool) -> None:
-        self._module = load_ds_file(model_file, trust=trust)["module"]
-        self.shapes = {n: t.shape for n, t in self._module.items()}
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._module[name].float()
-
-
-class _Zero12Weights:
-    """ZeRO-1/2: each parameter is a run of slices across the dp ranks' flat fp32 partitions."""
-
-    def __init__(self, model_file: Path, optim_files: list[Path], trust: bool) -> None:
-        groups = load_ds_file(model_file, trust=trust)["param_shapes"]
-        self.shapes = {n: torch.Size(s) for g in groups for n, s in g.items()}
-        self._group = {n: gi for gi, g in enumerate(groups) for n in g}
-        self._flat: list[list[torch.Tensor]] = []
-        self._slices: list[list[Mapping[str, Any]]] = []
-        for f in optim_files:
-            osd = load_ds_file(f, trust=trust)["optimizer_state_dict"]
-            if "param_slice_mappings" not in osd:
-                raise ConvertError(f"{f} has no param_slice_mappings (written by a DeepSpeed older than 0.10?)")
-            self._flat.append(list(osd["single_partition_of_fp32_groups"]))
-            self._slices.append(list(osd["param_slice_mappings"]))
-
-    def get(self, name: str) -> torch.Tensor:
-        g, shape = self._group[name], self.shapes[name]
-        pieces = []
-        for flat, slices in zip(self._flat, self._slices):
-            frag = slices[g].get(name)
-            if frag is not None:
-                pieces.append(flat[g].narrow(0, frag.start, frag.numel))
-        # One piece (dp = 1, or a parameter inside one partition): a view into the mapped file, no copy.
-        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0)
-        if out.numel() != shape.numel():
-            raise ConvertError(f"{name}: found {out.numel()} of {shape.numel()} elements across the dp partitions")
-        return out.view(shape)
-
-
-class _Zero3Weights:
-    """ZeRO-3: each parameter is ``ceil(numel / dp)`` elements on every dp rank, padded at the end."""
-
-    def __init__(self, model_file: Path, optim_files: list[Path], trust: bool) -> None:
-        groups = load_ds_file(model_file, trust=trust)["param_shapes"]
-        self.shapes = {n: torch.Size(s) for g in groups for n, s in g.items()}
-        self._flat = [list(load_ds_file(f, trust=trust)["optimizer_state_dict"]["fp32_flat_groups"])
-                      for f in optim_files]
-        world = len(optim_files)
-        self._where: dict[str, tuple[int, int, int]] = {}  # name -> (group, offset on each rank, numel per rank)
-        for gi, g in enumerate(groups):
-            offset = 0
-            for n, s in g.items():
-                per_rank = math.ceil(torch.Size(s).numel() / world)
-                self._where[n] = (gi, offset, per_rank)
-                offset += per_rank
-            if offset > self._flat[0][gi].numel():
-                raise ConvertError(f"ZeRO-3 group {gi}: shapes need {offset} elements per rank, "
-                                   f"{optim_files[0].name} holds {self._flat[0][gi].numel()}")
-
-    def get(self, name: str) -> torch.Tensor:
-        g, offset, per_rank = self._where[name]
-        shape = self.shapes[name]
-        full = torch.cat([flat[g].narrow(0, offset, per_rank) for flat in self._flat])
-        return full[: shape.numel()].view(shape)
+_LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+# What a resume needs besides tensors, from the first model-states file (DeepSpeed writes it per mp rank).
+ENGINE_FIELDS = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 
 
 class DeepSpeedWeights:
-    """The fp32 weights of one step directory under fm_train names: ``shapes()`` then ``get(name)``."""
+    """The fp32 state of one step directory under fm_train names: ``shapes()``, then ``get(name)`` for
+    the weight or ``get(name, "exp_avg" | "exp_avg_sq")`` for Adam's moments, ``optimizer_step()`` and
+    ``engine_state()`` (LR scheduler and DeepSpeed's step counters)."""
 
     def __init__(self, step_dir: Path, manifest: Mapping[str, Any], *, trust: bool = False) -> None:
         self.step_dir = Path(step_dir)
         self.manifest = manifest
+        self._trust = trust
         topo = manifest["topology"]
         self.tp, self.pp, self.dp, self.stage = topo["tp"], topo["pp"], topo["dp"], topo["zero_stage"]
         self.note = ""
-        if self.stage == 0 and self.pp > 1:
-            raise ConvertError(f"{step_dir}: ZeRO-0 pipeline checkpoints (layer_XX files) are not supported by "
-                               "the converter yet; train pipelines with parallel.zero_stage=1")
         # One reader per model-parallel rank, pipeline-major (mp = pp_stage * tp + tp_rank).
         self._ranks = [self._open_mp_rank(mp, trust) for mp in range(self.tp * self.pp)]
         self._index: dict[str, list[tuple[int, str]]] = {}  # fm name -> [(mp rank, ds name)]
@@ -154,22 +63,43 @@ class DeepSpeedWeights:
             self._index.pop("lm_head.weight", None)
         self._shapes = {n: self._merged_shape(n) for n in self._index}
 
+    def _model_file(self, tag: str) -> Path:
+        if self.stage == 3:
+            return self.step_dir / f"zero_pp_rank_0_{tag}_model_states.pt"
+        return self.step_dir / f"{tag}_model_states.pt"
+
+    def _layer_files(self, tp_rank: int) -> dict[int, Path]:
+        """Pipeline layer index -> this tp rank's ``layer_LL-model_TT-model_states.pt`` (ZeRO-0 pipelines)."""
+        found = {}
+        for path in self.step_dir.glob("layer_*-model_states.pt"):
+            m = _LAYER_FILE.match(path.name)
+            if m and int(m.group(2) or 0) == tp_rank:
+                found[int(m.group(1))] = path
+        return found
+
+    def _tied_layers(self) -> dict[str, int]:
+        """Pipeline tied key -> index of the layer whose file holds the tied module's weights."""
+        index_of = {e["module"]: int(e["index"]) for e in self.manifest["layers"]}
+        return {key: index_of[module] for key, module in self.manifest.get("tied", {}).items() if module in index_of}
+
     def _open_mp_rank(self, mp: int, trust: bool) -> Any:
         d, tag = self.step_dir, f"mp_rank_{mp:02d}"
-        if self.stage == 0:
-            if self.manifest["topology"]["precision"] != "fp32":
-                self.note = ("ZeRO-0 with bf16/fp16 training: exported from the 16-bit training weights "
-                             "(DeepSpeed does not name its fp32 master copies)")
-            return _ModuleWeights(d / f"{tag}_model_states.pt", trust)
-        if self.stage in (1, 2):
-            prefix = "bf16_" if (d / f"bf16_zero_pp_rank_0_{tag}_optim_states.pt").exists() else ""
-            optim = [d / f"{prefix}zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
+        model_file = self._model_file(tag)
+        if self.stage in (0, 1, 2):
+            bf16 = (d / f"bf16_zero_pp_rank_0_{tag}_optim_states.pt").exists()
+            if self.stage == 0 and not bf16:
+                if self.manifest["topology"]["precision"] != "fp32":
+                    self.note = ("ZeRO-0 with fp16 training: exported from the 16-bit training weights "
+                                 "(DeepSpeed's FP16 optimizer does not name its fp32 master copies)")
+                layers = self._layer_files(mp % self.tp) if self.pp > 1 else {}
+                return Zero0Rank(model_file, layers, self._tied_layers(), trust)
+            optim = [d / f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-{self.stage} optimizer partitions (dp={self.dp})"
-            return _Zero12Weights(d / f"{tag}_model_states.pt", optim, trust)
+            return Zero12Rank(model_file, optim, trust)
         if self.stage == 3:
             optim = [d / f"zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-3 partitions (dp={self.dp})"
-            return _Zero3Weights(d / f"zero_pp_rank_0_{tag}_model_states.pt", optim, trust)
+            return Zero3Rank(model_file, optim, trust)
         raise ConvertError(f"{d}: unknown ZeRO stage {self.stage} in the manifest")
 
     def _merged_shape(self, name: str) -> torch.Size:
@@ -184,14 +114,28 @@ class DeepSpeedWeights:
         """Full (tp-merged) shape of every parameter, by fm_train name, in checkpoint order."""
         return dict(self._shapes)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The full fp32 tensor of ``name``: tp shards concatenated along the recorded dim."""
+    def get(self, name: str, key: str | None = None) -> torch.Tensor:
+        """The full fp32 tensor of ``name`` (``key``: None for the weight, else an Adam moment), tp
+        shards concatenated along the recorded dim."""
         parts = self._index[name]
         dim = tp_split_dim(name, self.manifest)
         if dim is None or self.tp == 1:
             # Replicated (or one shard): every tp rank holds the same values; the first is the copy.
             mp, ds = parts[0]
-            return self._ranks[mp].get(ds)
+            return self._ranks[mp].get(ds, key)
         if len(parts) != self.tp:
             raise ConvertError(f"{name}: {len(parts)} tp shards in {self.step_dir}, expected {self.tp}")
-        return torch.cat([self._ranks[mp].get(ds) for mp, ds in sorted(parts)], dim=dim)
+        return torch.cat([self._ranks[mp].get(ds, key) for mp, ds in sorted(parts)], dim=dim)
+
+    def optimizer_step(self) -> int:
+        """Adam's step count (equal on every rank); a clear error when the checkpoint has no moments."""
+        steps = {r.step() for r in self._ranks}
+        if None in steps or len(steps) != 1:
+            raise ConvertError(f"{self.step_dir}: Adam step counts {sorted(steps, key=str)} across model-parallel "
+                               "ranks; expected one saved count (was it saved before the first step?)")
+        return int(steps.pop())  # type: ignore[arg-type]
+
+    def engine_state(self) -> dict[str, Any]:
+        """LR scheduler state and DeepSpeed's ``global_steps``/``global_samples``/``skipped_steps``."""
+        states = load_ds_file(self._model_file("mp_rank_00"), trust=self._trust)
+        return {k: states.get(k) for k in ENGINE_FIELDS}

@@ -4,7 +4,9 @@ Files, manifests, ``latest``, retention and dp-size changes are :mod:`fm_train.c
 this module only decides *when* and passes in the train state (step, tokens seen, data position)
 and what only the parallel layout knows: the layer table and tied modules the converter needs to
 merge tp shards and rename pipeline layers. The same calls serve a ``PipelineEngine``.
-The LR scheduler travels inside DeepSpeed's own files (``load_lr_scheduler_states=True``).
+The LR scheduler travels inside DeepSpeed's own files (``load_lr_scheduler_states=True``). On a
+resume across tp/pp sizes the same layer table, built for the current layout, tells the resharding
+loader which slice of which saved tensor each local parameter is (:func:`current_layout`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def resume_point(cfg: FmConfig, topology: Topology) -> tuple[Path | None, bool]:
     step_dir = find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume)
     if step_dir is None:
         return None, False
-    return prepare_resume(step_dir, topology)
+    return prepare_resume(step_dir, topology, zero_stage=cfg.parallel.zero_stage)
 
 
 def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainState,
@@ -38,7 +40,7 @@ def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainStat
     """Load ``path`` into ``engine`` and set ``state`` to the saved step, tokens and data position."""
     from fm_train.checkpoint import load_checkpoint
 
-    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash)
+    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash, layout=current_layout(cfg))
     state.step = int(manifest["step"])
     state.tokens_seen = int(manifest["tokens_seen"])
     state.data_state = manifest["data"]["state"]
@@ -64,6 +66,12 @@ def manifest_layers(cfg: FmConfig) -> list[dict[str, Any]]:
         local = {name[len(prefix):]: dim for name, dim in dims.items() if name.startswith(prefix)}
         table.append({"index": index, "module": module, "tp_split_dims": local})
     return table
+
+
+def current_layout(cfg: FmConfig) -> dict[str, Any]:
+    """This run's parameter naming as a manifest records it: what a resharding load maps local names with."""
+    return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp}, "layers": manifest_layers(cfg),
+            "tied": manifest_tied(cfg), "param_prefix": "model."}
 
 
 def manifest_tied(cfg: FmConfig) -> dict[str, str]:
