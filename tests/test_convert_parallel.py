@@ -23,13 +23,18 @@ LAYOUTS = {
     "pp2-zero1-untied": dict(tp=1, pp=2, zero=1, tie=False),
     # ZeRO-0 pipelines keep their weights in layer_XX-model_TT-model_states.pt files, the optimizer per stage.
     "pp2-zero0": dict(tp=1, pp=2, zero=0, tie=True),
+    # 4 processes: tp composed with dp, and full pp x tp.
+    "dp2-tp2-zero1": dict(tp=2, pp=1, zero=1, tie=True, world=4),
+    "pp2-tp2-zero1-untied": dict(tp=2, pp=2, zero=1, tie=False, world=4),
 }
 
 
 def _raw(layout: dict, tokenizer_root: str) -> dict:
-    raw = S.tiny_raw(layout["zero"], 2, tie=layout["tie"], tokenizer_root=tokenizer_root)
+    world = layout.get("world", 2)
+    raw = S.tiny_raw(layout["zero"], world, tie=layout["tie"], tokenizer_root=tokenizer_root)
     raw["parallel"].update(tp=layout["tp"], pp=layout["pp"])
-    raw["train"]["micro_batch"] = S.GLOBAL_BATCH  # dp = 1: one rank-pair sees the whole batch
+    dp = world // (layout["tp"] * layout["pp"])
+    raw["train"]["micro_batch"] = S.GLOBAL_BATCH // dp  # each dp replica takes its slice of the global batch
     return raw
 
 
@@ -58,7 +63,7 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
     engine, *_ = deepspeed.initialize(model=module, config=deepspeed_config(cfg), mpu=None if pipelined else groups,
                                       model_parameters=weight_decay_groups(module, cfg.optim.weight_decay))
     for step in range(1, 4):
-        batch = S.global_batch(step)
+        batch = S.global_batch(step).chunk(topo.dp)[groups.get_data_parallel_rank()]
         if pipelined:
             engine.train_batch(data_iter=iter([((batch[:, :-1],), batch[:, 1:])]))
         else:
@@ -88,7 +93,7 @@ def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: st
     from fm_train.model import causal_lm_loss
 
     S.write_tokenizer(tmp_path / "data")
-    losses = run_distributed(_train_save_eval, 2, args=(_raw(LAYOUTS[name], str(tmp_path / "data")),
+    losses = run_distributed(_train_save_eval, LAYOUTS[name].get("world", 2), args=(_raw(LAYOUTS[name], str(tmp_path / "data")),
                                                         str(tmp_path / "run")))
     out = convert_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32")
     hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
