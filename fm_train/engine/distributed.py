@@ -2,28 +2,48 @@
 
 from __future__ import annotations
 
-import deepspeed
-import torch
-import torch.distributed as dist
+import os
 
+import deepspeed
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from fm_train.dist.device import DeviceChoice, DeviceError, activate, detect_device
 from fm_train.dist.env import RankEnv
 
 
 def init_distributed(env: RankEnv) -> str:
     """Join the job's process group through DeepSpeed: nccl when this process has a GPU, else gloo.
 
-    Returns the backend. The local GPU is selected by ``env.local_rank`` before the group exists, so
-    that nccl binds each rank to its own device.
+    Returns the backend. The device (:func:`fm_train.dist.device.choose_device`: ``cuda:LOCAL_RANK``)
+    is made current before the group exists, so that nccl binds each rank to its own GPU.
     """
     env.export()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=env.rank,
+    choice = activate_device(env)
+    deepspeed.init_distributed(dist_backend=choice.backend, auto_mpi_discovery=False, rank=env.rank,
                                world_size=env.world_size, distributed_port=env.master_port)
-    return backend
+    return choice.backend
+
+
+def activate_device(env: RankEnv) -> DeviceChoice:
+    """Choose and activate this rank's device, and check that DeepSpeed agrees with the choice.
+
+    DeepSpeed picks its device on its own (``cuda:LOCAL_RANK``) and its accelerator too
+    (``DS_ACCELERATOR`` or detection); were it to pick another one than ours (say an XPU or CPU
+    build on a GPU node), every engine buffer would land on a different device than the model.
+    Better to stop here with the fix.
+    """
+    choice = detect_device(env.local_rank)
+    activate(choice)
+    if choice.index is not None and choice.index != env.local_rank:
+        # One GPU visible to this process (srun-style binding): DeepSpeed's engine selects
+        # cuda:LOCAL_RANK itself, so LOCAL_RANK must name the GPU this process actually has.
+        os.environ["LOCAL_RANK"] = str(choice.index)
+    ds_name = get_accelerator().device_name()
+    if ds_name != choice.accelerator:
+        raise DeviceError(f"fm-train chose the {choice.accelerator} device but DeepSpeed's accelerator is {ds_name!r};"
+                          f" set DS_ACCELERATOR={choice.accelerator} (or unset it) in the workers' environment")
+    return choice
 
 
 def shutdown_distributed(*, barrier: bool = True) -> None:
@@ -39,4 +59,3 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
-

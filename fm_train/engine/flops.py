@@ -15,7 +15,9 @@ the second term is the attention score and value matmuls, forward + backward, wi
 for the causal mask (PaLM appendix B, Megatron-LM). Recomputation is not counted.
 
 Peak FLOP/s: dense (no sparsity) tensor-core figures from vendor data sheets, bf16/fp16 and fp32
-(fp32 uses the plain fp32 rate, not TF32). On a CPU there is no meaningful data-sheet figure, so the
+(fp32 uses the plain fp32 rate, not TF32). A GPU rarely sustains its data-sheet figure (an H100 SXM
+reaches about 75-80 % of it in a large bf16 matmul, at the clocks its power limit allows), so
+``bench/gpu_mfu.py`` reports MFU against both the table and :func:`measure_matmul_flops`. On a CPU there is no meaningful data-sheet figure, so the
 peak is measured once with a matmul (:func:`measure_matmul_flops`) unless
 ``FM_TRAIN_PEAK_FLOPS`` gives it; a CPU MFU therefore says how close training runs to the best
 matmul speed this process gets, not to a hardware limit.
@@ -35,7 +37,8 @@ from fm_train.plan.flops import flops_per_token
 PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
     ("GB200", (2.5e15, 80e12)),
     ("B200", (2.25e15, 80e12)),
-    ("H200", (989e12, 67e12)),
+    ("H200 NVL", (835e12, 60e12)),
+    ("H200", (989e12, 67e12)),  # SXM; also matches GH200
     ("H100 NVL", (835e12, 60e12)),
     ("H100 PCIe", (756e12, 51e12)),
     ("H100", (989e12, 67e12)),  # SXM
@@ -63,8 +66,17 @@ def table_peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
-    """Best FLOP/s of a square matmul in ``dtype`` on ``device``, timed for about ``seconds``."""
+def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int | None = None, seconds: float = 0.3) -> float:
+    """Best FLOP/s of a square matmul in ``dtype`` on ``device``, timed for about ``seconds``.
+
+    ``size`` defaults to 1024 on a CPU and 8192 on a GPU, where a small matmul cannot fill the
+    tensor cores. On a GPU each sample is a burst of matmuls between two CUDA events: the host
+    only queues kernels, so host timers would measure the launch, not the work.
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):  # events record on the current device's stream
+            return _measure_cuda_matmul(dtype, device, size or 8192, seconds)
+    size = size or 1024
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     torch.matmul(a, b)  # warm-up: allocator, kernel selection
@@ -73,9 +85,27 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         torch.matmul(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         best = max(best, 2.0 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def _measure_cuda_matmul(dtype: torch.dtype, device: torch.device, size: int, seconds: float, burst: int = 10) -> float:
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    for _ in range(3):  # warm-up: cuBLAS heuristics, clocks ramping up
+        torch.matmul(a, b, out=out)
+    torch.cuda.synchronize(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(burst):
+            torch.matmul(a, b, out=out)
+        end.record()
+        end.synchronize()
+        best = max(best, burst * 2.0 * size**3 / (start.elapsed_time(end) / 1e3))
     return best
 
 

@@ -16,6 +16,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from fm_train.config import FmConfig
+from fm_train.dist.device import accelerator_of, attention_context
 from fm_train.engine.evaluate import evaluate
 from fm_train.engine.flops import flops_per_token, peak_flops
 from fm_train.engine.grad_norm import GradNormTracker
@@ -67,25 +68,27 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     grad_norm = GradNormTracker.of(engine)
     meter = IntervalMeter(spec or throughput_spec(cfg, engine.device), engine.device, group)
     stream = iter(batches)
-    while state.step < t.steps:
-        out = step_fn(engine, stream, state, cfg.tokens_per_step, grad_norm)
-        meter.add_step(out.loss_sum, out.micro_batches)
-        last = state.step == t.steps
+    # SDPA kernels chosen for this device (flash first on a GPU), for forward, backward and eval alike.
+    with attention_context(accelerator_of(engine.device)):
+        while state.step < t.steps:
+            out = step_fn(engine, stream, state, cfg.tokens_per_step, grad_norm)
+            meter.add_step(out.loss_sum, out.micro_batches)
+            last = state.step == t.steps
 
-        if state.step % t.log_every == 0 or last:
-            sink.write(meter.record(state, lr=out.lr, grad_norm=out.grad_norm))
+            if state.step % t.log_every == 0 or last:
+                sink.write(meter.record(state, lr=out.lr, grad_norm=out.grad_norm))
 
-        if val_batches is not None and t.eval_every and (state.step % t.eval_every == 0 or last):
+            if val_batches is not None and t.eval_every and (state.step % t.eval_every == 0 or last):
+                with meter.paused():
+                    sink.write({"step": state.step, "val_loss": eval_fn(engine, val_batches(), group)})
+
             with meter.paused():
-                sink.write({"step": state.step, "val_loss": eval_fn(engine, val_batches(), group)})
-
-        with meter.paused():
-            for hook in hooks:
-                hook(engine, state)
-            if stop is not None and not last and _any_rank(stop(), engine.device):
-                if on_stop is not None:
-                    on_stop(engine, state)
-                break
+                for hook in hooks:
+                    hook(engine, state)
+                if stop is not None and not last and _any_rank(stop(), engine.device):
+                    if on_stop is not None:
+                        on_stop(engine, state)
+                    break
     return state
 
 

@@ -1,7 +1,9 @@
 """Per-log-interval accounting: loss averaged over steps and dp ranks, throughput, MFU, memory.
 
 Losses are summed on the device and reduced only when a record is due, so steps between logs run
-without a host sync or a collective.
+without a host sync or a collective. On a GPU the interval is timed with CUDA events on the compute
+stream (:class:`CudaEventClock`): the host runs ahead of the GPU by up to several steps, so a host
+timer read before the record's sync would count queued, unfinished work as done.
 """
 
 from __future__ import annotations
@@ -17,6 +19,65 @@ import torch.distributed as dist
 from fm_train.engine.flops import mfu
 from fm_train.engine.metrics import peak_memory_gib
 from fm_train.engine.state import TrainState
+
+
+class WallClock:
+    """Host time of an interval, minus paused spans (what a CPU run measures)."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._start += time.perf_counter() - start
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self._start
+
+
+class CudaEventClock:
+    """GPU time of an interval on the current stream, minus paused spans, from CUDA events.
+
+    Each running span is a pair of events; :meth:`elapsed_s` waits for the last one only, so no
+    step in between syncs. Work on side streams (DeepSpeed's overlapped reductions) is joined into
+    the compute stream before a step ends, so it is inside the spans.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self._stream = torch.cuda.current_stream(device)
+        self._spans: list[tuple[torch.cuda.Event, torch.cuda.Event | None]] = [(self._event(), None)]
+
+    def _event(self) -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self._stream)
+        return event
+
+    def _close(self) -> None:
+        start, end = self._spans[-1]
+        if end is None:
+            self._spans[-1] = (start, self._event())
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._close()
+        try:
+            yield
+        finally:
+            self._spans.append((self._event(), None))
+
+    def elapsed_s(self) -> float:
+        self._close()
+        self._spans[-1][1].synchronize()  # type: ignore[union-attr]
+        return sum(start.elapsed_time(end) for start, end in self._spans) / 1e3  # type: ignore[arg-type]
+
+
+def interval_clock(device: torch.device) -> WallClock | CudaEventClock:
+    """CUDA events on a GPU, the host clock elsewhere."""
+    return CudaEventClock(device) if device.type == "cuda" else WallClock()
 
 
 @dataclass(frozen=True)
@@ -47,7 +108,7 @@ class IntervalMeter:
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self._losses = 0
         self._steps = 0
-        self._start = time.perf_counter()
+        self._clock = interval_clock(self.device)
 
     def add_step(self, loss_sum: torch.Tensor, micro_batches: int) -> None:
         """Account one optimizer step: the sum of its micro-batch losses and how many there were."""
@@ -58,11 +119,8 @@ class IntervalMeter:
     @contextmanager
     def paused(self) -> Iterator[None]:
         """Leave the enclosed time (evaluation, checkpoint saving) out of step time and tokens/s."""
-        start = time.perf_counter()
-        try:
+        with self._clock.paused():
             yield
-        finally:
-            self._start += time.perf_counter() - start
 
     def record(self, state: TrainState, *, lr: float, grad_norm: float | None) -> dict[str, Any]:
         """The train record of the interval (a collective: every rank must call it), then reset.
@@ -70,7 +128,7 @@ class IntervalMeter:
         ``loss`` is the mean micro-batch loss over the interval's steps and all dp ranks; ``lr`` and
         ``grad_norm`` (global, before clipping) are those of the interval's last step.
         """
-        elapsed = time.perf_counter() - self._start
+        elapsed = self._clock.elapsed_s()
         totals = torch.stack([self._loss_sum, torch.tensor(float(self._losses), dtype=torch.float64, device=self.device)])
         mem = torch.tensor([peak_memory_gib(self.device)], dtype=torch.float64, device=self.device)
         if dist.is_initialized():

@@ -4,6 +4,11 @@ Everything DeepSpeed needs to know about batch shape, ZeRO, precision, clipping 
 comes from here, so a run's behaviour is a function of its resolved config alone. Things that are
 live objects (weight-decay parameter groups, the LR scheduler, an ``mpu``) are passed to
 ``deepspeed.initialize`` by :mod:`fm_train.engine.build`, not rendered.
+
+The hardware enters through one argument, ``accelerator`` (``cuda`` or ``cpu``, detected when not
+given); the device-specific choices come from :mod:`fm_train.dist.device`. On a CPU the output is
+what it always was; on a GPU AdamW runs fused and ZeRO-2 overlaps its gradient reduction with
+backward.
 """
 
 from __future__ import annotations
@@ -11,25 +16,57 @@ from __future__ import annotations
 from typing import Any
 
 from fm_train.config import FmConfig
+from fm_train.dist.device import Accelerator, check_precision, detect_accelerator, use_fused_adamw
 
 # We print and log metrics ourselves (fm_train.engine.metrics); DeepSpeed's own progress report
 # would interleave a second, differently averaged loss line on every rank.
 _NEVER = 2**31 - 1
 
 
-def zero_section(cfg: FmConfig) -> dict[str, Any]:
+def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu") -> dict[str, Any]:
     """``zero_optimization`` for the configured stage, with optimizer offload to CPU when asked."""
     p = cfg.parallel
     section: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage >= 1:
         # Contiguous gradient buffers avoid fragmentation at large scale and cost nothing small.
         section["contiguous_gradients"] = True
+    if p.zero_stage == 2 and accelerator == "cuda":
+        # Reduce-scatter finished gradient buckets on a side stream while backward continues
+        # (ZeRO-3 does this by default). Not on CPU: gloo has no streams to overlap on.
+        section["overlap_comm"] = True
     if p.zero_stage == 3:
         # Needed so `engine.save_16bit_model` (HF export without a ZeRO merge) gets whole weights.
         section["stage3_gather_16bit_weights_on_model_save"] = True
+        section.update(zero3_buffer_sizes(cfg))
     if p.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return section
+
+
+def zero3_buffer_sizes(cfg: FmConfig) -> dict[str, int]:
+    """ZeRO-3 buffer sizes (in elements) scaled to the model instead of DeepSpeed's fixed defaults.
+
+    The defaults (a 5e8-element gradient bucket, up to 1e9 gathered parameters kept live or for
+    reuse, 1e9-element optimizer sub-groups) are sized for GPUs, not for the model: for a 1.1B
+    model in fp32 on 2 ranks they allow a 2 GB gradient bucket, about 4 GB of gathered parameters
+    and 2 x 2.2 GB of AdamW temporaries per rank on top of its 8.8 GB of ZeRO-3 states, more than a
+    24 GiB machine holds (bench/RESULTS_memory.md). Buckets follow
+    the Hugging Face integration's ``auto`` rule (``hidden^2``); gathered parameters are bounded to
+    two decoder blocks (the one computing and the one prefetched), and a block stays gathered across
+    its activation-checkpointing recompute and its backward (reuse distance one block); optimizer
+    sub-groups of 1e8 elements bound the AdamW step's temporaries.
+    """
+    m = cfg.model
+    h, kv = m.hidden, m.n_kv_heads * (m.hidden // m.n_heads)
+    block = 2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden
+    return {
+        "reduce_bucket_size": h * h,
+        "stage3_prefetch_bucket_size": int(0.9 * h * h),
+        "stage3_param_persistence_threshold": 10 * h,
+        "stage3_max_live_parameters": 2 * block,
+        "stage3_max_reuse_distance": block,
+        "sub_group_size": 100_000_000,
+    }
 
 
 def precision_sections(cfg: FmConfig) -> dict[str, Any]:
@@ -50,42 +87,54 @@ def precision_sections(cfg: FmConfig) -> dict[str, Any]:
     return {}
 
 
-def optimizer_section(cfg: FmConfig) -> dict[str, Any]:
+def optimizer_section(cfg: FmConfig, accelerator: Accelerator = "cpu") -> dict[str, Any]:
     """AdamW through ``torch.optim.AdamW`` (``torch_adam``), so no fused op is JIT-compiled.
+
+    On a GPU it gets ``fused: true`` (:func:`fm_train.dist.device.use_fused_adamw`): DeepSpeed
+    0.19 builds ``torch.optim.AdamW(params, **params_without_torch_adam)`` for ``torch_adam``, so the
+    flag reaches torch, whose fused AdamW updates every tensor in one kernel per dtype.
 
     ``weight_decay`` here is only the default; the parameter groups built by
     :func:`fm_train.engine.param_groups.weight_decay_groups` set it per group (0 for norms/biases).
     The ``lr`` is the peak rate; the LR scheduler multiplies it by the schedule's factor each step.
     """
     o = cfg.optim
-    return {
-        "type": "AdamW",
-        "params": {
-            "lr": o.lr,
-            "betas": list(o.betas),
-            "eps": o.eps,
-            "weight_decay": o.weight_decay,
-            "torch_adam": True,
-        },
+    params: dict[str, Any] = {
+        "lr": o.lr,
+        "betas": list(o.betas),
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+        "torch_adam": True,
     }
+    if use_fused_adamw(accelerator, offload_optimizer=cfg.parallel.offload_optimizer):
+        params["fused"] = True
+    return {"type": "AdamW", "params": params}
 
 
-def deepspeed_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
+def deepspeed_config(cfg: FmConfig, *, load_universal: bool = False,
+                     accelerator: Accelerator | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` (pass it as ``deepspeed.initialize(config=...)``).
 
     The batch triple is derived once from the config: ``train_batch_size = micro_batch x grad_accum x
     dp`` (``cfg.global_batch``), which DeepSpeed re-checks against its own data-parallel size.
     ``load_universal`` is a fact of the checkpoint being resumed (saved on another dp size, see
     ``fm_train.checkpoint.prepare_resume``), not of the config, hence an argument.
+
+    ``accelerator``: the device kind the engine will run on; None detects this process's (and then
+    also checks ``precision`` against the hardware: an error for bf16 on a GPU without it, a warning
+    for bf16 on a CPU without native support). Pass it to render another machine's config.
     """
+    if accelerator is None:
+        accelerator = detect_accelerator()
+        check_precision(cfg.precision, accelerator)
     t = cfg.train
     config: dict[str, Any] = {
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero_section(cfg),
-        "optimizer": optimizer_section(cfg),
+        "zero_optimization": zero_section(cfg, accelerator),
+        "optimizer": optimizer_section(cfg, accelerator),
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
         "checkpoint": {"load_universal": load_universal},

@@ -1,0 +1,31 @@
+"""``torch.compile`` of each decoder block, applied from outside the pure model (``parallel.compile``).
+
+Blocks, not the whole model: a block is the unit that repeats, so one compiled graph serves every
+block of the same shape (torch inlines module parameters as graph inputs rather than guarding on
+each instance), compile time does not grow with depth, and the embedding, head and loss, where
+DeepSpeed and the tensor-parallel plan put their collectives, stay eager. Inside a block the compiler
+fuses RMSNorm, RoPE, SwiGLU and the residual adds around the matmuls and SDPA kernels.
+
+``nn.Module.compile`` compiles in place: the module tree and the parameter names do not change, so
+checkpoints, the manifest and the HF export never notice. It composes with activation
+checkpointing (applied first, the compiled call runs the checkpointed forward) and with pipeline
+stages, whose blocks are ``DecoderLayer`` subclasses. Under ZeRO-3 the parameter-fetch hooks that
+DeepSpeed puts on every linear layer are excluded from compilation, which splits each block into
+smaller graphs: it still runs, with less to gain.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fm_train.model.llama import DecoderLayer
+
+
+def compile_blocks(module: nn.Module) -> int:
+    """Compile every decoder block of ``module`` in place; returns how many (compiled on first call)."""
+    count = 0
+    for block in module.modules():
+        if isinstance(block, DecoderLayer) and getattr(block, "_compiled_call_impl", None) is None:
+            block.compile()
+            count += 1
+    return count
