@@ -1,24 +1,26 @@
-"""Tokens/s of one fm-train process against a bare PyTorch loop and a Hugging Face Llama loop.
+"""Tokens/s of one fm-train process against bare PyTorch, a Hugging Face loop and ``transformers.Trainer``.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine.py [--threads 1] [--rounds 6] [--steps-per-round 5]
 
-Three contenders train the same Llama shape on the same fixed batch with the same AdamW settings
-and gradient clipping, in one process with the same thread count:
+Four contenders train the same Llama shape on the same fixed batch with the same AdamW settings,
+cosine schedule and gradient clipping, in one process with the same thread count:
 
 * ``fm-train``: the DeepSpeed engine (world 1, gloo, ZeRO-0 fp32 by default) driven by
   ``fm_train.engine.train`` with metrics on (a record every round: all-reduce, jsonl, TensorBoard)
   - the whole worker loop minus the data reader;
 * ``torch``: ``build_train_module`` + ``torch.optim.AdamW`` + ``LambdaLR`` + ``clip_grad_norm_``;
 * ``hf-loop``: ``transformers.LlamaForCausalLM`` (sdpa attention) in the loop ``transformers.Trainer``
-  runs per step (``model(**batch).loss``, backward, ``clip_grad_norm_``, AdamW,
-  ``get_cosine_schedule_with_warmup``). The Trainer itself needs ``accelerate``, which this
-  environment does not have; its step adds data collation and callbacks on top of this loop, so
-  the loop's speed is an upper bound on the Trainer's.
+  runs per step (``model(**batch).loss``, backward, ``clip_grad_norm_``, AdamW, cosine schedule);
+* ``hf-trainer``: ``transformers.Trainer`` itself (needs ``accelerate``) training that model from a
+  dataset of the same rows (default collator, ``adamw_torch``, ``max_grad_norm=1``, cosine schedule,
+  no logging, checkpointing or evaluation). Its step time runs from one ``on_step_end`` to the next,
+  so it includes the Trainer's data loading and collation, as fm-train's includes its loop.
 
-The machine is shared, so the contenders run interleaved: each round runs a few steps of each in
-turn, and a contender's figure is its median step time over all rounds after the first (warm-up).
+The machine is shared, so the contenders run interleaved: the Trainer drives the rounds (a callback
+runs a round of the others every ``--steps-per-round`` Trainer steps, outside the Trainer's timing),
+and a contender's figure is its median step time over all rounds after the first (warm-up).
 tokens/s = micro_batch x seq_len / median step time. Goals: fm-train / torch >= 0.95 and
-fm-train / hf >= 1.0.
+fm-train / hf-trainer >= 1.0.
 """
 
 from __future__ import annotations
@@ -121,13 +123,9 @@ def torch_contender(total_steps: int) -> Contender:
 
 def hf_contender(total_steps: int) -> Contender:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
-    s = SHAPE
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=s["vocab_size"], hidden_size=s["hidden"], intermediate_size=s["ffn_hidden"],
-        num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
-        max_position_embeddings=s["max_seq_len"], tie_word_embeddings=s["tie_embeddings"], attn_implementation="sdpa"))
+    model = hf_model()
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, WARMUP, total_steps)
@@ -150,6 +148,64 @@ def hf_contender(total_steps: int) -> Contender:
     return run
 
 
+def hf_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = SHAPE
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=s["vocab_size"], hidden_size=s["hidden"], intermediate_size=s["ffn_hidden"],
+        num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
+        max_position_embeddings=s["max_seq_len"], tie_word_embeddings=s["tie_embeddings"], attn_implementation="sdpa"))
+
+
+def run_trainer_driving(total_steps: int, per_round: int, out_dir: str, others: dict[str, Contender],
+                        times: dict[str, list[float]]) -> None:
+    """Train with ``transformers.Trainer``; after every ``per_round`` of its steps, run one round of ``others``.
+
+    Appends the Trainer's step times (all but the first round) to ``times["hf-trainer"]`` and the
+    others' to their own lists; time spent in the others' rounds is excluded from the Trainer's.
+    """
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    ids, _ = fixed_batch()
+
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return MICRO * total_steps
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            row = ids[i % MICRO]
+            return {"input_ids": row, "labels": row}
+
+    class Interleave(TrainerCallback):
+        def __init__(self) -> None:
+            self.last = None
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - the Trainer's signature
+            now = time.perf_counter()
+            first_round = state.global_step <= per_round
+            if self.last is not None and not first_round:
+                times["hf-trainer"].append(now - self.last)
+            if state.global_step % per_round == 0:
+                for name, run in others.items():
+                    step_times = run(per_round)
+                    if not first_round:
+                        times[name] += step_times
+            self.last = time.perf_counter()  # the others' round is not the Trainer's time
+
+    # fm-train's contender set the torchrun variables for its world-1 group; seeing LOCAL_RANK,
+    # accelerate would wrap the Trainer's model in DDP, which a single-process Trainer never has.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(var, None)
+    args = TrainingArguments(
+        output_dir=out_dir, max_steps=total_steps, per_device_train_batch_size=MICRO, learning_rate=LR,
+        adam_beta1=0.9, adam_beta2=0.95, weight_decay=0.1, max_grad_norm=1.0, lr_scheduler_type="cosine",
+        warmup_steps=WARMUP, optim="adamw_torch", use_cpu=True, report_to=[], save_strategy="no",
+        logging_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0, seed=1)
+    Trainer(model=hf_model(), args=args, train_dataset=Rows(), callbacks=[Interleave()]).train()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -164,18 +220,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         contenders = {"fm-train": fm_train_contender(total, args.zero, run_dir, args.steps_per_round),
                       "torch": torch_contender(total), "hf-loop": hf_contender(total)}
-        times: dict[str, list[float]] = {name: [] for name in contenders}
-        for r in range(args.rounds):
-            for name, run in contenders.items():
-                step_times = run(args.steps_per_round)
-                if r > 0:  # round 0 is warm-up: allocator, kernel choice, first-call costs
-                    times[name] += step_times
+        times: dict[str, list[float]] = {name: [] for name in [*contenders, "hf-trainer"]}
+        # Round 0 is warm-up for everyone: allocator, kernel choice, first-call costs.
+        run_trainer_driving(total, args.steps_per_round, str(Path(run_dir) / "trainer"), contenders, times)
     tps = {name: MICRO * SEQ / statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(json.dumps({"name": name, "median_step_s": round(statistics.median(t), 4),
                           "tokens_per_s": round(tps[name], 1), "steps_measured": len(t)}))
     print(f"fm-train / torch   = {tps['fm-train'] / tps['torch']:.3f} (goal >= 0.95)")
-    print(f"fm-train / hf-loop = {tps['fm-train'] / tps['hf-loop']:.3f} (goal >= 1.0)")
+    print(f"fm-train / hf-loop = {tps['fm-train'] / tps['hf-loop']:.3f}")
+    print(f"fm-train / hf-trainer = {tps['fm-train'] / tps['hf-trainer']:.3f} (goal >= 1.0)")
     print(f"shape {SHAPE}, micro_batch {MICRO}, seq_len {SEQ}, fp32, threads {args.threads}, ZeRO-{args.zero}, "
           f"torch {torch.__version__}")
     return 0

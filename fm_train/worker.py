@@ -27,6 +27,7 @@ from fm_train.dist.topology import Topology
 if TYPE_CHECKING:
     from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
+    from fm_train.parallel.sharded_init import InitSource
 
 
 def _check_world(cfg: FmConfig, env: RankEnv) -> None:
@@ -44,6 +45,44 @@ def _engine_mpu(topo: Topology, groups: ParallelGroups) -> ParallelGroups | None
     needs none (DeepSpeed's default world group is the dp group).
     """
     return groups if topo.tp > 1 and topo.pp == 1 else None
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc hand large freed blocks back to the OS at once (CPU training; a no-op elsewhere).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
+    tensors below it come from the heap, whose freed memory the process keeps: a CPU rank's RSS then
+    grew by 0.2-0.3 GiB per step on a 125M model under ZeRO-3. Fixing the threshold at 128 KiB
+    (what MALLOC_MMAP_THRESHOLD_=131072 does) kept it flat at the first step's peak
+    (bench/RESULTS_memory.md). Tensors on a GPU do not use this heap, so GPU ranks are left alone.
+    """
+    import ctypes
+    import ctypes.util
+
+    import torch
+
+    if not sys.platform.startswith("linux") or torch.cuda.is_available():
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also turns the dynamic raise off
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        pass
+
+
+def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
+    """The run seed, or on a fresh start with ``model.init_from`` the imported Hugging Face weights
+    (a state dict by fm_train name, sliced into this rank's layout by ``build_train_module``)."""
+    if cfg.model.init_from is None or resuming:  # a checkpoint's weights replace any init
+        return cfg.run.seed
+    from fm_train.convert import import_hf
+
+    fields, state = import_hf(Path(cfg.model.init_from))
+    wrong = [f"model.{k}={getattr(cfg.model, k)!r} vs config.json {v!r}" for k, v in fields.items()
+             if k != "max_seq_len" and getattr(cfg.model, k) != v]
+    if wrong:  # the loader's rules check this; a dir replaced since then must not load silently
+        raise ConfigError(f"model.init_from={cfg.model.init_from!r} does not match the model: {'; '.join(wrong)}")
+    return state
 
 
 def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
@@ -68,6 +107,7 @@ def run_worker(cfg: FmConfig) -> int:
 
     env = RankEnv.from_environ()
     _check_world(cfg, env)
+    return_freed_memory_to_os()
     # SIGTERM (preemption, the launcher stopping the group) and SIGINT: finish the step, save, exit 0.
     stop = StopRequest().install()
     ensure_extension_cache()
@@ -87,8 +127,8 @@ def run_worker(cfg: FmConfig) -> int:
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from, universal = checkpointing.resume_point(cfg, topo)
-        engine, scheduler = build_engine(cfg, build_train_module(cfg, groups), mpu=_engine_mpu(topo, groups),
-                                         load_universal=universal)
+        module = build_train_module(cfg, groups, init=_initial_weights(cfg, resuming=resume_from is not None))
+        engine, scheduler = build_engine(cfg, module, mpu=_engine_mpu(topo, groups), load_universal=universal)
         state = TrainState(lr_scheduler=scheduler)
         if resume_from is not None:
             checkpointing.restore(engine, resume_from, cfg, state, tokenizer_hash)

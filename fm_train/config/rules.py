@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fm_train.config.schema import FmConfig
+from fm_train.config.hf_shape import FREE_FIELDS, HF_KEYS, hf_config_file, read_hf_shape
+from fm_train.config.schema import FmConfig, ModelConfig
 
 
 def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
@@ -81,6 +82,9 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
             " would span nodes; lower parallel.tp"
         )
 
+    # Continued pretraining.
+    errors += _init_from_errors(m, require_paths=require_paths)
+
     # Checkpoint.
     if cfg.checkpoint.resume not in ("auto", "none") and require_paths and not Path(cfg.checkpoint.resume).exists():
         errors.append(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist; use auto, none or a step directory")
@@ -97,6 +101,30 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     return errors
 
 
+def _init_from_errors(m: ModelConfig, *, require_paths: bool) -> list[str]:
+    """``model.init_from`` must be a readable Llama dir whose shape every explicitly set field agrees with."""
+    if m.init_from is None:
+        return []
+    if not hf_config_file(m.init_from).is_file():
+        if not require_paths:
+            return []  # planning elsewhere: `plan` warns through missing_paths
+        return [f"model.init_from={m.init_from!r} has no config.json; point it at a Hugging Face Llama dir"
+                " (save_pretrained output) or set it to null"]
+    try:
+        shape = read_hf_shape(m.init_from)
+    except ValueError as exc:
+        return [f"model.init_from={m.init_from!r}: {exc}"]
+    return [
+        f"model.{field}={getattr(m, field)!r} conflicts with model.init_from (config.json {HF_KEYS[field]}="
+        f"{value!r}); drop model.{field} (and model.preset) to take the checkpoint's shape"
+        for field, value in shape.items()
+        if field not in FREE_FIELDS and getattr(m, field) != value
+    ]
+
+
 def missing_paths(cfg: FmConfig) -> list[str]:
-    """Data paths that do not exist on this machine (reported by ``plan`` as a warning)."""
-    return [s.path for s in cfg.data.sources if not s.default_corpus and not Path(s.path).exists()]
+    """Data paths (and ``model.init_from``) that do not exist on this machine (``plan`` warns about them)."""
+    paths = [s.path for s in cfg.data.sources if not s.default_corpus and not Path(s.path).exists()]
+    if cfg.model.init_from is not None and not Path(cfg.model.init_from).exists():
+        paths.append(cfg.model.init_from)
+    return paths

@@ -9,9 +9,11 @@ Config holds values only. Live objects (process groups, engines, loaders) are bu
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeInt, model_validator
+
+from fm_train.config.hf_shape import hf_config_file, read_hf_shape
 
 
 class _Section(BaseModel):
@@ -42,6 +44,28 @@ class ModelConfig(_Section):
     norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm epsilon.")
     qkv_bias: bool = Field(False, description="Bias on the q/k/v/o projections (HF LlamaConfig.attention_bias).")
     init_std: PositiveFloat = Field(0.02, description="Std of the normal weight init.")
+    init_from: Optional[str] = Field(
+        None,
+        description="Continued pretraining: a Hugging Face Llama dir (config.json + safetensors) whose weights"
+        " replace the seeded init in every layout. Shape fields left unset are taken from its config.json;"
+        " one set to a different value is an error (only max_seq_len may differ). Ignored on resume.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shape_from_init_from(cls, data: Any) -> Any:
+        """Fill shape fields the user did not set from ``init_from``'s config.json (when readable).
+
+        Never raises: an unreadable dir or a conflicting field is reported by the load-time rules,
+        with the field's name (``fm_train.config.rules``).
+        """
+        if not isinstance(data, dict) or not data.get("init_from") or not hf_config_file(data["init_from"]).is_file():
+            return data
+        try:
+            shape = read_hf_shape(data["init_from"])
+        except ValueError:
+            return data
+        return {**shape, **data}
 
 
 class ParallelConfig(_Section):
@@ -52,6 +76,9 @@ class ParallelConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    compile: bool = Field(
+        False, description="torch.compile each decoder block (fuses norms, RoPE and SwiGLU; costs a compile at start)."
+    )
 
 
 class PrecisionFlags(_Section):

@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from fm_train.config import FmConfig
 from fm_train.engine.activation_checkpointing import apply_activation_checkpointing
+from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
 from fm_train.parallel.deepspeed_config import deepspeed_config
@@ -37,6 +38,8 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_univ
         raise ValueError("a PipelineModule brings its own process grid: build its engine with mpu=None")
     if cfg.parallel.activation_checkpointing and not pipelined:
         apply_activation_checkpointing(module)
+    if cfg.parallel.compile:  # after checkpointing: the compiled call runs the checkpointed forward
+        compile_blocks(module)
     config = ds_config if ds_config is not None else deepspeed_config(cfg, load_universal=load_universal)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
@@ -47,4 +50,8 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_univ
         lr_scheduler=make_scheduler,
         mpu=mpu,
     )
+    if not pipelined and engine.zero_optimization_stage() == 0 and cfg.precision == "fp32" and engine.dp_world_size == 1:
+        # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every gradient,
+        # all-reduce it over that one rank and copy it back, each step (bench/RESULTS_engine.md).
+        engine.enable_backward_allreduce = False
     return engine, scheduler

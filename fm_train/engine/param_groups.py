@@ -26,7 +26,9 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim >= 2:
+        # A ZeRO-3 parameter built partitioned (deepspeed.zero.Init) is an empty 1-D placeholder;
+        # its real shape is ds_shape.
+        if len(getattr(param, "ds_shape", param.shape)) >= 2:
             decay.append(param)
             decay_names.append(name)
         else:

@@ -4,22 +4,31 @@ Contract with the engine: for ``pp == 1`` the result is an ``nn.Module`` whose
 ``forward(input_ids, labels)`` returns the scalar mean next-token loss (vocab-parallel when tp > 1);
 for ``pp > 1`` it is a ``deepspeed.pipe.PipelineModule`` fed ``((input_ids,), labels)`` tuples.
 tp > 1 or pp > 1 needs the rank's :class:`~fm_train.dist.groups.ParallelGroups`.
+
+Initial weights (``init``) are the run seed or full tensors by name (continued pretraining from a
+Hugging Face checkpoint); every layout slices the same values (:mod:`fm_train.parallel.sharded_init`).
+No rank ever holds the whole model unless the layout keeps it whole: tp shards and pipeline stages
+are built on the meta device, and ZeRO-3 builds under ``deepspeed.zero.Init`` (one full parameter at
+a time, then only this rank's partition).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
+import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fm_train.config import FmConfig
 from fm_train.dist.groups import ParallelGroups
 from fm_train.model import LlamaForCausalLM, args_from_config, causal_lm_loss
 from fm_train.model.llama import LlamaArgs, rope_tables
+from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.pipeline import build_pipeline, stage_bounds
-from fm_train.parallel.sharded_init import materialize_
+from fm_train.parallel.sharded_init import InitSource, materialize_, materialize_zero3_
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel, vocab_parallel_cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -37,15 +46,54 @@ class CausalLMWithLoss(nn.Module):
         return self.loss_fn(self.model(input_ids), labels)
 
 
-def build_dense_model(cfg: FmConfig) -> LlamaForCausalLM:
-    """The whole pure model on CPU, seeded-initialised exactly as in every other layout."""
+def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> LlamaForCausalLM:
+    """The whole pure model on CPU, initialised exactly as in every other layout (``init``: default the run seed)."""
     model = LlamaForCausalLM(args_from_config(cfg.model))
-    model.init_weights(cfg.run.seed)
+    init = cfg.run.seed if init is None else init
+    if isinstance(init, int):
+        model.init_weights(init)
+    else:
+        model.load_state_dict(dict(init), strict=True)  # copies (and casts) into the model's own tensors
     return model
 
 
-def build_tp_model(args: LlamaArgs, tp: TPGroup, seed: int) -> LlamaForCausalLM:
-    """The pure model with the tp plan applied, holding only this rank's shards of the seeded init.
+class _PartitionOnConstruction(deepspeed.zero.Init):
+    """``deepspeed.zero.Init`` without its broadcast of every new parameter from rank 0.
+
+    DeepSpeed broadcasts each parameter's constructor-time (random) value so that the ranks agree;
+    :func:`materialize_zero3_` then overwrites every partition with values each rank computes
+    itself, so that broadcast (the whole model over the network, one tensor at a time) is waste.
+    Should a DeepSpeed release rename this hook, the override goes unused and the broadcast comes
+    back: slower, with the same result.
+    """
+
+    def _zero_init_param(self, param: nn.Parameter) -> None:  # DeepSpeed 0.19's per-parameter hook
+        self._convert_to_deepspeed_param(param)
+        param.partition()
+
+
+def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
+                      ds_config: dict[str, Any] | None = None) -> LlamaForCausalLM:
+    """The pure model partitioned over the data-parallel ranks as it is built (ZeRO-3, tp = pp = 1).
+
+    ``deepspeed.zero.Init`` partitions each sub-module's parameters as soon as its constructor
+    returns, so a rank holds its partitions plus the parameters of one module at a time, never the
+    whole model; each partition is then overwritten with its slice of the initial weights.
+    ``ds_config`` is the config ``deepspeed.initialize`` will get (its precision decides the dtype
+    of the partitions); default: rendered from ``cfg``.
+    """
+    if not deepspeed.comm.is_initialized():
+        # zero.Init reads the world size (its batch check) from DeepSpeed's comm layer, which adopts
+        # the existing torch process group here; deepspeed.initialize would do the same later.
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+    args = args_from_config(cfg.model)
+    with _PartitionOnConstruction(config_dict_or_path=ds_config if ds_config is not None else deepspeed_config(cfg)):
+        model = LlamaForCausalLM(args)
+    return materialize_zero3_(model, args, cfg.run.seed if init is None else init)
+
+
+def build_tp_model(args: LlamaArgs, tp: TPGroup, init: InitSource) -> LlamaForCausalLM:
+    """The pure model with the tp plan applied, holding only this rank's shards of the initial weights.
 
     Built on the meta device, so the full model never exists on a rank; each shard equals the
     matching slice of :func:`build_dense_model`'s weights. Its forward returns vocab-sharded logits.
@@ -53,7 +101,7 @@ def build_tp_model(args: LlamaArgs, tp: TPGroup, seed: int) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(args)
     apply_tensor_parallel(model, tp)
-    materialize_(model, args, seed, tp)
+    materialize_(model, args, init, tp)
     # RoPE tables are derived, not initialised: recompute them in place of the meta placeholders.
     model.model.rope_cos, model.model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
     return model
@@ -92,10 +140,16 @@ def _check(cfg: FmConfig, groups: ParallelGroups | None) -> None:
         raise ValueError("cannot build the train module:\n  " + "\n  ".join(errors))
 
 
-def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None) -> nn.Module:
+def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, init: InitSource | None = None,
+                       ds_config: dict[str, Any] | None = None) -> nn.Module:
     """The trainable module for ``cfg``'s layout; raises ``ValueError`` before any step if it cannot exist.
 
-    - tp = pp = 1: the dense model wrapped with its loss (``groups`` unused).
+    ``init``: the initial weights (default: the run seed; a state dict by pure-model name for
+    continued pretraining). ``ds_config``: the DeepSpeed config the engine will get, when it is not
+    the one rendered from ``cfg`` (read by the ZeRO-3 build only).
+
+    - tp = pp = 1: the dense model wrapped with its loss (``groups`` unused); with ZeRO-3 and a
+      process group, built already partitioned (:func:`build_zero3_model`).
     - tp > 1, pp = 1: the tp-sharded model with the vocab-parallel loss; pass ``mpu=groups`` to
       ``deepspeed.initialize``.
     - pp > 1: a ``PipelineModule`` (tp-sharded stages when tp > 1) with activation checkpointing
@@ -104,12 +158,16 @@ def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None) -> n
     """
     _check(cfg, groups)
     p, args = cfg.parallel, args_from_config(cfg.model)
+    init = cfg.run.seed if init is None else init
     if p.tp == 1 and p.pp == 1:
-        return CausalLMWithLoss(build_dense_model(cfg))
+        # Without a process group there is nothing to partition over (a single-process reference).
+        if p.zero_stage == 3 and dist.is_initialized():
+            return CausalLMWithLoss(build_zero3_model(cfg, init, ds_config))
+        return CausalLMWithLoss(build_dense_model(cfg, init))
     assert groups is not None  # _check raised otherwise
     tp = TPGroup.from_groups(groups)
     if p.pp > 1:
-        return build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=cfg.run.seed,
+        return build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
                               activation_checkpointing=p.activation_checkpointing)
-    model = build_tp_model(args, tp, cfg.run.seed)
+    model = build_tp_model(args, tp, init)
     return CausalLMWithLoss(model, loss_fn=functools.partial(vocab_parallel_cross_entropy, tp=tp))

@@ -22,7 +22,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import partition_balanced
 
 from fm_train.model.llama import DecoderLayer, LlamaArgs, RMSNorm, causal_lm_loss, rope_tables
-from fm_train.parallel.sharded_init import full_shapes, materialize_
+from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
 from fm_train.parallel.tensor_parallel import (
     ColumnParallelLinear,
     TPGroup,
@@ -38,7 +38,7 @@ TIED_KEY = "embed"
 class EmbeddingPipe(VocabParallelEmbedding):
     """Layer 0: token ids -> hidden states (``model.embed_tokens``); with tied embeddings also the head."""
 
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: int) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
         super().__init__(args.vocab_size, args.hidden, tp, device="meta")
         materialize_(self, args, seed, tp, prefix="model.embed_tokens.")
 
@@ -56,7 +56,7 @@ def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.T
 class DecoderBlockPipe(DecoderLayer):
     """Layer ``1 + index``: the pure ``DecoderLayer`` (``model.layers.{index}``), tp-sharded."""
 
-    def __init__(self, args: LlamaArgs, index: int, tp: TPGroup, seed: int) -> None:
+    def __init__(self, args: LlamaArgs, index: int, tp: TPGroup, seed: InitSource) -> None:
         with torch.device("meta"):
             super().__init__(args)
         apply_tensor_parallel(self, tp)
@@ -74,7 +74,7 @@ class DecoderBlockPipe(DecoderLayer):
 class FinalNormPipe(RMSNorm):
     """The final ``model.norm``."""
 
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: int) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
         with torch.device("meta"):
             super().__init__(args.hidden, args.norm_eps)
         materialize_(self, args, seed, tp, prefix="model.norm.")
@@ -83,7 +83,7 @@ class FinalNormPipe(RMSNorm):
 class LMHeadPipe(ColumnParallelLinear):
     """The untied ``lm_head``: column-parallel over the vocabulary, logits stay sharded for the loss."""
 
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: int) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
         super().__init__(args.hidden, args.vocab_size, tp, device="meta")
         materialize_(self, args, seed, tp, prefix="lm_head.")
 
@@ -164,7 +164,7 @@ def _loss_fn(tp: TPGroup) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     return functools.partial(vocab_parallel_cross_entropy, tp=tp)
 
 
-def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: int,
+def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitSource,
                    activation_checkpointing: bool = False) -> FmPipelineModule:
     """The pipeline of ``args`` over a ``pp x dp x tp`` grid (DeepSpeed's axis order, as our Topology).
 

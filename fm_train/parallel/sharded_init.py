@@ -1,17 +1,22 @@
-"""Materialise only this rank's shard of a model built on the meta device, equal to slicing the full init.
+"""Materialise only this rank's part of each parameter, equal to slicing the full initial weights.
 
 ``LlamaForCausalLM.init_weights`` draws every parameter from a generator seeded by the run seed and
 the parameter's name, so one parameter's full value can be produced on its own. A shard is then that
-full tensor sliced along its tp split dim: tp2 starts from exactly the weights of tp1, and a rank never
-holds more than one full parameter at a time (never the whole model).
+full tensor sliced along its tp split dim (:func:`materialize_`), or the flat range a ZeRO-3 rank owns
+(:func:`materialize_zero3_`): every layout starts from exactly the weights of one process, and a rank
+never holds more than one full parameter at a time (never the whole model).
+
+The initial weights are an :data:`InitSource`: the run seed, or full tensors by name (a Hugging Face
+checkpoint imported for continued pretraining), sliced the same way.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from typing import Iterator, Mapping, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fm_train.model.llama import LlamaArgs, LlamaForCausalLM
@@ -50,10 +55,28 @@ def full_init(args: LlamaArgs, seed: int, name: str) -> torch.Tensor:
     return tensor
 
 
+InitSource = Union[int, Mapping[str, torch.Tensor]]
+"""Initial weights: a seed (the seeded init), or full tensors by pure-model name (``import_hf``'s state dict)."""
+
+
+def initial_value(args: LlamaArgs, init: InitSource, name: str) -> torch.Tensor:
+    """The full initial value of parameter ``name``: seeded, or looked up (and shape-checked) in ``init``."""
+    if isinstance(init, int):
+        return full_init(args, init, name)
+    if name == "lm_head.weight" and args.tie_embeddings:
+        name = "model.embed_tokens.weight"
+    if name not in init:
+        raise KeyError(f"initial weights lack {name!r} (have {len(init)} tensors, e.g. {sorted(init)[:3]})")
+    value, want = init[name], full_shapes(args)[name]
+    if value.shape != want:
+        raise ValueError(f"initial weight {name!r} has shape {tuple(value.shape)}, the model needs {tuple(want)}")
+    return value
+
+
 @torch.no_grad()
-def materialize_(module: nn.Module, args: LlamaArgs, seed: int, tp: TPGroup, *, prefix: str = "",
+def materialize_(module: nn.Module, args: LlamaArgs, init: InitSource, tp: TPGroup, *, prefix: str = "",
                  device: torch.device | str = "cpu") -> nn.Module:
-    """Give ``module``'s parameters real storage holding this rank's shard of the seeded init.
+    """Give ``module``'s parameters real storage holding this rank's tp shard of the initial weights.
 
     ``prefix + local name`` must be the pure model's parameter name (``model.layers.3.`` for a
     pipeline block, empty for the whole model). Buffers become uninitialised storage: the caller
@@ -66,6 +89,28 @@ def materialize_(module: nn.Module, args: LlamaArgs, seed: int, tp: TPGroup, *, 
     for name, param in module.named_parameters():
         full_name = prefix + name
         dim = split_dim_of(full_name)
-        param.copy_(shard(full_init(args, seed, full_name), dim, tp))
+        param.copy_(shard(initial_value(args, init, full_name), dim, tp))
         mark_tensor_parallel(param, dim, tp)  # to_empty made new Parameter objects: tag them again
+    return module
+
+
+@torch.no_grad()
+def materialize_zero3_(module: nn.Module, args: LlamaArgs, init: InitSource, *, prefix: str = "") -> nn.Module:
+    """Overwrite each ZeRO-3 partition of ``module`` (built under ``deepspeed.zero.Init``) with the initial weights.
+
+    DeepSpeed stores rank ``r``'s partition of a parameter as the flat range ``[r * n, (r + 1) * n)``
+    of the flattened full tensor (``n = ds_tensor.ds_numel``; the last rank's tail is zero padding),
+    so each rank computes one full value at a time and keeps its range: no collective, no gather.
+    """
+    for name, param in module.named_parameters():
+        part = getattr(param, "ds_tensor", None)
+        if part is None:
+            raise ValueError(f"{prefix + name} is not a ZeRO-3 partitioned parameter (build it under deepspeed.zero.Init)")
+        flat = initial_value(args, init, prefix + name).reshape(-1)
+        size = part.ds_numel
+        start = size * dist.get_rank(group=param.ds_process_group)
+        count = max(0, min(size, flat.numel() - start))
+        part.zero_()  # padding stays zero, as DeepSpeed's own partitioning leaves it
+        if count:
+            part.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
     return module

@@ -6,6 +6,19 @@ holds the embedding, the last the head). Byte counts per parameter follow the Ze
 moments (12 bytes); in fp32, 4 + 4 + 8. ZeRO-1 divides optimizer states by dp, ZeRO-2 also grads,
 ZeRO-3 also params. Activations follow Korthikanti et al. 2022 adapted to a SwiGLU block with
 fused (SDPA) attention, so no ``seq x seq`` score matrix is stored.
+
+Two terms come from what the code really allocates, as measured on CPU (bench/RESULTS_memory.md):
+
+* ZeRO-3 working set: the full (gathered) parameters of the modules being computed and their full
+  gradients before the reduce-scatter, bounded by the buffer sizes we render
+  (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: two decoder blocks live) but never
+  below the largest single module (the embedding or the head, ``vocab x hidden``).
+* The optimizer step: ``torch.optim.AdamW`` (``torch_adam``) on a CPU tensor runs its single-tensor
+  path, whose ``exp_avg_sq.sqrt() / bias_correction`` makes two temporaries the size of the flat
+  tensor it steps: a ZeRO-3 optimizer sub-group, ZeRO-1/2's whole flat partition, or (ZeRO-0) the
+  largest parameter. ZeRO-3 adds a third: DeepSpeed flattens the sub-group's gradient views into
+  one fp32 tensor before the step (``_prepare_fp32_grad_for_sub_group``). On a GPU without offload
+  AdamW runs fused, in place: the two AdamW temporaries go.
 """
 
 from __future__ import annotations
@@ -23,6 +36,9 @@ GIB = 1024**3
 # machines. GPU: CUDA context and NCCL buffers, typically 1-2 GiB.
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.6, "gpu": 1.5}
 
+# Elements per ZeRO-3 optimizer sub-group (the ``sub_group_size`` DeepSpeed gets from us).
+ZERO3_SUB_GROUP = 100_000_000
+
 
 @dataclass(frozen=True)
 class MemoryEstimate:
@@ -36,11 +52,18 @@ class MemoryEstimate:
     runtime: float
     offloaded_optimizer: float  # host memory, when parallel.offload_optimizer is on
     params_per_rank: int
+    gathered: float = 0.0  # ZeRO-3: full parameters and gradients of the modules in flight
+    optimizer_step: float = 0.0  # AdamW's temporaries while it steps (transient)
 
     @property
     def device_total(self) -> float:
-        """Peak bytes on the device (for CPU runs: resident memory of the worker process)."""
-        return self.params + self.grads + self.optimizer + self.activations + self.logits + self.runtime
+        """Peak bytes on the device (for CPU runs: resident memory of the worker process).
+
+        The optimizer step's temporaries and the backward's activations and logits are not alive
+        at the same time; the peak is the larger of the two phases on top of the steady states.
+        """
+        steady = self.params + self.grads + self.optimizer + self.runtime
+        return steady + max(self.activations + self.logits + self.gathered, self.optimizer_step)
 
 
 def _busiest_stage_params(cfg: FmConfig) -> int:
@@ -70,6 +93,35 @@ def _activation_bytes_per_layer(cfg: FmConfig) -> float:
     return s * b * (replicated + sharded / tp) * elt
 
 
+def _largest_module_params(cfg: FmConfig) -> int:
+    """Parameters of the largest module a rank computes at once: a decoder block or the embedding/head."""
+    m = cfg.model
+    kv = m.n_kv_heads * (m.hidden // m.n_heads)
+    block = 2 * m.hidden * m.hidden + 2 * m.hidden * kv + 3 * m.hidden * m.ffn_hidden
+    return max(block, m.vocab_size * m.hidden) // cfg.parallel.tp
+
+
+def _zero3_gathered_bytes(cfg: FmConfig, param_b: int, grad_b: int) -> float:
+    """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
+    m = cfg.model
+    kv = m.n_kv_heads * (m.hidden // m.n_heads)
+    block = (2 * m.hidden * m.hidden + 2 * m.hidden * kv + 3 * m.hidden * m.ffn_hidden) // cfg.parallel.tp
+    live = max(2 * block, _largest_module_params(cfg))  # stage3_max_live_parameters = 2 blocks
+    return live * param_b + _largest_module_params(cfg) * grad_b
+
+
+def _optimizer_step_bytes(cfg: FmConfig, n: float, device: str) -> float:
+    """fp32 temporaries the size of the flat tensor AdamW steps at once (see the module docstring)."""
+    p, dp = cfg.parallel, cfg.dp
+    fused = device == "gpu" and not p.offload_optimizer  # fm_train.dist.device.use_fused_adamw
+    adamw = 0 if fused else 2
+    if p.zero_stage == 3:
+        flat = min(n / dp, ZERO3_SUB_GROUP + _largest_module_params(cfg) / dp)
+        return (adamw + 1) * 4 * flat  # + DeepSpeed's flattened gradient of the sub-group
+    flat = n / dp if p.zero_stage >= 1 else _largest_module_params(cfg)
+    return adamw * 4 * flat
+
+
 def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
     """Estimated peak memory of the busiest rank of ``cfg`` on ``device`` (``cpu`` or ``gpu``)."""
     p, dp = cfg.parallel, cfg.dp
@@ -80,8 +132,10 @@ def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
     grads = n * grad_b / (dp if p.zero_stage >= 2 else 1)
     optimizer = n * opt_b / (dp if p.zero_stage >= 1 else 1)
     offloaded = 0.0
+    step_temps = _optimizer_step_bytes(cfg, n, device)
     if p.offload_optimizer:
         offloaded, optimizer = optimizer, 0.0
+    gathered = _zero3_gathered_bytes(cfg, param_b, grad_b) if p.zero_stage >= 3 else 0.0
 
     per_layer = _activation_bytes_per_layer(cfg)
     layers_here = math.ceil(cfg.model.n_layers / p.pp)
@@ -98,16 +152,19 @@ def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
     logits = tokens * cfg.model.vocab_size / p.tp * (4 + 4 + (2 if half else 4))
     runtime = RUNTIME_OVERHEAD_GIB[device] * GIB
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=acts, logits=logits,
-                          runtime=runtime, offloaded_optimizer=offloaded, params_per_rank=int(n))
+                          runtime=runtime, offloaded_optimizer=offloaded, params_per_rank=int(n),
+                          gathered=gathered, optimizer_step=step_temps)
 
 
 def format_memory(est: MemoryEstimate, device: str) -> str:
     """A short table of the estimate in GiB."""
     rows = [("parameters", est.params), ("gradients", est.grads), ("optimizer states", est.optimizer),
-            ("activations", est.activations), ("logits + loss", est.logits), (f"runtime ({device})", est.runtime)]
+            ("activations", est.activations), ("logits + loss", est.logits), ("zero-3 gathered", est.gathered),
+            (f"runtime ({device})", est.runtime), ("adamw step temps", est.optimizer_step)]
     lines = [f"# memory per device (busiest rank, {est.params_per_rank:,} parameters before ZeRO split)"]
     lines += [f"#   {name:<18} {value / GIB:9.2f} GiB" for name, value in rows]
-    lines.append(f"#   {'total':<18} {est.device_total / GIB:9.2f} GiB")
+    lines.append(f"#   {'total (peak)':<18} {est.device_total / GIB:9.2f} GiB   (the step temps and the"
+                 " activations/logits/gathered are not alive at once: the larger counts)")
     if est.offloaded_optimizer:
         lines.append(f"#   {'host (offload)':<18} {est.offloaded_optimizer / GIB:9.2f} GiB")
     return "\n".join(lines)
