@@ -47,8 +47,9 @@ def test_disk_full_during_a_save(small_disk: Path, tmp_path: Path, corpus: Path)
     result = run_launch(config, run)
     assert result.code == 1
     [record] = failures(run)
-    assert record["kind"] == "failed"
-    error = next((line for line in record["last_lines"] if "CheckpointError: rank" in line), None)
+    assert record["kind"] == "failed" and record["exit_code"] == 2
+    # The worker reports a CheckpointError as one line (`fm-train worker: rank 0: saving ...`) and exits 2.
+    error = next((line for line in record["last_lines"] if "fm-train worker: rank" in line), None)
     assert error is not None, record["last_lines"]
     assert "saving step_00000018" in error and "the previous checkpoint" in error and "step_00000012" in error
     assert "MiB free" in error and "free disk space or lower checkpoint.keep" in error
