@@ -75,8 +75,6 @@ def test_launching_again_after_preemption_continues_exactly(preempted: Preempted
            " losses after resume and final weights identical")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fm_train/worker.py never installs fm_train.checkpoint.StopRequest, so "
-                   "SIGTERM kills the worker at once instead of 'finish the step, save, exit 0' (see docs/robustness.md)")
 def test_sigterm_makes_the_workers_save_and_exit_0(preempted: Preempted) -> None:
     p = preempted
     assert p.latest_after_first is not None and p.latest_after_first >= p.fault.step, (
