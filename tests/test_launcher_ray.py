@@ -2,7 +2,8 @@
 
 Workers are ``tests/test_launcher_fakeworker.py``, a small real program that keeps the worker
 contract (rank env, lockstep steps, metrics, checkpoints/latest, SIGTERM saves), so placement,
-restarts, hang detection and preemption are exercised for real without the trainer.
+restarts, hang detection and preemption are exercised for real without the trainer. One test runs the
+trainer itself (dp2 x tp2 over the two nodes).
 """
 
 from __future__ import annotations
@@ -249,3 +250,37 @@ def test_ctrl_c_on_the_driver_saves_and_exits_130(two_nodes, tmp_path, capsys):
     assert failures(run) == []
     assert "(SIGTERM)" in (run / "logs" / "rank_000.log").read_text()
     assert "stopped by SIGINT" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(600)
+def test_real_trainer_dp2_tp2_keeps_each_tp_pair_on_one_node(two_nodes, tmp_path):
+    """The trainer itself (not the fake worker): 4 ranks dp2 x tp2 over the two nodes, to the last step."""
+    from data_shards import build_default_corpus
+
+    data = build_default_corpus(tmp_path / "data", vocab_size=512, seq_len=32, max_bytes=200_000)
+    raw = {
+        "run": {"name": "tp-on-ray", "dir": str(tmp_path / "run")},
+        "model": {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172, "vocab_size": 512,
+                  "max_seq_len": 64},
+        "parallel": {"tp": 2, "pp": 1, "zero_stage": 1},
+        "precision": "fp32",
+        "data": {"sources": [{"path": str(data)}], "seq_len": 32, "num_workers": 0},
+        "train": {"steps": 3, "micro_batch": 2, "log_every": 1, "eval_every": 0},
+        "optim": {"warmup_steps": 0},
+        "checkpoint": {"every": 3},
+        "convert": {"at_end": False},
+        "logging": {"tensorboard": False},
+        "cluster": {"workers": 4, "max_restarts": 0},
+    }
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    opts = LaunchOptions(post_training=False, stop_grace_s=10, failure_grace_s=5, poll_interval_s=0.5,
+                         progress_interval_s=1.0, placement_timeout_s=120)
+    assert launch(cfg, [], opts) == 0
+    run = run_dir(tmp_path)
+    ranks = json.loads((run / "placement.json").read_text())["ranks"]
+    assert [(r["dp"], r["tp"]) for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert ranks[0]["node_id"] == ranks[1]["node_id"] != ranks[2]["node_id"] == ranks[3]["node_id"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000003"
