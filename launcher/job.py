@@ -17,7 +17,6 @@ from launcher.cluster import Demand, check_capacity, connect, resolve_address
 from launcher.options import LaunchOptions
 from launcher.outcomes import Succeeded, exit_code
 from launcher.runstate import latest_checkpoint
-from launcher.steps import UNAVAILABLE
 
 Say = Callable[[str], None]
 
@@ -117,9 +116,6 @@ def convert_and_sample(run_dir: Path, cfg: FmConfig, say: Say) -> Path | None:
     hf_dir = run_dir / "hf"
     say(f"converting {ckpt} to {hf_dir} ({cfg.convert.dtype}, logits verified)")
     code = _step(["convert", str(ckpt), str(hf_dir), "--dtype", cfg.convert.dtype], say)
-    if code == UNAVAILABLE:
-        say("conversion skipped: fm_train.convert is not available in this installation")
-        return None
     if code != 0:
         say(f"conversion failed (exit code {code}); the checkpoint {ckpt} is intact")
         return None

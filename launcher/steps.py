@@ -2,9 +2,7 @@
 
 ``python -m launcher.steps corpus|convert|sample ...``: building the default corpus (data_shards),
 converting the final checkpoint (fm_train.convert) and sampling from the converted model
-(transformers) import torch; running them in a child process keeps the driver free of it. Exit code
-:data:`UNAVAILABLE` means the component is not installed or not built yet, which the driver reports
-as a skipped step rather than a failure.
+(transformers) import torch; running them in a child process keeps the driver free of it.
 """
 
 from __future__ import annotations
@@ -13,38 +11,26 @@ import argparse
 import sys
 from pathlib import Path
 
-UNAVAILABLE = 3
-
-
 def _corpus(args: argparse.Namespace) -> int:
-    try:
-        from data_shards import build_default_corpus
-    except ImportError as exc:
-        print(f"data_shards.build_default_corpus is not available: {exc}", file=sys.stderr)
-        return UNAVAILABLE
+    from data_shards import build_default_corpus
+
     path = build_default_corpus(Path(args.out), vocab_size=args.vocab_size, seq_len=args.seq_len, workers=args.workers)
     print(f"default corpus written to {path}")
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    try:
-        from fm_train.convert import convert_checkpoint
-    except ImportError as exc:
-        print(f"fm_train.convert.convert_checkpoint is not available: {exc}", file=sys.stderr)
-        return UNAVAILABLE
+    from fm_train.convert import convert_checkpoint
+
     out = convert_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype, verify=True, overwrite=True)
     print(f"converted {args.checkpoint} to {out or args.out}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as exc:
-        print(f"transformers is not available: {exc}", file=sys.stderr)
-        return UNAVAILABLE
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
