@@ -14,11 +14,12 @@ Public API (what the training engine calls)::
     make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
                       verify_sha256: bool = False, val_fraction: float = 0.0, shuffle_window: int = 1024,
-                      state: dict | None = None) -> DataStream
+                      state: dict | None = None, skip_shards: Iterable[str] = ()) -> DataStream
         Infinite stream of batches {"input_ids", "labels": torch.long [micro_batch, seq_len],
         "state": dict, "receipt": str}. Passing a batch's "state" back resumes right after that batch,
         also on another dp_size / micro_batch. "receipt" is a running hash of the global sample ids
-        consumed by all ranks: the same on every rank, for any dp_size.
+        consumed by all ranks: the same on every rank, for any dp_size. ``skip_shards`` leaves out
+        shards by key ("<source index>:<shard name>"), e.g. ones a previous attempt found bad mid-read.
 
     make_val_loader(sources, *, seq_len, micro_batch, dp_rank, dp_size, seed, val_fraction,
                     max_batches: int) -> DataStream
@@ -31,6 +32,7 @@ Public API (what the training engine calls)::
     cli.add_shard_arguments(parser) / cli.run_shard(args) -> int: the ``fm-train shard`` command.
 
     DataError(ValueError): every bad-input error; its message names the file and what to do.
+    BadShardError(DataError): a shard found bad while reading; ``.key`` is its skip_shards key.
 
 Design: the order of samples is a pure function of (seed, position) -- see :mod:`data_shards.order`
 -- so every dp rank, loader worker and resumed run can compute its share without talking to the
@@ -44,14 +46,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import DataError
+from .errors import BadShardError, DataError
 
 _EXPORTS = {
     "check_sources": "sources", "SourcesInfo": "sources", "verify_directory": "sources",
     "make_train_loader": "loader", "make_val_loader": "loader", "DataStream": "loader",
     "build_default_corpus": "corpus", "build_shards": "build", "BuildOptions": "build", "BuildSummary": "build",
 }
-__all__ = ["DataError", *_EXPORTS]
+__all__ = ["BadShardError", "DataError", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .build import BuildOptions, BuildSummary, build_shards

@@ -13,13 +13,13 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import DataError
+from .errors import BadShardError, DataError
 from .order import Mixer, SourceOrder, StreamOrder, ValOrder, val_counts
 from .sample_reader import SampleReader
 from .sources import SourcesInfo, bad_shard_message, check_sources, shard_problem
@@ -50,7 +50,13 @@ class _RankBatches(IterableDataset):
         steps = itertools.count(w, n) if self.num_steps is None else range(w, self.num_steps, n)
         offsets = self.dp_rank * self.micro_batch + np.arange(self.micro_batch, dtype=np.int64)
         for m in steps:
-            tokens = self.reader.read(*self.order.locate(self.start + m * self.micro_batch * self.dp_size + offsets))
+            try:
+                tokens = self.reader.read(*self.order.locate(self.start + m * self.micro_batch * self.dp_size + offsets))
+            except BadShardError as exc:
+                # Handed over as data: DataLoader re-raises a worker's exception by type(message), which
+                # would lose the key; DataStream raises it again in the calling process.
+                yield {"step": m, "bad_shard": (str(exc), exc.key)}
+                return
             yield {"step": m, "input_ids": torch.from_numpy(tokens[:, :-1].astype(np.int64)),
                    "labels": torch.from_numpy(tokens[:, 1:].astype(np.int64))}
 
@@ -84,6 +90,8 @@ class DataStream:
         for expected, item in enumerate(inner):
             if item["step"] != expected:  # DataLoader's round-robin is what keeps state exact
                 raise RuntimeError(f"loader workers returned micro-step {item['step']}, expected {expected}")
+            if "bad_shard" in item:
+                raise BadShardError(*item["bad_shard"])
             positions = np.arange(position, position + self._global_batch, dtype=np.int64)
             receipt = receipt_update(receipt, positions, self._order.sample_ids(*self._order.locate(positions)))
             position += self._global_batch
@@ -96,17 +104,20 @@ class DataStream:
 def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
                       verify_sha256: bool = False, val_fraction: float = 0.0, shuffle_window: int = 1024,
-                      state: dict | None = None) -> DataStream:
+                      state: dict | None = None, skip_shards: Iterable[str] = ()) -> DataStream:
     """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
 
     The state resumes exactly on any dp size and micro batch (the global order is the same; only
     the split differs). ``seq_len`` must match the shards; ``val_fraction`` must match the validation
-    loader's so that no validation sample is trained on.
+    loader's so that no validation sample is trained on. ``skip_shards`` (keys
+    ``"<source index>:<shard name>"``, as in ``BadShardError.key``) are left out like bad shards under
+    ``on_bad_shard="skip"``; every rank must pass the same ones.
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if num_workers < 0:
         raise DataError(f"num_workers must be >= 0, got {num_workers}")
     skip_also = set(state.get("skipped_shards", [])) if isinstance(state, dict) else set()
+    skip_also |= set(skip_shards)
     plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, shuffle_window, skip_also)
     start, receipt = 0, 0
     if state is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from .errors import BadShardError
 from .index import HEADER_BYTES, KEY_DIGITS, ShardIndex, member_data_bytes, member_ext, member_name
 from .sources import bad_shard_message
 
@@ -73,8 +73,8 @@ class SampleReader:
         index = self.indexes[s]
         name = member_name(index.shards[h].first_sample + i, index.dtype)
         problem = "truncated" if got[row] < HEADER_BYTES + self.data_bytes else "corrupted"
-        raise DataError(bad_shard_message(self.directories[s], index, index.shards[h].name,
-                                          f"{problem} at sample {i} ({name})"))
+        raise BadShardError(bad_shard_message(self.directories[s], index, index.shards[h].name,
+                                              f"{problem} at sample {i} ({name})"), key=f"{s}:{index.shards[h].name}")
 
     def _fd(self, source: int, shard: int) -> int:
         key = (source, shard)
@@ -86,8 +86,8 @@ class SampleReader:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise DataError(bad_shard_message(self.directories[source], self.indexes[source],
-                                              path.name, f"unreadable ({exc.strerror})")) from exc
+            raise BadShardError(bad_shard_message(self.directories[source], self.indexes[source], path.name,
+                                                  f"unreadable ({exc.strerror})"), key=f"{source}:{path.name}") from exc
         self._fds[key] = fd
         if len(self._fds) > _MAX_OPEN:
             os.close(self._fds.popitem(last=False)[1])

@@ -25,9 +25,20 @@ from fm_train.dist.env import RankEnv, ensure_extension_cache
 from fm_train.dist.topology import Topology
 
 if TYPE_CHECKING:
+    from data_shards.errors import BadShardError
     from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
     from fm_train.parallel.sharded_init import InitSource
+
+
+RESTART_EXIT_CODE = 3
+"""Exit code of a rank that wants the group restarted from the last checkpoint (e.g. after recording a
+bad shard): the launcher treats it as any failure (a restart within ``cluster.max_restarts``), unlike
+exit code 2 (bad config, data or checkpoint), which a restart would only repeat."""
+
+
+class RestartNeeded(RuntimeError):
+    """The run can go on, but only after every rank restarts from the last checkpoint."""
 
 
 def _check_world(cfg: FmConfig, env: RankEnv) -> None:
@@ -97,6 +108,7 @@ def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
 def run_worker(cfg: FmConfig) -> int:
     """Train ``cfg`` as the rank the environment names; returns 0 when every step ran."""
     # Heavy imports here, not at module import: the CLI and the launcher import this module cheaply.
+    from data_shards.errors import BadShardError
     from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
@@ -137,7 +149,12 @@ def run_worker(cfg: FmConfig) -> int:
         save = checkpointing.checkpoint_hook(cfg, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash)
         # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches.
         dp_rank, dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
-        batches = engine_data.train_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size, state=state.data_state)
+        skip = engine_data.recorded_bad_shards(run_dir) if cfg.data.on_bad_shard == "skip" else []
+        if skip and is_rank0:
+            print(f"leaving out {len(skip)} shard(s) that earlier attempts found bad"
+                  f" ({engine_data.bad_shards_dir(run_dir)}): {', '.join(skip)}", flush=True)
+        batches = engine_data.train_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size, state=state.data_state,
+                                            skip_shards=skip)
         val = engine_data.val_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size)
         wandb = ({"project": cfg.logging.wandb_project, "name": cfg.run.name, "config": cfg.model_dump(mode="json")}
                  if cfg.logging.wandb else None)
@@ -146,6 +163,15 @@ def run_worker(cfg: FmConfig) -> int:
         try:
             train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
                   group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save)
+        except BadShardError as exc:
+            if cfg.data.on_bad_shard != "skip":
+                raise
+            # This rank cannot drop the shard alone mid-step: its peers read other samples and wait in
+            # the step's collectives. Record it; the restart leaves it out on every rank.
+            path = engine_data.record_bad_shard(run_dir, exc.key, str(exc), rank=env.rank, step=state.step + 1)
+            raise RestartNeeded(f"{exc}\nrank {env.rank}: recorded in {path} under data.on_bad_shard: skip; the"
+                                " restart resumes from the last checkpoint with this shard left out on every rank"
+                                ) from exc
         finally:
             sink.close()
         if state.step < cfg.train.steps and is_rank0:
@@ -173,7 +199,8 @@ def run_worker_cli(args: argparse.Namespace) -> int:
 
     A config, data or checkpoint problem (``ConfigError``, ``data_shards.DataError``,
     ``CheckpointError``: messages written for the user) prints its message and returns 2, which the
-    launcher does not retry; anything else propagates with its traceback.
+    launcher does not retry; :class:`RestartNeeded` returns :data:`RESTART_EXIT_CODE`, which it does;
+    anything else propagates with its traceback.
     """
     from data_shards.errors import DataError
     from fm_train.checkpoint import CheckpointError
@@ -181,6 +208,9 @@ def run_worker_cli(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         return run_worker(cfg)
+    except RestartNeeded as exc:
+        print(f"fm-train worker: {exc}", file=sys.stderr)
+        return RESTART_EXIT_CODE
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"fm-train worker: {exc}", file=sys.stderr)
         return 2

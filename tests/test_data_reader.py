@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_shards import BuildOptions, DataError, build_shards, check_sources, make_train_loader, make_val_loader
+from data_shards import BadShardError, BuildOptions, DataError, build_shards, check_sources, make_train_loader, make_val_loader
 from data_shards.index import read_index
 
 pytestmark = pytest.mark.unit
@@ -185,6 +185,31 @@ def test_bad_shards_fail_with_a_clear_error_or_are_skipped_identically(dirs):
     with pytest.raises(DataError, match="sha256 differs"):
         make_train_loader([(str(d), 1.0)], seq_len=SEQ, micro_batch=2, dp_rank=0, dp_size=1, seed=0,
                           verify_sha256=True)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shard_damaged_mid_file_is_named_by_key_and_left_out_by_skip_shards(dirs, workers):
+    d = _copy(dirs, f"overwritten-{workers}")
+    index = read_index(d)
+    shard = d / index.shards[1].name
+    with open(shard, "r+b") as fh:  # sample 3's tar header: the start-up check (first/last header) passes
+        fh.seek(3 * index.stride_bytes)
+        fh.write(b"\xff" * 100)
+    src = [(str(d), 1.0)]
+    epoch = -(-index.num_samples // 2)
+    stream = make_train_loader(src, seq_len=SEQ, micro_batch=2, dp_rank=0, dp_size=1, seed=0, num_workers=workers,
+                               on_bad_shard="skip")
+    with pytest.raises(BadShardError, match=r"shard-000001\.tar is corrupted at sample 3 ") as caught:
+        for _, _ in zip(range(epoch), stream):
+            pass
+    assert caught.value.key == "0:shard-000001.tar"  # also through loader worker processes
+
+    index, original = read_index(d), all_samples(dirs["a"])
+    kept = original[:index.shards[0].samples] + original[-index.shards[2].samples:]
+    samples, states = global_stream(src, dp=2, mb=2, steps=-(-len(kept) // 4), workers=workers,
+                                    skip_shards=[caught.value.key])
+    assert states[-1]["skipped_shards"] == ["0:shard-000001.tar"]
+    assert Counter(samples[:len(kept)]) == Counter(kept)
 
 
 def test_inconsistent_sources_and_settings_are_refused(dirs, tmp_path):

@@ -110,7 +110,10 @@ class DataConfig(_Section):
     )
     seq_len: PositiveInt = Field(256, description="Tokens per training sample (shards hold seq_len + 1).")
     num_workers: NonNegativeInt = Field(1, description="DataLoader worker processes per rank.")
-    on_bad_shard: Literal["fail", "skip"] = Field("fail", description="Corrupt shard: stop, or skip and count.")
+    on_bad_shard: Literal["fail", "skip"] = Field(
+        "fail", description="A bad shard: fail (stop, naming it) or skip (leave it out on every rank; one found"
+                            " mid-run is recorded in RUN/bad_shards/ and left out after a restart from the last"
+                            " checkpoint).")
     verify_sha256: bool = Field(False, description="Check each shard's sha256 against index.json on open.")
     val_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Share of samples held out for validation.")
     shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window.")

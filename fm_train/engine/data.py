@@ -2,10 +2,16 @@
 
 ``data_shards`` is imported lazily so that the engine (and its tests with in-memory batches) do not
 depend on the reader being importable.
+
+Shards found bad in the middle of a run under ``data.on_bad_shard: skip`` are recorded in
+``RUN/bad_shards/`` (one JSON file per shard, written atomically, so ranks that find different
+shards at once never race) and left out by every rank of every later attempt.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -43,16 +49,44 @@ def check_sources(cfg: FmConfig, sources: Sources) -> Any:
 
 
 def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
-                  state: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """This dp rank's training micro-batches, resuming right after the batch that left ``state``."""
+                  state: dict[str, Any] | None, skip_shards: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """This dp rank's training micro-batches, resuming right after the batch that left ``state``;
+    ``skip_shards`` (keys ``"<source index>:<shard name>"``) are left out."""
     import data_shards
 
     d = cfg.data
     return iter(data_shards.make_train_loader(
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
-        val_fraction=d.val_fraction, shuffle_window=d.shuffle_window, state=state,
+        val_fraction=d.val_fraction, shuffle_window=d.shuffle_window, state=state, skip_shards=skip_shards,
     ))
+
+
+def bad_shards_dir(run_dir: Path) -> Path:
+    """Where shards found bad mid-run are recorded: ``RUN/bad_shards/``."""
+    return Path(run_dir) / "bad_shards"
+
+
+def recorded_bad_shards(run_dir: Path) -> list[str]:
+    """Keys of the shards earlier attempts of this run found bad mid-read, sorted (the same on every rank)."""
+    directory = bad_shards_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(json.loads(p.read_text())["key"] for p in directory.glob("*.json"))
+
+
+def record_bad_shard(run_dir: Path, key: str, message: str, *, rank: int, step: int) -> Path:
+    """Record shard ``key`` as bad (what was wrong, which rank found it at which step); returns the file.
+
+    Written to a temporary name and renamed, so a reader never sees half a record.
+    """
+    directory = bad_shards_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / (key.replace(":", "-", 1) + ".json")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "message": message, "rank": rank, "step": step}, indent=1) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int,
