@@ -67,6 +67,14 @@ class RssSampler:
         return {k: v / GIB for k, v in self.peaks.items()}
 
 
+def available_gib() -> float:
+    """MemAvailable of the machine (/proc/meminfo), in GiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GIB
+    return float("inf")
+
+
 def make_config(preset: str, seq: int, workers: int, steps: int, zero: int, layers: int | None = None):
     from fm_train.config import build_config
 
@@ -110,10 +118,12 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(rank))
         losses = []
         for step in range(opts["steps"]):
-            sampler.enter(f"step{step + 1}")
             t0 = time.perf_counter()
+            sampler.enter(f"step{step + 1}.forward")
             loss = engine(tokens[:, :-1], tokens[:, 1:])
+            sampler.enter(f"step{step + 1}.backward")
             engine.backward(loss)
+            sampler.enter(f"step{step + 1}.optimizer")
             engine.step()
             losses.append(loss.item())
             times[f"step{step + 1}_s"] = time.perf_counter() - t0
@@ -135,6 +145,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
     parser.add_argument("--keep-malloc", action="store_true",
                         help="leave glibc's dynamic mmap threshold on (the worker turns it off)")
+    parser.add_argument("--min-free-gib", type=float, default=0.5,
+                        help="stop the ranks when the machine's available memory falls below this (default 0.5)")
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
@@ -151,8 +163,13 @@ def main() -> int:
     start = time.perf_counter()
     procs = mp.start_processes(rank_main, args=(args.workers, port, vars(args), queue), nprocs=args.workers,
                                join=False, start_method="spawn")
-    while not procs.join():
-        pass
+    while not procs.join(timeout=1):
+        if available_gib() < args.min_free_gib:  # other users of the machine need it more than this bench
+            for p in procs.processes:
+                p.kill()
+            print(f"stopped: {available_gib():.2f} GiB available, below --min-free-gib {args.min_free_gib}",
+                  file=sys.stderr)
+            return 3
     results = dict(queue.get() for _ in range(args.workers))
     failed = {r: res["error"] for r, res in results.items() if "error" in res}
     if failed:

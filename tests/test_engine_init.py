@@ -50,6 +50,8 @@ def _losses(cfg, module) -> tuple[list[float], tuple[int, int], list[list[str]]]
     # Measured before the first step: from then on DeepSpeed keeps parameters smaller than
     # stage3_param_persistence_threshold gathered, which in this tiny model is all of them.
     after = _param_bytes(engine.module)
+    opt = engine.optimizer  # fp32: the optimizer updates the partitions, no second fp32 copy (zero3_master)
+    shared = all(m is p for m, p in zip(opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat))
     out = []
     for step in range(STEPS):
         ids, labels = _batch(step, engine.global_rank)
@@ -58,7 +60,7 @@ def _losses(cfg, module) -> tuple[list[float], tuple[int, int], list[list[str]]]
         engine.step()
         out.append(loss.item())
     engine.destroy()
-    return out, after, groups
+    return out, after, groups, shared
 
 
 def _compare_builds(base: dict[str, Any], root: str) -> dict[str, Any]:
@@ -70,12 +72,12 @@ def _compare_builds(base: dict[str, Any], root: str) -> dict[str, Any]:
         cfg = _config(base, f"{root}/tie{tie}", tie)
         module = build_train_module(cfg)
         built = _param_bytes(module)
-        partitioned, after, groups = _losses(cfg, module)
+        partitioned, after, groups, shared = _losses(cfg, module)
         # The old path: the whole seeded model on every rank, partitioned by deepspeed.initialize.
-        dense, _, dense_groups = _losses(cfg, CausalLMWithLoss(build_dense_model(cfg)))
+        dense, _, dense_groups, _ = _losses(cfg, CausalLMWithLoss(build_dense_model(cfg)))
         out[f"tie{tie}"] = {"partitioned": partitioned, "dense": dense, "built": built, "after_engine": after,
                             "model_bytes": parameter_count(cfg.model) * 4, "groups": groups,
-                            "dense_groups": dense_groups}
+                            "dense_groups": dense_groups, "master_shared": shared}
     return out
 
 
@@ -109,3 +111,9 @@ def test_each_rank_holds_about_half_of_the_parameters(results, case, when):
         assert full == 0, f"rank {rank} ({when}): {full} bytes of full parameters are still allocated"
         # 1/dp of the model, plus at most one element of padding per parameter tensor.
         assert total / 2 <= parts <= total / 2 + 4 * 64, f"rank {rank} ({when}): {parts} partition bytes, model {total}"
+
+
+@pytest.mark.parametrize("case", ["tieTrue", "tieFalse"])
+def test_fp32_master_weights_are_the_partitions_themselves(results, case):
+    # DeepSpeed would clone them (a device-vs-name comparison that is never equal): 4 B/param per rank.
+    assert all(per_rank[case]["master_shared"] for per_rank in results)

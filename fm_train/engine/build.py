@@ -16,6 +16,7 @@ from fm_train.engine.activation_checkpointing import apply_activation_checkpoint
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
+from fm_train.engine.zero3_master import share_fp32_master_partitions
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
 
@@ -50,6 +51,8 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_univ
         lr_scheduler=make_scheduler,
         mpu=mpu,
     )
+    if engine.zero_optimization_stage() == 3:
+        share_fp32_master_partitions(engine.optimizer)  # 4 B/param less in fp32 (see zero3_master)
     if not pipelined and engine.zero_optimization_stage() == 0 and cfg.precision == "fp32" and engine.dp_world_size == 1:
         # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every gradient,
         # all-reduce it over that one rank and copy it back, each step (bench/RESULTS_engine.md).

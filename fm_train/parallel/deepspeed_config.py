@@ -17,6 +17,7 @@ from typing import Any
 
 from fm_train.config import FmConfig
 from fm_train.dist.device import Accelerator, check_precision, detect_accelerator, use_fused_adamw
+from fm_train.plan.memory import ZERO3_SUB_GROUP
 
 # We print and log metrics ourselves (fm_train.engine.metrics); DeepSpeed's own progress report
 # would interleave a second, differently averaged loss line on every rank.
@@ -54,7 +55,7 @@ def zero3_buffer_sizes(cfg: FmConfig) -> dict[str, int]:
     the Hugging Face integration's ``auto`` rule (``hidden^2``); gathered parameters are bounded to
     two decoder blocks (the one computing and the one prefetched), and a block stays gathered across
     its activation-checkpointing recompute and its backward (reuse distance one block); optimizer
-    sub-groups of 1e8 elements bound the AdamW step's temporaries.
+    sub-groups of ``ZERO3_SUB_GROUP`` (2e7) elements bound the AdamW step's temporaries.
     """
     m = cfg.model
     h, kv = m.hidden, m.n_kv_heads * (m.hidden // m.n_heads)
@@ -65,7 +66,7 @@ def zero3_buffer_sizes(cfg: FmConfig) -> dict[str, int]:
         "stage3_param_persistence_threshold": 10 * h,
         "stage3_max_live_parameters": 2 * block,
         "stage3_max_reuse_distance": block,
-        "sub_group_size": 100_000_000,
+        "sub_group_size": ZERO3_SUB_GROUP,
     }
 
 

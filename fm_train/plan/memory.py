@@ -36,8 +36,12 @@ GIB = 1024**3
 # machines. GPU: CUDA context and NCCL buffers, typically 1-2 GiB.
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.6, "gpu": 1.5}
 
-# Elements per ZeRO-3 optimizer sub-group (the ``sub_group_size`` DeepSpeed gets from us).
-ZERO3_SUB_GROUP = 100_000_000
+# Elements per ZeRO-3 optimizer sub-group: the ``sub_group_size`` DeepSpeed gets from
+# fm_train.parallel.deepspeed_config (DeepSpeed's default is 1e9). The step's temporaries are three
+# fp32 copies of one sub-group (a parameter larger than it is a sub-group of its own), so this bounds
+# them to ~0.25 GB; DeepSpeed steps sub-groups one after another, so smaller ones only add a Python
+# loop (50 iterations for 1.1B parameters) to a step.
+ZERO3_SUB_GROUP = 20_000_000
 
 
 @dataclass(frozen=True)
