@@ -30,6 +30,7 @@ class SampleReader:
         self.directories, self.indexes = directories, indexes
         first = indexes[0]
         self.sample_tokens, self.stride = first.sample_tokens, first.stride_bytes
+        self.vocab_size = max(ix.vocab_size for ix in indexes)  # one tokenizer for all (check_sources)
         self.data_bytes = member_data_bytes(first.sample_tokens, first.dtype)
         self.dtype = np.dtype("<u2" if first.dtype == "uint16" else "<u4")
         suffix = ("." + member_ext(first.dtype)).encode("ascii") + b"\0"
@@ -64,17 +65,27 @@ class SampleReader:
         ok &= (buf[:, KEY_DIGITS:KEY_DIGITS + len(self._suffix)] == self._suffix).all(axis=1)
         ok &= (buf[:, 257:262] == np.frombuffer(b"ustar", dtype=np.uint8)).all(axis=1)
         if not ok.all():
-            self._raise(int(np.flatnonzero(~ok)[0]), source, shard, local, got)
-        data = np.ascontiguousarray(buf[:, HEADER_BYTES:HEADER_BYTES + self.data_bytes])
-        return data.view(self.dtype)
+            row = int(np.flatnonzero(~ok)[0])
+            self._raise(row, source, shard, local, "truncated" if got[row] < HEADER_BYTES + self.data_bytes
+                        else "corrupted")
+        data = np.ascontiguousarray(buf[:, HEADER_BYTES:HEADER_BYTES + self.data_bytes]).view(self.dtype)
+        # Token bytes overwritten behind an intact header: an id past the vocabulary would otherwise
+        # surface as an index error inside the embedding, on one rank, with no file named.
+        highest = data.max(axis=1)
+        if (highest >= self.vocab_size).any():
+            row = int(np.flatnonzero(highest >= self.vocab_size)[0])
+            self._raise(row, source, shard, local, "corrupted",
+                        f": token id {int(highest[row])} is not below the vocabulary size {self.vocab_size}")
+        return data
 
-    def _raise(self, row: int, source: np.ndarray, shard: np.ndarray, local: np.ndarray, got: np.ndarray) -> None:
+    def _raise(self, row: int, source: np.ndarray, shard: np.ndarray, local: np.ndarray, problem: str,
+               detail: str = "") -> None:
         s, h, i = int(source[row]), int(shard[row]), int(local[row])
         index = self.indexes[s]
         name = member_name(index.shards[h].first_sample + i, index.dtype)
-        problem = "truncated" if got[row] < HEADER_BYTES + self.data_bytes else "corrupted"
         raise BadShardError(bad_shard_message(self.directories[s], index, index.shards[h].name,
-                                              f"{problem} at sample {i} ({name})"), key=f"{s}:{index.shards[h].name}")
+                                              f"{problem} at sample {i} ({name}){detail}"),
+                            key=f"{s}:{index.shards[h].name}")
 
     def _fd(self, source: int, shard: int) -> int:
         key = (source, shard)

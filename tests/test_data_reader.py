@@ -212,6 +212,20 @@ def test_a_shard_damaged_mid_file_is_named_by_key_and_left_out_by_skip_shards(di
     assert Counter(samples[:len(kept)]) == Counter(kept)
 
 
+def test_token_bytes_overwritten_behind_an_intact_header_are_caught(dirs):
+    d = _copy(dirs, "tokens-overwritten")
+    index = read_index(d)
+    with open(d / index.shards[0].name, "r+b") as fh:  # sample 2's first token, past its 512-byte header
+        fh.seek(2 * index.stride_bytes + 512)
+        fh.write(b"\xff\xff")
+    stream = make_train_loader([(str(d), 1.0)], seq_len=SEQ, micro_batch=2, dp_rank=0, dp_size=1, seed=0)
+    with pytest.raises(BadShardError, match=r"shard-000000\.tar is corrupted at sample 2 \(.*\): token id 65535 is"
+                                            r" not below the vocabulary size 300") as caught:
+        for _, _ in zip(range(-(-index.num_samples // 2)), stream):
+            pass
+    assert caught.value.key == "0:shard-000000.tar"
+
+
 def test_inconsistent_sources_and_settings_are_refused(dirs, tmp_path):
     other = tmp_path / "other"
     build_shards(BuildOptions(inputs=[str(dirs["a_in"])], out=other, seq_len=SEQ, vocab_size=280, workers=0,
