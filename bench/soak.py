@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - start
     stop.set()
     sampler.join()
+    if not (run / "metrics.jsonl").is_file():
+        print(f"the soak run logged no step (launch exit code {code}); see {run / 'logs'}", file=sys.stderr)
+        return code or 1
     summary = summarize(run, traces, args.warmup, seconds, code)
     (args.out / "soak.json").write_text(json.dumps(summary, indent=2))
     print(markdown(summary, args))

@@ -3,6 +3,8 @@
 The driver polls every actor; each poll brings new log lines, metrics records, the exit code and
 the process state. Any line or record counts as a heartbeat: a group that stays silent for
 ``cluster.step_timeout_s`` is hung (a real hang is usually one stuck collective that silences all).
+Until the first metrics record arrives the limit is ``cluster.startup_timeout_s`` instead: loading
+a large model or checkpoint, or building an op, may be silent for longer than any step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class AttemptWatch:
     sink: LogSink
     progress: Progress
     step_timeout_s: float
+    startup_timeout_s: float
     total_steps: int
     poll_interval_s: float
     stop_grace_s: float
@@ -47,6 +50,14 @@ class AttemptWatch:
     exit_codes: dict[int, int] = field(default_factory=dict)
     states: dict[int, str] = field(default_factory=dict)
     last_output: dict[int, float] = field(default_factory=dict)
+    trained: bool = False  # a metrics record arrived: the start-up is over
+
+    def silence_limit(self) -> tuple[float, str]:
+        """The silence that counts as a hang now, and the setting that sets it."""
+        if self.trained:
+            return self.step_timeout_s, f"cluster.step_timeout_s={self.step_timeout_s:g}"
+        limit = max(self.startup_timeout_s, self.step_timeout_s)
+        return limit, f"cluster.startup_timeout_s={limit:g}, before the first metrics record"
 
 
 def describe_exit(code: int) -> str:
@@ -96,7 +107,7 @@ def run_attempt(w: AttemptWatch) -> Outcome:
         if len(w.exit_codes) == len(w.group.actors):
             return _all_exited(w)
         silent = time.monotonic() - last_progress
-        if silent > w.step_timeout_s:
+        if silent > w.silence_limit()[0]:
             return _hung(w, silent)
         # Polls answer at once; pace the rounds so the driver does not spin.
         time.sleep(max(0.0, w.poll_interval_s - (time.monotonic() - round_start)))
@@ -113,6 +124,7 @@ def _absorb(w: AttemptWatch, rank: int, result: dict) -> bool:
     for line in w.progress.update(result["metrics"]):
         w.say(line)
     w.states[rank] = result["state"]
+    w.trained = w.trained or bool(result["metrics"])
     alive = bool(result["lines"] or result["metrics"])
     if alive:
         w.last_output[rank] = now
@@ -151,7 +163,7 @@ def _hung(w: AttemptWatch, silent: float) -> Hung:
     states = dict(sorted(w.states.items()))
     quiet = time.monotonic() - w.last_output.get(suspect, 0.0)
     cause = f"process state {states.get(suspect, 'unknown')}, last output {quiet:.0f}s ago"
-    w.say(f"no log or metrics line from any rank for {silent:.0f}s (cluster.step_timeout_s={w.step_timeout_s:g});"
+    w.say(f"no log or metrics line from any rank for {silent:.0f}s ({w.silence_limit()[1]});"
           f" suspect rank {suspect}: {cause}; stopping the workers")
     last = w.sink.last_lines(suspect)
     w.group.stop_all(w.failure_grace_s)

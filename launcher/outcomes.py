@@ -15,6 +15,8 @@ from typing import ClassVar, Union
 
 # The worker's contract: exit code 2 means bad input (config, data or checkpoint) that fails the same
 # way on every attempt, so the launcher reports it instead of spending cluster.max_restarts on it.
+# Every other non-zero code is a failure to restart from, e.g. 3: the worker recorded something (a
+# shard found bad under data.on_bad_shard: skip) that the next attempt works around.
 INPUT_ERROR_EXIT_CODE = 2
 
 

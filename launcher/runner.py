@@ -124,6 +124,7 @@ def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, topolog
         group.start(options.worker_command, workdir=paths.workdir, run_dir=paths.run_dir_arg,
                     config_text=paths.config_text, attempt=attempt, extra_env=options.extra_env)
         watch = AttemptWatch(group=group, sink=sink, progress=progress, step_timeout_s=cfg.cluster.step_timeout_s,
+                             startup_timeout_s=cfg.cluster.startup_timeout_s,
                              total_steps=cfg.train.steps, poll_interval_s=options.poll_interval_s,
                              stop_grace_s=options.stop_grace_s, failure_grace_s=options.failure_grace_s,
                              stop=stop, say=say)

@@ -1,7 +1,7 @@
 """A small real worker for launcher tests, standing in for ``fm-train worker`` (no torch, fast start).
 
-Run as ``python tests/test_launcher_fakeworker.py CONFIG [--step-s S] [--crash-rank R --crash-step K
---crash-code C]``. It honours the worker contract the launcher relies on:
+Run as ``python tests/test_launcher_fakeworker.py CONFIG [--step-s S] [--startup-s S] [--crash-rank R
+--crash-step K --crash-code C]``. It honours the worker contract the launcher relies on:
 
 * reads RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT;
 * resumes from RUN/checkpoints/latest (a file naming ``step_XXXXXXXX``; manifest.json written last);
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config")
     parser.add_argument("--step-s", type=float, default=0.05)
+    parser.add_argument("--startup-s", type=float, default=0.0, help="silent seconds before the first step")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--crash-step", type=int, default=-1)
     parser.add_argument("--crash-code", type=int, default=3)
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "FM_TRAIN_ATTEMPT", "RAY_RAYLET_PID")}
     print("FAKE_ENV " + json.dumps(env), flush=True)
 
+    deadline = time.monotonic() + args.startup_s  # a silent start-up (a large model load), SIGTERM-able
+    while time.monotonic() < deadline and not _STOP:
+        time.sleep(0.05)
     step = _latest_step(ckpt_dir)
     print(f"rank {rank}: starting at step {step} of {steps}", flush=True)
     while step < steps and not _STOP:

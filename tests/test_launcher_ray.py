@@ -65,7 +65,7 @@ def idle_cluster(two_nodes):
 
 
 def write_config(tmp_path: Path, *, workers: int, tp: int = 1, steps: int = 6, max_restarts: int = 2,
-                 step_timeout_s: float = 60, every: int = 2) -> Path:
+                 step_timeout_s: float = 60, startup_timeout_s: float = 600, every: int = 2) -> Path:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     (data / "index.json").write_text("{}")
@@ -80,7 +80,8 @@ def write_config(tmp_path: Path, *, workers: int, tp: int = 1, steps: int = 6, m
         "optim": {"warmup_steps": 0},
         "checkpoint": {"every": every},
         "convert": {"at_end": False},
-        "cluster": {"workers": workers, "max_restarts": max_restarts, "step_timeout_s": step_timeout_s},
+        "cluster": {"workers": workers, "max_restarts": max_restarts, "step_timeout_s": step_timeout_s,
+                    "startup_timeout_s": startup_timeout_s},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -228,6 +229,23 @@ def test_stopped_worker_is_detected_as_a_hang(two_nodes, tmp_path, capsys):
     assert detected_after < 3 + 2 + 15  # timeout + grace + teardown, not minutes
     assert not psutil.pid_exists(pid_of(run, 1)) or psutil.Process(pid_of(run, 1)).status() == "zombie"
     assert "suspect rank 1" in capsys.readouterr().out
+
+
+def test_a_slow_start_is_not_a_hang_but_a_silent_one_is(two_nodes, tmp_path, capsys):
+    for case in ("slow", "stuck"):
+        (tmp_path / case).mkdir()
+    # 6 s of silence before the first step: longer than step_timeout_s, within startup_timeout_s.
+    cfg = write_config(tmp_path / "slow", workers=2, steps=4, max_restarts=0, step_timeout_s=2, startup_timeout_s=60)
+    assert launch(cfg, [], options("--startup-s", "6")) == 0
+    assert failures(run_dir(tmp_path / "slow")) == []
+    # A start-up that stays silent past startup_timeout_s is a hang, said as such.
+    cfg = write_config(tmp_path / "stuck", workers=2, steps=4, max_restarts=0, step_timeout_s=2, startup_timeout_s=4)
+    started = time.monotonic()
+    assert launch(cfg, [], options("--startup-s", "120")) == 1
+    assert time.monotonic() - started < 60
+    [record] = failures(run_dir(tmp_path / "stuck"))
+    assert record["kind"] == "hung"
+    assert "cluster.startup_timeout_s=4, before the first metrics record" in capsys.readouterr().out
 
 
 def test_preemption_relaunches_without_spending_restarts(two_nodes, tmp_path):

@@ -173,6 +173,9 @@ class ClusterConfig(_Section):
     gpus_per_worker: float = Field(0, ge=0, description="Ray GPUs reserved per worker (0 or 1 in practice).")
     max_restarts: NonNegativeInt = Field(3, description="Whole-group restarts after a worker failure.")
     step_timeout_s: PositiveFloat = Field(600, description="A step slower than this counts as a hang.")
+    startup_timeout_s: PositiveFloat = Field(
+        1800, description="Silence allowed before the first metrics record (imports, model build, checkpoint"
+                          " load, op builds); step_timeout_s applies from then on.")
 
 
 class LoggingConfig(_Section):
