@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/soak.py --steps 2000 --every 100 --out /tmp/soak
 
-Trains the tiny model (hidden 64, 2 layers, vocab 512, seq 32, fp32, ZeRO-2) on 2 workers with a
-checkpoint every ``--every`` steps, exactly as ``fm-train launch`` does, while a sampler thread reads
+Trains the ``tiny`` preset (4 layers, hidden 128, vocab 4096 as in cluster_configs/local.yaml; seq
+128, micro-batch 4, fp32, ZeRO-2; ``--model chaos`` for the chaos suite's smaller model) on 2 workers
+with a checkpoint every ``--every`` steps, exactly as ``fm-train launch`` does, while a sampler thread reads
 the RSS of every worker process once per second. Reports, per rank, RSS at the start (first sample
 after ``--warmup`` steps, when allocators and caches have settled) and at the end, and the growth
 (goal < 5%); and the throughput drift: median tokens/s of the last 10% of logged steps against the
@@ -32,16 +33,25 @@ class MemoryTrace:
     samples: list[tuple[int, int]] = field(default_factory=list)
 
 
-def soak_config(run: Path, data: Path, steps: int, every: int) -> dict:
-    """The soak run: the chaos suite's tiny model, logging every 10 steps, checkpoints every ``every``."""
+MODELS = {
+    # The tiny preset at the default job's vocabulary: (model section, seq_len, micro_batch).
+    "tiny": ({"preset": "tiny", "vocab_size": 4096}, 128, 4),
+    # The chaos suite's model (tests/chaos/chaos_runs.py): about 10x faster per step.
+    "chaos": ({"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172, "vocab_size": 512,
+               "max_seq_len": 64, "tie_embeddings": True}, 32, 2),
+}
+
+
+def soak_config(run: Path, data: Path, steps: int, every: int, model: str = "tiny") -> dict:
+    """The soak run: logging every 10 steps, checkpoints every ``every``, no restarts."""
+    shape, seq_len, micro_batch = MODELS[model]
     return {
         "run": {"name": "soak", "dir": str(run), "seed": 5},
-        "model": {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172,
-                  "vocab_size": 512, "max_seq_len": 64, "tie_embeddings": True},
+        "model": shape,
         "parallel": {"tp": 1, "pp": 1, "zero_stage": 2},
         "precision": "fp32",
-        "data": {"sources": [{"path": str(data)}], "seq_len": 32, "num_workers": 0},
-        "train": {"steps": steps, "micro_batch": 2, "log_every": 10, "eval_every": 0},
+        "data": {"sources": [{"path": str(data)}], "seq_len": seq_len, "num_workers": 0},
+        "train": {"steps": steps, "micro_batch": micro_batch, "log_every": 10, "eval_every": 0},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
         "checkpoint": {"every": every, "keep": 3},
         "convert": {"at_end": False},
@@ -114,7 +124,7 @@ def summarize(run: Path, traces: dict[int, MemoryTrace], warmup: int, seconds: f
 
 def markdown(summary: dict, args: argparse.Namespace) -> str:
     """The figures as Markdown, for bench/RESULTS_soak.md."""
-    lines = [f"steps {summary['steps']} (asked {args.steps}), checkpoint every {args.every}, exit code"
+    lines = [f"model {args.model}, steps {summary['steps']} (asked {args.steps}), checkpoint every {args.every}, exit code"
              f" {summary['exit_code']}, wall {summary['seconds']:.0f} s", "",
              "| rank | RSS at start (step) | RSS at end (step) | growth | peak |", "|---|---|---|---|---|"]
     for rank, m in summary["memory"].items():
@@ -134,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=100, help="checkpoint.every (default 100)")
     parser.add_argument("--warmup", type=int, default=100, help="steps before the 'start' memory sample (100)")
     parser.add_argument("--interval-s", type=float, default=1.0, help="seconds between RSS samples (1)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny",
+                        help="tiny: the tiny preset (default); chaos: the chaos suite's smaller model")
     parser.add_argument("--out", type=Path, default=Path("/tmp/fm-train-soak"), help="work directory (replaced)")
     args = parser.parse_args(argv)
 
@@ -146,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.options import LaunchOptions
 
     shutil.rmtree(args.out / "run", ignore_errors=True)
-    data = build_default_corpus(args.out / "data", vocab_size=512, seq_len=32, max_bytes=2_000_000)
+    shape, seq_len, _ = MODELS[args.model]
+    data = build_default_corpus(args.out / f"data-{args.model}", vocab_size=shape["vocab_size"], seq_len=seq_len,
+                                max_bytes=2_000_000)
     run = args.out / "run"
     config = args.out / "soak.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text(yaml.safe_dump(soak_config(run, data, args.steps, args.every)))
+    config.write_text(yaml.safe_dump(soak_config(run, data, args.steps, args.every, args.model)))
     traces: dict[int, MemoryTrace] = {}
     stop = threading.Event()
     sampler = threading.Thread(target=sample_memory, args=(run, traces, stop, args.interval_s), daemon=True)
