@@ -162,7 +162,8 @@ def run_worker(cfg: FmConfig) -> int:
                            wandb=wandb)
         try:
             train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
-                  group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save)
+                  group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save,
+                  control_group=groups.control)
         except BadShardError as exc:
             if cfg.data.on_bad_shard != "skip":
                 raise

@@ -82,7 +82,7 @@ def test_tp_shards_merge_along_recorded_dims(tmp_path: Path) -> None:
     """A tp2 ZeRO-0 checkpoint written by hand (column-parallel q, row-parallel o, replicated norm)."""
     from fm_train.checkpoint.manifest import dense_layers
     from fm_train.config import build_config
-    from fm_train.convert.ds_reader import DeepSpeedWeights
+    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 
     cfg = build_config(S.tiny_raw(0, 2))
     full = {"model.model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64),
@@ -104,15 +104,17 @@ def test_tp_shards_merge_along_recorded_dims(tmp_path: Path) -> None:
 
 
 def test_pipeline_names_map_through_the_layer_table() -> None:
+    from fm_train.checkpoint import CheckpointError
+    from fm_train.checkpoint.ds_names import ds_to_fm
     from fm_train.checkpoint.manifest import dense_layers
     from fm_train.convert import ConvertError
-    from fm_train.convert.keymap import ds_to_fm, fm_to_hf
+    from fm_train.convert.keymap import fm_to_hf
 
     manifest = {"topology": {"pp": 2}, "layers": dense_layers(2), "tied": {"embed": "model.embed_tokens"}}
     assert ds_to_fm("2.mlp.up_proj.weight", manifest) == "model.layers.1.mlp.up_proj.weight"
     assert ds_to_fm("3.weight", manifest) == "model.norm.weight"
     assert ds_to_fm("tied_modules.embed.weight", manifest) == "model.embed_tokens.weight"
-    with pytest.raises(ConvertError, match="layer 9"):
+    with pytest.raises(CheckpointError, match="layer 9"):
         ds_to_fm("9.weight", manifest)
     with pytest.raises(ConvertError, match="not in the key map"):
         fm_to_hf("model.layers.0.attn.wq.weight")

@@ -205,3 +205,21 @@ def test_wandb_without_the_package_is_a_config_error(tmp_path):
         pytest.skip("wandb is installed here; the missing-package path cannot be exercised")
     with pytest.raises(ConfigError, match="logging.wandb=true but the wandb package is not installed"):
         MetricsSink(tmp_path, enabled=False, wandb={"project": "p", "name": "n", "config": {}})
+
+
+def _stop_flags() -> tuple[bool, bool, bool]:
+    import torch.distributed as dist
+
+    from fm_train.engine.loop import any_rank
+
+    rank = dist.get_rank()
+    control = dist.new_group(backend="gloo")  # what ParallelGroups.control is on an NCCL world
+    cpu = torch.device("cpu")
+    return any_rank(rank == 1, cpu, control), any_rank(False, cpu, control), any_rank(rank == 0, cpu)
+
+
+@pytest.mark.multiproc
+def test_a_stop_flag_on_one_rank_stops_every_rank() -> None:
+    from distributed import run_distributed
+
+    assert run_distributed(_stop_flags, 2) == [(True, False, True), (True, False, True)]

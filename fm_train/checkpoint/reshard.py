@@ -4,7 +4,7 @@ DeepSpeed's own loaders need the saved and the current layout to match (its univ
 relaxes only the dp size for modules it knows the tp patterns of, i.e. Megatron-DeepSpeed's). Here,
 after ``deepspeed.initialize`` on the new layout, every rank streams from the source step, one
 parameter at a time, the full fp32 master weight and Adam's ``exp_avg``/``exp_avg_sq`` (merged over
-the source's dp partitions, tp shards and pipeline stages by :class:`fm_train.convert.ds_reader.
+the source's dp partitions, tp shards and pipeline stages by :class:`fm_train.checkpoint.ds_reader.
 DeepSpeedWeights` and the source manifest), slices them for its own tp rank along the split dims the
 current layout records, and writes them where the current engine keeps them:
 
@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
+from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.layout import CheckpointError
 
 log = logging.getLogger("fm_train.checkpoint")
@@ -101,15 +103,11 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
     ``tied``, ``param_prefix``): it maps each local DeepSpeed parameter name to the pure model's name and
     its tp split dim. Every rank of the current world calls this.
     """
-    from fm_train.convert.ds_reader import DeepSpeedWeights
-    from fm_train.convert.errors import ConvertError
-    from fm_train.convert.keymap import ds_to_fm, tp_split_dim
-
     try:
         source = DeepSpeedWeights(step_dir, manifest)
         step = source.optimizer_step()
         engine_state = source.engine_state()
-    except ConvertError as exc:
+    except CheckpointError as exc:
         raise CheckpointError(f"cannot reshard {step_dir}: {exc}") from None
     kind, base = _prepare_adam_state(engine, step)
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state

@@ -16,7 +16,7 @@ import torch
 
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from fm_train.checkpoint.manifest import missing_files
-from fm_train.convert.ds_reader import DeepSpeedWeights
+from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
     copy_tokenizer,

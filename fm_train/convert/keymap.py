@@ -2,8 +2,8 @@
 
 Three name spaces:
 
-* DeepSpeed names: the pure model under the engine's wrapper (``model.`` + fm name), or, for a
-  pipeline (pp > 1), ``{layer index}.{param}`` and ``tied_modules.{key}.{param}``;
+* DeepSpeed names (mapped to fm_train names by :mod:`fm_train.checkpoint.ds_names`, which reads the
+  manifest's layer table);
 * fm_train names: ``fm_train.model.LlamaForCausalLM`` state-dict keys;
 * Hugging Face names: ``LlamaForCausalLM`` state-dict keys.
 
@@ -68,37 +68,6 @@ def fm_to_hf(name: str) -> str:
 def hf_to_fm(name: str) -> str:
     """fm_train name of a Hugging Face parameter name."""
     return _apply(_HF_TO_FM, name, "Hugging Face")
-
-
-def ds_to_fm(name: str, manifest: Mapping[str, Any]) -> str:
-    """fm_train name of a DeepSpeed parameter name, using the manifest's prefix and layer table."""
-    if manifest["topology"]["pp"] > 1:
-        head, _, rest = name.partition(".")
-        if head == "tied_modules":
-            key, _, rest = rest.partition(".")
-            tied = manifest.get("tied", {})
-            if key not in tied:
-                raise ConvertError(f"pipeline tied module {key!r} (param {name!r}) is not in the manifest's tied table")
-            return f"{tied[key]}.{rest}"
-        if not head.isdigit():
-            raise ConvertError(f"pipeline parameter {name!r} does not start with a layer index")
-        layers = {int(e["index"]): e["module"] for e in manifest["layers"]}
-        if int(head) not in layers:
-            raise ConvertError(f"pipeline layer {head} (param {name!r}) is not in the manifest's layer table")
-        return f"{layers[int(head)]}.{rest}"
-    prefix = manifest.get("param_prefix", "model.")
-    if not name.startswith(prefix):
-        raise ConvertError(f"DeepSpeed parameter {name!r} lacks the wrapper prefix {prefix!r} the manifest names")
-    return name[len(prefix):]
-
-
-def tp_split_dim(fm_name: str, manifest: Mapping[str, Any]) -> int | None:
-    """The dim along which tp shards of ``fm_name`` are concatenated (None: replicated)."""
-    for entry in manifest["layers"]:
-        module = entry["module"] + "."
-        if fm_name.startswith(module):
-            return entry.get("tp_split_dims", {}).get(fm_name[len(module):])
-    return None
 
 
 def fm_param_shapes(model_fields: Mapping[str, Any]) -> dict[str, torch.Size]:

@@ -46,6 +46,10 @@ class ParallelGroups:
                 group = dist.new_group(ranks=ranks)
                 if self.rank in ranks:
                     self._ranks[axis], self._groups[axis] = ranks, group
+        # Host-side agreements (the stop flag after every step) go over gloo: on an NCCL world a
+        # one-integer all-reduce would otherwise be a device round trip and a host sync per step.
+        self.control: ProcessGroup | None = (
+            None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
 
     def _model_parallel_groups(self) -> list[list[int]]:
         t = self.topology

@@ -48,7 +48,7 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
           sink: MetricsSink, val_batches: Callable[[], Iterable[Batch]] | None = None,
           hooks: Sequence[StepHook] = (), group: dist.ProcessGroup | None = None,
           spec: ThroughputSpec | None = None, stop: Callable[[], bool] | None = None,
-          on_stop: StepHook | None = None) -> TrainState:
+          on_stop: StepHook | None = None, control_group: dist.ProcessGroup | None = None) -> TrainState:
     """Train from ``state.step`` to ``cfg.train.steps``; returns the final state.
 
     Every ``log_every`` steps (and at the last step) a train record goes to ``sink``; every
@@ -59,7 +59,9 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
 
     ``stop`` is polled after every step; when it is true on any rank (a signal may reach the ranks at
     different moments, so they agree through one all-reduce), ``on_stop`` runs (the checkpoint save)
-    and the loop returns early with ``state.step < train.steps``.
+    and the loop returns early with ``state.step < train.steps``. ``control_group`` is a gloo group
+    over the world for that all-reduce (``ParallelGroups.control``; None: the default group, on the
+    engine's device).
     """
     t = cfg.train
     pipelined = isinstance(engine, PipelineEngine)
@@ -85,17 +87,21 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
             with meter.paused():
                 for hook in hooks:
                     hook(engine, state)
-                if stop is not None and not last and _any_rank(stop(), engine.device):
+                if stop is not None and not last and any_rank(stop(), engine.device, control_group):
                     if on_stop is not None:
                         on_stop(engine, state)
                     break
     return state
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on at least one rank of the world (every rank must call this)."""
+def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:
+    """True when ``flag`` is true on at least one rank of the world (every rank must call this).
+
+    With ``group`` (a gloo group over the world) the flag stays on the host; without it, it travels
+    on ``device`` over the default group.
+    """
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device="cpu" if group is not None else device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())

@@ -1,6 +1,6 @@
 """fp32 weights and Adam moments out of a DeepSpeed step directory, one full tensor at a time.
 
-Where each ZeRO stage keeps them is :mod:`fm_train.convert.ds_ranks`' business (one reader per
+Where each ZeRO stage keeps them is :mod:`fm_train.checkpoint.ds_ranks`' business (one reader per
 model-parallel rank); this module merges the ranks: tensor-parallel shards (``mp_rank_XX``,
 pipeline-major like DeepSpeed's grid) are concatenated along the split dims the manifest records, and
 pipeline names (``{layer}.{param}``, ``tied_modules.{key}.{param}``) become fm_train names through the
@@ -23,14 +23,14 @@ from typing import Any, Mapping
 
 import torch
 
-from fm_train.convert.ds_files import load_ds_file
-from fm_train.convert.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
-from fm_train.convert.errors import ConvertError
-from fm_train.convert.keymap import ds_to_fm, tp_split_dim
+from fm_train.checkpoint.ds_files import load_ds_file
+from fm_train.checkpoint.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
+from fm_train.checkpoint.layout import CheckpointError
+from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
 
 __all__ = ["DeepSpeedWeights", "load_ds_file"]
 
-log = logging.getLogger("fm_train.convert")
+log = logging.getLogger("fm_train.checkpoint")
 _LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 # What a resume needs besides tensors, from the first model-states file (DeepSpeed writes it per mp rank).
 ENGINE_FIELDS = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
@@ -100,7 +100,7 @@ class DeepSpeedWeights:
             optim = [d / f"zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-3 partitions (dp={self.dp})"
             return Zero3Rank(model_file, optim, trust)
-        raise ConvertError(f"{d}: unknown ZeRO stage {self.stage} in the manifest")
+        raise CheckpointError(f"{d}: unknown ZeRO stage {self.stage} in the manifest")
 
     def _merged_shape(self, name: str) -> torch.Size:
         parts = self._index[name]
@@ -124,14 +124,14 @@ class DeepSpeedWeights:
             mp, ds = parts[0]
             return self._ranks[mp].get(ds, key)
         if len(parts) != self.tp:
-            raise ConvertError(f"{name}: {len(parts)} tp shards in {self.step_dir}, expected {self.tp}")
+            raise CheckpointError(f"{name}: {len(parts)} tp shards in {self.step_dir}, expected {self.tp}")
         return torch.cat([self._ranks[mp].get(ds, key) for mp, ds in sorted(parts)], dim=dim)
 
     def optimizer_step(self) -> int:
         """Adam's step count (equal on every rank); a clear error when the checkpoint has no moments."""
         steps = {r.step() for r in self._ranks}
         if None in steps or len(steps) != 1:
-            raise ConvertError(f"{self.step_dir}: Adam step counts {sorted(steps, key=str)} across model-parallel "
+            raise CheckpointError(f"{self.step_dir}: Adam step counts {sorted(steps, key=str)} across model-parallel "
                                "ranks; expected one saved count (was it saved before the first step?)")
         return int(steps.pop())  # type: ignore[arg-type]
 

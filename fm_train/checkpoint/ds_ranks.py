@@ -28,8 +28,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fm_train.convert.ds_files import load_ds_file
-from fm_train.convert.errors import ConvertError
+from fm_train.checkpoint.ds_files import load_ds_file
+from fm_train.checkpoint.layout import CheckpointError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -84,14 +84,14 @@ class Zero0Rank:
             # A pipeline stage: its parameters are exactly those its optimizer names.
             self.shapes = {n: self._weight(n).shape for n in names}
         else:
-            raise ConvertError(f"{model_file}: a ZeRO-0 pipeline checkpoint whose optimizer does not name its "
+            raise CheckpointError(f"{model_file}: a ZeRO-0 pipeline checkpoint whose optimizer does not name its "
                                "parameters (not written by fm-train?); cannot tell which layers this stage holds")
         self._where = model_file
 
     def _layer(self, index: int) -> Mapping[str, torch.Tensor]:
         if index not in self._layers:
             if index not in self._layer_files:
-                raise ConvertError(f"{self._where.parent} lacks the file of pipeline layer {index} (layer_{index:02d}-*)")
+                raise CheckpointError(f"{self._where.parent} lacks the file of pipeline layer {index} (layer_{index:02d}-*)")
             self._layers[index] = load_ds_file(self._layer_files[index], trust=self._trust)
         return self._layers[index]
 
@@ -111,7 +111,7 @@ class Zero0Rank:
             return self._weight(name).float()
         state = self._state_of.get(name)
         if not state or key not in state:
-            raise ConvertError(f"{self._where}: no optimizer state {key!r} for {name!r} (saved before the first "
+            raise CheckpointError(f"{self._where}: no optimizer state {key!r} for {name!r} (saved before the first "
                                "step, or by an optimizer that is not Adam)")
         return state[key].float().view(self.shapes[name])
 
@@ -132,7 +132,7 @@ class Zero12Rank:
         for f in optim_files:
             osd = load_ds_file(f, trust=trust)["optimizer_state_dict"]
             if "param_slice_mappings" not in osd:
-                raise ConvertError(f"{f} has no param_slice_mappings (written by a DeepSpeed older than 0.10?)")
+                raise CheckpointError(f"{f} has no param_slice_mappings (written by a DeepSpeed older than 0.10?)")
             self._flat.append(list(osd["single_partition_of_fp32_groups"]))
             self._slices.append(list(osd["param_slice_mappings"]))
             self._states.append(_adam_states(osd.get("base_optimizer_state") or {"state": {}}))
@@ -143,7 +143,7 @@ class Zero12Rank:
             return self._flat[rank][group]
         state = _group_state(self._states[rank], group)
         if key not in state:
-            raise ConvertError(f"{self._where}: no optimizer state {key!r} (saved before the first step?)")
+            raise CheckpointError(f"{self._where}: no optimizer state {key!r} (saved before the first step?)")
         return state[key]
 
     def get(self, name: str, key: str | None = None) -> torch.Tensor:
@@ -157,7 +157,7 @@ class Zero12Rank:
         # One piece (dp = 1, or a parameter inside one partition): a view into the mapped file, no copy.
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0)
         if out.numel() != shape.numel():
-            raise ConvertError(f"{name}: found {out.numel()} of {shape.numel()} elements across the dp partitions")
+            raise CheckpointError(f"{name}: found {out.numel()} of {shape.numel()} elements across the dp partitions")
         return out.float().view(shape)
 
     def step(self) -> int | None:
@@ -185,7 +185,7 @@ class Zero3Rank:
                 self._where[n] = (gi, offset, per_rank)
                 offset += per_rank
             if offset > self._flat[0][gi].numel():
-                raise ConvertError(f"ZeRO-3 group {gi}: shapes need {offset} elements per rank, "
+                raise CheckpointError(f"ZeRO-3 group {gi}: shapes need {offset} elements per rank, "
                                    f"{optim_files[0].name} holds {self._flat[0][gi].numel()}")
         self._file = optim_files[0]
 
@@ -197,7 +197,7 @@ class Zero3Rank:
             flats = [flat[g] for flat in self._flat]
         else:
             if any(key not in _group_state(st, g) for st in self._states):
-                raise ConvertError(f"{self._file}: no optimizer state {key!r} (saved before the first step?)")
+                raise CheckpointError(f"{self._file}: no optimizer state {key!r} (saved before the first step?)")
             flats = [st[g][key] for st in self._states]
         full = torch.cat([flat.narrow(0, offset, per_rank) for flat in flats])
         return full[: shape.numel()].float().view(shape)
