@@ -12,6 +12,7 @@ import pytest
 
 from chaos_faults import assert_fault_done, kill_during_save, signal_at_step, time_to_resume
 from chaos_runs import (
+    EVERY,
     RunResult,
     assert_same_training,
     failures,
@@ -38,7 +39,11 @@ def _kill_and_compare(tmp_path: Path, corpus: Path, reference: Callable[[int], R
     [record] = failures(run)
     assert record["kind"] == "failed" and record["rank"] == rank and record["exit_code"] == -signal.SIGKILL
     assert "killed by SIGKILL" in record["cause"] and record["node_ip"]
-    assert "resumed from" in rank_log(run, 0)
+    attempt2 = rank_log(run, 0).split("===== attempt 2")[1]
+    if fault.step > EVERY:  # a checkpoint was complete before the kill: the restart resumes from it
+        assert "resumed from" in attempt2
+    elif fault.step < EVERY:  # killed before the first save: a fresh start is right
+        assert "resumed from" not in attempt2
     assert_same_training(run, reference(seed).run_dir)
     resume.done.wait(5)
     figure(f"sigkill rank {rank} seed {seed}: killed at logged step {fault.step}; first step of the new attempt"
@@ -70,10 +75,12 @@ def test_sigkill_during_a_checkpoint_save(tmp_path: Path, corpus: Path, referenc
     killed = step_dir(run, fault.step).name
     [record] = failures(run)
     assert record["kind"] == "failed" and record["rank"] == 0 and record["exit_code"] == -signal.SIGKILL
-    log = rank_log(run, 0)
-    attempt2 = log.split("===== attempt 2")[1]
-    # The partial directory was seen, ignored and reported; the previous complete step was loaded.
-    assert f"ignoring incomplete checkpoint" in attempt2 and killed in attempt2
+    attempt2 = rank_log(run, 0).split("===== attempt 2")[1]
+    # The partial directory never counts as a checkpoint: the surviving rank, whose save fails when its
+    # peer dies, removes it and says so; or the restart finds it, reports it and ignores it.
+    removed = f"saving {killed} in {run / 'checkpoints'} failed" in rank_log(run, 1).split("===== attempt 2")[0]
+    assert removed or ("ignoring incomplete checkpoint" in attempt2 and killed in attempt2)
+    assert f"resumed from {step_dir(run, fault.step)}" not in attempt2
     previous = f"step_{fault.step - 6:08d}" if fault.step > 6 else None
     if previous:
         assert f"resumed from {run / 'checkpoints' / previous}" in attempt2
@@ -83,5 +90,6 @@ def test_sigkill_during_a_checkpoint_save(tmp_path: Path, corpus: Path, referenc
     assert not step_dir(run, fault.step).exists() or (step_dir(run, fault.step) / "manifest.json").is_file()
     assert_same_training(run, reference(11).run_dir)
     resume.done.wait(5)
-    figure(f"sigkill during save of {killed}: {fault.note}; first step of the new attempt {resume.at or float('nan'):.0f}s"
+    figure(f"sigkill during save of {killed}: {fault.note}; partial dir"
+           f" {'removed by the surviving rank' if removed else 'ignored and reported at restart'}; first step of the new attempt {resume.at or float('nan'):.0f}s"
            f" after the kill, resumed from {previous or 'scratch'}; run {result.seconds:.0f}s; final state identical")
