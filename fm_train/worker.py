@@ -25,7 +25,6 @@ from fm_train.dist.env import RankEnv, ensure_extension_cache
 from fm_train.dist.topology import Topology
 
 if TYPE_CHECKING:
-    from data_shards.errors import BadShardError
     from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
     from fm_train.parallel.sharded_init import InitSource
