@@ -1,4 +1,5 @@
-"""Shared fixtures: gpu tests skip cleanly, offline Hugging Face, the DeepSpeed op cache, a tiny config.
+"""Shared fixtures: gpu tests skip cleanly, offline Hugging Face, the DeepSpeed op cache, a tiny config,
+one small real shard directory.
 
 Ray tests start their own real instances per module (launcher tests: ray.cluster_utils.Cluster).
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -54,3 +56,25 @@ def tiny_config_dict() -> dict:
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2},
         "cluster": {"workers": 2},
     }
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Default-corpus shards (vocab 512, seq_len 32) of ~300 KB of the standard library, built once per
+    session (about 4,300 samples of 33 tokens); tests that damage shards copy it first."""
+    from data_shards import build_default_corpus
+
+    return build_default_corpus(tmp_path_factory.mktemp("corpus") / "stdlib", vocab_size=512, seq_len=32,
+                                max_bytes=300_000)
+
+
+@pytest.fixture(scope="session")
+def dir_with_corpus(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Callable[[str], Path]:
+    """``dir_with_corpus(name)``: a fresh directory whose ``corpus/`` is the session's shards (a symlink)."""
+
+    def make(name: str) -> Path:
+        path = tmp_path_factory.mktemp(name)
+        (path / "corpus").symlink_to(corpus, target_is_directory=True)
+        return path
+
+    return make

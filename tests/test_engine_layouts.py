@@ -80,12 +80,9 @@ _RUNS: dict[str, list[list[dict[str, Any]]]] = {}
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """A module directory with a small real shard directory (stdlib source, vocab 512, seq 32)."""
-    data_shards = pytest.importorskip("data_shards")
-    path = tmp_path_factory.mktemp("layouts")
-    data_shards.build_default_corpus(path / "corpus", vocab_size=VOCAB, seq_len=SEQ, workers=1, max_bytes=300_000)
-    return path
+def root(dir_with_corpus) -> Path:
+    """A module directory holding the session's small shard directory as corpus/ (vocab 512, seq 32)."""
+    return dir_with_corpus("layouts")
 
 
 def run(root: Path, name: str, **kw: Any) -> list[list[dict[str, Any]]]:

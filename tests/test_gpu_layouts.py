@@ -78,11 +78,9 @@ def _worker(raw: dict[str, Any]) -> tuple[int, str]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    data_shards = pytest.importorskip("data_shards")
-    path = tmp_path_factory.mktemp("gpu_layouts")
-    data_shards.build_default_corpus(path / "corpus", vocab_size=VOCAB, seq_len=SEQ, workers=1, max_bytes=300_000)
-    return path
+def root(dir_with_corpus) -> Path:
+    """A module directory holding the session's small shard directory as corpus/ (vocab 512, seq 32)."""
+    return dir_with_corpus("gpu_layouts")
 
 
 _LOSSES: dict[tuple[str, str], list[float]] = {}
