@@ -1,4 +1,11 @@
-"""Open one DeepSpeed checkpoint file: memory-mapped, ``weights_only`` unless the caller trusts it."""
+"""Open one DeepSpeed checkpoint file: ``weights_only`` with DeepSpeed's plain record classes allowed,
+unless the caller trusts the checkpoint; memory-mapped for the readers that slice tensors.
+
+``torch.load(weights_only=False)`` rebuilds any object a pickle names, i.e. runs code chosen by whoever
+wrote the file. DeepSpeed's files hold tensors, containers, numbers and strings plus four small record
+classes, so everything fm-train reads (converter, resharding, and the resume's own loads through
+:mod:`fm_train.checkpoint.ds_engine`) goes through :func:`safe_torch_load`.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ import torch
 
 from fm_train.checkpoint.layout import CheckpointError
 
+CONVERT_HINT = "if you trust where this checkpoint came from, pass --trust-checkpoint"
+RESUME_HINT = "if you trust where this checkpoint came from, set checkpoint.trust_pickles=true"
+
 
 def _safe_globals() -> list[Any]:
     """DeepSpeed classes that its checkpoints pickle: plain records, safe to rebuild."""
@@ -20,23 +30,53 @@ def _safe_globals() -> list[Any]:
     return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
-def load_ds_file(path: Path, *, trust: bool) -> dict[str, Any]:
-    """``torch.load`` one DeepSpeed file memory-mapped; ``weights_only=True`` unless ``trust``."""
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent} lacks {path.name}: the checkpoint is incomplete (a rank's shard "
-                           "was not written or not copied)")
+def safe_torch_load(path: Path, *, trust: bool, map_location: Any = "cpu", mmap: bool = False,
+                    hint: str = CONVERT_HINT) -> Any:
+    """``torch.load`` of ``path`` with ``weights_only=True`` and the allow-list, unless ``trust``.
+
+    A file that needs anything else is refused with a :class:`CheckpointError` naming it and ``hint``
+    (how to trust it); undecodable bytes are reported as a damaged file, not as torch's traceback.
+    """
+    path = Path(path)
     try:
         if trust:
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(f"{path} does not load with weights_only=True ({first}); if you trust where this "
-                           "checkpoint came from, pass --trust-checkpoint") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path} does not load with weights_only=True ({first}): it holds objects other than "
+                              "tensors and DeepSpeed's plain records, and unpickling them would run code named by "
+                              f"the file; {hint}") from None
     except Exception as exc:  # noqa: BLE001 - torch.load's errors on damaged bytes have no common type
         # Garbage or torn bytes surface as RuntimeError (zip), UnicodeDecodeError, EOFError, ...: all mean
         # the file is damaged, and the user needs its name, not torch's traceback.
         lines = str(exc).strip().splitlines()
         raise CheckpointError(f"{path} is damaged: it does not load as a torch checkpoint ({type(exc).__name__}: "
-                           f"{lines[0] if lines else ''}); copy it again from where the run wrote it") from None
+                              f"{lines[0] if lines else ''}); copy it again from where the run wrote it") from None
+
+
+def load_ds_file(path: Path, *, trust: bool, hint: str = CONVERT_HINT) -> dict[str, Any]:
+    """``torch.load`` one DeepSpeed file memory-mapped; ``weights_only=True`` unless ``trust``."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} lacks {path.name}: the checkpoint is incomplete (a rank's shard "
+                              "was not written or not copied)")
+    return safe_torch_load(path, trust=trust, mmap=True, hint=hint)
+
+
+def scan_pickles(root: Path, *, hint: str = RESUME_HINT) -> int:
+    """Open every ``.pt`` file under ``root`` with ``weights_only=True`` (memory-mapped: only the pickle
+    is read) and raise naming the first that needs more. Returns how many were checked.
+
+    For loads fm-train cannot route through :func:`safe_torch_load` (DeepSpeed's universal-checkpoint
+    loader and its ``ds_to_universal`` call ``torch.load(weights_only=False)`` themselves): a file whose
+    pickle passes the restricted unpickler names no other callable, so the full unpickler then runs
+    nothing else either.
+    """
+    count = 0
+    for path in sorted(Path(root).rglob("*.pt")):
+        safe_torch_load(path, trust=False, mmap=True, hint=hint)
+        count += 1
+    return count
+
+

@@ -17,6 +17,10 @@ Schema (version 1)::
     tokens_seen: int
     rng: {scheme: "per-rank", files: ["rng/rank_00000.pt", ...]}
     files: {relative path: size in bytes}    # DeepSpeed's files as written; a missing one is named
+    checksums: {algorithm: "sha256", files: {relative path: hex digest}}
+                                  # every file of the step dir (rng/ too), hashed by the rank that
+                                  # wrote it; checked by resume and convert (fm_train.checkpoint.integrity).
+                                  # Absent in manifests written before checksums: sizes only then
     versions: {python, torch, deepspeed, transformers, fm_train}
 """
 
@@ -89,11 +93,16 @@ def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tok
 
 
 def complete_manifest(partial: Mapping[str, Any], *, step: int, tag: str, files: Mapping[str, int],
-                      rng_files: list[str]) -> dict[str, Any]:
-    """Add what only the saver knows, and check the whole thing before it becomes the commit marker."""
+                      rng_files: list[str], checksums: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Add what only the saver knows, and check the whole thing before it becomes the commit marker.
+
+    ``checksums`` is :func:`fm_train.checkpoint.integrity.checksum_record` of every file; None leaves
+    the field out (a manifest then vouches for sizes only)."""
     out = dict(partial)
     out.update(step=int(step), tag=tag, created_unix=time.time(), files=dict(files),
                rng={"scheme": "per-rank", "files": list(rng_files)}, versions=package_versions())
+    if checksums is not None:
+        out["checksums"] = dict(checksums)
     out.setdefault("format", FORMAT)
     out.setdefault("version", VERSION)
     check_manifest(out, where=f"manifest of {tag}")

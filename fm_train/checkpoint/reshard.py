@@ -96,15 +96,16 @@ def _local_shape(param: nn.Parameter) -> torch.Size:
 
 @torch.no_grad()
 def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], layout: Mapping[str, Any], *,
-                   tp_rank: int, tp_size: int) -> None:
+                   tp_rank: int, tp_size: int, trust: bool = False) -> None:
     """Load the source step ``step_dir`` (``manifest``) into ``engine`` built on another layout.
 
     ``layout`` describes the current engine's names as a manifest would (``topology.pp``, ``layers``,
     ``tied``, ``param_prefix``): it maps each local DeepSpeed parameter name to the pure model's name and
-    its tp split dim. Every rank of the current world calls this.
+    its tp split dim. Every rank of the current world calls this. Files load ``weights_only`` unless
+    ``trust``.
     """
     try:
-        source = DeepSpeedWeights(step_dir, manifest)
+        source = DeepSpeedWeights(step_dir, manifest, trust=trust)
         step = source.optimizer_step()
         engine_state = source.engine_state()
     except CheckpointError as exc:

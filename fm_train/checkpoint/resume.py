@@ -33,6 +33,9 @@ from fm_train.checkpoint.layout import (
     parse_step,
     read_latest,
 )
+from fm_train.checkpoint.choose import choose_resume_point, verify_step
+from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
+from fm_train.checkpoint.ds_files import scan_pickles
 from fm_train.checkpoint.manifest import missing_files, read_manifest
 from fm_train.checkpoint.rng import load_rng, restore_rng
 from fm_train.config import FmConfig
@@ -84,13 +87,21 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
-def find_resume_point(run_dir: Path, resume: str) -> Path | None:
-    """``resume``: ``"auto"`` (latest complete step of ``run_dir``, or None), ``"none"`` or a path."""
+def find_resume_point(run_dir: Path, resume: str, *, allow_fresh_start: bool = False) -> Path | None:
+    """``resume``: ``"auto"`` (the newest intact step of ``run_dir``, or None), ``"none"`` or a path.
+
+    Every rank calls it (the files' checksums are checked collectively). ``auto`` skips damaged
+    checkpoints loudly and refuses a fresh start over nothing but damaged ones unless
+    ``allow_fresh_start`` (:func:`fm_train.checkpoint.choose.choose_resume_point`); an explicit path
+    that is damaged is an error naming the files.
+    """
     if resume == "none":
         return None
     if resume == "auto":
-        return newest_complete(checkpoints_dir(run_dir))
-    return resolve_checkpoint(Path(resume))
+        return choose_resume_point(Path(run_dir), allow_fresh_start=allow_fresh_start)
+    step_dir = resolve_checkpoint(Path(resume))
+    verify_step(step_dir)
+    return step_dir
 
 
 def _manifest_dir(path: Path) -> Path:
@@ -132,8 +143,13 @@ def _world_and_rank() -> tuple[int, int]:
 
 
 def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = None,
-                    tokenizer_hash: str | None = None, layout: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    tokenizer_hash: str | None = None, layout: Mapping[str, Any] | None = None,
+                    trust: bool | None = None) -> dict[str, Any]:
     """Load module, optimizer and LR scheduler (and this rank's RNG) from ``step_dir``; all ranks call it.
+
+    Files load with ``weights_only=True`` and DeepSpeed's plain record classes only (an object of any
+    other class is refused naming the file) unless ``trust`` (default: ``config.checkpoint.trust_pickles``).
+    Checksums are :func:`find_resume_point`'s business; here only the sizes are checked again.
 
     ``step_dir`` is what :func:`prepare_resume` returned (the step dir or its ``universal`` cache).
     ``config``/``tokenizer_hash`` describe the current run; a different model shape or tokenizer is
@@ -143,6 +159,8 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     ``fm_train.engine.checkpointing.current_layout``). Returns the manifest (data state, tokens, step).
     """
     step_dir = Path(step_dir)
+    if trust is None:
+        trust = bool(config is not None and config.checkpoint.trust_pickles)
     manifest_dir = _manifest_dir(step_dir)
     manifest = read_manifest(manifest_dir)
     check_compatible(manifest, config, tokenizer_hash, manifest_dir)
@@ -151,7 +169,9 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
         raise CheckpointError(f"{manifest_dir} is damaged: " + ", ".join(bad))
     if config is not None and needs_reshard(manifest, config.parallel.tp, config.parallel.pp,
                                             config.parallel.zero_stage):
-        return _load_resharded(engine, manifest_dir, manifest, config, layout)
+        if not trust:
+            scan_pickles(manifest_dir)  # names the file with the resume's way to trust it
+        return _load_resharded(engine, manifest_dir, manifest, config, layout, trust)
     universal = step_dir.name == UNIVERSAL
     if universal != bool(engine.load_universal_checkpoint()):
         raise CheckpointError(
@@ -162,8 +182,13 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     if not universal and saved_dp != engine.dp_world_size and manifest["topology"]["zero_stage"] > 0:
         raise CheckpointError(f"{manifest_dir} was saved with dp={saved_dp}, the engine has dp="
                               f"{engine.dp_world_size}; call prepare_resume first (universal checkpoint)")
-    load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    if universal and not trust:
+        # DeepSpeed's universal loader calls torch.load(weights_only=False) itself, past the checkpoint
+        # engine: check every file's pickle first (the cache may not be ours: it travels with the step).
+        scan_pickles(step_dir)
+    with guarded_checkpoint_engine(engine, trust=trust):
+        load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed loaded nothing from {step_dir}")
     world, rank = _world_and_rank()
@@ -177,7 +202,7 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
 
 
 def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], config: FmConfig,
-                    layout: Mapping[str, Any] | None) -> dict[str, Any]:
+                    layout: Mapping[str, Any] | None, trust: bool) -> dict[str, Any]:
     from fm_train.checkpoint.reshard import load_resharded
 
     saved, p = manifest["topology"], config.parallel
@@ -193,7 +218,7 @@ def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], co
     log.info("rank %d: resharding %s (tp=%d pp=%d dp=%d ZeRO-%d) for tp=%d pp=%d dp=%d ZeRO-%d", rank, step_dir,
              saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], p.tp, p.pp, world // (p.tp * p.pp),
              p.zero_stage)
-    load_resharded(engine, step_dir, manifest, layout, tp_rank=tp_rank, tp_size=p.tp)
+    load_resharded(engine, step_dir, manifest, layout, tp_rank=tp_rank, tp_size=p.tp, trust=trust)
     return manifest
 
 
@@ -231,14 +256,16 @@ def _convert_to_universal(step_dir: Path, zero_stage: int) -> Path:
 
 
 def prepare_resume(step_dir: Path, current_topology: Topology,
-                   zero_stage: int | None = None) -> tuple[Path, bool]:
+                   zero_stage: int | None = None, *, trust: bool = False) -> tuple[Path, bool]:
     """``(path to load, needs_universal)`` for resuming ``step_dir`` on ``current_topology`` (and
     ``zero_stage``, when the caller knows it).
 
     On a dp-size change alone the step is converted once to a universal checkpoint, cached atomically
     in ``step_dir/universal``; build the engine with ``load_universal`` set to ``needs_universal``. With
     a process group, rank 0 converts and the others wait; call it on every rank. A tp/pp/ZeRO-stage
-    change needs nothing here: :func:`load_checkpoint` reshards the step directory itself.
+    change needs nothing here: :func:`load_checkpoint` reshards the step directory itself. Unless
+    ``trust``, every file's pickle is checked before DeepSpeed's converter (which unpickles fully)
+    reads it.
     """
     step_dir = Path(step_dir)
     manifest = read_manifest(step_dir)
@@ -249,6 +276,8 @@ def prepare_resume(step_dir: Path, current_topology: Topology,
     error: str | None = None
     if not target.is_dir() and (not distributed or dist.get_rank() == 0):
         try:
+            if not trust:
+                scan_pickles(step_dir)
             _convert_to_universal(step_dir, manifest["topology"]["zero_stage"])
         except CheckpointError as exc:
             error = str(exc)

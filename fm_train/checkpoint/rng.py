@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fm_train.checkpoint.ds_files import RESUME_HINT, safe_torch_load
+
 RNG_DIR = "rng"
 
 
@@ -65,4 +67,4 @@ def load_rng(step_dir: Path, rank: int) -> dict[str, Any] | None:
     path = rng_file(step_dir, rank)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_torch_load(path, trust=False, hint=RESUME_HINT)  # tensors and plain values only, always

@@ -1,5 +1,9 @@
-"""Save a step: DeepSpeed's sharded files, per-rank RNG, then the manifest, then ``latest``, then
-retention. Every rank calls :func:`save_checkpoint`; rank 0 alone commits and prunes.
+"""Save a step: DeepSpeed's sharded files, per-rank RNG, their checksums, then the manifest, then
+``latest``, then retention. Every rank calls :func:`save_checkpoint`; rank 0 alone commits and prunes.
+
+Each rank hashes the files it wrote itself (known from the checkpoint engine it saved through) right
+after writing them, while they are still in the page cache, so the cost is spread over the ranks;
+rank 0 gathers the digests and hashes only what no rank reported (DeepSpeed's recovery script).
 
 Ordering is what makes a SIGKILL at any instant harmless: until ``manifest.json`` exists the step
 directory is ignored by resume and by the converter, and ``latest`` still names the previous step.
@@ -9,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch.distributed as dist
-
+from fm_train.checkpoint import collective
+from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
+from fm_train.checkpoint.integrity import checksum_record, digest_files
 from fm_train.checkpoint.layout import (
     CheckpointError,
     checkpoints_dir,
@@ -29,19 +35,7 @@ from fm_train.checkpoint.manifest import complete_manifest, write_manifest
 from fm_train.checkpoint.rng import RNG_DIR, save_rng
 
 log = logging.getLogger("fm_train.checkpoint")
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+_barrier, _rank, _world = collective.barrier, collective.rank, collective.world
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int,
@@ -71,28 +65,48 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     _barrier()
 
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-        save_rng(step_dir, _rank())
+        with guarded_checkpoint_engine(engine, trust=False) as guard:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        written = [*guard.saved, save_rng(step_dir, _rank())]
+        own = _own_digests(step_dir, written)
     except (OSError, RuntimeError) as exc:
         # torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error": say what it means.
         raise CheckpointError(_save_failed_message(ckpt_dir, step_dir, exc)) from exc
-    _barrier()  # every rank's files are written (closed) before rank 0 looks at them
+    # A collective, so also the barrier: every rank's files are written (closed) before rank 0 looks.
+    digests = {rel: d for part in collective.all_gather(own) for rel, d in part.items()}
 
     if is_rank0:
-        files = {}
+        files, present = {}, []
         for p in sorted(step_dir.rglob("*")):
             if p.is_file():
                 fsync_file(p)  # DeepSpeed's torch.save does not fsync; the manifest must not outrun data
+                rel = str(p.relative_to(step_dir))
+                present.append(rel)
                 if p.parent.name != RNG_DIR:
-                    files[str(p.relative_to(step_dir))] = p.stat().st_size
+                    files[rel] = p.stat().st_size
         fsync_dir(step_dir)
+        # Files no rank saved through the checkpoint engine (DeepSpeed copies zero_to_fp32.py).
+        digests.update(digest_files(step_dir, [rel for rel in present if rel not in digests]))
         rng_files = [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(_world())]
-        full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files)
+        full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files,
+                                 checksums=checksum_record(digests))
         write_manifest(step_dir, full)
         write_latest(ckpt_dir, step_dir)
         apply_retention(ckpt_dir, keep)
     _barrier()  # nobody goes on (or exits) before the checkpoint is committed
     return step_dir
+
+
+def _own_digests(step_dir: Path, written: list[Path]) -> dict[str, str]:
+    """Digests of the files this rank wrote inside ``step_dir`` (by path relative to it), timed in the log."""
+    root = step_dir.resolve()
+    rels = [str(p.resolve().relative_to(root)) for p in written if p.resolve().is_relative_to(root)]
+    start = time.perf_counter()
+    digests = digest_files(step_dir, rels)
+    size = sum((step_dir / rel).stat().st_size for rel in rels)
+    log.info("rank %d: sha256 of %d file(s), %.1f MiB, in %.3f s", _rank(), len(rels), size / 2**20,
+             time.perf_counter() - start)
+    return digests
 
 
 def _save_failed_message(ckpt_dir: Path, step_dir: Path, exc: BaseException) -> str:

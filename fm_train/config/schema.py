@@ -152,6 +152,13 @@ class CheckpointConfig(_Section):
     every: NonNegativeInt = Field(100, description="Save every N steps (0: only at the end).")
     keep: PositiveInt = Field(3, description="Keep the newest K checkpoints (never the one `latest` names).")
     resume: str = Field("auto", description="auto (from latest if any) | none | path to a step directory.")
+    allow_fresh_start: bool = Field(
+        False, description="With resume: auto, train from scratch when RUN/checkpoints holds checkpoints but none is"
+        " intact (each is moved aside to step_XXXXXXXX.damaged). Off: such a start is refused (exit 2), so a damaged"
+        " disk never silently overwrites a run.")
+    trust_pickles: bool = Field(
+        False, description="Load resume checkpoints with full unpickling (torch.load weights_only=False), which runs"
+        " code the files name. Off: tensors and DeepSpeed's plain records only; any other object is refused.")
 
 
 class ConvertConfig(_Section):

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
-from fm_train.checkpoint.manifest import missing_files
+from fm_train.checkpoint.integrity import damage_message, find_damage
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
@@ -114,9 +114,9 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
         manifest = read_manifest(step_dir)
     except CheckpointError as exc:
         raise ConvertError(str(exc)) from None
-    bad = missing_files(step_dir, manifest)
+    bad = find_damage(step_dir, manifest)  # sizes and checksums of every file, before any is unpickled
     if bad:
-        raise ConvertError(f"{step_dir} is damaged: " + ", ".join(bad))
+        raise ConvertError(damage_message(step_dir, bad) + "; copy the files again from where the run wrote them")
     if Path(out).exists() and not overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
     run_dir = step_dir.parent.parent

@@ -26,13 +26,17 @@ def resume_point(cfg: FmConfig, topology: Topology) -> tuple[Path | None, bool]:
     """``(path to load or None, needs_universal)`` for ``checkpoint.resume``; every rank calls it.
 
     ``needs_universal`` must reach the engine's config (``load_universal``) before it is built.
+    Damaged checkpoints are skipped loudly; nothing but damaged ones stops the start unless
+    ``checkpoint.allow_fresh_start`` (see :func:`fm_train.checkpoint.find_resume_point`).
     """
     from fm_train.checkpoint import find_resume_point, prepare_resume
 
-    step_dir = find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume)
+    step_dir = find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume,
+                                 allow_fresh_start=cfg.checkpoint.allow_fresh_start)
     if step_dir is None:
         return None, False
-    return prepare_resume(step_dir, topology, zero_stage=cfg.parallel.zero_stage)
+    return prepare_resume(step_dir, topology, zero_stage=cfg.parallel.zero_stage,
+                          trust=cfg.checkpoint.trust_pickles)
 
 
 def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainState,

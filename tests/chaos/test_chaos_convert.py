@@ -47,10 +47,29 @@ def _other_model(d: Path) -> str:
 
 
 def _garbage_pt(d: Path) -> str:
-    # Same size, so the manifest's size check passes; only loading can tell.
+    # Same size, so the manifest's size check passes; the checksum catches it before anything is unpickled.
     path = d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     path.write_bytes(os.urandom(path.stat().st_size))
-    return "zero_pp_rank_0_mp_rank_00_optim_states.pt is damaged"
+    return "is damaged: zero_pp_rank_0_mp_rank_00_optim_states.pt (sha256 differs"
+
+
+def _garbage_pt_no_checksums(d: Path) -> str:
+    # A manifest from before checksums: only loading the file can tell.
+    manifest = json.loads((d / "manifest.json").read_text())
+    del manifest["checksums"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    path = d / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    path.write_bytes(os.urandom(path.stat().st_size))
+    return "zero_pp_rank_0_mp_rank_00_optim_states.pt is damaged: it does not load"
+
+
+def _flipped_byte(d: Path) -> str:
+    # One bit pattern changed in the middle of a rank's RNG file: same size, still a valid zip, maybe.
+    path = d / "rng" / "rank_00001.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return "is damaged: rng/rank_00001.pt (sha256 differs"
 
 
 def _garbage_json(d: Path) -> str:
@@ -64,6 +83,8 @@ DAMAGE: dict[str, Callable[[Path], str]] = {
     "truncated shard file": _truncated_shard,
     "manifest from another model": _other_model,
     "garbage in a .pt": _garbage_pt,
+    "garbage in a .pt, manifest without checksums": _garbage_pt_no_checksums,
+    "flipped byte": _flipped_byte,
     "torn manifest.json": _garbage_json,
 }
 

@@ -1,0 +1,101 @@
+"""Checksums of a step directory's files: computed after each rank writes its files, recorded in the
+manifest, checked before resume and conversion.
+
+The manifest's ``checksums`` field is ``{"algorithm": "sha256", "files": {relative path: hex digest}}``
+and covers every file of the step directory (DeepSpeed's files, ``rng/``, the recovery script), not
+the manifest itself. sha256 because it is the fastest of hashlib's strong hashes where the CPU has
+SHA extensions (about 1 GiB/s per core measured on the CI machines, blake2b about 0.55), and every
+tool can check it (``sha256sum``). Manifests written before checksums existed have no such field:
+only the sizes in ``files`` are checked then, and :func:`find_damage` says so once in the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+log = logging.getLogger("fm_train.checkpoint")
+
+ALGORITHM = "sha256"
+_BLOCK = 4 << 20  # large reads: hashing, not syscalls, should be the cost
+
+
+def file_digest(path: Path, algorithm: str = ALGORITHM) -> str:
+    """Hex digest of the file at ``path`` (read in 4 MiB blocks; hashlib releases the GIL on them)."""
+    h = hashlib.new(algorithm)
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _threads(count: int) -> int:
+    # Files hash in parallel (hashlib drops the GIL); never more threads than cores or files.
+    return max(1, min(count, os.cpu_count() or 1, 8))
+
+
+def digest_files(root: Path, rels: Iterable[str], algorithm: str = ALGORITHM) -> dict[str, str]:
+    """``{rel: hex digest}`` of the files ``root/rel``, hashed on a few threads."""
+    rels = sorted(set(rels))
+    with ThreadPoolExecutor(max_workers=_threads(len(rels))) as pool:
+        digests = list(pool.map(lambda rel: file_digest(Path(root) / rel, algorithm), rels))
+    return dict(zip(rels, digests))
+
+
+def checksum_record(digests: Mapping[str, str], algorithm: str = ALGORITHM) -> dict[str, Any]:
+    """The manifest's ``checksums`` value for ``digests``."""
+    return {"algorithm": algorithm, "files": dict(sorted(digests.items()))}
+
+
+def recorded_files(manifest: Mapping[str, Any]) -> list[str]:
+    """Every file a manifest vouches for (by size, by checksum or both), sorted."""
+    return sorted(set(manifest.get("files", {})) | set(manifest.get("checksums", {}).get("files", {})))
+
+
+def share_of(rels: list[str], rank: int, world: int) -> list[str]:
+    """The files ``rank`` of ``world`` checks: every ``world``-th of ``rels`` (sorted), so ranks split the work."""
+    return rels[rank::world]
+
+
+def _problem(step_dir: Path, rel: str, size: int | None, digest: str | None, algorithm: str) -> str | None:
+    path = Path(step_dir) / rel
+    if not path.is_file():
+        return f"{rel} (missing)"
+    have = path.stat().st_size
+    if size is not None and have != size:
+        return f"{rel} ({have} bytes, manifest says {size})"
+    if digest is not None and file_digest(path, algorithm) != digest:
+        return f"{rel} ({algorithm} differs from the manifest's: its bytes changed after the save)"
+    return None
+
+
+def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with this rank's share of the files ``manifest`` records: missing, of another size,
+    or with another checksum; one entry per damaged file, naming it. Empty when the share is intact."""
+    sizes = manifest.get("files", {})
+    checksums = manifest.get("checksums") or {}
+    digests = checksums.get("files", {})
+    algorithm = checksums.get("algorithm", ALGORITHM)
+    if not digests and rank == 0:
+        log.warning("%s: the manifest has no checksums (written by an older fm-train); only file sizes are "
+                    "checked", step_dir)
+    if digests and algorithm not in hashlib.algorithms_available:
+        return [f"manifest.json (checksum algorithm {algorithm!r} is not available in this Python)"]
+    mine = share_of(recorded_files(manifest), rank, world)
+    with ThreadPoolExecutor(max_workers=_threads(len(mine))) as pool:
+        found = pool.map(lambda rel: _problem(step_dir, rel, sizes.get(rel), digests.get(rel), algorithm), mine)
+        return [p for p in found if p is not None]
+
+
+def damage_message(step_dir: Path, problems: list[str]) -> str:
+    """One line naming the damaged step directory and each damaged file."""
+    return f"{step_dir} is damaged: " + ", ".join(problems)
