@@ -16,6 +16,7 @@ actor can report it; every rank leaves through a barrier and a process-group tea
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,8 +28,14 @@ from fm_train.dist.topology import Topology
 if TYPE_CHECKING:
     from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
+    from fm_train.dist.heartbeat import Heartbeat
+    from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
     from fm_train.parallel.sharded_init import InitSource
 
+
+RENDEZVOUS_EXIT_CODE = 4
+"""Exit code of a rank that could not connect to its peers (its message names addresses, ports and the
+fix): the launcher retries once on a new port, then stops instead of spending cluster.max_restarts."""
 
 RESTART_EXIT_CODE = 3
 """Exit code of a rank that wants the group restarted from the last checkpoint (e.g. after recording a
@@ -110,6 +117,8 @@ def run_worker(cfg: FmConfig) -> int:
     from data_shards.errors import BadShardError
     from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
+    from fm_train.dist.heartbeat import Heartbeat
+    from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.engine import checkpointing
     from fm_train.engine import data as engine_data
@@ -124,10 +133,14 @@ def run_worker(cfg: FmConfig) -> int:
     ensure_extension_cache()
     backend = init_distributed(env)
     is_rank0 = env.rank == 0
+    heartbeat = Heartbeat.from_environ()
     try:
         topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
         # First thing after joining, on every rank: each group is a collective over the world.
-        groups = ParallelGroups(topo)
+        with rendezvous_errors(env, "creating the dp/tp/pp groups"):
+            groups = ParallelGroups(topo)
+        print(f"rank {env.rank}: node {os.environ.get('FM_TRAIN_NODE_IP', '?')}, {local_endpoint()},"
+              f" coordinates {topo.coord(env.rank)}", flush=True)
         run_dir = Path(cfg.run.dir)
         if is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +172,9 @@ def run_worker(cfg: FmConfig) -> int:
                  if cfg.logging.wandb else None)
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            wandb=wandb)
+        heartbeat.beat(state.step, "ready")
         try:
-            train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save],
+            train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save, heartbeat],
                   group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save,
                   control_group=groups.control)
         except BadShardError as exc:
@@ -200,14 +214,19 @@ def run_worker_cli(args: argparse.Namespace) -> int:
     A config, data or checkpoint problem (``ConfigError``, ``data_shards.DataError``,
     ``CheckpointError``: messages written for the user) prints its message and returns 2, which the
     launcher does not retry; :class:`RestartNeeded` returns :data:`RESTART_EXIT_CODE`, which it does;
-    anything else propagates with its traceback.
+    a failure to connect to the peers returns :data:`RENDEZVOUS_EXIT_CODE`; anything else propagates
+    with its traceback.
     """
     from data_shards.errors import DataError
     from fm_train.checkpoint import CheckpointError
+    from fm_train.dist.rendezvous import RendezvousError
 
     try:
         cfg = load_config(args.config, args.overrides)
         return run_worker(cfg)
+    except RendezvousError as exc:
+        print(f"fm-train worker: {exc}", file=sys.stderr)
+        return RENDEZVOUS_EXIT_CODE
     except RestartNeeded as exc:
         print(f"fm-train worker: {exc}", file=sys.stderr)
         return RESTART_EXIT_CODE

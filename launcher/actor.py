@@ -9,18 +9,24 @@ to import what the worker imports. Output is captured line by line and handed to
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import IO, Any, Sequence
 
+from fm_train.dist.heartbeat import HEARTBEAT_ENV, read_heartbeat
+from launcher import preflight
+from launcher.netif import interface_for_ip, node_socket_env
 from launcher.options import render_command
 from launcher.runstate import MetricsTail, run_state
+from launcher.versions import software
 
 # Lines kept for a driver that polls late; beyond this the oldest are dropped (and counted) rather
 # than growing the actor's memory without bound.
@@ -38,14 +44,34 @@ class WorkerProcess:
         self._readers: list[threading.Thread] = []
         self._metrics: MetricsTail | None = None
         self._run_dir: Path | None = None
+        # Node-local (the actor's temp dir), one per actor: the rank's progress record (launcher.monitor).
+        self._heartbeat = Path(tempfile.mkdtemp(prefix="fm-train-heartbeat-")) / "rank"
+        self._beat: tuple[int, str] | None = None
+        self._beat_seen = time.monotonic()
 
     def describe(self) -> dict[str, Any]:
-        """Where this actor landed: node id and IP, GPU ids, host and process ids."""
+        """Where this actor landed: node id and IP, the interface that carries that IP, the socket-interface
+        variables the node's environment sets, GPU ids, host and process ids."""
         import ray
 
-        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "hostname": socket.gethostname(), "pid": os.getpid(),
-                "cwd": os.getcwd()}
+        ip = ray.util.get_node_ip_address()
+        return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ip, "interface": interface_for_ip(ip),
+                "socket_env": node_socket_env(os.environ), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+                "hostname": socket.gethostname(), "pid": os.getpid(), "cwd": os.getcwd()}
+
+    def preflight_write(self, workdir: str, run_dir: str, token: str, who: str) -> dict[str, Any]:
+        """First preflight round on this node: write its probe; report its software."""
+        return {"error": preflight.write_probe(preflight.resolve_on_node(workdir, run_dir), token, who),
+                "software": software()}
+
+    def preflight_check(self, workdir: str, run_dir: str, token: str, others: list[str],
+                        sources: list[str]) -> dict[str, Any]:
+        """Second round: whose probes this node sees and what its data sources' index.json hold."""
+        return preflight.check_node(workdir, run_dir, token, others, sources)
+
+    def preflight_cleanup(self, workdir: str, run_dir: str, token: str) -> None:
+        """Remove this node's view of the probes."""
+        preflight.remove_probes(preflight.resolve_on_node(workdir, run_dir), token)
 
     def free_port(self) -> int:
         """A TCP port free on this node right now (the rank-0 actor picks MASTER_PORT)."""
@@ -63,7 +89,7 @@ class WorkerProcess:
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError("a worker process is already running in this actor")
         cwd = Path(workdir) if Path(workdir).is_dir() else Path.cwd()
-        self._run_dir = run_path = (cwd / run_dir).resolve()
+        self._run_dir = run_path = preflight.resolve_on_node(workdir, run_dir)
         config_path = run_path / "config.resolved.yaml"
         if not config_path.is_file() or config_path.read_text() != config_text:
             # Only differs on a node that does not share the driver's filesystem (or holds a stale copy).
@@ -73,7 +99,10 @@ class WorkerProcess:
             os.replace(tmp, config_path)
         argv = render_command(command, python=sys.executable, config=config_path)
         self._metrics = MetricsTail(run_path / "metrics.jsonl") if tail_metrics else None
-        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+        self._heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        self._heartbeat.unlink(missing_ok=True)
+        self._beat, self._beat_seen = None, time.monotonic()
+        full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1", HEARTBEAT_ENV: str(self._heartbeat)}
         # A session of its own: signals reach the worker and every process it forks (data loaders).
         self._proc = subprocess.Popen(argv, cwd=str(cwd), env=full_env, stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -96,7 +125,8 @@ class WorkerProcess:
         stream.close()
 
     def poll(self) -> dict[str, Any]:
-        """New output lines and metrics records, the exit code (None while running) and the process state."""
+        """New output lines and metrics records, the exit code (None while running), the process state, and
+        the rank's heartbeat (last ``(step, phase)`` it recorded) with the seconds since it last changed."""
         proc = self._proc
         code = None if proc is None else proc.poll()
         if code is not None:
@@ -107,7 +137,11 @@ class WorkerProcess:
             lines, self._lines = list(self._lines), deque()
             dropped, self._dropped = self._dropped, 0
         metrics = self._metrics.read() if self._metrics is not None else []
-        return {"lines": lines, "dropped": dropped, "exit_code": code, "metrics": metrics, "state": self._state()}
+        beat = read_heartbeat(self._heartbeat)
+        if beat is not None and beat != self._beat:
+            self._beat, self._beat_seen = beat, time.monotonic()
+        return {"lines": lines, "dropped": dropped, "exit_code": code, "metrics": metrics, "state": self._state(),
+                "heartbeat": self._beat, "heartbeat_age_s": time.monotonic() - self._beat_seen}
 
     def _state(self) -> str:
         if self._proc is None:
@@ -150,6 +184,7 @@ class WorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass
         proc.wait(timeout=30)
+        shutil.rmtree(self._heartbeat.parent, ignore_errors=True)
         return proc.returncode
 
     def run_state(self) -> dict[str, int | None]:

@@ -161,6 +161,21 @@ def shortfall(demand: Demand, free: Mapping[str, float], node_totals: list[Mappi
     return None
 
 
+def slots_per_node(demand: Demand) -> list[int]:
+    """How many of ``demand``'s bundles each live node can hold (by its total resources), largest first."""
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        totals = node.get("Resources", {})
+        fits = [int(totals.get(res, 0.0) // per) for res, per in demand.bundle().items()]
+        if fits and min(fits) > 0:
+            out.append(min(fits))
+    return sorted(out, reverse=True)
+
+
 def check_capacity(demand: Demand) -> None:
     """Raise :class:`ClusterError` naming the shortfall before anything is started."""
     import ray

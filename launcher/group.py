@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,7 +20,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from fm_train.dist.topology import Topology
 from launcher.actor import WorkerProcess
 from launcher.cluster import ClusterError, Demand
+from launcher.netif import choose_interface, socket_env
 from launcher.placement import Placement, Slot, assign_ranks
+from launcher.preflight import NodeProbe
 
 _RemoteWorker = ray.remote(WorkerProcess)
 
@@ -34,10 +36,16 @@ class WorkerGroup:
     master_addr: str
     master_port: int
     _pg: Any
+    node_env: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per node id: the socket-interface variables its workers get (:mod:`launcher.netif`)."""
 
     @classmethod
-    def create(cls, demand: Demand, topology: Topology, *, placement_timeout_s: float) -> "WorkerGroup":
-        """Reserve one bundle per slot (PACK), start an actor in each and number the ranks node by node."""
+    def create(cls, demand: Demand, topology: Topology, *, placement_timeout_s: float,
+               socket_ifname: str | None = None) -> "WorkerGroup":
+        """Reserve one bundle per slot (PACK), start an actor in each and number the ranks node by node.
+
+        ``socket_ifname`` (``cluster.socket_ifname``) overrides the interface found on each node.
+        """
         pg = placement_group([demand.bundle() for _ in range(demand.workers)], strategy="PACK")
         try:
             ray.get(pg.ready(), timeout=placement_timeout_s)
@@ -56,8 +64,12 @@ class WorkerGroup:
                 ).remote()
                 for i in range(demand.workers)
             ]
-            infos = ray.get([a.describe.remote() for a in actors], timeout=placement_timeout_s)
-            slots = [Slot(bundle_index=i, node_id=info["node_id"], node_ip=info["node_ip"], gpu_ids=tuple(info["gpu_ids"]))
+            infos = _describe_all(actors, table, placement_timeout_s)
+            choices = {info["node_id"]: choose_interface(socket_ifname, info["socket_env"], info["interface"])
+                       for info in infos}
+            node_env = {info["node_id"]: socket_env(choices[info["node_id"]], info["socket_env"]) for info in infos}
+            slots = [Slot(bundle_index=i, node_id=info["node_id"], node_ip=info["node_ip"], gpu_ids=tuple(info["gpu_ids"]),
+                          interface=choices[info["node_id"]].label())
                      for i, info in enumerate(infos)]
             for slot in slots:
                 # The actor's own view and the placement table must agree, or the ordering is wrong.
@@ -70,7 +82,15 @@ class WorkerGroup:
         except BaseException:
             remove_placement_group(pg)
             raise
-        return cls(actors=by_rank, placement=placement, master_addr=placement.ranks[0].node_ip, master_port=port, _pg=pg)
+        return cls(actors=by_rank, placement=placement, master_addr=placement.ranks[0].node_ip, master_port=port, _pg=pg,
+                   node_env=node_env)
+
+    def node_probes(self) -> list[NodeProbe]:
+        """One actor per node (the lowest rank there), for the preflight."""
+        seen: dict[str, NodeProbe] = {}
+        for r in self.placement.ranks:
+            seen.setdefault(r.node_id, NodeProbe(node_id=r.node_id, node_ip=r.node_ip, actor=self.actors[r.rank]))
+        return list(seen.values())
 
     def rank_env(self, rank: int, *, attempt: int, extra: Sequence[tuple[str, str]] = ()) -> dict[str, str]:
         """The environment of one rank's worker process (torchrun names, plus the GPUs of its node)."""
@@ -81,8 +101,9 @@ class WorkerGroup:
             "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port),
             # No GPUs reserved means none visible: a CPU rank must not grab a device another job holds.
             "CUDA_VISIBLE_DEVICES": ",".join(r.node_gpu_ids),
-            "FM_TRAIN_NODE_ID": r.node_id, "FM_TRAIN_ATTEMPT": str(attempt),
+            "FM_TRAIN_NODE_ID": r.node_id, "FM_TRAIN_NODE_IP": r.node_ip, "FM_TRAIN_ATTEMPT": str(attempt),
         }
+        env.update(self.node_env.get(r.node_id, {}))
         env.update(dict(extra))
         return env
 
@@ -136,6 +157,27 @@ class WorkerGroup:
             if placement_group_table(self._pg).get("state") == "REMOVED":
                 break
             time.sleep(0.1)
+
+
+def _describe_all(actors: Sequence[Any], table: dict[int, str], timeout_s: float) -> list[dict[str, Any]]:
+    """Each actor's :meth:`~launcher.actor.WorkerProcess.describe`; an actor that cannot even start is
+    usually a node without fm-train (or with another checkout), so the error names the node."""
+    refs = [a.describe.remote() for a in actors]
+    infos = []
+    for i, ref in enumerate(refs):
+        try:
+            infos.append(ray.get(ref, timeout=timeout_s))
+        except ray.exceptions.RayActorError as exc:
+            node_id = table.get(i) or "?"
+            ips = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes()}
+            detail = str(exc).strip().splitlines()
+            cause = next((line.strip() for line in reversed(detail) if "Error" in line), detail[-1] if detail else "")
+            raise ClusterError(
+                f"the worker actor for slot {i} could not start on node {ips.get(node_id, '?')} ({node_id[:8]}): {cause}."
+                " Install the same fm-train checkout on every node (pip install -e . in the same path), or submit"
+                " with `fm-train submit`, which ships the project directory to the cluster"
+            ) from None
+    return infos
 
 
 def _free_summary() -> str:

@@ -67,7 +67,7 @@ def launch(config: str | Path | None, overrides: Sequence[str], options: LaunchO
             ensure_corpus(cfg, say)
         text = dump_config(cfg)
         _write_atomic(run_dir / "config.resolved.yaml", text)
-        paths = RunPaths(run_dir=run_dir, run_dir_arg=cfg.run.dir, workdir=os.getcwd(), config_text=text)
+        paths = RunPaths(run_dir=run_dir, run_dir_arg=cfg.run.dir, workdir=os.getcwd())
         outcome = train(cfg, paths, options, say)
         say(f"training {outcome.summary()}")
         hf_dir = None

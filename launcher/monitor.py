@@ -1,10 +1,17 @@
 """Watch one attempt until it ends and say how: succeeded, failed, hung, preempted or stopped.
 
-The driver polls every actor; each poll brings new log lines, metrics records, the exit code and
-the process state. Any line or record counts as a heartbeat: a group that stays silent for
-``cluster.step_timeout_s`` is hung (a real hang is usually one stuck collective that silences all).
-Until the first metrics record arrives the limit is ``cluster.startup_timeout_s`` instead: loading
-a large model or checkpoint, or building an op, may be silent for longer than any step.
+The driver polls every actor; each poll brings new log lines, metrics records, the exit code, the
+process state and the rank's own heartbeat (:mod:`fm_train.dist.heartbeat`: the last step it
+finished). Two rules find a hang:
+
+* per rank: a rank whose heartbeat has not moved for ``cluster.step_timeout_s`` is hung, however
+  much any rank prints (a chatty rank must not hide a stuck one); before a rank's first beat the
+  limit is ``cluster.startup_timeout_s``. The rule applies once any rank of the attempt has beaten,
+  so worker commands that do not write heartbeats are judged by the next rule alone;
+* for the group: no log line or metrics record from any rank for ``cluster.step_timeout_s``.
+
+Until the first metrics record arrives the group limit is ``cluster.startup_timeout_s`` instead:
+loading a large model or checkpoint, or building an op, may be silent for longer than any step.
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ class AttemptWatch:
     exit_codes: dict[int, int] = field(default_factory=dict)
     states: dict[int, str] = field(default_factory=dict)
     last_output: dict[int, float] = field(default_factory=dict)
+    beats: dict[int, tuple[tuple[int, str] | None, float]] = field(default_factory=dict)
+    """rank -> (last heartbeat (step, phase) or None, seconds since it last changed)."""
     trained: bool = False  # a metrics record arrived: the start-up is over
 
     def silence_limit(self) -> tuple[float, str]:
@@ -106,6 +115,10 @@ def run_attempt(w: AttemptWatch) -> Outcome:
             return _fail(w, rank, w.exit_codes[rank], describe_exit(w.exit_codes[rank]))
         if len(w.exit_codes) == len(w.group.actors):
             return _all_exited(w)
+        stalled = stalled_rank(w.beats, set(w.exit_codes), step_timeout_s=w.step_timeout_s,
+                               startup_timeout_s=max(w.startup_timeout_s, w.step_timeout_s))
+        if stalled is not None:
+            return _rank_hung(w, *stalled)
         silent = time.monotonic() - last_progress
         if silent > w.silence_limit()[0]:
             return _hung(w, silent)
@@ -124,6 +137,9 @@ def _absorb(w: AttemptWatch, rank: int, result: dict) -> bool:
     for line in w.progress.update(result["metrics"]):
         w.say(line)
     w.states[rank] = result["state"]
+    if "heartbeat" in result:
+        beat = result["heartbeat"]
+        w.beats[rank] = (tuple(beat) if beat is not None else None, float(result["heartbeat_age_s"]))
     w.trained = w.trained or bool(result["metrics"])
     alive = bool(result["lines"] or result["metrics"])
     if alive:
@@ -170,6 +186,42 @@ def _hung(w: AttemptWatch, silent: float) -> Hung:
     _drain(w)
     ip, nid = _node(w, suspect)
     return Hung(rank=suspect, node_ip=ip, node_id=nid, silent_s=silent, cause=cause, last_lines=last, states=states)
+
+
+def stalled_rank(beats: dict[int, tuple[tuple[int, str] | None, float]], exited: set[int], *,
+                 step_timeout_s: float, startup_timeout_s: float) -> tuple[int, str] | None:
+    """``(rank, why)`` of the rank whose heartbeat stopped moving for longer than its limit, or None.
+
+    Pure (unit-tested). Among several stalled ranks the suspect is the one that is furthest behind
+    (lowest step, then the longest still). No rank has beaten yet: None (the group rule decides).
+    """
+    running = {r: b for r, b in beats.items() if r not in exited}
+    if not any(beat is not None for beat, _ in running.values()):
+        return None
+    stalled = []
+    for rank, (beat, age) in running.items():
+        limit, name = ((step_timeout_s, "cluster.step_timeout_s") if beat is not None
+                       else (startup_timeout_s, "cluster.startup_timeout_s"))
+        if age > limit:
+            stalled.append((beat[0] if beat is not None else -1, -age, rank, beat, age, name, limit))
+    if not stalled:
+        return None
+    _, _, rank, beat, age, name, limit = min(stalled)
+    where = f"after step {beat[0]} ({beat[1]})" if beat is not None else "before its first step"
+    return rank, f"its heartbeat has not moved for {age:.0f}s {where} ({name}={limit:g})"
+
+
+def _rank_hung(w: AttemptWatch, rank: int, why: str) -> Hung:
+    others = ", ".join(f"rank {r} at step {b[0]}" for r, (b, _) in sorted(w.beats.items()) if b is not None and r != rank)
+    cause = f"{why}; process state {w.states.get(rank, 'unknown')}" + (f"; {others}" if others else "")
+    w.say(f"rank {rank} is stuck: {cause}; stopping the workers")
+    last = w.sink.last_lines(rank)
+    w.group.stop_all(w.failure_grace_s)
+    _drain(w)
+    ip, nid = _node(w, rank)
+    silent = w.beats.get(rank, (None, 0.0))[1]
+    return Hung(rank=rank, node_ip=ip, node_id=nid, silent_s=silent, cause=cause, last_lines=last,
+                states=dict(sorted(w.states.items())))
 
 
 def _stopped(w: AttemptWatch) -> Stopped:

@@ -19,6 +19,11 @@ from typing import ClassVar, Union
 # shard found bad under data.on_bad_shard: skip) that the next attempt works around.
 INPUT_ERROR_EXIT_CODE = 2
 
+# Exit code 4: the ranks could not connect to each other (rendezvous or gloo/NCCL mesh), and the
+# worker printed the addresses and ports involved. A port taken in between may explain one such
+# failure; a second in a row is a network or interface problem that restarting cannot fix.
+RENDEZVOUS_EXIT_CODE = 4
+
 
 @dataclass(frozen=True)
 class Succeeded:

@@ -27,6 +27,8 @@ class Slot:
     node_id: str
     node_ip: str
     gpu_ids: tuple[str, ...] = ()
+    interface: str = ""
+    """The network interface its workers use (:mod:`launcher.netif`), as shown in the table."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class RankPlacement:
     dp: int
     pp: int
     tp: int
+    interface: str = ""
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,10 @@ class Placement:
 
     def table(self) -> str:
         """A fixed-width table for the driver's output."""
-        header = ("rank", "node ip", "node id", "node", "local", "dp", "pp", "tp", "gpus")
+        header = ("rank", "node ip", "interface", "node id", "node", "local", "dp", "pp", "tp", "gpus")
         rows = [header] + [
-            (str(r.rank), r.node_ip, r.node_id[:8], str(r.node_rank), f"{r.local_rank}/{r.local_world_size}",
-             str(r.dp), str(r.pp), str(r.tp), ",".join(r.gpu_ids) or "-")
+            (str(r.rank), r.node_ip, r.interface or "-", r.node_id[:8], str(r.node_rank),
+             f"{r.local_rank}/{r.local_world_size}", str(r.dp), str(r.pp), str(r.tp), ",".join(r.gpu_ids) or "-")
             for r in self.ranks
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -117,7 +120,8 @@ def assign_ranks(slots: Sequence[Slot], topology: Topology) -> Placement:
         ranks.append(RankPlacement(
             rank=rank, bundle_index=slot.bundle_index, node_id=slot.node_id, node_ip=slot.node_ip,
             node_rank=node_order[slot.node_id], local_rank=members.index(slot), local_world_size=len(members),
-            gpu_ids=tuple(slot.gpu_ids), node_gpu_ids=node_gpus[slot.node_id], dp=coord.dp, pp=coord.pp, tp=coord.tp))
+            gpu_ids=tuple(slot.gpu_ids), node_gpu_ids=node_gpus[slot.node_id], dp=coord.dp, pp=coord.pp, tp=coord.tp,
+            interface=slot.interface))
 
     warnings = _check_tp_groups(ranks, topology, {nid: len(m) for nid, m in per_node.items()})
     return Placement(ranks=tuple(ranks), topology=topology, warnings=tuple(warnings))

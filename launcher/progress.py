@@ -28,6 +28,11 @@ class Progress:
         self.last_step: int | None = None
         self._first: tuple[int, float] | None = None
         self._last_print = float("-inf")
+        self._note: str | None = None
+
+    def set_note(self, note: str | None) -> None:
+        """A label appended to every line from now on (e.g. a layout smaller than configured); None clears it."""
+        self._note = note
 
     def reset(self) -> None:
         """A new attempt: the step rate is measured afresh (restarts and compile time skew it)."""
@@ -69,4 +74,6 @@ class Progress:
         if step > first_step and now > first_t:
             rate = (step - first_step) / (now - first_t)
             parts.append(f"ETA {format_duration((self.total_steps - step) / rate)}")
+        if self._note:
+            parts.append(self._note)
         return "progress: " + " | ".join(parts)

@@ -14,14 +14,26 @@ from pathlib import Path
 from types import FrameType
 from typing import Callable, Iterator
 
-from fm_train.config import FmConfig
+from fm_train.config import ConfigError, FmConfig, dump_config
 from fm_train.dist.topology import Topology
-from launcher.cluster import Demand
+from launcher.cluster import Demand, slots_per_node
+from launcher.elastic import choose_layout, describe, full_layout, record_layout_change, wait_for_room, with_layout
 from launcher.group import WorkerGroup
 from launcher.logsink import LogSink
 from launcher.monitor import AttemptWatch, StopRequest, run_attempt
 from launcher.options import LaunchOptions
-from launcher.outcomes import INPUT_ERROR_EXIT_CODE, Failed, Hung, Outcome, Preempted, Stopped, Succeeded, append_failure
+from launcher.outcomes import (
+    INPUT_ERROR_EXIT_CODE,
+    RENDEZVOUS_EXIT_CODE,
+    Failed,
+    Hung,
+    Outcome,
+    Preempted,
+    Stopped,
+    Succeeded,
+    append_failure,
+)
+from launcher.preflight import run_preflight
 from launcher.progress import Progress
 
 
@@ -61,24 +73,31 @@ class RunPaths:
     """``run.dir`` as the config says it (relative to ``workdir`` on every node)."""
     workdir: str
     """The driver's working directory; workers run there when it exists on their node."""
-    config_text: str
-    """RUN/config.resolved.yaml, written by workers on nodes that do not share the filesystem."""
 
 
 def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[[str], None] = print) -> Outcome:
-    """Run the worker group until success, a stop, or an exhausted budget; return the final outcome."""
-    topology = Topology(cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-    demand = Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker)
+    """Run the worker group until success, a stop, or an exhausted budget; return the final outcome.
+
+    ``cfg`` is the configured layout; after a lost node an attempt may run a smaller one
+    (:mod:`launcher.elastic`), and the next restart returns to ``cfg`` when the cluster has room.
+    """
     echo_all = cfg.logging.all_ranks if options.all_ranks is None else options.all_ranks
     sink = LogSink(paths.run_dir, echo_all=echo_all)
     progress = Progress(cfg.train.steps, interval_s=options.progress_interval_s)
-    failures = preemptions = 0
+    failures = preemptions = rendezvous = 0
     attempt = 0
+    current = cfg
     try:
         with catch_stop_signals() as stop:
             while True:
                 attempt += 1
-                outcome, port = _one_attempt(cfg, paths, options, topology, demand, sink, progress, stop, attempt, say)
+                if attempt > 1:
+                    chosen = _layout_for_attempt(cfg, current, paths, progress, stop, attempt, say)
+                    if isinstance(chosen, str):
+                        say(f"not restarting: {chosen}")
+                        return outcome
+                    current = chosen
+                outcome, port = _one_attempt(current, paths, options, sink, progress, stop, attempt, say)
                 if isinstance(outcome, (Succeeded, Stopped)):
                     return outcome
                 record = _record_failure(paths.run_dir, outcome, attempt, port, say)
@@ -95,6 +114,15 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                     say(f"not restarting: rank {outcome.rank} reported a config, data or checkpoint error (exit code"
                         f" {INPUT_ERROR_EXIT_CODE}), which a restart would only repeat; fix it and launch again")
                     return outcome
+                if isinstance(outcome, Failed) and outcome.exit_code == RENDEZVOUS_EXIT_CODE:
+                    rendezvous += 1
+                    if rendezvous > 1:
+                        say(f"not restarting: the ranks failed to connect to each other twice in a row (exit code"
+                            f" {RENDEZVOUS_EXIT_CODE}); the lines above name the addresses, ports and fixes")
+                        return outcome
+                    say("the ranks could not connect to each other; retrying once on a new MASTER_PORT")
+                else:
+                    rendezvous = 0
                 failures += 1
                 if failures > cfg.cluster.max_restarts:
                     say(f"giving up after {failures - 1} restarts (cluster.max_restarts={cfg.cluster.max_restarts});"
@@ -106,23 +134,52 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
         sink.close()
 
 
-def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, topology: Topology, demand: Demand,
-                 sink: LogSink, progress: Progress, stop: StopRequest, attempt: int,
-                 say: Callable[[str], None]) -> tuple[Outcome, int]:
-    group = WorkerGroup.create(demand, topology, placement_timeout_s=options.placement_timeout_s)
+def _layout_for_attempt(configured: FmConfig, current: FmConfig, paths: RunPaths, progress: Progress,
+                        stop: StopRequest, attempt: int, say: Callable[[str], None]) -> FmConfig | str:
+    """The config of the next attempt: the configured layout when it fits (after waiting up to
+    ``cluster.node_wait_s`` for a lost node's replacement), else a smaller one, else why not."""
+    demand = Demand(1, configured.cluster.cpus_per_worker, configured.cluster.gpus_per_worker)
+    slots = wait_for_room(configured, lambda: slots_per_node(demand), stop=lambda: stop.signal_name is not None,
+                          say=say)
+    chosen = choose_layout(configured, slots)
+    if isinstance(chosen, str):
+        return chosen
+    try:
+        nxt = with_layout(configured, chosen)
+    except ConfigError as exc:
+        return f"the smaller layout {describe(chosen, configured)} is not a valid config: {exc}"
+    before, after = full_layout(current), chosen
+    if before != after:
+        change = record_layout_change(paths.run_dir, attempt=attempt, configured=configured, before=before,
+                                      after=after, slots=slots)
+        say(f"layout change: {change['summary']}")
+    shrunk = chosen != full_layout(configured)
+    progress.set_note(f"{describe(chosen, configured)}, shrunk from {configured.cluster.workers} workers"
+                      if shrunk else None)
+    return nxt
+
+
+def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: LogSink, progress: Progress,
+                 stop: StopRequest, attempt: int, say: Callable[[str], None]) -> tuple[Outcome, int]:
+    topology = Topology(cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    demand = Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker)
+    group = WorkerGroup.create(demand, topology, placement_timeout_s=options.placement_timeout_s,
+                               socket_ifname=cfg.cluster.socket_ifname)
     try:
         say(f"attempt {attempt}: {topology.world} ranks (dp {topology.dp} x pp {topology.pp} x tp {topology.tp}),"
             f" MASTER_ADDR={group.master_addr} MASTER_PORT={group.master_port}")
         say(group.placement.table())
         for warning in group.placement.warnings:
             say(f"warning: {warning}")
+        run_preflight(group.node_probes(), run_dir=paths.run_dir, run_dir_arg=paths.run_dir_arg,
+                      workdir=paths.workdir, sources=[s.path for s in cfg.data.sources], say=say)
         group.save_placement(paths.run_dir, attempt)
         if stop.signal_name is not None:
             return Stopped(signal_name=stop.signal_name), group.master_port
         sink.begin_attempt(group.placement, attempt)
         progress.reset()
         group.start(options.worker_command, workdir=paths.workdir, run_dir=paths.run_dir_arg,
-                    config_text=paths.config_text, attempt=attempt, extra_env=options.extra_env)
+                    config_text=dump_config(cfg), attempt=attempt, extra_env=options.extra_env)
         watch = AttemptWatch(group=group, sink=sink, progress=progress, step_timeout_s=cfg.cluster.step_timeout_s,
                              startup_timeout_s=cfg.cluster.startup_timeout_s,
                              total_steps=cfg.train.steps, poll_interval_s=options.poll_interval_s,

@@ -55,8 +55,9 @@ def test_tp_larger_than_every_node_only_warns():
 def test_placement_table_and_json():
     p = assign_ranks(slots((0, "a", ()), (1, "a", ())), Topology(2))
     lines = p.table().splitlines()
-    assert lines[0].split() == ["rank", "node", "ip", "node", "id", "node", "local", "dp", "pp", "tp", "gpus"]
-    assert lines[2].split()[:5] == ["1", "10.0.0.1", "aaaaaaaa", "0", "1/2"]
+    assert lines[0].split() == ["rank", "node", "ip", "interface", "node", "id", "node", "local", "dp", "pp", "tp",
+                                "gpus"]
+    assert lines[2].split()[:6] == ["1", "10.0.0.1", "-", "aaaaaaaa", "0", "1/2"]
     record = p.to_json(master_addr="10.0.0.1", master_port=1234, attempt=2)
     assert json.loads(json.dumps(record))["ranks"][1]["local_rank"] == 1 and record["dp"] == 2
 

@@ -76,6 +76,11 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
             f"cluster.workers={c.workers} is not a multiple of cluster.slots_per_node={c.slots_per_node};"
             " use whole nodes"
         )
+    if c.min_workers is not None and (c.min_workers > c.workers or c.min_workers % (p.tp * p.pp) != 0):
+        errors.append(
+            f"cluster.min_workers={c.min_workers} must be at most cluster.workers={c.workers} and a multiple of"
+            f" parallel.tp x parallel.pp = {p.tp * p.pp} (a smaller layout keeps tp and pp); fix it or set it to null"
+        )
     if c.slots_per_node is not None and p.tp > c.slots_per_node:
         errors.append(
             f"parallel.tp={p.tp} exceeds cluster.slots_per_node={c.slots_per_node}: a tensor-parallel group"

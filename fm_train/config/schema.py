@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, NonNegativeInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 
 from fm_train.config.hf_shape import hf_config_file, read_hf_shape
 
@@ -183,6 +183,17 @@ class ClusterConfig(_Section):
     startup_timeout_s: PositiveFloat = Field(
         1800, description="Silence allowed before the first metrics record (imports, model build, checkpoint"
                           " load, op builds); step_timeout_s applies from then on.")
+    socket_ifname: Optional[str] = Field(
+        None, description="Network interface gloo and NCCL use on every node (GLOO_SOCKET_IFNAME,"
+                          " NCCL_SOCKET_IFNAME). null: the interface that carries each node's Ray address, unless"
+                          " those variables were exported before `ray start` on that node.")
+    min_workers: Optional[PositiveInt] = Field(
+        None, description="When a node is lost and none replaces it within node_wait_s, go on with as few as"
+                          " this many workers (same global batch: grad_accum grows). null: cluster.workers, never"
+                          " shrink.")
+    node_wait_s: NonNegativeFloat = Field(
+        300, description="After a node is lost, how long to wait for room for the whole layout again before"
+                         " shrinking to what is left (or failing).")
 
 
 class LoggingConfig(_Section):

@@ -10,18 +10,22 @@ from deepspeed.accelerator import get_accelerator
 
 from fm_train.dist.device import DeviceChoice, DeviceError, activate, detect_device
 from fm_train.dist.env import RankEnv
+from fm_train.dist.rendezvous import rendezvous_errors, wait_for_master
 
 
 def init_distributed(env: RankEnv) -> str:
     """Join the job's process group through DeepSpeed: nccl when this process has a GPU, else gloo.
 
     Returns the backend. The device (:func:`fm_train.dist.device.choose_device`: ``cuda:LOCAL_RANK``)
-    is made current before the group exists, so that nccl binds each rank to its own GPU.
+    is made current before the group exists, so that nccl binds each rank to its own GPU. A failure to
+    connect is a :class:`~fm_train.dist.rendezvous.RendezvousError` naming addresses, ports and fixes.
     """
     env.export()
     choice = activate_device(env)
-    deepspeed.init_distributed(dist_backend=choice.backend, auto_mpi_discovery=False, rank=env.rank,
-                               world_size=env.world_size, distributed_port=env.master_port)
+    wait_for_master(env)
+    with rendezvous_errors(env, "joining the process group"):
+        deepspeed.init_distributed(dist_backend=choice.backend, auto_mpi_discovery=False, rank=env.rank,
+                                   world_size=env.world_size, distributed_port=env.master_port)
     return choice.backend
 
 

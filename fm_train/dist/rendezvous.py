@@ -1,0 +1,106 @@
+"""Joining the job's process group, with failures explained in terms of addresses, ports and fixes.
+
+A rendezvous failure is a network or configuration problem, not a training one: a peer that
+advertises 127.0.0.1 because its hostname resolves to loopback, a firewall between nodes, a node
+that cannot route to MASTER_ADDR. torch reports these as a gloo or store error deep in a traceback;
+:func:`explain` turns them into one message that names this rank's node and interface, the master
+address and port, the remote address in the error, and what to change. :func:`wait_for_master`
+makes an unreachable MASTER_ADDR fail within a bounded time instead of the process group's
+30-minute default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+from fm_train.dist.env import RankEnv
+
+RENDEZVOUS_TIMEOUT_ENV = "FM_TRAIN_RENDEZVOUS_TIMEOUT_S"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
+_REMOTE_RE = re.compile(r"remote=\[?([0-9a-fA-F:.]+?)\]?:(\d+)")
+
+
+class RendezvousError(RuntimeError):
+    """This rank could not join its peers; the message names addresses, ports and the fix."""
+
+
+def local_endpoint() -> str:
+    """``interface eth1 (10.0.0.2)`` from GLOO_SOCKET_IFNAME, or what the hostname resolves to."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if ifname:
+        try:
+            import psutil
+
+            addrs = [a.address for a in psutil.net_if_addrs().get(ifname.split(",")[0], [])
+                     if a.family in (socket.AF_INET, socket.AF_INET6) and "%" not in a.address]  # no link-local
+        except ImportError:
+            addrs = []
+        return f"interface {ifname} ({', '.join(addrs) or 'no address'})"
+    try:
+        resolved = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        resolved = "unresolvable"
+    return f"the hostname's address {resolved} (GLOO_SOCKET_IFNAME unset)"
+
+
+def explain(exc: BaseException, env: RankEnv, what: str) -> str:
+    """One message for a failed ``what`` (e.g. "joining the process group") on this rank."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    node = os.environ.get("FM_TRAIN_NODE_IP", "?")
+    parts = [f"rank {env.rank} of {env.world_size} on node {node} ({local_endpoint()}) failed {what} with"
+             f" MASTER_ADDR={env.master_addr} MASTER_PORT={env.master_port}: {type(exc).__name__}: {first}"]
+    remote = _REMOTE_RE.search(str(exc))
+    if remote and remote.group(1).startswith("127."):
+        parts.append(f"a peer advertised the loopback address {remote.group(1)}:{remote.group(2)}, so its gloo/NCCL"
+                     " interface is lo: set cluster.socket_ifname to the interface of the network the nodes share"
+                     " (or export GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME before `ray start` on every node)")
+    elif remote:
+        parts.append(f"the peer at {remote.group(1)}:{remote.group(2)} could not be reached: check that the nodes"
+                     " can open TCP connections to each other on all ports (firewall, security group), and that"
+                     " cluster.socket_ifname names an interface of the network they share")
+    else:
+        parts.append("check that every node can reach MASTER_ADDR and every other node on all TCP ports, and that"
+                     " cluster.socket_ifname (or GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME) names the shared network")
+    return "; ".join(parts)
+
+
+def wait_for_master(env: RankEnv, timeout_s: float | None = None, *, poll_s: float = 0.5) -> None:
+    """On ranks > 0, wait until MASTER_ADDR:MASTER_PORT accepts TCP connections (rank 0's store).
+
+    Rank 0 may start later than its peers, so refused connections are retried until ``timeout_s``
+    (``FM_TRAIN_RENDEZVOUS_TIMEOUT_S``, default 300 s); then a :class:`RendezvousError` says that
+    the master cannot be reached from here. A connection that is accepted and closed at once does
+    not disturb torch's TCPStore.
+    """
+    if env.rank == 0 or env.world_size == 1:
+        return
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(RENDEZVOUS_TIMEOUT_ENV, DEFAULT_RENDEZVOUS_TIMEOUT_S))
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((env.master_addr, env.master_port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            last = exc
+            time.sleep(poll_s)
+    reason = last.strerror if last is not None and last.strerror else str(last)
+    raise RendezvousError(explain(OSError(f"cannot reach {env.master_addr}:{env.master_port} for {timeout_s:.0f}s"
+                                          f" ({reason})"), env, "reaching rank 0"))
+
+
+@contextmanager
+def rendezvous_errors(env: RankEnv, what: str) -> Iterator[None]:
+    """Re-raise any failure inside the block (process-group or sub-group creation) as a RendezvousError."""
+    try:
+        yield
+    except RendezvousError:
+        raise
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        raise RendezvousError(explain(exc, env, what)) from exc
