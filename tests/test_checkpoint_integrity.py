@@ -100,39 +100,11 @@ def test_a_flipped_byte_in_any_file_is_caught_by_resume_and_convert(trained, tmp
         assert (run / "checkpoints/step_00000003.damaged" / rel).is_file()
 
 
-def _resume(raw: dict, run_dir: str, last: int) -> dict:
-    """A fresh process group resuming ``run_dir`` with checkpoint.resume: auto, then training to ``last``."""
-    from fm_train.checkpoint import CheckpointError
-    from fm_train.config import build_config
-    from fm_train.dist import Topology
-    from fm_train.engine.checkpointing import resume_point
-
-    cfg = build_config(raw)
-    try:
-        path, universal = resume_point(cfg, Topology(world=cfg.world_size))
-        if path is None:
-            return {"fresh": True}
-        engine = S.build_engine(cfg, load_universal=universal)
-        from fm_train.checkpoint import load_checkpoint
-
-        step = load_checkpoint(engine, path, config=cfg, tokenizer_hash="tok-test")["step"]
-    except CheckpointError as exc:
-        return {"error": str(exc)}
-    return {"step": step, "path": str(path), "losses": S.train_steps(engine, step + 1, last)}
-
-
-def _raw(root: Path, run: Path, **checkpoint: object) -> dict:
-    raw = S.tiny_raw(2, 2, tokenizer_root=str(root / "data"))
-    raw["run"]["dir"] = str(run)
-    raw["checkpoint"] = {"resume": "auto", **checkpoint}
-    return raw
-
-
 def test_a_damaged_latest_resumes_from_the_previous_checkpoint(trained, tmp_path: Path, capsys) -> None:
     root, losses = trained
     run = _copy_run(root, tmp_path)
     _flip_byte(run / "checkpoints/step_00000003/zero_pp_rank_1_mp_rank_00_optim_states.pt")
-    got = run_distributed(_resume, 2, args=(_raw(root, run), str(run), 3))
+    got = run_distributed(S.resume_auto, 2, args=(S.run_raw(root / "data", run), str(run), 3))
     assert all(r.get("step") == 2 for r in got), got
     assert got[0]["losses"] == losses[2:]  # step 3 again, bit-identical to the uninterrupted run
     records = [json.loads(line) for line in (run / "failures.jsonl").read_text().splitlines()]
@@ -172,10 +144,10 @@ def test_only_damaged_checkpoints_refuse_a_fresh_start_unless_allowed(trained, t
     assert not (run / "failures.jsonl").exists()  # refused: nothing moved, nothing recorded
     assert (run / "checkpoints/step_00000003").is_dir()
     # The real worker path refuses the same way on every rank (the worker then exits 2).
-    got = run_distributed(_resume, 2, args=(_raw(root, run), str(run), 3))
+    got = run_distributed(S.resume_auto, 2, args=(S.run_raw(root / "data", run), str(run), 3))
     assert all("none is intact" in r.get("error", "") for r in got), got
 
-    got = run_distributed(_resume, 2, args=(_raw(root, run, allow_fresh_start=True), str(run), 3))
+    got = run_distributed(S.resume_auto, 2, args=(S.run_raw(root / "data", run, allow_fresh_start=True), str(run), 3))
     assert all(r == {"fresh": True} for r in got), got
     record = json.loads((run / "failures.jsonl").read_text())
     assert record["kind"] == "checkpoint_fresh_start" and len(record["rejected"]) == 2

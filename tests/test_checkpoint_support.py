@@ -145,3 +145,34 @@ def run_and_save(raw: dict[str, Any], run_dir: str, steps: int, keep: int = 3) -
 def dump(path: Path, obj: Any) -> None:
     """Write JSON (for a test to read what a rank saw)."""
     path.write_text(json.dumps(obj))
+
+
+def run_raw(tokenizer_root: Path, run: Path, workers: int = 2, **checkpoint: Any) -> dict[str, Any]:
+    """The tiny ZeRO-2 config for ``workers`` ranks with its run dir at ``run``, ``checkpoint.resume: auto``
+    and the given ``checkpoint`` fields."""
+    raw = tiny_raw(2, workers, tokenizer_root=str(tokenizer_root))
+    raw["run"]["dir"] = str(run)
+    raw["checkpoint"] = {"resume": "auto", **checkpoint}
+    return raw
+
+
+def resume_auto(raw: dict[str, Any], run_dir: str, last: int) -> dict[str, Any]:
+    """Per rank: resume as the worker does (``resume_point``, build, ``load_checkpoint``), train to ``last``.
+
+    Returns ``{"step", "path", "losses"}``, ``{"fresh": True}`` when there was nothing to resume, or
+    ``{"error": message}`` for a :class:`CheckpointError` (what makes the worker exit 2).
+    """
+    from fm_train.checkpoint import CheckpointError, load_checkpoint
+    from fm_train.dist import Topology
+    from fm_train.engine.checkpointing import resume_point
+
+    cfg = build_config(raw)
+    try:
+        path, universal = resume_point(cfg, Topology(world=cfg.world_size))
+        if path is None:
+            return {"fresh": True}
+        engine = build_engine(cfg, load_universal=universal)
+        step = load_checkpoint(engine, path, config=cfg, tokenizer_hash="tok-test")["step"]
+    except CheckpointError as exc:
+        return {"error": str(exc)}
+    return {"step": step, "path": str(path), "losses": train_steps(engine, step + 1, last)}

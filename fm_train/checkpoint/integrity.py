@@ -16,9 +16,10 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 log = logging.getLogger("fm_train.checkpoint")
+T = TypeVar("T")
 
 ALGORITHM = "sha256"
 _BLOCK = 4 << 20  # large reads: hashing, not syscalls, should be the cost
@@ -61,7 +62,7 @@ def recorded_files(manifest: Mapping[str, Any]) -> list[str]:
     return sorted(set(manifest.get("files", {})) | set(manifest.get("checksums", {}).get("files", {})))
 
 
-def share_of(rels: list[str], rank: int, world: int) -> list[str]:
+def share_of(rels: list[T], rank: int, world: int) -> list[T]:
     """The files ``rank`` of ``world`` checks: every ``world``-th of ``rels`` (sorted), so ranks split the work."""
     return rels[rank::world]
 

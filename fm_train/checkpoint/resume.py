@@ -35,7 +35,9 @@ from fm_train.checkpoint.layout import (
 )
 from fm_train.checkpoint.choose import choose_resume_point, verify_step
 from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
-from fm_train.checkpoint.ds_files import scan_pickles
+from fm_train.checkpoint import collective
+from fm_train.checkpoint.ds_files import pickle_files, scan_pickles
+from fm_train.checkpoint.integrity import share_of
 from fm_train.checkpoint.manifest import missing_files, read_manifest
 from fm_train.checkpoint.rng import load_rng, restore_rng
 from fm_train.config import FmConfig
@@ -170,7 +172,7 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     if config is not None and needs_reshard(manifest, config.parallel.tp, config.parallel.pp,
                                             config.parallel.zero_stage):
         if not trust:
-            scan_pickles(manifest_dir)  # names the file with the resume's way to trust it
+            check_pickles(manifest_dir)  # names the file with the resume's way to trust it
         return _load_resharded(engine, manifest_dir, manifest, config, layout, trust)
     universal = step_dir.name == UNIVERSAL
     if universal != bool(engine.load_universal_checkpoint()):
@@ -182,10 +184,12 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     if not universal and saved_dp != engine.dp_world_size and manifest["topology"]["zero_stage"] > 0:
         raise CheckpointError(f"{manifest_dir} was saved with dp={saved_dp}, the engine has dp="
                               f"{engine.dp_world_size}; call prepare_resume first (universal checkpoint)")
-    if universal and not trust:
-        # DeepSpeed's universal loader calls torch.load(weights_only=False) itself, past the checkpoint
-        # engine: check every file's pickle first (the cache may not be ours: it travels with the step).
-        scan_pickles(step_dir)
+    if not trust:
+        # Before DeepSpeed reads anything, so that every rank refuses alike (the guarded engine below
+        # would stop only the rank that loads the file, leaving its peers in a collective). For a
+        # universal checkpoint it is the only guard: DeepSpeed's universal loader calls
+        # torch.load(weights_only=False) itself, and the cache travels with the step directory.
+        check_pickles(step_dir)
     with guarded_checkpoint_engine(engine, trust=trust):
         load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -199,6 +203,20 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     else:
         log.info("rank %d: RNG not restored (layout changed); generators keep their seeded state", rank)
     return manifest
+
+
+def check_pickles(root: Path) -> None:
+    """Check every ``.pt`` file under ``root`` for objects other than tensors and DeepSpeed's plain records;
+    collective: the ranks split the files and all raise the same :class:`CheckpointError` naming one."""
+    mine = share_of(pickle_files(root), collective.rank(), collective.world())
+    try:
+        scan_pickles(root, files=mine)
+        error = None
+    except CheckpointError as exc:
+        error = str(exc)
+    errors = [e for e in collective.all_gather(error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
 
 
 def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], config: FmConfig,
