@@ -12,7 +12,7 @@ from pathlib import Path
 
 from launcher.options import DEFAULT_WORKER_COMMAND, LaunchOptions, parse_worker_command
 
-_USER_ERRORS = ("ConfigError", "ClusterError", "PlacementError", "SubmitError", "ValueError")
+_USER_ERRORS = ("ConfigError", "ClusterError", "PreflightError", "PlacementError", "SubmitError", "ValueError")
 
 
 def _error(exc: BaseException) -> int:

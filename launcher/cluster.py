@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 from urllib.parse import urlparse
 
 
@@ -174,6 +175,39 @@ def slots_per_node(demand: Demand) -> list[int]:
         if fits and min(fits) > 0:
             out.append(min(fits))
     return sorted(out, reverse=True)
+
+
+def silent_nodes(timeout_s: float = 2.0) -> list[str]:
+    """``ip (node id)`` of nodes Ray still counts alive whose raylet refuses or ignores a TCP connection.
+
+    Ray marks a node dead only after several missed health checks (15-30 s by default); a group
+    placed in that window may land on the dead node and wait out the placement timeout.
+    """
+    import ray
+
+    out = []
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        address = (node.get("NodeManagerAddress"), node.get("NodeManagerPort"))
+        try:
+            with socket.create_connection(address, timeout=timeout_s):
+                pass
+        except (OSError, TypeError):
+            out.append(f"{address[0]} ({str(node.get('NodeID', '?'))[:8]})")
+    return out
+
+
+def wait_for_dead_nodes(say: Callable[[str], None], max_wait_s: float = 120.0, poll_s: float = 1.0) -> None:
+    """Wait until Ray has declared every silent node dead (or it answers again), up to ``max_wait_s``."""
+    silent = silent_nodes()
+    if not silent:
+        return
+    say(f"node(s) {', '.join(silent)} do not answer; waiting up to {max_wait_s:.0f}s for Ray to declare them dead")
+    deadline = time.monotonic() + max_wait_s
+    while silent and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        silent = silent_nodes()
 
 
 def check_capacity(demand: Demand) -> None:

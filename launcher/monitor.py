@@ -115,8 +115,10 @@ def run_attempt(w: AttemptWatch) -> Outcome:
             return _fail(w, rank, w.exit_codes[rank], describe_exit(w.exit_codes[rank]))
         if len(w.exit_codes) == len(w.group.actors):
             return _all_exited(w)
+        now = time.monotonic()
         stalled = stalled_rank(w.beats, set(w.exit_codes), step_timeout_s=w.step_timeout_s,
-                               startup_timeout_s=max(w.startup_timeout_s, w.step_timeout_s))
+                               startup_timeout_s=max(w.startup_timeout_s, w.step_timeout_s), states=w.states,
+                               quiet_s={r: now - t for r, t in w.last_output.items()})
         if stalled is not None:
             return _rank_hung(w, *stalled)
         silent = time.monotonic() - last_progress
@@ -189,11 +191,14 @@ def _hung(w: AttemptWatch, silent: float) -> Hung:
 
 
 def stalled_rank(beats: dict[int, tuple[tuple[int, str] | None, float]], exited: set[int], *,
-                 step_timeout_s: float, startup_timeout_s: float) -> tuple[int, str] | None:
+                 step_timeout_s: float, startup_timeout_s: float, states: dict[int, str] | None = None,
+                 quiet_s: dict[int, float] | None = None) -> tuple[int, str] | None:
     """``(rank, why)`` of the rank whose heartbeat stopped moving for longer than its limit, or None.
 
-    Pure (unit-tested). Among several stalled ranks the suspect is the one that is furthest behind
-    (lowest step, then the longest still). No rank has beaten yet: None (the group rule decides).
+    Pure (unit-tested). In a collective hang every rank stalls; the suspect is a stopped process
+    (SIGSTOP, a debugger) if any, else the rank furthest behind (lowest step), else the one whose
+    output went quiet first (``quiet_s``: seconds since its last line), else the longest still.
+    No rank has beaten yet: None (the group rule decides).
     """
     running = {r: b for r, b in beats.items() if r not in exited}
     if not any(beat is not None for beat, _ in running.values()):
@@ -203,10 +208,12 @@ def stalled_rank(beats: dict[int, tuple[tuple[int, str] | None, float]], exited:
         limit, name = ((step_timeout_s, "cluster.step_timeout_s") if beat is not None
                        else (startup_timeout_s, "cluster.startup_timeout_s"))
         if age > limit:
-            stalled.append((beat[0] if beat is not None else -1, -age, rank, beat, age, name, limit))
+            stopped = (states or {}).get(rank) == "stopped"
+            quiet = (quiet_s or {}).get(rank, 0.0)
+            stalled.append((not stopped, beat[0] if beat is not None else -1, -quiet, -age, rank, beat, age, name, limit))
     if not stalled:
         return None
-    _, _, rank, beat, age, name, limit = min(stalled)
+    *_, rank, beat, age, name, limit = min(stalled)
     where = f"after step {beat[0]} ({beat[1]})" if beat is not None else "before its first step"
     return rank, f"its heartbeat has not moved for {age:.0f}s {where} ({name}={limit:g})"
 
@@ -215,13 +222,12 @@ def _rank_hung(w: AttemptWatch, rank: int, why: str) -> Hung:
     others = ", ".join(f"rank {r} at step {b[0]}" for r, (b, _) in sorted(w.beats.items()) if b is not None and r != rank)
     cause = f"{why}; process state {w.states.get(rank, 'unknown')}" + (f"; {others}" if others else "")
     w.say(f"rank {rank} is stuck: {cause}; stopping the workers")
-    last = w.sink.last_lines(rank)
+    last, states = w.sink.last_lines(rank), dict(sorted(w.states.items()))  # before stopping changes them
+    silent = w.beats.get(rank, (None, 0.0))[1]
     w.group.stop_all(w.failure_grace_s)
     _drain(w)
     ip, nid = _node(w, rank)
-    silent = w.beats.get(rank, (None, 0.0))[1]
-    return Hung(rank=rank, node_ip=ip, node_id=nid, silent_s=silent, cause=cause, last_lines=last,
-                states=dict(sorted(w.states.items())))
+    return Hung(rank=rank, node_ip=ip, node_id=nid, silent_s=silent, cause=cause, last_lines=last, states=states)
 
 
 def _stopped(w: AttemptWatch) -> Stopped:

@@ -100,7 +100,19 @@ class Stopped:
         return f"stopped by {self.signal_name} at step {self.last_step}; resume by launching the same config again"
 
 
-Outcome = Union[Succeeded, Failed, Hung, Preempted, Stopped]
+@dataclass(frozen=True)
+class Unplaced:
+    """A restart could not place or start its workers (a node died while the group was being built)."""
+
+    cause: str
+    kind: ClassVar[str] = "unplaced"
+
+    def summary(self) -> str:
+        """One line with the cluster's answer."""
+        return f"could not start the workers: {self.cause}"
+
+
+Outcome = Union[Succeeded, Failed, Hung, Preempted, Stopped, Unplaced]
 
 # Shell convention for a process ended by a signal: 128 + signal number (SIGINT 2, SIGTERM 15).
 _STOP_EXIT = {"SIGINT": 130, "SIGTERM": 143}

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from fm_train.config import ConfigError, FmConfig, dump_config
 from fm_train.dist.topology import Topology
-from launcher.cluster import Demand, slots_per_node
+from launcher.cluster import ClusterError, Demand, slots_per_node, wait_for_dead_nodes
 from launcher.elastic import choose_layout, describe, full_layout, record_layout_change, wait_for_room, with_layout
 from launcher.group import WorkerGroup
 from launcher.logsink import LogSink
@@ -31,9 +31,10 @@ from launcher.outcomes import (
     Preempted,
     Stopped,
     Succeeded,
+    Unplaced,
     append_failure,
 )
-from launcher.preflight import run_preflight
+from launcher.preflight import PreflightError, run_preflight
 from launcher.progress import Progress
 
 
@@ -97,7 +98,15 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                         say(f"not restarting: {chosen}")
                         return outcome
                     current = chosen
-                outcome, port = _one_attempt(current, paths, options, sink, progress, stop, attempt, say)
+                try:
+                    outcome, port = _one_attempt(current, paths, options, sink, progress, stop, attempt, say)
+                except PreflightError:
+                    raise
+                except ClusterError as exc:
+                    if attempt == 1:
+                        raise
+                    # The cluster's view lags a lost node by seconds: the next attempt sees it gone.
+                    outcome, port = Unplaced(cause=str(exc)), None
                 if isinstance(outcome, (Succeeded, Stopped)):
                     return outcome
                 record = _record_failure(paths.run_dir, outcome, attempt, port, say)
@@ -139,6 +148,7 @@ def _layout_for_attempt(configured: FmConfig, current: FmConfig, paths: RunPaths
     """The config of the next attempt: the configured layout when it fits (after waiting up to
     ``cluster.node_wait_s`` for a lost node's replacement), else a smaller one, else why not."""
     demand = Demand(1, configured.cluster.cpus_per_worker, configured.cluster.gpus_per_worker)
+    wait_for_dead_nodes(say)
     slots = wait_for_room(configured, lambda: slots_per_node(demand), stop=lambda: stop.signal_name is not None,
                           say=say)
     chosen = choose_layout(configured, slots)
@@ -190,7 +200,7 @@ def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: L
         group.teardown()
 
 
-def _record_failure(run_dir: Path, outcome: Outcome, attempt: int, port: int, say: Callable[[str], None]) -> Path:
+def _record_failure(run_dir: Path, outcome: Outcome, attempt: int, port: int | None, say: Callable[[str], None]) -> Path:
     """Append to RUN/failures.jsonl; a full or read-only disk is reported, not allowed to end the run."""
     try:
         return append_failure(run_dir, outcome, attempt=attempt, master_port=port)

@@ -8,7 +8,11 @@ Run as ``python tests/test_launcher_fakeworker.py CONFIG [--step-s S] [--startup
 * ranks advance in lockstep through a file barrier (like a collective: one stuck rank stalls all);
 * rank 0 appends ``{step, loss, tokens_per_s}`` to RUN/metrics.jsonl and checkpoints every
   ``checkpoint.every`` steps and at the end;
-* SIGTERM: finish the step, save (rank 0), exit 0.
+* SIGTERM: finish the step, save (rank 0), exit 0;
+* every rank records each finished step in its heartbeat file (``FM_TRAIN_HEARTBEAT``).
+
+``--stall-rank R --stall-step K`` makes rank R stop silently before step K (stuck in a collective)
+while the others print a line every 0.2 s as they wait for it (a chatty rank that must not hide it).
 
 Each rank writes RUN/pids/rank_N.pid and prints one ``FAKE_ENV {json}`` line with its environment
 and its raylet's pid (inherited from the Ray worker that started it), so tests can check placement
@@ -27,6 +31,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from fm_train.dist.heartbeat import Heartbeat
 
 _STOP = False
 
@@ -58,9 +64,13 @@ def _save(ckpt_dir: Path, step: int) -> None:
 def _barrier(sync_dir: Path, step: int, rank: int, world: int) -> bool:
     """Wait until every rank reached ``step``; False if told to stop while waiting (a peer is gone)."""
     (sync_dir / f"{step}_{rank}").touch()
+    started = last_word = time.monotonic()
     while not all((sync_dir / f"{step}_{r}").exists() for r in range(world)):
         if _STOP:
             return False
+        if time.monotonic() - last_word > 0.2 and time.monotonic() - started > 1.0:
+            print(f"rank {rank}: still waiting for my peers at step {step}", flush=True)
+            last_word = time.monotonic()
         time.sleep(0.01)
     return True
 
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--crash-step", type=int, default=-1)
     parser.add_argument("--crash-code", type=int, default=3)
+    parser.add_argument("--stall-rank", type=int, default=-1)
+    parser.add_argument("--stall-step", type=int, default=-1)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
@@ -95,7 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.05)
     step = _latest_step(ckpt_dir)
     print(f"rank {rank}: starting at step {step} of {steps}", flush=True)
+    heartbeat = Heartbeat.from_environ()
+    heartbeat.beat(step, "ready")
     while step < steps and not _STOP:
+        if rank == args.stall_rank and step + 1 >= args.stall_step:
+            while not _STOP:  # stuck, silent, until the launcher stops it
+                time.sleep(0.05)
+            break
         if not _barrier(sync_dir, step + 1, rank, world):
             print(f"rank {rank}: stopped while waiting for peers at step {step + 1}", flush=True)
             return 0
@@ -110,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             if step % every == 0 or step == steps:
                 _save(ckpt_dir, step)
         print(f"rank {rank}: step {step}", flush=True)
+        heartbeat.beat(step)
     if _STOP and rank == 0:
         _save(ckpt_dir, step)
     print(f"rank {rank}: exiting at step {step} ({'SIGTERM' if _STOP else 'done'})", flush=True)

@@ -162,3 +162,10 @@ def test_preflight_finds_private_copies_of_the_run_directory(tmp_path: Path):
     a["data"][str(tmp_path / "nowhere")] = a["data"][str(corpus)]
     [missing] = _data_problems(nodes, [a, b], label)
     assert "node 10.0.0.2 cannot read" in missing and "nowhere" in missing
+
+
+def test_in_a_collective_hang_the_stopped_or_the_quiet_rank_is_the_suspect():
+    both = {0: ((3, "step"), 20.0), 1: ((3, "step"), 19.0)}
+    assert stalled_rank(both, set(), step_timeout_s=10, startup_timeout_s=100, states={1: "stopped"})[0] == 1
+    assert stalled_rank(both, set(), step_timeout_s=10, startup_timeout_s=100, quiet_s={0: 0.1, 1: 18.0})[0] == 1
+    assert stalled_rank(both, set(), step_timeout_s=10, startup_timeout_s=100)[0] == 0  # the longest still

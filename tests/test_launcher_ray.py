@@ -231,6 +231,19 @@ def test_stopped_worker_is_detected_as_a_hang(two_nodes, tmp_path, capsys):
     assert "suspect rank 1" in capsys.readouterr().out
 
 
+def test_a_stuck_rank_is_found_by_its_heartbeat_although_its_peer_keeps_printing(two_nodes, tmp_path, capsys):
+    cfg = write_config(tmp_path, workers=2, steps=10_000, max_restarts=0, step_timeout_s=3)
+    started = time.monotonic()
+    assert launch(cfg, [], options("--step-s", "0.05", "--stall-rank", "1", "--stall-step", "5")) == 1
+    [record] = failures(run_dir(tmp_path))
+    assert record["kind"] == "hung" and record["rank"] == 1, record
+    assert "heartbeat has not moved" in record["cause"] and "after step 4" in record["cause"], record
+    assert "rank 0 at step 4" in record["cause"], record
+    assert "still waiting for my peers" in (run_dir(tmp_path) / "logs" / "rank_000.log").read_text()
+    assert time.monotonic() - started < 60
+    assert "rank 1 is stuck" in capsys.readouterr().out
+
+
 def test_a_slow_start_is_not_a_hang_but_a_silent_one_is(two_nodes, tmp_path, capsys):
     for case in ("slow", "stuck"):
         (tmp_path / case).mkdir()

@@ -1,0 +1,65 @@
+"""Fixtures of the multi-host suite: one namespaced two-host Ray cluster (plus a laptop host) per session.
+
+Starting Ray on two hosts costs about 15 s and a launch about half a minute, so the hosts, the
+cluster and the uninterrupted reference run are shared by every test of the directory. A test that
+takes a host down brings it back (:func:`revive`) before it ends.
+
+Skipped with the reason where namespaces cannot be made (not root, no ``ip``), except under
+``CI=true``, where a missing capability fails the suite instead of hiding it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))  # chaos_runs, chaos_faults
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hosts import Host, Network, RayCluster, capability_problem  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def network() -> Iterator[Network]:
+    """The private switch with three hosts: ``a`` (Ray head, driver), ``b`` (Ray worker), ``laptop``."""
+    problem = capability_problem()
+    if problem:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"multi-host tests cannot run in CI: {problem}")
+        pytest.skip(problem)
+    net = Network()
+    try:
+        net.create()
+        for name in ("a", "b", "laptop"):
+            net.add_host(name)
+        yield net
+    finally:
+        net.destroy()
+
+
+def host(network: Network, name: str) -> Host:
+    """The host called ``name``."""
+    return next(h for h in network.hosts if h.name == name)
+
+
+@pytest.fixture(scope="session")
+def cluster(network: Network) -> RayCluster:
+    """Ray head on host a and a worker node on host b, 2 CPUs each, token authentication on."""
+    ray = RayCluster(head=host(network, "a"))
+    ray.start_head()
+    ray.join(host(network, "b"))
+    ray.wait_for_nodes(2)
+    return ray
+
+
+def revive(network: Network, cluster: RayCluster, name: str = "b") -> None:
+    """Bring a killed host back as a new machine (empty disk) and rejoin it to the cluster."""
+    h = host(network, name)
+    h.kill_all()
+    h.boot()
+    cluster.join(h)
+    cluster.wait_for_nodes(2)

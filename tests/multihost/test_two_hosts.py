@@ -1,0 +1,216 @@
+"""fm-train on two hosts with their own IPs and disks (namespaced, see hosts.py), through the real
+``fm-train launch`` and ``fm-train submit`` commands, with no network variable set by hand.
+
+Each test trains the chaos suite's tiny model (fp32, ZeRO-2, deterministic) against one shared
+two-host Ray cluster; the driver runs on host a, the Ray head. Order matters only at the end: the
+node-loss test takes host b down and brings it back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from chaos_runs import (
+    STEPS,
+    assert_same_training,
+    failures,
+    final_weights,
+    last_step,
+    metrics,
+    train_records,
+    write_config,
+    tiny_config,
+)
+from chaos_faults import worker_pids
+from conftest import host, revive
+from hosts import BIN, LOCAL_DIR, Network, RayCluster
+
+pytestmark = [pytest.mark.multihost, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+RANK_LINE = "rank {rank}: node "
+
+
+def two_host_config(run: Path, corpus: Path, **cluster: object) -> dict:
+    """The chaos config with one worker per host (each worker takes a whole 2-CPU host)."""
+    cfg = tiny_config(run, corpus, max_restarts=3)
+    cfg["cluster"].update({"workers": 2, "cpus_per_worker": 2, "startup_timeout_s": 300})
+    cfg["cluster"].update(cluster)
+    return cfg
+
+
+def launch(network: Network, cluster: RayCluster, config: Path, log: Path, *, timeout_s: float = 400,
+           during: Callable[[], None] | None = None) -> tuple[int, str]:
+    """``fm-train launch CONFIG --address HEAD`` on host a; ``during`` runs in a thread meanwhile."""
+    driver = host(network, "a").popen([BIN / "fm-train", "launch", config, "--address", cluster.address,
+                                       "--failure-grace-s", "3", "--placement-timeout-s", "60"],
+                                      cluster.env(), log=log, cwd=ROOT)
+    thread = threading.Thread(target=during, daemon=True) if during else None
+    if thread:
+        thread.start()
+    try:
+        code = driver.wait(timeout=timeout_s)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    if thread:
+        thread.join(timeout=60)
+    return code, log.read_text()
+
+
+def rank_ips(run: Path, world: int) -> dict[int, str]:
+    """rank -> the node IP each worker printed about itself (its own view, not the launcher's table)."""
+    out = {}
+    for rank in range(world):
+        lines = [l for l in (run / "logs" / f"rank_{rank:03d}.log").read_text().splitlines()
+                 if RANK_LINE.format(rank=rank) in l]
+        assert lines, f"rank {rank} never said where it runs"
+        out[rank] = lines[-1].split(RANK_LINE.format(rank=rank), 1)[1].split(",", 1)[0]
+    return out
+
+
+def wait_for_step(run: Path, step: int, timeout_s: float = 300) -> int:
+    """Block until rank 0 logged ``step``; returns the step logged."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reached = last_step(run)
+        if reached >= step:
+            return reached
+        time.sleep(0.02)
+    raise TimeoutError(f"{run} did not reach step {step} within {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def reference(network: Network, cluster: RayCluster, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted dp2 run across the two hosts, converted at the end (the first done-when)."""
+    root = tmp_path_factory.mktemp("mh-reference")
+    cfg = two_host_config(root / "run", corpus)
+    cfg["convert"] = {"at_end": True, "dtype": "fp32"}
+    code, out = launch(network, cluster, write_config(root / "config.yaml", cfg), root / "driver.log")
+    assert code == 0, out[-4000:]
+    return root / "run"
+
+
+def test_dp2_across_two_hosts_trains_and_converts(network: Network, reference: Path):
+    ips = rank_ips(reference, 2)
+    assert sorted(ips.values()) == sorted([host(network, "a").ip, host(network, "b").ip])
+    placement = json.loads((reference / "placement.json").read_text())
+    assert {r["rank"]: r["node_ip"] for r in placement["ranks"]} == ips
+    assert all(r["interface"] not in ("", "-", "lo") for r in placement["ranks"])
+    assert (reference / "hf" / "config.json").is_file() and list((reference / "hf").glob("*.safetensors"))
+    assert sorted(train_records(reference)) == list(range(1, STEPS + 1))
+
+
+def test_dp2_x_tp2_on_two_hosts_keeps_each_tp_pair_on_one_host(network: Network, cluster: RayCluster, corpus: Path,
+                                                                 tmp_path: Path):
+    cfg = two_host_config(tmp_path / "run", corpus, workers=4, cpus_per_worker=1)
+    cfg["parallel"] = {"tp": 2, "pp": 1, "zero_stage": 1}
+    cfg["train"]["steps"] = 6
+    cfg["convert"] = {"at_end": True, "dtype": "fp32"}
+    code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log")
+    assert code == 0, out[-4000:]
+    ips = rank_ips(tmp_path / "run", 4)
+    assert ips[0] == ips[1] and ips[2] == ips[3] and ips[0] != ips[2], ips  # tp pairs are (0, 1) and (2, 3)
+    assert (tmp_path / "run" / "hf" / "config.json").is_file()
+
+
+def test_sigkill_of_the_worker_on_the_second_host_resumes_identically(network: Network, cluster: RayCluster,
+                                                                      corpus: Path, reference: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    b = host(network, "b")
+    killed: dict[str, int] = {}
+
+    def kill_b_worker() -> None:
+        killed["step"] = wait_for_step(run, 9)
+        [pid] = [pid for pid in worker_pids(run).values() if pid in b.pids()]
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    config = write_config(tmp_path / "config.yaml", two_host_config(run, corpus))
+    code, out = launch(network, cluster, config, tmp_path / "driver.log", during=kill_b_worker)
+    assert code == 0, out[-4000:]
+    assert "pid" in killed, "the worker on host b was never found"
+    [record] = [r for r in failures(run) if r["kind"] != "checkpoint_fallback"]
+    assert record["kind"] == "failed" and record["node_ip"] in (host(network, "a").ip, b.ip)
+    assert_same_training(run, reference)
+
+
+def test_without_a_shared_filesystem_the_launch_stops_before_step_1(network: Network, cluster: RayCluster,
+                                                                    corpus: Path, tmp_path: Path):
+    run = LOCAL_DIR / f"run-{uuid.uuid4().hex[:8]}"  # each host's own disk: two different directories
+    config = write_config(tmp_path / "config.yaml", two_host_config(run, corpus))
+    started = time.monotonic()
+    code, out = launch(network, cluster, config, tmp_path / "driver.log")
+    assert code != 0
+    assert "preflight failed before step 1" in out and "the run directory is not shared" in out, out[-3000:]
+    assert host(network, "a").ip in out and host(network, "b").ip in out and "NFS" in out
+    assert not host(network, "a").private(run / "metrics.jsonl").exists()
+    assert not host(network, "b").private(run / "metrics.jsonl").exists()
+    assert time.monotonic() - started < 120
+
+
+def test_submit_from_a_laptop_runs_the_job_on_the_two_host_cluster(network: Network, cluster: RayCluster,
+                                                                   corpus: Path, tmp_path: Path):
+    # The job ships a project directory as its working_dir, and the config must lie inside it: a copy
+    # of the project (the code the job runs) with the config added.
+    project = tmp_path / "project"
+    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "data", "__pycache__",
+                                                                 ".pytest_cache", "*.egg-info"))
+    cfg = two_host_config(tmp_path / "run", corpus)
+    cfg["train"]["steps"] = 6
+    config = write_config(project / "jobs" / "config.yaml", cfg)
+    laptop = host(network, "laptop")
+    submitted = laptop.run([BIN / "fm-train", "submit", config.relative_to(project), "--working-dir", project,
+                            "--address", cluster.dashboard, "--wait"], cluster.env(), cwd=project, timeout=500,
+                           check=False)
+    job_id = submitted.stdout.strip().splitlines()[0] if submitted.stdout.strip() else "?"
+    logs = laptop.run([BIN / "fm-train", "logs", job_id, "--address", cluster.dashboard], cluster.env(), cwd=project,
+                      check=False).stdout
+    assert submitted.returncode == 0, f"job {job_id}: {submitted.stderr[-2000:]}\n{logs[-3000:]}"
+    assert "training succeeded" in logs
+    assert sorted(train_records(tmp_path / "run")) == list(range(1, 7))
+    assert len(set(rank_ips(tmp_path / "run", 2).values())) == 2
+
+
+def test_losing_the_second_host_the_run_finishes_on_the_first(network: Network, cluster: RayCluster, corpus: Path,
+                                                              reference: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    b = host(network, "b")
+    lost: dict[str, float] = {}
+
+    def power_off_b() -> None:
+        lost["step"] = wait_for_step(run, 9)
+        lost["killed"] = b.kill_all()
+
+    cfg = two_host_config(run, corpus, min_workers=1, node_wait_s=5)
+    try:
+        code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log",
+                           during=power_off_b)
+    finally:
+        revive(network, cluster)
+    assert code == 0, out[-4000:]
+    assert lost.get("killed"), "host b was not taken down"
+    changes = [r for r in failures(run) if r["kind"] == "layout_change"]
+    assert len(changes) == 1 and changes[0]["to"] == {"workers": 1, "grad_accum": 2}, failures(run)
+    resumed_at = changes[0]["step"]
+    assert 0 < resumed_at < lost["step"] + 1 and "layout change: dp 2" in out and "shrunk from 2 workers" in out
+    assert any(r.get("event") == "layout_change" for r in metrics(run))
+    got, want = train_records(run), train_records(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    after = [s for s in range(resumed_at + 1, STEPS + 1)]
+    worst = max(abs(got[s]["loss"] - want[s]["loss"]) / abs(want[s]["loss"]) for s in after)
+    assert worst <= 1e-5, f"losses after the loss differ from the two-host run by {worst:.2e} (relative)"
+    assert got[STEPS]["data_receipt"] == want[STEPS]["data_receipt"]
+    assert got[STEPS]["tokens_seen"] == want[STEPS]["tokens_seen"]  # the same global batch at every step
+    assert set(rank_ips(run, 1).values()) == {host(network, "a").ip}
+    assert final_weights(run, STEPS).keys() == final_weights(reference, STEPS).keys()
