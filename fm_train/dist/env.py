@@ -5,11 +5,18 @@ Launchers (Ray, torchrun, srun) set these variables; everything else receives a 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-EXTENSIONS_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fm-train" / "torch_extensions"
+EXTENSIONS_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fm-train" / "torch_extensions"
+# One cache per Python environment: the build command holds the environment's absolute include paths,
+# so two virtualenvs sharing one directory saw each other's command as changed and rebuilt the op
+# (30-60 s) on every alternation.
+EXTENSIONS_DIR = EXTENSIONS_ROOT / (f"py{sys.version_info[0]}{sys.version_info[1]}-"
+                                    f"{hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]}")
 
 
 def ensure_extension_cache() -> str:
