@@ -88,6 +88,7 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
     failures = preemptions = rendezvous = 0
     attempt = 0
     current = cfg
+    outcome: Outcome | None = None  # the previous attempt's, once there is one
     try:
         with catch_stop_signals() as stop:
             while True:
@@ -96,6 +97,7 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                     chosen = _layout_for_attempt(cfg, current, paths, progress, stop, attempt, say)
                     if isinstance(chosen, str):
                         say(f"not restarting: {chosen}")
+                        assert outcome is not None
                         return outcome
                     current = chosen
                 try:

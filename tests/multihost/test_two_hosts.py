@@ -24,6 +24,7 @@ from chaos_runs import (
     STEPS,
     assert_same_training,
     failures,
+    figure,
     final_weights,
     last_step,
     metrics,
@@ -190,9 +191,11 @@ def test_losing_the_second_host_the_run_finishes_on_the_first(network: Network, 
 
     def power_off_b() -> None:
         lost["step"] = wait_for_step(run, 9)
+        lost["at"] = time.time()
         lost["killed"] = b.kill_all()
 
     cfg = two_host_config(run, corpus, min_workers=1, node_wait_s=5)
+    started = time.monotonic()
     try:
         code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log",
                            during=power_off_b)
@@ -214,3 +217,7 @@ def test_losing_the_second_host_the_run_finishes_on_the_first(network: Network, 
     assert got[STEPS]["tokens_seen"] == want[STEPS]["tokens_seen"]  # the same global batch at every step
     assert set(rank_ips(run, 1).values()) == {host(network, "a").ip}
     assert final_weights(run, STEPS).keys() == final_weights(reference, STEPS).keys()
+    changed = time.mktime(time.strptime(changes[0]["time"][:19], "%Y-%m-%dT%H:%M:%S"))  # local time, as written
+    figure(f"host b powered off at logged step {lost['step']} ({lost['killed']} processes); layout change to"
+           f" 1 worker {changed - lost['at']:.0f}s later, resumed from step {resumed_at}; worst relative loss"
+           f" difference after it {worst:.1e}; run {time.monotonic() - started:.0f}s")
