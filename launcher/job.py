@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fm_train.config import FmConfig, dump_config, load_config
+from fm_train.config.notices import precision_notice
 from launcher.cluster import Demand, check_capacity, connect, resolve_address
 from launcher.options import LaunchOptions
 from launcher.outcomes import Succeeded, exit_code
@@ -45,6 +46,9 @@ def load_run_config(config: str | Path | None, overrides: Sequence[str], options
     if config is None:
         say(f"config: {path}" if path else "config: built-in defaults (cluster_configs/local.yaml not found)")
     cfg = load_config(path, overrides)
+    notice = precision_notice(cfg)
+    if notice is not None:
+        say(notice)
     address = resolve_address(options.address, cfg.cluster.address)
     if address is None:
         # Everything runs on this machine, so every data path must exist here, now.
