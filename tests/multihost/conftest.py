@@ -1,8 +1,9 @@
 """Fixtures of the multi-host suite: one namespaced two-host Ray cluster (plus a laptop host) per session.
 
 Starting Ray on two hosts costs about 15 s and a launch about half a minute, so the hosts, the
-cluster and the uninterrupted reference run are shared by every test of the directory. A test that
-takes a host down brings it back (:func:`revive`) before it ends.
+cluster and the uninterrupted reference run are shared by every test of the package (and torn down
+when it ends, not at the end of the session). A test that takes a host down brings it back
+(:func:`hosts.revive`) before it ends.
 
 Skipped with the reason where namespaces cannot be made (not root, no ``ip``), except under
 ``CI=true``, where a missing capability fails the suite instead of hiding it.
@@ -20,10 +21,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))  # chaos_runs, chaos_faults
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hosts import Host, Network, RayCluster, capability_problem  # noqa: E402
+from hosts import Network, RayCluster, capability_problem, host  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def network() -> Iterator[Network]:
     """The private switch with three hosts: ``a`` (Ray head, driver), ``b`` (Ray worker), ``laptop``."""
     problem = capability_problem()
@@ -41,12 +42,7 @@ def network() -> Iterator[Network]:
         net.destroy()
 
 
-def host(network: Network, name: str) -> Host:
-    """The host called ``name``."""
-    return next(h for h in network.hosts if h.name == name)
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(network: Network) -> RayCluster:
     """Ray head on host a and a worker node on host b, 2 CPUs each, token authentication on."""
     ray = RayCluster(head=host(network, "a"))
@@ -54,12 +50,3 @@ def cluster(network: Network) -> RayCluster:
     ray.join(host(network, "b"))
     ray.wait_for_nodes(2)
     return ray
-
-
-def revive(network: Network, cluster: RayCluster, name: str = "b") -> None:
-    """Bring a killed host back as a new machine (empty disk) and rejoin it to the cluster."""
-    h = host(network, name)
-    h.kill_all()
-    h.boot()
-    cluster.join(h)
-    cluster.wait_for_nodes(2)

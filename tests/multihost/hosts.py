@@ -233,3 +233,17 @@ class RayCluster:
                 "    time.sleep(0.5)\n"
                 f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) == {count} else 1)\n")
         self.head.run([sys.executable, "-c", code], self.env(), timeout=timeout_s + 60)
+
+
+def host(network: Network, name: str) -> Host:
+    """The host called ``name``."""
+    return next(h for h in network.hosts if h.name == name)
+
+
+def revive(network: Network, cluster: RayCluster, name: str = "b") -> None:
+    """Bring a killed host back as a new machine (empty disk) and rejoin it to the cluster."""
+    h = host(network, name)
+    h.kill_all()
+    h.boot()
+    cluster.join(h)
+    cluster.wait_for_nodes(2)

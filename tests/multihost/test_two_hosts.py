@@ -33,8 +33,7 @@ from chaos_runs import (
     tiny_config,
 )
 from chaos_faults import worker_pids
-from conftest import host, revive
-from hosts import BIN, LOCAL_DIR, Network, RayCluster
+from hosts import BIN, LOCAL_DIR, Network, RayCluster, host, revive
 
 pytestmark = [pytest.mark.multihost, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -91,7 +90,7 @@ def wait_for_step(run: Path, step: int, timeout_s: float = 300) -> int:
     raise TimeoutError(f"{run} did not reach step {step} within {timeout_s}s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def reference(network: Network, cluster: RayCluster, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted dp2 run across the two hosts, converted at the end (the first done-when)."""
     root = tmp_path_factory.mktemp("mh-reference")
