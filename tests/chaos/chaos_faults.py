@@ -74,7 +74,8 @@ def _in_thread(target: Callable[[Fault], None]) -> Fault:
     return fault
 
 
-def _wait_step(run_dir: Path, step: int, timeout_s: float) -> int:
+def wait_step(run_dir: Path, step: int, timeout_s: float = 300) -> int:
+    """Block until rank 0 logged ``step`` in RUN/metrics.jsonl; returns the step it logged."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         reached = last_step(run_dir)
@@ -88,7 +89,7 @@ def signal_at_step(run_dir: Path, step: int, ranks: tuple[int, ...], signum: int
     """Send ``signum`` to the workers of ``ranks`` once rank 0 logged ``step`` (first attempt)."""
 
     def act(fault: Fault) -> None:
-        fault.step = _wait_step(run_dir, step, timeout_s)
+        fault.step = wait_step(run_dir, step, timeout_s)
         pids = wait_for_workers(run_dir)
         for rank in ranks:
             os.kill(pids[rank], signum)
@@ -107,7 +108,7 @@ def kill_during_save(run_dir: Path, after_step: int, rank: int = 0, timeout_s: f
     """
 
     def act(fault: Fault) -> None:
-        _wait_step(run_dir, after_step, timeout_s)
+        wait_step(run_dir, after_step, timeout_s)
         pids = wait_for_workers(run_dir)
         ckpts = run_dir / "checkpoints"
         seen = {p.name for p in ckpts.glob("step_*")} if ckpts.is_dir() else set()
@@ -142,7 +143,7 @@ def corrupt_at_step(run_dir: Path, step: int, damage: Callable[[], str], timeout
     """Call ``damage`` (which returns a description) once rank 0 logged ``step``."""
 
     def act(fault: Fault) -> None:
-        fault.step = _wait_step(run_dir, step, timeout_s)
+        fault.step = wait_step(run_dir, step, timeout_s)
         fault.note = damage()
         fault.at = time.monotonic()
 

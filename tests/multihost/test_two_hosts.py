@@ -26,13 +26,12 @@ from chaos_runs import (
     failures,
     figure,
     final_weights,
-    last_step,
     metrics,
     train_records,
     write_config,
     tiny_config,
 )
-from chaos_faults import worker_pids
+from chaos_faults import wait_step, worker_pids
 from hosts import BIN, LOCAL_DIR, Network, RayCluster, host, revive
 
 pytestmark = [pytest.mark.multihost, pytest.mark.ray, pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -79,17 +78,6 @@ def rank_ips(run: Path, world: int) -> dict[int, str]:
     return out
 
 
-def wait_for_step(run: Path, step: int, timeout_s: float = 300) -> int:
-    """Block until rank 0 logged ``step``; returns the step logged."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        reached = last_step(run)
-        if reached >= step:
-            return reached
-        time.sleep(0.02)
-    raise TimeoutError(f"{run} did not reach step {step} within {timeout_s}s")
-
-
 @pytest.fixture(scope="package")
 def reference(network: Network, cluster: RayCluster, corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The uninterrupted dp2 run across the two hosts, converted at the end (the first done-when)."""
@@ -131,7 +119,7 @@ def test_sigkill_of_the_worker_on_the_second_host_resumes_identically(network: N
     killed: dict[str, int] = {}
 
     def kill_b_worker() -> None:
-        killed["step"] = wait_for_step(run, 9)
+        killed["step"] = wait_step(run, 9)
         [pid] = [pid for pid in worker_pids(run).values() if pid in b.pids()]
         os.kill(pid, signal.SIGKILL)
         killed["pid"] = pid
@@ -189,7 +177,7 @@ def test_losing_the_second_host_the_run_finishes_on_the_first(network: Network, 
     lost: dict[str, float] = {}
 
     def power_off_b() -> None:
-        lost["step"] = wait_for_step(run, 9)
+        lost["step"] = wait_step(run, 9)
         lost["at"] = time.time()
         lost["killed"] = b.kill_all()
 
