@@ -58,13 +58,63 @@ def test_cli_converts_and_refuses_existing_out(trained: Path, tmp_path: Path, ca
     out = tmp_path / "hf"
     code, err = _run([str(trained / "run"), "--out", str(out), "--dtype", "fp32"], capsys)
     assert code == 0, err
-    assert "verified: max abs logit diff" in err and (out / "model.safetensors").is_file()
+    assert "verified against the engine's probe: max abs diff" in err and (out / "model.safetensors").is_file()
     code, err = _run([str(trained / "run"), "--out", str(out)], capsys)
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("fm-train convert: error: ") and "--overwrite" in err
     code, err = _run([str(trained / "run"), "--out", str(out), "--overwrite"], capsys)
     assert code == 0, err
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # the replaced dir and temp dirs are gone
+
+
+def _rewrite_manifest(step_dir: Path, edit) -> None:
+    import json
+
+    path = step_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def test_cli_fails_when_the_export_differs_from_the_engine_probe(trained: Path, tmp_path: Path, capsys) -> None:
+    """A probe the export does not reproduce (here: the engine's logits shifted at one position, the
+    file's digest recomputed) fails with exit 2, the field and the difference named, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    from fm_train.checkpoint.integrity import file_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    step_dir = run / "checkpoints/step_00000003"
+    probe = step_dir / "probe.safetensors"
+    record = load_file(str(probe))
+    record["logsumexp"][1, 5] += 0.5
+    save_file(record, str(probe))
+
+    def fix_digest(manifest: dict) -> None:
+        manifest["checksums"]["files"]["probe.safetensors"] = file_digest(probe)
+        manifest["files"]["probe.safetensors"] = probe.stat().st_size
+
+    _rewrite_manifest(step_dir, fix_digest)
+    out = tmp_path / "hf"
+    code, err = _run([str(run), "--out", str(out), "--dtype", "fp32"], capsys)
+    assert code == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("fm-train convert: error: verification failed") and "logsumexp[1, 5]" in last, last
+    assert "max abs diff 0.5" in last, last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no output, no temp dir
+
+
+def test_checkpoint_without_probe_falls_back_to_the_self_comparison(trained: Path, tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    step_dir = run / "checkpoints/step_00000003"
+    _rewrite_manifest(step_dir, lambda m: m.pop("probe"))  # as fm-train wrote manifests before the probe
+    code, err = _run([str(run), "--out", str(tmp_path / "hf"), "--dtype", "bf16"], capsys)
+    assert code == 0, err
+    assert "has no probe" in err and "cannot catch a wrong tp/pp/ZeRO merge" in err
+    assert "verified: max abs logit diff" in err
+    assert "fm_train's model" in (tmp_path / "hf/README.md").read_text()
 
 
 def test_cli_default_out_is_the_run_hf_dir(trained: Path, tmp_path: Path, capsys) -> None:
@@ -118,7 +168,7 @@ def test_swapped_same_shape_tensors_fail_verification(trained: Path, tmp_path: P
     swap = {"model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.o_proj.weight",
             "model.layers.0.self_attn.o_proj.weight": "model.layers.0.self_attn.q_proj.weight"}
     monkeypatch.setattr(export_mod, "hf_to_fm", lambda name: swap.get(name) or real(name))
-    with pytest.raises(ConvertError, match="verification failed: Hugging Face logits differ"):
+    with pytest.raises(ConvertError, match="verification failed: the exported model's logits do not match the training engine's"):
         convert_checkpoint(trained / "run", tmp_path / "hf", dtype="bf16")
     assert list(tmp_path.iterdir()) == []  # nothing at out, no temp dir
 

@@ -1,11 +1,16 @@
 """Convert tensor- and pipeline-parallel checkpoints built by fm_train's own parallel stack.
 
 The check is independent of the converter's merge code: the loss the trained parallel engine computes
-on a fixed batch must equal the loss of the exported Hugging Face model on that batch.
+on a fixed batch must equal the loss of the exported Hugging Face model on that batch, and the
+converter itself verifies against the probe logits the engine stored at save time. Swapping two tp
+ranks' files or two pipeline layers' files (checksums recomputed, so every name, shape and digest
+check passes) must then fail the conversion, which the old self-comparison did not catch.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,17 +90,37 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
     return float(loss)
 
 
+_TRAINED: dict[str, tuple[Path, list[float]]] = {}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """``trained(name)``: the run dir of layout ``name`` (trained and saved once per module) and its losses."""
+
+    def get(name: str) -> tuple[Path, list[float]]:
+        if name not in _TRAINED:
+            root = tmp_path_factory.mktemp(name)
+            S.write_tokenizer(root / "data")
+            losses = run_distributed(_train_save_eval, LAYOUTS[name].get("world", 2),
+                                     args=(_raw(LAYOUTS[name], str(root / "data")), str(root / "run")))
+            _TRAINED[name] = (root / "run", losses)
+        return _TRAINED[name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: str) -> None:
+def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: str, trained) -> None:
     from transformers import AutoModelForCausalLM
 
     from fm_train.convert import convert_checkpoint
     from fm_train.model import causal_lm_loss
 
-    S.write_tokenizer(tmp_path / "data")
-    losses = run_distributed(_train_save_eval, LAYOUTS[name].get("world", 2), args=(_raw(LAYOUTS[name], str(tmp_path / "data")),
-                                                        str(tmp_path / "run")))
-    out = convert_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    run_dir, losses = trained(name)
+    said: list[str] = []
+    out = convert_checkpoint(run_dir, tmp_path / "hf", dtype="fp32", progress=said.append)
+    assert any(m.startswith("verified against the engine's probe") for m in said), said
+    assert "match the training engine's own logits" in (out / "README.md").read_text()
     hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
     probe = S.global_batch(99)
     with torch.no_grad():
@@ -110,3 +135,63 @@ def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: st
     with torch.no_grad():
         fresh_loss = causal_lm_loss(fresh(probe[:, :-1]), probe[:, 1:]).item()
     assert abs(fresh_loss - engine_loss) > 1e-3, (fresh_loss, engine_loss)
+
+
+def _swap_files(step_dir: Path, a: str, b: str) -> None:
+    """Exchange two files of a step dir and record their new sizes and digests in the manifest, so that
+    the integrity check passes and only what the tensors compute can tell."""
+    from fm_train.checkpoint.integrity import file_digest
+
+    pa, pb, spare = step_dir / a, step_dir / b, step_dir / (a + ".swap")
+    pa.rename(spare)
+    pb.rename(pa)
+    spare.rename(pb)
+    path = step_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for rel in (a, b):
+        manifest["checksums"]["files"][rel] = file_digest(step_dir / rel)
+        if rel in manifest["files"]:
+            manifest["files"][rel] = (step_dir / rel).stat().st_size
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+SWAPS = {
+    # tp2 ZeRO-1: the weights come from the optimizer partitions; swap each tp rank's files whole.
+    "tp2-zero1": [("mp_rank_00_model_states.pt", "mp_rank_01_model_states.pt"),
+                  ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt")],
+    # pp2 ZeRO-0: decoder blocks 0 and 1 (layers 1 and 2, the same shapes) exchanged.
+    "pp2-zero0": [("layer_01-model_00-model_states.pt", "layer_02-model_00-model_states.pt")],
+}
+
+
+@pytest.mark.parametrize("name", list(SWAPS))
+def test_swapped_files_fail_the_probe_although_names_and_shapes_match(tmp_path: Path, name: str, trained) -> None:
+    from fm_train.checkpoint import read_manifest
+    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.convert import ConvertError, convert_checkpoint
+    from fm_train.convert.keymap import fm_param_shapes
+
+    run_dir, _ = trained(name)
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    step_dir = run / "checkpoints" / "step_00000003"
+    for a, b in SWAPS[name]:
+        assert (step_dir / a).is_file() and (step_dir / b).is_file(), sorted(p.name for p in step_dir.iterdir())
+        _swap_files(step_dir, a, b)
+    manifest = read_manifest(step_dir)
+    # Every name and shape check passes: the reader merges the swapped files into the full shapes.
+    assert DeepSpeedWeights(step_dir, manifest).shapes() == fm_param_shapes(manifest["config"]["model"])
+
+    with pytest.raises(ConvertError) as err:
+        convert_checkpoint(run, tmp_path / "hf", dtype="fp32")
+    message = str(err.value)
+    assert "do not match the training engine's" in message and "max abs diff" in message, message
+    assert not (tmp_path / "hf").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]
+
+    # The self-comparison (Hugging Face against fm_train's model from the same merged tensors), all a
+    # checkpoint without a probe gets, passes the same swapped files.
+    del manifest["probe"]
+    (step_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    said: list[str] = []
+    convert_checkpoint(run, tmp_path / "hf-old", dtype="fp32", progress=said.append)
+    assert any("has no probe" in m for m in said), said

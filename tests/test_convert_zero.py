@@ -73,6 +73,17 @@ def test_convert_matches_fm_model(tmp_path: Path, zero_stage: int, world: int, p
     tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     assert tok.decode(tok("def f(x)")["input_ids"]) == "def f(x)"
     readme = (out / "README.md").read_text()
+    # Verified against the live engine's logits at save time, which the manifest names and checksums.
+    assert manifest["probe"]["file"] == "probe.safetensors" and manifest["probe"]["precision"] == precision
+    assert "probe.safetensors" in manifest["checksums"]["files"]
+    assert "match the training engine's own logits" in readme, readme
+    from fm_train.checkpoint.probe import read_probe
+
+    record = read_probe(step_dir, manifest)
+    with torch.no_grad():
+        hf_logits = hf(input_ids=record["input_ids"]).logits[:, record["positions"], :]
+    engine_diff = (hf_logits - record["logits"]).abs().max().item()
+    assert engine_diff <= (1e-5 if precision == "fp32" else 5e-2) * max(1.0, record["logits"].abs().max().item()), engine_diff
     assert "| steps | 3 |" in readme and f"| tokens seen | {3 * S.GLOBAL_BATCH * S.SEQ:,} |" in readme
 
     # bf16 export of the same step: stored weights are DeepSpeed's fp32 masters rounded once.

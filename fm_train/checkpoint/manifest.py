@@ -21,6 +21,10 @@ Schema (version 1)::
                                   # every file of the step dir (rng/ too), hashed by the rank that
                                   # wrote it; checked by resume and convert (fm_train.checkpoint.integrity).
                                   # Absent in manifests written before checksums: sizes only then
+    probe: {file, input_shape, positions, precision}
+                                  # the live engine's logits on a fixed batch at save time
+                                  # (fm_train.checkpoint.probe); the converter checks its export
+                                  # against them. Absent in older checkpoints
     versions: {python, torch, deepspeed, transformers, fm_train}
 """
 
@@ -93,16 +97,20 @@ def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tok
 
 
 def complete_manifest(partial: Mapping[str, Any], *, step: int, tag: str, files: Mapping[str, int],
-                      rng_files: list[str], checksums: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      rng_files: list[str], checksums: Mapping[str, Any] | None = None,
+                      probe: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Add what only the saver knows, and check the whole thing before it becomes the commit marker.
 
     ``checksums`` is :func:`fm_train.checkpoint.integrity.checksum_record` of every file; None leaves
-    the field out (a manifest then vouches for sizes only)."""
+    the field out (a manifest then vouches for sizes only). ``probe`` is
+    :func:`fm_train.checkpoint.probe.manifest_entry` of the probe file; None leaves it out."""
     out = dict(partial)
     out.update(step=int(step), tag=tag, created_unix=time.time(), files=dict(files),
                rng={"scheme": "per-rank", "files": list(rng_files)}, versions=package_versions())
     if checksums is not None:
         out["checksums"] = dict(checksums)
+    if probe is not None:
+        out["probe"] = dict(probe)
     out.setdefault("format", FORMAT)
     out.setdefault("version", VERSION)
     check_manifest(out, where=f"manifest of {tag}")

@@ -1,5 +1,10 @@
-"""Save a step: DeepSpeed's sharded files, per-rank RNG, their checksums, then the manifest, then
-``latest``, then retention. Every rank calls :func:`save_checkpoint`; rank 0 alone commits and prunes.
+"""Save a step: DeepSpeed's sharded files, per-rank RNG, the probe's reference logits, their
+checksums, then the manifest, then ``latest``, then retention. Every rank calls
+:func:`save_checkpoint`; rank 0 alone commits and prunes.
+
+The probe (:mod:`fm_train.checkpoint.probe_engine`) is a fixed batch run through the live engine
+before anything is written; rank 0 stores its summary as ``probe.safetensors``, which the manifest
+names and checksums like any other file, and the converter checks its export against it.
 
 Each rank hashes the files it wrote itself (known from the checkpoint engine it saved through) right
 after writing them, while they are still in the page cache, so the cost is spread over the ranks;
@@ -32,6 +37,7 @@ from fm_train.checkpoint.layout import (
     write_latest,
 )
 from fm_train.checkpoint.manifest import complete_manifest, write_manifest
+from fm_train.checkpoint.probe import manifest_entry, write_probe
 from fm_train.checkpoint.rng import RNG_DIR, save_rng
 
 log = logging.getLogger("fm_train.checkpoint")
@@ -39,12 +45,14 @@ _barrier, _rank, _world = collective.barrier, collective.rank, collective.world
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int,
-                    is_rank0: bool) -> Path:
+                    is_rank0: bool, probe: bool = True) -> Path:
     """Save ``engine`` at ``step`` under ``RUN/checkpoints/step_XXXXXXXX``; all ranks call it.
 
     ``manifest`` is the caller's part (:func:`fm_train.checkpoint.build_manifest`); this adds step,
     the file list, RNG files and package versions. ``keep`` complete checkpoints survive retention.
     Returns the step directory. A complete checkpoint of the same step is left as it is.
+    ``probe``: run the probe batch through ``engine`` and store its logits (False only for engines
+    that are not fm-train's; the converter then falls back to comparing with its own model).
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
@@ -64,10 +72,15 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
             shutil.rmtree(step_dir)
     _barrier()
 
+    # Before any file is written: a probe that fails leaves nothing behind.
+    record = _run_probe(engine, manifest) if probe else None
+    precision = str(manifest["config"]["precision"])
     try:
         with guarded_checkpoint_engine(engine, trust=False) as guard:
             engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         written = [*guard.saved, save_rng(step_dir, _rank())]
+        if record is not None:  # rank 0 only
+            written.append(write_probe(step_dir, record, precision=precision))
         own = _own_digests(step_dir, written)
     except (OSError, RuntimeError) as exc:
         # torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error": say what it means.
@@ -89,12 +102,26 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         digests.update(digest_files(step_dir, [rel for rel in present if rel not in digests]))
         rng_files = [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(_world())]
         full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files,
-                                 checksums=checksum_record(digests))
+                                 checksums=checksum_record(digests),
+                                 probe=manifest_entry(record, precision=precision) if record is not None else None)
         write_manifest(step_dir, full)
         write_latest(ckpt_dir, step_dir)
         apply_retention(ckpt_dir, keep)
     _barrier()  # nobody goes on (or exits) before the checkpoint is committed
     return step_dir
+
+
+def _run_probe(engine: Any, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The probe record on rank 0 (None elsewhere), its cost in the log: it runs at every save."""
+    from fm_train.checkpoint.probe_engine import engine_probe
+
+    start = time.perf_counter()
+    record = engine_probe(engine, manifest["config"]["model"])
+    if record is not None:
+        log.info("probe: %s tokens through the engine, %.1f KiB kept, in %.3f s",
+                 "x".join(str(n) for n in record["input_ids"].shape),
+                 sum(t.numel() * t.element_size() for t in record.values()) / 1024, time.perf_counter() - start)
+    return record
 
 
 def _own_digests(step_dir: Path, written: list[Path]) -> dict[str, str]:

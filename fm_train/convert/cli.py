@@ -22,7 +22,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="Hugging Face output dir, must not exist (default: RUN/hf of the checkpoint's run)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (bf16)")
-    parser.add_argument("--no-verify", action="store_true", help="skip the logits check against fm_train's model")
+    parser.add_argument("--no-verify", action="store_true", help="skip the logits check (against the training engine's probe saved with the "
+                        "checkpoint, or fm_train's own model for checkpoints without one)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load DeepSpeed files with full unpickling (only for checkpoints you trust)")

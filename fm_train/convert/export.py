@@ -2,6 +2,11 @@
 
 Everything is written into a temp dir next to ``out`` and renamed into place at the end; on any
 failure, verification included, the temp dir is removed and ``out`` is untouched.
+
+Verification compares the export's logits with the training engine's own on the probe batch stored
+with the checkpoint (:mod:`fm_train.convert.verify_probe`); checkpoints saved before the probe existed
+fall back to fm_train's model rebuilt from the same tensors (:mod:`fm_train.convert.verify`), and
+the progress output and README say which one ran.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from fm_train.checkpoint.integrity import damage_message, find_damage
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+from fm_train.checkpoint.probe import read_probe
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
     copy_tokenizer,
@@ -27,6 +33,7 @@ from fm_train.convert.hf_files import (
 )
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_to_fm
 from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
+from fm_train.convert.verify_probe import verify_against_probe
 from fm_train.convert.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_safetensors
 
 log = logging.getLogger("fm_train.convert")
@@ -60,9 +67,14 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
 def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor], *,
                  dtype: str = "bf16", verify: bool = True, overwrite: bool = False, tokenizer: Path | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tolerance: float = DEFAULT_TOLERANCE,
-                 readme: Callable[[Path, str], None] | None = None, progress: Progress = lambda _m: None) -> Path:
+                 readme: Callable[[Path, str], None] | None = None, progress: Progress = lambda _m: None,
+                 reference: Mapping[str, torch.Tensor] | None = None, reference_precision: str = "fp32") -> Path:
     """Write weights (``fetch``: fm_train name -> fp32 tensor), config, tokenizer and README into
-    ``out`` atomically, verifying logits first unless ``verify`` is False."""
+    ``out`` atomically, verifying logits first unless ``verify`` is False.
+
+    ``reference``: the training engine's probe record (``reference_precision``: the precision of the
+    forward that produced it); the export is checked against it. None: against fm_train's own model
+    built from ``fetch`` (``tolerance`` applies to that comparison only)."""
     if dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out).absolute()
@@ -84,7 +96,18 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
         write_safetensors(tmp, shapes, lambda hf_name: fetch(hf_to_fm(hf_name)), DTYPES[dtype],
                           max_shard_bytes=max_shard_bytes, progress=progress)
         verified = "skipped (--no-verify)"
-        if verify:
+        if verify and reference is not None:
+            progress("verifying: Hugging Face logits vs the training engine's probe logits saved with the checkpoint")
+            probe = verify_against_probe(tmp, model_fields, reference, precision=reference_precision,
+                                         export_dtype=dtype)
+            verified = (f"transformers AutoModelForCausalLM logits match the training engine's own logits on the "
+                        f"{probe.probe_shape} probe batch saved with the checkpoint (max abs diff "
+                        f"{probe.worst.max_abs_diff:.2e} in {probe.worst.field}, allowed {probe.worst.bound:.2e}: "
+                        f"{probe.rel_tol:g} x max(1, max |logit|) for {reference_precision} training, {dtype} "
+                        f"weights); {probe.tensors} tensors, none missing or unexpected")
+            progress(f"verified against the engine's probe: max abs diff {probe.worst.max_abs_diff:.2e} "
+                     f"({probe.worst.field}, allowed {probe.worst.bound:.2e})")
+        elif verify:
             progress("verifying: Hugging Face logits vs fm_train's model on a probe batch")
             report = verify_export(tmp, model_fields, fetch, DTYPES[dtype], tolerance=tolerance)
             verified = (f"transformers AutoModelForCausalLM logits match fm_train's model on a {report.probe_shape} "
@@ -132,10 +155,16 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     _check_shapes(source.shapes(), model_fields, step_dir)
     if source.note:
         progress(source.note)
+    reference = read_probe(step_dir, manifest)
+    if verify and reference is None:
+        progress("this checkpoint has no probe (saved before fm-train stored the engine's logits): verifying "
+                 "against fm_train's own model built from the same merged tensors instead, which cannot catch "
+                 "a wrong tp/pp/ZeRO merge")
 
     def readme(tmp: Path, verified: str) -> None:
         write_readme(tmp, manifest, dtype=dtype, source=str(step_dir), note=source.note, verified=verified)
 
     return write_hf_dir(out, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
                         tokenizer=None if no_tokenizer else tokenizer, max_shard_bytes=max_shard_bytes,
-                        tolerance=tolerance, readme=readme, progress=progress)
+                        tolerance=tolerance, readme=readme, progress=progress, reference=reference,
+                        reference_precision=str(manifest["config"]["precision"]))

@@ -1,6 +1,11 @@
 """Check an export by what it computes, not only by its names: Hugging Face's model loaded from the
 written files must give the logits of fm_train's own model on a fixed probe batch.
 
+This self-comparison builds both sides from the same merged tensors, so it checks the key map and
+the file writing, not the merge; checkpoints carrying the engine's probe are checked against that
+instead (:mod:`fm_train.convert.verify_probe`). It stays for checkpoints saved before the probe and
+for imports.
+
 For a 16-bit export both sides see the same rounded weights: the reference model gets the fp32
 weights rounded to the export dtype, and Hugging Face loads the 16-bit files upcast to fp32. Both then
 compute in fp32, so the tolerance is the fp32 one whatever the export dtype: a swapped or misnamed
@@ -15,6 +20,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from fm_train.checkpoint.probe import probe_tokens
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf
 from fm_train.convert.writer import read_weight_names
@@ -32,9 +38,8 @@ class VerifyReport:
 
 
 def probe_batch(vocab_size: int, max_seq_len: int) -> torch.Tensor:
-    """Fixed token ids (2 x up to 32) drawn from a seeded generator, the same on every run."""
-    gen = torch.Generator().manual_seed(20261128)
-    return torch.randint(0, vocab_size, (2, min(32, max_seq_len)), generator=gen)
+    """Fixed token ids (2 x up to 32) drawn from a seeded generator: the engine's probe batch."""
+    return probe_tokens(vocab_size, max_seq_len)
 
 
 def reference_model(model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],

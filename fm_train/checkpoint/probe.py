@@ -1,0 +1,133 @@
+"""The probe: reference logits the training engine computed at save time, kept in the step directory.
+
+A fixed batch of token ids (:func:`probe_tokens`: 2 rows of up to 32 tokens from a seeded generator,
+the same for every layout) goes through the live engine at every save
+(:mod:`fm_train.checkpoint.probe_engine`). What is kept is a summary exact enough to catch any weight
+in the wrong place, small enough for every save (:func:`summarize`):
+
+- ``logits``: the full vocabulary logits of a few positions (first, middle, last), ``(B, K, V)``;
+- ``logsumexp``: per row and position, the log-sum-exp over the vocabulary, ``(B, T)``;
+- ``token_logits``: per row and position, the logit of the next probe token, ``(B, T - 1)``;
+
+plus ``input_ids`` and ``positions`` themselves, so a reader never regenerates them. Stored as
+``probe.safetensors`` (plain tensors, no pickle), named by the manifest's ``probe`` field and covered
+by its checksums like every other file of the step.
+
+A reader (the converter) recomputes :func:`summarize` from its own model's logits on ``input_ids``
+and compares with :func:`compare`, within :func:`tolerance` of the dtypes involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+PROBE_FILE = "probe.safetensors"
+PROBE_SEED = 20261128
+PROBE_ROWS = 2
+PROBE_MAX_LEN = 32
+FIELDS = ("logits", "logsumexp", "token_logits")
+
+# Largest allowed |difference| relative to max(1, max |reference logit|), by the least precise dtype in
+# play (the engine's forward precision and the exported weights'). fp32 both sides differs only by
+# arithmetic order (about 1e-6 measured); bf16 rounds weights and activations (about 1e-2 measured on
+# the tests' models). A swapped or misplaced tensor moves logits by the order of the logits themselves.
+TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 6e-2}
+
+
+def probe_tokens(vocab_size: int, max_seq_len: int) -> torch.Tensor:
+    """Fixed token ids, ``PROBE_ROWS x min(PROBE_MAX_LEN, max_seq_len)``, from a private seeded generator.
+
+    A private ``torch.Generator``: drawing them never moves the global RNG the training uses.
+    """
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    return torch.randint(0, vocab_size, (PROBE_ROWS, min(PROBE_MAX_LEN, max_seq_len)), generator=gen)
+
+
+def probe_positions(seq_len: int) -> torch.Tensor:
+    """The positions whose full logits are kept: first, middle and last (fewer when the batch is short)."""
+    return torch.tensor(sorted({0, seq_len // 2, seq_len - 1}), dtype=torch.int64)
+
+
+def summarize(logits: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The probe record of full-vocabulary ``logits`` ``(B, T, V)`` on ``input_ids`` ``(B, T)``, in fp32."""
+    logits = logits.detach().float().cpu()
+    input_ids = input_ids.cpu()
+    positions = probe_positions(input_ids.shape[1])
+    nxt = input_ids[:, 1:].unsqueeze(-1)
+    return {
+        "input_ids": input_ids.to(torch.int64).contiguous(),
+        "positions": positions,
+        "logits": logits[:, positions, :].contiguous(),
+        "logsumexp": torch.logsumexp(logits, dim=-1).contiguous(),
+        "token_logits": logits[:, :-1, :].gather(-1, nxt).squeeze(-1).contiguous(),
+    }
+
+
+def write_probe(step_dir: Path, record: Mapping[str, torch.Tensor], *, precision: str) -> Path:
+    """Write ``record`` (from :func:`summarize`) as ``step_dir/probe.safetensors``; returns the file."""
+    from safetensors.torch import save_file
+
+    path = Path(step_dir) / PROBE_FILE
+    save_file(dict(record), str(path), metadata={"format": "fm-train-probe", "version": "1", "precision": precision})
+    return path
+
+
+def manifest_entry(record: Mapping[str, torch.Tensor], *, precision: str) -> dict[str, Any]:
+    """The manifest's ``probe`` field for ``record``: the file, its batch shape and the forward's precision."""
+    return {"file": PROBE_FILE, "input_shape": list(record["input_ids"].shape),
+            "positions": record["positions"].tolist(), "precision": precision}
+
+
+def read_probe(step_dir: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The probe record the manifest names, or None for a checkpoint saved without one."""
+    entry = manifest.get("probe")
+    if not entry:
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(step_dir) / entry["file"]))
+
+
+def tolerance(*dtypes: str) -> float:
+    """The relative tolerance of a comparison whose sides involve ``dtypes`` (the least precise wins)."""
+    return max(TOLERANCES[d] for d in dtypes)
+
+
+@dataclass(frozen=True)
+class ProbeDiff:
+    """The worst difference between two probe records: in which field, where, how large, against what bound."""
+
+    field: str
+    index: tuple[int, ...]
+    max_abs_diff: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.bound  # False for NaN too
+
+    def describe(self) -> str:
+        return f"{self.field}{list(self.index)}: max abs diff {self.max_abs_diff:.3g} (allowed {self.bound:.3g})"
+
+
+def compare(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor], rel_tol: float) -> ProbeDiff:
+    """The worst field of ``got`` against the reference ``want``; the bound is ``rel_tol * max(1, max|logit|)``.
+
+    One bound for every field: log-sum-exp and token logits live on the scale of the logits.
+    """
+    if not torch.equal(got["input_ids"], want["input_ids"]):
+        raise ValueError("probe records of different input batches cannot be compared")
+    bound = rel_tol * max(1.0, want["logits"].abs().max().item())
+    diffs = []
+    for name in FIELDS:
+        if got[name].shape != want[name].shape:
+            return ProbeDiff(name, tuple(got[name].shape), float("inf"), bound)
+        diff = torch.nan_to_num((got[name].float() - want[name].float()).abs(), nan=float("inf"))
+        flat = int(diff.argmax().item())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+        diffs.append(ProbeDiff(name, index, diff.max().item(), bound))
+    return max(diffs, key=lambda d: d.max_abs_diff)

@@ -1,0 +1,148 @@
+"""Run the probe batch through a live training engine at save time and bring its summary to rank 0.
+
+Every rank calls :func:`engine_probe` (the forward is collective: ZeRO-3 gathers parameters over dp,
+tp layers reduce over tp, a pipeline passes activations between stages). The forward is the
+training's own:
+
+- a plain ``DeepSpeedEngine`` (any ZeRO stage, tp): ``engine(input_ids, labels)``, with the wrapper's
+  ``loss_fn`` (``fm_train.parallel.build.CausalLMWithLoss``) swapped for one that keeps the logits
+  for the length of the call;
+- a ``PipelineEngine``: ``eval_batch`` on one micro-batch with ``return_logits``; the activation
+  shapes are reset before and after, since the probe's shape is not the training micro-batch's.
+
+With tp > 1 the logits are vocabulary shards; the tp group gathers them in tp-rank order. The rank
+that then holds the full logits (rank 0, or the last stage's dp 0 / tp 0 rank of a pipeline)
+summarises them and sends the summary to rank 0. Training state is left as found: eval mode only
+for the call (then the previous mode), the global RNG states saved and restored around it (the
+model has no dropout today; this keeps it true if it gets some), no gradients, no optimizer calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from fm_train.checkpoint import collective
+from fm_train.checkpoint.probe import FIELDS, probe_positions, probe_tokens, summarize
+from fm_train.checkpoint.rng import capture_rng, restore_rng
+
+TPInfo = tuple[Any, int, int]  # (process group or None, this rank's index in it, its size)
+
+
+def engine_probe(engine: Any, model_fields: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The probe record (:func:`fm_train.checkpoint.probe.summarize`) of ``engine`` on rank 0, None elsewhere."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    tokens = probe_tokens(int(model_fields["vocab_size"]), int(model_fields["max_seq_len"]))
+    rng, was_training = capture_rng(), engine.module.training
+    try:
+        if isinstance(engine, PipelineEngine):
+            local, tp, owner = _pipeline_logits(engine, tokens)
+        else:
+            local, tp, owner = _dense_logits(engine, tokens)
+    finally:
+        engine.train(was_training)
+        restore_rng(rng)
+    record = None
+    if local is not None:
+        full = _gather_vocab(local, tp)
+        if full.shape[-1] != int(model_fields["vocab_size"]):
+            raise RuntimeError(f"probe: the engine's gathered logits have {full.shape[-1]} columns, "
+                               f"model.vocab_size is {model_fields['vocab_size']}")
+        if collective.rank() == owner:
+            record = summarize(full, tokens)
+    return _to_rank0(record, owner, tokens, int(model_fields["vocab_size"]), engine.device)
+
+
+@contextlib.contextmanager
+def _keeping_logits(module: torch.nn.Module, into: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Swap ``module.loss_fn`` for one that stores the logits it is given (and returns a zero loss)."""
+    if not callable(getattr(module, "loss_fn", None)):
+        raise TypeError(f"probe: {type(module).__name__} has no loss_fn; fm-train's engines wrap the model in "
+                        "CausalLMWithLoss (forward(input_ids, labels) = loss_fn(model(input_ids), labels))")
+    original = module.loss_fn
+
+    def keep(logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+        into["logits"] = logits.detach()
+        return logits.new_zeros(())
+
+    module.loss_fn = keep
+    try:
+        yield
+    finally:
+        module.loss_fn = original
+
+
+def _dense_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, TPInfo, int]:
+    """Every rank runs the probe (dp replicas compute the same logits); rank 0 owns the result."""
+    mpu = getattr(engine, "mpu", None)
+    tp: TPInfo = (None, 0, 1)
+    if mpu is not None and mpu.get_tensor_model_parallel_world_size() > 1:
+        tp = (mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_rank(),
+              mpu.get_tensor_model_parallel_world_size())
+    kept: dict[str, torch.Tensor] = {}
+    ids = tokens.to(engine.device)
+    engine.eval()
+    with torch.no_grad(), _keeping_logits(engine.module, kept):
+        engine(ids, ids)
+    return kept["logits"], tp, 0
+
+
+def _pipeline_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor | None, TPInfo, int]:
+    """One inference micro-batch through the stages; the last stage's dp 0 / tp 0 rank owns the result."""
+    grid = engine.grid
+    tp: TPInfo = (grid.get_slice_parallel_group(), grid.get_slice_parallel_rank(),
+                  grid.get_slice_parallel_world_size())
+    owner = grid.stage_to_global(engine.num_stages - 1, data=0, model=0)
+    # The loss is computed (as in training; compute_loss=False would add the logits to the running
+    # total_loss) but not reduced or broadcast; the engine's loss fields are put back as they were.
+    kept = (engine.total_loss, getattr(engine, "total_additional_losses", None))
+    engine.reset_activation_shape()  # buffers were sized by the training micro-batch
+    try:
+        _, logits = engine.eval_batch(data_iter=iter([((tokens,), tokens)]), return_logits=True,
+                                      reduce_output=None, bcast_loss=False, num_micro_batches=1)
+    finally:
+        engine.reset_activation_shape()  # and the next train_batch sizes them again
+        engine.total_loss, engine.total_additional_losses = kept
+    return (logits.detach() if engine.is_last_stage() else None), tp, owner
+
+
+def _gather_vocab(local: torch.Tensor, tp: TPInfo) -> torch.Tensor:
+    """Full-vocabulary logits from this tp group's shards, ordered by tp rank (the vocab split order)."""
+    group, rank, size = tp
+    if size == 1:
+        return local
+    local = local.contiguous()
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local, group=group)
+    ranks = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(size)]
+    dist.all_gather(ranks, torch.tensor([rank], dtype=torch.int64, device=local.device), group=group)
+    order = sorted(range(size), key=lambda i: int(ranks[i].item()))
+    return torch.cat([parts[i] for i in order], dim=-1)
+
+
+def _to_rank0(record: dict[str, torch.Tensor] | None, owner: int, tokens: torch.Tensor, vocab: int,
+              device: torch.device) -> dict[str, torch.Tensor] | None:
+    """Move the owner's record to rank 0 as one flat fp32 tensor (every shape is known from ``tokens``)."""
+    me = collective.rank()
+    if owner == 0:
+        return record if me == 0 else None
+    rows, length = tokens.shape
+    shapes = {"logits": (rows, len(probe_positions(length)), vocab), "logsumexp": (rows, length),
+              "token_logits": (rows, length - 1)}
+    sizes = [int(torch.Size(shapes[f]).numel()) for f in FIELDS]
+    if me == owner:
+        assert record is not None
+        dist.send(torch.cat([record[f].reshape(-1) for f in FIELDS]).to(device), dst=0)
+        return None
+    if me != 0:
+        return None
+    flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    dist.recv(flat, src=owner)
+    out = {"input_ids": tokens.to(torch.int64), "positions": probe_positions(length)}
+    for field, part in zip(FIELDS, flat.cpu().split(sizes)):
+        out[field] = part.reshape(shapes[field]).contiguous()
+    return out
