@@ -218,3 +218,25 @@ def test_unclipped_grad_norm_counts_tp_shards_and_replicas_once(root: Path) -> N
     want = torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()]).item()
     norms = run_distributed(_tp2_unclipped_norm, world_size=2, args=(raw, tokens))
     assert all(close(n, want, 1e-5) for n in norms), (norms, want)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_every_layout_converts_verified_against_its_engine_probe(root: Path, name: str, tmp_path: Path) -> None:
+    """The worker's saves carry the live engine's probe; conversion checks the export against it, and the
+    probe itself does not depend on the layout (the layouts train the same weights)."""
+    from fm_train.checkpoint import read_manifest
+    from fm_train.checkpoint.probe import compare, read_probe
+    from fm_train.convert import convert_checkpoint
+
+    run(root, REFERENCE)
+    run(root, name)
+    step_dir = root / name / "checkpoints" / "step_00000006"
+    manifest = read_manifest(step_dir)
+    assert manifest["probe"]["file"] in manifest["checksums"]["files"]
+    said: list[str] = []
+    convert_checkpoint(step_dir, tmp_path / "hf", dtype="fp32", progress=said.append)
+    assert any(m.startswith("verified against the engine's probe") for m in said), said
+    reference = read_probe(root / REFERENCE / "checkpoints" / "step_00000006", manifest)
+    assert reference is not None
+    diff = compare(read_probe(step_dir, manifest), reference, 1e-4)
+    assert diff.ok, (name, diff.describe())
