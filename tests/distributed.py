@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
@@ -42,6 +43,13 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: Sequence[A
         queue.put((rank, False, traceback.format_exc()))
     finally:
         if init_pg and dist.is_initialized():
+            # Meet the other ranks before tearing down: a rank that destroys its group while a peer is
+            # still inside a collective aborts the process ("terminate called without an active exception").
+            # monitored_barrier gives up (and raises) when a peer never arrives, e.g. after its failure.
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            except RuntimeError:
+                pass
             dist.destroy_process_group()
 
 
