@@ -82,10 +82,10 @@ def check_names(out_dir: Path, model_fields: Mapping[str, Any]) -> int:
 
 
 @torch.no_grad()
-def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
-                  dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
-    """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32) and compare probe logits with
-    fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
+def load_export(out_dir: Path, model_fields: Mapping[str, Any]) -> tuple[int, Any]:
+    """``(tensor count, model)``: the export's names checked, then loaded by ``AutoModelForCausalLM``
+    (offline, fp32); a :class:`ConvertError` when transformers reports missing, unexpected or
+    mismatched keys."""
     from transformers import AutoModelForCausalLM
 
     tensors = check_names(out_dir, model_fields)
@@ -94,6 +94,14 @@ def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callabl
     problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if problems:
         raise ConvertError(f"transformers reports {problems} loading {out_dir}")
+    return tensors, hf
+
+
+def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
+                  dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
+    """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32) and compare probe logits with
+    fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
+    tensors, hf = load_export(out_dir, model_fields)
     ref = reference_model(model_fields, fetch, dtype)
     probe = probe_batch(model_fields["vocab_size"], model_fields["max_seq_len"])
     got = hf.eval()(input_ids=probe).logits.float()

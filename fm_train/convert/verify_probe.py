@@ -21,7 +21,7 @@ import torch
 
 from fm_train.checkpoint.probe import PROBE_FILE, ProbeDiff, compare, summarize, tolerance
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.verify import check_names
+from fm_train.convert.verify import load_export
 
 
 @dataclass(frozen=True)
@@ -39,14 +39,7 @@ def verify_against_probe(out_dir: Path, model_fields: Mapping[str, Any], record:
                          precision: str, export_dtype: str) -> ProbeReport:
     """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32), run the probe's ``input_ids`` and
     compare the summary with ``record``; a :class:`ConvertError` naming the field and difference if not."""
-    from transformers import AutoModelForCausalLM
-
-    tensors = check_names(out_dir, model_fields)
-    hf, info = AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True, dtype=torch.float32,
-                                                    output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise ConvertError(f"transformers reports {problems} loading {out_dir}")
+    tensors, hf = load_export(out_dir, model_fields)
     ids = record["input_ids"]
     got = summarize(hf.eval()(input_ids=ids).logits, ids)
     rel_tol = tolerance(precision, export_dtype)
