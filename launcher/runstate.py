@@ -1,6 +1,6 @@
 """Read where a run stands from its directory: the newest complete checkpoint and the last logged step.
 
-The launcher depends only on the run-directory contract of DESIGN.md (``checkpoints/latest`` names a
+The launcher depends only on the run-directory contract (``checkpoints/latest`` names a
 ``step_XXXXXXXX`` directory; ``metrics.jsonl`` holds one JSON object per logged step), never on the
 training code, to tell a finished run from one that stopped early.
 """

@@ -111,7 +111,7 @@ def _format_validation_error(exc: ValidationError) -> str:
         field = ".".join(str(p) for p in err["loc"])
         value = err.get("input")
         if err["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown key (value {value!r}); check its spelling against `fm-train plan --help` and DESIGN.md")
+            lines.append(f"{field}: unknown key (value {value!r}); check its spelling against `fm-train plan --help` and fm_train/config/schema.py")
         else:
             lines.append(f"{field}={value!r}: {err['msg']}")
     return "\n".join(lines)

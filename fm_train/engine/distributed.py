@@ -55,7 +55,7 @@ def shutdown_distributed(*, barrier: bool = True) -> None:
 
     Without the barrier a fast rank tears its group down while a slow one is still in a collective;
     without the teardown, gloo/DeepSpeed background threads can outlive the interpreter and abort it
-    at exit (``terminate called without an active exception``; see CPU_FACTS.md). After a failure
+    at exit (``terminate called without an active exception``, seen with bf16 runs on CPU). After a failure
     pass ``barrier=False``: the other ranks may be waiting in a different collective, and the
     launcher, not a hung barrier, should learn about it.
     """
