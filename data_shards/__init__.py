@@ -22,8 +22,9 @@ Public API (what the training engine calls)::
         shards by key ("<source index>:<shard name>"), e.g. ones a previous attempt found bad mid-read.
 
     make_val_loader(sources, *, seq_len, micro_batch, dp_rank, dp_size, seed, val_fraction,
-                    max_batches: int) -> DataStream
-        Finite stream of the same batch dicts over the held-out split, identical on every call.
+                    max_batches: int, on_bad_shard: str = "fail", skip_shards: Iterable[str] = ()) -> DataStream
+        Finite stream of the same batch dicts over the held-out split, identical on every call; give
+        it the training stream's on_bad_shard and skip_shards so both leave out the same shards.
 
     build_default_corpus(out_dir, *, vocab_size: int, seq_len: int, workers: int = 1,
                          max_bytes: int | None = None) -> Path

@@ -127,16 +127,19 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
 
 
 def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
-                    dp_size: int, seed: int, val_fraction: float, max_batches: int) -> DataStream:
+                    dp_size: int, seed: int, val_fraction: float, max_batches: int, on_bad_shard: str = "fail",
+                    skip_shards: Iterable[str] = ()) -> DataStream:
     """Finite validation stream of one dp rank: the same batches on every call, at most ``max_batches``.
 
     Validation samples are the held-out tails of the shards (``val_fraction`` of each source), mixed
-    by the source weights; every rank gets the same number of batches.
+    by the source weights; every rank gets the same number of batches. ``on_bad_shard`` and
+    ``skip_shards`` work as in :func:`make_train_loader`; pass the training stream's, so that a shard
+    left out of training is left out of validation too (its tail would otherwise stop the run).
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if val_fraction <= 0:
         raise DataError("validation needs data.val_fraction > 0 (the share of samples held out)")
-    plan = _make_plan(sources, seq_len, seed, "fail", False, val_fraction, 1, set())
+    plan = _make_plan(sources, seq_len, seed, on_bad_shard, False, val_fraction, 1, set(skip_shards))
     total = plan.val.total_samples if plan.val is not None else 0
     steps = min(max_batches, total // (micro_batch * dp_size))
     if steps < 1:

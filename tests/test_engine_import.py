@@ -66,7 +66,7 @@ def _worker(raw: dict[str, Any]) -> int:
     engine_data.prepare_sources = lambda cfg, is_rank0: []
     engine_data.check_sources = lambda cfg, sources: None
     engine_data.train_batches = lambda cfg, sources, dp_rank, dp_size, state, **_: _batches(dp_rank)
-    engine_data.val_batches = lambda cfg, sources, dp_rank, dp_size: (lambda: [])
+    engine_data.val_batches = lambda cfg, sources, dp_rank, dp_size, **_: (lambda: [])
     return run_worker(build_config(raw, require_paths=True))
 
 

@@ -54,7 +54,7 @@ def _worker_with_fake_data(raw: dict[str, Any], kill_at: int | None = None) -> i
     engine_data.check_sources = lambda cfg, sources: None
     engine_data.train_batches = lambda cfg, sources, dp_rank, dp_size, state, **_: _signal_at(
         _fake_batches(dp_rank, cfg.train.micro_batch, state), dp_rank, kill_at)
-    engine_data.val_batches = lambda cfg, sources, dp_rank, dp_size: (lambda: [next(_fake_batches(99, 2))])
+    engine_data.val_batches = lambda cfg, sources, dp_rank, dp_size, **_: (lambda: [next(_fake_batches(99, 2))])
     code = run_worker(build_config(raw))
     assert not dist.is_initialized(), "the worker must tear its process group down"
     return code

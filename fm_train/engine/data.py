@@ -89,19 +89,32 @@ def record_bad_shard(run_dir: Path, key: str, message: str, *, rank: int, step: 
     return path
 
 
-def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int,
-                dp_size: int) -> Callable[[], Iterable[dict[str, Any]]] | None:
-    """A factory of the fixed validation batches (the same ones every time), or None when eval is off."""
+def shards_left_out(cfg: FmConfig, run_dir: Path, data_state: dict[str, Any] | None) -> list[str]:
+    """Keys of every shard this attempt leaves out besides those its own start-up check finds bad:
+    the ones earlier attempts recorded (under ``skip``) and the ones the resumed data state lists."""
+    recorded = recorded_bad_shards(run_dir) if cfg.data.on_bad_shard == "skip" else []
+    in_state = (data_state or {}).get("skipped_shards", [])
+    return sorted(set(recorded) | set(in_state))
+
+
+def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
+                skip_shards: Iterable[str] = ()) -> Callable[[], Iterable[dict[str, Any]]] | None:
+    """A factory of the fixed validation batches (the same ones every time), or None when eval is off.
+
+    The loader follows ``data.on_bad_shard`` and leaves out ``skip_shards`` (pass what training leaves
+    out: :func:`shards_left_out`). It is planned here, at start-up, next to the training loader, so
+    both check the shard files at the same moment and leave out the same ones; a shard that goes bad
+    later is found when evaluation reads it and raises ``BadShardError``, which the worker records
+    and restarts on exactly as when training reads it.
+    """
     if cfg.train.eval_every == 0 or cfg.data.val_fraction == 0:
         return None
     import data_shards
 
     d = cfg.data
-
-    def make() -> Iterable[dict[str, Any]]:
-        return data_shards.make_val_loader(
-            sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
-            seed=cfg.run.seed, val_fraction=d.val_fraction, max_batches=cfg.train.eval_batches,
-        )
-
-    return make
+    stream = data_shards.make_val_loader(
+        sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
+        seed=cfg.run.seed, val_fraction=d.val_fraction, max_batches=cfg.train.eval_batches,
+        on_bad_shard=d.on_bad_shard, skip_shards=skip_shards,
+    )
+    return lambda: stream  # every iter() of a DataStream starts again from its first batch
