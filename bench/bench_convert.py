@@ -1,20 +1,24 @@
-"""Converter throughput and memory against a plain copy of the same bytes.
+"""Converter throughput and memory against a plain copy of the same bytes, and verification memory
+against the model's size.
 
-    .venv/bin/python bench/bench_convert.py [--preset 125m] [--zero 2] [--workdir DIR]
+    .venv/bin/python bench/bench_convert.py [--preset 125m] [--layers N] [--zero 2] [--workdir DIR]
 
-1. Builds a real DeepSpeed checkpoint of the preset's shape (one rank, bf16, ZeRO ``--zero``, one
-   optimizer step so the optimizer files hold Adam moments too) with ``save_checkpoint``.
+1. Builds a real DeepSpeed checkpoint of the preset's shape (``--layers``: fewer decoder blocks, to fit
+   a bigger width on this machine; one rank, bf16, ZeRO ``--zero``, one optimizer step so the optimizer
+   files hold Adam moments too) with ``save_checkpoint``; it carries the engine's probe logits.
 2. Runs ``convert_checkpoint`` in fresh subprocesses: bf16 without verification (2 GiB shards, then
-   64 MiB shards), bf16 with verification, and fp32 without verification. Each child samples its own
-   ``/proc/self/status`` every 20 ms: peak RSS, and peak anonymous RSS (heap: what the converter
-   allocates; the rest of RSS is file pages of the memory-mapped checkpoint, which the kernel can drop).
-   Times: end to end (package imports excluded), and the weight phase alone (first tensor read to last shard
-   written), since at this size fixed costs (transformers' lazy imports, the meta model, the tokenizer)
-   are a large share.
-3. Copies the bf16 output's bytes with ``shutil.copyfile`` on the same disk (the floor for writing
+   64 MiB shards), bf16 with verification (against the probe, block by block), and fp32 without
+   verification. Each child samples its own ``/proc/self/status`` every 10 ms: peak RSS, and peak
+   anonymous RSS (heap: what the converter allocates; the rest of RSS is file pages of memory-mapped
+   files, which the kernel can drop), overall and during verification alone.
+   Times: end to end (package imports excluded), and the weights phase alone (the first tensor read
+   from the checkpoint to the last byte of the last shard written).
+3. Loads the verified export the way verification did before it went block by block (the whole model
+   with ``AutoModelForCausalLM.from_pretrained`` in fp32) and runs the same probe: the memory baseline.
+4. Copies the bf16 output's bytes with ``shutil.copyfile`` on the same disk (the floor for writing
    that many bytes) and prints GB/s of both and their ratio.
 
-Prints one JSON line per measurement, then a summary. Takes about 2-3 minutes on 2 CPU cores.
+Prints one JSON line per measurement, then a summary. Takes about 2-3 minutes on 2 CPU cores for 125m.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def _raw(preset: str, zero: int, tokenizer_root: str) -> dict[str, Any]:
+def _raw(preset: str, layers: int | None, zero: int, tokenizer_root: str) -> dict[str, Any]:
+    model: dict[str, Any] = {"preset": preset, "max_seq_len": 256}
+    if layers is not None:
+        model["n_layers"] = layers
     return {
         "run": {"name": f"bench-{preset}", "dir": "runs/bench", "seed": 1},
-        "model": {"preset": preset, "max_seq_len": 256},
+        "model": model,
         "parallel": {"tp": 1, "pp": 1, "zero_stage": zero},
         "precision": "bf16",
         "data": {"sources": [{"path": tokenizer_root, "weight": 1.0}], "seq_len": 32},
@@ -73,17 +80,42 @@ def _status_kib(field: str) -> int:
     return 0
 
 
+class _Sampler:
+    """Peak RSS and anonymous RSS of this process, overall and per named phase, sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, int]] = {}
+        self.base_anon = _status_kib("RssAnon")
+        self._done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.sample()
+            time.sleep(0.01)
+
+    def sample(self) -> None:
+        rss, anon = _status_kib("VmRSS"), _status_kib("RssAnon")
+        for key in ("all", self.phase):
+            peak = self.peaks.setdefault(key, {"rss": 0, "anon": 0, "anon_at_start": anon})
+            peak["rss"], peak["anon"] = max(peak["rss"], rss), max(peak["anon"], anon)
+
+    def enter(self, phase: str) -> None:
+        self.sample()
+        self.phase = phase
+        self.sample()
+
+    def stop(self) -> None:
+        self.sample()
+        self._done.set()
+
+    def mib(self, phase: str, what: str) -> float:
+        return self.peaks.get(phase, {}).get(what, 0) / 1024
+
+
 def _child(step_dir: str, out: str, dtype: str, verify: bool, shard_mb: int) -> None:
     """Convert once and print seconds, output bytes and peak (anonymous) RSS as JSON."""
-    peaks = {"rss": 0, "anon": 0}
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peaks["rss"] = max(peaks["rss"], _status_kib("VmRSS"))
-            peaks["anon"] = max(peaks["anon"], _status_kib("RssAnon"))
-            time.sleep(0.02)
-
     # Package imports are not conversion work: load them before the clock starts.
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: F401
@@ -91,33 +123,68 @@ def _child(step_dir: str, out: str, dtype: str, verify: bool, shard_mb: int) -> 
     from fm_train.convert import convert_checkpoint
 
     marks: dict[str, float] = {}
+    sampler = _Sampler()
 
     def progress(msg: str) -> None:
-        # The weight phase: from the first tensor read to the last shard written.
-        if msg.startswith("reading"):
-            marks["start"] = time.perf_counter()
-        if msg.startswith("wrote model"):
-            marks["end"] = time.perf_counter()
+        now = time.perf_counter()
+        if msg.startswith("writing"):  # the weights phase: first tensor read ...
+            marks["weights_start"] = now
+            sampler.enter("weights")
+        if msg.startswith("wrote model"):  # ... to the last shard written
+            marks["weights_end"] = now
+            sampler.enter("after_weights")
+        if msg.startswith("verifying"):
+            marks["verify_start"] = now
+            sampler.enter("verify")
 
-    base_anon = _status_kib("RssAnon")
-    threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     convert_checkpoint(Path(step_dir), Path(out), dtype=dtype, verify=verify, max_shard_bytes=shard_mb * 2**20,
                        progress=progress)
     seconds = time.perf_counter() - t0
-    done.set()
+    sampler.stop()
     weights = sum(p.stat().st_size for p in Path(out).glob("*.safetensors"))
-    print(json.dumps({"seconds": seconds, "weight_phase_seconds": marks["end"] - marks["start"],
-                      "weight_bytes": weights, "peak_rss_mib": peaks["rss"] / 1024,
-                      "peak_anon_mib": peaks["anon"] / 1024, "anon_after_imports_mib": base_anon / 1024}))
+    result = {"seconds": seconds, "weight_phase_seconds": marks["weights_end"] - marks["weights_start"],
+              "weight_bytes": weights, "peak_rss_mib": sampler.mib("all", "rss"),
+              "peak_anon_mib": sampler.mib("all", "anon"), "anon_after_imports_mib": sampler.base_anon / 1024}
+    if verify:
+        result["verify_seconds"] = t0 + seconds - marks["verify_start"]
+        result["verify_peak_anon_mib"] = sampler.mib("verify", "anon")
+        result["verify_added_anon_mib"] = sampler.mib("verify", "anon") - sampler.mib("verify", "anon_at_start")
+    print(json.dumps(result))
 
 
-def _run_child(step_dir: Path, out: Path, dtype: str, verify: bool, shard_mb: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", str(step_dir), str(out), dtype, str(int(verify)), str(shard_mb)]
+def _full_load_child(hf_dir: str, step_dir: str) -> None:
+    """The pre-block-by-block verification's memory: the whole export in fp32, then the probe forward."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fm_train.checkpoint import read_manifest
+    from fm_train.checkpoint.probe import read_probe
+
+    record = read_probe(Path(step_dir), read_manifest(Path(step_dir)))
+    sampler = _Sampler()
+    sampler.enter("verify")
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        model(input_ids=record["input_ids"])
+    seconds = time.perf_counter() - t0
+    sampler.stop()
+    print(json.dumps({"seconds": seconds, "verify_peak_anon_mib": sampler.mib("verify", "anon"),
+                      "verify_added_anon_mib": sampler.mib("verify", "anon") - sampler.mib("verify", "anon_at_start"),
+                      "peak_rss_mib": sampler.mib("all", "rss")}))
+
+
+def _run_child(*child_args: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", *child_args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     if proc.returncode != 0:
         raise SystemExit(f"child failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_convert(step_dir: Path, out: Path, dtype: str, verify: bool, shard_mb: int) -> dict[str, Any]:
+    result = _run_child("convert", str(step_dir), str(out), dtype, str(int(verify)), str(shard_mb))
     result.update(dtype=dtype, verify=verify, shard_mb=shard_mb)
     result["gb_per_s"] = result["weight_bytes"] / result["seconds"] / 1e9
     result["weight_phase_gb_per_s"] = result["weight_bytes"] / result["weight_phase_seconds"] / 1e9
@@ -137,14 +204,18 @@ def _copy_baseline(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="125m")
-    parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--preset", default="125m", help="model preset of the checkpoint (default 125m)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the preset's)")
+    parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage of the checkpoint")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
-    parser.add_argument("--child", nargs=5, metavar=("STEP", "OUT", "DTYPE", "VERIFY", "SHARD_MB"))
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        step, out, dtype, verify, shard_mb = args.child
-        _child(step, out, dtype, verify == "1", int(shard_mb))
+        if args.child[0] == "convert":
+            step, out, dtype, verify, shard_mb = args.child[1:]
+            _child(step, out, dtype, verify == "1", int(shard_mb))
+        else:
+            _full_load_child(*args.child[1:])
         return
 
     from distributed import run_distributed
@@ -156,23 +227,32 @@ def main() -> None:
     try:
         write_tokenizer(work / "data")
         t0 = time.perf_counter()
-        run_distributed(_make_checkpoint, 1, args=(_raw(args.preset, args.zero, str(work / "data")), str(work / "run")))
+        raw = _raw(args.preset, args.layers, args.zero, str(work / "data"))
+        run_distributed(_make_checkpoint, 1, args=(raw, str(work / "run")))
         step_dir = next((work / "run/checkpoints").glob("step_*"))
         ckpt_bytes = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
-        print(json.dumps({"what": "checkpoint", "preset": args.preset, "zero": args.zero, "bytes": ckpt_bytes,
-                          "build_seconds": time.perf_counter() - t0}), flush=True)
+        print(json.dumps({"what": "checkpoint", "preset": args.preset, "layers": args.layers, "zero": args.zero,
+                          "bytes": ckpt_bytes, "build_seconds": time.perf_counter() - t0}), flush=True)
         runs = []
         for i, (dtype, verify, shard_mb) in enumerate([("bf16", False, 2048), ("bf16", False, 64),
                                                        ("bf16", True, 2048), ("fp32", False, 2048)]):
-            r = _run_child(step_dir, work / f"hf{i}", dtype, verify, shard_mb)
+            r = _run_convert(step_dir, work / f"hf{i}", dtype, verify, shard_mb)
             runs.append(r)
             print(json.dumps({"what": "convert", **r}), flush=True)
+        full = _run_child("full-load", str(work / "hf2"), str(step_dir))
+        print(json.dumps({"what": "whole-model verification baseline", **full}), flush=True)
         copy = _copy_baseline(work / "hf0", work / "copy")
         print(json.dumps(copy), flush=True)
-        plain = runs[0]
-        print(f"\nconvert bf16 (no verify) end to end {plain['gb_per_s']:.3f} GB/s, weight phase "
+        plain, verified, fp32 = runs[0], runs[2], runs[3]
+        fp32_model_mib = fp32["weight_bytes"] / 2**20
+        print(f"\nconvert bf16 (no verify) end to end {plain['gb_per_s']:.3f} GB/s, weights phase "
               f"{plain['weight_phase_gb_per_s']:.3f} GB/s; plain copy {copy['gb_per_s']:.3f} GB/s; ratios "
               f"{plain['gb_per_s'] / copy['gb_per_s']:.3f} / {plain['weight_phase_gb_per_s'] / copy['gb_per_s']:.3f}")
+        print(f"verification: +{verified['verify_added_anon_mib']:.0f} MiB anon (block by block) vs "
+              f"+{full['verify_added_anon_mib']:.0f} MiB (whole model), for a {fp32_model_mib:.0f} MiB fp32 model: "
+              f"{verified['verify_added_anon_mib'] / fp32_model_mib:.2f} / "
+              f"{full['verify_added_anon_mib'] / fp32_model_mib:.2f} of one fp32 copy; "
+              f"{verified['verify_seconds']:.1f} s vs {full['seconds']:.1f} s")
         for r in runs:
             print(f"  {r['dtype']} verify={r['verify']} shard={r['shard_mb']}MiB: {r['seconds']:.2f}s "
                   f"(weights {r['weight_phase_seconds']:.2f}s), "

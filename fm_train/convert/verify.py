@@ -14,9 +14,11 @@ tensor moves logits by orders of magnitude more than 1e-4, arithmetic order by a
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -81,30 +83,70 @@ def check_names(out_dir: Path, model_fields: Mapping[str, Any]) -> int:
     return len(expected)
 
 
-@torch.no_grad()
-def load_export(out_dir: Path, model_fields: Mapping[str, Any]) -> tuple[int, Any]:
-    """``(tensor count, model)``: the export's names checked, then loaded by ``AutoModelForCausalLM``
-    (offline, fp32); a :class:`ConvertError` when transformers reports missing, unexpected or
-    mismatched keys."""
+def _offload_map(config: Any) -> dict[str, str]:
+    """accelerate's device map for ``config``'s model: every module holding weights (each decoder block,
+    the embeddings, the final norm, the head) on ``"disk"``, the rest (rotary tables) on ``"cpu"``."""
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+
+    def walk(module: torch.nn.Module, prefix: str) -> dict[str, str]:
+        placed: dict[str, str] = {}
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, torch.nn.ModuleList):
+                placed.update({f"{path}.{i}": "disk" for i in range(len(child))})
+            elif any(True for _ in child.parameters(recurse=False)) or not any(True for _ in child.children()):
+                placed[path] = "disk" if any(True for _ in child.parameters()) else "cpu"
+            else:
+                placed.update(walk(child, f"{path}."))
+        return placed
+
+    return walk(skeleton, "")
+
+
+@contextlib.contextmanager
+def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
+    """``(tensor count, model)``: the export's names checked, then loaded by ``AutoModelForCausalLM``
+    (offline, fp32) with every block offloaded to the export's own files; a :class:`ConvertError` when
+    transformers reports missing, unexpected or mismatched keys.
+
+    Bounded memory: accelerate's hooks read one module's weights from the safetensors files when it
+    runs and drop them after, so a forward holds about one decoder block (or the embedding) in fp32
+    plus the activations, not the model: a 70B export verifies on one host. The offload folder stays
+    empty (safetensors exports are read in place); it only has to exist while the model is used.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     tensors = check_names(out_dir, model_fields)
-    hf, info = AutoModelForCausalLM.from_pretrained(str(out_dir), local_files_only=True, dtype=torch.float32,
-                                                    output_loading_info=True)
-    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if problems:
-        raise ConvertError(f"transformers reports {problems} loading {out_dir}")
-    return tensors, hf
+    config = AutoConfig.from_pretrained(str(out_dir), local_files_only=True)
+    with tempfile.TemporaryDirectory(prefix="fm-train-verify-") as offload:
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "some parameters are on the meta device": offloading on purpose
+        try:
+            hf, info = AutoModelForCausalLM.from_pretrained(
+                str(out_dir), local_files_only=True, dtype=torch.float32, output_loading_info=True,
+                device_map=_offload_map(config), offload_folder=offload)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if problems:
+            raise ConvertError(f"transformers reports {problems} loading {out_dir}")
+        yield tensors, hf.eval()
 
 
+@torch.no_grad()
 def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
                   dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
     """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32) and compare probe logits with
     fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
-    tensors, hf = load_export(out_dir, model_fields)
-    ref = reference_model(model_fields, fetch, dtype)
     probe = probe_batch(model_fields["vocab_size"], model_fields["max_seq_len"])
-    got = hf.eval()(input_ids=probe).logits.float()
+    with open_export(out_dir, model_fields) as (tensors, hf):
+        got = hf(input_ids=probe).logits.float()
+    ref = reference_model(model_fields, fetch, dtype)
     want = ref(probe).float()
     diff = (got - want).abs().max().item()
     if not diff <= tolerance:  # also catches NaN

@@ -21,7 +21,7 @@ import torch
 
 from fm_train.checkpoint.probe import PROBE_FILE, ProbeDiff, compare, summarize, tolerance
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.verify import load_export
+from fm_train.convert.verify import open_export
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ def verify_against_probe(out_dir: Path, model_fields: Mapping[str, Any], record:
                          precision: str, export_dtype: str) -> ProbeReport:
     """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32), run the probe's ``input_ids`` and
     compare the summary with ``record``; a :class:`ConvertError` naming the field and difference if not."""
-    tensors, hf = load_export(out_dir, model_fields)
     ids = record["input_ids"]
-    got = summarize(hf.eval()(input_ids=ids).logits, ids)
+    with open_export(out_dir, model_fields) as (tensors, hf):
+        got = summarize(hf(input_ids=ids).logits, ids)
     rel_tol = tolerance(precision, export_dtype)
     worst = compare(got, record, rel_tol)
     if not worst.ok:

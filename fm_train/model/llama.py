@@ -146,7 +146,10 @@ class LlamaBackbone(nn.Module):
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
-        self.embed_tokens: nn.Module | None = nn.Embedding(args.vocab_size, args.hidden)
+        # Built with uninitialised storage: ``init_weights`` (or a checkpoint) sets every value, and the
+        # default normal_ init on the meta device costs over a second (torch imports its compiler for it).
+        self.embed_tokens: nn.Module | None = nn.Embedding(
+            args.vocab_size, args.hidden, _weight=torch.empty(args.vocab_size, args.hidden))
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
         self.norm: nn.Module | None = RMSNorm(args.hidden, args.norm_eps)
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
