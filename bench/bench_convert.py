@@ -6,8 +6,8 @@ against the model's size.
 1. Builds a real DeepSpeed checkpoint of the preset's shape (``--layers``: fewer decoder blocks, to fit
    a bigger width on this machine; one rank, bf16, ZeRO ``--zero``, one optimizer step so the optimizer
    files hold Adam moments too) with ``save_checkpoint``; it carries the engine's probe logits.
-2. Runs ``convert_checkpoint`` in fresh subprocesses: bf16 without verification (2 GiB shards, then
-   64 MiB shards), bf16 with verification (against the probe, block by block), and fp32 without
+2. Runs ``convert_checkpoint`` in fresh subprocesses: bf16 without verification (2 GiB shards, ``--reps``
+   times, each followed by step 4's copy of its output; then 64 MiB shards), bf16 with verification (against the probe, block by block), and fp32 without
    verification. Each child samples its own ``/proc/self/status`` every 10 ms: peak RSS, and peak
    anonymous RSS (heap: what the converter allocates; the rest of RSS is file pages of memory-mapped
    files, which the kernel can drop), overall and during verification alone.
@@ -16,7 +16,9 @@ against the model's size.
 3. Loads the verified export the way verification did before it went block by block (the whole model
    with ``AutoModelForCausalLM.from_pretrained`` in fp32) and runs the same probe: the memory baseline.
 4. Copies the bf16 output's bytes with ``shutil.copyfile`` on the same disk (the floor for writing
-   that many bytes) and prints GB/s of both and their ratio.
+   that many bytes), and writes the same bytes from memory with one ``write()`` per file (the floor for
+   any writer that produces its bytes in user space); the summary gives median ratios of their times
+   to the converter's weights phase.
 
 Prints one JSON line per measurement, then a summary. Takes about 2-3 minutes on 2 CPU cores for 125m.
 """
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,11 +205,29 @@ def _copy_baseline(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
     return {"what": "plain copy", "seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9}
 
 
+def _write_baseline(src_dir: Path, dst_dir: Path) -> dict[str, Any]:
+    """The floor for any writer that makes its bytes in memory: ``write()`` of the output's bytes,
+    already in memory, into new files (a copy moves them inside the kernel instead)."""
+    import numpy as np
+
+    dst_dir.mkdir()
+    files = sorted(src_dir.glob("*.safetensors"))
+    data = [np.fromfile(f, dtype=np.uint8) for f in files]
+    t0 = time.perf_counter()
+    for f, arr in zip(files, data):
+        with open(dst_dir / f.name, "wb") as fh:
+            fh.write(memoryview(arr))
+    seconds = time.perf_counter() - t0
+    nbytes = sum(a.nbytes for a in data)
+    return {"what": "write() from memory", "seconds": seconds, "bytes": nbytes, "gb_per_s": nbytes / seconds / 1e9}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="125m", help="model preset of the checkpoint (default 125m)")
     parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the preset's)")
     parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage of the checkpoint")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved convert/copy pairs (default 3)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -233,21 +254,38 @@ def main() -> None:
         ckpt_bytes = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
         print(json.dumps({"what": "checkpoint", "preset": args.preset, "layers": args.layers, "zero": args.zero,
                           "bytes": ckpt_bytes, "build_seconds": time.perf_counter() - t0}), flush=True)
-        runs = []
-        for i, (dtype, verify, shard_mb) in enumerate([("bf16", False, 2048), ("bf16", False, 64),
-                                                       ("bf16", True, 2048), ("fp32", False, 2048)]):
+        # The headline ratio: bf16 conversions and plain copies of their output, interleaved, medians
+        # (the machine is shared: a single pair can be off by 2x either way).
+        pairs = []
+        for rep in range(args.reps):
+            r = _run_convert(step_dir, work / f"hf-rep{rep}", "bf16", False, 2048)
+            copy = _copy_baseline(work / f"hf-rep{rep}", work / f"copy{rep}")
+            write = _write_baseline(work / f"hf-rep{rep}", work / f"write{rep}")
+            pairs.append((r, copy, write))
+            for line in ({"what": "convert", **r}, copy, write):
+                print(json.dumps(line), flush=True)
+            shutil.rmtree(work / f"copy{rep}")
+            shutil.rmtree(work / f"write{rep}")
+            if rep:
+                shutil.rmtree(work / f"hf-rep{rep}")
+        runs = [pairs[0][0]]
+        for i, (dtype, verify, shard_mb) in enumerate([("bf16", False, 64), ("bf16", True, 2048),
+                                                       ("fp32", False, 2048)]):
             r = _run_convert(step_dir, work / f"hf{i}", dtype, verify, shard_mb)
             runs.append(r)
             print(json.dumps({"what": "convert", **r}), flush=True)
-        full = _run_child("full-load", str(work / "hf2"), str(step_dir))
+        full = _run_child("full-load", str(work / "hf1"), str(step_dir))
         print(json.dumps({"what": "whole-model verification baseline", **full}), flush=True)
-        copy = _copy_baseline(work / "hf0", work / "copy")
-        print(json.dumps(copy), flush=True)
-        plain, verified, fp32 = runs[0], runs[2], runs[3]
+        verified, fp32 = runs[2], runs[3]
         fp32_model_mib = fp32["weight_bytes"] / 2**20
-        print(f"\nconvert bf16 (no verify) end to end {plain['gb_per_s']:.3f} GB/s, weights phase "
-              f"{plain['weight_phase_gb_per_s']:.3f} GB/s; plain copy {copy['gb_per_s']:.3f} GB/s; ratios "
-              f"{plain['gb_per_s'] / copy['gb_per_s']:.3f} / {plain['weight_phase_gb_per_s'] / copy['gb_per_s']:.3f}")
+        weights_ratio = statistics.median(c["seconds"] / r["weight_phase_seconds"] for r, c, _ in pairs)
+        total_ratio = statistics.median(c["seconds"] / r["seconds"] for r, c, _ in pairs)
+        write_ratio = statistics.median(w["seconds"] / r["weight_phase_seconds"] for r, _, w in pairs)
+        print(f"\nconvert bf16 (no verify) vs plain copy of its output, median of {args.reps} interleaved runs: "
+              f"weights phase {weights_ratio:.3f} of the copy's speed ({write_ratio:.3f} of a write() of the same "
+              f"bytes from memory), end to end {total_ratio:.3f}; runs (weights s / copy s / write s): "
+              + ", ".join(f"{r['weight_phase_seconds']:.3f}/{c['seconds']:.3f}/{w['seconds']:.3f}"
+                          for r, c, w in pairs))
         print(f"verification: +{verified['verify_added_anon_mib']:.0f} MiB anon (block by block) vs "
               f"+{full['verify_added_anon_mib']:.0f} MiB (whole model), for a {fp32_model_mib:.0f} MiB fp32 model: "
               f"{verified['verify_added_anon_mib'] / fp32_model_mib:.2f} / "

@@ -4,8 +4,9 @@ Shards are planned from shapes alone, before any tensor is read, so the file nam
 (``model-00001-of-00003.safetensors``) and every tensor's byte offsets are known up front. Each file
 is then streamed: its header first, then its tensors packed into chunks of up to 64 MiB, one write
 call per chunk; the next chunk is read from the checkpoint and cast (a worker thread; torch and file
-writes release the GIL) while the current one is written. Memory holds two chunks (or two of the
-largest tensor, if bigger), whatever the shard size.
+writes release the GIL) while the current one is written. Several shards are written at once, up to
+one per core (at most 4). Memory holds two chunks (or two of the largest tensor, if bigger) per
+shard being written, whatever the shard size.
 
 Why not ``safetensors.torch.save_file``: it takes every tensor of a file at once (a whole shard of
 cast copies in memory, 2 GiB by default) and cannot overlap producing tensors with writing them. The format itself is small and fixed (an 8-byte
@@ -17,9 +18,10 @@ through ``transformers``).
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -31,6 +33,8 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 # Bytes packed per write call: large enough that calls are few, small enough that two stay cheap.
 CHUNK_BYTES = 64 * 1024**2
+# Shard files written at once (each with its own reader thread), at most one per core.
+MAX_PARALLEL_FILES = 4
 # safetensors' names for torch dtypes (its format spec).
 _SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
@@ -121,12 +125,17 @@ def write_safetensors(out_dir: Path, shapes: Mapping[str, torch.Size], fetch: Ca
     total = sum(_nbytes(shape, dtype) for shape in shapes.values())
     progress(f"writing {len(shapes)} tensors ({total / 1e9:.2f} GB {str(dtype).removeprefix('torch.')}) "
              f"in {n} file{'s' if n > 1 else ''}")
-    weight_map: dict[str, str] = {}
-    for i, names in enumerate(plan, start=1):
-        fname = SINGLE_FILE if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
-        _stream_file(out_dir / fname, names, shapes, fetch, dtype, CHUNK_BYTES)
-        weight_map.update({name: fname for name in names})
-        progress(f"wrote {fname} ({len(names)} tensors)")
+    files = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    weight_map = {name: fname for fname, names in zip(files, plan) for name in names}
+    # Several shards at once where cores allow: a filesystem serialises writes to one file, not to several.
+    writers = max(1, min(n, os.cpu_count() or 1, MAX_PARALLEL_FILES))
+    with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="fm-train-shard") as pool:
+        futures = {pool.submit(_stream_file, out_dir / fname, names, shapes, fetch, dtype, CHUNK_BYTES): (fname, names)
+                   for fname, names in zip(files, plan)}
+        for future in as_completed(futures):
+            future.result()  # the first failure stops the conversion (the caller removes the partial output)
+            fname, names = futures[future]
+            progress(f"wrote {fname} ({len(names)} tensors)")
     if n > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
