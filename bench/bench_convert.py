@@ -6,8 +6,8 @@ against the model's size.
 1. Builds a real DeepSpeed checkpoint of the preset's shape (``--layers``: fewer decoder blocks, to fit
    a bigger width on this machine; one rank, bf16, ZeRO ``--zero``, one optimizer step so the optimizer
    files hold Adam moments too) with ``save_checkpoint``; it carries the engine's probe logits.
-2. Runs ``convert_checkpoint`` in fresh subprocesses: bf16 without verification (2 GiB shards, ``--reps``
-   times, each followed by step 4's copy of its output; then 64 MiB shards), bf16 with verification (against the probe, block by block), and fp32 without
+2. Runs ``convert_checkpoint`` in fresh subprocesses: bf16 without verification (2 GiB shards and 64 MiB
+   shards, ``--reps`` times, interleaved with step 4's baselines), bf16 with verification (against the probe, block by block), and fp32 without
    verification. Each child samples its own ``/proc/self/status`` every 10 ms: peak RSS, and peak
    anonymous RSS (heap: what the converter allocates; the rest of RSS is file pages of memory-mapped
    files, which the kernel can drop), overall and during verification alone.
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--preset", default="125m", help="model preset of the checkpoint (default 125m)")
     parser.add_argument("--layers", type=int, default=None, help="decoder blocks (default: the preset's)")
     parser.add_argument("--zero", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage of the checkpoint")
-    parser.add_argument("--reps", type=int, default=3, help="interleaved convert/copy pairs (default 3)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved convert/baseline runs (default 3)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -256,36 +256,38 @@ def main() -> None:
                           "bytes": ckpt_bytes, "build_seconds": time.perf_counter() - t0}), flush=True)
         # The headline ratio: bf16 conversions and plain copies of their output, interleaved, medians
         # (the machine is shared: a single pair can be off by 2x either way).
-        pairs = []
+        reps = []
         for rep in range(args.reps):
-            r = _run_convert(step_dir, work / f"hf-rep{rep}", "bf16", False, 2048)
+            one = _run_convert(step_dir, work / f"hf-rep{rep}", "bf16", False, 2048)
+            many = _run_convert(step_dir, work / f"hf-rep{rep}-64", "bf16", False, 64)
             copy = _copy_baseline(work / f"hf-rep{rep}", work / f"copy{rep}")
             write = _write_baseline(work / f"hf-rep{rep}", work / f"write{rep}")
-            pairs.append((r, copy, write))
-            for line in ({"what": "convert", **r}, copy, write):
+            reps.append((one, many, copy, write))
+            for line in ({"what": "convert", **one}, {"what": "convert", **many}, copy, write):
                 print(json.dumps(line), flush=True)
-            shutil.rmtree(work / f"copy{rep}")
-            shutil.rmtree(work / f"write{rep}")
-            if rep:
-                shutil.rmtree(work / f"hf-rep{rep}")
-        runs = [pairs[0][0]]
-        for i, (dtype, verify, shard_mb) in enumerate([("bf16", False, 64), ("bf16", True, 2048),
-                                                       ("fp32", False, 2048)]):
+            for d in (f"copy{rep}", f"write{rep}", f"hf-rep{rep}-64") + ((f"hf-rep{rep}",) if rep else ()):
+                shutil.rmtree(work / d)
+        runs = [reps[0][0], reps[0][1]]
+        for i, (dtype, verify, shard_mb) in enumerate([("bf16", True, 2048), ("fp32", False, 2048)], start=1):
             r = _run_convert(step_dir, work / f"hf{i}", dtype, verify, shard_mb)
             runs.append(r)
             print(json.dumps({"what": "convert", **r}), flush=True)
         full = _run_child("full-load", str(work / "hf1"), str(step_dir))
         print(json.dumps({"what": "whole-model verification baseline", **full}), flush=True)
+
+        def median(values: Any) -> float:
+            return statistics.median(list(values))
+
+        print(f"\nbf16 export without verification, medians of {args.reps} interleaved runs (weights phase s / "
+              "copy s / write() s: " + ", ".join(f"{o['weight_phase_seconds']:.3f}+{m['weight_phase_seconds']:.3f}/"
+                                                 f"{c['seconds']:.3f}/{w['seconds']:.3f}" for o, m, c, w in reps) + ")")
+        for label, k in (("one 2 GiB-capped file", 0), ("64 MiB shards, written in parallel", 1)):
+            print(f"  {label}: weights phase {median(c['seconds'] / r[k]['weight_phase_seconds'] for *r, c, _ in reps):.3f}"
+                  f" of a plain copy's speed, {median(w['seconds'] / r[k]['weight_phase_seconds'] for *r, _, w in reps):.3f}"
+                  f" of a write() of the same bytes from memory; end to end "
+                  f"{median(c['seconds'] / r[k]['seconds'] for *r, c, _ in reps):.3f} of the copy")
         verified, fp32 = runs[2], runs[3]
         fp32_model_mib = fp32["weight_bytes"] / 2**20
-        weights_ratio = statistics.median(c["seconds"] / r["weight_phase_seconds"] for r, c, _ in pairs)
-        total_ratio = statistics.median(c["seconds"] / r["seconds"] for r, c, _ in pairs)
-        write_ratio = statistics.median(w["seconds"] / r["weight_phase_seconds"] for r, _, w in pairs)
-        print(f"\nconvert bf16 (no verify) vs plain copy of its output, median of {args.reps} interleaved runs: "
-              f"weights phase {weights_ratio:.3f} of the copy's speed ({write_ratio:.3f} of a write() of the same "
-              f"bytes from memory), end to end {total_ratio:.3f}; runs (weights s / copy s / write s): "
-              + ", ".join(f"{r['weight_phase_seconds']:.3f}/{c['seconds']:.3f}/{w['seconds']:.3f}"
-                          for r, c, w in pairs))
         print(f"verification: +{verified['verify_added_anon_mib']:.0f} MiB anon (block by block) vs "
               f"+{full['verify_added_anon_mib']:.0f} MiB (whole model), for a {fp32_model_mib:.0f} MiB fp32 model: "
               f"{verified['verify_added_anon_mib'] / fp32_model_mib:.2f} / "

@@ -15,6 +15,7 @@ tensor moves logits by orders of magnitude more than 1e-4, arithmetic order by a
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,25 +114,27 @@ def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tupl
     (offline, fp32) with every block offloaded to the export's own files; a :class:`ConvertError` when
     transformers reports missing, unexpected or mismatched keys.
 
-    Bounded memory: accelerate's hooks read one module's weights from the safetensors files when it
-    runs and drop them after, so a forward holds about one decoder block (or the embedding) in fp32
+    Bounded memory: accelerate's hooks (one per module with weights: each projection, norm, the
+    embedding, the head) read a module's weights from the safetensors files when it runs and drop
+    them after, so a forward holds one weight matrix in fp32 (the largest: the embedding or the head)
     plus the activations, not the model: a 70B export verifies on one host. The offload folder stays
     empty (safetensors exports are read in place); it only has to exist while the model is used.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     tensors = check_names(out_dir, model_fields)
     config = AutoConfig.from_pretrained(str(out_dir), local_files_only=True)
     with tempfile.TemporaryDirectory(prefix="fm-train-verify-") as offload:
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "some parameters are on the meta device": offloading on purpose
+        # accelerate warns that "some parameters are on the meta device": offloading them is the point.
+        quiet = logging.getLogger("accelerate.big_modeling")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
         try:
             hf, info = AutoModelForCausalLM.from_pretrained(
                 str(out_dir), local_files_only=True, dtype=torch.float32, output_loading_info=True,
                 device_map=_offload_map(config), offload_folder=offload)
         finally:
-            hf_logging.set_verbosity(verbosity)
+            quiet.setLevel(level)
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         if problems:
             raise ConvertError(f"transformers reports {problems} loading {out_dir}")
