@@ -41,6 +41,7 @@ class BuildOptions:
     workers: int = 1  # tokenizer processes; 0 tokenizes in this process
     text_field: str = "text"
     txt_unit: str = "document"
+    split: str = "train"  # of saved DatasetDict directories and hf: cached datasets
     on_bad_utf8: str = "fail"
     overwrite: bool = False
     eos_token: Optional[str] = None
@@ -98,7 +99,7 @@ def build_shards(opts: BuildOptions, files: Optional[list[InputFile]] = None) ->
     if opts.seq_len < 1 or opts.workers < 0:
         raise DataError("--seq-len must be at least 1 and --workers at least 0")
     start = time.perf_counter()
-    files = files if files is not None else resolve_inputs(opts.inputs)
+    files = files if files is not None else resolve_inputs(opts.inputs, split=opts.split)
     out = Path(opts.out)
     check_output(out, opts.overwrite)
     summary = BuildSummary(out=out, files=len(files))
@@ -168,7 +169,8 @@ def _write_shards(opts: BuildOptions, files: list[InputFile], tok: TokenizerInfo
         summary.notes.append(f"{summary.skipped_lines} lines were not valid UTF-8 and were skipped")
     return ShardIndex(seq_len=opts.seq_len, dtype=dtype, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                       tokenizer_hash=tokenizer_hash(tok.to_str()), shards=shards,
-                      sources=[{"path": f.path, "kind": f.kind, "bytes": f.bytes} for f in files],
+                      sources=[{"path": f.path, "kind": f.kind, "bytes": f.bytes, **({"split": f.split} if f.split else {})}
+                               for f in files],
                       totals={"documents": summary.documents, "tokens": summary.tokens, "samples": summary.samples,
                               "dropped_tail_tokens": summary.dropped_tokens,
                               "skipped_lines": summary.skipped_lines, "empty_documents": summary.empty_documents},

@@ -25,8 +25,10 @@ def parse_size(text: str) -> int:
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``fm-train shard`` option to ``parser``."""
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="input files or globs (.txt, .jsonl[.gz], .parquet); none: the Python standard "
-                             "library source of this interpreter (the offline demo corpus)")
+                        help="input files or globs (.txt, .jsonl[.gz], .parquet, .arrow), directories written by "
+                             "datasets' save_to_disk, or hf:NAME[:CONFIG] for a dataset in the local Hugging Face cache "
+                             "(read offline); none: the Python standard library source of this interpreter (the offline "
+                             "demo corpus)")
     parser.add_argument("--out", required=True, type=Path, help="output shard directory")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, metavar="DIR",
@@ -39,7 +41,10 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
                         help="target bytes per .tar shard, e.g. 64MB, 500KB, 1GiB (default 64MB)")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1; 0 tokenizes in the main process)")
     parser.add_argument("--text-field", default="text",
-                        help="field of each .jsonl object / column of .parquet files holding the text (default text)")
+                        help="field of each .jsonl object / column of .parquet, .arrow and Hugging Face datasets "
+                             "holding the text (default text)")
+    parser.add_argument("--split", default="train",
+                        help="split of a saved DatasetDict directory or an hf: dataset to read (default train)")
     parser.add_argument("--txt-unit", choices=("document", "line"), default="document",
                         help="a .txt file is one document, or each non-empty line is one (default document)")
     parser.add_argument("--on-bad-utf8", choices=("skip", "fail"), default="fail",
@@ -80,7 +85,7 @@ def _build(args: argparse.Namespace):
     opts = BuildOptions(
         inputs=list(args.inputs), out=args.out, seq_len=args.seq_len, tokenizer_dir=args.tokenizer,
         vocab_size=None if args.tokenizer is not None else (args.vocab_size or 8192), shard_size=args.shard_size, workers=args.workers,
-        text_field=args.text_field, txt_unit=args.txt_unit,
+        text_field=args.text_field, txt_unit=args.txt_unit, split=args.split,
         on_bad_utf8="skip" if files is not None else args.on_bad_utf8, overwrite=args.overwrite,
         eos_token=args.eos_token, tokenizer_train_bytes=args.tokenizer_train_bytes, seed=args.seed,
         progress=not args.no_progress, created_by=_command_line(args))
@@ -92,7 +97,7 @@ def _command_line(args: argparse.Namespace) -> str:
     tok = ["--tokenizer", str(args.tokenizer)] if args.tokenizer else ["--vocab-size", str(args.vocab_size or 8192)]
     return shlex.join(["fm-train", "shard", *args.inputs, "--out", str(args.out), *tok, "--seq-len",
                        str(args.seq_len), "--shard-size", str(args.shard_size), "--text-field", args.text_field,
-                       "--txt-unit", args.txt_unit, "--on-bad-utf8", args.on_bad_utf8, "--seed", str(args.seed)])
+                       "--txt-unit", args.txt_unit, "--split", args.split, "--on-bad-utf8", args.on_bad_utf8, "--seed", str(args.seed)])
 
 
 def _verify(out: Path) -> int:

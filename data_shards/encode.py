@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import DataError
-from .inputs import BAD_BYTE, Segment
+from .inputs import BAD_BYTE, TABLE_KINDS, Segment
 
 
 @dataclass
@@ -133,8 +133,8 @@ def _clean_document(text: str, path: str, out: Decoded) -> str:
 
 
 def _row_text(row: Optional[str], kind: str, path: str, line: int, out: Decoded) -> Optional[str]:
-    """The document in one line (txt line mode, jsonl) or parquet row; None when it is skipped."""
-    if kind == "parquet":
+    """The document in one line (txt line mode, jsonl) or table row; None when it is skipped."""
+    if kind in TABLE_KINDS:
         if row is None:
             raise DataError(f"{path}: row {line}: column {_config.text_field!r} is null")
         return row
