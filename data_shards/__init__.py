@@ -13,8 +13,9 @@ Public API (what the training engine calls)::
 
     make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
-                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle_window: int = 1024,
-                      state: dict | None = None, skip_shards: Iterable[str] = ()) -> DataStream
+                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
+                      shuffle_window: int = 1024, state: dict | None = None,
+                      skip_shards: Iterable[str] = ()) -> DataStream
         Infinite stream of batches {"input_ids", "labels": torch.long [micro_batch, seq_len],
         "state": dict, "receipt": str}. Passing a batch's "state" back resumes right after that batch,
         also on another dp_size / micro_batch. "receipt" is a running hash of the global sample ids

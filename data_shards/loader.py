@@ -103,22 +103,26 @@ class DataStream:
 
 def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
-                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle_window: int = 1024,
-                      state: dict | None = None, skip_shards: Iterable[str] = ()) -> DataStream:
+                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
+                      shuffle_window: int = 1024, state: dict | None = None,
+                      skip_shards: Iterable[str] = ()) -> DataStream:
     """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
 
     The state resumes exactly on any dp size and micro batch (the global order is the same; only
     the split differs). ``seq_len`` must match the shards; ``val_fraction`` must match the validation
     loader's so that no validation sample is trained on. ``skip_shards`` (keys
     ``"<source index>:<shard name>"``, as in ``BadShardError.key``) are left out like bad shards under
-    ``on_bad_shard="skip"``; every rank must pass the same ones.
+    ``on_bad_shard="skip"``; every rank must pass the same ones. ``shuffle``: ``"global"`` (each
+    epoch a pseudorandom permutation of all of a source's samples) or ``"window"`` (shards permuted,
+    then windows of ``shuffle_window`` consecutive samples; contiguous reads for slow storage).
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if num_workers < 0:
         raise DataError(f"num_workers must be >= 0, got {num_workers}")
     skip_also = set(state.get("skipped_shards", [])) if isinstance(state, dict) else set()
     skip_also |= set(skip_shards)
-    plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, shuffle_window, skip_also)
+    plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, shuffle, shuffle_window,
+                      skip_also)
     start, receipt = 0, 0
     if state is not None:
         start, receipt, _ = parse_state(state, "train", plan.config)
@@ -139,7 +143,7 @@ def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_bat
     _check_split(micro_batch, dp_rank, dp_size)
     if val_fraction <= 0:
         raise DataError("validation needs data.val_fraction > 0 (the share of samples held out)")
-    plan = _make_plan(sources, seq_len, seed, on_bad_shard, False, val_fraction, 1, set(skip_shards))
+    plan = _make_plan(sources, seq_len, seed, on_bad_shard, False, val_fraction, "window", 1, set(skip_shards))
     total = plan.val.total_samples if plan.val is not None else 0
     steps = min(max_batches, total // (micro_batch * dp_size))
     if steps < 1:
@@ -155,7 +159,7 @@ def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:
 
 
 def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad_shard: str, verify_sha256: bool,
-               val_fraction: float, shuffle_window: int, skip_also: set[str]) -> _Plan:
+               val_fraction: float, shuffle: str, shuffle_window: int, skip_also: set[str]) -> _Plan:
     """Check the sources, find bad shards (the same on every rank: it depends only on the files) and orders."""
     if on_bad_shard not in ("fail", "skip"):
         raise DataError(f"data.on_bad_shard must be 'fail' or 'skip', got {on_bad_shard!r}")
@@ -180,12 +184,12 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
                     warnings.warn(bad_shard_message(directory, index, entry.name, problem) + " (skipped)")
                 skipped.append(key)
                 train[i] = val[i] = 0
-        train_orders.append(SourceOrder(s, seed, train, shuffle_window))
+        train_orders.append(SourceOrder(s, seed, train, shuffle_window, shuffle))
         val_orders.append(ValOrder(samples - val, val))  # tails start after the shard's train samples
     weights = [float(w) for _, w in sources]
     first = [np.array([e.first_sample for e in ix.shards], dtype=np.int64) for ix in info.indexes]
     mixer = Mixer(weights)
-    config = {"seed": seed, "weights": mixer.weights, "shuffle_window": shuffle_window,
+    config = {"seed": seed, "weights": mixer.weights, "shuffle": shuffle, "shuffle_window": shuffle_window,
               "val_fraction": val_fraction, "samples": [ix.num_samples for ix in info.indexes]}
     return _Plan(info=info, train=StreamOrder(train_orders, mixer, first), val=_val_order(val_orders, weights, first),
                  reader=SampleReader(info.paths, info.indexes), skipped=skipped, config=config)

@@ -4,8 +4,12 @@ Everything here is a pure function of (seed, source layout, weights, position), 
 form and vectorized over positions, so that any rank, loader worker or resumed run can jump to any
 position without replaying the stream, and the order never depends on the number of readers.
 
-- One source, epoch ``e``: a seeded permutation of its shards, then the concatenation of their
-  training samples cut into windows of ``window`` samples, each window permuted with its own seed.
+- One source, epoch ``e``, ``shuffle="global"`` (the default): a keyed pseudorandom permutation of
+  all its training samples, a Feistel network over the next power of four with cycle-walking back
+  into range (:func:`feistel_permute`), so position ``q`` maps to its sample in O(1) without a table
+  and a batch draws from the whole source. ``shuffle="window"``: a seeded permutation of its shards,
+  then the concatenation of their training samples cut into windows of ``window`` samples, each
+  window permuted with its own seed (contiguous reads, for slow storage).
 - Several sources: a smooth weighted round-robin pattern over integer weights, repeated with period
   ``sum(weights)``; position ``p`` belongs to source ``pattern[p % period]``, and is that source's
   ``k``-th sample where ``k`` counts the earlier positions of the same source.
@@ -23,8 +27,12 @@ from functools import lru_cache
 import numpy as np
 
 from .errors import DataError
+from .state import mix64
 
-_SHARD_TAG, _WINDOW_TAG = 1, 2
+_SHARD_TAG, _WINDOW_TAG, _GLOBAL_TAG = 1, 2, 3
+SHUFFLES = ("global", "window")
+_GLOBAL_BLOCK = 8192  # positions permuted (and cached) together
+_FEISTEL_ROUNDS = 6  # 4 rounds make a pseudorandom permutation of a balanced Feistel; 2 more for margin
 _SOURCE_SHIFT = 40  # sample id = source << 40 | sample number: 2^40 samples per source is plenty
 
 
@@ -40,14 +48,55 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([k % (1 << 64) for k in key])
 
 
+@lru_cache(maxsize=64)
+def _round_keys(key: tuple[int, ...]) -> list[np.uint64]:
+    """One 64-bit key per Feistel round, hashed from ``key`` (seed, source, epoch, ...)."""
+    seed = 0
+    for part in key:
+        seed = int(mix64(np.array([(seed ^ (part % (1 << 64))) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0])
+    words = np.array([(seed + r + 1) & 0xFFFFFFFFFFFFFFFF for r in range(_FEISTEL_ROUNDS)], dtype=np.uint64)
+    return list(mix64(words))
+
+
+def feistel_permute(x: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
+    """A keyed bijection of ``[0, n)`` applied to ``x``: a balanced Feistel network on ``2h`` bits
+    (``4**h >= n``) with splitmix64 as round function, cycle-walked until each value is back below
+    ``n`` (a permutation restricted by walking stays a permutation; at most 4x the domain, so about
+    1.3 passes on average)."""
+    x = np.asarray(x, dtype=np.uint64)
+    if n <= 1:
+        return np.zeros_like(x)
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    shift = np.uint64(half)
+    round_keys = _round_keys(tuple(int(k) for k in key))
+
+    def rounds(v: np.ndarray) -> np.ndarray:
+        left, right = v >> shift, v & mask
+        with np.errstate(over="ignore"):
+            for k in round_keys:
+                left, right = right, left ^ (mix64(right ^ k) & mask)
+        return (left << shift) | right
+
+    out = rounds(x)
+    outside = np.flatnonzero(out >= np.uint64(n))
+    while outside.size:
+        out[outside] = rounds(out[outside])
+        outside = outside[out[outside] >= np.uint64(n)]
+    return out
+
+
 class SourceOrder:
     """Training order of one source: stream index ``k`` (across epochs) -> (shard, local sample)."""
 
-    def __init__(self, source: int, seed: int, train: np.ndarray, window: int) -> None:
+    def __init__(self, source: int, seed: int, train: np.ndarray, window: int, shuffle: str = "global") -> None:
         """``train[i]``: training samples of shard i (its first ones); 0 for skipped shards."""
-        self.source, self.seed, self.window = source, seed, max(1, window)
+        if shuffle not in SHUFFLES:
+            raise DataError(f"data.shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
+        self.source, self.seed, self.window, self.shuffle = source, seed, max(1, window), shuffle
         self.train = np.asarray(train, dtype=np.int64)
         self.included = np.flatnonzero(self.train)
+        self.cum_train = np.concatenate([[0], np.cumsum(self.train)])  # shards in index order
         self.epoch_len = int(self.train.sum())
         if self.epoch_len == 0:
             raise DataError(f"source {source} has no training samples left (all shards skipped or held out)")
@@ -56,11 +105,12 @@ class SourceOrder:
     def _make_caches(self) -> None:
         self._epoch = lru_cache(maxsize=4)(self._epoch_layout)
         self._window = lru_cache(maxsize=64)(self._window_perm)
+        self._block = lru_cache(maxsize=8)(self._global_block)
 
     def __getstate__(self) -> dict:
         # DataLoader workers receive the order by pickling; the per-instance caches are rebuilt there.
         state = dict(self.__dict__)
-        del state["_epoch"], state["_window"]
+        del state["_epoch"], state["_window"], state["_block"]
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -79,6 +129,8 @@ class SourceOrder:
         """Shard index and local sample index of the source's stream positions ``k``."""
         k = np.asarray(k, dtype=np.int64)
         epoch, q = np.divmod(k, self.epoch_len)
+        if self.shuffle == "global":
+            return self._locate_global(epoch, q)
         win, offset = np.divmod(q, self.window)
         shard = np.empty_like(k)
         local = np.empty_like(k)
@@ -92,6 +144,23 @@ class SourceOrder:
             shard[a:b] = shards[j]
             local[a:b] = qq - cum[j]
         return shard, local
+
+    def _global_block(self, epoch: int, block: int) -> np.ndarray:
+        """Samples at epoch positions ``[block * B, (block + 1) * B)``: permuting a block at once costs
+        about as much as permuting one batch (numpy's per-call overhead dominates at batch sizes)."""
+        q = np.arange(block * _GLOBAL_BLOCK, min((block + 1) * _GLOBAL_BLOCK, self.epoch_len), dtype=np.int64)
+        return feistel_permute(q, self.epoch_len, (_GLOBAL_TAG, self.seed, self.source, epoch)).astype(np.int64)
+
+    def _locate_global(self, epoch: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sample = np.empty_like(q)
+        block, offset = np.divmod(q, _GLOBAL_BLOCK)
+        # Positions come in increasing runs, so a batch touches one or two (epoch, block) pairs.
+        cuts = np.flatnonzero((np.diff(epoch) != 0) | (np.diff(block) != 0)) + 1
+        for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), len(q)]):
+            sample[a:b] = self._block(int(epoch[a]), int(block[a]))[offset[a:b]]
+        # Sample number within the source's training samples -> shard (skipped shards hold none).
+        shard = np.searchsorted(self.cum_train, sample, side="right") - 1
+        return shard, sample - self.cum_train[shard]
 
 
 class ValOrder:

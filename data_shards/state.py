@@ -23,7 +23,7 @@ STATE_VERSION = 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: a fast bijective scrambling of 64-bit words."""
     x = x ^ (x >> np.uint64(30))
     x = x * np.uint64(0xBF58476D1CE4E5B9)
@@ -35,7 +35,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def receipt_update(receipt: int, positions: np.ndarray, sample_ids: np.ndarray) -> int:
     """Add the samples at ``positions`` to a receipt (see module docstring)."""
     with np.errstate(over="ignore"):  # wrapping uint64 arithmetic is the point
-        terms = _mix64(_mix64(positions.astype(np.uint64) * _GOLDEN) ^ sample_ids.astype(np.uint64))
+        terms = mix64(mix64(positions.astype(np.uint64) * _GOLDEN) ^ sample_ids.astype(np.uint64))
         return (receipt + int(terms.sum(dtype=np.uint64))) % (1 << 64)
 
 

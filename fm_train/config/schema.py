@@ -116,7 +116,12 @@ class DataConfig(_Section):
                             " checkpoint).")
     verify_sha256: bool = Field(False, description="Check each shard's sha256 against index.json on open.")
     val_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Share of samples held out for validation.")
-    shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window.")
+    shuffle: Literal["global", "window"] = Field(
+        "global", description="Training order of each epoch: global (a pseudorandom permutation of all of a"
+                              " source's samples, read by random access) or window (shards permuted, then"
+                              " windows of shuffle_window consecutive samples: contiguous reads for slow storage).")
+    shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window"
+                                                          " (data.shuffle: window).")
 
 
 class TrainConfig(_Section):

@@ -58,7 +58,7 @@ def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int
     return iter(data_shards.make_train_loader(
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
-        val_fraction=d.val_fraction, shuffle_window=d.shuffle_window, state=state, skip_shards=skip_shards,
+        val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state, skip_shards=skip_shards,
     ))
 
 
