@@ -88,18 +88,29 @@ def return_freed_memory_to_os() -> None:
 
 
 def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
-    """The run seed, or on a fresh start with ``model.init_from`` the imported Hugging Face weights
-    (a state dict by fm_train name, sliced into this rank's layout by ``build_train_module``)."""
+    """The run seed, or on a fresh start with ``model.init_from`` the Hugging Face weights, opened lazily:
+    ``build_train_module`` reads only the slices this rank holds (its tp shards, its stage's layers,
+    its ZeRO-3 partitions), never the whole checkpoint."""
     if cfg.model.init_from is None or resuming:  # a checkpoint's weights replace any init
         return cfg.run.seed
-    from fm_train.convert import import_hf
+    from fm_train.convert.import_hf import open_hf
 
-    fields, state = import_hf(Path(cfg.model.init_from))
+    fields, weights = open_hf(Path(cfg.model.init_from))
     wrong = [f"model.{k}={getattr(cfg.model, k)!r} vs config.json {v!r}" for k, v in fields.items()
              if k != "max_seq_len" and getattr(cfg.model, k) != v]
     if wrong:  # the loader's rules check this; a dir replaced since then must not load silently
         raise ConfigError(f"model.init_from={cfg.model.init_from!r} does not match the model: {'; '.join(wrong)}")
-    return state
+    return weights
+
+
+def _report_init_read(init: "InitSource", rank: int) -> None:
+    """One line per rank: how much of the ``model.init_from`` checkpoint it read (its slices only)."""
+    from fm_train.convert.hf_weights import HFWeights
+
+    if isinstance(init, HFWeights) and init.total_bytes:
+        print(f"rank {rank}: read {init.bytes_read / 2**20:.1f} MiB of the {init.total_bytes / 2**20:.1f} MiB in"
+              f" model.init_from ({100 * init.bytes_read / init.total_bytes:.0f}%: the slices this rank holds)",
+              flush=True)
 
 
 def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
@@ -151,7 +162,9 @@ def run_worker(cfg: FmConfig) -> int:
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from, universal = checkpointing.resume_point(cfg, topo)
-        module = build_train_module(cfg, groups, init=_initial_weights(cfg, resuming=resume_from is not None))
+        init = _initial_weights(cfg, resuming=resume_from is not None)
+        module = build_train_module(cfg, groups, init=init)
+        _report_init_read(init, env.rank)
         engine, scheduler = build_engine(cfg, module, mpu=_engine_mpu(topo, groups), load_universal=universal)
         state = TrainState(lr_scheduler=scheduler)
         if resume_from is not None:

@@ -2,7 +2,7 @@
 
 A tiny ``transformers.LlamaForCausalLM`` (random weights, untied head) is saved with
 ``save_pretrained``; the worker then trains one step from it on 2 gloo ranks as dp2 ZeRO-2, dp2
-ZeRO-3 and tp2, and its first logged loss must equal the HF model's own loss on the same global
+ZeRO-3, tp2 and pp2 (each rank reading only its slices of the checkpoint), and its first logged loss must equal the HF model's own loss on the same global
 batch. Config loading takes the shape from config.json and names a conflicting field.
 """
 
@@ -24,7 +24,8 @@ HF_SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=172, num_hid
                 # Wide init: the HF model's loss is then far from ln(VOCAB), where fm-train's own
                 # seeded init (std 0.02) starts, so a run that ignored init_from could not pass.
                 initializer_range=0.3)
-LAYOUTS = {"dp2-zero2": {"zero_stage": 2}, "dp2-zero3": {"zero_stage": 3}, "tp2": {"tp": 2, "zero_stage": 1}}
+LAYOUTS = {"dp2-zero2": {"zero_stage": 2}, "dp2-zero3": {"zero_stage": 3}, "tp2": {"tp": 2, "zero_stage": 1},
+           "pp2": {"pp": 2, "zero_stage": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def test_first_loss_equals_the_hf_models_loss(hf_dir, tmp_path, layout):
     run_dir = tmp_path / layout
     assert run_distributed(_worker, world_size=2, args=(raw_config(hf_dir, run_dir, LAYOUTS[layout]),)) == [0, 0]
     first = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line][0]
-    dp = 2 // LAYOUTS[layout].get("tp", 1)
+    dp = 2 // (LAYOUTS[layout].get("tp", 1) * LAYOUTS[layout].get("pp", 1))
     want = hf_loss(hf_dir, dp)
     assert first["loss"] == pytest.approx(want, rel=1e-5), f"{layout}: first loss {first['loss']} != HF {want}"
     assert abs(want - math.log(VOCAB)) > 0.5, "the HF weights must be told apart from a seeded start"

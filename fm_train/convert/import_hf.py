@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.keymap import fm_param_shapes, hf_to_fm
+from fm_train.convert.hf_weights import EMBEDDING, TIED_HEAD, HFWeights
+from fm_train.convert.keymap import fm_param_shapes
 
 
 def _model_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -44,35 +45,31 @@ def _model_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
     }
 
 
-def import_hf(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """``(model fields for fm_train.config.ModelConfig, state dict)`` of a Hugging Face dir.
+def open_hf(hf_dir: Path) -> tuple[dict[str, Any], HFWeights]:
+    """``(model fields for fm_train.config.ModelConfig, lazy weights)`` of a Hugging Face dir.
 
-    The state dict has fm_train names and loads with ``LlamaForCausalLM.load_state_dict(strict=True)``
-    (a tied head is included as the embedding tensor itself). Tensors keep the stored dtype.
+    Reads ``config.json`` and the safetensors headers only; the weights are read later, each rank
+    only the slices it holds (:class:`~fm_train.convert.hf_weights.HFWeights`).
     """
-    from safetensors import safe_open
-
     hf_dir = Path(hf_dir)
     cfg_file = hf_dir / "config.json"
     if not cfg_file.is_file():
         raise ConvertError(f"{hf_dir} has no config.json: not a Hugging Face model dir")
     fields = _model_fields(json.loads(cfg_file.read_text()), hf_dir)
-    index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
-    state: dict[str, torch.Tensor] = {}
-    for fname in files:
-        if not (hf_dir / fname).is_file():
-            raise ConvertError(f"{hf_dir} lacks {fname} (only safetensors weights are imported)")
-        with safe_open(str(hf_dir / fname), framework="pt") as fh:
-            for key in fh.keys():
-                if fields["tie_embeddings"] and key == "lm_head.weight":
-                    continue  # some exports store the tied head too; fm_train's model shares the embedding
-                state[hf_to_fm(key)] = fh.get_tensor(key)
-    want = fm_param_shapes(fields)
-    missing = sorted(set(want) - set(state))
-    wrong = [n for n in want if n in state and state[n].shape != want[n]]
-    if missing or wrong:
-        raise ConvertError(f"{hf_dir}: missing tensors {missing[:5]}, wrong shapes {wrong[:5]}")
-    if fields["tie_embeddings"]:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    weights = HFWeights(hf_dir, tie_embeddings=fields["tie_embeddings"], want=fm_param_shapes(fields))
+    return fields, weights
+
+
+def import_hf(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(model fields for fm_train.config.ModelConfig, state dict)`` of a Hugging Face dir, read whole.
+
+    The state dict has fm_train names and loads with ``LlamaForCausalLM.load_state_dict(strict=True)``
+    (a tied head is included as the embedding tensor itself). Tensors keep the stored dtype. Training
+    uses :func:`open_hf` instead, which reads only what a rank holds.
+    """
+    fields, weights = open_hf(hf_dir)
+    tied = fields["tie_embeddings"]
+    state = {name: weights.read(name) for name in weights.names() if not (tied and name == TIED_HEAD)}
+    if tied:
+        state[TIED_HEAD] = state[EMBEDDING]  # the same tensor, as the model shares it
     return fields, state

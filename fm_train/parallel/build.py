@@ -5,8 +5,9 @@ Contract with the engine: for ``pp == 1`` the result is an ``nn.Module`` whose
 for ``pp > 1`` it is a ``deepspeed.pipe.PipelineModule`` fed ``((input_ids,), labels)`` tuples.
 tp > 1 or pp > 1 needs the rank's :class:`~fm_train.dist.groups.ParallelGroups`.
 
-Initial weights (``init``) are the run seed or full tensors by name (continued pretraining from a
-Hugging Face checkpoint); every layout slices the same values (:mod:`fm_train.parallel.sharded_init`).
+Initial weights (``init``) are the run seed, full tensors by name, or a Hugging Face checkpoint opened
+lazily for continued pretraining (a ``SliceReader``: each rank reads only the slices it holds); every
+layout slices the same values (:mod:`fm_train.parallel.sharded_init`).
 No rank ever holds the whole model unless the layout keeps it whole: tp shards and pipeline stages
 are built on the meta device, and ZeRO-3 builds under ``deepspeed.zero.Init`` (one full parameter at
 a time, then only this rank's partition).
@@ -28,7 +29,7 @@ from fm_train.model import LlamaForCausalLM, args_from_config, causal_lm_loss
 from fm_train.model.llama import LlamaArgs, rope_tables
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.pipeline import build_pipeline, stage_bounds
-from fm_train.parallel.sharded_init import InitSource, materialize_, materialize_zero3_
+from fm_train.parallel.sharded_init import InitSource, SliceReader, initial_value, materialize_, materialize_zero3_
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel, vocab_parallel_cross_entropy
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,10 +49,15 @@ class CausalLMWithLoss(nn.Module):
 
 def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> LlamaForCausalLM:
     """The whole pure model on CPU, initialised exactly as in every other layout (``init``: default the run seed)."""
-    model = LlamaForCausalLM(args_from_config(cfg.model))
+    args = args_from_config(cfg.model)
+    model = LlamaForCausalLM(args)
     init = cfg.run.seed if init is None else init
     if isinstance(init, int):
         model.init_weights(init)
+    elif isinstance(init, SliceReader):  # one tensor at a time: never the checkpoint and the model at once
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(initial_value(args, init, name))
     else:
         model.load_state_dict(dict(init), strict=True)  # copies (and casts) into the model's own tensors
     return model
@@ -144,9 +150,10 @@ def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, i
                        ds_config: dict[str, Any] | None = None) -> nn.Module:
     """The trainable module for ``cfg``'s layout; raises ``ValueError`` before any step if it cannot exist.
 
-    ``init``: the initial weights (default: the run seed; a state dict by pure-model name for
-    continued pretraining). ``ds_config``: the DeepSpeed config the engine will get, when it is not
-    the one rendered from ``cfg`` (read by the ZeRO-3 build only).
+    ``init``: the initial weights (default: the run seed; a state dict by pure-model name, or a
+    ``SliceReader`` such as ``open_hf``'s weights, for continued pretraining). ``ds_config``: the
+    DeepSpeed config the engine will get, when it is not the one rendered from ``cfg`` (read by the
+    ZeRO-3 build only).
 
     - tp = pp = 1: the dense model wrapped with its loss (``groups`` unused); with ZeRO-3 and a
       process group, built already partitioned (:func:`build_zero3_model`).

@@ -6,14 +6,17 @@ full tensor sliced along its tp split dim (:func:`materialize_`), or the flat ra
 (:func:`materialize_zero3_`): every layout starts from exactly the weights of one process, and a rank
 never holds more than one full parameter at a time (never the whole model).
 
-The initial weights are an :data:`InitSource`: the run seed, or full tensors by name (a Hugging Face
-checkpoint imported for continued pretraining), sliced the same way.
+The initial weights are an :data:`InitSource`: the run seed, full tensors by name, or a
+:class:`SliceReader` (a Hugging Face checkpoint imported for continued pretraining,
+:class:`fm_train.convert.hf_weights.HFWeights`), which is asked for this rank's slice only, so a rank
+never reads another rank's shard, another stage's layers or another ZeRO-3 partition from disk.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Iterator, Mapping, Union
+import math
+from typing import Iterator, Mapping, Protocol, Union, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -55,22 +58,73 @@ def full_init(args: LlamaArgs, seed: int, name: str) -> torch.Tensor:
     return tensor
 
 
-InitSource = Union[int, Mapping[str, torch.Tensor]]
-"""Initial weights: a seed (the seeded init), or full tensors by pure-model name (``import_hf``'s state dict)."""
+@runtime_checkable
+class SliceReader(Protocol):
+    """Initial weights read on demand, a slice at a time (pure-model names; a tied head may alias the
+    embedding). The values keep their stored dtype; the caller copies them into its parameters."""
+
+    def shape(self, name: str) -> torch.Size:
+        """Full shape of ``name``."""
+
+    def read(self, name: str, dim: int | None = None, index: int = 0, parts: int = 1) -> torch.Tensor:
+        """Chunk ``index`` of ``parts`` of ``name`` along ``dim`` as ``torch.chunk`` cuts it (all when ``dim`` is None)."""
+
+    def read_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements ``[start, start + count)`` of ``name`` flattened."""
+
+
+InitSource = Union[int, Mapping[str, torch.Tensor], SliceReader]
+"""Initial weights: a seed (the seeded init), full tensors by pure-model name (``import_hf``'s state
+dict), or a :class:`SliceReader` (``open_hf``'s lazy weights: each rank reads only its slices)."""
+
+
+def _own_name(args: LlamaArgs, name: str) -> str:
+    """The name the initial weights hold ``name`` under: a tied head is the embedding."""
+    return "model.embed_tokens.weight" if name == "lm_head.weight" and args.tie_embeddings else name
+
+
+def _check_shape(args: LlamaArgs, name: str, shape: torch.Size) -> None:
+    want = full_shapes(args)[name]
+    if shape != want:
+        raise ValueError(f"initial weight {name!r} has shape {tuple(shape)}, the model needs {tuple(want)}")
 
 
 def initial_value(args: LlamaArgs, init: InitSource, name: str) -> torch.Tensor:
     """The full initial value of parameter ``name``: seeded, or looked up (and shape-checked) in ``init``."""
     if isinstance(init, int):
         return full_init(args, init, name)
-    if name == "lm_head.weight" and args.tie_embeddings:
-        name = "model.embed_tokens.weight"
+    name = _own_name(args, name)
+    if isinstance(init, SliceReader):
+        _check_shape(args, name, init.shape(name))
+        return init.read(name)
     if name not in init:
         raise KeyError(f"initial weights lack {name!r} (have {len(init)} tensors, e.g. {sorted(init)[:3]})")
-    value, want = init[name], full_shapes(args)[name]
-    if value.shape != want:
-        raise ValueError(f"initial weight {name!r} has shape {tuple(value.shape)}, the model needs {tuple(want)}")
-    return value
+    _check_shape(args, name, init[name].shape)
+    return init[name]
+
+
+def initial_shard(args: LlamaArgs, init: InitSource, name: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
+    """This tp rank's slice of parameter ``name``'s initial value along ``dim`` (all of it when replicated).
+
+    From a :class:`SliceReader` only the slice is read; otherwise the full value is made and cut.
+    """
+    if not isinstance(init, SliceReader):
+        return shard(initial_value(args, init, name), dim, tp)
+    name = _own_name(args, name)
+    _check_shape(args, name, init.shape(name))
+    if dim is None or tp.size == 1:
+        return init.read(name)
+    return init.read(name, dim, tp.rank, tp.size)
+
+
+def initial_flat(args: LlamaArgs, init: InitSource, name: str, start: int, count: int) -> torch.Tensor:
+    """Elements ``[start, start + count)`` of parameter ``name``'s flattened initial value (a ZeRO-3
+    partition); from a :class:`SliceReader` only the rows covering them are read."""
+    if not isinstance(init, SliceReader):
+        return initial_value(args, init, name).reshape(-1).narrow(0, start, count)
+    name = _own_name(args, name)
+    _check_shape(args, name, init.shape(name))
+    return init.read_flat(name, start, count)
 
 
 @torch.no_grad()
@@ -89,7 +143,7 @@ def materialize_(module: nn.Module, args: LlamaArgs, init: InitSource, tp: TPGro
     for name, param in module.named_parameters():
         full_name = prefix + name
         dim = split_dim_of(full_name)
-        param.copy_(shard(initial_value(args, init, full_name), dim, tp))
+        param.copy_(initial_shard(args, init, full_name, dim, tp))
         mark_tensor_parallel(param, dim, tp)  # to_empty made new Parameter objects: tag them again
     return module
 
@@ -106,11 +160,10 @@ def materialize_zero3_(module: nn.Module, args: LlamaArgs, init: InitSource, *, 
         part = getattr(param, "ds_tensor", None)
         if part is None:
             raise ValueError(f"{prefix + name} is not a ZeRO-3 partitioned parameter (build it under deepspeed.zero.Init)")
-        flat = initial_value(args, init, prefix + name).reshape(-1)
         size = part.ds_numel
         start = size * dist.get_rank(group=param.ds_process_group)
-        count = max(0, min(size, flat.numel() - start))
+        count = max(0, min(size, math.prod(full_shapes(args)[prefix + name]) - start))
         part.zero_()  # padding stays zero, as DeepSpeed's own partitioning leaves it
         if count:
-            part.narrow(0, 0, count).copy_(flat.narrow(0, start, count))
+            part.narrow(0, 0, count).copy_(initial_flat(args, init, prefix + name, start, count))
     return module
