@@ -1,7 +1,8 @@
 """Training and validation loaders over shard directories, split by an explicit (dp_rank, dp_size).
 
-Micro-step ``m`` covers global positions ``[P0 + m*G, P0 + (m+1)*G)`` with ``G = micro_batch * dp_size``;
-rank ``r`` reads ``[.. + r*micro_batch, .. + (r+1)*micro_batch)``. Every rank gets a batch at every
+Micro-step ``m`` covers the next ``G = micro_batch * dp_size`` global positions after step ``m - 1``'s
+(``[P0 + m*G, P0 + (m+1)*G)`` unless shards are skipped: their positions are passed over, see
+:meth:`~data_shards.order.StreamOrder.select`); rank ``r`` reads the ``r``-th ``micro_batch`` of them. Every rank gets a batch at every
 step, for ever (the stream loops over epochs), whatever the number of shards, so no rank runs dry
 while others wait in a collective. With loader workers, worker ``w`` makes micro-steps
 ``w, w+W, ...``; DataLoader returns them in round-robin order, so the order, state and receipt stay
@@ -47,11 +48,17 @@ class _RankBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         w, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        steps = itertools.count(w, n) if self.num_steps is None else range(w, self.num_steps, n)
-        offsets = self.dp_rank * self.micro_batch + np.arange(self.micro_batch, dtype=np.int64)
+        steps = itertools.count() if self.num_steps is None else range(self.num_steps)
+        mine = slice(self.dp_rank * self.micro_batch, (self.dp_rank + 1) * self.micro_batch)
+        cursor = self.start
         for m in steps:
+            # Every worker walks every step (cheap: positions only) so that skipped positions line up.
+            positions = self.order.select(cursor, self.micro_batch * self.dp_size)
+            cursor = int(positions[-1]) + 1
+            if m % n != w:
+                continue
             try:
-                tokens = self.reader.read(*self.order.locate(self.start + m * self.micro_batch * self.dp_size + offsets))
+                tokens = self.reader.read(*self.order.locate(positions[mine]))
             except BadShardError as exc:
                 # Handed over as data: DataLoader re-raises a worker's exception by type(message), which
                 # would lose the key; DataStream raises it again in the calling process.
@@ -92,9 +99,9 @@ class DataStream:
                 raise RuntimeError(f"loader workers returned micro-step {item['step']}, expected {expected}")
             if "bad_shard" in item:
                 raise BadShardError(*item["bad_shard"])
-            positions = np.arange(position, position + self._global_batch, dtype=np.int64)
+            positions = self._order.select(position, self._global_batch)
             receipt = receipt_update(receipt, positions, self._order.sample_ids(*self._order.locate(positions)))
-            position += self._global_batch
+            position = int(positions[-1]) + 1
             consumed, epochs = self._order.epochs(position) if self._kind == "train" else ([], [])
             yield {"input_ids": item["input_ids"], "labels": item["labels"], "receipt": f"{receipt:016x}",
                    "state": make_state(self._kind, position, receipt, consumed, epochs, self._plan.skipped,
@@ -174,6 +181,7 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
         samples = np.array([e.samples for e in index.shards], dtype=np.int64)
         val = val_counts(samples, val_fraction)
         train = samples - val
+        left_out = np.zeros(len(index.shards), dtype=bool)
         for i, entry in enumerate(index.shards):
             key = f"{s}:{entry.name}"
             problem = shard_problem(directory, index, entry, verify_sha256)
@@ -183,8 +191,9 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
                 if problem is not None:
                     warnings.warn(bad_shard_message(directory, index, entry.name, problem) + " (skipped)")
                 skipped.append(key)
-                train[i] = val[i] = 0
-        train_orders.append(SourceOrder(s, seed, train, shuffle_window, shuffle))
+                left_out[i] = True
+                val[i] = 0  # the validation set is fixed per plan: it simply lacks the shard
+        train_orders.append(SourceOrder(s, seed, train, shuffle_window, shuffle, skipped=left_out))
         val_orders.append(ValOrder(samples - val, val))  # tails start after the shard's train samples
     weights = [float(w) for _, w in sources]
     first = [np.array([e.first_sample for e in ix.shards], dtype=np.int64) for ix in info.indexes]

@@ -89,16 +89,20 @@ def feistel_permute(x: np.ndarray, n: int, key: tuple[int, ...]) -> np.ndarray:
 class SourceOrder:
     """Training order of one source: stream index ``k`` (across epochs) -> (shard, local sample)."""
 
-    def __init__(self, source: int, seed: int, train: np.ndarray, window: int, shuffle: str = "global") -> None:
-        """``train[i]``: training samples of shard i (its first ones); 0 for skipped shards."""
+    def __init__(self, source: int, seed: int, train: np.ndarray, window: int, shuffle: str = "global",
+                 skipped: np.ndarray | None = None) -> None:
+        """``train[i]``: training samples of shard i (its first ones). ``skipped[i]``: shard i is left
+        out; it keeps its place in the order (so leaving it out moves no other sample) and the
+        stream passes over its positions (:meth:`StreamOrder.select`)."""
         if shuffle not in SHUFFLES:
             raise DataError(f"data.shuffle must be one of {', '.join(SHUFFLES)}, got {shuffle!r}")
         self.source, self.seed, self.window, self.shuffle = source, seed, max(1, window), shuffle
         self.train = np.asarray(train, dtype=np.int64)
+        self.usable = np.ones(len(self.train), dtype=bool) if skipped is None else ~np.asarray(skipped, dtype=bool)
         self.included = np.flatnonzero(self.train)
         self.cum_train = np.concatenate([[0], np.cumsum(self.train)])  # shards in index order
         self.epoch_len = int(self.train.sum())
-        if self.epoch_len == 0:
+        if int(self.train[self.usable].sum()) == 0:
             raise DataError(f"source {source} has no training samples left (all shards skipped or held out)")
         self._make_caches()
 
@@ -230,17 +234,51 @@ class StreamOrder:
         """Samples in one epoch of all sources together."""
         return sum(o.epoch_len for o in self.orders)
 
-    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(source, shard, local) of each global position."""
+    def _locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(order index, shard, local) of each global position."""
         j, k = self.mixer.split(positions)
         if len(self.orders) == 1:
-            return self.sources[j], *self.orders[0].locate(k)
+            return j, *self.orders[0].locate(k)
         shard = np.empty_like(k)
         local = np.empty_like(k)
         for s in np.unique(j).tolist():
             sel = j == s
             shard[sel], local[sel] = self.orders[s].locate(k[sel])
+        return j, shard, local
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(source, shard, local) of each global position."""
+        j, shard, local = self._locate(positions)
         return self.sources[j], shard, local
+
+    @property
+    def skips(self) -> bool:
+        """Whether some positions map to samples of skipped shards."""
+        return any(not getattr(o, "usable", np.ones(1, bool)).all() for o in self.orders)
+
+    def select(self, start: int, count: int) -> np.ndarray:
+        """The first ``count`` positions at or after ``start`` whose samples are not in skipped shards.
+
+        Positions of skipped samples are passed over, not renumbered: every other sample keeps its
+        position, so a shard left out at position ``k`` changes nothing before ``k`` and drops only its
+        own samples after it (no healthy sample of the epoch is repeated or lost).
+        """
+        if not self.skips:
+            return np.arange(start, start + count, dtype=np.int64)
+        chosen: list[np.ndarray] = []
+        found, cursor, chunk = 0, start, max(2 * count, 1024)
+        while found < count:
+            positions = np.arange(cursor, cursor + chunk, dtype=np.int64)
+            j, shard, _ = self._locate(positions)
+            usable = np.ones(len(positions), dtype=bool)
+            for s in np.unique(j).tolist():
+                sel = j == s
+                usable[sel] = self.orders[s].usable[shard[sel]]
+            keep = positions[usable][: count - found]
+            chosen.append(keep)
+            found += len(keep)
+            cursor += chunk
+        return np.concatenate(chosen)
 
     def sample_ids(self, source: np.ndarray, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
         """Stable 64-bit ids: source index and sample number within its directory."""

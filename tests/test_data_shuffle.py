@@ -1,5 +1,6 @@
 """The global shuffle: a keyed bijection per epoch that mixes the whole source, independent of the
-number of readers; the windowed order stays available and a saved state keeps its mode."""
+number of readers; the windowed order stays available and a saved state keeps its mode; a shard left
+out mid-epoch drops only its own samples."""
 
 from __future__ import annotations
 
@@ -96,3 +97,57 @@ def test_loader_order_is_the_same_for_any_dp_size_and_a_state_keeps_its_mode(man
     with pytest.raises(DataError, match=r"data.shuffle must be one of global, window, got 'random'"):
         make_train_loader([(str(many_shards), 1.0)], seq_len=SEQ, micro_batch=8, dp_rank=0, dp_size=1, seed=5,
                           shuffle="random")
+
+
+def _stored_rows(directory: Path) -> dict[int, np.ndarray]:
+    """Every stored sample by its id (read with tarfile, independent of the reader under test)."""
+    import tarfile
+
+    rows = {}
+    for shard in read_index(directory).shards:
+        with tarfile.open(directory / shard.name) as tf:
+            for local, member in enumerate(tf.getmembers()):
+                rows[shard.first_sample + local] = np.frombuffer(tf.extractfile(member).read(), dtype="<u2")
+    return rows
+
+
+def _consume(stream, start: int, until: int, rows: dict[int, np.ndarray]) -> tuple[list[int], dict]:
+    """Ids of the samples the stream delivers at positions below ``until``, checked against the stored
+    tokens, and the state after the last batch."""
+    order, ids, position, state = stream._order, [], start, None
+    for batch in stream:
+        positions = order.select(position, len(batch["input_ids"]))
+        got = np.concatenate([batch["input_ids"].numpy(), batch["labels"].numpy()[:, -1:]], axis=1)
+        batch_ids = order.sample_ids(*order.locate(positions)).astype(np.int64).tolist()
+        assert all(np.array_equal(got[i], rows[n]) for i, n in enumerate(batch_ids))  # the tokens are those samples
+        ids += [n for n, p in zip(batch_ids, positions.tolist()) if p < until]
+        position, state = batch["state"]["position"], batch["state"]
+        if position >= until:
+            return ids, state
+    raise AssertionError("the stream ended")
+
+
+@pytest.mark.parametrize("shuffle", ["global", "window"])
+def test_a_shard_left_out_at_position_k_repeats_and_drops_no_other_sample(many_shards, shuffle):
+    """A shard found bad after k positions and left out on the resume from k: no sample of the epoch is
+    read twice, no healthy one is missed, and the left-out shard gives nothing after k."""
+    rows = _stored_rows(many_shards)
+    common = dict(seq_len=SEQ, micro_batch=8, dp_rank=0, dp_size=1, seed=5, shuffle=shuffle)
+    first = make_train_loader([(str(many_shards), 1.0)], **common)
+    epoch = first._order.orders[0].epoch_len
+    k = 5 * 8
+    before, state = _consume(first, 0, k, rows)
+    assert len(before) == k and state["position"] == k
+    # The shard of a sample due soon after k, which also gave samples before k (positions 0..k-1).
+    shard_of = {n: s.name for s in read_index(many_shards).shards for n in range(s.first_sample, s.first_sample + s.samples)}
+    bad = next(shard_of[n] for n in first._order.sample_ids(*first._order.locate(np.arange(k, epoch))).tolist()
+               if shard_of[n] in {shard_of[m] for m in before})
+    resumed = make_train_loader([(str(many_shards), 1.0)], state=state, skip_shards=[f"0:{bad}"], **common)
+    after, end = _consume(resumed, k, epoch, rows)
+    assert not set(before) & set(after) and len(after) == len(set(after))  # nothing read twice
+    assert not any(shard_of[n] == bad for n in after)  # the left-out shard gives nothing after k
+    healthy = {n for n in rows if shard_of[n] != bad}
+    assert healthy <= set(before) | set(after)  # no healthy sample of the epoch missed
+    assert end["skipped_shards"] == [f"0:{bad}"] and end["epoch"] == [end["position"] // epoch]
+    again = make_train_loader([(str(many_shards), 1.0)], state=state, skip_shards=[f"0:{bad}"], **common)
+    assert _consume(again, k, epoch, rows)[1]["receipt"] == end["receipt"]  # the same receipt on a second resume

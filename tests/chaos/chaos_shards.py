@@ -50,7 +50,8 @@ def sample_read_at(corpus: Path, *, seed: int, step: int) -> Target:
 
     d = DataConfig(sources=[{"path": str(corpus)}], seq_len=32)
     stream = make_train_loader([(str(corpus), 1.0)], seq_len=32, micro_batch=MICRO_BATCH, dp_rank=0, dp_size=DP,
-                               seed=seed, val_fraction=d.val_fraction, shuffle_window=d.shuffle_window)
+                               seed=seed, val_fraction=d.val_fraction, shuffle=d.shuffle,
+                               shuffle_window=d.shuffle_window)
     position = np.array([(step - 1) * MICRO_BATCH * DP], dtype=np.int64)
     _, shard, local = stream._order.locate(position)
     index = json.loads((corpus / "index.json").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from chaos_faults import assert_fault_done, corrupt_at_step
-from chaos_runs import (STEPS, failures, figure, last_step, latest_step, rank_log, run_launch, step_dir, tiny_config,
-                        write_config)
+from chaos_runs import (STEPS, failures, figure, last_step, latest_step, metrics, rank_log, run_launch, step_dir,
+                        tiny_config, write_config)
 from chaos_shards import build_sharded_corpus, overwrite_sample, sample_read_at, truncate_before
 from fm_train.worker import RESTART_EXIT_CODE
 
@@ -92,8 +92,9 @@ def _assert_skipped_after_one_restart(run: Path, target_shard: Path) -> dict:
 def test_skip_policy_with_a_shard_truncated_mid_run(corpus_copy: Path, tmp_path: Path) -> None:
     target = sample_read_at(corpus_copy, seed=SEED, step=BAD_STEP)
     run = tmp_path / "run"
+    # Evaluation on: the validation loader must leave out the shard that training leaves out.
     config = write_config(tmp_path / "config.yaml",
-                          tiny_config(run, corpus_copy, seed=SEED, max_restarts=1, on_bad_shard="skip"))
+                          tiny_config(run, corpus_copy, seed=SEED, max_restarts=1, on_bad_shard="skip", eval_every=2))
     fault = corrupt_at_step(run, 2, lambda: truncate_before(target))
     result = run_launch(config, run)
     assert_fault_done(fault)
@@ -102,9 +103,11 @@ def test_skip_policy_with_a_shard_truncated_mid_run(corpus_copy: Path, tmp_path:
     for rank in (0, 1):  # the start-up check of attempt 2 sees the short file too, alike on every rank
         attempt2 = _attempt(rank_log(run, rank), 2)
         assert f"shard {target.shard} is truncated (" in attempt2 and "(skipped)" in attempt2, f"rank {rank}"
+    evals = [r["step"] for r in metrics(run) if "val_loss" in r]
+    assert evals and max(evals) == STEPS, f"evaluations at steps {evals}"
     figure(f"on_bad_shard=skip, {target.shard.name} truncated at step {fault.step}: the reading rank records it and"
-           f" exits {RESTART_EXIT_CODE} at step {BAD_STEP}; after one restart both ranks leave it out and the run"
-           f" finishes; skipped_shards recorded; {result.seconds:.0f}s")
+           f" exits {RESTART_EXIT_CODE} at step {BAD_STEP}; after one restart both ranks leave it out of training and"
+           f" evaluation (val_loss at steps {evals}) and the run finishes; skipped_shards recorded; {result.seconds:.0f}s")
 
 
 def test_skip_policy_with_a_shard_corrupted_mid_file(corpus_copy: Path, tmp_path: Path) -> None:
