@@ -113,13 +113,14 @@ def test_loss_falls_on_the_default_corpus(tiny_config_dict, tmp_path):
            "run": {**tiny_config_dict["run"], "dir": str(tmp_path / "run")},
            "data": {**tiny_config_dict["data"], "num_workers": 0,
                     "sources": [{"path": str(tmp_path / "corpus"), "default_corpus": True}]},
-           "train": {**tiny_config_dict["train"], "steps": 60, "micro_batch": 4, "log_every": 10, "eval_every": 30},
+           "train": {**tiny_config_dict["train"], "steps": 120, "micro_batch": 4, "log_every": 10, "eval_every": 60},
            "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5}, "logging": {"tensorboard": False}}
     assert run_distributed(_worker_real_data, world_size=2, args=(raw,), init_process_group=False) == [0, 0]
     records = [json.loads(line) for line in (Path(raw["run"]["dir"]) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     vals = [r["val_loss"] for r in records if "val_loss" in r]
-    # From chance level (ln vocab = 6.24 nats) to at least 1 nat better in 60 steps of 8 x 32 tokens.
+    # From chance level (ln vocab = 6.24 nats) to at least 1 nat better in 120 steps of 8 x 32 tokens, drawn in
+    # the global order (i.i.d. batches: slower to fit than the windowed order's neighbouring samples).
     assert losses[-1] < math.log(VOCAB) - 1.0, losses
     assert losses[-1] < losses[0], losses
     assert vals[-1] < vals[0], vals
