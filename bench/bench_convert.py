@@ -7,7 +7,8 @@ against the model's size.
    a bigger width on this machine; one rank, bf16, ZeRO ``--zero``, one optimizer step so the optimizer
    files hold Adam moments too) with ``save_checkpoint``; it carries the engine's probe logits.
 2. Runs ``convert_checkpoint`` in fresh subprocesses: bf16 without verification (2 GiB shards and 64 MiB
-   shards, ``--reps`` times, interleaved with step 4's baselines), bf16 with verification (against the probe, block by block), and fp32 without
+   shards, ``--reps`` times, interleaved with step 4's baselines), bf16 with verification (against the
+   probe, one weight at a time), and fp32 without
    verification. Each child samples its own ``/proc/self/status`` every 10 ms: peak RSS, and peak
    anonymous RSS (heap: what the converter allocates; the rest of RSS is file pages of memory-mapped
    files, which the kernel can drop), overall and during verification alone.
@@ -282,13 +283,14 @@ def main() -> None:
               "copy s / write() s: " + ", ".join(f"{o['weight_phase_seconds']:.3f}+{m['weight_phase_seconds']:.3f}/"
                                                  f"{c['seconds']:.3f}/{w['seconds']:.3f}" for o, m, c, w in reps) + ")")
         for label, k in (("one 2 GiB-capped file", 0), ("64 MiB shards, written in parallel", 1)):
-            print(f"  {label}: weights phase {median(c['seconds'] / r[k]['weight_phase_seconds'] for *r, c, _ in reps):.3f}"
-                  f" of a plain copy's speed, {median(w['seconds'] / r[k]['weight_phase_seconds'] for *r, _, w in reps):.3f}"
-                  f" of a write() of the same bytes from memory; end to end "
-                  f"{median(c['seconds'] / r[k]['seconds'] for *r, c, _ in reps):.3f} of the copy")
+            vs_copy = median(c["seconds"] / r[k]["weight_phase_seconds"] for *r, c, _ in reps)
+            vs_write = median(w["seconds"] / r[k]["weight_phase_seconds"] for *r, _, w in reps)
+            end_to_end = median(c["seconds"] / r[k]["seconds"] for *r, c, _ in reps)
+            print(f"  {label}: weights phase {vs_copy:.3f} of a plain copy's speed, {vs_write:.3f} of a write() of the "
+                  f"same bytes from memory; end to end {end_to_end:.3f} of the copy")
         verified, fp32 = runs[2], runs[3]
         fp32_model_mib = fp32["weight_bytes"] / 2**20
-        print(f"verification: +{verified['verify_added_anon_mib']:.0f} MiB anon (block by block) vs "
+        print(f"verification: +{verified['verify_added_anon_mib']:.0f} MiB anon (one weight at a time) vs "
               f"+{full['verify_added_anon_mib']:.0f} MiB (whole model), for a {fp32_model_mib:.0f} MiB fp32 model: "
               f"{verified['verify_added_anon_mib'] / fp32_model_mib:.2f} / "
               f"{full['verify_added_anon_mib'] / fp32_model_mib:.2f} of one fp32 copy; "

@@ -169,12 +169,17 @@ def _write_shards(opts: BuildOptions, files: list[InputFile], tok: TokenizerInfo
         summary.notes.append(f"{summary.skipped_lines} lines were not valid UTF-8 and were skipped")
     return ShardIndex(seq_len=opts.seq_len, dtype=dtype, vocab_size=tok.vocab_size, eos_id=tok.eos_id,
                       tokenizer_hash=tokenizer_hash(tok.to_str()), shards=shards,
-                      sources=[{"path": f.path, "kind": f.kind, "bytes": f.bytes, **({"split": f.split} if f.split else {})}
-                               for f in files],
+                      sources=[_source_entry(f) for f in files],
                       totals={"documents": summary.documents, "tokens": summary.tokens, "samples": summary.samples,
                               "dropped_tail_tokens": summary.dropped_tokens,
                               "skipped_lines": summary.skipped_lines, "empty_documents": summary.empty_documents},
                       created_by=opts.created_by)
+
+
+def _source_entry(f: InputFile) -> dict:
+    """An input as index.json records it (the split only for Hugging Face datasets)."""
+    entry = {"path": f.path, "kind": f.kind, "bytes": f.bytes}
+    return {**entry, "split": f.split} if f.split else entry
 
 
 def _count(summary: BuildSummary, enc: Encoded) -> None:

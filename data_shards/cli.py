@@ -25,10 +25,10 @@ def parse_size(text: str) -> int:
 def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     """Add every ``fm-train shard`` option to ``parser``."""
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
-                        help="input files or globs (.txt, .jsonl[.gz], .parquet, .arrow), directories written by "
-                             "datasets' save_to_disk, or hf:NAME[:CONFIG] for a dataset in the local Hugging Face cache "
-                             "(read offline); none: the Python standard library source of this interpreter (the offline "
-                             "demo corpus)")
+                        help="input files or globs (.txt, .jsonl[.gz], .parquet, .arrow), directories written "
+                             "by datasets' save_to_disk, or hf:NAME[:CONFIG] for a dataset in the local Hugging Face "
+                             "cache (read offline); none: the Python standard library source of this interpreter "
+                             "(the offline demo corpus)")
     parser.add_argument("--out", required=True, type=Path, help="output shard directory")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, metavar="DIR",
@@ -97,7 +97,8 @@ def _command_line(args: argparse.Namespace) -> str:
     tok = ["--tokenizer", str(args.tokenizer)] if args.tokenizer else ["--vocab-size", str(args.vocab_size or 8192)]
     return shlex.join(["fm-train", "shard", *args.inputs, "--out", str(args.out), *tok, "--seq-len",
                        str(args.seq_len), "--shard-size", str(args.shard_size), "--text-field", args.text_field,
-                       "--txt-unit", args.txt_unit, "--split", args.split, "--on-bad-utf8", args.on_bad_utf8, "--seed", str(args.seed)])
+                       "--txt-unit", args.txt_unit, "--split", args.split, "--on-bad-utf8", args.on_bad_utf8,
+                       "--seed", str(args.seed)])
 
 
 def _verify(out: Path) -> int:

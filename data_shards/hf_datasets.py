@@ -58,7 +58,8 @@ def open_dataset(path: str, kind: str, split: str, text_field: str | None) -> An
         try:
             loaded = datasets.load_from_disk(path)
         except Exception as exc:  # datasets raises several types for a damaged directory
-            raise DataError(f"{path} is not a readable saved dataset (save_to_disk): {type(exc).__name__}: {exc}") from exc
+            raise DataError(f"{path} is not a readable saved dataset (save_to_disk): "
+                            f"{type(exc).__name__}: {exc}") from exc
         where = path
     else:
         name, config = parse_cache_name(path)
@@ -66,10 +67,11 @@ def open_dataset(path: str, kind: str, split: str, text_field: str | None) -> An
             with _offline(datasets):
                 loaded = datasets.load_dataset(name, config, split=split)
         except Exception as exc:
-            raise DataError(f"input {path}: no split {split!r} of {name!r}{f' (config {config!r})' if config else ''} "
-                            f"in the local Hugging Face cache ({os.environ.get('HF_DATASETS_CACHE') or datasets.config.HF_DATASETS_CACHE}): "
-                            f"{type(exc).__name__}: {exc}. Download it first with datasets.load_dataset where the Hub is "
-                            "reachable, or pass --split") from exc
+            what = f"{name!r} (config {config!r})" if config else repr(name)
+            cache = datasets.config.HF_DATASETS_CACHE
+            raise DataError(f"input {path}: no split {split!r} of {what} in the local Hugging Face cache ({cache}): "
+                            f"{type(exc).__name__}: {exc}. Download it first with datasets.load_dataset where the "
+                            "Hub is reachable, or pass --split") from exc
         where = f"{path} (split {split})"
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:

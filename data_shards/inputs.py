@@ -20,7 +20,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from .errors import DataError
 from .hf_datasets import CACHE_PREFIX, dataset_bytes, is_saved_dataset, open_dataset, parse_cache_name
@@ -176,11 +176,7 @@ def _check_parquet_column(path: str, text_field: str) -> None:
         schema = pq.read_schema(path)
     except Exception as exc:
         raise DataError(f"{path} is not a readable parquet file: {exc}") from exc
-    if text_field not in schema.names:
-        raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}); "
-                        "pass --text-field NAME")
-    if not str(schema.field(text_field).type) in ("string", "large_string", "string_view"):
-        raise DataError(f"{path}: column {text_field!r} has type {schema.field(text_field).type}, not string")
+    _check_text_column(path, schema, text_field)
 
 
 def _check_arrow_column(path: str, text_field: str) -> None:
@@ -192,8 +188,13 @@ def _check_arrow_column(path: str, text_field: str) -> None:
             schema = pa.ipc.open_stream(source).schema
     except Exception as exc:
         raise DataError(f"{path} is not a readable Arrow stream file (as datasets writes them): {exc}") from exc
+    _check_text_column(path, schema, text_field)
+
+
+def _check_text_column(path: str, schema: Any, text_field: str) -> None:
+    """A DataError unless the pyarrow ``schema`` of ``path`` has a string column ``text_field``."""
     if text_field not in schema.names:
         raise DataError(f"{path} has no column {text_field!r} (columns: {', '.join(schema.names)}); "
                         "pass --text-field NAME")
-    if not str(schema.field(text_field).type) in ("string", "large_string", "string_view"):
+    if str(schema.field(text_field).type) not in ("string", "large_string", "string_view"):
         raise DataError(f"{path}: column {text_field!r} has type {schema.field(text_field).type}, not string")

@@ -2,8 +2,8 @@
 
 Micro-step ``m`` covers the next ``G = micro_batch * dp_size`` global positions after step ``m - 1``'s
 (``[P0 + m*G, P0 + (m+1)*G)`` unless shards are skipped: their positions are passed over, see
-:meth:`~data_shards.order.StreamOrder.select`); rank ``r`` reads the ``r``-th ``micro_batch`` of them. Every rank gets a batch at every
-step, for ever (the stream loops over epochs), whatever the number of shards, so no rank runs dry
+:meth:`~data_shards.order.StreamOrder.select`); rank ``r`` reads the ``r``-th ``micro_batch`` of them.
+Every rank gets a batch at every step, for ever (the stream loops over epochs), whatever the number of shards, so no rank runs dry
 while others wait in a collective. With loader workers, worker ``w`` makes micro-steps
 ``w, w+W, ...``; DataLoader returns them in round-robin order, so the order, state and receipt stay
 exact. State and receipt are computed in the calling process from the position alone.

@@ -228,6 +228,8 @@ class StreamOrder:
         self.orders, self.mixer = orders, mixer
         self.first_sample = first_sample  # per source: global number of each shard's first sample
         self.sources = np.asarray(sources if sources is not None else range(len(orders)), dtype=np.int64)
+        # Whether some positions map to samples of skipped shards (validation orders skip none).
+        self.skips = any(not o.usable.all() for o in orders if hasattr(o, "usable"))
 
     @property
     def total_samples(self) -> int:
@@ -250,11 +252,6 @@ class StreamOrder:
         """(source, shard, local) of each global position."""
         j, shard, local = self._locate(positions)
         return self.sources[j], shard, local
-
-    @property
-    def skips(self) -> bool:
-        """Whether some positions map to samples of skipped shards."""
-        return any(not getattr(o, "usable", np.ones(1, bool)).all() for o in self.orders)
 
     def select(self, start: int, count: int) -> np.ndarray:
         """The first ``count`` positions at or after ``start`` whose samples are not in skipped shards.

@@ -183,7 +183,7 @@ def run_worker(cfg: FmConfig) -> int:
         # Evaluation leaves out what training does (recorded, resumed and start-up finds); a shard it
         # finds bad first is recorded below and left out after the restart, as when training finds it.
         val = engine_data.val_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size,
-                                      skip_shards=engine_data.shards_left_out(cfg, run_dir, state.data_state))
+                                      skip_shards=engine_data.shards_left_out(skip, state.data_state))
         wandb = ({"project": cfg.logging.wandb_project, "name": cfg.run.name, "config": cfg.model_dump(mode="json")}
                  if cfg.logging.wandb else None)
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,

@@ -139,7 +139,8 @@ def test_a_shard_left_out_at_position_k_repeats_and_drops_no_other_sample(many_s
     before, state = _consume(first, 0, k, rows)
     assert len(before) == k and state["position"] == k
     # The shard of a sample due soon after k, which also gave samples before k (positions 0..k-1).
-    shard_of = {n: s.name for s in read_index(many_shards).shards for n in range(s.first_sample, s.first_sample + s.samples)}
+    shard_of = {n: s.name for s in read_index(many_shards).shards
+                for n in range(s.first_sample, s.first_sample + s.samples)}
     bad = next(shard_of[n] for n in first._order.sample_ids(*first._order.locate(np.arange(k, epoch))).tolist()
                if shard_of[n] in {shard_of[m] for m in before})
     resumed = make_train_loader([(str(many_shards), 1.0)], state=state, skip_shards=[f"0:{bad}"], **common)

@@ -58,7 +58,8 @@ def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int
     return iter(data_shards.make_train_loader(
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
-        val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state, skip_shards=skip_shards,
+        val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state,
+        skip_shards=skip_shards,
     ))
 
 
@@ -89,10 +90,10 @@ def record_bad_shard(run_dir: Path, key: str, message: str, *, rank: int, step: 
     return path
 
 
-def shards_left_out(cfg: FmConfig, run_dir: Path, data_state: dict[str, Any] | None) -> list[str]:
+def shards_left_out(recorded: Iterable[str], data_state: dict[str, Any] | None) -> list[str]:
     """Keys of every shard this attempt leaves out besides those its own start-up check finds bad:
-    the ones earlier attempts recorded (under ``skip``) and the ones the resumed data state lists."""
-    recorded = recorded_bad_shards(run_dir) if cfg.data.on_bad_shard == "skip" else []
+    ``recorded`` (what earlier attempts found, :func:`recorded_bad_shards`) and the ones the resumed
+    data state lists."""
     in_state = (data_state or {}).get("skipped_shards", [])
     return sorted(set(recorded) | set(in_state))
 

@@ -107,7 +107,8 @@ def test_skip_policy_with_a_shard_truncated_mid_run(corpus_copy: Path, tmp_path:
     assert evals and max(evals) == STEPS, f"evaluations at steps {evals}"
     figure(f"on_bad_shard=skip, {target.shard.name} truncated at step {fault.step}: the reading rank records it and"
            f" exits {RESTART_EXIT_CODE} at step {BAD_STEP}; after one restart both ranks leave it out of training and"
-           f" evaluation (val_loss at steps {evals}) and the run finishes; skipped_shards recorded; {result.seconds:.0f}s")
+           f" evaluation (val_loss at steps {evals}) and the run finishes; skipped_shards recorded;"
+           f" {result.seconds:.0f}s")
 
 
 def test_skip_policy_with_a_shard_corrupted_mid_file(corpus_copy: Path, tmp_path: Path) -> None:
