@@ -115,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.05)
             break
         if not _barrier(sync_dir, step + 1, rank, world):
+            # Told to stop inside the barrier: save like a stop between steps (the trainer saves on SIGTERM).
             print(f"rank {rank}: stopped while waiting for peers at step {step + 1}", flush=True)
-            return 0
+            break
         time.sleep(args.step_s)
         step += 1
         if rank == args.crash_rank and step >= args.crash_step:  # also after a resume past it
