@@ -61,14 +61,14 @@ def ds_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
     return out
 
 
-def global_batch(step: int) -> torch.Tensor:
-    """The global batch of ``step`` (GLOBAL_BATCH x (SEQ + 1) tokens), independent of the layout."""
-    # Random starts, then a fixed rule (next = 5 * cur + 3 mod VOCAB): learnable, so losses fall fast.
+def global_batch(step: int, vocab: int = VOCAB) -> torch.Tensor:
+    """The global batch of ``step`` (GLOBAL_BATCH x (SEQ + 1) tokens below ``vocab``), independent of the layout."""
+    # Random starts, then a fixed rule (next = 5 * cur + 3 mod vocab): learnable, so losses fall fast.
     gen = torch.Generator().manual_seed(1000 + step)
-    start = torch.randint(0, VOCAB, (GLOBAL_BATCH, 1), generator=gen)
+    start = torch.randint(0, vocab, (GLOBAL_BATCH, 1), generator=gen)
     out = [start]
     for _ in range(SEQ):
-        out.append((out[-1] * 5 + 3) % VOCAB)
+        out.append((out[-1] * 5 + 3) % vocab)
     return torch.cat(out, dim=1)
 
 

@@ -94,7 +94,8 @@ BAD = {
     "unknown_preset": ({"model": {"preset": "huge"}}, "model.preset='huge'"),
     "offload_without_zero": ({"parallel": {"zero_stage": 0, "offload_optimizer": True}}, "parallel.offload_optimizer"),
     "tp_across_nodes": ({"cluster": {"workers": 4, "slots_per_node": 2}, "parallel": {"tp": 4}, "model": {"n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 176}}, "cluster.slots_per_node=2"),
-    "vocab_not_divisible_by_tp": ({"cluster": {"workers": 2}, "parallel": {"tp": 2}, "model": {"vocab_size": 511}}, "model.vocab_size=511"),
+    "vocab_not_divisible_by_tp": ({"cluster": {"workers": 2}, "parallel": {"tp": 2},
+                                   "model": {"vocab_size": 511, "vocab_multiple": 1}}, "model.vocab_multiple to a multiple of 2"),
 }
 
 

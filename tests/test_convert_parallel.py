@@ -30,7 +30,9 @@ LAYOUTS = {
     "pp2-zero0": dict(tp=1, pp=2, zero=0, tie=True),
     # 4 processes: tp composed with dp, and full pp x tp.
     "dp2-tp2-zero1": dict(tp=2, pp=1, zero=1, tie=True, world=4),
-    "pp2-tp2-zero1-untied": dict(tp=2, pp=2, zero=1, tie=False, world=4),
+    # 1001 tokens (no tp size divides them): trained on 1024 padded rows, exported with 1001.
+    "tp2-zero1-vocab1001": dict(tp=2, pp=1, zero=1, tie=True, vocab=1001),
+    "pp2-tp2-zero1-untied-vocab1001": dict(tp=2, pp=2, zero=1, tie=False, world=4, vocab=1001),
 }
 
 
@@ -38,6 +40,7 @@ def _raw(layout: dict, tokenizer_root: str) -> dict:
     world = layout.get("world", 2)
     raw = S.tiny_raw(layout["zero"], world, tie=layout["tie"], tokenizer_root=tokenizer_root)
     raw["parallel"].update(tp=layout["tp"], pp=layout["pp"])
+    raw["model"]["vocab_size"] = layout.get("vocab", S.VOCAB)
     dp = world // (layout["tp"] * layout["pp"])
     raw["train"]["micro_batch"] = S.GLOBAL_BATCH // dp  # each dp replica takes its slice of the global batch
     return raw
@@ -67,8 +70,9 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
     pipelined = topo.pp > 1
     engine, *_ = deepspeed.initialize(model=module, config=deepspeed_config(cfg), mpu=None if pipelined else groups,
                                       model_parameters=weight_decay_groups(module, cfg.optim.weight_decay))
+    vocab = cfg.model.vocab_size
     for step in range(1, 4):
-        batch = S.global_batch(step).chunk(topo.dp)[groups.get_data_parallel_rank()]
+        batch = S.global_batch(step, vocab).chunk(topo.dp)[groups.get_data_parallel_rank()]
         if pipelined:
             engine.train_batch(data_iter=iter([((batch[:, :-1],), batch[:, 1:])]))
         else:
@@ -80,7 +84,7 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
                               layers=dense_layers(cfg.model.n_layers, tp_split_dims(args)),
                               tied={TIED_KEY: "model.embed_tokens"} if pipelined and cfg.model.tie_embeddings else None)
     save_checkpoint(engine, Path(run_dir), 3, manifest=manifest, keep=1, is_rank0=dist.get_rank() == 0)
-    probe = S.global_batch(99)
+    probe = S.global_batch(99, vocab)
     with torch.no_grad():
         if pipelined:
             loss = engine.eval_batch(data_iter=iter([((probe[:, :-1],), probe[:, 1:])]))
@@ -122,18 +126,28 @@ def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: st
     assert any(m.startswith("verified against the engine's probe") for m in said), said
     assert "match the training engine's own logits" in (out / "README.md").read_text()
     hf = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
-    probe = S.global_batch(99)
+    vocab = LAYOUTS[name].get("vocab", S.VOCAB)
+    assert hf.config.vocab_size == vocab and hf.get_input_embeddings().weight.shape[0] == vocab  # no padding rows
+    probe = S.global_batch(99, vocab)
     with torch.no_grad():
         hf_loss = causal_lm_loss(hf(input_ids=probe[:, :-1]).logits, probe[:, 1:]).item()
     engine_loss = losses[-1]  # the last rank holds the pipeline's loss; tp ranks agree
     assert abs(hf_loss - engine_loss) <= 1e-5 * abs(engine_loss), (hf_loss, losses)
+    if "vocab" in LAYOUTS[name]:  # the tokenizer copied next to the unpadded model loads and generates
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        ids = tok("def f(x):", return_tensors="pt").input_ids
+        with torch.no_grad():
+            new = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+        assert new.shape[1] == ids.shape[1] + 5 and int(new.max()) < vocab
     # The weights moved away from the seeded init, so equal losses are not two copies of the init.
     from fm_train.config import build_config
     from fm_train.parallel.build import build_dense_model
 
     fresh = build_dense_model(build_config(_raw(LAYOUTS[name], "data")))
     with torch.no_grad():
-        fresh_loss = causal_lm_loss(fresh(probe[:, :-1]), probe[:, 1:]).item()
+        fresh_loss = causal_lm_loss(fresh(probe[:, :-1]), probe[:, 1:], vocab_size=vocab).item()
     assert abs(fresh_loss - engine_loss) > 1e-3, (fresh_loss, engine_loss)
 
 

@@ -20,10 +20,10 @@ STEPS, SEQ, CLIP = 10, 32, 0.05
 
 
 def run_config(*, tp: int, pp: int, workers: int, zero: int, tie: bool = True, micro: int = 2, accum: int = 1,
-               activation_checkpointing: bool = False) -> FmConfig:
+               activation_checkpointing: bool = False, vocab: int = 512) -> FmConfig:
     return FmConfig(
         run={"name": "eq", "dir": "runs/eq", "seed": 11},
-        model={"n_layers": 4, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172, "vocab_size": 512,
+        model={"n_layers": 4, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172, "vocab_size": vocab,
                "max_seq_len": 64, "tie_embeddings": tie},
         parallel={"tp": tp, "pp": pp, "zero_stage": zero, "activation_checkpointing": activation_checkpointing},
         precision="fp32",
@@ -116,6 +116,12 @@ LAYOUTS = {
     "pp2-zero0-untied-actckpt": dict(tp=1, pp=2, workers=2, zero=0, tie=False, accum=2, activation_checkpointing=True),
     "dp2xtp2-zero1": dict(tp=2, pp=1, workers=4, zero=1),
     "pp2xtp2-zero1-accum2-actckpt": dict(tp=2, pp=2, workers=4, zero=1, accum=2, activation_checkpointing=True),
+    # 1001 tokens, which no tp size divides: embedding and head padded to 1024 rows, the padding
+    # left out of the softmax (tp rank 1's shard ends in 23 padding columns).
+    "tp2-zero1-vocab1001": dict(tp=2, pp=1, workers=2, zero=1, vocab=1001),
+    "pp2-zero1-untied-vocab1001": dict(tp=1, pp=2, workers=2, zero=1, tie=False, vocab=1001),
+    "pp2xtp2-zero1-accum2-vocab1001": dict(tp=2, pp=2, workers=4, zero=1, accum=2, vocab=1001),
+    "pp2xtp2-zero1-untied-vocab1001": dict(tp=2, pp=2, workers=4, zero=1, tie=False, vocab=1001),
 }
 
 

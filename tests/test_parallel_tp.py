@@ -22,9 +22,10 @@ from fm_train.parallel.tensor_parallel import (
 SEED = 7
 
 
-def tiny_args(*, tie: bool = True, bias: bool = False, vocab: int = 512, n_layers: int = 2) -> LlamaArgs:
+def tiny_args(*, tie: bool = True, bias: bool = False, vocab: int = 512, n_layers: int = 2,
+              vocab_multiple: int = 1) -> LlamaArgs:
     return LlamaArgs(n_layers=n_layers, hidden=64, n_heads=4, n_kv_heads=2, ffn_hidden=172, vocab_size=vocab,
-                     max_seq_len=64, tie_embeddings=tie, qkv_bias=bias)
+                     max_seq_len=64, tie_embeddings=tie, qkv_bias=bias, vocab_multiple=vocab_multiple)
 
 
 def dense_model(args: LlamaArgs) -> LlamaForCausalLM:
@@ -100,8 +101,8 @@ def test_build_refuses_tp_without_groups(tiny_config_dict: dict) -> None:
         build_train_module(FmConfig(**tiny_config_dict))
 
 
-def _tp2_against_dense(tie: bool, bias: bool) -> dict[str, float]:
-    args = tiny_args(tie=tie, bias=bias)
+def _tp2_against_dense(tie: bool, bias: bool, vocab: int = 512) -> dict[str, float]:
+    args = tiny_args(tie=tie, bias=bias, vocab=vocab, vocab_multiple=128)
     groups = ParallelGroups(Topology(world=2, tp=2))
     tp = TPGroup.from_groups(groups)
     model, dense = build_tp_model(args, tp, SEED), dense_model(args)
@@ -111,11 +112,11 @@ def _tp2_against_dense(tie: bool, bias: bool) -> dict[str, float]:
     labels[1, -3:] = -100
 
     local_logits = model(ids)
-    assert local_logits.shape[-1] == args.vocab_size // 2  # the loss never sees full logits
-    loss = vocab_parallel_cross_entropy(local_logits, labels, tp)
+    assert local_logits.shape[-1] == args.padded_vocab_size // 2  # the loss never sees full logits
+    loss = vocab_parallel_cross_entropy(local_logits, labels, tp, vocab_size=args.vocab_size)
     loss.backward()
     ref_logits = dense(ids)
-    ref_loss = causal_lm_loss(ref_logits, labels)
+    ref_loss = causal_lm_loss(ref_logits, labels, vocab_size=args.vocab_size)
     ref_loss.backward()
 
     diffs = {"logits": (gather_from_tp(local_logits.detach(), tp) - ref_logits.detach()).abs().max().item(),
@@ -132,14 +133,16 @@ def _tp2_against_dense(tie: bool, bias: bool) -> dict[str, float]:
     return diffs
 
 
-def _tp2_cases() -> dict[tuple[bool, bool], dict[str, float]]:
-    return {(tie, bias): _tp2_against_dense(tie, bias) for tie, bias in ((True, False), (False, True))}
+def _tp2_cases() -> dict[tuple[bool, bool, int], dict[str, float]]:
+    # 1001 tokens pad to 1024 rows: tp rank 1's shard ends in 23 padding columns.
+    cases = ((True, False, 512), (False, True, 512), (True, False, 1001), (False, False, 1001))
+    return {(tie, bias, vocab): _tp2_against_dense(tie, bias, vocab) for tie, bias, vocab in cases}
 
 
 @pytest.mark.multiproc
 def test_tp2_logits_loss_and_gradients_equal_the_dense_model() -> None:
     for rank, cases in enumerate(run_distributed(_tp2_cases, world_size=2)):
-        for (tie, bias), diffs in cases.items():
+        for (tie, bias, vocab), diffs in cases.items():
             bad = {k: v for k, v in diffs.items() if not v < 1e-5}
-            assert not bad, f"rank {rank}, tie={tie}, bias={bias}: {bad}"
+            assert not bad, f"rank {rank}, tie={tie}, bias={bias}, vocab={vocab}: {bad}"
             assert len(diffs) >= 2 + 20  # logits, loss and every parameter (20 in the smallest case)

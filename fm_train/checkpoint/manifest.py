@@ -151,7 +151,18 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
     check_manifest(manifest, where=str(path))
+    # Written before the vocabulary was padded: its tensors have vocab_size rows (the config's default would pad).
+    manifest["config"]["model"].setdefault("vocab_multiple", 1)
     return manifest
+
+
+def saved_padded_vocab(model_fields: Mapping[str, Any]) -> int:
+    """Embedding rows of a checkpoint's model: ``vocab_size`` rounded up to ``vocab_multiple``.
+
+    Manifests written before fm-train padded the vocabulary have no ``vocab_multiple``: no padding.
+    """
+    multiple = int(model_fields.get("vocab_multiple", 1))
+    return -(-int(model_fields["vocab_size"]) // multiple) * multiple
 
 
 def missing_files(step_dir: Path, manifest: Mapping[str, Any]) -> list[str]:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from fm_train.checkpoint import collective
+from fm_train.checkpoint.manifest import saved_padded_vocab
 from fm_train.checkpoint.probe import FIELDS, probe_positions, probe_tokens, summarize
 from fm_train.checkpoint.rng import capture_rng, restore_rng
 
@@ -49,11 +50,12 @@ def engine_probe(engine: Any, model_fields: Mapping[str, Any]) -> dict[str, torc
     record = None
     if local is not None:
         full = _gather_vocab(local, tp)
-        if full.shape[-1] != int(model_fields["vocab_size"]):
-            raise RuntimeError(f"probe: the engine's gathered logits have {full.shape[-1]} columns, "
-                               f"model.vocab_size is {model_fields['vocab_size']}")
-        if collective.rank() == owner:
-            record = summarize(full, tokens)
+        rows = saved_padded_vocab(model_fields)
+        if full.shape[-1] != rows:
+            raise RuntimeError(f"probe: the engine's gathered logits have {full.shape[-1]} columns, the model's "
+                               f"padded vocabulary is {rows} (model.vocab_size={model_fields['vocab_size']})")
+        if collective.rank() == owner:  # the padding columns are no token's: not part of the record
+            record = summarize(full[..., :int(model_fields["vocab_size"])], tokens)
     return _to_rank0(record, owner, tokens, int(model_fields["vocab_size"]), engine.device)
 
 

@@ -38,7 +38,7 @@ from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
 from fm_train.checkpoint import collective
 from fm_train.checkpoint.ds_files import pickle_files, scan_pickles
 from fm_train.checkpoint.integrity import share_of
-from fm_train.checkpoint.manifest import missing_files, read_manifest
+from fm_train.checkpoint.manifest import missing_files, read_manifest, saved_padded_vocab
 from fm_train.checkpoint.rng import load_rng, restore_rng
 from fm_train.config import FmConfig
 from fm_train.dist import Topology
@@ -121,6 +121,10 @@ def check_compatible(manifest: Mapping[str, Any], config: FmConfig | None, token
             now = getattr(config.model, f)
             if saved.get(f) != now:
                 problems.append(f"model.{f}: checkpoint {saved.get(f)!r}, config {now!r}")
+        saved_rows = saved_padded_vocab(saved)
+        if saved.get("vocab_size") == config.model.vocab_size and saved_rows != config.model.padded_vocab_size:
+            problems.append(f"model.vocab_multiple: checkpoint {saved.get('vocab_multiple', 1)!r} ({saved_rows} embedding"
+                            f" rows), config {config.model.vocab_multiple!r} ({config.model.padded_vocab_size} rows)")
     saved_hash = manifest["data"].get("tokenizer_hash")
     if tokenizer_hash is not None and saved_hash is not None and saved_hash != tokenizer_hash:
         problems.append(f"tokenizer hash: checkpoint {saved_hash}, data {tokenizer_hash}")

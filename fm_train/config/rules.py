@@ -6,6 +6,7 @@ sees every problem of a config at once rather than one per attempt.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from fm_train.config.hf_shape import FREE_FIELDS, HF_KEYS, hf_config_file, read_hf_shape
@@ -37,10 +38,11 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
         errors.append(f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.n_kv_heads}; pick a tp that divides it")
     if m.ffn_hidden % p.tp != 0:
         errors.append(f"parallel.tp={p.tp} does not divide model.ffn_hidden={m.ffn_hidden}; pick a tp that divides it")
-    if m.vocab_size % p.tp != 0:
+    if m.padded_vocab_size % p.tp != 0:
         errors.append(
-            f"parallel.tp={p.tp} does not divide model.vocab_size={m.vocab_size} (vocab-parallel embedding);"
-            f" round model.vocab_size up to a multiple of {p.tp}"
+            f"parallel.tp={p.tp} does not divide the padded vocabulary {m.padded_vocab_size} (model.vocab_size="
+            f"{m.vocab_size} rounded up to model.vocab_multiple={m.vocab_multiple}) that the vocab-parallel embedding"
+            f" splits; set model.vocab_multiple to a multiple of {p.tp} (e.g. {math.lcm(m.vocab_multiple, p.tp)})"
         )
     if m.n_layers < p.pp:
         errors.append(f"model.n_layers={m.n_layers} is smaller than parallel.pp={p.pp}: every stage needs a block; lower parallel.pp")

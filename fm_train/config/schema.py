@@ -37,7 +37,13 @@ class ModelConfig(_Section):
     n_heads: PositiveInt = Field(4, description="Attention (query) heads.")
     n_kv_heads: PositiveInt = Field(2, description="Key/value heads (grouped-query attention).")
     ffn_hidden: PositiveInt = Field(344, description="SwiGLU inner width.")
-    vocab_size: PositiveInt = Field(8192, description="Embedding rows; must cover the tokenizer.")
+    vocab_size: PositiveInt = Field(8192, description="Tokens the model knows (the tokenizer's vocabulary, or more).")
+    vocab_multiple: PositiveInt = Field(
+        128,
+        description="Embedding and head rows are vocab_size rounded up to a multiple of this, so that tensor"
+        " parallelism splits any vocabulary; the padding is never trained on or predicted, and exports keep"
+        " vocab_size rows. Must be divisible by parallel.tp. 1: no padding.",
+    )
     max_seq_len: PositiveInt = Field(256, description="Longest sequence RoPE tables are built for.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: PositiveFloat = Field(10000.0, description="RoPE base frequency.")
@@ -50,6 +56,11 @@ class ModelConfig(_Section):
         " replace the seeded init in every layout. Shape fields left unset are taken from its config.json;"
         " one set to a different value is an error (only max_seq_len may differ). Ignored on resume.",
     )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head (``fm_train.model.llama.padded_vocab_size``, torch-free here)."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @model_validator(mode="before")
     @classmethod

@@ -31,7 +31,7 @@ from fm_train.convert.hf_files import (
     write_generation_config,
     write_readme,
 )
-from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_to_fm
+from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_param_shapes, hf_to_fm, without_padding
 from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
 from fm_train.convert.verify_probe import verify_against_probe
 from fm_train.convert.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_safetensors
@@ -92,8 +92,13 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
             progress(f"copied tokenizer from {tokenizer}")
         hf_config(model_fields, dtype=dtype, bos=bos, eos=eos).save_pretrained(str(tmp))
         write_generation_config(tmp, bos, eos)
-        shapes = {fm_to_hf(n): s for n, s in fm_param_shapes(model_fields).items()}
-        write_safetensors(tmp, shapes, lambda hf_name: fetch(hf_to_fm(hf_name)), DTYPES[dtype],
+        shapes = {fm_to_hf(n): s for n, s in hf_param_shapes(model_fields).items()}
+
+        def exported(hf_name: str) -> torch.Tensor:
+            name = hf_to_fm(hf_name)
+            return without_padding(name, fetch(name), int(model_fields["vocab_size"]))
+
+        write_safetensors(tmp, shapes, exported, DTYPES[dtype],
                           max_shard_bytes=max_shard_bytes, progress=progress)
         verified = "skipped (--no-verify)"
         if verify and reference is not None:

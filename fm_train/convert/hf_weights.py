@@ -52,7 +52,7 @@ class HFWeights:
     """The safetensors weights of a Hugging Face dir, by fm_train parameter name, read on demand.
 
     Construction reads the headers only and checks that every parameter of ``want`` (name -> shape,
-    from :func:`fm_train.convert.keymap.fm_param_shapes`) is there with its shape; a key outside the
+    from :func:`fm_train.convert.keymap.hf_param_shapes`) is there with its shape; a key outside the
     key map is an error naming it. With ``tie_embeddings`` a stored ``lm_head.weight`` is ignored and
     ``lm_head.weight`` reads the embedding (fm_train's model shares the two).
     """

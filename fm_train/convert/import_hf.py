@@ -15,7 +15,7 @@ import torch
 
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_weights import EMBEDDING, TIED_HEAD, HFWeights
-from fm_train.convert.keymap import fm_param_shapes
+from fm_train.convert.keymap import hf_param_shapes
 
 
 def _model_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def open_hf(hf_dir: Path) -> tuple[dict[str, Any], HFWeights]:
     if not cfg_file.is_file():
         raise ConvertError(f"{hf_dir} has no config.json: not a Hugging Face model dir")
     fields = _model_fields(json.loads(cfg_file.read_text()), hf_dir)
-    weights = HFWeights(hf_dir, tie_embeddings=fields["tie_embeddings"], want=fm_param_shapes(fields))
+    weights = HFWeights(hf_dir, tie_embeddings=fields["tie_embeddings"], want=hf_param_shapes(fields))
     return fields, weights
 
 

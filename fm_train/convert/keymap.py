@@ -78,6 +78,23 @@ def fm_param_shapes(model_fields: Mapping[str, Any]) -> dict[str, torch.Size]:
     return dict(_param_shapes(tuple(sorted(model_fields.items()))))
 
 
+def hf_param_shapes(model_fields: Mapping[str, Any]) -> dict[str, torch.Size]:
+    """:func:`fm_param_shapes` as a Hugging Face dir stores them: the embedding and the head keep
+    ``vocab_size`` rows, the tokenizer's vocabulary, without fm_train's vocabulary padding."""
+    from fm_train.model.llama import VOCAB_ROW_PARAMS
+
+    vocab = int(model_fields["vocab_size"])
+    return {n: torch.Size((vocab, *s[1:])) if n.endswith(VOCAB_ROW_PARAMS) else s
+            for n, s in fm_param_shapes(model_fields).items()}
+
+
+def without_padding(name: str, tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``tensor`` (fm_train parameter ``name``) as exported: vocabulary padding rows dropped."""
+    from fm_train.model.llama import VOCAB_ROW_PARAMS
+
+    return tensor[:vocab_size] if name.endswith(VOCAB_ROW_PARAMS) else tensor
+
+
 @functools.lru_cache(maxsize=8)
 def _param_shapes(fields: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, torch.Size], ...]:
     # Cached: a meta build costs seconds the first time (torch imports its meta kernels lazily).

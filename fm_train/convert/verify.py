@@ -69,8 +69,11 @@ def reference_model(model_fields: Mapping[str, Any], fetch: Callable[[str], torc
         raise ConvertError(f"fm_train's model has parameters {sorted(set(params) ^ set(expected))[:5]} the key map lacks")
     with torch.no_grad():
         for name, param in params.items():
-            # One tensor at a time: no second full copy of the weights next to the model.
-            param.copy_(fetch(name).to(dtype).float())
+            # One tensor at a time: no second full copy of the weights next to the model. An imported
+            # embedding or head has the tokenizer's rows only; the vocabulary padding rows are zero.
+            value = fetch(name).to(dtype).float()
+            param.zero_()
+            param[:value.shape[0]].copy_(value)
     return model.eval()
 
 
@@ -146,11 +149,13 @@ def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callabl
                   dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
     """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32) and compare probe logits with
     fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
+    from fm_train.model.llama import real_logits
+
     probe = probe_batch(model_fields["vocab_size"], model_fields["max_seq_len"])
     with open_export(out_dir, model_fields) as (tensors, hf):
         got = hf(input_ids=probe).logits.float()
     ref = reference_model(model_fields, fetch, dtype)
-    want = ref(probe).float()
+    want = real_logits(ref(probe).float(), int(model_fields["vocab_size"]))
     diff = (got - want).abs().max().item()
     if not diff <= tolerance:  # also catches NaN
         raise ConvertError(f"verification failed: Hugging Face logits differ from fm_train's by {diff:.3g} "

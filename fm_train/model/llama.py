@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Parameters with one row per vocabulary entry, padding rows included (names end with these).
+VOCAB_ROW_PARAMS: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight")
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -28,18 +30,36 @@ class LlamaArgs:
     n_heads: int
     n_kv_heads: int
     ffn_hidden: int
-    vocab_size: int
+    vocab_size: int  # the tokenizer's: ids and predictions lie in [0, vocab_size)
     max_seq_len: int
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     qkv_bias: bool = False
     init_std: float = 0.02
+    vocab_multiple: int = 1
 
     @property
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.hidden // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the head: ``vocab_size`` rounded up to ``vocab_multiple``."""
+        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
+
+
+def padded_vocab_size(vocab_size: int, multiple: int) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple``.
+
+    The padding lets tensor parallelism split any tokenizer's vocabulary (50,257 or 32,001 tokens)
+    and keeps the head's matmul on aligned widths. It depends on the model only, never on the
+    layout, so every layout trains the same parameters and a checkpoint resumes on any tp size.
+    Padded rows start at zero and stay there: no id selects them and the losses exclude their
+    logits, so they get no gradient (and weight decay of zero is zero).
+    """
+    return -(-vocab_size // multiple) * multiple
 
 
 def args_from_config(model_cfg) -> LlamaArgs:  # model_cfg: fm_train.config.ModelConfig (kept untyped: model imports torch only)
@@ -148,8 +168,8 @@ class LlamaBackbone(nn.Module):
         self.args = args
         # Built with uninitialised storage: ``init_weights`` (or a checkpoint) sets every value, and the
         # default normal_ init on the meta device costs over a second (torch imports its compiler for it).
-        self.embed_tokens: nn.Module | None = nn.Embedding(
-            args.vocab_size, args.hidden, _weight=torch.empty(args.vocab_size, args.hidden))
+        rows = args.padded_vocab_size
+        self.embed_tokens: nn.Module | None = nn.Embedding(rows, args.hidden, _weight=torch.empty(rows, args.hidden))
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.n_layers))
         self.norm: nn.Module | None = RMSNorm(args.hidden, args.norm_eps)
         cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
@@ -167,13 +187,17 @@ class LlamaBackbone(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """Backbone plus output head; ``forward(tokens) -> logits`` (float32 logits only if the model is)."""
+    """Backbone plus output head; ``forward(tokens) -> logits`` (float32 logits only if the model is).
+
+    The logits have ``args.padded_vocab_size`` columns; those from ``args.vocab_size`` on belong to
+    no token. :func:`causal_lm_loss` leaves them out, and :func:`real_logits` drops them.
+    """
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
         self.model = LlamaBackbone(args)
-        self.lm_head: nn.Linear | None = nn.Linear(args.hidden, args.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = nn.Linear(args.hidden, args.padded_vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -188,7 +212,8 @@ class LlamaForCausalLM(nn.Module):
         Output projections (o_proj, down_proj) are scaled by ``1/sqrt(2 * n_layers)`` (GPT-2/OLMo
         practice) so the residual stream does not grow with depth. Each parameter draws from its own
         generator seeded by ``seed`` and its name, so the values depend on nothing else: not on what
-        ran before, nor on which pipeline stage builds which blocks.
+        ran before, nor on which pipeline stage builds which blocks. The vocabulary padding rows of
+        the embedding and the head are zero.
         """
         std = self.args.init_std
         for name, param in self.named_parameters():
@@ -202,9 +227,21 @@ class LlamaForCausalLM(nn.Module):
             else:
                 scale = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
                 param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
+                if name.endswith(VOCAB_ROW_PARAMS):
+                    param[self.args.vocab_size:] = 0.0
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``labels`` are already shifted (``labels[i] = tokens[i + 1]``)."""
+def real_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """``logits`` without the vocabulary padding columns (``vocab_size`` None: unchanged)."""
+    return logits if vocab_size is None or logits.shape[-1] == vocab_size else logits[..., :vocab_size]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``labels`` are already shifted (``labels[i] = tokens[i + 1]``).
+
+    With ``vocab_size`` the softmax runs over the first ``vocab_size`` columns only: padding
+    columns are never predicted and get no gradient.
+    """
+    logits = real_logits(logits, vocab_size)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
 

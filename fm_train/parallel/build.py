@@ -28,9 +28,9 @@ from fm_train.dist.groups import ParallelGroups
 from fm_train.model import LlamaForCausalLM, args_from_config, causal_lm_loss
 from fm_train.model.llama import LlamaArgs, rope_tables
 from fm_train.parallel.deepspeed_config import deepspeed_config
-from fm_train.parallel.pipeline import build_pipeline, stage_bounds
+from fm_train.parallel.pipeline import build_pipeline, loss_fn_for, stage_bounds
 from fm_train.parallel.sharded_init import InitSource, SliceReader, initial_value, materialize_, materialize_zero3_
-from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel, vocab_parallel_cross_entropy
+from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,10 +38,11 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class CausalLMWithLoss(nn.Module):
     """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``."""
 
-    def __init__(self, model: LlamaForCausalLM, loss_fn: LossFn = causal_lm_loss) -> None:
+    def __init__(self, model: LlamaForCausalLM, loss_fn: LossFn | None = None) -> None:
         super().__init__()
         self.model = model  # keys stay "model.model.layers..." inside the wrapper; stripped on export
-        self.loss_fn = loss_fn
+        # Default: cross-entropy over the real vocabulary (padding columns left out).
+        self.loss_fn = loss_fn or functools.partial(causal_lm_loss, vocab_size=model.args.vocab_size)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model(input_ids), labels)
@@ -121,9 +122,10 @@ def layout_errors(args: LlamaArgs, tp: int, pp: int) -> list[str]:
                              ("ffn_hidden", args.ffn_hidden))
         if value % tp
     ]
-    if args.vocab_size % tp:
-        errors.append(f"parallel.tp={tp} does not divide model.vocab_size={args.vocab_size}: the vocab-parallel"
-                      f" embedding cannot split it; round model.vocab_size up to a multiple of {tp}")
+    if args.padded_vocab_size % tp:
+        errors.append(f"parallel.tp={tp} does not divide the padded vocabulary {args.padded_vocab_size}"
+                      f" (model.vocab_size={args.vocab_size}, model.vocab_multiple={args.vocab_multiple}): the"
+                      f" vocab-parallel embedding cannot split it; set model.vocab_multiple to a multiple of {tp}")
     if pp > 1:
         try:
             stage_bounds(args, pp)
@@ -176,5 +178,4 @@ def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, i
     if p.pp > 1:
         return build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
                               activation_checkpointing=p.activation_checkpointing)
-    model = build_tp_model(args, tp, init)
-    return CausalLMWithLoss(model, loss_fn=functools.partial(vocab_parallel_cross_entropy, tp=tp))
+    return CausalLMWithLoss(build_tp_model(args, tp, init), loss_fn=loss_fn_for(args, tp))

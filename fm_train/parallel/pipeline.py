@@ -39,7 +39,7 @@ class EmbeddingPipe(VocabParallelEmbedding):
     """Layer 0: token ids -> hidden states (``model.embed_tokens``); with tied embeddings also the head."""
 
     def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
-        super().__init__(args.vocab_size, args.hidden, tp, device="meta")
+        super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
         materialize_(self, args, seed, tp, prefix="model.embed_tokens.")
 
     def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -84,7 +84,7 @@ class LMHeadPipe(ColumnParallelLinear):
     """The untied ``lm_head``: column-parallel over the vocabulary, logits stay sharded for the loss."""
 
     def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
-        super().__init__(args.hidden, args.vocab_size, tp, device="meta")
+        super().__init__(args.hidden, args.padded_vocab_size, tp, device="meta")
         materialize_(self, args, seed, tp, prefix="lm_head.")
 
 
@@ -158,10 +158,11 @@ class FmPipelineModule(PipelineModule):
             p.tensor_model_parallel = owner
 
 
-def _loss_fn(tp: TPGroup) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_fn_for(args: LlamaArgs, tp: TPGroup) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss over this rank's logits: cross-entropy over the real vocabulary, vocab-parallel when tp > 1."""
     if tp.size == 1:
-        return causal_lm_loss
-    return functools.partial(vocab_parallel_cross_entropy, tp=tp)
+        return functools.partial(causal_lm_loss, vocab_size=args.vocab_size)
+    return functools.partial(vocab_parallel_cross_entropy, tp=tp, vocab_size=args.vocab_size)
 
 
 def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitSource,
@@ -185,7 +186,7 @@ def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: Init
         counts=layer_param_counts(args),
         tp=tp,
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp.size, num_dp=dp),
-        loss_fn=_loss_fn(tp),
+        loss_fn=loss_fn_for(args, tp),
         partition_method="parameters",
         # One block per checkpoint segment; only blocks are recomputed (the embedding's integer input
         # cannot require grad, which reentrant checkpointing needs).

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fm_train.model.llama import LlamaArgs, LlamaForCausalLM
+from fm_train.model.llama import VOCAB_ROW_PARAMS, LlamaArgs, LlamaForCausalLM
 from fm_train.parallel.tensor_parallel import TPGroup, mark_tensor_parallel, retie, shard, split_dim_of, tied_parameters
 
 
@@ -78,6 +78,52 @@ InitSource = Union[int, Mapping[str, torch.Tensor], SliceReader]
 dict), or a :class:`SliceReader` (``open_hf``'s lazy weights: each rank reads only its slices)."""
 
 
+class _PaddedVocab:
+    """A :class:`SliceReader` over one whose vocabulary rows stop at ``args.vocab_size`` (a Hugging Face
+    checkpoint of the tokenizer's vocabulary): the embedding and head read ``args.padded_vocab_size``
+    rows, the padding ones zero, and only the real rows a slice covers are read from the source."""
+
+    def __init__(self, args: LlamaArgs, source: SliceReader) -> None:
+        self.args, self.source = args, source
+
+    def _pads(self, name: str) -> bool:
+        return name.endswith(VOCAB_ROW_PARAMS) and self.source.shape(name)[0] == self.args.vocab_size
+
+    def shape(self, name: str) -> torch.Size:
+        stored = self.source.shape(name)
+        return torch.Size((self.args.padded_vocab_size, *stored[1:])) if self._pads(name) else stored
+
+    def read(self, name: str, dim: int | None = None, index: int = 0, parts: int = 1) -> torch.Tensor:
+        if not self._pads(name):
+            return self.source.read(name, dim, index, parts)
+        rows, cols = self.args.padded_vocab_size, self.source.shape(name)[1]
+        start, stop = 0, rows
+        if dim is not None and parts > 1:
+            if dim != 0:  # no plan splits a vocabulary matrix by columns: cut the whole
+                return self.read(name).chunk(parts, dim)[index]
+            size = -(-rows // parts)  # where torch.chunk cuts
+            start, stop = min(rows, index * size), min(rows, (index + 1) * size)
+        return self.read_flat(name, start * cols, (stop - start) * cols).reshape(stop - start, cols)
+
+    def read_flat(self, name: str, start: int, count: int) -> torch.Tensor:
+        if not self._pads(name):
+            return self.source.read_flat(name, start, count)
+        real = self.args.vocab_size * self.source.shape(name)[1]
+        have = max(0, min(count, real - start))
+        if have == count:
+            return self.source.read_flat(name, start, count)
+        stored = self.source.read_flat(name, start, have) if have else torch.zeros(0)
+        return torch.cat([stored, stored.new_zeros(count - have)])
+
+
+def _pad_vocab_rows(args: LlamaArgs, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A full embedding or head of ``args.vocab_size`` rows with zero padding rows appended."""
+    if not name.endswith(VOCAB_ROW_PARAMS) or tensor.shape[0] != args.vocab_size or args.padded_vocab_size == args.vocab_size:
+        return tensor
+    pad = tensor.new_zeros((args.padded_vocab_size - args.vocab_size, *tensor.shape[1:]))
+    return torch.cat([tensor, pad])
+
+
 def _own_name(args: LlamaArgs, name: str) -> str:
     """The name the initial weights hold ``name`` under: a tied head is the embedding."""
     return "model.embed_tokens.weight" if name == "lm_head.weight" and args.tie_embeddings else name
@@ -95,12 +141,14 @@ def initial_value(args: LlamaArgs, init: InitSource, name: str) -> torch.Tensor:
         return full_init(args, init, name)
     name = _own_name(args, name)
     if isinstance(init, SliceReader):
+        init = _PaddedVocab(args, init)
         _check_shape(args, name, init.shape(name))
         return init.read(name)
     if name not in init:
         raise KeyError(f"initial weights lack {name!r} (have {len(init)} tensors, e.g. {sorted(init)[:3]})")
-    _check_shape(args, name, init[name].shape)
-    return init[name]
+    value = _pad_vocab_rows(args, name, init[name])
+    _check_shape(args, name, value.shape)
+    return value
 
 
 def initial_shard(args: LlamaArgs, init: InitSource, name: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
@@ -110,7 +158,7 @@ def initial_shard(args: LlamaArgs, init: InitSource, name: str, dim: int | None,
     """
     if not isinstance(init, SliceReader):
         return shard(initial_value(args, init, name), dim, tp)
-    name = _own_name(args, name)
+    name, init = _own_name(args, name), _PaddedVocab(args, init)
     _check_shape(args, name, init.shape(name))
     if dim is None or tp.size == 1:
         return init.read(name)
@@ -122,7 +170,7 @@ def initial_flat(args: LlamaArgs, init: InitSource, name: str, start: int, count
     partition); from a :class:`SliceReader` only the rows covering them are read."""
     if not isinstance(init, SliceReader):
         return initial_value(args, init, name).reshape(-1).narrow(0, start, count)
-    name = _own_name(args, name)
+    name, init = _own_name(args, name), _PaddedVocab(args, init)
     _check_shape(args, name, init.shape(name))
     return init.read_flat(name, start, count)
 

@@ -189,17 +189,22 @@ class _VocabParallelCE(torch.autograd.Function):
     """Per-token cross-entropy over logits split along the vocabulary; only (N,)-sized tensors travel."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, tp: TPGroup):  # type: ignore[override]
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, vocab_start: int, real_local: int,  # type: ignore[override]
+                tp: TPGroup):
         ctx.in_dtype = logits.dtype
         x = logits.float()
         local_v = x.shape[-1]
+        if real_local < local_v:  # vocabulary padding: out of the softmax, so no probability and no gradient
+            x = x.clone() if x is logits else x  # never write into the caller's logits
+            x[..., real_local:] = float("-inf")
         row_max = x.max(dim=-1).values
         _reduce_(row_max, tp, dist.ReduceOp.MAX)
         x = x - row_max.unsqueeze(-1)  # new tensor: the caller's logits stay untouched
         local_t = target - vocab_start
         mine = (local_t >= 0) & (local_t < local_v)
         local_t = local_t.clamp(0, local_v - 1)
-        target_logit = x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * mine
+        # where, not a product: a clamped index may land on a padding column (-inf), and -inf * 0 is nan.
+        target_logit = torch.where(mine, x.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
         _reduce_(target_logit, tp)
         exp = x.exp_()
         sum_exp = exp.sum(dim=-1)
@@ -213,20 +218,24 @@ class _VocabParallelCE(torch.autograd.Function):
         softmax, mine, local_t = ctx.saved_tensors
         g = softmax.clone()  # d loss / d logit = softmax - one_hot(target), one_hot only where owned
         g.scatter_add_(-1, local_t.unsqueeze(-1), -mine.to(g.dtype).unsqueeze(-1))
-        return (g * grad.unsqueeze(-1)).to(ctx.in_dtype), None, None, None
+        return (g * grad.unsqueeze(-1)).to(ctx.in_dtype), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp: TPGroup,
-                                 ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token loss from this rank's vocabulary shard of the logits ``(..., vocab / tp)``.
+                                 ignore_index: int = -100, vocab_size: int | None = None) -> torch.Tensor:
+    """Mean next-token loss from this rank's vocabulary shard of the logits ``(..., padded_vocab / tp)``.
 
-    Equals ``F.cross_entropy(full_logits, labels, ignore_index=ignore_index)`` (mean over the tokens
-    not ignored) without ever holding ``full_logits``; every tp rank returns the same value.
+    Equals ``F.cross_entropy(full_logits[..., :vocab_size], labels, ignore_index=ignore_index)``
+    (mean over the tokens not ignored) without ever holding ``full_logits``; every tp rank returns
+    the same value. Columns from ``vocab_size`` on (the vocabulary padding; None: there is none) are
+    left out of the softmax.
     """
     flat = logits.reshape(-1, logits.shape[-1])
     target = labels.reshape(-1)
     valid = target != ignore_index
-    per_token = _VocabParallelCE.apply(flat, target.masked_fill(~valid, -1), tp.rank * flat.shape[-1], tp)
+    start = tp.rank * flat.shape[-1]
+    real_local = flat.shape[-1] if vocab_size is None else max(0, min(flat.shape[-1], vocab_size - start))
+    per_token = _VocabParallelCE.apply(flat, target.masked_fill(~valid, -1), start, real_local, tp)
     return (per_token * valid).sum() / valid.sum()
 
 

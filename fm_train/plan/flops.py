@@ -25,6 +25,7 @@ class ModelShape(Protocol):
     n_kv_heads: int
     ffn_hidden: int
     vocab_size: int
+    padded_vocab_size: int  # embedding and head rows (the padding is computed too)
     tie_embeddings: bool
     qkv_bias: bool
 
@@ -35,8 +36,8 @@ def parameter_count(shape: ModelShape) -> int:
     kv = shape.n_kv_heads * (h // shape.n_heads)
     attn = 2 * h * h + 2 * h * kv + ((2 * h + 2 * kv) if shape.qkv_bias else 0)
     block = attn + 3 * h * f + 2 * h  # projections + two RMSNorm weights
-    embed = shape.vocab_size * h
-    head = 0 if shape.tie_embeddings else shape.vocab_size * h
+    embed = shape.padded_vocab_size * h
+    head = 0 if shape.tie_embeddings else shape.padded_vocab_size * h
     return shape.n_layers * block + h + embed + head
 
 
@@ -44,7 +45,7 @@ def matmul_params(shape: ModelShape) -> int:
     """Parameters that take part in a matmul (blocks' projections and the output head)."""
     h, f, kv = shape.hidden, shape.ffn_hidden, shape.n_kv_heads * (shape.hidden // shape.n_heads)
     per_block = 2 * h * h + 2 * h * kv + 3 * h * f
-    return shape.n_layers * per_block + h * shape.vocab_size
+    return shape.n_layers * per_block + h * shape.padded_vocab_size
 
 
 def flops_per_token(shape: ModelShape, seq_len: int) -> float:

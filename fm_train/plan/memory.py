@@ -74,7 +74,7 @@ def _busiest_stage_params(cfg: FmConfig) -> int:
     """Parameters held by the largest pipeline stage, before tensor-parallel splitting."""
     m, pp = cfg.model, cfg.parallel.pp
     total = parameter_count(m)
-    embed = m.vocab_size * m.hidden
+    embed = m.padded_vocab_size * m.hidden
     head = embed  # tied: the last stage holds a copy of the embedding; untied: its own head
     blocks = total - embed - (0 if m.tie_embeddings else head) - m.hidden
     per_block = blocks // m.n_layers
@@ -102,7 +102,7 @@ def _largest_module_params(cfg: FmConfig) -> int:
     m = cfg.model
     kv = m.n_kv_heads * (m.hidden // m.n_heads)
     block = 2 * m.hidden * m.hidden + 2 * m.hidden * kv + 3 * m.hidden * m.ffn_hidden
-    return max(block, m.vocab_size * m.hidden) // cfg.parallel.tp
+    return max(block, m.padded_vocab_size * m.hidden) // cfg.parallel.tp
 
 
 def _zero3_gathered_bytes(cfg: FmConfig, param_b: int, grad_b: int) -> float:
@@ -153,7 +153,7 @@ def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
     acts *= in_flight
     # Logits: 16-bit output, its fp32 upcast for the loss, and the fp32 gradient (last stage only).
     tokens = cfg.data.seq_len * cfg.train.micro_batch
-    logits = tokens * cfg.model.vocab_size / p.tp * (4 + 4 + (2 if half else 4))
+    logits = tokens * cfg.model.padded_vocab_size / p.tp * (4 + 4 + (2 if half else 4))
     runtime = RUNTIME_OVERHEAD_GIB[device] * GIB
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=acts, logits=logits,
                           runtime=runtime, offloaded_optimizer=offloaded, params_per_rank=int(n),
