@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import random
 import shutil
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,7 +24,8 @@ from .encode import Decoded, Encoded, WorkerConfig, decode_task, encode_task, in
 from .errors import DataError
 from .index import TOKENIZER_DIRNAME, ShardIndex, dtype_for_vocab, member_stride, write_index
 from .inputs import InputFile, Segment, iter_segments, resolve_inputs
-from .output_dir import check_output, commit, make_staging
+from .output_dir import check_output, check_remote_output, commit, make_staging, upload
+from .storage import Location, as_location
 from .tar_writer import ShardWriter
 from .tokenizer import TokenizerInfo, load_tokenizer_dir, sample_texts, save_tokenizer_dir, tokenizer_hash, train_bpe
 
@@ -33,7 +35,7 @@ class BuildOptions:
     """What ``fm-train shard`` was asked to do."""
 
     inputs: list[str]
-    out: Path
+    out: str | Path  # a local directory or an object-store URI (data_shards.storage)
     seq_len: int
     tokenizer_dir: Optional[Path] = None  # an existing Hugging Face tokenizer, or None to train one
     vocab_size: Optional[int] = None  # vocabulary to train (when tokenizer_dir is None)
@@ -56,7 +58,7 @@ class BuildOptions:
 class BuildSummary:
     """What a build wrote; ``format()`` is the end-of-run summary."""
 
-    out: Path
+    out: Location
     files: int
     documents: int = 0
     tokens: int = 0  # tokenized, EOS included
@@ -100,11 +102,16 @@ def build_shards(opts: BuildOptions, files: Optional[list[InputFile]] = None) ->
         raise DataError("--seq-len must be at least 1 and --workers at least 0")
     start = time.perf_counter()
     files = files if files is not None else resolve_inputs(opts.inputs, split=opts.split)
-    out = Path(opts.out)
-    check_output(out, opts.overwrite)
+    out = as_location(opts.out, what="--out")
+    remote = not isinstance(out, Path)
+    if remote:  # built in a local temp dir, then uploaded (index.json last)
+        check_remote_output(out, opts.overwrite)
+        created, staging = False, Path(tempfile.mkdtemp(prefix="fm-train-shard-"))
+    else:
+        check_output(out, opts.overwrite)
+        created = not out.exists()
+        staging = make_staging(out)
     summary = BuildSummary(out=out, files=len(files))
-    created = not out.exists()
-    staging = make_staging(out)
     try:
         tok = _get_tokenizer(opts, files)
         save_tokenizer_dir(tok, staging / TOKENIZER_DIRNAME, source_dir=opts.tokenizer_dir,
@@ -112,7 +119,11 @@ def build_shards(opts: BuildOptions, files: Optional[list[InputFile]] = None) ->
         summary.vocab_size, summary.dtype = tok.vocab_size, dtype_for_vocab(tok.vocab_size)
         index = _write_shards(opts, files, tok, staging, summary)
         write_index(staging, index)
-        commit(staging, out)
+        if remote:
+            upload(staging, out, progress=opts.progress)
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            commit(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):

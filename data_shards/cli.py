@@ -29,7 +29,9 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
                              "by datasets' save_to_disk, or hf:NAME[:CONFIG] for a dataset in the local Hugging Face "
                              "cache (read offline); none: the Python standard library source of this interpreter "
                              "(the offline demo corpus)")
-    parser.add_argument("--out", required=True, type=Path, help="output shard directory")
+    parser.add_argument("--out", required=True, metavar="DIR_OR_URI",
+                        help="output shard directory: a local or shared path, or an object-store URI such as "
+                             "s3://bucket/prefix (built locally, then uploaded, index.json last)")
     tok = parser.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", type=Path, metavar="DIR",
                      help="existing Hugging Face tokenizer directory (with tokenizer.json) to use")
@@ -101,12 +103,12 @@ def _command_line(args: argparse.Namespace) -> str:
                        "--seed", str(args.seed)])
 
 
-def _verify(out: Path) -> int:
+def _verify(out: str) -> int:
     from .sources import verify_directory
 
     problems = verify_directory(out, verify_sha256=True)
     for name, problem in problems:
-        print(f"{out / name}: {problem}")
+        print(f"{out.rstrip('/')}/{name}: {problem}")
     if problems:
         print(f"fm-train shard: error: {len(problems)} bad shards in {out}; rebuild with --overwrite", file=sys.stderr)
         return 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .storage import as_location, remote_error
 
 FORMAT = "fm-train-shards"
 FORMAT_VERSION = 1
@@ -119,12 +120,16 @@ def write_index(directory: Path, index: ShardIndex) -> Path:
 
 def read_index(directory: str | Path) -> ShardIndex:
     """Load and sanity-check ``directory/index.json``; raise DataError naming the directory if unusable."""
-    directory = Path(directory)
+    directory = as_location(directory, what="shard directory")
     path = directory / INDEX_NAME
-    if not directory.is_dir():
+    try:
+        is_dir, is_file = directory.is_dir(), path.is_file()
+    except Exception as exc:  # object storage: no credentials, no such bucket, endpoint unreachable
+        raise remote_error(directory, exc) from exc
+    if not is_dir:
         raise DataError(f"shard directory {directory} does not exist; build it with "
                         f"`fm-train shard INPUTS --out {directory}`")
-    if not path.is_file():
+    if not is_file:
         raise DataError(f"{directory} has no {INDEX_NAME}: it is not a finished shard directory; build it with "
                         f"`fm-train shard INPUTS --out {directory}` (add --overwrite to replace a partial build)")
     try:

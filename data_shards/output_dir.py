@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .index import INDEX_NAME, TOKENIZER_DIRNAME
+from .storage import Location, remote_error
 
 
 def _owned_shards(out: Path) -> list[str]:
@@ -69,3 +70,43 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_remote_output(out: Location, overwrite: bool) -> None:
+    """Refuse an object-store --out that already holds a finished build unless ``overwrite``; a
+    missing bucket or a refused listing is an error before any tokenizing starts."""
+    try:
+        held = (out / INDEX_NAME).exists()
+    except Exception as exc:
+        raise remote_error(out, exc) from exc
+    if held and not overwrite:
+        raise DataError(f"--out {out} already holds shards ({INDEX_NAME}); pass --overwrite to replace them "
+                        "or choose another --out")
+
+
+def upload(staging: Path, out: Location, *, progress: bool = True) -> None:
+    """Copy a finished local build to object storage: ``index.json`` of a previous build removed first
+    (the prefix then reads as unfinished), then shards and tokenizer, then ``index.json`` last, so a
+    reader never sees an index whose shards are not all there. Old shards the new index does not
+    name are deleted after the commit."""
+    from tqdm import tqdm
+
+    fs, root = out.fs, out.path.rstrip("/")
+    index = f"{root}/{INDEX_NAME}"
+    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != INDEX_NAME)
+    try:
+        old_shards: set[str] = set()
+        if fs.exists(index):
+            old_shards = {s["name"] for s in json.loads(fs.cat_file(index)).get("shards", [])}
+            fs.rm_file(index)
+        with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True,
+                  desc=f"uploading to {out}", disable=not progress) as bar:
+            for path in files:
+                fs.put_file(str(path), f"{root}/{path.relative_to(staging).as_posix()}")
+                bar.update(path.stat().st_size)
+        fs.put_file(str(staging / INDEX_NAME), index)
+        for name in sorted(old_shards - {p.name for p in files if p.parent == staging}):
+            if "/" not in name:
+                fs.rm_file(f"{root}/{name}")
+    except Exception as exc:
+        raise remote_error(out, exc) from exc

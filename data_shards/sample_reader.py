@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,10 +38,14 @@ class SampleReader:
         self._suffix = np.frombuffer(suffix, dtype=np.uint8)
         self._first = [np.array([e.first_sample for e in ix.shards], dtype=np.int64) for ix in indexes]
         self._fds: OrderedDict[tuple[int, int], int] = OrderedDict()
+        self._remote = [not isinstance(d, Path) for d in directories]  # object storage: ranged GETs
+        self._fs: dict[int, Any] = {}
+        self._fs_pid = os.getpid()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_fds"] = OrderedDict()  # descriptors do not travel to loader workers; each opens its own
+        state["_fs"] = {}  # nor do object-store clients (their event loop and sessions are per process)
         return state
 
     def read(self, source: np.ndarray, shard: np.ndarray, local: np.ndarray) -> np.ndarray:
@@ -56,10 +61,14 @@ class SampleReader:
         for k in np.unique(key).tolist():  # a batch touches few shards: look each one up once
             sel = key == k
             s, h = divmod(k, 1 << 32)
-            fds[sel] = self._fd(s, h)
+            fds[sel] = -1 if self._remote[s] else self._fd(s, h)
             numbers[sel] = self._first[s][h] + local[sel]
-        for row, (fd, offset) in enumerate(zip(fds.tolist(), (local * stride).tolist())):
-            got[row] = os.preadv(fd, [flat[row * stride:(row + 1) * stride]], offset)
+        offsets = local * stride
+        for row, (fd, offset) in enumerate(zip(fds.tolist(), offsets.tolist())):
+            if fd >= 0:
+                got[row] = os.preadv(fd, [flat[row * stride:(row + 1) * stride]], offset)
+        if (fds < 0).any():
+            self._read_remote(np.flatnonzero(fds < 0), source, shard, offsets, flat, got)
         ok = got >= HEADER_BYTES + self.data_bytes
         ok &= (buf[:, :KEY_DIGITS] == (numbers[:, None] // _POWERS) % 10 + ord("0")).all(axis=1)
         ok &= (buf[:, KEY_DIGITS:KEY_DIGITS + len(self._suffix)] == self._suffix).all(axis=1)
@@ -86,6 +95,52 @@ class SampleReader:
         raise BadShardError(bad_shard_message(self.directories[s], index, index.shards[h].name,
                                               f"{problem} at sample {i} ({name}){detail}"),
                             key=f"{s}:{index.shards[h].name}")
+
+    def _read_remote(self, rows: np.ndarray, source: np.ndarray, shard: np.ndarray, offsets: np.ndarray,
+                     flat: memoryview, got: np.ndarray) -> None:
+        """Fill ``rows`` from object storage: samples adjacent in one shard share one ranged GET, and
+        the GETs of a batch run concurrently (fsspec's ``cat_ranges``)."""
+        stride = self.stride
+        order = rows[np.lexsort((offsets[rows], shard[rows], source[rows]))]
+        runs: list[list[int]] = []  # rows of one contiguous byte range each
+        for row in order.tolist():
+            last = runs[-1][-1] if runs else None
+            if (last is not None and source[last] == source[row] and shard[last] == shard[row]
+                    and offsets[last] + stride == offsets[row]):
+                runs[-1].append(row)
+            else:
+                runs.append([row])
+        by_fs: dict[int, list[list[int]]] = {}
+        for run in runs:
+            by_fs.setdefault(int(source[run[0]]), []).append(run)
+        for s, group in by_fs.items():
+            names = [self.indexes[s].shards[int(shard[run[0]])].name for run in group]
+            paths = [(self.directories[s] / name).path for name in names]
+            starts = [int(offsets[run[0]]) for run in group]
+            ends = [start + len(run) * stride for start, run in zip(starts, group)]
+            blobs = self._filesystem(s).cat_ranges(paths, starts, ends, on_error="return")
+            for run, name, blob in zip(group, names, blobs):
+                if isinstance(blob, BaseException):
+                    if not isinstance(blob, (OSError, ValueError)):  # 416 past the end reads as truncated
+                        raise BadShardError(bad_shard_message(self.directories[s], self.indexes[s], name,
+                                                              f"unreadable ({type(blob).__name__}: {blob})"),
+                                            key=f"{s}:{name}") from blob
+                    blob = b""
+                for i, row in enumerate(run):
+                    part = blob[i * stride:(i + 1) * stride]
+                    flat[row * stride:row * stride + len(part)] = part
+                    got[row] = len(part)
+
+    def _filesystem(self, source: int) -> Any:
+        """This process's fsspec client for ``source`` (made anew after a fork: a loader worker)."""
+        if self._fs_pid != os.getpid():
+            self._fs, self._fs_pid = {}, os.getpid()
+        if source not in self._fs:
+            import fsspec
+
+            d = self.directories[source]
+            self._fs[source] = fsspec.filesystem(d.protocol, **d.storage_options)
+        return self._fs[source]
 
     def _fd(self, source: int, shard: int) -> int:
         key = (source, shard)

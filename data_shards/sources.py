@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
 from .index import HEADER_BYTES, TOKENIZER_DIRNAME, ShardEntry, ShardIndex, member_name, read_index
+from .storage import Location, as_location, read_range
 
 
 @dataclass
@@ -18,10 +18,10 @@ class SourcesInfo:
     vocab_size: int  # largest across sources (embedding rows needed)
     eos_id: int
     seq_len: int  # training tokens per sample (stored samples hold seq_len + 1)
-    tokenizer_dir: Path  # the first source's tokenizer/, to ship with the converted model
+    tokenizer_dir: Location  # the first source's tokenizer/, to ship with the converted model
     tokenizer_hash: str
     dtype: str
-    paths: list[Path]
+    paths: list[Location]  # pathlib.Path, or UPath for object storage (data_shards.storage)
     indexes: list[ShardIndex]
 
 
@@ -33,7 +33,7 @@ def check_sources(paths: list[str], model_vocab_size: int | None = None) -> Sour
     """
     if not paths:
         raise DataError("no data sources given (data.sources is empty)")
-    dirs = [Path(p) for p in paths]
+    dirs = [as_location(p, what="data source") for p in paths]
     indexes = [read_index(d) for d in dirs]
     first, head = indexes[0], dirs[0]
     for d, ix in zip(dirs[1:], indexes[1:]):
@@ -57,7 +57,7 @@ def check_sources(paths: list[str], model_vocab_size: int | None = None) -> Sour
                        dtype=first.dtype, paths=dirs, indexes=indexes)
 
 
-def shard_problem(directory: Path, index: ShardIndex, entry: ShardEntry, verify_sha256: bool = False) -> str | None:
+def shard_problem(directory: Location, index: ShardIndex, entry: ShardEntry, verify_sha256: bool = False) -> str | None:
     """What is wrong with one shard (missing, truncated, bad headers, sha256), or None if it looks right.
 
     Without ``verify_sha256`` this costs one stat and two 512-byte reads, so every rank can afford it
@@ -65,17 +65,16 @@ def shard_problem(directory: Path, index: ShardIndex, entry: ShardEntry, verify_
     """
     path = directory / entry.name
     try:
-        size = os.path.getsize(path)
-    except OSError:
+        size = path.stat().st_size
+    except (OSError, ValueError):
         return "missing"
     if size != entry.bytes:
         return f"{'truncated' if size < entry.bytes else 'longer than expected'} ({size} of {entry.bytes} bytes)"
-    with open(path, "rb") as f:
-        for local in sorted({0, entry.samples - 1}):
-            f.seek(local * index.stride_bytes)
-            header = f.read(HEADER_BYTES)
-            if not header_matches(header, member_name(entry.first_sample + local, index.dtype)):
-                return f"corrupted (tar header of sample {local} does not match index.json)"
+    for local in sorted({0, entry.samples - 1}):
+        start = local * index.stride_bytes
+        header = read_range(path, start, start + HEADER_BYTES)  # one ranged GET on object storage
+        if not header_matches(header, member_name(entry.first_sample + local, index.dtype)):
+            return f"corrupted (tar header of sample {local} does not match index.json)"
     if verify_sha256 and _sha256(path) != entry.sha256:
         return "corrupted (sha256 differs from index.json)"
     return None
@@ -87,7 +86,7 @@ def header_matches(header: bytes, name: str) -> bool:
     return header[: len(raw)] == raw and header[len(raw)] == 0 and header[257:262] == b"ustar"
 
 
-def bad_shard_message(directory: Path, index: ShardIndex, name: str, problem: str) -> str:
+def bad_shard_message(directory: Location, index: ShardIndex, name: str, problem: str) -> str:
     """Error text for a bad shard: which one, what is wrong, and what to run."""
     rebuild = f" (it was built by: {index.created_by})" if index.created_by else ""
     return (f"shard {directory / name} is {problem}; run `fm-train shard --verify --out {directory}` to check all "
@@ -97,15 +96,15 @@ def bad_shard_message(directory: Path, index: ShardIndex, name: str, problem: st
 
 def verify_directory(directory: str | Path, verify_sha256: bool = True) -> list[tuple[str, str]]:
     """(shard name, problem) for every bad shard of a directory; empty when all are fine."""
-    directory = Path(directory)
+    directory = as_location(directory, what="--out")
     index = read_index(directory)
     problems = [(e.name, shard_problem(directory, index, e, verify_sha256)) for e in index.shards]
     return [(name, p) for name, p in problems if p is not None]
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Location) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fm_train.config.hf_shape import FREE_FIELDS, HF_KEYS, hf_config_file, read_hf_shape
 from fm_train.config.schema import FmConfig, ModelConfig
+from fm_train.config.storage_uri import uri_errors, uri_scheme
 
 
 def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
@@ -97,8 +98,15 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
         errors.append(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist; use auto, none or a step directory")
 
     # Data paths.
+    for i, src in enumerate(cfg.data.sources):
+        errors += uri_errors(f"data.sources[{i}].path", src.path)
+        if src.default_corpus and uri_scheme(src.path) is not None:
+            errors.append(f"data.sources[{i}]: default_corpus is built on local disk, not at {src.path!r}; build the"
+                          f" shards with `fm-train shard --out {src.path}` and drop default_corpus")
     if require_paths:
         for i, src in enumerate(cfg.data.sources):
+            if uri_scheme(src.path) is not None:
+                continue  # object storage: the workers' first read names a missing index or bucket
             if not src.default_corpus and not (Path(src.path) / "index.json").exists():
                 reason = "does not exist" if not Path(src.path).exists() else "has no index.json"
                 errors.append(
@@ -131,7 +139,8 @@ def _init_from_errors(m: ModelConfig, *, require_paths: bool) -> list[str]:
 
 def missing_paths(cfg: FmConfig) -> list[str]:
     """Data paths (and ``model.init_from``) that do not exist on this machine (``plan`` warns about them)."""
-    paths = [s.path for s in cfg.data.sources if not s.default_corpus and not Path(s.path).exists()]
+    paths = [s.path for s in cfg.data.sources
+             if not s.default_corpus and uri_scheme(s.path) is None and not Path(s.path).exists()]
     if cfg.model.init_from is not None and not Path(cfg.model.init_from).exists():
         paths.append(cfg.model.init_from)
     return paths

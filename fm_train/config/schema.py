@@ -105,7 +105,8 @@ Precision = Literal["bf16", "fp16", "fp32"]
 class DataSource(_Section):
     """One shard directory and its mixing weight."""
 
-    path: str = Field(..., description="Directory written by `fm-train shard` (holds index.json).")
+    path: str = Field(..., description="Directory written by `fm-train shard` (holds index.json): a local or shared"
+                      " path, or an object-store URI such as s3://bucket/prefix.")
     weight: PositiveFloat = Field(1.0, description="Relative share of samples drawn from this source.")
     default_corpus: bool = Field(
         False, description="If the directory is missing, build it from the Python standard library source."

@@ -30,8 +30,10 @@ def prepare_sources(cfg: FmConfig, *, is_rank0: bool) -> Sources:
     """
     import data_shards
 
+    from data_shards.storage import as_location
+
     for src in cfg.data.sources:
-        if is_rank0 and src.default_corpus and not (Path(src.path) / "index.json").exists():
+        if is_rank0 and src.default_corpus and not (as_location(src.path) / "index.json").exists():
             print(f"building the default corpus in {src.path} (vocab {cfg.model.vocab_size}, seq_len {cfg.data.seq_len})",
                   flush=True)
             data_shards.build_default_corpus(src.path, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
