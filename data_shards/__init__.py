@@ -7,6 +7,7 @@ standard webdataset ``.tar`` shards of packed ``seq_len + 1``-token samples, ``i
 Public API (what the training engine calls)::
 
     check_sources(paths: list[str], model_vocab_size: int | None = None) -> SourcesInfo
+        Paths are local directories or object-store URIs (s3://bucket/prefix; :mod:`data_shards.storage`).
         Open each index.json; DataError on mixed tokenizers, seq_len mismatch, or a vocabulary larger
         than the model's embedding. SourcesInfo: vocab_size, eos_id, seq_len (training tokens per
         sample), tokenizer_dir, tokenizer_hash, dtype, paths, indexes.
@@ -15,15 +16,17 @@ Public API (what the training engine calls)::
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
                       verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
-                      skip_shards: Iterable[str] = ()) -> DataStream
+                      skip_shards: Iterable[str] = (), cache: ShardCache | None = None) -> DataStream
         Infinite stream of batches {"input_ids", "labels": torch.long [micro_batch, seq_len],
         "state": dict, "receipt": str}. Passing a batch's "state" back resumes right after that batch,
         also on another dp_size / micro_batch. "receipt" is a running hash of the global sample ids
         consumed by all ranks: the same on every rank, for any dp_size. ``skip_shards`` leaves out
         shards by key ("<source index>:<shard name>"), e.g. ones a previous attempt found bad mid-read.
+        ``cache`` keeps whole shards of object-store sources on local disk, bounded in bytes.
 
     make_val_loader(sources, *, seq_len, micro_batch, dp_rank, dp_size, seed, val_fraction,
-                    max_batches: int, on_bad_shard: str = "fail", skip_shards: Iterable[str] = ()) -> DataStream
+                    max_batches: int, on_bad_shard: str = "fail", skip_shards: Iterable[str] = (),
+                    cache: ShardCache | None = None) -> DataStream
         Finite stream of the same batch dicts over the held-out split, identical on every call; give
         it the training stream's on_bad_shard and skip_shards so both leave out the same shards.
 
@@ -54,6 +57,7 @@ _EXPORTS = {
     "check_sources": "sources", "SourcesInfo": "sources", "verify_directory": "sources",
     "make_train_loader": "loader", "make_val_loader": "loader", "DataStream": "loader",
     "build_default_corpus": "corpus", "build_shards": "build", "BuildOptions": "build", "BuildSummary": "build",
+    "ShardCache": "shard_cache",
 }
 __all__ = ["BadShardError", "DataError", *_EXPORTS]
 
@@ -61,6 +65,7 @@ if TYPE_CHECKING:
     from .build import BuildOptions, BuildSummary, build_shards
     from .corpus import build_default_corpus
     from .loader import DataStream, make_train_loader, make_val_loader
+    from .shard_cache import ShardCache
     from .sources import SourcesInfo, check_sources, verify_directory
 
 

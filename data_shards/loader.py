@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import BadShardError, DataError
 from .order import Mixer, SourceOrder, StreamOrder, ValOrder, val_counts
 from .sample_reader import SampleReader
+from .shard_cache import ShardCache
 from .sources import SourcesInfo, bad_shard_message, check_sources, shard_problem
 from .state import make_state, parse_state, receipt_update
 
@@ -112,7 +113,7 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
                       verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
-                      skip_shards: Iterable[str] = ()) -> DataStream:
+                      skip_shards: Iterable[str] = (), cache: ShardCache | None = None) -> DataStream:
     """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
 
     The state resumes exactly on any dp size and micro batch (the global order is the same; only
@@ -122,6 +123,7 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     ``on_bad_shard="skip"``; every rank must pass the same ones. ``shuffle``: ``"global"`` (each
     epoch a pseudorandom permutation of all of a source's samples) or ``"window"`` (shards permuted,
     then windows of ``shuffle_window`` consecutive samples; contiguous reads for slow storage).
+    ``cache``: where shards of object-store sources are kept on local disk (None: ranged GETs).
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if num_workers < 0:
@@ -129,7 +131,7 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     skip_also = set(state.get("skipped_shards", [])) if isinstance(state, dict) else set()
     skip_also |= set(skip_shards)
     plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, shuffle, shuffle_window,
-                      skip_also)
+                      skip_also, cache)
     start, receipt = 0, 0
     if state is not None:
         start, receipt, _ = parse_state(state, "train", plan.config)
@@ -139,7 +141,7 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
 
 def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                     dp_size: int, seed: int, val_fraction: float, max_batches: int, on_bad_shard: str = "fail",
-                    skip_shards: Iterable[str] = ()) -> DataStream:
+                    skip_shards: Iterable[str] = (), cache: ShardCache | None = None) -> DataStream:
     """Finite validation stream of one dp rank: the same batches on every call, at most ``max_batches``.
 
     Validation samples are the held-out tails of the shards (``val_fraction`` of each source), mixed
@@ -150,7 +152,7 @@ def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_bat
     _check_split(micro_batch, dp_rank, dp_size)
     if val_fraction <= 0:
         raise DataError("validation needs data.val_fraction > 0 (the share of samples held out)")
-    plan = _make_plan(sources, seq_len, seed, on_bad_shard, False, val_fraction, "window", 1, set(skip_shards))
+    plan = _make_plan(sources, seq_len, seed, on_bad_shard, False, val_fraction, "window", 1, set(skip_shards), cache)
     total = plan.val.total_samples if plan.val is not None else 0
     steps = min(max_batches, total // (micro_batch * dp_size))
     if steps < 1:
@@ -166,7 +168,8 @@ def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:
 
 
 def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad_shard: str, verify_sha256: bool,
-               val_fraction: float, shuffle: str, shuffle_window: int, skip_also: set[str]) -> _Plan:
+               val_fraction: float, shuffle: str, shuffle_window: int, skip_also: set[str],
+               cache: ShardCache | None) -> _Plan:
     """Check the sources, find bad shards (the same on every rank: it depends only on the files) and orders."""
     if on_bad_shard not in ("fail", "skip"):
         raise DataError(f"data.on_bad_shard must be 'fail' or 'skip', got {on_bad_shard!r}")
@@ -201,7 +204,7 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
     config = {"seed": seed, "weights": mixer.weights, "shuffle": shuffle, "shuffle_window": shuffle_window,
               "val_fraction": val_fraction, "samples": [ix.num_samples for ix in info.indexes]}
     return _Plan(info=info, train=StreamOrder(train_orders, mixer, first), val=_val_order(val_orders, weights, first),
-                 reader=SampleReader(info.paths, info.indexes), skipped=skipped, config=config)
+                 reader=SampleReader(info.paths, info.indexes, cache), skipped=skipped, config=config)
 
 
 def _val_order(orders: list[ValOrder], weights: list[float], first: list[np.ndarray]) -> Optional[StreamOrder]:

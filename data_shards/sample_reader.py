@@ -5,6 +5,10 @@ samples by index (equal batches on every rank, exact resume) would read and disc
 file. Our members have fixed offsets (see :mod:`data_shards.index`), so a seek is enough. Each
 sample (header included) is read straight into one row of a batch buffer; headers are then checked
 for the whole batch at once with numpy, so the per-sample Python work is one system call.
+
+Shards on object storage are read the same way through ranged GETs (a batch's samples that lie next
+to each other in a shard share one request, and a batch's requests run concurrently), or, with a
+:class:`~data_shards.shard_cache.ShardCache`, downloaded whole once and then read like local files.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadShardError
+from .errors import BadShardError, DataError
 from .index import HEADER_BYTES, KEY_DIGITS, ShardIndex, member_data_bytes, member_ext, member_name
+from .shard_cache import ShardCache
 from .sources import bad_shard_message
+from .storage import Location
 
 _MAX_OPEN = 128  # file descriptors kept open per process
 _POWERS = 10 ** np.arange(KEY_DIGITS - 1, -1, -1, dtype=np.int64)
@@ -27,8 +33,9 @@ _POWERS = 10 ** np.arange(KEY_DIGITS - 1, -1, -1, dtype=np.int64)
 class SampleReader:
     """Reads samples ``(source, shard, local)`` of shard directories built with one tokenizer and seq_len."""
 
-    def __init__(self, directories: list[Path], indexes: list[ShardIndex]) -> None:
-        self.directories, self.indexes = directories, indexes
+    def __init__(self, directories: list[Location], indexes: list[ShardIndex],
+                 cache: ShardCache | None = None) -> None:
+        self.directories, self.indexes, self.cache = directories, indexes, cache
         first = indexes[0]
         self.sample_tokens, self.stride = first.sample_tokens, first.stride_bytes
         self.vocab_size = max(ix.vocab_size for ix in indexes)  # one tokenizer for all (check_sources)
@@ -61,7 +68,7 @@ class SampleReader:
         for k in np.unique(key).tolist():  # a batch touches few shards: look each one up once
             sel = key == k
             s, h = divmod(k, 1 << 32)
-            fds[sel] = -1 if self._remote[s] else self._fd(s, h)
+            fds[sel] = -1 if self._remote[s] and not self._cached(s, h) else self._fd(s, h)
             numbers[sel] = self._first[s][h] + local[sel]
         offsets = local * stride
         for row, (fd, offset) in enumerate(zip(fds.tolist(), offsets.tolist())):
@@ -142,18 +149,32 @@ class SampleReader:
             self._fs[source] = fsspec.filesystem(d.protocol, **d.storage_options)
         return self._fs[source]
 
+    def _cached(self, source: int, shard: int) -> bool:
+        """Whether a remote shard is read from the local shard cache (no cache, or too large: ranged GETs)."""
+        return self.cache is not None and self.cache.holds(self.indexes[source].shards[shard].bytes)
+
     def _fd(self, source: int, shard: int) -> int:
         key = (source, shard)
         fd = self._fds.get(key)
         if fd is not None:
             self._fds.move_to_end(key)
             return fd
-        path = self.directories[source] / self.indexes[source].shards[shard].name
+        entry = self.indexes[source].shards[shard]
+        path = self.directories[source] / entry.name
+        if self._remote[source]:  # a whole shard from object storage, through the node's cache
+            assert self.cache is not None
+            try:
+                path = self.cache.local_copy(self._filesystem(source), path.path, entry.sha256, entry.bytes)
+            except (OSError, DataError) as exc:
+                message = bad_shard_message(self.directories[source], self.indexes[source], entry.name,
+                                            f"not downloadable ({exc})")
+                raise BadShardError(message, key=f"{source}:{entry.name}") from exc
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise BadShardError(bad_shard_message(self.directories[source], self.indexes[source], path.name,
-                                                  f"unreadable ({exc.strerror})"), key=f"{source}:{path.name}") from exc
+            message = bad_shard_message(self.directories[source], self.indexes[source], entry.name,
+                                        f"unreadable ({exc.strerror})")
+            raise BadShardError(message, key=f"{source}:{entry.name}") from exc
         self._fds[key] = fd
         if len(self._fds) > _MAX_OPEN:
             os.close(self._fds.popitem(last=False)[1])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fm_train.config.storage_uri import uri_scheme
 from launcher.cluster import ClusterError
 from launcher.versions import mismatches, software
 
@@ -77,6 +78,15 @@ def check_node(workdir: str, run_dir: str, token: str, others: Sequence[str], so
     run_path = resolve_on_node(workdir, run_dir)
     data: dict[str, str] = {}
     for src in sources:
+        if uri_scheme(src) is not None:  # object storage: the same bucket from every node
+            from data_shards.storage import as_location
+
+            path = as_location(src)
+            try:
+                data[src] = index_fingerprint(path)
+            except Exception as exc:  # no credentials, no bucket, endpoint unreachable from this node
+                data[src] = f"error: cannot read {src.rstrip('/')}/index.json ({type(exc).__name__}: {exc})"
+            continue
         path = resolve_on_node(workdir, src)
         try:
             data[src] = index_fingerprint(path)

@@ -90,6 +90,30 @@ def test_the_reader_streams_the_local_samples_from_s3_and_resumes(uploaded, shuf
     assert np.array_equal(rest, want[6:])
 
 
+def test_the_shard_cache_serves_the_same_samples_within_its_bound(uploaded, tmp_path: Path) -> None:
+    from data_shards import ShardCache, make_train_loader
+
+    uri, local = uploaded
+    kw = dict(seq_len=SEQ, micro_batch=4, dp_rank=0, dp_size=1, seed=5, shuffle="window", shuffle_window=16)
+    want, _ = _tokens(make_train_loader([(str(local), 1.0)], **kw), 80)  # 320 samples: 4 shards or more
+    shard = (local / "shard-000000.tar").stat().st_size
+    cache = ShardCache(tmp_path / "cache", max_bytes=2 * shard)  # 2 of the 18 shards fit: evictions
+    for workers in (0, 2):
+        got, _ = _tokens(make_train_loader([(uri, 1.0)], num_workers=workers, cache=cache, **kw), 80)
+        assert np.array_equal(got, want)
+        held = list((tmp_path / "cache").glob("*.tar"))
+        assert 1 <= len(held) <= 2 and sum(p.stat().st_size for p in held) <= 2 * shard
+        assert not list((tmp_path / "cache").glob(".*.part"))  # no download left half-written
+    # Content-addressed by the index's sha256: a cached copy is exactly the shard it stands for.
+    index = {s["sha256"]: s["name"] for s in json.loads((local / "index.json").read_text())["shards"]}
+    for p in held:
+        assert p.read_bytes() == (local / index[p.stem]).read_bytes()
+    # A cache too small for one shard: ranged GETs, the same samples.
+    tiny = ShardCache(tmp_path / "tiny", max_bytes=shard - 1)
+    got, _ = _tokens(make_train_loader([(uri, 1.0)], cache=tiny, **kw), 10)
+    assert np.array_equal(got, want[:10]) and not (tmp_path / "tiny").exists()
+
+
 def test_overwrite_verify_and_a_damaged_object(uploaded, s3, tmp_path: Path) -> None:
     import fsspec
 
@@ -124,7 +148,7 @@ def test_bad_locations_say_what_to_do(s3, tiny_config_dict: dict, monkeypatch) -
     with pytest.raises(DataError, match=r"unknown storage scheme 's4'://"):
         check_sources(["s4://fm-data/stdlib"])
     tiny_config_dict["data"]["sources"] = [{"path": "s4://fm-data/stdlib", "weight": 1.0}]
-    with pytest.raises(ConfigError, match=r"data.sources\[0\].path='s4://fm-data/stdlib': unknown storage scheme s4://"):
+    with pytest.raises(ConfigError, match=r"sources\[0\].path='s4://fm-data/stdlib': unknown storage scheme s4://"):
         build_config(tiny_config_dict)
     tiny_config_dict["data"]["sources"] = [{"path": "gs://fm-data/stdlib", "weight": 1.0}]
     with pytest.raises(ConfigError, match=r"gs:// needs the gcsfs package, which is not installed"):

@@ -186,7 +186,7 @@ def test_resume_refuses_another_padding_and_reads_old_manifests_as_unpadded(tiny
     assert saved_padded_vocab(saved["config"]["model"]) == 1024
     check_compatible(saved, cfg, None, Path("step_1"))  # 1001 pads to 1024 either way: the tensors fit
     saved["config"]["model"]["vocab_multiple"] = 1
-    with pytest.raises(CheckpointError, match=r"model.vocab_multiple: checkpoint 1 \(1001 embedding rows\), config 128"):
+    with pytest.raises(CheckpointError, match=r"vocab_multiple: checkpoint 1 \(1001 embedding rows\), config 128"):
         check_compatible(saved, cfg, None, Path("step_1"))
     del saved["config"]["model"]["vocab_multiple"]  # a manifest from before the padding
     assert saved_padded_vocab(saved["config"]["model"]) == 1001

@@ -134,6 +134,11 @@ class DataConfig(_Section):
                               " windows of shuffle_window consecutive samples: contiguous reads for slow storage).")
     shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window"
                                                           " (data.shuffle: window).")
+    cache_dir: Optional[str] = Field(
+        None, description="Node-local directory that keeps whole shards of object-store sources (s3://...) after"
+                          " their first read, shared by the node's ranks; null: every read is a ranged GET.")
+    cache_gb: PositiveFloat = Field(50.0, description="Size bound of data.cache_dir; least recently used shards"
+                                                      " are deleted beyond it.")
 
 
 class TrainConfig(_Section):

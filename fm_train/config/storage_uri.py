@@ -39,5 +39,6 @@ def uri_errors(field: str, value: str) -> list[str]:
     package, module = BACKENDS[scheme]
     if importlib.util.find_spec(module) is None:
         extra = " (pip install 'fm-train[s3]')" if package == "s3fs" else ""
-        return [f"{field}={value!r}: {scheme}:// needs the {package} package, which is not installed; install it{extra}"]
+        return [f"{field}={value!r}: {scheme}:// needs the {package} package, which is not installed;"
+                f" install it{extra}"]
     return []

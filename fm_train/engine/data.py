@@ -61,8 +61,16 @@ def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
         val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state,
-        skip_shards=skip_shards,
+        skip_shards=skip_shards, cache=shard_cache(cfg),
     ))
+
+
+def shard_cache(cfg: FmConfig) -> Any:
+    """The node-local cache of object-store shards (``data.cache_dir``), or None."""
+    import data_shards
+
+    d = cfg.data
+    return None if d.cache_dir is None else data_shards.ShardCache(d.cache_dir, int(d.cache_gb * 1e9))
 
 
 def bad_shards_dir(run_dir: Path) -> Path:
@@ -118,6 +126,6 @@ def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
     stream = data_shards.make_val_loader(
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, val_fraction=d.val_fraction, max_batches=cfg.train.eval_batches,
-        on_bad_shard=d.on_bad_shard, skip_shards=skip_shards,
+        on_bad_shard=d.on_bad_shard, skip_shards=skip_shards, cache=shard_cache(cfg),
     )
     return lambda: stream  # every iter() of a DataStream starts again from its first batch
