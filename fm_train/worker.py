@@ -161,7 +161,7 @@ def run_worker(cfg: FmConfig) -> int:
         sources = engine_data.prepare_sources(cfg, is_rank0=is_rank0)
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
-        resume_from, universal = checkpointing.resume_point(cfg, topo)
+        resume_from, universal = checkpointing.resume_point(cfg, topo, local_rank=env.local_rank)
         init = _initial_weights(cfg, resuming=resume_from is not None)
         module = build_train_module(cfg, groups, init=init)
         _report_init_read(init, env.rank)
@@ -171,7 +171,8 @@ def run_worker(cfg: FmConfig) -> int:
             checkpointing.restore(engine, resume_from, cfg, state, tokenizer_hash)
             if is_rank0:
                 print(f"resumed from {resume_from} at step {state.step}", flush=True)
-        save = checkpointing.checkpoint_hook(cfg, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash)
+        save = checkpointing.checkpoint_hook(cfg, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash,
+                                             rank=env.rank)
         # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches.
         dp_rank, dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
         skip = engine_data.recorded_bad_shards(run_dir) if cfg.data.on_bad_shard == "skip" else []
@@ -204,6 +205,10 @@ def run_worker(cfg: FmConfig) -> int:
                                 ) from exc
         finally:
             sink.close()
+        failed = save.close()  # the last checkpoint's upload, when run.storage is set
+        if failed:
+            print(f"rank {env.rank}: uploading {', '.join(failed)} to {cfg.run.storage} failed (see the log above);"
+                  f" those steps are on local disk only", flush=True)
         if state.step < cfg.train.steps and is_rank0:
             print(f"stopped by {stop.signal_name or 'request'} after step {state.step}; checkpoint saved,"
                   " run again to resume", flush=True)

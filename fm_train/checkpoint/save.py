@@ -39,13 +39,14 @@ from fm_train.checkpoint.layout import (
 from fm_train.checkpoint.manifest import complete_manifest, write_manifest
 from fm_train.checkpoint.probe import manifest_entry, write_probe
 from fm_train.checkpoint.rng import RNG_DIR, save_rng
+from fm_train.checkpoint.upload import CheckpointUploader
 
 log = logging.getLogger("fm_train.checkpoint")
 _barrier, _rank, _world = collective.barrier, collective.rank, collective.world
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int,
-                    is_rank0: bool, probe: bool = True) -> Path:
+                    is_rank0: bool, probe: bool = True, uploader: CheckpointUploader | None = None) -> Path:
     """Save ``engine`` at ``step`` under ``RUN/checkpoints/step_XXXXXXXX``; all ranks call it.
 
     ``manifest`` is the caller's part (:func:`fm_train.checkpoint.build_manifest`); this adds step,
@@ -53,9 +54,13 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     Returns the step directory. A complete checkpoint of the same step is left as it is.
     ``probe``: run the probe batch through ``engine`` and store its logits (False only for engines
     that are not fm-train's; the converter then falls back to comparing with its own model).
+    ``uploader``: copy this rank's files to ``run.storage`` in the background once the step is
+    committed locally (the previous upload is waited for first; :mod:`fm_train.checkpoint.upload`).
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    if uploader is not None:
+        uploader.wait()  # never two uploads in flight per rank
     ckpt_dir = checkpoints_dir(run_dir)
     tag = step_dir_name(step)
     step_dir = ckpt_dir / tag
@@ -86,10 +91,15 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         # torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error": say what it means.
         raise CheckpointError(_save_failed_message(ckpt_dir, step_dir, exc)) from exc
     # A collective, so also the barrier: every rank's files are written (closed) before rank 0 looks.
-    digests = {rel: d for part in collective.all_gather(own) for rel, d in part.items()}
+    # Sizes travel with the digests: without a shared run.dir rank 0 does not see the others' files.
+    sizes = {rel: (step_dir / rel).stat().st_size for rel in own}
+    gathered = collective.all_gather((own, sizes))
+    digests = {rel: d for part, _ in gathered for rel, d in part.items()}
+    mine = sorted(own)
 
     if is_rank0:
-        files, present = {}, []
+        files = {rel: size for _, part in gathered for rel, size in part.items() if not rel.startswith(RNG_DIR + "/")}
+        present = []
         for p in sorted(step_dir.rglob("*")):
             if p.is_file():
                 fsync_file(p)  # DeepSpeed's torch.save does not fsync; the manifest must not outrun data
@@ -99,7 +109,9 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
                     files[rel] = p.stat().st_size
         fsync_dir(step_dir)
         # Files no rank saved through the checkpoint engine (DeepSpeed copies zero_to_fp32.py).
-        digests.update(digest_files(step_dir, [rel for rel in present if rel not in digests]))
+        unowned = [rel for rel in present if rel not in digests]
+        digests.update(digest_files(step_dir, unowned))
+        mine += unowned
         rng_files = [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(_world())]
         full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files,
                                  checksums=checksum_record(digests),
@@ -108,6 +120,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         write_latest(ckpt_dir, step_dir)
         apply_retention(ckpt_dir, keep)
     _barrier()  # nobody goes on (or exits) before the checkpoint is committed
+    if uploader is not None:
+        uploader.submit(step_dir, mine)
     return step_dir
 
 

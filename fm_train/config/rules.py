@@ -98,6 +98,8 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
         errors.append(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist; use auto, none or a step directory")
 
     # Data paths.
+    if cfg.run.storage is not None:
+        errors += uri_errors("run.storage", cfg.run.storage)
     for i, src in enumerate(cfg.data.sources):
         errors += uri_errors(f"data.sources[{i}].path", src.path)
         if src.default_corpus and uri_scheme(src.path) is not None:

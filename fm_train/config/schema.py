@@ -26,6 +26,11 @@ class RunConfig(_Section):
     name: str = Field("demo", description="Name shown in logs and the Hugging Face README.")
     dir: str = Field("runs/demo", description="Run directory: config, metrics, logs, checkpoints, hf/.")
     seed: int = Field(1234, description="Seed of model init, data order and dropout-free RNG streams.")
+    storage: Optional[str] = Field(
+        None, description="Where checkpoints are copied, as they are saved, for runs without a shared run.dir: an"
+                          " object-store URI (s3://bucket/prefix) or a mounted path. Each rank saves to run.dir and"
+                          " uploads in the background; a step counts in storage once its manifest is there."
+                          " Resume fetches the newest committed step from here when run.dir lacks it.")
 
 
 class ModelConfig(_Section):
@@ -181,6 +186,9 @@ class CheckpointConfig(_Section):
     trust_pickles: bool = Field(
         False, description="Load resume checkpoints with full unpickling (torch.load weights_only=False), which runs"
         " code the files name. Off: tensors and DeepSpeed's plain records only; any other object is refused.")
+    upload_retries: NonNegativeInt = Field(
+        5, description="With run.storage: retries of each file upload (waits 1, 2, 4, ... s) before the step is"
+                       " given up in storage (it stays on local disk; latest there keeps the previous step).")
 
 
 class ConvertConfig(_Section):

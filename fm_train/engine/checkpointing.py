@@ -22,14 +22,21 @@ from fm_train.engine.loop import StepHook
 from fm_train.engine.state import TrainState
 
 
-def resume_point(cfg: FmConfig, topology: Topology) -> tuple[Path | None, bool]:
+def resume_point(cfg: FmConfig, topology: Topology, *, local_rank: int = 0) -> tuple[Path | None, bool]:
     """``(path to load or None, needs_universal)`` for ``checkpoint.resume``; every rank calls it.
 
     ``needs_universal`` must reach the engine's config (``load_universal``) before it is built.
     Damaged checkpoints are skipped loudly; nothing but damaged ones stops the start unless
-    ``checkpoint.allow_fresh_start`` (see :func:`fm_train.checkpoint.find_resume_point`).
+    ``checkpoint.allow_fresh_start`` (see :func:`fm_train.checkpoint.find_resume_point`). With
+    ``run.storage`` and ``resume: auto``, each node first fetches the newest step committed there
+    that its ``run.dir`` lacks (``local_rank`` 0 downloads for the node).
     """
     from fm_train.checkpoint import find_resume_point, prepare_resume
+
+    if cfg.run.storage is not None and cfg.checkpoint.resume == "auto":
+        from fm_train.checkpoint.fetch import fetch_on_each_node
+
+        fetch_on_each_node(cfg.run.storage, Path(cfg.run.dir), local_rank=local_rank)
 
     step_dir = find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume,
                                  allow_fresh_start=cfg.checkpoint.allow_fresh_start)
@@ -98,9 +105,16 @@ class CheckpointSaver:
     preempting scheduler, Ctrl-C on the driver) so the run can resume exactly where it stopped.
     """
 
-    def __init__(self, cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None) -> None:
+    def __init__(self, cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None,
+                 rank: int = 0) -> None:
         self.cfg, self.topology, self.is_rank0, self.tokenizer_hash = cfg, topology, is_rank0, tokenizer_hash
         self.layers, self.tied = manifest_layers(cfg), manifest_tied(cfg)
+        self.uploader = None
+        if cfg.run.storage is not None:
+            from fm_train.checkpoint.upload import CheckpointUploader
+
+            self.uploader = CheckpointUploader(cfg.run.storage, rank=rank, world=topology.world,
+                                               keep=cfg.checkpoint.keep, retries=cfg.checkpoint.upload_retries)
 
     def __call__(self, engine: DeepSpeedEngine, state: TrainState) -> None:
         every, last = self.cfg.checkpoint.every, self.cfg.train.steps
@@ -114,9 +128,18 @@ class CheckpointSaver:
         manifest = build_manifest(self.cfg, self.topology, data_state=state.data_state, tokens_seen=state.tokens_seen,
                                   tokenizer_hash=self.tokenizer_hash, layers=self.layers, tied=self.tied)
         return save_checkpoint(engine, Path(self.cfg.run.dir), state.step, manifest=manifest,
-                               keep=self.cfg.checkpoint.keep, is_rank0=self.is_rank0)
+                               keep=self.cfg.checkpoint.keep, is_rank0=self.is_rank0, uploader=self.uploader)
+
+    def close(self) -> list[str]:
+        """Wait for the upload in flight (the run's last checkpoint must reach storage before the worker
+        exits); returns the steps this rank could not upload (empty without ``run.storage``)."""
+        if self.uploader is None:
+            return []
+        self.uploader.wait()
+        return self.uploader.failed
 
 
-def checkpoint_hook(cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None) -> CheckpointSaver:
+def checkpoint_hook(cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None,
+                    rank: int = 0) -> CheckpointSaver:
     """The loop's checkpoint hook for ``cfg`` (see :class:`CheckpointSaver`)."""
-    return CheckpointSaver(cfg, topology, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash)
+    return CheckpointSaver(cfg, topology, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash, rank=rank)

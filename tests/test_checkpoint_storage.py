@@ -1,0 +1,125 @@
+"""Checkpoints copied to ``run.storage`` in the background, against a real S3 server on loopback.
+
+A 2-rank worker run saves every 2 steps with ``run.storage: s3://...``: storage ends with every file
+of the newest steps, ``checkpoint.keep`` of them, committed by manifest and ``latest``. A fresh
+``run.dir`` (another machine) then resumes from storage alone and trains the same losses as an
+uninterrupted run. An unreachable bucket loses nothing: the run finishes, says which steps stayed
+local, and storage gains no ``latest``. The commit order (every rank's marker before the manifest)
+is checked on its own with a plain directory as storage.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from distributed import run_distributed
+from s3_server import make_bucket, s3_server
+from test_engine_worker import _worker_with_fake_data
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as endpoint:
+        make_bucket("fm-ckpt")
+        yield endpoint
+
+
+def _raw(tiny_config_dict: dict, run_dir: Path, steps: int, storage: str | None, retries: int = 5) -> dict:
+    return {**tiny_config_dict,
+            "run": {**tiny_config_dict["run"], "dir": str(run_dir), "storage": storage},
+            "train": {**tiny_config_dict["train"], "steps": steps, "log_every": 1, "eval_every": 0},
+            "checkpoint": {"every": 2, "keep": 2, "upload_retries": retries},
+            "logging": {"tensorboard": False}}
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.mark.multiproc
+def test_a_run_checkpoints_to_s3_and_resumes_from_it_on_a_fresh_machine(s3, tiny_config_dict, tmp_path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    first = _raw(tiny_config_dict, tmp_path / "first", 6, "s3://fm-ckpt/run")
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(first,), init_process_group=False) == [0, 0]
+    assert fs.cat_file("fm-ckpt/run/checkpoints/latest").decode().strip() == "step_00000006"
+    steps = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("fm-ckpt/run/checkpoints") if "step_" in p)
+    assert steps == ["step_00000004", "step_00000006"]  # checkpoint.keep applies in storage too
+    local = tmp_path / "first" / "checkpoints" / "step_00000006"
+    for path in local.rglob("*"):
+        if path.is_file():
+            rel = path.relative_to(local).as_posix()
+            assert fs.cat_file(f"fm-ckpt/run/checkpoints/step_00000006/{rel}") == path.read_bytes(), rel
+    markers = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("fm-ckpt/run/checkpoints/step_00000006/.uploaded"))
+    assert markers == ["rank_00000", "rank_00001"]
+
+    # The same machine resuming from its own run.dir: the reference.
+    shutil.copytree(tmp_path / "first", tmp_path / "local")
+    here = _raw(tiny_config_dict, tmp_path / "local", 8, None)
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(here,), init_process_group=False) == [0, 0]
+    # Another machine: an empty run.dir, the same storage. It fetches step 6 and goes on to step 8.
+    second = _raw(tiny_config_dict, tmp_path / "second", 8, "s3://fm-ckpt/run")
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(second,), init_process_group=False) == [0, 0]
+    resumed, want = _losses(tmp_path / "second"), _losses(tmp_path / "local")
+    assert sorted(resumed) == [7, 8]
+    assert [resumed[s] for s in (7, 8)] == [want[s] for s in (7, 8)]  # bit-exact, as the local resume
+    assert fs.cat_file("fm-ckpt/run/checkpoints/latest").decode().strip() == "step_00000008"
+
+
+@pytest.mark.multiproc
+def test_an_unreachable_bucket_loses_nothing_and_says_so(s3, tiny_config_dict, tmp_path, capfd) -> None:
+    import fsspec
+
+    raw = _raw(tiny_config_dict, tmp_path / "run", 4, "s3://no-such-bucket/run", retries=0)
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(raw,), init_process_group=False) == [0, 0]
+    out = capfd.readouterr()
+    assert "uploading step_00000002, step_00000004 to s3://no-such-bucket/run failed" in out.out + out.err
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000004"  # local copy kept
+    assert not fsspec.filesystem("s3").exists("no-such-bucket/run/checkpoints/latest")
+
+
+@pytest.mark.unit
+def test_rank_0_commits_only_after_every_rank_uploaded(tmp_path: Path) -> None:
+    from fm_train.checkpoint.upload import CheckpointUploader
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    (step / "rng").mkdir(parents=True)
+    (step / "a.pt").write_bytes(b"rank 0's shard")
+    (step / "rng" / "rank_00000.pt").write_bytes(b"rng")
+    (step / "manifest.json").write_text("{}")
+    storage = tmp_path / "bucket"
+    uploader = CheckpointUploader(str(storage), rank=0, world=2, keep=2, backoff_s=0.01)
+    uploader.submit(step, ["a.pt", "rng/rank_00000.pt"])
+    remote = storage / "checkpoints" / "step_00000002"
+    deadline = time.monotonic() + 10
+    while not (remote / ".uploaded" / "rank_00000").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert (remote / "a.pt").read_bytes() == b"rank 0's shard" and uploader.busy
+    assert not (remote / "manifest.json").exists() and not (storage / "checkpoints" / "latest").exists()
+    (remote / ".uploaded" / "rank_00001").write_text("[]")  # rank 1 is done
+    uploader.wait()
+    assert (remote / "manifest.json").read_text() == "{}"
+    assert (storage / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert uploader.committed == ["step_00000002"] and uploader.failed == []
+
+    # A rank that gave up: rank 0 never commits that step, latest keeps naming the previous one.
+    step4 = step.with_name("step_00000004")
+    step4.mkdir()
+    (step4 / "a.pt").write_bytes(b"x")
+    (step4 / "manifest.json").write_text("{}")
+    failed = storage / "checkpoints" / "step_00000004" / ".failed"
+    failed.mkdir(parents=True)
+    (failed / "rank_00001").write_text("ConnectionError: reset by peer")
+    uploader.submit(step4, ["a.pt"])
+    uploader.wait()
+    assert uploader.failed == ["step_00000004"]
+    assert not (storage / "checkpoints" / "step_00000004" / "manifest.json").exists()
+    assert (storage / "checkpoints" / "latest").read_text().strip() == "step_00000002"
