@@ -34,9 +34,14 @@ class PreflightError(ClusterError):
     """A node cannot see the run's storage or data, or runs other software; the message says which."""
 
 
-def resolve_on_node(workdir: str, path: str) -> Path:
+def resolve_on_node(workdir: str, path: str) -> Any:
     """``path`` as a worker on this node resolves it: relative to the driver's working directory when
-    that directory exists here, else to the actor's own (a node without the driver's filesystem)."""
+    that directory exists here, else to the actor's own (a node without the driver's filesystem); an
+    object-store URI (``run.storage``) is the same place from everywhere (a ``UPath``)."""
+    if uri_scheme(path) is not None:
+        from upath import UPath
+
+        return UPath(path)
     base = Path(workdir) if Path(workdir).is_dir() else Path.cwd()
     return (base / path).resolve()
 
@@ -44,13 +49,19 @@ def resolve_on_node(workdir: str, path: str) -> Path:
 def write_probe(run_dir: Path, token: str, who: str) -> str | None:
     """Write this participant's probe; returns an error text instead of raising (the driver reports it)."""
     folder = run_dir / PREFLIGHT_DIR / token
+    probe = json.dumps({"who": who, "token": token})
     try:
+        if not isinstance(folder, Path):  # object storage: one PUT is atomic
+            (folder / f"{who}.json").write_text(probe)
+            return None
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{who}.tmp"
-        tmp.write_text(json.dumps({"who": who, "token": token}))
+        tmp.write_text(probe)
         os.replace(tmp, folder / f"{who}.json")
     except OSError as exc:
         return f"cannot write {folder}: {exc.strerror or exc}"
+    except Exception as exc:  # object storage: no credentials, no bucket, no write permission
+        return f"cannot write {folder}: {type(exc).__name__}: {exc}"
     return None
 
 
@@ -61,7 +72,7 @@ def missing_probes(run_dir: Path, token: str, others: Sequence[str]) -> list[str
     for who in others:
         try:
             ok = json.loads((folder / f"{who}.json").read_text()).get("token") == token
-        except (OSError, ValueError):
+        except Exception:  # missing, unreadable, not JSON; on object storage also refused or unreachable
             ok = False
         if not ok:
             missing.append(who)
@@ -97,6 +108,13 @@ def check_node(workdir: str, run_dir: str, token: str, others: Sequence[str], so
 
 def remove_probes(run_dir: Path, token: str) -> None:
     """Remove this view's probe directory (and ``.preflight`` once it is empty)."""
+    if not isinstance(run_dir, Path):
+        try:
+            folder = run_dir / PREFLIGHT_DIR / token
+            folder.fs.rm(folder.path, recursive=True)
+        except Exception:
+            pass  # best effort: a few bytes of probes left in the bucket
+        return
     shutil.rmtree(run_dir / PREFLIGHT_DIR / token, ignore_errors=True)
     try:
         (run_dir / PREFLIGHT_DIR).rmdir()
@@ -117,9 +135,13 @@ _SHARED_FS_FIX = ("every node (and the driver) must see the same run directory a
                   " filesystem that every node mounts (NFS, Lustre, a mounted bucket), or launch on one node")
 
 
-def run_preflight(nodes: Sequence[NodeProbe], *, run_dir: Path, run_dir_arg: str, workdir: str,
+def run_preflight(nodes: Sequence[NodeProbe], *, run_dir: Any, run_dir_arg: str, workdir: str,
                   sources: Sequence[str], timeout_s: float = 120.0, say: Callable[[str], None] = print) -> None:
-    """Raise :class:`PreflightError` unless every node sees the run directory, the data and our software."""
+    """Raise :class:`PreflightError` unless every node sees the run directory, the data and our software.
+
+    ``run_dir`` is where the probes go: the run directory, or ``run.storage`` when the run has one
+    (then a write there from every node is also the check that each node may write to the store).
+    """
     import ray
 
     token = uuid.uuid4().hex[:12]

@@ -34,7 +34,7 @@ from launcher.outcomes import (
     Unplaced,
     append_failure,
 )
-from launcher.preflight import PreflightError, run_preflight
+from launcher.preflight import PreflightError, resolve_on_node, run_preflight
 from launcher.progress import Progress
 
 
@@ -183,7 +183,10 @@ def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: L
         say(group.placement.table())
         for warning in group.placement.warnings:
             say(f"warning: {warning}")
-        run_preflight(group.node_probes(), run_dir=paths.run_dir, run_dir_arg=paths.run_dir_arg,
+        # With run.storage the nodes share the store, not run.dir: the probes (and a write test) go there.
+        shared, shared_arg = ((resolve_on_node(paths.workdir, cfg.run.storage), cfg.run.storage)
+                              if cfg.run.storage is not None else (paths.run_dir, paths.run_dir_arg))
+        run_preflight(group.node_probes(), run_dir=shared, run_dir_arg=shared_arg,
                       workdir=paths.workdir, sources=[s.path for s in cfg.data.sources], say=say)
         group.save_placement(paths.run_dir, attempt)
         if stop.signal_name is not None:

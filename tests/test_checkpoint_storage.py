@@ -123,3 +123,45 @@ def test_rank_0_commits_only_after_every_rank_uploaded(tmp_path: Path) -> None:
     assert uploader.failed == ["step_00000004"]
     assert not (storage / "checkpoints" / "step_00000004" / "manifest.json").exists()
     assert (storage / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+@pytest.mark.multiproc
+def test_convert_reads_from_and_writes_to_s3(s3, tiny_config_dict, tmp_path, capsys) -> None:
+    import fsspec
+    from transformers import AutoModelForCausalLM
+
+    from fm_train.cli import main
+
+    raw = _raw(tiny_config_dict, tmp_path / "run", 2, "s3://fm-ckpt/convert-run")
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(raw,), init_process_group=False) == [0, 0]
+    shutil.rmtree(tmp_path / "run")  # nothing local: the conversion reads storage alone
+    assert main(["convert", "s3://fm-ckpt/convert-run", "--out", str(tmp_path / "hf"), "--no-tokenizer",
+                 "--dtype", "fp32"]) == 0
+    assert "verified against the engine's probe" in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
+    assert main(["convert", "s3://fm-ckpt/convert-run/checkpoints/step_00000002", "--out", "s3://fm-ckpt/hf",
+                 "--no-tokenizer", "--dtype", "fp32"]) == 0
+    fs = fsspec.filesystem("s3")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("fm-ckpt/hf")) == sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert main(["convert", "s3://fm-ckpt/convert-run", "--out", "s3://fm-ckpt/hf", "--no-tokenizer"]) == 2
+    assert "already holds a model (config.json); pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_the_preflight_probes_go_through_storage(s3, tmp_path: Path) -> None:
+    """With run.storage the nodes share the store, not run.dir: the launcher's preflight writes and reads
+    its probes there, which also finds a node that cannot write to it before step 1."""
+    import fsspec
+
+    from launcher import preflight
+
+    root = preflight.resolve_on_node(str(tmp_path), "s3://fm-ckpt/pf")
+    assert preflight.write_probe(root, "tok", "driver") is None
+    assert preflight.write_probe(root, "tok", "node-a") is None
+    seen = preflight.check_node(str(tmp_path), "s3://fm-ckpt/pf", "tok", ["driver", "node-a"], [])
+    assert seen["missing"] == [] and seen["run_dir"] == "s3://fm-ckpt/pf"
+    assert preflight.missing_probes(root, "tok", ["node-a", "node-b"]) == ["node-b"]
+    refused = preflight.write_probe(preflight.resolve_on_node(str(tmp_path), "s3://no-such-bucket/pf"), "tok", "x")
+    assert refused is not None and refused.startswith("cannot write s3://no-such-bucket/pf/.preflight/tok")
+    preflight.remove_probes(root, "tok")
+    assert not fsspec.filesystem("s3").exists("fm-ckpt/pf/.preflight/tok/driver.json")

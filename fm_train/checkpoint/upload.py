@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -32,6 +33,8 @@ from fm_train.config.storage_uri import uri_scheme
 log = logging.getLogger("fm_train.checkpoint")
 
 UPLOADED, FAILED = ".uploaded", ".failed"
+#: Niceness of the upload threads (0 normal, 19 lowest): below the step's compute threads, above idle.
+UPLOAD_NICENESS = 10
 
 
 def storage_root(storage: str) -> Any:
@@ -94,6 +97,7 @@ class CheckpointUploader:
         _retrying(f"writing {remote}", lambda: _write_text(remote, text), self.retries, self.backoff_s)
 
     def _upload(self, step_dir: Path, files: list[str]) -> None:
+        _lower_priority()
         remote = self.root / step_dir.name
         start, size = time.perf_counter(), 0
         try:
@@ -143,6 +147,17 @@ class CheckpointUploader:
             if p.name != newest:
                 log.info("retention: deleting %s", p)
                 _remove_tree(p)
+
+
+def _lower_priority() -> None:
+    """Run this (upload) thread at a lower CPU priority: the step's compute threads come first.
+
+    Linux schedules threads as tasks, so ``setpriority`` on the thread's id affects it alone.
+    """
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: uploads at normal priority
+        pass
 
 
 def _put_file(local: Path, remote: Any) -> None:

@@ -7,20 +7,24 @@ to stderr too, so stdout carries only the output path for scripts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
 from fm_train.convert.errors import ConvertError
+from fm_train.convert.remote import is_uri, local_checkpoint, remote_output
 
 _MIB = 1024**2
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``convert`` arguments to ``parser`` (the CLI owns the sub-command)."""
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", type=Path,
-                        help="run dir, its checkpoints/ dir (uses latest) or a step_XXXXXXXX dir")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="Hugging Face output dir, must not exist (default: RUN/hf of the checkpoint's run)")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT",
+                        help="run dir, its checkpoints/ dir (uses latest) or a step_XXXXXXXX dir; also in object"
+                             " storage (s3://bucket/run, as run.storage wrote it: downloaded to a temp dir first)")
+    parser.add_argument("--out", default=None,
+                        help="Hugging Face output dir, must not exist (default: RUN/hf of the checkpoint's run);"
+                             " an object-store URI gets the verified directory uploaded")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (bf16)")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check (against the training engine's probe saved with the "
                         "checkpoint, or fm_train's own model for checkpoints without one)")
@@ -49,15 +53,27 @@ def run_convert(args: argparse.Namespace) -> int:
         _say("error: --max-shard-mb must be positive")
         return 2
     try:
-        out_dir = args.out
-        if out_dir is None:
-            from fm_train.checkpoint import resolve_checkpoint
+        with contextlib.ExitStack() as stack:
+            checkpoint, tokenizer = Path(args.checkpoint), args.tokenizer
+            if is_uri(args.checkpoint):
+                if args.out is None:
+                    raise ConvertError("a checkpoint in object storage needs --out (a local dir or a URI)")
+                checkpoint, fetched_tokenizer = stack.enter_context(local_checkpoint(args.checkpoint, _say))
+                tokenizer = tokenizer if tokenizer is not None else fetched_tokenizer
+            out_dir, publish = args.out, None
+            if out_dir is not None and is_uri(out_dir):
+                out_dir, publish = stack.enter_context(remote_output(args.out, overwrite=args.overwrite,
+                                                                     progress=_say))
+            if out_dir is None:
+                from fm_train.checkpoint import resolve_checkpoint
 
-            out_dir = resolve_checkpoint(args.checkpoint).parent.parent / "hf"  # RUN/checkpoints/step_X -> RUN/hf
-        out = convert_checkpoint(args.checkpoint, out_dir, dtype=args.dtype, verify=not args.no_verify,
-                                 overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
-                                 tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer,
-                                 max_shard_bytes=args.max_shard_mb * _MIB, progress=_say)
+                out_dir = resolve_checkpoint(checkpoint).parent.parent / "hf"  # RUN/checkpoints/step_X -> RUN/hf
+            out = convert_checkpoint(checkpoint, Path(out_dir), dtype=args.dtype, verify=not args.no_verify,
+                                     overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
+                                     tokenizer=tokenizer, no_tokenizer=args.no_tokenizer,
+                                     max_shard_bytes=args.max_shard_mb * _MIB, progress=_say)
+            if publish is not None:
+                out = publish()
     except (ConvertError, CheckpointError, OSError) as exc:
         _say("error: " + " ".join(str(exc).split()))
         return 2

@@ -1,0 +1,160 @@
+"""What training waits for when checkpoints go to object storage, measured in one run.
+
+One DeepSpeed process (ZeRO-2, fp32) of a preset trains a fixed batch; each save goes through
+``save_checkpoint`` as the worker calls it. Three ways, interleaved ``--reps`` times:
+
+- **local**: the save to ``run.dir`` alone (what training waits for without storage);
+- **background**: the same save with ``run.storage`` on an S3 server, uploads in the background:
+  the time ``save_checkpoint`` takes to return, and how much slower the steps that run while the
+  upload is in flight are than steps with no upload (goal: wait <= local save, steps <= 5% slower);
+- **synchronous**: the save, then the upload waited for (what a trainer that uploads on its own
+  thread, as Ray Train's ``report`` does, waits for).
+
+The S3 server is moto's, in a separate process on loopback at the lowest CPU priority (it stands in
+for a remote store; it serves from memory, so there is no network latency, but its CPU time still
+comes out of this 2-core machine's: the overlap figure is a worst case).
+
+Usage: .venv/bin/python bench/bench_checkpoint_upload.py [--preset tiny] [--reps 3] [--steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_s3() -> subprocess.Popen:
+    port = _free_port()
+    # Niced: it stands in for a remote store, whose CPU is not the training node's.
+    proc = subprocess.Popen(["nice", "-n", "19", sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    for _ in range(100):
+        try:
+            boto3.client("s3").create_bucket(Bucket="bench")
+            return proc
+        except Exception:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", help="model preset (tiny, 125m, ...; default tiny)")
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each way (default 3)")
+    parser.add_argument("--steps", type=int, default=8, help="steps timed after each save (default 8)")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    server = _start_s3()
+    try:
+        return _run(args)
+    finally:
+        server.kill()
+
+
+def _run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fm_train.checkpoint import build_manifest, save_checkpoint
+    from fm_train.checkpoint.upload import CheckpointUploader
+    from fm_train.config import build_config
+    from fm_train.dist import Topology
+    from fm_train.dist.env import RankEnv, ensure_extension_cache
+    from fm_train.engine import build_engine
+    from fm_train.engine.checkpointing import manifest_layers
+    from fm_train.engine.distributed import init_distributed
+    from fm_train.parallel.build import build_train_module
+
+    ensure_extension_cache()
+    init_distributed(RankEnv.from_environ())
+    tmp = Path(tempfile.mkdtemp(prefix="fm-train-bench-upload-"))
+    cfg = build_config({
+        "run": {"dir": str(tmp / "run"), "seed": 1}, "model": {"preset": args.preset}, "precision": "fp32",
+        "parallel": {"zero_stage": 2}, "cluster": {"workers": 1}, "data": {"seq_len": args.seq_len},
+        "train": {"steps": 10**6, "micro_batch": args.micro_batch, "eval_every": 0},
+        "checkpoint": {"keep": 1}})
+    engine, _ = build_engine(cfg, build_train_module(cfg))
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+    topo = Topology(world=1, tp=1, pp=1)
+    manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=0, layers=manifest_layers(cfg))
+    uploader = CheckpointUploader("s3://bench/run", rank=0, world=1, keep=1)
+    step = [0]
+
+    def train_steps(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            step[0] += 1
+            times.append(time.perf_counter() - t)
+        return times
+
+    def save(with_uploader: bool) -> float:
+        t = time.perf_counter()
+        save_checkpoint(engine, Path(cfg.run.dir), step[0], manifest=manifest, keep=1, is_rank0=True,
+                        uploader=uploader if with_uploader else None)
+        return time.perf_counter() - t
+
+    train_steps(3)  # warm up
+    results: dict[str, list[float]] = {k: [] for k in ("local", "background", "synchronous", "steps_idle",
+                                                       "steps_overlap", "upload")}
+    size = 0
+    for _ in range(args.reps):
+        results["local"].append(save(False))
+        results["steps_idle"] += train_steps(args.steps)
+        train_steps(1)
+        results["background"].append(save(True))
+        t = time.perf_counter()
+        overlapped = []
+        while uploader.busy:  # steps that run while this rank's upload is in flight
+            overlapped += train_steps(1)
+        results["upload"].append(time.perf_counter() - t)
+        results["steps_overlap"] += overlapped
+        train_steps(1)
+        t = time.perf_counter()
+        save(True)
+        uploader.wait()
+        results["synchronous"].append(time.perf_counter() - t)
+        step_dir = Path(cfg.run.dir) / "checkpoints" / f"step_{step[0]:08d}"
+        size = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+        train_steps(1)
+    med = {k: statistics.median(v) if v else float("nan") for k, v in results.items()}
+    print(f"preset {args.preset}: {size / 2**20:.1f} MiB per checkpoint; {args.reps} interleaved reps; cpus={os.cpu_count()},"
+          f" load avg {os.getloadavg()[0]:.1f}")
+    print(f"training waits for the save: local {med['local']:.2f} s | background upload {med['background']:.2f} s"
+          f" ({med['background'] / med['local']:.2f} x local) | synchronous save + upload {med['synchronous']:.2f} s"
+          f" ({med['synchronous'] / med['local']:.2f} x local)")
+    print(f"upload in the background took {med['upload']:.2f} s (median); {len(results['steps_overlap'])} steps ran"
+          f" meanwhile: median step {med['steps_overlap'] * 1e3:.0f} ms vs {med['steps_idle'] * 1e3:.0f} ms without an"
+          f" upload ({med['steps_overlap'] / med['steps_idle']:.2f} x)")
+    engine.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

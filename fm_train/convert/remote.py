@@ -1,0 +1,107 @@
+"""``fm-train convert`` from and to object storage (``s3://...``, any fsspec URI).
+
+The converter memory-maps DeepSpeed's files, so a checkpoint in storage is first downloaded into a
+temporary directory (the committed step only: the one ``latest`` names when given a run or its
+``checkpoints/``), removed after the conversion. A tokenizer that lives next to shards in storage
+(``data.sources[0].path/tokenizer`` of the manifest) is fetched the same way. An ``--out`` URI gets
+the finished, verified Hugging Face directory uploaded into it, ``config.json`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST
+from fm_train.config.storage_uri import uri_errors, uri_scheme
+from fm_train.convert.errors import ConvertError
+
+Progress = Callable[[str], None]
+
+
+def is_uri(value: str | Path) -> bool:
+    """Whether ``value`` names object storage (not a local path or ``file://``)."""
+    return uri_scheme(str(value)) is not None
+
+
+def _location(uri: str, what: str) -> Any:
+    problems = uri_errors(what, uri)
+    if problems:
+        raise ConvertError(problems[0])
+    from upath import UPath
+
+    return UPath(uri)
+
+
+def _step_in_storage(root: Any) -> Any:
+    """The committed step directory ``root`` names: itself, or what its ``latest`` (or ``checkpoints/latest``) names."""
+    for folder in (root, root / CHECKPOINTS):
+        if (folder / MANIFEST).exists():
+            return folder
+        latest = folder / LATEST
+        if latest.exists():
+            step = folder / latest.read_text().strip()
+            if (step / MANIFEST).exists():
+                return step
+            raise ConvertError(f"{latest} names {step.name}, which has no {MANIFEST}: not a committed checkpoint")
+    raise ConvertError(f"{root} holds no {MANIFEST} and no {LATEST}: not a step directory, checkpoints/ or run in storage")
+
+
+def _download_tree(remote: Any, local: Path, progress: Progress, *, skip_hidden: bool = True) -> int:
+    """Copy every file under ``remote`` into ``local``; returns the bytes copied."""
+    fs, base = remote.fs, remote.path.rstrip("/")
+    total = 0
+    for path, info in sorted(fs.find(base, detail=True).items()):
+        rel = path[len(base) + 1:]
+        if skip_hidden and any(part.startswith(".") for part in rel.split("/")):
+            continue  # upload markers (.uploaded/, .failed/)
+        target = local / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(path, str(target))
+        total += int(info.get("size") or 0)
+    return total
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str, progress: Progress) -> Iterator[tuple[Path, Path | None]]:
+    """``(local step directory, local tokenizer dir or None)`` of checkpoint ``uri``, for the conversion only."""
+    step = _step_in_storage(_location(uri, "CHECKPOINT"))
+    with tempfile.TemporaryDirectory(prefix="fm-train-convert-") as tmp:
+        local = Path(tmp) / "run" / CHECKPOINTS / step.name
+        progress(f"downloading {step} to a temporary directory")
+        size = _download_tree(step, local, progress)
+        progress(f"downloaded {size / 2**20:.1f} MiB")
+        tokenizer = None
+        sources = json.loads((local / MANIFEST).read_text())["config"].get("data", {}).get("sources") or []
+        if sources and is_uri(sources[0]["path"]):
+            remote_tok = _location(sources[0]["path"].rstrip("/") + "/tokenizer", "data.sources[0].path")
+            if remote_tok.exists():
+                tokenizer = Path(tmp) / "tokenizer"
+                _download_tree(remote_tok, tokenizer, progress)
+        yield local, tokenizer
+
+
+def upload_dir(local: Path, uri: str, *, overwrite: bool, progress: Progress) -> str:
+    """Upload a finished Hugging Face directory to ``uri`` (``config.json`` last); returns ``uri``."""
+    remote = _location(uri, "--out")
+    if (remote / "config.json").exists() and not overwrite:
+        raise ConvertError(f"{uri} already holds a model (config.json); pass --overwrite to replace it")
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    last = [p for p in files if p.name == "config.json"]
+    for p in [q for q in files if q.name != "config.json"] + last:
+        remote.fs.put_file(str(p), (remote / p.relative_to(local).as_posix()).path)
+    progress(f"uploaded {len(files)} files to {uri}")
+    return uri
+
+
+@contextlib.contextmanager
+def remote_output(uri: str, *, overwrite: bool, progress: Progress) -> Iterator[tuple[Path, Callable[[], str]]]:
+    """``(a temp dir for the converter to write, publish)``: ``publish()`` uploads it to ``uri``."""
+    if (_location(uri, "--out") / "config.json").exists() and not overwrite:  # before hours of converting
+        raise ConvertError(f"{uri} already holds a model (config.json); pass --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="fm-train-convert-out-") as tmp:
+        local = Path(tmp) / "hf"
+        yield local, lambda: upload_dir(local, uri, overwrite=overwrite, progress=progress)
