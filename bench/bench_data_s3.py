@@ -13,7 +13,7 @@ figures are the reader's and the protocol's overhead, not a real network's laten
 Each for the global and the windowed order. Reported as M tokens/s and as a ratio to the local
 reader in the same run (this machine is shared: absolute figures drift, ratios much less).
 
-Usage: .venv/bin/python bench/bench_data_s3.py [--corpus-mb 4] [--seq-len 256] [--batches 200]
+Usage: .venv/bin/python bench/bench_data_s3.py [--corpus-mb 4] [--seq-len 256] [--batches 2000]
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ def main() -> int:
     parser.add_argument("--corpus-mb", type=float, default=4.0, help="stdlib text to tokenize, MB (default 4)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--batches", type=int, default=200, help="batches timed per case (default 200)")
+    parser.add_argument("--batches", type=int, default=2000, help="batches timed per case (default 2000)")
+    parser.add_argument("--ranged-batches", type=int, default=20,
+                        help="batches timed with ranged GETs only (slow: one request per sample; default 20)")
     parser.add_argument("--shard-mb", type=float, default=2.0, help="shard size, MB (default 2)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -69,7 +71,7 @@ def main() -> int:
         print(f"corpus: {summary.tokens / 1e6:.1f} M tokens in {summary.shards} shards ({summary.bytes / 1e6:.1f} MB);"
               f" build + upload to s3:// {upload_s:.1f} s; cpus={os.cpu_count()}, load avg {os.getloadavg()[0]:.1f}")
         print(f"reader: make_train_loader, dp 1, micro_batch {args.micro_batch}, seq_len {args.seq_len}, "
-              f"{args.batches} batches per case, in the training process\n")
+              f"{args.batches} batches per case ({args.ranged_batches} with ranged GETs), in the training process\n")
         kw = dict(seq_len=args.seq_len, micro_batch=args.micro_batch, dp_rank=0, dp_size=1, seed=0, num_workers=0)
         print(f"{'order':7s} {'source':28s} {'M tok/s':>8s} {'x local':>8s}")
         for shuffle in ("global", "window"):
@@ -79,12 +81,12 @@ def main() -> int:
             local = _rate(loader(str(tmp / "local")), args.batches)
             cache_dir = tmp / f"cache-{shuffle}"
             cache = ShardCache(cache_dir, max_bytes=int(10 * summary.bytes))
-            cases = [("s3://, ranged GETs", loader("s3://bench/shards")),
-                     ("s3://, shard cache cold", loader("s3://bench/shards", cache)),
-                     ("s3://, shard cache warm", loader("s3://bench/shards", cache))]
+            cases = [("s3://, ranged GETs", loader("s3://bench/shards"), args.ranged_batches),
+                     ("s3://, shard cache cold", loader("s3://bench/shards", cache), args.batches),
+                     ("s3://, shard cache warm", loader("s3://bench/shards", cache), args.batches)]
             print(f"{shuffle:7s} {'local directory':28s} {local / 1e6:8.2f} {1.0:8.2f}")
-            for name, make in cases:
-                rate = _rate(make, args.batches)
+            for name, make, batches in cases:
+                rate = _rate(make, batches)
                 print(f"{shuffle:7s} {name:28s} {rate / 1e6:8.2f} {rate / local:8.2f}")
             shutil.rmtree(cache_dir, ignore_errors=True)
     return 0

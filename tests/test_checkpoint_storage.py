@@ -165,3 +165,50 @@ def test_the_preflight_probes_go_through_storage(s3, tmp_path: Path) -> None:
     assert refused is not None and refused.startswith("cannot write s3://no-such-bucket/pf/.preflight/tok")
     preflight.remove_probes(root, "tok")
     assert not fsspec.filesystem("s3").exists("fm-ckpt/pf/.preflight/tok/driver.json")
+
+
+def _worker_killed_during_upload(raw: dict) -> int:
+    """Rank 1's uploads are slowed so that step 4's is still in flight when rank 1 is SIGKILLed (while it
+    reads the batch of step 5); everything else is the fake-data worker."""
+    import os
+    import signal
+
+    import test_engine_worker as W
+    from fm_train.checkpoint import upload
+
+    rank = int(os.environ["RANK"])
+    slow_put = upload._put_file
+
+    def put(local, remote):
+        if rank == 1 and "step_00000004" in str(remote):
+            time.sleep(2.0)
+        slow_put(local, remote)
+
+    upload._put_file = put
+    fake = W._fake_batches
+
+    def batches(r, micro, state=None):
+        for batch in fake(r, micro, state):
+            if rank == 1 and batch["state"]["n"] == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
+
+    W._fake_batches = batches
+    return W._worker_with_fake_data(raw)
+
+
+@pytest.mark.multiproc
+def test_a_worker_killed_during_an_upload_leaves_the_previous_step_latest(s3, tiny_config_dict, tmp_path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    raw = _raw(tiny_config_dict, tmp_path / "killed", 6, "s3://fm-ckpt/killed")
+    with pytest.raises(RuntimeError, match="a rank died"):
+        run_distributed(_worker_killed_during_upload, world_size=2, args=(raw,), init_process_group=False)
+    assert fs.cat_file("fm-ckpt/killed/checkpoints/latest").decode().strip() == "step_00000002"
+    assert not fs.exists("fm-ckpt/killed/checkpoints/step_00000004/manifest.json")  # never committed there
+    # A fresh machine resumes from the last committed step and finishes the run.
+    fresh = _raw(tiny_config_dict, tmp_path / "fresh", 6, "s3://fm-ckpt/killed")
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(fresh,), init_process_group=False) == [0, 0]
+    assert sorted(_losses(tmp_path / "fresh")) == [3, 4, 5, 6]
+    assert fs.cat_file("fm-ckpt/killed/checkpoints/latest").decode().strip() == "step_00000006"

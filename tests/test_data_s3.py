@@ -175,20 +175,23 @@ def test_bad_locations_say_what_to_do(s3, tiny_config_dict: dict, monkeypatch) -
 
 @pytest.mark.multiproc
 def test_a_run_trains_from_the_bucket_as_from_local_disk(uploaded, tiny_config_dict: dict, tmp_path: Path) -> None:
-    """2 gloo ranks train and evaluate from s3:// with a loader worker: every loss and data receipt
-    equals the same run's from the local copy (the same samples in the same order)."""
+    """2 gloo ranks train and evaluate from s3:// with a loader worker, with and without the shard
+    cache: every loss and data receipt equals the same run's from the local copy."""
     from distributed import run_distributed
     from test_engine_worker import _worker_real_data
 
     uri, local = uploaded
     records = {}
-    for name, path in (("s3", uri), ("local", str(local))):
+    # From the bucket through the node's shard cache (shared by both ranks and their loader workers),
+    # from the bucket by ranged GETs only, and from the local copy.
+    for name, path, cache in (("s3-cache", uri, str(tmp_path / "cache")), ("s3", uri, None), ("local", str(local), None)):
         raw = {**tiny_config_dict, "run": {**tiny_config_dict["run"], "dir": str(tmp_path / name)},
                "data": {**tiny_config_dict["data"], "num_workers": 1, "val_fraction": 0.05,
-                        "sources": [{"path": path, "weight": 1.0}]},
+                        "sources": [{"path": path, "weight": 1.0}], "cache_dir": cache},
                "train": {**tiny_config_dict["train"], "steps": 6, "log_every": 1, "eval_every": 3, "eval_batches": 2},
                "checkpoint": {"every": 0}, "logging": {"tensorboard": False}}
         assert run_distributed(_worker_real_data, world_size=2, args=(raw,), init_process_group=False) == [0, 0]
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         records[name] = [(r.get("loss"), r.get("val_loss"), r.get("data_receipt")) for r in map(json.loads, lines)]
-    assert records["s3"] == records["local"] and len(records["s3"]) >= 6
+    assert records["s3"] == records["local"] == records["s3-cache"] and len(records["s3"]) >= 6
+    assert list((tmp_path / "cache").glob("*.tar"))

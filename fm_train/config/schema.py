@@ -140,8 +140,10 @@ class DataConfig(_Section):
     shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window"
                                                           " (data.shuffle: window).")
     cache_dir: Optional[str] = Field(
-        None, description="Node-local directory that keeps whole shards of object-store sources (s3://...) after"
-                          " their first read, shared by the node's ranks; null: every read is a ranged GET.")
+        "~/.cache/fm-train/shards",
+        description="Node-local directory that keeps whole shards of object-store sources (s3://...) after their"
+                    " first read, shared by the node's ranks and loader workers (unused for local sources); null:"
+                    " every read is a ranged GET (no disk, but one request per contiguous run of samples).")
     cache_gb: PositiveFloat = Field(50.0, description="Size bound of data.cache_dir; least recently used shards"
                                                       " are deleted beyond it.")
 

@@ -70,7 +70,9 @@ def shard_cache(cfg: FmConfig) -> Any:
     import data_shards
 
     d = cfg.data
-    return None if d.cache_dir is None else data_shards.ShardCache(d.cache_dir, int(d.cache_gb * 1e9))
+    if d.cache_dir is None:
+        return None
+    return data_shards.ShardCache(Path(d.cache_dir).expanduser(), int(d.cache_gb * 1e9))
 
 
 def bad_shards_dir(run_dir: Path) -> Path:
