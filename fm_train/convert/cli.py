@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.remote import is_uri, local_checkpoint, remote_output
 
 _MIB = 1024**2
 
@@ -45,6 +44,7 @@ def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed ``convert`` command; 0 on success, 2 on any error (one line on stderr)."""
     from fm_train.checkpoint import CheckpointError
     from fm_train.convert.export import convert_checkpoint
+    from fm_train.convert.remote import is_uri, local_checkpoint, remote_output
 
     if args.tokenizer is not None and args.no_tokenizer:
         _say("error: --tokenizer and --no-tokenizer exclude each other")
