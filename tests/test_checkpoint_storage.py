@@ -87,7 +87,7 @@ def test_an_unreachable_bucket_loses_nothing_and_says_so(s3, tiny_config_dict, t
 
 @pytest.mark.unit
 def test_rank_0_commits_only_after_every_rank_uploaded(tmp_path: Path) -> None:
-    from fm_train.checkpoint.upload import CheckpointUploader
+    from fm_train.checkpoint.upload import CheckpointUploader, save_id
 
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     (step / "rng").mkdir(parents=True)
@@ -95,30 +95,34 @@ def test_rank_0_commits_only_after_every_rank_uploaded(tmp_path: Path) -> None:
     (step / "rng" / "rank_00000.pt").write_bytes(b"rng")
     (step / "manifest.json").write_text("{}")
     storage = tmp_path / "bucket"
-    uploader = CheckpointUploader(str(storage), rank=0, world=2, keep=2, backoff_s=0.01)
-    uploader.submit(step, ["a.pt", "rng/rank_00000.pt"])
     remote = storage / "checkpoints" / "step_00000002"
+    own0, own1 = {"a.pt": "d0", "rng/rank_00000.pt": "d1"}, {"b.pt": "d2"}
+    (remote / ".uploaded").mkdir(parents=True)
+    (remote / ".uploaded" / "rank_00001").write_text("left by an earlier attempt at this step")
+    uploader = CheckpointUploader(str(storage), rank=0, world=2, keep=2, backoff_s=0.01)
+    uploader.submit(step, ["a.pt", "rng/rank_00000.pt"], own=own0, expected=[own0, own1])
     deadline = time.monotonic() + 10
     while not (remote / ".uploaded" / "rank_00000").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
     assert (remote / "a.pt").read_bytes() == b"rank 0's shard" and uploader.busy
     assert not (remote / "manifest.json").exists() and not (storage / "checkpoints" / "latest").exists()
-    (remote / ".uploaded" / "rank_00001").write_text("[]")  # rank 1 is done
+    (remote / ".uploaded" / "rank_00001").write_text(save_id(own1))  # rank 1 is done with this save
     uploader.wait()
     assert (remote / "manifest.json").read_text() == "{}"
     assert (storage / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert uploader.committed == ["step_00000002"] and uploader.failed == []
 
-    # A rank that gave up: rank 0 never commits that step, latest keeps naming the previous one.
+    # A rank that gave up on this save: rank 0 never commits it, latest keeps naming the previous step.
     step4 = step.with_name("step_00000004")
     step4.mkdir()
     (step4 / "a.pt").write_bytes(b"x")
     (step4 / "manifest.json").write_text("{}")
     failed = storage / "checkpoints" / "step_00000004" / ".failed"
     failed.mkdir(parents=True)
-    (failed / "rank_00001").write_text("ConnectionError: reset by peer")
-    uploader.submit(step4, ["a.pt"])
+    own1 = {"b.pt": "d4"}
+    (failed / "rank_00001").write_text(save_id(own1))
+    uploader.submit(step4, ["a.pt"], own={"a.pt": "d3"}, expected=[{"a.pt": "d3"}, own1])
     uploader.wait()
     assert uploader.failed == ["step_00000004"]
     assert not (storage / "checkpoints" / "step_00000004" / "manifest.json").exists()

@@ -121,7 +121,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         apply_retention(ckpt_dir, keep)
     _barrier()  # nobody goes on (or exits) before the checkpoint is committed
     if uploader is not None:
-        uploader.submit(step_dir, mine)
+        uploader.submit(step_dir, mine, own=own, expected=[part for part, _ in gathered] if is_rank0 else None)
     return step_dir
 
 

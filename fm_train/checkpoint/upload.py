@@ -18,6 +18,7 @@ the one interface to every store, and to a plain directory: ``run.storage`` may 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST, CheckpointError, parse_step
 from fm_train.config.storage_uri import uri_scheme
@@ -72,10 +73,18 @@ class CheckpointUploader:
         self.failed: list[str] = []  # step names whose upload this rank could not complete
         self.committed: list[str] = []  # rank 0: step names committed in storage
 
-    def submit(self, step_dir: Path, files: Sequence[str]) -> None:
-        """Upload ``files`` (relative to ``step_dir``) in the background; rank 0 commits the step after."""
+    def submit(self, step_dir: Path, files: Sequence[str], *, own: Mapping[str, str],
+               expected: Sequence[Mapping[str, str]] | None = None) -> None:
+        """Upload ``files`` (relative to ``step_dir``) in the background; rank 0 commits the step after.
+
+        ``own``: this rank's file digests of this save (its markers name them, so that markers left by
+        an earlier attempt at the same step are never mistaken for this one's). ``expected`` (rank 0):
+        every rank's ``own``, in rank order.
+        """
         self.wait()
-        self._thread = threading.Thread(target=self._upload, args=(Path(step_dir), list(files)),
+        self._thread = threading.Thread(target=self._upload,
+                                        args=(Path(step_dir), list(files), save_id(own),
+                                              [save_id(d) for d in expected] if expected is not None else None),
                                         name=f"fm-train-upload-{step_dir.name}", daemon=True)
         self._thread.start()
 
@@ -96,7 +105,7 @@ class CheckpointUploader:
     def _write(self, remote: Any, text: str) -> None:
         _retrying(f"writing {remote}", lambda: _write_text(remote, text), self.retries, self.backoff_s)
 
-    def _upload(self, step_dir: Path, files: list[str]) -> None:
+    def _upload(self, step_dir: Path, files: list[str], mine: str, expected: list[str] | None) -> None:
         _lower_priority()
         remote = self.root / step_dir.name
         start, size = time.perf_counter(), 0
@@ -104,30 +113,32 @@ class CheckpointUploader:
             for rel in files:
                 self._put(step_dir / rel, remote / rel)
                 size += (step_dir / rel).stat().st_size
-            self._write(remote / UPLOADED / f"rank_{self.rank:05d}", json.dumps(sorted(files)))
+            self._write(remote / UPLOADED / f"rank_{self.rank:05d}", mine)
             log.info("rank %d: uploaded %d file(s), %.1f MiB of %s to %s in %.1f s", self.rank, len(files),
                      size / 2**20, step_dir.name, remote, time.perf_counter() - start)
-            if self.rank == 0:
-                self._commit(step_dir, remote)
+            if expected is not None:
+                self._commit(step_dir, remote, expected)
         except Exception as exc:
             self.failed.append(step_dir.name)
             try:
-                self._write(remote / FAILED / f"rank_{self.rank:05d}", f"{type(exc).__name__}: {exc}")
+                self._write(remote / FAILED / f"rank_{self.rank:05d}", mine)
             except Exception:
                 pass  # the store is gone altogether; rank 0 then times out waiting for this rank
             log.error("rank %d: uploading %s to %s failed (%s: %s); %s there still names the previous checkpoint,"
                       " and %s stays on local disk", self.rank, step_dir.name, remote, type(exc).__name__, exc,
                       LATEST, step_dir)
 
-    def _commit(self, step_dir: Path, remote: Any) -> None:
-        """Rank 0: every rank's files are up, so the manifest goes up, then ``latest``, then retention."""
+    def _commit(self, step_dir: Path, remote: Any, expected: list[str]) -> None:
+        """Rank 0: once every rank's marker names this save, the manifest goes up, then ``latest``, then
+        retention. Markers of an earlier attempt at the same step name other digests and do not count."""
         deadline = time.monotonic() + self.commit_timeout_s
         while True:
-            failed = _names(remote / FAILED)
+            failed = _markers(remote / FAILED, expected)
             if failed:
-                raise CheckpointError(f"rank(s) {', '.join(failed)} could not upload their files of {step_dir.name}")
-            done = _names(remote / UPLOADED)
-            if len(done) >= self.world:
+                raise CheckpointError(f"rank(s) {', '.join(map(str, failed))} could not upload their files of"
+                                      f" {step_dir.name}")
+            done = _markers(remote / UPLOADED, expected)
+            if len(done) == len(expected):
                 break
             if time.monotonic() > deadline:
                 raise CheckpointError(f"only {len(done)} of {self.world} ranks uploaded {step_dir.name} within"
@@ -196,8 +207,22 @@ def _children(folder: Any) -> list[Any]:
         return []
 
 
-def _names(folder: Any) -> list[str]:
-    """Marker names in ``folder`` (an object-store listing; empty when there is none yet)."""
+def save_id(digests: Mapping[str, str]) -> str:
+    """What one rank's markers say: the sha256 of its file digests in this save."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode()).hexdigest()
+
+
+def _markers(folder: Any, expected: Sequence[str]) -> list[int]:
+    """The ranks whose marker in ``folder`` names this save (``expected[rank]``)."""
     if not isinstance(folder, Path):
         folder.fs.invalidate_cache(folder.path)  # listings are cached by the client; markers arrive meanwhile
-    return sorted(p.name for p in _children(folder))
+    found = []
+    for p in _children(folder):
+        rank = int(p.name.rpartition("_")[2]) if p.name.startswith("rank_") else -1
+        if 0 <= rank < len(expected):
+            try:
+                if p.read_text().strip() == expected[rank]:
+                    found.append(rank)
+            except FileNotFoundError:
+                pass
+    return sorted(found)
