@@ -112,8 +112,10 @@ def ensure_corpus(cfg: FmConfig, say: Say) -> None:
 
 
 def convert_and_sample(run_dir: Path, cfg: FmConfig, say: Say) -> Path | None:
-    """Convert RUN/checkpoints/latest to RUN/hf and print a short sample; None when conversion is skipped."""
-    ckpt = latest_checkpoint(run_dir)
+    """Convert RUN/checkpoints/latest (or, with ``run.storage``, storage's latest) to RUN/hf and print a
+    short sample; None when conversion is skipped."""
+    # Without a shared run.dir the driver's copy holds only its own node's ranks' files: storage has all.
+    ckpt = cfg.run.storage if cfg.run.storage is not None else latest_checkpoint(run_dir)
     if ckpt is None:
         say(f"conversion skipped: {run_dir / 'checkpoints' / 'latest'} names no complete checkpoint")
         return None

@@ -20,9 +20,17 @@ def _corpus(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from fm_train.convert import convert_checkpoint
+    import contextlib
 
-    out = convert_checkpoint(Path(args.checkpoint), Path(args.out), dtype=args.dtype, verify=True, overwrite=True)
+    from fm_train.convert import convert_checkpoint
+    from fm_train.convert.remote import is_uri, local_checkpoint
+
+    with contextlib.ExitStack() as stack:
+        checkpoint, tokenizer = Path(args.checkpoint), None
+        if is_uri(args.checkpoint):  # run.storage: the committed step, downloaded for the conversion
+            checkpoint, tokenizer = stack.enter_context(local_checkpoint(args.checkpoint, print))
+        out = convert_checkpoint(checkpoint, Path(args.out), dtype=args.dtype, verify=True, overwrite=True,
+                                 tokenizer=tokenizer)
     print(f"converted {args.checkpoint} to {out or args.out}")
     return 0
 

@@ -1,11 +1,15 @@
 """Bring the newest checkpoint committed in ``run.storage`` into ``RUN/checkpoints`` for a resume.
 
-A node without a shared ``run.dir`` (a fresh machine, a replacement for a lost one, or one that only
-holds its own ranks' files) downloads the files of the step that storage's ``latest`` names and
-that it lacks or holds at another size, the manifest last (the local commit marker, as for a save),
-then points the local ``latest`` at it. The local resume path then runs as always: checksums,
-layout checks, resharding. Files are fetched through a temporary name and renamed, so a download
-cut short leaves nothing that passes for a checkpoint.
+With ``run.storage`` a step is a checkpoint once it is committed there, so every node resumes from
+the step storage's ``latest`` names, whatever its own disk holds: a node without a shared ``run.dir``
+(a fresh machine, a replacement for a lost one, or one that only holds its own ranks' files)
+downloads the files of that step it lacks or holds at another size, the manifest last (the local
+commit marker, as for a save), then points the local ``latest`` at it. Local step directories newer
+than it were never committed (their upload was cut short) and may hold only this node's files, so
+they are removed: all nodes then agree on the step, and the next save of that step is made anew.
+The local resume path then runs as always: checksums, layout checks, resharding. Files are fetched
+through a temporary name and renamed, so a download cut short leaves nothing that passes for a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +28,8 @@ from fm_train.checkpoint.layout import (
     MANIFEST,
     CheckpointError,
     checkpoints_dir,
+    list_step_dirs,
     parse_step,
-    read_latest,
     write_latest,
 )
 from fm_train.checkpoint.upload import storage_root
@@ -44,8 +49,6 @@ def _get(remote: Any, local: Path) -> None:
     tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
     try:
         if isinstance(remote, Path):
-            import shutil
-
             shutil.copyfile(remote, tmp)
         else:
             remote.fs.get_file(remote.path, str(tmp))
@@ -57,9 +60,8 @@ def _get(remote: Any, local: Path) -> None:
 def fetch_latest(storage: str, run_dir: Path, *, say=print) -> Path | None:
     """The step directory of storage's newest committed checkpoint, made whole under ``run_dir``.
 
-    None when storage holds no committed checkpoint. A local ``latest`` newer than storage's is left
-    alone (the local save is newer; its upload may have been cut short). Call it once per node
-    (every rank of the node then reads the same files).
+    None when storage holds no committed checkpoint (the local checkpoints are then used as they
+    are). Call it once per node (every rank of the node then reads the same files).
     """
     root = storage_root(storage)
     try:
@@ -75,9 +77,10 @@ def fetch_latest(storage: str, run_dir: Path, *, say=print) -> Path | None:
                               " committed checkpoint (delete the latest object or point it at a committed step)")
     manifest = json.loads(text)
     ckpt_dir = checkpoints_dir(run_dir)
-    local_latest = read_latest(ckpt_dir) if ckpt_dir.is_dir() else None
-    if local_latest is not None and (parse_step(local_latest.name) or -1) > parse_step(name):
-        return local_latest
+    for step, path in list_step_dirs(ckpt_dir) if ckpt_dir.is_dir() else []:
+        if step > parse_step(name):
+            say(f"removing {path}: newer than {name}, the newest step committed in {root}, so never committed")
+            shutil.rmtree(path, ignore_errors=True)
     step_dir = ckpt_dir / name
     wanted = {**manifest["files"], **{rel: None for rel in manifest["rng"]["files"]}}
     missing = [rel for rel, size in wanted.items()

@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))  # chaos_runs, chaos_faults
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hosts import Network, RayCluster, capability_problem, host  # noqa: E402
+from hosts import Network, RayCluster, capability_problem, host, start_s3  # noqa: E402
 
 
 @pytest.fixture(scope="package")
@@ -43,9 +43,17 @@ def network() -> Iterator[Network]:
 
 
 @pytest.fixture(scope="package")
-def cluster(network: Network) -> RayCluster:
-    """Ray head on host a and a worker node on host b, 2 CPUs each, token authentication on."""
-    ray = RayCluster(head=host(network, "a"))
+def s3_env(network: Network, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An S3 server on host a (moto's), reachable from every host: the AWS environment that reaches it."""
+    _, env = start_s3(host(network, "a"), tmp_path_factory.mktemp("s3") / "moto.log")
+    return env  # the server dies with host a's namespace (network.destroy kills its processes)
+
+
+@pytest.fixture(scope="package")
+def cluster(network: Network, s3_env: dict[str, str]) -> RayCluster:
+    """Ray head on host a and a worker node on host b, 2 CPUs each, token authentication on; every
+    host's Ray (so every worker) has the object store's endpoint and credentials."""
+    ray = RayCluster(head=host(network, "a"), extra_env=s3_env)
     ray.start_head()
     ray.join(host(network, "b"))
     ray.wait_for_nodes(2)

@@ -196,6 +196,9 @@ class RayCluster:
     head: Host
     cpus_per_host: int = 2
     token: str = field(default_factory=lambda: secrets.token_hex(16))
+    extra_env: dict[str, str] = field(default_factory=dict)
+    """Set in ``ray start``'s environment on every host, so every worker inherits it (the object store's
+    endpoint and credentials, as a cloud node's profile would provide them)."""
 
     @property
     def address(self) -> str:
@@ -209,7 +212,7 @@ class RayCluster:
 
     def env(self) -> dict[str, str]:
         """The environment for commands on any host of this cluster."""
-        return ray_env(self.token)
+        return {**ray_env(self.token), **self.extra_env}
 
     def start_head(self) -> None:
         """Start the head node (GCS, dashboard and job server on the head's own address)."""
@@ -233,6 +236,26 @@ class RayCluster:
                 "    time.sleep(0.5)\n"
                 f"sys.exit(0 if sum(n['Alive'] for n in ray.nodes()) == {count} else 1)\n")
         self.head.run([sys.executable, "-c", code], self.env(), timeout=timeout_s + 60)
+
+
+S3_PORT = 5055
+
+
+def start_s3(on: Host, log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3 server on ``on``'s own address (every host reaches it over the switch), and the AWS
+    environment that points boto3 and s3fs at it (dummy credentials: moto accepts any)."""
+    proc = on.popen([BIN / "python", "-m", "moto.server", "-H", on.ip, "-p", str(S3_PORT)], {**os.environ}, log=log)
+    env = {"AWS_ENDPOINT_URL": f"http://{on.ip}:{S3_PORT}", "AWS_ACCESS_KEY_ID": "multihost",
+           "AWS_SECRET_ACCESS_KEY": "multihost", "AWS_DEFAULT_REGION": "us-east-1"}
+    probe = ("import sys, time, boto3\n"
+             "for _ in range(200):\n"
+             "    try:\n"
+             "        boto3.client('s3').list_buckets(); sys.exit(0)\n"
+             "    except Exception:\n"
+             "        time.sleep(0.1)\n"
+             "sys.exit(1)\n")
+    on.run([sys.executable, "-c", probe], {**os.environ, **env}, timeout=60)
+    return proc, env
 
 
 def host(network: Network, name: str) -> Host:

@@ -208,3 +208,45 @@ def test_losing_the_second_host_the_run_finishes_on_the_first(network: Network, 
     figure(f"host b powered off at logged step {lost['step']} ({lost['killed']} processes); layout change to"
            f" 1 worker {changed - lost['at']:.0f}s later, resumed from step {resumed_at}; worst relative loss"
            f" difference after it {worst:.1e}; run {time.monotonic() - started:.0f}s")
+
+
+def test_with_object_storage_only_the_run_survives_a_kill_on_the_second_host_and_converts(
+        network: Network, cluster: RayCluster, corpus: Path, reference: Path, tmp_path: Path):
+    """No shared filesystem: the shards and the checkpoints live in an S3 store (moto's server on host a,
+    reached over the switch) and run.dir is each host's own disk. The worker on host b is SIGKILLed
+    mid-run; the restarted group fetches the step committed in storage and trains exactly the
+    uninterrupted run's losses; the driver converts from storage at the end."""
+    import sys
+
+    a, b = host(network, "a"), host(network, "b")
+    bucket = f"mh-{uuid.uuid4().hex[:8]}"
+    upload = ("import sys, boto3, fsspec\n"
+              f"boto3.client('s3').create_bucket(Bucket={bucket!r})\n"
+              f"fsspec.filesystem('s3').put(sys.argv[1] + '/', 's3://{bucket}/corpus/', recursive=True)\n")
+    a.run([sys.executable, "-c", upload, str(corpus)], cluster.env())
+    run = LOCAL_DIR / f"run-{uuid.uuid4().hex[:8]}"
+    cfg = two_host_config(run, corpus)
+    cfg["run"]["storage"] = f"s3://{bucket}/run"
+    cfg["data"].update(sources=[{"path": f"s3://{bucket}/corpus"}], cache_dir=str(LOCAL_DIR / "shard-cache"))
+    cfg["convert"] = {"at_end": True, "dtype": "fp32"}
+    killed: dict[str, int] = {}
+
+    def kill_b_worker() -> None:
+        killed["step"] = wait_step(a.private(run), 9)
+        [pid] = [pid for pid in worker_pids(run).values() if pid in b.pids()]
+        os.kill(pid, signal.SIGKILL)
+        killed["pid"] = pid
+
+    code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log",
+                       during=kill_b_worker)
+    assert code == 0, out[-4000:]
+    assert "pid" in killed, "the worker on host b was never found"
+    assert "fetching step_" in out or "fetching step_" in (a.private(run) / "logs" / "rank_001.log").read_text()
+    got, want = train_records(a.private(run)), train_records(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s]["loss"] for s in want] == [want[s]["loss"] for s in want]
+    assert got[STEPS]["data_receipt"] == want[STEPS]["data_receipt"]
+    assert (a.private(run) / "hf" / "config.json").is_file(), out[-3000:]
+    latest = a.run([sys.executable, "-c", f"import fsspec; print(fsspec.filesystem('s3').cat_file("
+                    f"'{bucket}/run/checkpoints/latest').decode().strip())"], cluster.env()).stdout.strip()
+    assert latest == f"step_{STEPS:08d}"
