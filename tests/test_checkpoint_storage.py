@@ -216,3 +216,32 @@ def test_a_worker_killed_during_an_upload_leaves_the_previous_step_latest(s3, ti
     assert run_distributed(_worker_with_fake_data, world_size=2, args=(fresh,), init_process_group=False) == [0, 0]
     assert sorted(_losses(tmp_path / "fresh")) == [3, 4, 5, 6]
     assert fs.cat_file("fm-ckpt/killed/checkpoints/latest").decode().strip() == "step_00000006"
+
+
+@pytest.mark.unit
+def test_an_upload_that_fails_twice_is_retried_and_committed(tmp_path: Path, monkeypatch) -> None:
+    """A network blip mid-upload: the file is retried with backoff and the step is committed after."""
+    from fm_train.checkpoint import upload
+    from fm_train.checkpoint.upload import CheckpointUploader, save_id
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "a.pt").write_bytes(b"weights")
+    (step / "manifest.json").write_text("{}")
+    calls = {"n": 0}
+    real = upload._put_file
+
+    def flaky(local, remote):
+        if local.name == "a.pt" and calls["n"] < 2:
+            calls["n"] += 1
+            raise ConnectionResetError("connection reset by peer")
+        real(local, remote)
+
+    monkeypatch.setattr(upload, "_put_file", flaky)
+    uploader = CheckpointUploader(str(tmp_path / "bucket"), rank=0, world=1, keep=1, retries=2, backoff_s=0.01)
+    uploader.submit(step, ["a.pt"], own={"a.pt": "d"}, expected=[{"a.pt": "d"}])
+    uploader.wait()
+    assert calls["n"] == 2 and uploader.failed == [] and uploader.committed == ["step_00000002"]
+    assert (tmp_path / "bucket" / "checkpoints" / "step_00000002" / "a.pt").read_bytes() == b"weights"
+    assert save_id({"a.pt": "d"}) == (tmp_path / "bucket" / "checkpoints" / "step_00000002" / ".uploaded"
+                                      / "rank_00000").read_text()
