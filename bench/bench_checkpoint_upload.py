@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace, server_pid: int) -> int:
     tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
     topo = Topology(world=1, tp=1, pp=1)
     manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=0, layers=manifest_layers(cfg))
-    uploader = CheckpointUploader("s3://bench/run", rank=0, world=1, keep=1)
+    uploader = CheckpointUploader("s3://bench/run", rank=0, keep=1)
     step = [0]
 
     def train_steps(n: int) -> list[float]:

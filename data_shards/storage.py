@@ -18,7 +18,8 @@ from typing import Any, Union
 from .errors import DataError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-#: The package a backend needs, named in the error when it is missing (fsspec's own names).
+#: The package a backend needs, named in the error when it is missing (fsspec's own names). The config's
+#: load-time check (fm_train/config/storage_uri.py) has its own table: this package never imports fm_train.
 _BACKEND_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
                      "abfss": "adlfs"}
 
@@ -29,11 +30,6 @@ def scheme_of(location: str | os.PathLike) -> str | None:
     """The URI scheme of ``location`` (``"s3"``), or None for a plain path."""
     m = _SCHEME.match(str(location))
     return m.group(1).lower() if m else None
-
-
-def is_remote(location: str | os.PathLike) -> bool:
-    """True for an object-store URI (any scheme but ``file``)."""
-    return scheme_of(location) not in (None, "file")
 
 
 def as_location(location: str | os.PathLike, *, what: str = "path") -> Location:

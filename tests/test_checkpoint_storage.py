@@ -99,7 +99,7 @@ def test_rank_0_commits_only_after_every_rank_uploaded(tmp_path: Path) -> None:
     own0, own1 = {"a.pt": "d0", "rng/rank_00000.pt": "d1"}, {"b.pt": "d2"}
     (remote / ".uploaded").mkdir(parents=True)
     (remote / ".uploaded" / "rank_00001").write_text("left by an earlier attempt at this step")
-    uploader = CheckpointUploader(str(storage), rank=0, world=2, keep=2, backoff_s=0.01)
+    uploader = CheckpointUploader(str(storage), rank=0, keep=2, backoff_s=0.01)
     uploader.submit(step, ["a.pt", "rng/rank_00000.pt"], own=own0, expected=[own0, own1])
     deadline = time.monotonic() + 10
     while not (remote / ".uploaded" / "rank_00000").exists() and time.monotonic() < deadline:
@@ -238,7 +238,7 @@ def test_an_upload_that_fails_twice_is_retried_and_committed(tmp_path: Path, mon
         real(local, remote)
 
     monkeypatch.setattr(upload, "_put_file", flaky)
-    uploader = CheckpointUploader(str(tmp_path / "bucket"), rank=0, world=1, keep=1, retries=2, backoff_s=0.01)
+    uploader = CheckpointUploader(str(tmp_path / "bucket"), rank=0, keep=1, retries=2, backoff_s=0.01)
     uploader.submit(step, ["a.pt"], own={"a.pt": "d"}, expected=[{"a.pt": "d"}])
     uploader.wait()
     assert calls["n"] == 2 and uploader.failed == [] and uploader.committed == ["step_00000002"]

@@ -64,10 +64,10 @@ def _retrying(what: str, fn: Callable[[], Any], retries: int, backoff_s: float) 
 class CheckpointUploader:
     """One rank's background uploads of its checkpoint files to ``run.storage``."""
 
-    def __init__(self, storage: str, *, rank: int, world: int, keep: int, retries: int = 5, backoff_s: float = 1.0,
+    def __init__(self, storage: str, *, rank: int, keep: int, retries: int = 5, backoff_s: float = 1.0,
                  commit_timeout_s: float = 3600.0) -> None:
         self.root = storage_root(storage)
-        self.rank, self.world, self.keep = rank, world, keep
+        self.rank, self.keep = rank, keep
         self.retries, self.backoff_s, self.commit_timeout_s = retries, backoff_s, commit_timeout_s
         self._thread: threading.Thread | None = None
         self.failed: list[str] = []  # step names whose upload this rank could not complete
@@ -141,7 +141,7 @@ class CheckpointUploader:
             if len(done) == len(expected):
                 break
             if time.monotonic() > deadline:
-                raise CheckpointError(f"only {len(done)} of {self.world} ranks uploaded {step_dir.name} within"
+                raise CheckpointError(f"only {len(done)} of {len(expected)} ranks uploaded {step_dir.name} within"
                                       f" {self.commit_timeout_s:.0f} s")
             time.sleep(0.2)
         self._put(step_dir / MANIFEST, remote / MANIFEST)

@@ -113,8 +113,8 @@ class CheckpointSaver:
         if cfg.run.storage is not None:
             from fm_train.checkpoint.upload import CheckpointUploader
 
-            self.uploader = CheckpointUploader(cfg.run.storage, rank=rank, world=topology.world,
-                                               keep=cfg.checkpoint.keep, retries=cfg.checkpoint.upload_retries)
+            self.uploader = CheckpointUploader(cfg.run.storage, rank=rank, keep=cfg.checkpoint.keep,
+                                               retries=cfg.checkpoint.upload_retries)
 
     def __call__(self, engine: DeepSpeedEngine, state: TrainState) -> None:
         every, last = self.cfg.checkpoint.every, self.cfg.train.steps
