@@ -50,10 +50,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args._run
     try:
-        return int(run(args) or 0)
+        code = int(run(args) or 0)
     except BrokenPipeError:  # `fm-train plan ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    if args.command == "worker":
+        _leave_without_finalizers(code)
+    return code
+
+
+def _leave_without_finalizers(code: int) -> None:
+    """End a finished training rank at once, skipping the interpreter's teardown.
+
+    After the process group is destroyed, gloo/DeepSpeed native threads can still be alive when the
+    interpreter runs static destructors, which now and then aborts a rank whose work is all done
+    (SIGABRT, ``terminate called without an active exception``); the launcher would read a crash
+    and restart a finished run. The worker closed its metrics sinks and checkpoint uploads before
+    returning, so only the standard streams and logging handlers are left to flush.
+    """
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def run_worker(cfg: FmConfig) -> int:
         sources = engine_data.prepare_sources(cfg, is_rank0=is_rank0)
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
-        resume_from, universal = checkpointing.resume_point(cfg, topo, local_rank=env.local_rank)
+        resume_from, universal = checkpointing.resume_point(cfg, topo)
         init = _initial_weights(cfg, resuming=resume_from is not None)
         module = build_train_module(cfg, groups, init=init)
         _report_init_read(init, env.rank)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import traceback
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -51,6 +52,11 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: Sequence[A
             except RuntimeError:
                 pass
             dist.destroy_process_group()
+        # Leave without the interpreter's teardown: a native gloo/DeepSpeed thread still alive at
+        # static-destructor time now and then aborts a rank whose result is already queued (SIGABRT).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def run_distributed(fn: Callable, world_size: int, args: Sequence[Any] = (), *, init_process_group: bool = True,

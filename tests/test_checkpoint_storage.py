@@ -71,6 +71,8 @@ def test_a_run_checkpoints_to_s3_and_resumes_from_it_on_a_fresh_machine(s3, tiny
     assert sorted(resumed) == [7, 8]
     assert [resumed[s] for s in (7, 8)] == [want[s] for s in (7, 8)]  # bit-exact, as the local resume
     assert fs.cat_file("fm-ckpt/run/checkpoints/latest").decode().strip() == "step_00000008"
+    copied = [json.loads(line) for line in fs.cat_file("fm-ckpt/run/metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in copied if "loss" in r] == [7, 8]  # the second machine's own metrics.jsonl
 
 
 @pytest.mark.multiproc
@@ -216,6 +218,35 @@ def test_a_worker_killed_during_an_upload_leaves_the_previous_step_latest(s3, ti
     assert run_distributed(_worker_with_fake_data, world_size=2, args=(fresh,), init_process_group=False) == [0, 0]
     assert sorted(_losses(tmp_path / "fresh")) == [3, 4, 5, 6]
     assert fs.cat_file("fm-ckpt/killed/checkpoints/latest").decode().strip() == "step_00000006"
+
+
+@pytest.mark.unit
+def test_log_copies_take_complete_lines_and_only_what_changed(tmp_path: Path, monkeypatch) -> None:
+    from fm_train.checkpoint import upload
+    from fm_train.engine import log_copies
+    from fm_train.engine.log_copies import RunLogCopies
+
+    run, store = tmp_path / "run", tmp_path / "store"
+    (run / "tensorboard").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2')  # the sink is writing step 2
+    (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"ev")
+    copies = RunLogCopies(run, str(store), retries=0)
+    assert copies.copy() == ["metrics.jsonl", "tensorboard/events.out.tfevents.1"]
+    assert (store / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert copies.copy() == []  # nothing changed
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write("}\n")
+    assert copies.copy() == ["metrics.jsonl"]
+    assert (store / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+    def refused(remote, data):
+        raise PermissionError("read-only bucket")
+
+    monkeypatch.setattr(log_copies, "write_bytes", refused)
+    (run / "failures.jsonl").write_text('{"kind": "x"}\n')
+    assert copies.copy() == []  # logged, not raised: a run never stops for its log copies
+    monkeypatch.setattr(log_copies, "write_bytes", upload.write_bytes)
+    assert copies.copy() == ["failures.jsonl"]  # tried again at the next call
 
 
 @pytest.mark.unit

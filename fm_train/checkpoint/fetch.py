@@ -4,7 +4,9 @@ With ``run.storage`` a step is a checkpoint once it is committed there, so every
 the step storage's ``latest`` names, whatever its own disk holds: a node without a shared ``run.dir``
 (a fresh machine, a replacement for a lost one, or one that only holds its own ranks' files)
 downloads the files of that step it lacks or holds at another size, the manifest last (the local
-commit marker, as for a save), then points the local ``latest`` at it. Local step directories newer
+commit marker, as for a save), then points the local ``latest`` at it. On the layout that saved
+the step, a disk gets only the files its ranks read (:mod:`fm_train.checkpoint.node_files`): the
+module weights once per pipeline stage and its own ranks' optimizer partitions, not all of them. Local step directories newer
 than it were never committed (their upload was cut short) and may hold only this node's files, so
 they are removed: all nodes then agree on the step, and the next save of that step is made anew.
 The local resume path then runs as always: checksums, layout checks, resharding. Files are fetched
@@ -19,8 +21,9 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from fm_train.checkpoint import collective
 from fm_train.checkpoint.layout import (
@@ -32,7 +35,9 @@ from fm_train.checkpoint.layout import (
     parse_step,
     write_latest,
 )
+from fm_train.checkpoint.node_files import HELD, files_for_ranks, write_held
 from fm_train.checkpoint.upload import storage_root
+from fm_train.dist import Topology
 
 log = logging.getLogger("fm_train.checkpoint")
 
@@ -57,11 +62,14 @@ def _get(remote: Any, local: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def fetch_latest(storage: str, run_dir: Path, *, say=print) -> Path | None:
-    """The step directory of storage's newest committed checkpoint, made whole under ``run_dir``.
+def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = None,
+                 topology: Topology | None = None, zero_stage: int | None = None, say=print) -> Path | None:
+    """The step directory of storage's newest committed checkpoint, made ready under ``run_dir``.
 
     None when storage holds no committed checkpoint (the local checkpoints are then used as they
-    are). Call it once per node (every rank of the node then reads the same files).
+    are). Call it once per disk: ``ranks`` are the ranks whose ``run.dir`` is this one; on the layout
+    that saved the step (``topology``, ``zero_stage``) only the files they read are fetched
+    (:func:`fm_train.checkpoint.node_files.files_for_ranks`), otherwise every file.
     """
     root = storage_root(storage)
     try:
@@ -82,33 +90,86 @@ def fetch_latest(storage: str, run_dir: Path, *, say=print) -> Path | None:
             say(f"removing {path}: newer than {name}, the newest step committed in {root}, so never committed")
             shutil.rmtree(path, ignore_errors=True)
     step_dir = ckpt_dir / name
-    wanted = {**manifest["files"], **{rel: None for rel in manifest["rng"]["files"]}}
-    missing = [rel for rel, size in wanted.items()
-               if not (step_dir / rel).is_file() or (size is not None and (step_dir / rel).stat().st_size != size)]
+    every = sorted({*manifest["files"], *manifest["rng"]["files"]})
+    needed = None
+    if ranks is not None and topology is not None and zero_stage is not None:
+        needed = files_for_ranks(manifest, ranks, topology, zero_stage)
+    wanted = every if needed is None else needed
+    sizes = manifest["files"]
+    missing = [rel for rel in wanted
+               if not (step_dir / rel).is_file() or (rel in sizes and (step_dir / rel).stat().st_size != sizes[rel])]
     if missing or not (step_dir / MANIFEST).is_file():
         start = time.perf_counter()
-        total = sum(int(manifest["files"].get(rel) or 0) for rel in missing)
-        say(f"fetching {name} from {root}: {len(missing)} of {len(wanted)} files ({total / 2**20:.1f} MiB)")
+        total = sum(int(sizes.get(rel) or 0) for rel in missing)
+        whose = "" if needed is None else f" (what rank(s) {_ranges(ranks)} read)"
+        say(f"fetching {name} from {root}: {len(missing)} of {len(every)} files{whose}, {total / 2**20:.1f} MiB")
         (step_dir / MANIFEST).unlink(missing_ok=True)  # not a checkpoint until every file is here
-        for i, rel in enumerate(sorted(missing), 1):
+        done = 0
+        for i, rel in enumerate(missing, 1):
             _get(root / name / rel, step_dir / rel)
+            done += int(sizes.get(rel) or 0)
             if i % 16 == 0 or i == len(missing):
-                say(f"  {i}/{len(missing)} files")
-        _get(root / name / MANIFEST, step_dir / MANIFEST)
+                say(f"  {i}/{len(missing)} files, {done / 2**20:.1f} of {total / 2**20:.1f} MiB")
         say(f"fetched {name} in {time.perf_counter() - start:.1f} s")
+    held = [rel for rel in every if (step_dir / rel).is_file()]
+    if len(held) < len(every):
+        write_held(step_dir, ranks or [], wanted)  # before the manifest: it is what the checks read
+    else:
+        (step_dir / HELD).unlink(missing_ok=True)
+    if not (step_dir / MANIFEST).is_file():
+        _get(root / name / MANIFEST, step_dir / MANIFEST)
     write_latest(ckpt_dir, step_dir)
     return step_dir
 
 
-def fetch_on_each_node(storage: str, run_dir: Path, *, local_rank: int) -> None:
-    """Every rank calls this: local rank 0 of each node fetches (:func:`fetch_latest`), the others wait;
-    a failure on any node is raised on every rank (nobody is left waiting in a collective)."""
+def _ranges(ranks: Sequence[int] | None) -> str:
+    """``0-3, 8`` for the ranks 0, 1, 2, 3 and 8."""
+    out: list[str] = []
+    for rank in sorted(ranks or []):
+        if out and out[-1].split("-")[-1] == str(rank - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{rank}"
+        else:
+            out.append(str(rank))
+    return ", ".join(out)
+
+
+def _disk_token(run_dir: Path, nonce: str) -> str:
+    """The same string on every rank whose ``run_dir`` is this very directory, another on other disks.
+
+    The first rank to link its token into place wins (``link`` fails when the name exists, also on
+    NFS); the others read the winner's. ``nonce`` (agreed by all ranks) makes the name new at each
+    start, so a run directory copied to another machine does not carry a stale answer along.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f".disk-{nonce}"
+    mine = run_dir / f".disk-{nonce}.{os.getpid()}.{uuid.uuid4().hex}"
+    mine.write_text(uuid.uuid4().hex)
+    try:
+        os.link(mine, final)
+    except FileExistsError:
+        pass
+    finally:
+        mine.unlink(missing_ok=True)
+    return final.read_text()
+
+
+def fetch_on_each_node(storage: str, run_dir: Path, *, topology: Topology, zero_stage: int) -> None:
+    """Every rank calls this: the lowest rank of each disk (the ranks sharing ``run_dir``) fetches for
+    all of them (:func:`fetch_latest`), the others wait; a failure anywhere is raised on every rank
+    (nobody is left waiting in a collective)."""
+    nonce = collective.all_gather(uuid.uuid4().hex)[0]
+    token = _disk_token(Path(run_dir), nonce)
+    tokens = collective.all_gather(token)
+    sharing = [r for r, t in enumerate(tokens) if t == token]
     error = ""
-    if local_rank == 0:
+    if collective.rank() == sharing[0]:
         try:
-            fetch_latest(storage, run_dir, say=lambda line: print(line, flush=True))
+            fetch_latest(storage, run_dir, ranks=sharing, topology=topology, zero_stage=zero_stage,
+                         say=lambda line: print(line, flush=True))
         except Exception as exc:
             error = f"rank {collective.rank()}: {exc}"
     errors = [e for e in collective.all_gather(error) if e]
+    if collective.rank() == sharing[0]:
+        (Path(run_dir) / f".disk-{nonce}").unlink(missing_ok=True)
     if errors:
         raise CheckpointError("fetching the checkpoint from run.storage failed: " + "; ".join(errors))

@@ -16,10 +16,11 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypeVar
+from typing import Any, Iterable, Mapping
+
+from fm_train.checkpoint.node_files import HELD, checking_share, read_held
 
 log = logging.getLogger("fm_train.checkpoint")
-T = TypeVar("T")
 
 ALGORITHM = "sha256"
 _BLOCK = 4 << 20  # large reads: hashing, not syscalls, should be the cost
@@ -62,11 +63,6 @@ def recorded_files(manifest: Mapping[str, Any]) -> list[str]:
     return sorted(set(manifest.get("files", {})) | set(manifest.get("checksums", {}).get("files", {})))
 
 
-def share_of(rels: list[T], rank: int, world: int) -> list[T]:
-    """The files ``rank`` of ``world`` checks: every ``world``-th of ``rels`` (sorted), so ranks split the work."""
-    return rels[rank::world]
-
-
 def _problem(step_dir: Path, rel: str, size: int | None, digest: str | None, algorithm: str) -> str | None:
     path = Path(step_dir) / rel
     if not path.is_file():
@@ -81,7 +77,9 @@ def _problem(step_dir: Path, rel: str, size: int | None, digest: str | None, alg
 
 def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, world: int = 1) -> list[str]:
     """What is wrong with this rank's share of the files ``manifest`` records: missing, of another size,
-    or with another checksum; one entry per damaged file, naming it. Empty when the share is intact."""
+    or with another checksum; one entry per damaged file, naming it. Empty when the share is intact.
+    A directory that holds part of the files (:mod:`fm_train.checkpoint.node_files`) is checked for
+    those it holds, by the ranks it holds them for."""
     sizes = manifest.get("files", {})
     checksums = manifest.get("checksums") or {}
     digests = checksums.get("files", {})
@@ -91,7 +89,11 @@ def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, w
                     "checked", step_dir)
     if digests and algorithm not in hashlib.algorithms_available:
         return [f"manifest.json (checksum algorithm {algorithm!r} is not available in this Python)"]
-    mine = share_of(recorded_files(manifest), rank, world)
+    mine = checking_share(step_dir, recorded_files(manifest), rank, world)
+    if mine is None:
+        held = read_held(step_dir) or {}
+        return [f"{HELD} (this directory holds only the files ranks {held.get('ranks')} read, fetched from "
+                f"run.storage; rank {rank} is not among them: resume with run.storage set, or convert from it)"]
     with ThreadPoolExecutor(max_workers=_threads(len(mine))) as pool:
         found = pool.map(lambda rel: _problem(step_dir, rel, sizes.get(rel), digests.get(rel), algorithm), mine)
         return [p for p in found if p is not None]

@@ -21,6 +21,11 @@ Schema (version 1)::
                                   # every file of the step dir (rng/ too), hashed by the rank that
                                   # wrote it; checked by resume and convert (fm_train.checkpoint.integrity).
                                   # Absent in manifests written before checksums: sizes only then
+    writers: [[relative path, ...] per rank]
+                                  # which rank wrote each file (rank 0 also lists the files no rank
+                                  # wrote itself): a node without a shared run.dir fetches only the
+                                  # files its ranks read (fm_train.checkpoint.node_files). Absent in
+                                  # older manifests: a fetch then takes every file
     probe: {file, input_shape, positions, precision}
                                   # the live engine's logits on a fixed batch at save time
                                   # (fm_train.checkpoint.probe); the converter checks its export
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fm_train.checkpoint.layout import MANIFEST, CheckpointError, atomic_write_text
+from fm_train.checkpoint.node_files import read_held
 from fm_train.config import FmConfig
 from fm_train.dist import Topology
 
@@ -98,12 +104,14 @@ def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tok
 
 def complete_manifest(partial: Mapping[str, Any], *, step: int, tag: str, files: Mapping[str, int],
                       rng_files: list[str], checksums: Mapping[str, Any] | None = None,
-                      probe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      probe: Mapping[str, Any] | None = None,
+                      writers: list[list[str]] | None = None) -> dict[str, Any]:
     """Add what only the saver knows, and check the whole thing before it becomes the commit marker.
 
     ``checksums`` is :func:`fm_train.checkpoint.integrity.checksum_record` of every file; None leaves
     the field out (a manifest then vouches for sizes only). ``probe`` is
-    :func:`fm_train.checkpoint.probe.manifest_entry` of the probe file; None leaves it out."""
+    :func:`fm_train.checkpoint.probe.manifest_entry` of the probe file; None leaves it out.
+    ``writers[rank]``: the files that rank wrote; None leaves the field out."""
     out = dict(partial)
     out.update(step=int(step), tag=tag, created_unix=time.time(), files=dict(files),
                rng={"scheme": "per-rank", "files": list(rng_files)}, versions=package_versions())
@@ -111,6 +119,8 @@ def complete_manifest(partial: Mapping[str, Any], *, step: int, tag: str, files:
         out["checksums"] = dict(checksums)
     if probe is not None:
         out["probe"] = dict(probe)
+    if writers is not None:
+        out["writers"] = [sorted(part) for part in writers]
     out.setdefault("format", FORMAT)
     out.setdefault("version", VERSION)
     check_manifest(out, where=f"manifest of {tag}")
@@ -166,9 +176,13 @@ def saved_padded_vocab(model_fields: Mapping[str, Any]) -> int:
 
 
 def missing_files(step_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
-    """Files the manifest lists that are absent or of another size (a copied-in-part checkpoint)."""
+    """Files the manifest lists that are absent or of another size (a copied-in-part checkpoint); of a
+    directory holding part of the files for its node's ranks, those it holds."""
+    held = read_held(step_dir)
     bad = []
     for rel, size in manifest.get("files", {}).items():
+        if held is not None and rel not in held["files"]:
+            continue
         p = Path(step_dir) / rel
         if not p.is_file():
             bad.append(f"{rel} (missing)")

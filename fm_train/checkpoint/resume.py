@@ -37,7 +37,7 @@ from fm_train.checkpoint.choose import choose_resume_point, verify_step
 from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
 from fm_train.checkpoint import collective
 from fm_train.checkpoint.ds_files import pickle_files, scan_pickles
-from fm_train.checkpoint.integrity import share_of
+from fm_train.checkpoint.node_files import checking_share
 from fm_train.checkpoint.manifest import missing_files, read_manifest, saved_padded_vocab
 from fm_train.checkpoint.rng import load_rng, restore_rng
 from fm_train.config import FmConfig
@@ -212,7 +212,8 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
 def check_pickles(root: Path) -> None:
     """Check every ``.pt`` file under ``root`` for objects other than tensors and DeepSpeed's plain records;
     collective: the ranks split the files and all raise the same :class:`CheckpointError` naming one."""
-    mine = share_of(pickle_files(root), collective.rank(), collective.world())
+    mine = checking_share(root, pickle_files(root), collective.rank(), collective.world(),
+                          key=lambda p: p.relative_to(root).as_posix()) or []
     try:
         scan_pickles(root, files=mine)
         error = None

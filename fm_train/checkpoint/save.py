@@ -113,13 +113,19 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         digests.update(digest_files(step_dir, unowned))
         mine += unowned
         rng_files = [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(_world())]
+        writers = [sorted(part) for part, _ in gathered]
+        writers[0] = sorted({*writers[0], *unowned})
         full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files,
-                                 checksums=checksum_record(digests),
+                                 checksums=checksum_record(digests), writers=writers,
                                  probe=manifest_entry(record, precision=precision) if record is not None else None)
         write_manifest(step_dir, full)
         write_latest(ckpt_dir, step_dir)
-        apply_retention(ckpt_dir, keep)
-    _barrier()  # nobody goes on (or exits) before the checkpoint is committed
+        pruned = [p.name for p in apply_retention(ckpt_dir, keep)]
+    # A collective, so also the barrier: nobody goes on (or exits) before the checkpoint is committed.
+    # Rank 0's retention holds for every disk: without a shared run.dir, the other nodes' staged copies
+    # of the steps it deleted go too (they have no manifest there, so no retention of their own).
+    for name in collective.all_gather(pruned if is_rank0 else [])[0]:
+        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
     if uploader is not None:
         uploader.submit(step_dir, mine, own=own, expected=[part for part, _ in gathered] if is_rank0 else None)
     return step_dir

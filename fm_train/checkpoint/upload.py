@@ -38,17 +38,22 @@ UPLOADED, FAILED = ".uploaded", ".failed"
 UPLOAD_NICENESS = 10
 
 
-def storage_root(storage: str) -> Any:
-    """``run.storage``'s ``checkpoints/`` as a ``pathlib.Path`` (a mounted directory) or a ``UPath``
-    (an object-store URI; the config checked its scheme and backend at load time)."""
+def storage_location(storage: str) -> Any:
+    """``run.storage`` as a ``pathlib.Path`` (a mounted directory) or a ``UPath`` (an object-store URI;
+    the config checked its scheme and backend at load time)."""
     if uri_scheme(storage) is None:
-        return Path(storage.removeprefix("file://")) / CHECKPOINTS
+        return Path(storage.removeprefix("file://"))
     from upath import UPath
 
-    return UPath(storage) / CHECKPOINTS
+    return UPath(storage)
 
 
-def _retrying(what: str, fn: Callable[[], Any], retries: int, backoff_s: float) -> Any:
+def storage_root(storage: str) -> Any:
+    """``run.storage``'s ``checkpoints/`` (:func:`storage_location`)."""
+    return storage_location(storage) / CHECKPOINTS
+
+
+def retrying(what: str, fn: Callable[[], Any], retries: int, backoff_s: float) -> Any:
     """``fn()``, retried ``retries`` times with doubling waits (network blips, throttling)."""
     for attempt in range(retries + 1):
         try:
@@ -65,8 +70,10 @@ class CheckpointUploader:
     """One rank's background uploads of its checkpoint files to ``run.storage``."""
 
     def __init__(self, storage: str, *, rank: int, keep: int, retries: int = 5, backoff_s: float = 1.0,
-                 commit_timeout_s: float = 3600.0) -> None:
+                 commit_timeout_s: float = 3600.0, after_commit: Callable[[], Any] | None = None) -> None:
+        """``after_commit`` (rank 0): called on the upload thread after each step is committed in storage."""
         self.root = storage_root(storage)
+        self.after_commit = after_commit
         self.rank, self.keep = rank, keep
         self.retries, self.backoff_s, self.commit_timeout_s = retries, backoff_s, commit_timeout_s
         self._thread: threading.Thread | None = None
@@ -100,10 +107,10 @@ class CheckpointUploader:
         return self._thread is not None and self._thread.is_alive()
 
     def _put(self, local: Path, remote: Any) -> None:
-        _retrying(f"uploading {local.name} to {remote}", lambda: _put_file(local, remote), self.retries, self.backoff_s)
+        retrying(f"uploading {local.name} to {remote}", lambda: _put_file(local, remote), self.retries, self.backoff_s)
 
     def _write(self, remote: Any, text: str) -> None:
-        _retrying(f"writing {remote}", lambda: _write_text(remote, text), self.retries, self.backoff_s)
+        retrying(f"writing {remote}", lambda: _write_text(remote, text), self.retries, self.backoff_s)
 
     def _upload(self, step_dir: Path, files: list[str], mine: str, expected: list[str] | None) -> None:
         _lower_priority()
@@ -149,6 +156,8 @@ class CheckpointUploader:
         self.committed.append(step_dir.name)
         log.info("committed %s in %s (manifest, then %s)", step_dir.name, self.root, LATEST)
         self._retention(step_dir.name)
+        if self.after_commit is not None:
+            self.after_commit()
 
     def _retention(self, newest: str) -> None:
         """Delete committed steps in storage beyond the newest ``keep`` (never the one ``latest`` names)."""
@@ -184,12 +193,17 @@ def _put_file(local: Path, remote: Any) -> None:
 
 def _write_text(remote: Any, text: str) -> None:
     """A small object (a marker, ``latest``): one PUT, or a write and rename in a directory."""
+    write_bytes(remote, text.encode())
+
+
+def write_bytes(remote: Any, data: bytes) -> None:
+    """One object: a single PUT to a store, a write and rename in a directory (never a torn file)."""
     if not isinstance(remote, Path):
-        remote.write_text(text)
+        remote.write_bytes(data)
         return
     remote.parent.mkdir(parents=True, exist_ok=True)
     tmp = remote.with_name(f".{remote.name}.part")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     tmp.replace(remote)
 
 

@@ -30,7 +30,9 @@ class RunConfig(_Section):
         None, description="Where checkpoints are copied, as they are saved, for runs without a shared run.dir: an"
                           " object-store URI (s3://bucket/prefix) or a mounted path. Each rank saves to run.dir and"
                           " uploads in the background; a step counts in storage once its manifest is there."
-                          " Resume fetches the newest committed step from here when run.dir lacks it.")
+                          " Resume fetches what each node's ranks read of the newest committed step when run.dir"
+                          " lacks it. Rank 0 also copies metrics.jsonl, failures.jsonl, config.resolved.yaml and"
+                          " tensorboard/ here after each committed step.")
 
 
 class ModelConfig(_Section):

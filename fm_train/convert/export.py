@@ -21,6 +21,7 @@ import torch
 
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from fm_train.checkpoint.integrity import damage_message, find_damage
+from fm_train.checkpoint.node_files import HELD, read_held
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.probe import read_probe
 from fm_train.convert.errors import ConvertError
@@ -142,6 +143,11 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
         manifest = read_manifest(step_dir)
     except CheckpointError as exc:
         raise ConvertError(str(exc)) from None
+    held = read_held(step_dir)
+    if held is not None:
+        raise ConvertError(f"{step_dir} holds only the files ranks {held['ranks']} read ({HELD}: fetched from "
+                           f"run.storage for a resume on this node); convert the step from run.storage "
+                           f"({manifest['config']['run'].get('storage')}) instead")
     bad = find_damage(step_dir, manifest)  # sizes and checksums of every file, before any is unpickled
     if bad:
         raise ConvertError(damage_message(step_dir, bad) + "; copy the files again from where the run wrote them")

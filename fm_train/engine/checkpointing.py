@@ -22,21 +22,21 @@ from fm_train.engine.loop import StepHook
 from fm_train.engine.state import TrainState
 
 
-def resume_point(cfg: FmConfig, topology: Topology, *, local_rank: int = 0) -> tuple[Path | None, bool]:
+def resume_point(cfg: FmConfig, topology: Topology) -> tuple[Path | None, bool]:
     """``(path to load or None, needs_universal)`` for ``checkpoint.resume``; every rank calls it.
 
     ``needs_universal`` must reach the engine's config (``load_universal``) before it is built.
     Damaged checkpoints are skipped loudly; nothing but damaged ones stops the start unless
     ``checkpoint.allow_fresh_start`` (see :func:`fm_train.checkpoint.find_resume_point`). With
-    ``run.storage`` and ``resume: auto``, each node first fetches the newest step committed there
-    that its ``run.dir`` lacks (``local_rank`` 0 downloads for the node).
+    ``run.storage`` and ``resume: auto``, each node first fetches what its ranks need of the newest
+    step committed there that its ``run.dir`` lacks (one rank per disk downloads).
     """
     from fm_train.checkpoint import find_resume_point, prepare_resume
 
     if cfg.run.storage is not None and cfg.checkpoint.resume == "auto":
         from fm_train.checkpoint.fetch import fetch_on_each_node
 
-        fetch_on_each_node(cfg.run.storage, Path(cfg.run.dir), local_rank=local_rank)
+        fetch_on_each_node(cfg.run.storage, Path(cfg.run.dir), topology=topology, zero_stage=cfg.parallel.zero_stage)
 
     step_dir = find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume,
                                  allow_fresh_start=cfg.checkpoint.allow_fresh_start)
@@ -110,11 +110,17 @@ class CheckpointSaver:
         self.cfg, self.topology, self.is_rank0, self.tokenizer_hash = cfg, topology, is_rank0, tokenizer_hash
         self.layers, self.tied = manifest_layers(cfg), manifest_tied(cfg)
         self.uploader = None
+        self.log_copies = None  # rank 0 with run.storage: the run's logs, copied after each commit
         if cfg.run.storage is not None:
             from fm_train.checkpoint.upload import CheckpointUploader
+            from fm_train.engine.log_copies import RunLogCopies
 
-            self.uploader = CheckpointUploader(cfg.run.storage, rank=rank, keep=cfg.checkpoint.keep,
+            if is_rank0:
+                self.log_copies = RunLogCopies(Path(cfg.run.dir), cfg.run.storage,
                                                retries=cfg.checkpoint.upload_retries)
+            self.uploader = CheckpointUploader(cfg.run.storage, rank=rank, keep=cfg.checkpoint.keep,
+                                               retries=cfg.checkpoint.upload_retries,
+                                               after_commit=self.log_copies.copy if self.log_copies else None)
 
     def __call__(self, engine: DeepSpeedEngine, state: TrainState) -> None:
         every, last = self.cfg.checkpoint.every, self.cfg.train.steps
@@ -132,10 +138,13 @@ class CheckpointSaver:
 
     def close(self) -> list[str]:
         """Wait for the upload in flight (the run's last checkpoint must reach storage before the worker
-        exits); returns the steps this rank could not upload (empty without ``run.storage``)."""
+        exits) and copy the logs a last time; returns the steps this rank could not upload (empty without
+        ``run.storage``)."""
         if self.uploader is None:
             return []
         self.uploader.wait()
+        if self.log_copies is not None:
+            self.log_copies.copy()
         return self.uploader.failed
 
 
