@@ -2,7 +2,7 @@
 
 Every layout trains here: data parallel (ZeRO 0-3), tensor parallel, pipeline parallel and their
 products. The module and the engine kind follow from ``parallel.tp``/``parallel.pp``
-(:func:`fm_train.parallel.build.build_train_module`; a pipeline gets DeepSpeed's ``PipelineEngine``
+(the model family's ``build_train_module``; a pipeline gets DeepSpeed's ``PipelineEngine``
 and the loop its ``train_batch`` step); the data stream is split by the dp coordinate only.
 
 Resumes from ``checkpoint.resume`` (auto: the run's latest complete checkpoint) and saves every
@@ -114,12 +114,14 @@ def _report_init_read(init: "InitSource", rank: int) -> None:
 
 
 def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
-    from fm_train.plan.flops import flops_per_token, parameter_count
+    from fm_train.families import family_of
 
+    family = family_of(cfg.model)
     return (f"fm-train worker: world {topo.world} = dp {topo.dp} x tp {topo.tp} x pp {topo.pp} ({backend}),"
-            f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {parameter_count(cfg.model) / 1e6:.2f}M params,"
+            f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {cfg.model.family},"
+            f" {family.parameter_count(cfg.model) / 1e6:.2f}M params,"
             f" global batch {cfg.global_batch} x {cfg.data.seq_len} tokens,"
-            f" {flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token, {cfg.train.steps} steps")
+            f" {family.flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token, {cfg.train.steps} steps")
 
 
 def run_worker(cfg: FmConfig) -> int:
@@ -134,7 +136,7 @@ def run_worker(cfg: FmConfig) -> int:
     from fm_train.engine import checkpointing
     from fm_train.engine import data as engine_data
     from fm_train.engine.distributed import init_distributed, shutdown_distributed
-    from fm_train.parallel.build import build_train_module
+    from fm_train.families import family_of
 
     env = RankEnv.from_environ()
     _check_world(cfg, env)
@@ -163,7 +165,7 @@ def run_worker(cfg: FmConfig) -> int:
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from, universal = checkpointing.resume_point(cfg, topo)
         init = _initial_weights(cfg, resuming=resume_from is not None)
-        module = build_train_module(cfg, groups, init=init)
+        module = family_of(cfg.model).build_train_module(cfg, groups, init=init)
         _report_init_read(init, env.rank)
         engine, scheduler = build_engine(cfg, module, mpu=_engine_mpu(topo, groups), load_universal=universal)
         state = TrainState(lr_scheduler=scheduler)

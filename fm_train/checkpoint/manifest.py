@@ -163,6 +163,7 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
     check_manifest(manifest, where=str(path))
     # Written before the vocabulary was padded: its tensors have vocab_size rows (the config's default would pad).
     manifest["config"]["model"].setdefault("vocab_multiple", 1)
+    manifest["config"]["model"].setdefault("family", "llama")  # written before model.family existed
     return manifest
 
 

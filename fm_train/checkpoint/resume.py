@@ -46,7 +46,7 @@ from fm_train.dist import Topology
 log = logging.getLogger("fm_train.checkpoint")
 
 # Fields whose change makes the saved tensors unusable (max_seq_len and rope_theta may change on purpose).
-SHAPE_FIELDS = ("n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "tie_embeddings",
+SHAPE_FIELDS = ("family", "n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "tie_embeddings",
                 "qkv_bias")
 
 

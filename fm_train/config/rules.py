@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fm_train.config.hf_shape import FREE_FIELDS, HF_KEYS, hf_config_file, read_hf_shape
+from fm_train.config.hf_shape import FREE_FIELDS, hf_config_file, hf_key_of, read_hf_shape
 from fm_train.config.schema import FmConfig, ModelConfig
 from fm_train.config.storage_uri import uri_errors, uri_scheme
 
@@ -119,20 +119,20 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
 
 
 def _init_from_errors(m: ModelConfig, *, require_paths: bool) -> list[str]:
-    """``model.init_from`` must be a readable Llama dir whose shape every explicitly set field agrees with."""
+    """``model.init_from`` must be a readable Hugging Face dir whose shape every explicitly set field agrees with."""
     if m.init_from is None:
         return []
     if not hf_config_file(m.init_from).is_file():
         if not require_paths:
             return []  # planning elsewhere: `plan` warns through missing_paths
-        return [f"model.init_from={m.init_from!r} has no config.json; point it at a Hugging Face Llama dir"
+        return [f"model.init_from={m.init_from!r} has no config.json; point it at a Hugging Face model dir"
                 " (save_pretrained output) or set it to null"]
     try:
         shape = read_hf_shape(m.init_from)
     except ValueError as exc:
         return [f"model.init_from={m.init_from!r}: {exc}"]
     return [
-        f"model.{field}={getattr(m, field)!r} conflicts with model.init_from (config.json {HF_KEYS[field]}="
+        f"model.{field}={getattr(m, field)!r} conflicts with model.init_from (config.json {hf_key_of(field, shape['family'])}="
         f"{value!r}); drop model.{field} (and model.preset) to take the checkpoint's shape"
         for field, value in shape.items()
         if field not in FREE_FIELDS and getattr(m, field) != value

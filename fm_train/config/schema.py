@@ -36,8 +36,10 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """Shape of the Llama-family decoder. ``preset`` fills unset fields from a named shape."""
+    """Family and shape of the model. ``preset`` fills unset fields from a named shape."""
 
+    family: Literal["llama"] = Field(
+        "llama", description="Model family (fm_train.families): llama, a decoder trained on next-token prediction.")
     preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b).")
     n_layers: PositiveInt = Field(4, description="Number of decoder blocks.")
     hidden: PositiveInt = Field(128, description="Model width (embedding size).")

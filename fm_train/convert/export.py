@@ -32,6 +32,7 @@ from fm_train.convert.hf_files import (
     write_generation_config,
     write_readme,
 )
+from fm_train.families import family_of
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_param_shapes, hf_to_fm, without_padding
 from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
 from fm_train.convert.verify_probe import verify_against_probe
@@ -97,16 +98,17 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
 
         def exported(hf_name: str) -> torch.Tensor:
             name = hf_to_fm(hf_name)
-            return without_padding(name, fetch(name), int(model_fields["vocab_size"]))
+            return without_padding(name, fetch(name), int(model_fields["vocab_size"]), model_fields.get("family"))
 
         write_safetensors(tmp, shapes, exported, DTYPES[dtype],
                           max_shard_bytes=max_shard_bytes, progress=progress)
         verified = "skipped (--no-verify)"
+        auto_class = family_of(model_fields).hf_auto_class
         if verify and reference is not None:
             progress("verifying: Hugging Face logits vs the training engine's probe logits saved with the checkpoint")
             probe = verify_against_probe(tmp, model_fields, reference, precision=reference_precision,
                                          export_dtype=dtype)
-            verified = (f"transformers AutoModelForCausalLM logits match the training engine's own logits on the "
+            verified = (f"transformers {auto_class} logits match the training engine's own logits on the "
                         f"{probe.probe_shape} probe batch saved with the checkpoint (max abs diff "
                         f"{probe.worst.max_abs_diff:.2e} in {probe.worst.field}, allowed {probe.worst.bound:.2e}: "
                         f"{probe.rel_tol:g} x max(1, max |logit|) for {reference_precision} training, {dtype} "
@@ -116,7 +118,7 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
         elif verify:
             progress("verifying: Hugging Face logits vs fm_train's model on a probe batch")
             report = verify_export(tmp, model_fields, fetch, DTYPES[dtype], tolerance=tolerance)
-            verified = (f"transformers AutoModelForCausalLM logits match fm_train's model on a {report.probe_shape} "
+            verified = (f"transformers {auto_class} logits match fm_train's model on a {report.probe_shape} "
                         f"probe batch (max abs diff {report.max_abs_diff:.2e}, tolerance {tolerance:g}); "
                         f"{report.tensors} tensors, none missing or unexpected")
             progress(f"verified: max abs logit diff {report.max_abs_diff:.2e}")

@@ -1,5 +1,5 @@
 """The non-weight files of a Hugging Face export: config.json, generation_config.json, tokenizer,
-README.md. fm_train's ``qkv_bias`` is Llama's ``attention_bias`` (bias on q, k, v and o)."""
+README.md."""
 
 from __future__ import annotations
 
@@ -8,22 +8,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fm_train.convert.errors import ConvertError
+from fm_train.families import family_of
 
 
 def hf_config(model: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
-    """A ``transformers`` config object matching fm_train's model fields exactly."""
-    from transformers import LlamaConfig
-
-    torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
-    common = dict(vocab_size=model["vocab_size"], hidden_size=model["hidden"], intermediate_size=model["ffn_hidden"],
-                  num_hidden_layers=model["n_layers"], num_attention_heads=model["n_heads"],
-                  num_key_value_heads=model["n_kv_heads"], max_position_embeddings=model["max_seq_len"],
-                  rms_norm_eps=model["norm_eps"], tie_word_embeddings=model["tie_embeddings"], hidden_act="silu",
-                  rope_parameters={"rope_type": "default", "rope_theta": float(model["rope_theta"])},
-                  initializer_range=model.get("init_std", 0.02), bos_token_id=bos, eos_token_id=eos,
-                  use_cache=True, dtype=torch_dtype)
-    return LlamaConfig(**common, attention_bias=bool(model.get("qkv_bias")), mlp_bias=False, head_dim=model["hidden"] // model["n_heads"],
-                       architectures=["LlamaForCausalLM"])
+    """A ``transformers`` config object matching fm_train's model fields exactly (the model family's)."""
+    return family_of(model).hf_config(model, dtype=dtype, bos=bos, eos=eos)
 
 
 def find_tokenizer(config: Mapping[str, Any], run_dir: Path) -> tuple[Path | None, list[Path]]:
@@ -63,7 +53,7 @@ def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, dtype: str, sour
     """README.md: what was trained, how far, from which checkpoint, and how the export was checked."""
     cfg = manifest["config"]
     m = cfg["model"]
-    arch = "LlamaForCausalLM"
+    arch = family_of(m).hf_architecture
     lines = [
         f"# {cfg.get('run', {}).get('name', 'fm-train model')}",
         "",

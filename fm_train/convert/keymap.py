@@ -4,11 +4,11 @@ Three name spaces:
 
 * DeepSpeed names (mapped to fm_train names by :mod:`fm_train.checkpoint.ds_names`, which reads the
   manifest's layer table);
-* fm_train names: ``fm_train.model.LlamaForCausalLM`` state-dict keys;
-* Hugging Face names: ``LlamaForCausalLM`` state-dict keys.
+* fm_train names: the pure model's state-dict keys (``fm_train.model.LlamaForCausalLM`` ...);
+* Hugging Face names: the family's ``transformers`` class's keys (``LlamaForCausalLM`` ...).
 
-fm_train's module names were chosen to equal Hugging Face's, so :data:`FM_TO_HF` maps each template
-to itself; it is still spelled out, because it is also the whitelist: a name outside it is an error,
+Each family spells its templates out (``ModelFamily.hf_key_templates``), also where fm_train's module
+names equal Hugging Face's, because the map is the whitelist too: a name outside it is an error,
 never silently copied (a renamed module must fail here, not produce a model with missing weights).
 """
 
@@ -21,26 +21,12 @@ from typing import Any, Mapping
 import torch
 
 from fm_train.convert.errors import ConvertError
+from fm_train.families import DEFAULT_FAMILY, FAMILIES, family_of
 
-# fm_train template -> Hugging Face template; "{i}" is the block index.
-FM_TO_HF: dict[str, str] = {
-    "model.embed_tokens.weight": "model.embed_tokens.weight",
-    "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "model.layers.{i}.self_attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "model.layers.{i}.self_attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "model.layers.{i}.self_attn.q_proj.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "model.layers.{i}.self_attn.k_proj.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "model.layers.{i}.self_attn.v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "model.layers.{i}.self_attn.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "model.layers.{i}.self_attn.o_proj.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "model.layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "model.layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "model.norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
+# fm_train template -> Hugging Face template ("{i}" is the block index), every family's: a family's
+# names are its own (Llama's model.layers.*, an encoder's encoder.layer.*), and an export is checked
+# against its family's parameter shapes besides.
+FM_TO_HF: dict[str, str] = {src: dst for family in FAMILIES.values() for src, dst in family.hf_key_templates().items()}
 
 
 def _compile(templates: Mapping[str, str]) -> list[tuple[re.Pattern[str], str]]:
@@ -81,26 +67,25 @@ def fm_param_shapes(model_fields: Mapping[str, Any]) -> dict[str, torch.Size]:
 def hf_param_shapes(model_fields: Mapping[str, Any]) -> dict[str, torch.Size]:
     """:func:`fm_param_shapes` as a Hugging Face dir stores them: the embedding and the head keep
     ``vocab_size`` rows, the tokenizer's vocabulary, without fm_train's vocabulary padding."""
-    from fm_train.model.llama import VOCAB_ROW_PARAMS
-
+    rows = family_of(model_fields).vocab_row_params()
     vocab = int(model_fields["vocab_size"])
-    return {n: torch.Size((vocab, *s[1:])) if n.endswith(VOCAB_ROW_PARAMS) else s
+    return {n: torch.Size((vocab, *s[1:])) if n.endswith(rows) else s
             for n, s in fm_param_shapes(model_fields).items()}
 
 
-def without_padding(name: str, tensor: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``tensor`` (fm_train parameter ``name``) as exported: vocabulary padding rows dropped."""
-    from fm_train.model.llama import VOCAB_ROW_PARAMS
-
-    return tensor[:vocab_size] if name.endswith(VOCAB_ROW_PARAMS) else tensor
+def without_padding(name: str, tensor: torch.Tensor, vocab_size: int, family: str | None = None) -> torch.Tensor:
+    """``tensor`` (fm_train parameter ``name``) as exported: vocabulary padding rows dropped
+    (``family``: ``model.family``, default the default family)."""
+    rows = family_of(family or DEFAULT_FAMILY).vocab_row_params()
+    return tensor[:vocab_size] if name.endswith(rows) else tensor
 
 
 @functools.lru_cache(maxsize=8)
 def _param_shapes(fields: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, torch.Size], ...]:
     # Cached: a meta build costs seconds the first time (torch imports its meta kernels lazily).
     from fm_train.config import ModelConfig
-    from fm_train.model import LlamaForCausalLM, args_from_config
 
+    family = family_of(dict(fields))
     with torch.device("meta"):
-        model = LlamaForCausalLM(args_from_config(ModelConfig(**dict(fields))))
+        model = family.build(family.args(ModelConfig(**dict(fields))))
     return tuple((n, p.shape) for n, p in model.named_parameters())  # named_parameters drops tied duplicates

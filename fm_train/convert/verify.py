@@ -27,6 +27,7 @@ from fm_train.checkpoint.probe import probe_tokens
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf
 from fm_train.convert.writer import read_weight_names
+from fm_train.families import family_of
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -49,20 +50,14 @@ def reference_model(model_fields: Mapping[str, Any], fetch: Callable[[str], torc
                     dtype: torch.dtype) -> torch.nn.Module:
     """fm_train's own model with ``fetch``'s fp32 weights rounded to ``dtype`` and computed in fp32."""
     from fm_train.config import ModelConfig
-    from fm_train.model import LlamaForCausalLM, args_from_config
-    from fm_train.model.llama import rope_tables
 
-    args = args_from_config(ModelConfig(**model_fields))
+    family = family_of(model_fields)
+    args = family.args(ModelConfig(**model_fields))
     # Built on meta and then given storage: a random init of every weight would only be overwritten.
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
+        model = family.build(args)
     model.to_empty(device="cpu")
-    if args.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight  # to_empty gives each module its own storage
-    buffers = {n for n, _ in model.named_buffers()}
-    if buffers != {"model.rope_cos", "model.rope_sin"}:
-        raise ConvertError(f"fm_train's model has buffers {sorted(buffers)}; verify.reference_model must fill them")
-    model.model.rope_cos, model.model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+    family.finish_materialize(model, args)
     params = dict(model.named_parameters())  # a tied head is the embedding parameter itself
     expected = fm_param_shapes(model_fields)
     if set(params) != set(expected):
@@ -87,14 +82,20 @@ def check_names(out_dir: Path, model_fields: Mapping[str, Any]) -> int:
     return len(expected)
 
 
-def _offload_map(config: Any) -> dict[str, str]:
+def _auto_class(model_fields: Mapping[str, Any]) -> Any:
+    """The ``transformers`` auto class that loads the family's exports."""
+    import transformers
+
+    return getattr(transformers, family_of(model_fields).hf_auto_class)
+
+
+def _offload_map(config: Any, auto_class: Any) -> dict[str, str]:
     """accelerate's device map for ``config``'s model: every module holding weights (each decoder block,
     the embeddings, the final norm, the head) on ``"disk"``, the rest (rotary tables) on ``"cpu"``."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = auto_class.from_config(config)
 
     def walk(module: torch.nn.Module, prefix: str) -> dict[str, str]:
         placed: dict[str, str] = {}
@@ -113,8 +114,8 @@ def _offload_map(config: Any) -> dict[str, str]:
 
 @contextlib.contextmanager
 def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
-    """``(tensor count, model)``: the export's names checked, then loaded by ``AutoModelForCausalLM``
-    (offline, fp32) with every block offloaded to the export's own files; a :class:`ConvertError` when
+    """``(tensor count, model)``: the export's names checked, then loaded by the family's auto class
+    (``AutoModelForCausalLM`` for Llama; offline, fp32) with every block offloaded to the export's own files; a :class:`ConvertError` when
     transformers reports missing, unexpected or mismatched keys.
 
     Bounded memory: accelerate's hooks (one per module with weights: each projection, norm, the
@@ -123,8 +124,9 @@ def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tupl
     plus the activations, not the model: a 70B export verifies on one host. The offload folder stays
     empty (safetensors exports are read in place); it only has to exist while the model is used.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    auto_class = _auto_class(model_fields)
     tensors = check_names(out_dir, model_fields)
     config = AutoConfig.from_pretrained(str(out_dir), local_files_only=True)
     with tempfile.TemporaryDirectory(prefix="fm-train-verify-") as offload:
@@ -133,9 +135,9 @@ def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tupl
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            hf, info = AutoModelForCausalLM.from_pretrained(
+            hf, info = auto_class.from_pretrained(
                 str(out_dir), local_files_only=True, dtype=torch.float32, output_loading_info=True,
-                device_map=_offload_map(config), offload_folder=offload)
+                device_map=_offload_map(config, auto_class), offload_folder=offload)
         finally:
             quiet.setLevel(level)
         problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
@@ -147,15 +149,13 @@ def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tupl
 @torch.no_grad()
 def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
                   dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
-    """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32) and compare probe logits with
+    """Load ``out_dir`` with the family's auto class (offline, fp32) and compare probe logits with
     fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
-    from fm_train.model.llama import real_logits
-
     probe = probe_batch(model_fields["vocab_size"], model_fields["max_seq_len"])
     with open_export(out_dir, model_fields) as (tensors, hf):
         got = hf(input_ids=probe).logits.float()
     ref = reference_model(model_fields, fetch, dtype)
-    want = real_logits(ref(probe).float(), int(model_fields["vocab_size"]))
+    want = family_of(model_fields).logits(ref(probe).float(), int(model_fields["vocab_size"]))
     diff = (got - want).abs().max().item()
     if not diff <= tolerance:  # also catches NaN
         raise ConvertError(f"verification failed: Hugging Face logits differ from fm_train's by {diff:.3g} "

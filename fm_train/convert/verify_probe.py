@@ -37,7 +37,7 @@ class ProbeReport:
 @torch.no_grad()
 def verify_against_probe(out_dir: Path, model_fields: Mapping[str, Any], record: Mapping[str, torch.Tensor], *,
                          precision: str, export_dtype: str) -> ProbeReport:
-    """Load ``out_dir`` with ``AutoModelForCausalLM`` (offline, fp32), run the probe's ``input_ids`` and
+    """Load ``out_dir`` with the family's auto class (offline, fp32), run the probe's ``input_ids`` and
     compare the summary with ``record``; a :class:`ConvertError` naming the field and difference if not."""
     ids = record["input_ids"]
     with open_export(out_dir, model_fields) as (tensors, hf):

@@ -16,6 +16,7 @@ from fm_train.engine.activation_checkpointing import apply_activation_checkpoint
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
+from fm_train.families import family_of
 from fm_train.engine.zero3_master import share_fp32_master_partitions
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
@@ -37,10 +38,11 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_univ
     pipelined = isinstance(module, PipelineModule)
     if pipelined and mpu is not None:
         raise ValueError("a PipelineModule brings its own process grid: build its engine with mpu=None")
+    blocks = family_of(cfg.model).block_types()
     if cfg.parallel.activation_checkpointing and not pipelined:
-        apply_activation_checkpointing(module)
+        apply_activation_checkpointing(module, blocks)
     if cfg.parallel.compile:  # after checkpointing: the compiled call runs the checkpointed forward
-        compile_blocks(module)
+        compile_blocks(module, blocks)
     config = ds_config if ds_config is not None else deepspeed_config(cfg, load_universal=load_universal)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)

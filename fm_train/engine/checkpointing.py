@@ -58,44 +58,24 @@ def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainStat
 
 
 def manifest_layers(cfg: FmConfig) -> list[dict[str, Any]]:
-    """The manifest's layer table: pipeline layer index -> pure-model module and its tp split dims.
+    """The manifest's layer table: pipeline layer index -> pure-model module and its tp split dims
+    (the model family's, :meth:`fm_train.families.ModelFamily.manifest_layers`)."""
+    from fm_train.families import family_of
 
-    The index is the pipeline's own (:func:`~fm_train.parallel.pipeline.pipeline_layer_names`: the
-    converter renames ``layer_XX`` keys with it), the dims are the tp plan's
-    (:func:`~fm_train.parallel.tensor_parallel.tp_split_dims`: the converter concatenates ``mp_rank``
-    shards along them). Recorded for every layout, so a reader never has to guess which applies.
-    """
-    from fm_train.model import args_from_config
-    from fm_train.parallel.pipeline import pipeline_layer_names
-    from fm_train.parallel.tensor_parallel import tp_split_dims
+    return family_of(cfg.model).manifest_layers(cfg)
 
-    args = args_from_config(cfg.model)
-    dims = tp_split_dims(args)
-    table = []
-    for index, module in sorted(pipeline_layer_names(args).items()):
-        prefix = module + "."
-        local = {name[len(prefix):]: dim for name, dim in dims.items() if name.startswith(prefix)}
-        table.append({"index": index, "module": module, "tp_split_dims": local})
-    return table
+
+def manifest_tied(cfg: FmConfig) -> dict[str, str]:
+    """DeepSpeed's tied-module key -> pure-model module, for a pipeline with tied weights (else empty)."""
+    from fm_train.families import family_of
+
+    return family_of(cfg.model).manifest_tied(cfg)
 
 
 def current_layout(cfg: FmConfig) -> dict[str, Any]:
     """This run's parameter naming as a manifest records it: what a resharding load maps local names with."""
     return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp}, "layers": manifest_layers(cfg),
             "tied": manifest_tied(cfg), "param_prefix": "model."}
-
-
-def manifest_tied(cfg: FmConfig) -> dict[str, str]:
-    """DeepSpeed's tied-module key -> pure-model module, for a pipeline with tied embeddings (else empty).
-
-    A pipeline saves the tied embedding/head under ``tied_modules.<key>.``, not under a layer index.
-    """
-    if cfg.parallel.pp == 1 or not cfg.model.tie_embeddings:
-        return {}
-    from fm_train.model import args_from_config
-    from fm_train.parallel.pipeline import TIED_KEY, pipeline_layer_names
-
-    return {TIED_KEY: pipeline_layer_names(args_from_config(cfg.model))[0]}
 
 
 class CheckpointSaver:

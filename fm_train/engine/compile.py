@@ -1,4 +1,4 @@
-"""``torch.compile`` of each decoder block, applied from outside the pure model (``parallel.compile``).
+"""``torch.compile`` of each block (the model family's ``block_types``), applied from outside the pure model (``parallel.compile``).
 
 Blocks, not the whole model: a block is the unit that repeats, so one compiled graph serves every
 block of the same shape (torch inlines module parameters as graph inputs rather than guarding on
@@ -9,7 +9,7 @@ fuses RMSNorm, RoPE, SwiGLU and the residual adds around the matmuls and SDPA ke
 ``nn.Module.compile`` compiles in place: the module tree and the parameter names do not change, so
 checkpoints, the manifest and the HF export never notice. It composes with activation
 checkpointing (applied first, the compiled call runs the checkpointed forward) and with pipeline
-stages, whose blocks are ``DecoderLayer`` subclasses. Under ZeRO-3 the parameter-fetch hooks that
+stages, whose blocks are subclasses of the family's block types. Under ZeRO-3 the parameter-fetch hooks that
 DeepSpeed puts on every linear layer are excluded from compilation, which splits each block into
 smaller graphs: it still runs, with less to gain.
 """
@@ -18,14 +18,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from fm_train.model.llama import DecoderLayer
+from fm_train.families import DEFAULT_FAMILY, family_of
 
 
-def compile_blocks(module: nn.Module) -> int:
-    """Compile every decoder block of ``module`` in place; returns how many (compiled on first call)."""
+def compile_blocks(module: nn.Module, blocks: tuple[type, ...] | None = None) -> int:
+    """Compile every block of ``module`` (instances of ``blocks``, default: the default family's block
+    types) in place; returns how many (compiled on first call)."""
+    blocks = family_of(DEFAULT_FAMILY).block_types() if blocks is None else blocks
     count = 0
     for block in module.modules():
-        if isinstance(block, DecoderLayer) and getattr(block, "_compiled_call_impl", None) is None:
+        if isinstance(block, blocks) and getattr(block, "_compiled_call_impl", None) is None:
             block.compile()
             count += 1
     return count

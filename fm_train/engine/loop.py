@@ -18,14 +18,14 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from fm_train.config import FmConfig
 from fm_train.dist.device import accelerator_of, attention_context
 from fm_train.engine.evaluate import evaluate
-from fm_train.engine.flops import flops_per_token, peak_flops
+from fm_train.engine.flops import peak_flops
 from fm_train.engine.grad_norm import GradNormTracker
 from fm_train.engine.meter import IntervalMeter, ThroughputSpec
 from fm_train.engine.metrics import MetricsSink
 from fm_train.engine.pipeline_step import pipeline_evaluate, pipeline_train_step
 from fm_train.engine.state import TrainState
 from fm_train.engine.step import Batch, StepOutput, train_step
-from fm_train.model import args_from_config
+from fm_train.families import family_of
 
 __all__ = ["Batch", "StepHook", "StepOutput", "throughput_spec", "train", "train_step"]
 
@@ -39,7 +39,7 @@ def throughput_spec(cfg: FmConfig, device: torch.device) -> ThroughputSpec:
     return ThroughputSpec(
         tokens_per_step=cfg.tokens_per_step,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,
-        flops_per_token=flops_per_token(args_from_config(cfg.model), cfg.data.seq_len),
+        flops_per_token=family_of(cfg.model).flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops=peak,
     )
 

@@ -4,8 +4,9 @@ The estimate is for the busiest rank (the pipeline stage with the most parameter
 holds the embedding, the last the head). Byte counts per parameter follow the ZeRO paper
 (Rajbhandari et al. 2020): 16-bit params and grads (2 + 2 bytes) plus fp32 master weights and Adam
 moments (12 bytes); in fp32, 4 + 4 + 8. ZeRO-1 divides optimizer states by dp, ZeRO-2 also grads,
-ZeRO-3 also params. Activations follow Korthikanti et al. 2022 adapted to a SwiGLU block with
-fused (SDPA) attention, so no ``seq x seq`` score matrix is stored.
+ZeRO-3 also params. The family-specific terms (the largest stage's parameters, a block's
+parameters and its activations) come from the model family (``ModelFamily.stage_params``,
+``block_params``, ``activation_bytes_per_layer``; Llama's in :mod:`fm_train.families.llama_shape`).
 
 Two terms come from what the code really allocates, as measured on CPU (bench/RESULTS_memory.md):
 
@@ -27,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from fm_train.config import FmConfig
-from fm_train.plan.flops import parameter_count
+from fm_train.families import family_of
 
 GIB = 1024**3
 
@@ -70,46 +71,15 @@ class MemoryEstimate:
         return steady + max(self.activations + self.logits + self.gathered, self.optimizer_step)
 
 
-def _busiest_stage_params(cfg: FmConfig) -> int:
-    """Parameters held by the largest pipeline stage, before tensor-parallel splitting."""
-    m, pp = cfg.model, cfg.parallel.pp
-    total = parameter_count(m)
-    embed = m.padded_vocab_size * m.hidden
-    head = embed  # tied: the last stage holds a copy of the embedding; untied: its own head
-    blocks = total - embed - (0 if m.tie_embeddings else head) - m.hidden
-    per_block = blocks // m.n_layers
-    if pp == 1:
-        return total
-    most_blocks = math.ceil(m.n_layers / pp)
-    first = embed + most_blocks * per_block
-    last = head + m.hidden + most_blocks * per_block
-    return max(first, last)
-
-
-def _activation_bytes_per_layer(cfg: FmConfig) -> float:
-    """Bytes one decoder block keeps for backward, per micro-batch, without recomputation."""
-    m, tp = cfg.model, cfg.parallel.tp
-    s, b, h, f = cfg.data.seq_len, cfg.train.micro_batch, m.hidden, m.ffn_hidden
-    kv = m.n_kv_heads * (h // m.n_heads)
-    elt = 4 if cfg.precision == "fp32" else 2
-    replicated = 4 * h  # both norm inputs and outputs (no sequence parallelism)
-    sharded = (h + 2 * kv) + 2 * h + 4 * f  # q/k/v, attention out + o_proj input, gate/up/silu/product
-    return s * b * (replicated + sharded / tp) * elt
-
-
 def _largest_module_params(cfg: FmConfig) -> int:
-    """Parameters of the largest module a rank computes at once: a decoder block or the embedding/head."""
+    """Parameters of the largest module a rank computes at once: a block or the embedding/head."""
     m = cfg.model
-    kv = m.n_kv_heads * (m.hidden // m.n_heads)
-    block = 2 * m.hidden * m.hidden + 2 * m.hidden * kv + 3 * m.hidden * m.ffn_hidden
-    return max(block, m.padded_vocab_size * m.hidden) // cfg.parallel.tp
+    return max(family_of(m).block_params(m), m.padded_vocab_size * m.hidden) // cfg.parallel.tp
 
 
 def _zero3_gathered_bytes(cfg: FmConfig, param_b: int, grad_b: int) -> float:
     """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
-    m = cfg.model
-    kv = m.n_kv_heads * (m.hidden // m.n_heads)
-    block = (2 * m.hidden * m.hidden + 2 * m.hidden * kv + 3 * m.hidden * m.ffn_hidden) // cfg.parallel.tp
+    block = family_of(cfg.model).block_params(cfg.model) // cfg.parallel.tp
     live = max(2 * block, _largest_module_params(cfg))  # stage3_max_live_parameters = 2 blocks
     return live * param_b + _largest_module_params(cfg) * grad_b
 
@@ -129,7 +99,8 @@ def _optimizer_step_bytes(cfg: FmConfig, n: float, device: str) -> float:
 def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
     """Estimated peak memory of the busiest rank of ``cfg`` on ``device`` (``cpu`` or ``gpu``)."""
     p, dp = cfg.parallel, cfg.dp
-    n = _busiest_stage_params(cfg) / p.tp
+    family = family_of(cfg.model)
+    n = family.stage_params(cfg) / p.tp
     half = cfg.precision != "fp32"
     param_b, grad_b, opt_b = (2, 2, 12) if half else (4, 4, 8)
     params = n * param_b / (dp if p.zero_stage >= 3 else 1)
@@ -141,7 +112,7 @@ def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
         offloaded, optimizer = optimizer, 0.0
     gathered = _zero3_gathered_bytes(cfg, param_b, grad_b) if p.zero_stage >= 3 else 0.0
 
-    per_layer = _activation_bytes_per_layer(cfg)
+    per_layer = family.activation_bytes_per_layer(cfg)
     layers_here = math.ceil(cfg.model.n_layers / p.pp)
     if p.activation_checkpointing:
         elt = 4 if cfg.precision == "fp32" else 2

@@ -1,0 +1,94 @@
+"""The model-family seam: lookup, the parts that must not know the family, and the Llama family's
+pieces agreeing with each other (its formulas with its module, its key map with transformers' model,
+its Hugging Face config with its import)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The family's own parts: only fm_train.families (and they themselves) may import them.
+FAMILY_PARTS = ("fm_train.model", "fm_train.parallel.build", "fm_train.parallel.pipeline",
+                "fm_train.parallel.tensor_parallel", "fm_train.parallel.sharded_init")
+# What works for every family and must reach family-specific code through fm_train.families only.
+FAMILY_BLIND = ("fm_train/engine", "fm_train/checkpoint", "fm_train/convert", "fm_train/plan", "fm_train/config",
+                "fm_train/worker.py", "launcher")
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules ``path`` imports at run time (``if TYPE_CHECKING:`` blocks left out: types only)."""
+    names: set[str] = set()
+
+    class Visitor(ast.NodeVisitor):
+        def visit_If(self, node: ast.If) -> None:
+            if isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+                return
+            self.generic_visit(node)
+
+        def visit_Import(self, node: ast.Import) -> None:
+            names.update(a.name for a in node.names)
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+            if node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+
+    Visitor().visit(ast.parse(path.read_text(), str(path)))
+    return names
+
+
+@pytest.mark.unit
+def test_engine_checkpoints_converter_planner_and_launcher_reach_the_model_through_the_family() -> None:
+    offenders = []
+    for part in FAMILY_BLIND:
+        files = [ROOT / part] if part.endswith(".py") else sorted((ROOT / part).rglob("*.py"))
+        for path in files:
+            bad = sorted(n for n in _imports(path) if n.startswith(FAMILY_PARTS))
+            if bad:
+                offenders.append(f"{path.relative_to(ROOT)}: {', '.join(bad)}")
+    assert not offenders, "import the family (fm_train.families.family_of) instead:\n" + "\n".join(offenders)
+
+
+@pytest.mark.unit
+def test_family_lookup() -> None:
+    from fm_train.config import ModelConfig
+    from fm_train.families import family_of, family_of_hf
+
+    assert family_of(ModelConfig()).name == "llama"
+    assert family_of({"vocab_size": 8}).name == "llama"  # a manifest written before model.family existed
+    assert family_of_hf("llama").name == "llama" and family_of_hf("gpt2") is None
+    with pytest.raises(ValueError, match="model.family='gpt' is not a known model family; use one of"):
+        family_of("gpt")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("fields", [{}, {"tie_embeddings": False, "qkv_bias": True, "vocab_size": 1001}],
+                         ids=["tied", "untied-bias-1001"])
+def test_llama_family_pieces_agree(fields: dict) -> None:
+    import torch
+    import transformers
+
+    from fm_train.config import ModelConfig
+    from fm_train.convert.keymap import fm_param_shapes, fm_to_hf
+    from fm_train.families import family_of
+
+    model_cfg = ModelConfig(**fields)
+    family = family_of(model_cfg)
+    args = family.args(model_cfg)
+    with torch.device("meta"):
+        model = family.build(args)
+    assert family.parameter_count(model_cfg) == sum(p.numel() for p in model.parameters())
+    # The export's names are exactly what transformers' class for this config expects.
+    dumped = model_cfg.model_dump(mode="json")
+    hf_cfg = family.hf_config(dumped, dtype="fp32", bos=None, eos=None)
+    with torch.device("meta"):
+        hf = getattr(transformers, family.hf_auto_class).from_config(hf_cfg)
+    hf_names = {n for n, _ in hf.named_parameters()}
+    assert {fm_to_hf(n) for n in fm_param_shapes(dumped)} == hf_names
+    # Importing that config gives back the model fields.
+    back = family.fields_from_hf(hf_cfg.to_dict())
+    assert back == {k: dumped[k] for k in back}
+    assert family.hf_import_problems(hf_cfg.to_dict()) == []
