@@ -92,3 +92,17 @@ def test_llama_family_pieces_agree(fields: dict) -> None:
     back = family.fields_from_hf(hf_cfg.to_dict())
     assert back == {k: dumped[k] for k in back}
     assert family.hf_import_problems(hf_cfg.to_dict()) == []
+
+
+@pytest.mark.unit
+def test_a_checkpoint_of_another_family_is_not_resumed(tmp_path: Path) -> None:
+    from fm_train.checkpoint import CheckpointError
+    from fm_train.checkpoint.resume import check_compatible
+    from fm_train.config import build_config
+
+    cfg = build_config({"model": {"preset": "tiny"}})
+    saved = cfg.model_dump(mode="json")
+    check_compatible({"config": saved, "data": {}}, cfg, None, tmp_path)  # the same family and shape: fine
+    saved["model"]["family"] = "bert"
+    with pytest.raises(CheckpointError, match="model.family: checkpoint 'bert', config 'llama'"):
+        check_compatible({"config": saved, "data": {}}, cfg, None, tmp_path)
