@@ -27,6 +27,7 @@ from fm_train.checkpoint.ds_files import load_ds_file
 from fm_train.checkpoint.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
 from fm_train.checkpoint.layout import CheckpointError
 from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
+from fm_train.families import family_of
 
 __all__ = ["DeepSpeedWeights", "load_ds_file"]
 
@@ -58,9 +59,9 @@ class DeepSpeedWeights:
             # A tied module lives on the first and the last pipeline stage: keep the first stage's copy.
             first_stage = min(mp // self.tp for mp, _ in parts)
             self._index[name] = [(mp, ds) for mp, ds in parts if mp // self.tp == first_stage]
-        if manifest["config"]["model"]["tie_embeddings"]:
-            # ZeRO-0 keeps the tied head as a second entry; Hugging Face stores the embedding only.
-            self._index.pop("lm_head.weight", None)
+        for tied in family_of(manifest["config"]["model"]).tied_params(manifest["config"]["model"]):
+            # ZeRO-0 keeps a tied parameter as a second entry; Hugging Face stores the shared one only.
+            self._index.pop(tied, None)
         self._shapes = {n: self._merged_shape(n) for n in self._index}
 
     def _model_file(self, tag: str) -> Path:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
+from fm_train.families import family_of
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.layout import CheckpointError
 
@@ -114,10 +115,12 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     shapes = source.shapes()
+    model_fields = manifest["config"]["model"]
+    tied = family_of(model_fields).tied_params(model_fields)
     for local_name, param in engine.module.named_parameters():
         name = ds_to_fm(local_name, layout)
-        if name == "lm_head.weight" and name not in shapes and manifest["config"]["model"]["tie_embeddings"]:
-            name = "model.embed_tokens.weight"  # a tied head is the embedding
+        if name not in shapes and name in tied:
+            name = tied[name]  # a tied parameter is the one it shares
         if name not in shapes:
             raise CheckpointError(f"{step_dir} has no parameter {name!r} (current {local_name!r})")
         dim = tp_split_dim(name, layout)

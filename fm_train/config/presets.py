@@ -1,7 +1,8 @@
 """Named model shapes that a config can pick with ``model.preset`` and then override field by field.
 
 The shapes follow the published architectures so that a converted checkpoint has the familiar
-``config.json``: TinyLlama-1.1B, Llama-2 7B/13B and Llama-3 70B. ``tiny`` is the test and demo size.
+``config.json``: TinyLlama-1.1B, Llama-2 7B/13B and Llama-3 70B; BERT-base and BERT-large for
+encoders. ``tiny`` and ``bert-tiny`` are the test and demo sizes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # Llama-3 70B shape.
     "70b": dict(n_layers=80, hidden=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256,
                 max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
+    # Encoders (model.family: bert). Test and demo size, the width of Google's BERT-Tiny.
+    "bert-tiny": dict(family="bert", n_layers=2, hidden=128, n_heads=2, n_kv_heads=2, ffn_hidden=512,
+                      vocab_size=8192, max_seq_len=256, tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),
+    # BERT-base and BERT-large (Devlin et al. 2019), with bert-base-uncased's vocabulary size.
+    "bert-base": dict(family="bert", n_layers=12, hidden=768, n_heads=12, n_kv_heads=12, ffn_hidden=3072,
+                      vocab_size=30522, max_seq_len=512, tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),
+    "bert-large": dict(family="bert", n_layers=24, hidden=1024, n_heads=16, n_kv_heads=16, ffn_hidden=4096,
+                       vocab_size=30522, max_seq_len=512, tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fm_train.families import family_of
 from fm_train.config.hf_shape import FREE_FIELDS, hf_config_file, hf_key_of, read_hf_shape
 from fm_train.config.schema import FmConfig, ModelConfig
 from fm_train.config.storage_uri import uri_errors, uri_scheme
@@ -51,8 +52,7 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     # Model shape.
     if m.hidden % m.n_heads != 0:
         errors.append(f"model.hidden={m.hidden} is not divisible by model.n_heads={m.n_heads}")
-    elif (m.hidden // m.n_heads) % 2 != 0:
-        errors.append(f"model.hidden / model.n_heads = {m.hidden // m.n_heads} is odd; RoPE needs an even head size")
+    errors += family_of(m).config_errors(cfg)
     if m.n_heads % m.n_kv_heads != 0:
         errors.append(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads} (grouped-query attention)")
     if cfg.data.seq_len > m.max_seq_len:

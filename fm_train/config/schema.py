@@ -38,14 +38,16 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     """Family and shape of the model. ``preset`` fills unset fields from a named shape."""
 
-    family: Literal["llama"] = Field(
-        "llama", description="Model family (fm_train.families): llama, a decoder trained on next-token prediction.")
-    preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b).")
+    family: Literal["llama", "bert"] = Field(
+        "llama", description="Model family (fm_train.families): llama, a decoder trained on next-token prediction;"
+                             " bert, an encoder trained on masked-token prediction (BertForMaskedLM).")
+    preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b; bert-tiny,"
+                                                    " bert-base, bert-large).")
     n_layers: PositiveInt = Field(4, description="Number of decoder blocks.")
     hidden: PositiveInt = Field(128, description="Model width (embedding size).")
     n_heads: PositiveInt = Field(4, description="Attention (query) heads.")
-    n_kv_heads: PositiveInt = Field(2, description="Key/value heads (grouped-query attention).")
-    ffn_hidden: PositiveInt = Field(344, description="SwiGLU inner width.")
+    n_kv_heads: PositiveInt = Field(2, description="Key/value heads (grouped-query attention; bert: = n_heads).")
+    ffn_hidden: PositiveInt = Field(344, description="MLP inner width (llama: SwiGLU, bert: GELU).")
     vocab_size: PositiveInt = Field(8192, description="Tokens the model knows (the tokenizer's vocabulary, or more).")
     vocab_multiple: PositiveInt = Field(
         128,
@@ -53,11 +55,14 @@ class ModelConfig(_Section):
         " parallelism splits any vocabulary; the padding is never trained on or predicted, and exports keep"
         " vocab_size rows. Must be divisible by parallel.tp. 1: no padding.",
     )
-    max_seq_len: PositiveInt = Field(256, description="Longest sequence RoPE tables are built for.")
+    max_seq_len: PositiveInt = Field(256, description="Longest sequence (llama: RoPE tables; bert: learned position"
+                                                       " embeddings).")
+    type_vocab_size: PositiveInt = Field(2, description="bert: token-type (segment) embeddings.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
-    rope_theta: PositiveFloat = Field(10000.0, description="RoPE base frequency.")
-    norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm epsilon.")
-    qkv_bias: bool = Field(False, description="Bias on the q/k/v/o projections (HF LlamaConfig.attention_bias).")
+    rope_theta: PositiveFloat = Field(10000.0, description="llama: RoPE base frequency.")
+    norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm (llama) or LayerNorm (bert) epsilon.")
+    qkv_bias: bool = Field(False, description="llama: bias on the q/k/v/o projections (HF LlamaConfig.attention_bias);"
+                                              " bert always has biases.")
     init_std: PositiveFloat = Field(0.02, description="Std of the normal weight init.")
     init_from: Optional[str] = Field(
         None,

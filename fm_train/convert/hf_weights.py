@@ -57,10 +57,14 @@ class HFWeights:
     ``lm_head.weight`` reads the embedding (fm_train's model shares the two).
     """
 
-    def __init__(self, hf_dir: Path, *, tie_embeddings: bool, want: Mapping[str, torch.Size]) -> None:
+    def __init__(self, hf_dir: Path, *, tie_embeddings: bool, want: Mapping[str, torch.Size],
+                 tied: Mapping[str, str] | None = None) -> None:
+        """``tied``: tied parameter -> the one it shares (default: Llama's head and embedding when
+        ``tie_embeddings``)."""
         from safetensors import safe_open
 
         self.hf_dir, self.tie_embeddings = Path(hf_dir), tie_embeddings
+        self.tied = dict(tied) if tied is not None else ({TIED_HEAD: EMBEDDING} if tie_embeddings else {})
         self._where: dict[str, tuple[Path, str]] = {}  # fm name -> (file, Hugging Face key)
         self._shapes: dict[str, torch.Size] = {}
         self.total_bytes = 0
@@ -71,8 +75,8 @@ class HFWeights:
             self.total_bytes += path.stat().st_size
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():
-                    if tie_embeddings and key == TIED_HEAD:
-                        continue  # some exports store the tied head too; fm_train's model shares the embedding
+                    if key in self.tied:
+                        continue  # some exports store a tied tensor too; fm_train's model shares the other one
                     name = hf_to_fm(key)
                     self._where[name] = (path, key)
                     self._shapes[name] = torch.Size(fh.get_slice(key).get_shape())
@@ -85,16 +89,16 @@ class HFWeights:
         self.bytes_read = 0
 
     def _resolve(self, name: str) -> str:
-        if self.tie_embeddings and name == TIED_HEAD:
-            return EMBEDDING
+        if name in self.tied:
+            return self.tied[name]
         if name not in self._shapes:
             raise KeyError(f"{self.hf_dir} holds no tensor for {name!r} (have {len(self._shapes)},"
                            f" e.g. {sorted(self._shapes)[:3]})")
         return name
 
     def names(self) -> list[str]:
-        """Every fm_train parameter name the dir provides (``lm_head.weight`` included when tied)."""
-        return sorted({*self._shapes, *([TIED_HEAD] if self.tie_embeddings else [])})
+        """Every fm_train parameter name the dir provides (tied ones included)."""
+        return sorted({*self._shapes, *self.tied})
 
     def shape(self, name: str) -> torch.Size:
         """The full (unsharded) shape of parameter ``name``."""

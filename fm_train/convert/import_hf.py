@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.hf_weights import EMBEDDING, TIED_HEAD, HFWeights
+from fm_train.convert.hf_weights import HFWeights
 from fm_train.convert.keymap import hf_param_shapes
-from fm_train.families import FAMILIES, family_of_hf
+from fm_train.families import FAMILIES, family_of, family_of_hf
 
 
 def _model_fields(cfg: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -44,7 +44,8 @@ def open_hf(hf_dir: Path) -> tuple[dict[str, Any], HFWeights]:
     if not cfg_file.is_file():
         raise ConvertError(f"{hf_dir} has no config.json: not a Hugging Face model dir")
     fields = _model_fields(json.loads(cfg_file.read_text()), hf_dir)
-    weights = HFWeights(hf_dir, tie_embeddings=fields["tie_embeddings"], want=hf_param_shapes(fields))
+    weights = HFWeights(hf_dir, tie_embeddings=fields["tie_embeddings"], want=hf_param_shapes(fields),
+                        tied=family_of(fields).tied_params(fields))
     return fields, weights
 
 
@@ -56,8 +57,7 @@ def import_hf(hf_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     uses :func:`open_hf` instead, which reads only what a rank holds.
     """
     fields, weights = open_hf(hf_dir)
-    tied = fields["tie_embeddings"]
-    state = {name: weights.read(name) for name in weights.names() if not (tied and name == TIED_HEAD)}
-    if tied:
-        state[TIED_HEAD] = state[EMBEDDING]  # the same tensor, as the model shares it
+    state = {name: weights.read(name) for name in weights.names() if name not in weights.tied}
+    for tied, shared in weights.tied.items():
+        state[tied] = state[shared]  # the same tensor, as the model shares it
     return fields, state

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fm_train.families.base import LossFn, ModelFamily
+from fm_train.families.bert import BertFamily
 from fm_train.families.llama import LlamaFamily
 
 #: ``model.family`` -> the family object.
-FAMILIES: dict[str, ModelFamily] = {"llama": LlamaFamily()}
+FAMILIES: dict[str, ModelFamily] = {"llama": LlamaFamily(), "bert": BertFamily()}
 #: What a manifest written before ``model.family`` existed trained.
 DEFAULT_FAMILY = "llama"
 

@@ -39,6 +39,12 @@ class ModelFamily(Protocol):
         weights once more (``to_empty`` gives each its own storage) and recompute derived buffers
         (RoPE tables, ...), which no checkpoint holds."""
 
+    def loss(self, args: Any) -> LossFn:
+        """The objective on the pure module's output: ``loss(output, labels) -> scalar`` (tp = pp = 1)."""
+
+    def config_errors(self, cfg: Any) -> list[str]:
+        """The family's own rules on a whole ``FmConfig`` (torch-free), each naming the field and the fix."""
+
     def build_train_module(self, cfg: Any, groups: Any = None, *, init: Any = None,
                            ds_config: Mapping[str, Any] | None = None) -> Any:
         """The trainable module of ``cfg``'s layout (the engine's contract: ``forward(inputs, labels) -> loss``,
@@ -76,6 +82,10 @@ class ModelFamily(Protocol):
     def hf_key_templates(self) -> Mapping[str, str]:
         """fm-train parameter name template -> Hugging Face template (``{i}``: block index); also the
         whitelist of names an export may contain."""
+
+    def tied_params(self, model_fields: Mapping[str, Any]) -> dict[str, str]:
+        """Tied parameter -> the parameter it shares, for a model of these fields (empty: nothing tied).
+        A checkpoint or Hugging Face dir may hold the tied one too; readers take the shared one."""
 
     def vocab_row_params(self) -> tuple[str, ...]:
         """Name suffixes of parameters with one row per (padded) vocabulary entry."""

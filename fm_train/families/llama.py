@@ -67,6 +67,19 @@ class LlamaFamily:
                                " must fill them")
         model.model.rope_cos, model.model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
 
+    def loss(self, args: Any) -> Any:
+        import functools
+
+        from fm_train.model import causal_lm_loss
+
+        return functools.partial(causal_lm_loss, vocab_size=args.vocab_size)
+
+    def config_errors(self, cfg: Any) -> list[str]:
+        m = cfg.model
+        if m.hidden % m.n_heads == 0 and (m.hidden // m.n_heads) % 2 != 0:
+            return [f"model.hidden / model.n_heads = {m.hidden // m.n_heads} is odd; RoPE needs an even head size"]
+        return []
+
     def build_train_module(self, cfg: Any, groups: Any = None, *, init: Any = None,
                            ds_config: Mapping[str, Any] | None = None) -> Any:
         from fm_train.parallel.build import build_train_module
@@ -162,6 +175,11 @@ class LlamaFamily:
 
     def hf_key_templates(self) -> Mapping[str, str]:
         return _HF_PARAM_NAMES
+
+    def tied_params(self, model_fields: Mapping[str, Any]) -> dict[str, str]:
+        from fm_train.model.llama import TIED_PARAMS
+
+        return dict(TIED_PARAMS) if model_fields.get("tie_embeddings", True) else {}
 
     def vocab_row_params(self) -> tuple[str, ...]:
         from fm_train.model.llama import VOCAB_ROW_PARAMS

@@ -215,20 +215,38 @@ class LlamaForCausalLM(nn.Module):
         ran before, nor on which pipeline stage builds which blocks. The vocabulary padding rows of
         the embedding and the head are zero.
         """
-        std = self.args.init_std
         for name, param in self.named_parameters():
-            gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
             if param.device.type == "meta":
                 raise RuntimeError(f"init_weights: {name} is on the meta device; call to_empty() first")
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                param.fill_(1.0)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                scale = std / math.sqrt(2 * self.args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
-                if name.endswith(VOCAB_ROW_PARAMS):
-                    param[self.args.vocab_size:] = 0.0
+            init_llama_parameter(self.args, name, param, seed)
+
+    def tie_weights(self) -> None:
+        """Tie the head to the embedding again (after ``to_empty``, which gives each its own storage)."""
+        if self.args.tie_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+
+#: Tied parameter -> the parameter it shares (when ``tie_embeddings``): what initial weights hold it under.
+TIED_PARAMS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def init_llama_parameter(args: LlamaArgs, name: str, param: torch.Tensor, seed: int) -> None:
+    """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place.
+
+    Each parameter draws from its own generator seeded by ``seed`` and its name, so one parameter's
+    value can be made alone (a rank materialising only its shard, :mod:`fm_train.parallel.sharded_init`).
+    """
+    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        param.fill_(1.0)
+    elif name.endswith(".bias"):
+        param.zero_()
+    else:
+        std = args.init_std
+        scale = std / math.sqrt(2 * args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+        param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
+        if name.endswith(VOCAB_ROW_PARAMS):
+            param[args.vocab_size:] = 0.0
 
 
 def real_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:

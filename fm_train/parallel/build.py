@@ -25,7 +25,8 @@ from torch import nn
 
 from fm_train.config import FmConfig
 from fm_train.dist.groups import ParallelGroups
-from fm_train.model import LlamaForCausalLM, args_from_config, causal_lm_loss
+from fm_train.families import family_of
+from fm_train.model import LlamaForCausalLM, causal_lm_loss
 from fm_train.model.llama import LlamaArgs, rope_tables
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.pipeline import build_pipeline, loss_fn_for, stage_bounds
@@ -36,9 +37,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class CausalLMWithLoss(nn.Module):
-    """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``."""
+    """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``
+    (any family's: the loss is the family's objective; the name is the decoder's, kept for its keys)."""
 
-    def __init__(self, model: LlamaForCausalLM, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None) -> None:
         super().__init__()
         self.model = model  # keys stay "model.model.layers..." inside the wrapper; stripped on export
         # Default: cross-entropy over the real vocabulary (padding columns left out).
@@ -48,10 +50,11 @@ class CausalLMWithLoss(nn.Module):
         return self.loss_fn(self.model(input_ids), labels)
 
 
-def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> LlamaForCausalLM:
+def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> nn.Module:
     """The whole pure model on CPU, initialised exactly as in every other layout (``init``: default the run seed)."""
-    args = args_from_config(cfg.model)
-    model = LlamaForCausalLM(args)
+    family = family_of(cfg.model)
+    args = family.args(cfg.model)
+    model = family.build(args)
     init = cfg.run.seed if init is None else init
     if isinstance(init, int):
         model.init_weights(init)
@@ -80,7 +83,7 @@ class _PartitionOnConstruction(deepspeed.zero.Init):
 
 
 def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
-                      ds_config: dict[str, Any] | None = None) -> LlamaForCausalLM:
+                      ds_config: dict[str, Any] | None = None) -> nn.Module:
     """The pure model partitioned over the data-parallel ranks as it is built (ZeRO-3, tp = pp = 1).
 
     ``deepspeed.zero.Init`` partitions each sub-module's parameters as soon as its constructor
@@ -93,9 +96,10 @@ def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
         # zero.Init reads the world size (its batch check) from DeepSpeed's comm layer, which adopts
         # the existing torch process group here; deepspeed.initialize would do the same later.
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
-    args = args_from_config(cfg.model)
+    family = family_of(cfg.model)
+    args = family.args(cfg.model)
     with _PartitionOnConstruction(config_dict_or_path=ds_config if ds_config is not None else deepspeed_config(cfg)):
-        model = LlamaForCausalLM(args)
+        model = family.build(args)
     return materialize_zero3_(model, args, cfg.run.seed if init is None else init)
 
 
@@ -135,8 +139,8 @@ def layout_errors(args: LlamaArgs, tp: int, pp: int) -> list[str]:
 
 
 def _check(cfg: FmConfig, groups: ParallelGroups | None) -> None:
-    p = cfg.parallel
-    errors = layout_errors(args_from_config(cfg.model), p.tp, p.pp)
+    p, family = cfg.parallel, family_of(cfg.model)
+    errors = family.layout_errors(family.args(cfg.model), p.tp, p.pp)
     if (p.tp > 1 or p.pp > 1) and groups is None:
         errors.append(f"parallel.tp={p.tp}, parallel.pp={p.pp} needs the rank's ParallelGroups:"
                       " build_train_module(cfg, groups=ParallelGroups(topology))")
@@ -166,13 +170,15 @@ def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, i
       from the module, so pass none.
     """
     _check(cfg, groups)
-    p, args = cfg.parallel, args_from_config(cfg.model)
+    p, family = cfg.parallel, family_of(cfg.model)
+    args = family.args(cfg.model)
     init = cfg.run.seed if init is None else init
     if p.tp == 1 and p.pp == 1:
+        loss = family.loss(args)
         # Without a process group there is nothing to partition over (a single-process reference).
         if p.zero_stage == 3 and dist.is_initialized():
-            return CausalLMWithLoss(build_zero3_model(cfg, init, ds_config))
-        return CausalLMWithLoss(build_dense_model(cfg, init))
+            return CausalLMWithLoss(build_zero3_model(cfg, init, ds_config), loss)
+        return CausalLMWithLoss(build_dense_model(cfg, init), loss)
     assert groups is not None  # _check raised otherwise
     tp = TPGroup.from_groups(groups)
     if p.pp > 1:

@@ -1,0 +1,169 @@
+"""The BERT family: the encoder of :mod:`fm_train.model.bert`, masked-token cross-entropy, and
+``BertForMaskedLM`` on the Hugging Face side. Data parallelism with ZeRO 0-3 today; tensor and
+pipeline parallelism are refused by :meth:`BertFamily.layout_errors` until the encoder has its plans."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+from fm_train.families import bert_shape
+
+# fm-train names equal BertForMaskedLM's; spelled out because the map is the export whitelist too.
+_HF_PARAM_NAMES: dict[str, str] = {name: name for name in (
+    "bert.embeddings.word_embeddings.weight",
+    "bert.embeddings.position_embeddings.weight",
+    "bert.embeddings.token_type_embeddings.weight",
+    "bert.embeddings.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias",
+    *(f"bert.encoder.layer.{{i}}.{module}.{kind}"
+      for module in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                     "attention.output.LayerNorm", "intermediate.dense", "output.dense", "output.LayerNorm")
+      for kind in ("weight", "bias")),
+    "cls.predictions.bias",
+    "cls.predictions.transform.dense.weight",
+    "cls.predictions.transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight",
+    "cls.predictions.transform.LayerNorm.bias",
+)}
+
+#: ModelConfig field -> the Hugging Face config.json key it comes from (named in error messages).
+_HF_CONFIG_KEYS: dict[str, str] = {
+    "n_layers": "num_hidden_layers", "hidden": "hidden_size", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_attention_heads", "ffn_hidden": "intermediate_size", "vocab_size": "vocab_size",
+    "max_seq_len": "max_position_embeddings", "type_vocab_size": "type_vocab_size", "norm_eps": "layer_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
+class BertFamily:
+    """BERT-style encoders pretrained with masked-language modelling (``model.family: bert``)."""
+
+    name = "bert"
+    hf_model_type = "bert"
+    hf_architecture = "BertForMaskedLM"
+    hf_auto_class = "AutoModelForMaskedLM"
+
+    def args(self, model_cfg: Any) -> Any:
+        from fm_train.model.bert import bert_args_from_config
+
+        return bert_args_from_config(model_cfg)
+
+    def build(self, args: Any) -> Any:
+        from fm_train.model.bert import BertForMaskedLM
+
+        return BertForMaskedLM(args)
+
+    def finish_materialize(self, model: Any, args: Any) -> None:
+        model.tie_weights()  # no derived buffers: positions are learned
+
+    def loss(self, args: Any) -> Any:
+        from fm_train.model.bert import masked_lm_loss
+
+        return functools.partial(masked_lm_loss, vocab_size=args.vocab_size)
+
+    def build_train_module(self, cfg: Any, groups: Any = None, *, init: Any = None,
+                           ds_config: Mapping[str, Any] | None = None) -> Any:
+        from fm_train.parallel.build import build_train_module
+
+        return build_train_module(cfg, groups, init=init, ds_config=dict(ds_config) if ds_config else None)
+
+    def layout_errors(self, args: Any, tp: int, pp: int) -> list[str]:
+        errors = []
+        if tp > 1:
+            errors.append(f"parallel.tp={tp}: the bert family has no tensor-parallel plan yet; use parallel.tp=1"
+                          " (data parallelism with ZeRO 0-3 works)")
+        if pp > 1:
+            errors.append(f"parallel.pp={pp}: the bert family has no pipeline split yet; use parallel.pp=1")
+        return errors
+
+    def config_errors(self, cfg: Any) -> list[str]:
+        m = cfg.model
+        errors = self.layout_errors(None, cfg.parallel.tp, cfg.parallel.pp)
+        if m.n_kv_heads != m.n_heads:
+            errors.append(f"model.n_kv_heads={m.n_kv_heads} differs from model.n_heads={m.n_heads}: BERT has no"
+                          " grouped-query attention; set them equal (the bert-* presets do)")
+        if not m.tie_embeddings:
+            errors.append("model.tie_embeddings=false: BERT's MLM decoder is the word embedding; set it to true")
+        return errors
+
+    def manifest_layers(self, cfg: Any) -> list[dict[str, Any]]:
+        # No pipeline: one "layer" per top-level module, no tp split (the converter's readers need the table).
+        return [{"index": 0, "module": "bert", "tp_split_dims": {}}, {"index": 1, "module": "cls", "tp_split_dims": {}}]
+
+    def manifest_tied(self, cfg: Any) -> dict[str, str]:
+        return {}
+
+    def block_types(self) -> tuple[type, ...]:
+        from fm_train.model.bert import BertLayer
+
+        return (BertLayer,)
+
+    def logits(self, output: Any, vocab_size: int) -> Any:
+        from fm_train.model.llama import real_logits
+
+        return real_logits(output, vocab_size)
+
+    def hf_config(self, model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
+        from transformers import BertConfig
+
+        m = model_fields
+        torch_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        return BertConfig(
+            vocab_size=m["vocab_size"], hidden_size=m["hidden"], num_hidden_layers=m["n_layers"],
+            num_attention_heads=m["n_heads"], intermediate_size=m["ffn_hidden"], hidden_act="gelu",
+            max_position_embeddings=m["max_seq_len"], type_vocab_size=m.get("type_vocab_size", 2),
+            layer_norm_eps=m["norm_eps"], initializer_range=m.get("init_std", 0.02), hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
+            dtype=torch_dtype, architectures=[self.hf_architecture])
+
+    @property
+    def hf_config_keys(self) -> Mapping[str, str]:
+        return _HF_CONFIG_KEYS
+
+    def fields_from_hf(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        heads = raw["num_attention_heads"]
+        return {"family": self.name, "n_layers": raw["num_hidden_layers"], "hidden": raw["hidden_size"],
+                "n_heads": heads, "n_kv_heads": heads, "ffn_hidden": raw["intermediate_size"],
+                "vocab_size": raw["vocab_size"], "max_seq_len": raw["max_position_embeddings"],
+                "type_vocab_size": raw.get("type_vocab_size", 2), "norm_eps": float(raw.get("layer_norm_eps", 1e-12)),
+                "tie_embeddings": True}
+
+    def hf_import_problems(self, raw: Mapping[str, Any]) -> list[str]:
+        problems = []
+        if raw.get("hidden_act", "gelu") != "gelu":
+            problems.append(f"hidden_act={raw['hidden_act']!r} (fm_train's encoder uses gelu)")
+        if raw.get("position_embedding_type", "absolute") != "absolute":
+            problems.append(f"position_embedding_type={raw['position_embedding_type']!r} (fm_train's encoder has"
+                            " absolute positions)")
+        if raw.get("tie_word_embeddings", True) is False:
+            problems.append("tie_word_embeddings=false (fm_train's MLM decoder is the word embedding)")
+        return problems
+
+    def hf_key_templates(self) -> Mapping[str, str]:
+        return _HF_PARAM_NAMES
+
+    def tied_params(self, model_fields: Mapping[str, Any]) -> dict[str, str]:
+        from fm_train.model.bert import TIED_PARAMS
+
+        return dict(TIED_PARAMS)
+
+    def vocab_row_params(self) -> tuple[str, ...]:
+        from fm_train.model.bert import VOCAB_ROW_PARAMS
+
+        return VOCAB_ROW_PARAMS
+
+    def parameter_count(self, shape: Any) -> int:
+        return bert_shape.parameter_count(shape)
+
+    def flops_per_token(self, shape: Any, seq_len: int) -> float:
+        return bert_shape.flops_per_token(shape, seq_len)
+
+    def block_params(self, shape: Any) -> int:
+        return bert_shape.block_matmul_params(shape)
+
+    def stage_params(self, cfg: Any) -> int:
+        return bert_shape.stage_params(cfg)
+
+    def activation_bytes_per_layer(self, cfg: Any) -> float:
+        return bert_shape.activation_bytes_per_layer(cfg)

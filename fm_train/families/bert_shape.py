@@ -1,0 +1,50 @@
+"""The BERT family's size formulas (torch-free): parameters, model FLOPs, and the memory terms.
+
+Model FLOPs per token are ``6 * N_matmul + 12 * n_layers * hidden * seq_len``, as for the decoder
+(:mod:`fm_train.families.llama_shape`): ``N_matmul`` is each block's q, k, v, output, intermediate
+and output projections plus the MLM head's transform and decoder (``hidden * vocab``, tied to the
+word embeddings but a matmul all the same). The embeddings are lookups, LayerNorms elementwise.
+The decoder runs over every position, as ``BertForMaskedLM`` does, not only the masked ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def block_matmul_params(shape: Any) -> int:
+    """Parameters of one block's projections (q, k, v, attention output, intermediate, output)."""
+    h = shape.hidden
+    return 4 * h * h + 2 * h * shape.ffn_hidden
+
+
+def parameter_count(shape: Any) -> int:
+    """Exact number of trainable parameters (the decoder tied to the word embeddings, counted once)."""
+    h, f, v = shape.hidden, shape.ffn_hidden, shape.padded_vocab_size
+    embeddings = v * h + shape.max_seq_len * h + shape.type_vocab_size * h + 2 * h
+    block = block_matmul_params(shape) + 4 * h + f + h + 2 * 2 * h  # weights, biases, two LayerNorms
+    head = h * h + h + 2 * h + v  # transform dense + LayerNorm, decoder bias
+    return embeddings + shape.n_layers * block + head
+
+
+def flops_per_token(shape: Any, seq_len: int) -> float:
+    """Model FLOPs for one trained token (forward + backward) at sequence length ``seq_len``."""
+    matmul = shape.n_layers * block_matmul_params(shape) + shape.hidden * shape.hidden \
+        + shape.hidden * shape.padded_vocab_size
+    return 6.0 * matmul + 12.0 * shape.n_layers * shape.hidden * seq_len
+
+
+def stage_params(cfg: Any) -> int:
+    """Parameters of the largest pipeline stage (one stage: the encoder is not pipelined yet)."""
+    return parameter_count(cfg.model)
+
+
+def activation_bytes_per_layer(cfg: Any) -> float:
+    """Bytes one post-LN block keeps for backward, per micro-batch, without recomputation (the
+    decoder's accounting, Korthikanti et al. 2022, for q/k/v, attention, two LayerNorms and a GELU MLP)."""
+    m, tp = cfg.model, cfg.parallel.tp
+    s, b, h, f = cfg.data.seq_len, cfg.train.micro_batch, m.hidden, m.ffn_hidden
+    elt = 4 if cfg.precision == "fp32" else 2
+    replicated = 4 * h  # both LayerNorms' inputs and outputs
+    sharded = 3 * h + 2 * h + 2 * f  # q/k/v, attention out + dense input, intermediate and GELU outputs
+    return s * b * (replicated + sharded / tp) * elt

@@ -1,0 +1,250 @@
+"""The BERT family: the pure encoder computes what ``transformers``' ``BertForMaskedLM`` computes,
+the masking is deterministic per sample and follows BERT's recipe, dp2 with ZeRO 0-3 trains loss for
+loss like one process, and a checkpoint converts to a ``BertForMaskedLM`` directory verified
+against the engine's own logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from distributed import run_distributed
+
+STEPS = 8
+GLOBAL_BATCH = 8
+SEQ = 32
+VOCAB = 512
+DP = 2
+CLS, SEP, MASK, EOS = VOCAB - 3, VOCAB - 2, VOCAB - 1, 0
+
+
+def _objective(seed: int = 7):
+    from data_shards.masking import MaskedLM
+
+    return MaskedLM(cls_id=CLS, sep_id=SEP, mask_id=MASK, vocab_size=VOCAB, seed=seed, eos_id=EOS)
+
+
+def _tiny_bert(**fields: Any) -> dict[str, Any]:
+    """A small encoder's model fields (ModelConfig takes no preset on its own: the loader applies them)."""
+    return {"family": "bert", "n_layers": 2, "hidden": 64, "n_heads": 2, "n_kv_heads": 2, "ffn_hidden": 128,
+            "vocab_size": VOCAB, "max_seq_len": 64, "norm_eps": 1e-12, **fields}
+
+
+# ---- the pure model against transformers ------------------------------------------------------------
+@pytest.mark.unit
+@pytest.mark.parametrize("vocab, multiple", [(VOCAB, 1), (1001, 128)], ids=["vocab512", "vocab1001-padded"])
+def test_the_encoder_computes_what_bert_for_masked_lm_computes(vocab: int, multiple: int) -> None:
+    import transformers
+
+    from fm_train.config import ModelConfig
+    from fm_train.convert.keymap import without_padding
+    from fm_train.families import family_of
+
+    model_cfg = ModelConfig(**_tiny_bert(vocab_size=vocab, vocab_multiple=multiple))
+    family = family_of(model_cfg)
+    args = family.args(model_cfg)
+    ours = family.build(args)
+    ours.init_weights(11)
+    assert ours.bert.embeddings.word_embeddings.weight.shape[0] == args.padded_vocab_size
+    hf = transformers.BertForMaskedLM(family.hf_config(model_cfg.model_dump(), dtype="fp32", bos=None, eos=None)).eval()
+    state = {n: without_padding(n, t, vocab, "bert") for n, t in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert unexpected == [] and missing == ["cls.predictions.decoder.bias"]  # tied to cls.predictions.bias
+    ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(input_ids=ids).logits
+        got = family.logits(ours.eval()(ids), vocab)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("preset", ["bert-tiny", "bert-base", "bert-large"])
+def test_parameter_count_is_bert_for_masked_lm_s(preset: str) -> None:
+    import transformers
+
+    from fm_train.config import build_config
+    from fm_train.families import family_of
+
+    cfg = build_config({"model": {"preset": preset, "vocab_multiple": 1}, "parallel": {"zero_stage": 1},
+                        "data": {"seq_len": 128}})
+    family = family_of(cfg.model)
+    with torch.device("meta"):
+        hf = transformers.BertForMaskedLM(family.hf_config(cfg.model.model_dump(), dtype="fp32", bos=None, eos=None))
+    assert family.parameter_count(cfg.model) == hf.num_parameters()
+
+
+@pytest.mark.unit
+def test_the_padding_rows_start_at_zero_and_the_decoder_is_the_embedding() -> None:
+    from fm_train.config import ModelConfig
+    from fm_train.families import family_of
+
+    cfg = ModelConfig(**_tiny_bert(vocab_size=1001, vocab_multiple=128))
+    family = family_of(cfg)
+    model = family.build(family.args(cfg))
+    model.init_weights(3)
+    assert family.parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert not model.bert.embeddings.word_embeddings.weight[1001:].any() and not model.cls.predictions.bias.any()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+
+
+# ---- masking ------------------------------------------------------------------------------------
+@pytest.mark.unit
+def test_masking_follows_the_recipe_and_depends_on_the_sample_alone() -> None:
+    from data_shards.masking import IGNORE_INDEX
+
+    gen = np.random.default_rng(0)
+    tokens = gen.integers(1, CLS, size=(64, SEQ + 1))
+    tokens[:, 5] = EOS  # a document boundary inside every window
+    ids = np.arange(1000, 1064)
+    inputs, labels = _objective().apply(tokens, ids)
+    assert inputs.shape == labels.shape == (64, SEQ)
+    assert (inputs[:, 0] == CLS).all() and (inputs[:, -1] == SEP).all() and (inputs[:, 6] == SEP).all()
+    chosen = labels != IGNORE_INDEX
+    assert (chosen.sum(axis=1) == round(0.15 * (SEQ - 2))).all()  # a fixed count per sample
+    assert not chosen[:, [0, 6, SEQ - 1]].any()  # [CLS], the boundary and [SEP] are never predicted
+    window = np.concatenate([np.full((64, 1), CLS), tokens[:, :SEQ - 2], np.full((64, 1), SEP)], axis=1)
+    window[:, 6] = SEP
+    assert (labels[chosen] == window[chosen]).all() and (inputs[~chosen] == window[~chosen]).all()
+    kinds = np.where(inputs[chosen] == MASK, "mask", np.where(inputs[chosen] == window[chosen], "kept", "random"))
+    share = {k: float((kinds == k).mean()) for k in ("mask", "random", "kept")}
+    assert 0.75 < share["mask"] < 0.85 and 0.05 < share["random"] < 0.15 and 0.05 < share["kept"] < 0.15
+    assert not np.isin(inputs[chosen][kinds == "random"], [CLS, SEP, MASK, EOS]).any()
+    # The same sample masks the same way in another batch, at another row, with another seed it does not.
+    again, again_labels = _objective().apply(tokens[[7, 3]], ids[[7, 3]])
+    assert (again == inputs[[7, 3]]).all() and (again_labels == labels[[7, 3]]).all()
+    assert not (_objective(seed=8).apply(tokens[:4], ids[:4])[1] == labels[:4]).all()
+
+
+# ---- dp2 with ZeRO 0-3 against one process -------------------------------------------------------------
+CASES: dict[str, dict[str, Any]] = {
+    **{f"zero{s}": {"zero": s, "micro": 4, "accum": 1} for s in range(4)},
+    "zero2-micro2x2": {"zero": 2, "micro": 2, "accum": 2},
+}
+
+
+def make_config(run_dir: str, *, workers: int, zero: int, micro: int, accum: int):
+    from fm_train.config import build_config
+
+    return build_config({"model": _tiny_bert(vocab_multiple=1)}, [
+        f"run.dir={run_dir}", f"cluster.workers={workers}", f"parallel.zero_stage={zero}", "precision=fp32",
+        f"train.steps={STEPS}", f"train.micro_batch={micro}", f"train.grad_accum={accum}", "train.log_every=1",
+        "train.eval_every=0", "optim.warmup_steps=2", "optim.lr=3e-3", "optim.min_lr=3e-4",
+        "optim.weight_decay=0.1", "optim.grad_clip=1.0", f"data.seq_len={SEQ}", "logging.tensorboard=false",
+    ])
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two global batches in turn (learnt within the few steps), each window two ordinary ids alternating,
+    masked by sample id."""
+    step %= 2
+    gen = torch.Generator().manual_seed(1000 + step)
+    pair = torch.randint(1, CLS, (GLOBAL_BATCH, 2), generator=gen)
+    tokens = pair[:, torch.arange(SEQ + 1) % 2]
+    inputs, labels = _objective().apply(tokens.numpy(), np.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH))
+    return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+
+def rank_batches(rank: int, micro: int, accum: int) -> Iterator[dict[str, Any]]:
+    step = 0
+    while True:
+        inputs, labels = global_batch(step)
+        for j in range(accum):
+            rows = slice((j * DP + rank) * micro, (j * DP + rank + 1) * micro)
+            yield {"input_ids": inputs[rows], "labels": labels[rows], "state": {"step": step}, "receipt": f"r{step}"}
+        step += 1
+
+
+def _train_cases(root: str) -> dict[str, list[float]]:
+    import torch.distributed as dist
+
+    from fm_train.checkpoint import build_manifest, save_checkpoint
+    from fm_train.dist import Topology
+    from fm_train.engine import MetricsSink, TrainState, build_engine, train
+    from fm_train.engine.checkpointing import manifest_layers, manifest_tied
+    from fm_train.engine.meter import ThroughputSpec
+    from fm_train.families import family_of
+
+    rank, out = dist.get_rank(), {}
+    for name, case in CASES.items():
+        run_dir = Path(root) / name
+        cfg = make_config(str(run_dir), workers=DP, **case)
+        engine, scheduler = build_engine(cfg, family_of(cfg.model).build_train_module(cfg))
+        state = TrainState(lr_scheduler=scheduler)
+        sink = MetricsSink(run_dir, enabled=rank == 0, tensorboard=False)
+        train(engine, rank_batches(rank, case["micro"], case["accum"]), state, cfg, sink=sink,
+              spec=ThroughputSpec(cfg.tokens_per_step, DP, 1.0, 1.0))
+        sink.close()
+        manifest = build_manifest(cfg, Topology(world=DP), data_state={}, tokens_seen=state.tokens_seen,
+                                  layers=manifest_layers(cfg), tied=manifest_tied(cfg))
+        save_checkpoint(engine, run_dir, STEPS, manifest=manifest, keep=1, is_rank0=rank == 0)
+        engine.destroy()
+        if rank == 0:
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            out[name] = [r["loss"] for r in records if "loss" in r]
+    dist.barrier()
+    return out
+
+
+def reference_losses() -> list[float]:
+    from fm_train.engine import build_lr_scheduler, weight_decay_groups
+    from fm_train.families import family_of
+
+    cfg = make_config("unused", workers=1, zero=0, micro=GLOBAL_BATCH, accum=1)
+    module = family_of(cfg.model).build_train_module(cfg)
+    o = cfg.optim
+    opt = torch.optim.AdamW(weight_decay_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    sched = build_lr_scheduler(opt, o, cfg.train.steps)
+    losses = []
+    for step in range(STEPS):
+        loss = module(*global_batch(step))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), o.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+_CACHE: dict[str, Any] = {}
+
+
+@pytest.fixture
+def trained(tmp_path_factory) -> tuple[Path, dict[str, list[float]]]:
+    if "runs" not in _CACHE:
+        root = tmp_path_factory.mktemp("bert")
+        _CACHE["runs"] = (root, run_distributed(_train_cases, world_size=DP, args=(str(root),))[0])
+    return _CACHE["runs"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", list(CASES))
+def test_dp2_encoder_loss_matches_single_process(trained, case: str) -> None:
+    torch.set_num_threads(1)
+    if "reference" not in _CACHE:
+        _CACHE["reference"] = reference_losses()
+    reference, losses = _CACHE["reference"], trained[1][case]
+    assert len(losses) == STEPS
+    for step, (got, want) in enumerate(zip(losses, reference)):
+        assert got == pytest.approx(want, rel=1e-5), f"{case}: step {step + 1} loss {got} != single-process {want}"
+    assert reference[-1] < reference[0] - 0.5  # the masked tokens were learnt
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", ["zero0", "zero2", "zero3"])
+def test_an_encoder_checkpoint_converts_to_bert_for_masked_lm(trained, case: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForMaskedLM, BertForMaskedLM
+
+    from fm_train.convert import convert_checkpoint
+
+    lines: list[str] = []
+    out = convert_checkpoint(trained[0] / case, tmp_path / "hf", no_tokenizer=True, dtype="fp32", progress=lines.append)
+    assert any("verified against the engine's probe" in line for line in lines), lines
+    hf = AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True)
+    assert isinstance(hf, BertForMaskedLM)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
