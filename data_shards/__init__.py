@@ -16,17 +16,20 @@ Public API (what the training engine calls)::
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
                       verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
-                      skip_shards: Iterable[str] = (), cache: ShardCache | None = None) -> DataStream
+                      skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
+                      objective: MaskedLM | None = None) -> DataStream
         Infinite stream of batches {"input_ids", "labels": torch.long [micro_batch, seq_len],
         "state": dict, "receipt": str}. Passing a batch's "state" back resumes right after that batch,
         also on another dp_size / micro_batch. "receipt" is a running hash of the global sample ids
         consumed by all ranks: the same on every rank, for any dp_size. ``skip_shards`` leaves out
         shards by key ("<source index>:<shard name>"), e.g. ones a previous attempt found bad mid-read.
         ``cache`` keeps whole shards of object-store sources on local disk, bounded in bytes.
+        ``objective``: None (labels = the sample shifted by one, for a decoder) or a MaskedLM (an
+        encoder's [CLS] ... [SEP] windows with BERT's masking, decided by sample id and seed).
 
     make_val_loader(sources, *, seq_len, micro_batch, dp_rank, dp_size, seed, val_fraction,
                     max_batches: int, on_bad_shard: str = "fail", skip_shards: Iterable[str] = (),
-                    cache: ShardCache | None = None) -> DataStream
+                    cache: ShardCache | None = None, objective: MaskedLM | None = None) -> DataStream
         Finite stream of the same batch dicts over the held-out split, identical on every call; give
         it the training stream's on_bad_shard and skip_shards so both leave out the same shards.
 
@@ -57,14 +60,15 @@ _EXPORTS = {
     "check_sources": "sources", "SourcesInfo": "sources", "verify_directory": "sources",
     "make_train_loader": "loader", "make_val_loader": "loader", "DataStream": "loader",
     "build_default_corpus": "corpus", "build_shards": "build", "BuildOptions": "build", "BuildSummary": "build",
-    "ShardCache": "shard_cache",
+    "ShardCache": "shard_cache", "MaskedLM": "masking",
 }
-__all__ = ["BadShardError", "DataError", *_EXPORTS]
+__all__ = ["BadShardError", "DataError", *_EXPORTS, "MaskedLM"]
 
 if TYPE_CHECKING:
     from .build import BuildOptions, BuildSummary, build_shards
     from .corpus import build_default_corpus
     from .loader import DataStream, make_train_loader, make_val_loader
+    from .masking import MaskedLM
     from .shard_cache import ShardCache
     from .sources import SourcesInfo, check_sources, verify_directory
 

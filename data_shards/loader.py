@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import BadShardError, DataError
+from .masking import MaskedLM
 from .order import Mixer, SourceOrder, StreamOrder, ValOrder, val_counts
 from .sample_reader import SampleReader
 from .shard_cache import ShardCache
@@ -42,8 +43,8 @@ class _RankBatches(IterableDataset):
     """Micro-batches of one dp rank; inside a DataLoader worker, every W-th one."""
 
     def __init__(self, order: StreamOrder, reader: SampleReader, start: int, micro_batch: int, dp_rank: int,
-                 dp_size: int, num_steps: Optional[int]) -> None:
-        self.order, self.reader, self.start = order, reader, start
+                 dp_size: int, num_steps: Optional[int], objective: Optional[MaskedLM] = None) -> None:
+        self.order, self.reader, self.start, self.objective = order, reader, start, objective
         self.micro_batch, self.dp_rank, self.dp_size, self.num_steps = micro_batch, dp_rank, dp_size, num_steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -58,15 +59,20 @@ class _RankBatches(IterableDataset):
             cursor = int(positions[-1]) + 1
             if m % n != w:
                 continue
+            located = self.order.locate(positions[mine])
             try:
-                tokens = self.reader.read(*self.order.locate(positions[mine]))
+                tokens = self.reader.read(*located)
             except BadShardError as exc:
                 # Handed over as data: DataLoader re-raises a worker's exception by type(message), which
                 # would lose the key; DataStream raises it again in the calling process.
                 yield {"step": m, "bad_shard": (str(exc), exc.key)}
                 return
-            yield {"step": m, "input_ids": torch.from_numpy(tokens[:, :-1].astype(np.int64)),
-                   "labels": torch.from_numpy(tokens[:, 1:].astype(np.int64))}
+            if self.objective is not None:  # masked tokens, decided by each sample's id in the global order
+                inputs, labels = self.objective.apply(tokens, self.order.sample_ids(*located))
+            else:  # next-token prediction: the sample shifted by one
+                inputs, labels = tokens[:, :-1], tokens[:, 1:]
+            yield {"step": m, "input_ids": torch.from_numpy(inputs.astype(np.int64)),
+                   "labels": torch.from_numpy(labels.astype(np.int64))}
 
 
 class DataStream:
@@ -77,12 +83,13 @@ class DataStream:
     """
 
     def __init__(self, plan: _Plan, order: StreamOrder, *, kind: str, start: int, receipt: int, micro_batch: int,
-                 dp_rank: int, dp_size: int, num_workers: int, num_steps: Optional[int]) -> None:
+                 dp_rank: int, dp_size: int, num_workers: int, num_steps: Optional[int],
+                 objective: Optional[MaskedLM] = None) -> None:
         self.info, self.skipped_shards = plan.info, plan.skipped
         self._plan, self._order, self._kind = plan, order, kind
         self._start, self._receipt, self._num_workers, self._num_steps = start, receipt, num_workers, num_steps
         self._global_batch = micro_batch * dp_size
-        self._batches = _RankBatches(order, plan.reader, start, micro_batch, dp_rank, dp_size, num_steps)
+        self._batches = _RankBatches(order, plan.reader, start, micro_batch, dp_rank, dp_size, num_steps, objective)
 
     def __len__(self) -> int:
         if self._num_steps is None:
@@ -113,7 +120,8 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
                       verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
-                      skip_shards: Iterable[str] = (), cache: ShardCache | None = None) -> DataStream:
+                      skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
+                      objective: MaskedLM | None = None) -> DataStream:
     """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
 
     The state resumes exactly on any dp size and micro batch (the global order is the same; only
@@ -124,6 +132,8 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     epoch a pseudorandom permutation of all of a source's samples) or ``"window"`` (shards permuted,
     then windows of ``shuffle_window`` consecutive samples; contiguous reads for slow storage).
     ``cache``: where shards of object-store sources are kept on local disk (None: ranged GETs).
+    ``objective``: None for next-token batches (``labels`` = the sample shifted by one), or a
+    :class:`~data_shards.masking.MaskedLM` for an encoder's masked-token batches.
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if num_workers < 0:
@@ -136,12 +146,13 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     if state is not None:
         start, receipt, _ = parse_state(state, "train", plan.config)
     return DataStream(plan, plan.train, kind="train", start=start, receipt=receipt, micro_batch=micro_batch,
-                      dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, num_steps=None)
+                      dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, num_steps=None, objective=objective)
 
 
 def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                     dp_size: int, seed: int, val_fraction: float, max_batches: int, on_bad_shard: str = "fail",
-                    skip_shards: Iterable[str] = (), cache: ShardCache | None = None) -> DataStream:
+                    skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
+                    objective: MaskedLM | None = None) -> DataStream:
     """Finite validation stream of one dp rank: the same batches on every call, at most ``max_batches``.
 
     Validation samples are the held-out tails of the shards (``val_fraction`` of each source), mixed
@@ -159,7 +170,7 @@ def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_bat
         raise DataError(f"the validation split holds {total} samples, fewer than one global batch of "
                         f"{micro_batch * dp_size}; raise data.val_fraction or lower the batch")
     return DataStream(plan, plan.val, kind="val", start=0, receipt=0, micro_batch=micro_batch, dp_rank=dp_rank,
-                      dp_size=dp_size, num_workers=0, num_steps=steps)
+                      dp_size=dp_size, num_workers=0, num_steps=steps, objective=objective)
 
 
 def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:

@@ -181,12 +181,14 @@ def run_worker(cfg: FmConfig) -> int:
         if skip and is_rank0:
             print(f"leaving out {len(skip)} shard(s) that earlier attempts found bad"
                   f" ({engine_data.bad_shards_dir(run_dir)}): {', '.join(skip)}", flush=True)
+        objective = engine_data.data_objective(cfg, info)  # what the family's loss needs the batches to hold
         batches = engine_data.train_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size, state=state.data_state,
-                                            skip_shards=skip)
+                                            skip_shards=skip, objective=objective)
         # Evaluation leaves out what training does (recorded, resumed and start-up finds); a shard it
         # finds bad first is recorded below and left out after the restart, as when training finds it.
         val = engine_data.val_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size,
-                                      skip_shards=engine_data.shards_left_out(skip, state.data_state))
+                                      skip_shards=engine_data.shards_left_out(skip, state.data_state),
+                                      objective=objective)
         wandb = ({"project": cfg.logging.wandb_project, "name": cfg.run.name, "config": cfg.model_dump(mode="json")}
                  if cfg.logging.wandb else None)
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,

@@ -87,7 +87,7 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
     try:
         bos = eos = None
         if tokenizer is not None:
-            bos, eos, size = copy_tokenizer(tokenizer, tmp)
+            bos, eos, size = copy_tokenizer(tokenizer, tmp, specials=family_of(model_fields).tokenizer_specials())
             if size > model_fields["vocab_size"]:
                 raise ConvertError(f"tokenizer at {tokenizer} has {size} tokens, more than model.vocab_size="
                                    f"{model_fields['vocab_size']}")

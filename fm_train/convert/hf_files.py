@@ -29,14 +29,25 @@ def find_tokenizer(config: Mapping[str, Any], run_dir: Path) -> tuple[Path | Non
     return None, candidates
 
 
-def copy_tokenizer(src: Path, out_dir: Path) -> tuple[int | None, int | None, int]:
-    """Copy the tokenizer files via AutoTokenizer (which proves they load); returns (bos, eos, size)."""
+def copy_tokenizer(src: Path, out_dir: Path, specials: Mapping[str, str] | None = None) -> tuple[int | None, int | None, int]:
+    """Copy the tokenizer files via AutoTokenizer (which proves they load); returns (bos, eos, size).
+
+    ``specials`` (the family's ``tokenizer_specials``: ``{"mask_token": "[MASK]", ...}``) are appended
+    in order, so they get the ids training gave them: right after the shards' vocabulary.
+    """
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loader failure means an unusable tokenizer dir
         raise ConvertError(f"tokenizer at {src} does not load with AutoTokenizer: {exc}") from None
+    if specials:
+        base = len(tok)
+        tok.add_special_tokens(dict(specials))
+        got = [tok.convert_tokens_to_ids(token) for token in specials.values()]
+        if got != list(range(base, base + len(specials))):
+            raise ConvertError(f"tokenizer at {src} already holds some of {list(specials.values())} (ids {got}); the"
+                               f" model was trained with them at ids {base}-{base + len(specials) - 1}")
     tok.save_pretrained(str(out_dir))
     return tok.bos_token_id, tok.eos_token_id, len(tok)
 

@@ -31,13 +31,14 @@ def prepare_sources(cfg: FmConfig, *, is_rank0: bool) -> Sources:
     import data_shards
 
     from data_shards.storage import as_location
+    from fm_train.families import family_of
 
+    # The family's own special tokens (an encoder's [CLS], [SEP], [MASK]) come after the tokenizer's.
+    vocab = cfg.model.vocab_size - len(family_of(cfg.model).tokenizer_specials())
     for src in cfg.data.sources:
         if is_rank0 and src.default_corpus and not (as_location(src.path) / "index.json").exists():
-            print(f"building the default corpus in {src.path} (vocab {cfg.model.vocab_size}, seq_len {cfg.data.seq_len})",
-                  flush=True)
-            data_shards.build_default_corpus(src.path, vocab_size=cfg.model.vocab_size, seq_len=cfg.data.seq_len,
-                                             workers=1)
+            print(f"building the default corpus in {src.path} (vocab {vocab}, seq_len {cfg.data.seq_len})", flush=True)
+            data_shards.build_default_corpus(src.path, vocab_size=vocab, seq_len=cfg.data.seq_len, workers=1)
     if dist.is_initialized():
         dist.barrier()
     return [(s.path, s.weight) for s in cfg.data.sources]
@@ -50,10 +51,20 @@ def check_sources(cfg: FmConfig, sources: Sources) -> Any:
     return data_shards.check_sources([p for p, _ in sources], cfg.model.vocab_size)
 
 
+def data_objective(cfg: FmConfig, info: Any) -> Any:
+    """What the model family's objective needs the data path to produce from these sources
+    (``ModelFamily.data_objective``: None for next-token batches); ``info`` is their ``SourcesInfo``."""
+    from fm_train.families import family_of
+
+    return family_of(cfg.model).data_objective(cfg, info)
+
+
 def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
-                  state: dict[str, Any] | None, skip_shards: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+                  state: dict[str, Any] | None, skip_shards: Iterable[str] = (),
+                  objective: Any = None) -> Iterator[dict[str, Any]]:
     """This dp rank's training micro-batches, resuming right after the batch that left ``state``;
-    ``skip_shards`` (keys ``"<source index>:<shard name>"``) are left out."""
+    ``skip_shards`` (keys ``"<source index>:<shard name>"``) are left out; ``objective``: what
+    :func:`data_objective` returned."""
     import data_shards
 
     d = cfg.data
@@ -61,7 +72,7 @@ def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
         val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state,
-        skip_shards=skip_shards, cache=shard_cache(cfg),
+        skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective,
     ))
 
 
@@ -111,7 +122,7 @@ def shards_left_out(recorded: Iterable[str], data_state: dict[str, Any] | None) 
 
 
 def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
-                skip_shards: Iterable[str] = ()) -> Callable[[], Iterable[dict[str, Any]]] | None:
+                skip_shards: Iterable[str] = (), objective: Any = None) -> Callable[[], Iterable[dict[str, Any]]] | None:
     """A factory of the fixed validation batches (the same ones every time), or None when eval is off.
 
     The loader follows ``data.on_bad_shard`` and leaves out ``skip_shards`` (pass what training leaves
@@ -128,6 +139,6 @@ def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
     stream = data_shards.make_val_loader(
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, val_fraction=d.val_fraction, max_batches=cfg.train.eval_batches,
-        on_bad_shard=d.on_bad_shard, skip_shards=skip_shards, cache=shard_cache(cfg),
+        on_bad_shard=d.on_bad_shard, skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective,
     )
     return lambda: stream  # every iter() of a DataStream starts again from its first batch

@@ -45,6 +45,14 @@ class ModelFamily(Protocol):
     def config_errors(self, cfg: Any) -> list[str]:
         """The family's own rules on a whole ``FmConfig`` (torch-free), each naming the field and the fix."""
 
+    def data_objective(self, cfg: Any, info: Any) -> Any:
+        """What the data path must produce for the objective: None for next-token batches, or a
+        ``data_shards`` objective (``MaskedLM``) built from the sources' ``SourcesInfo`` ``info``."""
+
+    def tokenizer_specials(self) -> dict[str, str]:
+        """Special tokens the family appends after the shards' tokenizer vocabulary (``{"mask_token":
+        "[MASK]", ...}``, in id order); the export's tokenizer gets them too. Empty: none."""
+
     def build_train_module(self, cfg: Any, groups: Any = None, *, init: Any = None,
                            ds_config: Mapping[str, Any] | None = None) -> Any:
         """The trainable module of ``cfg``'s layout (the engine's contract: ``forward(inputs, labels) -> loss``,

@@ -36,6 +36,10 @@ _HF_CONFIG_KEYS: dict[str, str] = {
 }
 
 
+#: Special tokens appended after the shards' tokenizer vocabulary, in id order.
+_SPECIALS: dict[str, str] = {"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"}
+
+
 class BertFamily:
     """BERT-style encoders pretrained with masked-language modelling (``model.family: bert``)."""
 
@@ -61,6 +65,22 @@ class BertFamily:
         from fm_train.model.bert import masked_lm_loss
 
         return functools.partial(masked_lm_loss, vocab_size=args.vocab_size)
+
+    def data_objective(self, cfg: Any, info: Any) -> Any:
+        # [CLS], [SEP] and [MASK] follow the shards' tokenizer vocabulary (tokenizer_specials): a
+        # tokenizer trained by ``fm-train shard`` serves both families, and the export's gets them too.
+        from data_shards import DataError, MaskedLM
+
+        base = int(info.vocab_size)
+        if cfg.model.vocab_size < base + len(_SPECIALS):
+            raise DataError(f"model.vocab_size={cfg.model.vocab_size} leaves no room for the encoder's [CLS], [SEP] and"
+                            f" [MASK] after the shards' {base} tokens ({info.paths[0]}); set model.vocab_size to at"
+                            f" least {base + len(_SPECIALS)}")
+        return MaskedLM(cls_id=base, sep_id=base + 1, mask_id=base + 2, vocab_size=base + len(_SPECIALS),
+                        seed=cfg.run.seed, eos_id=int(info.eos_id))
+
+    def tokenizer_specials(self) -> dict[str, str]:
+        return dict(_SPECIALS)
 
     def build_train_module(self, cfg: Any, groups: Any = None, *, init: Any = None,
                            ds_config: Mapping[str, Any] | None = None) -> Any:

@@ -80,6 +80,12 @@ class LlamaFamily:
             return [f"model.hidden / model.n_heads = {m.hidden // m.n_heads} is odd; RoPE needs an even head size"]
         return []
 
+    def data_objective(self, cfg: Any, info: Any) -> Any:
+        return None  # the loader's default: labels are the sample shifted by one
+
+    def tokenizer_specials(self) -> dict[str, str]:
+        return {}
+
     def build_train_module(self, cfg: Any, groups: Any = None, *, init: Any = None,
                            ds_config: Mapping[str, Any] | None = None) -> Any:
         from fm_train.parallel.build import build_train_module

@@ -34,7 +34,7 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{cfg.precision}")
     print(f"# batch: global {cfg.global_batch} sequences = micro {cfg.train.micro_batch} x accum "
           f"{cfg.train.grad_accum} x dp {cfg.dp}; {cfg.tokens_per_step:,} tokens per step")
-    print(f"# model: {parameter_count(cfg.model):,} parameters; "
+    print(f"# model: {cfg.model.family}, {parameter_count(cfg.model):,} parameters; "
           f"{flops_per_step(cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
           "(6N + 12 L h s per token)")
     device = "gpu" if cfg.cluster.gpus_per_worker > 0 else "cpu"
