@@ -56,7 +56,9 @@ def data_objective(cfg: FmConfig, info: Any) -> Any:
     (``ModelFamily.data_objective``: None for next-token batches); ``info`` is their ``SourcesInfo``."""
     from fm_train.families import family_of
 
-    return family_of(cfg.model).data_objective(cfg, info)
+    if info is None:  # no sources checked (tests that feed their own batches)
+        return None
+    return family_of(cfg.model).data_objective(info, model_vocab_size=cfg.model.vocab_size, seed=cfg.run.seed)
 
 
 def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,

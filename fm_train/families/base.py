@@ -45,9 +45,10 @@ class ModelFamily(Protocol):
     def config_errors(self, cfg: Any) -> list[str]:
         """The family's own rules on a whole ``FmConfig`` (torch-free), each naming the field and the fix."""
 
-    def data_objective(self, cfg: Any, info: Any) -> Any:
+    def data_objective(self, info: Any, *, model_vocab_size: int, seed: int) -> Any:
         """What the data path must produce for the objective: None for next-token batches, or a
-        ``data_shards`` objective (``MaskedLM``) built from the sources' ``SourcesInfo`` ``info``."""
+        ``data_shards`` objective (``MaskedLM``) for the sources' ``SourcesInfo`` ``info``, a model of
+        ``model_vocab_size`` ids (``model.vocab_size``) and the run's ``seed``."""
 
     def tokenizer_specials(self) -> dict[str, str]:
         """Special tokens the family appends after the shards' tokenizer vocabulary (``{"mask_token":

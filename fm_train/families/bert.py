@@ -66,18 +66,18 @@ class BertFamily:
 
         return functools.partial(masked_lm_loss, vocab_size=args.vocab_size)
 
-    def data_objective(self, cfg: Any, info: Any) -> Any:
+    def data_objective(self, info: Any, *, model_vocab_size: int, seed: int) -> Any:
         # [CLS], [SEP] and [MASK] follow the shards' tokenizer vocabulary (tokenizer_specials): a
         # tokenizer trained by ``fm-train shard`` serves both families, and the export's gets them too.
         from data_shards import DataError, MaskedLM
 
         base = int(info.vocab_size)
-        if cfg.model.vocab_size < base + len(_SPECIALS):
-            raise DataError(f"model.vocab_size={cfg.model.vocab_size} leaves no room for the encoder's [CLS], [SEP] and"
+        if model_vocab_size < base + len(_SPECIALS):
+            raise DataError(f"model.vocab_size={model_vocab_size} leaves no room for the encoder's [CLS], [SEP] and"
                             f" [MASK] after the shards' {base} tokens ({info.paths[0]}); set model.vocab_size to at"
                             f" least {base + len(_SPECIALS)}")
         return MaskedLM(cls_id=base, sep_id=base + 1, mask_id=base + 2, vocab_size=base + len(_SPECIALS),
-                        seed=cfg.run.seed, eos_id=int(info.eos_id))
+                        seed=seed, eos_id=int(info.eos_id))
 
     def tokenizer_specials(self) -> dict[str, str]:
         return dict(_SPECIALS)

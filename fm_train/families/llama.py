@@ -80,7 +80,7 @@ class LlamaFamily:
             return [f"model.hidden / model.n_heads = {m.hidden // m.n_heads} is odd; RoPE needs an even head size"]
         return []
 
-    def data_objective(self, cfg: Any, info: Any) -> Any:
+    def data_objective(self, info: Any, *, model_vocab_size: int, seed: int) -> Any:
         return None  # the loader's default: labels are the sample shifted by one
 
     def tokenizer_specials(self) -> dict[str, str]:

@@ -1,0 +1,92 @@
+"""``fm-train eval HF_DIR --data SHARDS``: held-out loss of a Hugging Face model on shard data.
+
+The model is loaded by its family's ``transformers`` auto class (from ``config.json``'s
+``model_type``) and run over the held-out tail of the shards, the same split training evaluates
+on (``--val-fraction``, as ``data.val_fraction``), with the batches the family trains on: a decoder
+reports next-token loss and perplexity, an encoder masked-token loss and accuracy over the positions
+BERT's masking chose (decided by sample id and ``--seed``, as in training). A progress bar shows
+the batches; the result is one JSON line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from fm_train.cli_common import fail
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``fm-train eval``."""
+    parser.add_argument("hf_dir", metavar="HF_DIR", type=Path, help="a Hugging Face model dir (fm-train convert's output)")
+    parser.add_argument("--data", required=True, help="a shard directory built by fm-train shard (or an object-store URI)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="share of each shard held out, as data.val_fraction in training (0.01)")
+    parser.add_argument("--batches", type=int, default=50, help="at most this many batches (50)")
+    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (8)")
+    parser.add_argument("--seed", type=int, default=1234, help="the run seed (an encoder's masking depends on it; 1234)")
+
+
+def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches: int = 50, micro_batch: int = 8,
+                seed: int = 1234, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """``{"family", "tokens", "loss", ...}``: the model's loss over the held-out batches of ``data``
+    (``perplexity`` for a decoder, ``accuracy`` of the masked tokens for an encoder)."""
+    import torch
+    import transformers
+
+    import data_shards
+    from fm_train.families import FAMILIES, family_of_hf
+
+    config = json.loads((Path(hf_dir) / "config.json").read_text())
+    family = family_of_hf(config.get("model_type"))
+    if family is None:
+        raise ValueError(f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is not one of fm-train's"
+                         f" families ({', '.join(f.hf_model_type for f in FAMILIES.values())})")
+    info = data_shards.check_sources([data], config["vocab_size"])
+    objective = family.data_objective(info, model_vocab_size=config["vocab_size"], seed=seed)
+    stream = data_shards.make_val_loader([(data, 1.0)], seq_len=info.seq_len, micro_batch=micro_batch, dp_rank=0,
+                                         dp_size=1, seed=seed, val_fraction=val_fraction, max_batches=batches,
+                                         objective=objective)
+    model = getattr(transformers, family.hf_auto_class).from_pretrained(
+        str(hf_dir), local_files_only=True, dtype=torch.float32).eval()
+    total_loss, tokens, correct = 0.0, 0, 0
+    with torch.no_grad():
+        for i, batch in enumerate(stream, 1):
+            logits = model(input_ids=batch["input_ids"]).logits.float()
+            labels = batch["labels"]
+            scored = labels != -100  # every position for a decoder, the masked ones for an encoder
+            total_loss += float(torch.nn.functional.cross_entropy(logits[scored], labels[scored], reduction="sum"))
+            correct += int((logits[scored].argmax(-1) == labels[scored]).sum())
+            tokens += int(scored.sum())
+            if progress is not None:
+                progress(i)
+    loss = total_loss / max(tokens, 1)
+    result: dict[str, Any] = {"family": family.name, "model": str(hf_dir), "data": str(data), "batches": len(stream),
+                              "tokens": tokens, "loss": loss}
+    if objective is None:
+        result["perplexity"] = math.exp(min(loss, 50.0))
+    else:
+        result["masked_accuracy"] = correct / max(tokens, 1)
+    return result
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Entry of ``fm-train eval``: the JSON result on stdout, a progress bar on stderr."""
+    from tqdm import tqdm
+
+    import data_shards
+
+    if not (args.hf_dir / "config.json").is_file():
+        return fail("eval", f"{args.hf_dir} has no config.json: not a Hugging Face model dir (fm-train convert's output)")
+    try:
+        with tqdm(total=args.batches, desc="fm-train eval", unit="batch", file=sys.stderr) as bar:
+            result = evaluate_hf(args.hf_dir, args.data, val_fraction=args.val_fraction, batches=args.batches,
+                                 micro_batch=args.micro_batch, seed=args.seed, progress=lambda i: bar.update(1))
+    except (ValueError, data_shards.DataError) as exc:
+        return fail("eval", str(exc))
+    print(json.dumps(result), flush=True)
+    return 0
