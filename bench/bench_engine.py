@@ -1,15 +1,18 @@
 """Tokens/s of one fm-train process against bare PyTorch, a Hugging Face loop and ``transformers.Trainer``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine.py [--threads 1] [--rounds 6] [--steps-per-round 5]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine.py [--family llama|bert] [--threads 1] [--rounds 6]
+                                                             [--steps-per-round 5]
 
-Four contenders train the same Llama shape on the same fixed batch with the same AdamW settings,
+Four contenders train the same model (``--family llama``: a Llama decoder on next-token prediction;
+``bert``: an encoder with BERT's masked tokens, ``BertForMaskedLM`` on the Hugging Face side, dropout
+off there as fm-train has none) of the same shape on the same fixed batch with the same AdamW settings,
 cosine schedule and gradient clipping, in one process with the same thread count:
 
 * ``fm-train``: the DeepSpeed engine (world 1, gloo, ZeRO-0 fp32 by default) driven by
   ``fm_train.engine.train`` with metrics on (a record every round: all-reduce, jsonl, TensorBoard)
   - the whole worker loop minus the data reader;
 * ``torch``: ``build_train_module`` + ``torch.optim.AdamW`` + ``LambdaLR`` + ``clip_grad_norm_``;
-* ``hf-loop``: ``transformers.LlamaForCausalLM`` (sdpa attention) in the loop ``transformers.Trainer``
+* ``hf-loop``: ``transformers.LlamaForCausalLM`` or ``BertForMaskedLM`` (sdpa attention) in the loop ``transformers.Trainer``
   runs per step (``model(**batch).loss``, backward, ``clip_grad_norm_``, AdamW, cosine schedule);
 * ``hf-trainer``: ``transformers.Trainer`` itself (needs ``accelerate``) training that model from a
   dataset of the same rows (default collator, ``adamw_torch``, ``max_grad_norm=1``, cosine schedule,
@@ -38,8 +41,13 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPE = {"n_layers": 4, "hidden": 256, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 688, "vocab_size": 4096,
-         "max_seq_len": 256, "tie_embeddings": True}
+SHAPES = {
+    "llama": {"n_layers": 4, "hidden": 256, "n_heads": 8, "n_kv_heads": 4, "ffn_hidden": 688, "vocab_size": 4096,
+              "max_seq_len": 256, "tie_embeddings": True},
+    "bert": {"family": "bert", "n_layers": 4, "hidden": 256, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 1024,
+             "vocab_size": 4096, "max_seq_len": 256, "tie_embeddings": True, "norm_eps": 1e-12},
+}
+SHAPE = SHAPES["llama"]  # main() picks the family's
 SEQ, MICRO, LR, WARMUP = 128, 8, 1e-3, 5
 
 
@@ -55,10 +63,24 @@ def make_config(steps: int, zero: int, run_dir: str, log_every: int):
 
 
 def fixed_batch():
+    """``(input_ids, labels)`` as fm-train's loader makes them: shifted tokens, or BERT's masked windows."""
+    import numpy as np
     import torch
 
-    tokens = torch.randint(0, SHAPE["vocab_size"], (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    vocab = SHAPE["vocab_size"]
+    tokens = torch.randint(1, vocab - 3, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    if SHAPE.get("family") != "bert":
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    from data_shards.masking import MaskedLM
+
+    masking = MaskedLM(cls_id=vocab - 3, sep_id=vocab - 2, mask_id=vocab - 1, vocab_size=vocab, seed=1, eos_id=0)
+    ids, labels = masking.apply(tokens.numpy(), np.arange(MICRO))
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+def hf_labels(ids, labels):
+    """The labels ``transformers`` takes: the inputs for a causal LM (it shifts them), the masked ones for BERT."""
+    return labels if SHAPE.get("family") == "bert" else ids
 
 
 Contender = Callable[[int], list[float]]  # run n steps, return their step times
@@ -71,12 +93,12 @@ def fm_train_contender(total_steps: int, zero: int, run_dir: str, per_round: int
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.engine.distributed import init_distributed
     from fm_train.engine.loop import throughput_spec
-    from fm_train.parallel.build import build_train_module
+    from fm_train.families import family_of
 
     ensure_extension_cache()
     init_distributed(RankEnv.from_environ())
     cfg = make_config(total_steps, zero, run_dir, log_every=per_round)
-    engine, scheduler = build_engine(cfg, build_train_module(cfg))
+    engine, scheduler = build_engine(cfg, family_of(cfg.model).build_train_module(cfg))
     ids, labels = fixed_batch()
     batches = iter(lambda: {"input_ids": ids, "labels": labels, "state": {}, "receipt": ""}, None)
     state = TrainState(lr_scheduler=scheduler)
@@ -96,10 +118,10 @@ def torch_contender(total_steps: int) -> Contender:
     import torch
 
     from fm_train.engine import build_lr_scheduler, weight_decay_groups
-    from fm_train.parallel.build import build_train_module
+    from fm_train.families import family_of
 
     cfg = make_config(total_steps, 0, "unused", log_every=1)
-    module, o = build_train_module(cfg), cfg.optim
+    module, o = family_of(cfg.model).build_train_module(cfg), cfg.optim
     opt = torch.optim.AdamW(weight_decay_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = build_lr_scheduler(opt, o, total_steps)
     ids, labels = fixed_batch()
@@ -129,13 +151,14 @@ def hf_contender(total_steps: int) -> Contender:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
     sched = get_cosine_schedule_with_warmup(opt, WARMUP, total_steps)
-    ids, _ = fixed_batch()
+    ids, labels = fixed_batch()
+    labels = hf_labels(ids, labels)
 
     def run(n: int) -> list[float]:
         times = []
         for _ in range(n):
             start = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -149,9 +172,15 @@ def hf_contender(total_steps: int) -> Contender:
 
 
 def hf_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     s = SHAPE
+    if s.get("family") == "bert":
+        return BertForMaskedLM(BertConfig(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden"], intermediate_size=s["ffn_hidden"],
+            num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"], max_position_embeddings=s["max_seq_len"],
+            layer_norm_eps=s["norm_eps"], hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            attn_implementation="sdpa"))
     return LlamaForCausalLM(LlamaConfig(
         vocab_size=s["vocab_size"], hidden_size=s["hidden"], intermediate_size=s["ffn_hidden"],
         num_hidden_layers=s["n_layers"], num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
@@ -168,15 +197,15 @@ def run_trainer_driving(total_steps: int, per_round: int, out_dir: str, others: 
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    ids, _ = fixed_batch()
+    ids, labels = fixed_batch()
+    labels = hf_labels(ids, labels)
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self) -> int:
             return MICRO * total_steps
 
         def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            row = ids[i % MICRO]
-            return {"input_ids": row, "labels": row}
+            return {"input_ids": ids[i % MICRO], "labels": labels[i % MICRO]}
 
     class Interleave(TrainerCallback):
         def __init__(self) -> None:
@@ -212,7 +241,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--zero", type=int, default=0, choices=[0, 1, 2, 3])
+    parser.add_argument("--family", default="llama", choices=sorted(SHAPES), help="the model family (llama)")
     args = parser.parse_args()
+    global SHAPE
+    SHAPE = SHAPES[args.family]
     import torch
 
     torch.set_num_threads(args.threads)
@@ -230,7 +262,7 @@ def main() -> int:
     print(f"fm-train / torch   = {tps['fm-train'] / tps['torch']:.3f} (goal >= 0.95)")
     print(f"fm-train / hf-loop = {tps['fm-train'] / tps['hf-loop']:.3f}")
     print(f"fm-train / hf-trainer = {tps['fm-train'] / tps['hf-trainer']:.3f} (goal >= 1.0)")
-    print(f"shape {SHAPE}, micro_batch {MICRO}, seq_len {SEQ}, fp32, threads {args.threads}, ZeRO-{args.zero}, "
+    print(f"family {args.family}, shape {SHAPE}, micro_batch {MICRO}, seq_len {SEQ}, fp32, threads {args.threads}, ZeRO-{args.zero}, "
           f"torch {torch.__version__}")
     return 0
 

@@ -192,7 +192,9 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(args.padded_vocab_size))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.transform(h)) + self.bias
+        # One addmm with the bias, as transformers' decoder does (its decoder.bias is this parameter),
+        # rather than a matmul and a separate add over the whole [batch, seq, vocab] logits.
+        return F.linear(self.transform(h), self.decoder.weight, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
