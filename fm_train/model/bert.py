@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm_train.model.llama import padded_vocab_size, real_logits
+from fm_train.model.llama import VocabShape, real_logits
 
 #: Parameters with one row per vocabulary entry, padding rows included (names end with these).
 VOCAB_ROW_PARAMS: tuple[str, ...] = ("word_embeddings.weight", "predictions.bias", "decoder.weight")
@@ -25,7 +25,7 @@ IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
-class BertArgs:
+class BertArgs(VocabShape):
     """Shape of the encoder; built from ``fm_train.config.ModelConfig`` by :func:`bert_args_from_config`."""
 
     n_layers: int
@@ -38,16 +38,6 @@ class BertArgs:
     norm_eps: float = 1e-12
     init_std: float = 0.02
     vocab_multiple: int = 1
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden // self.n_heads
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the word embedding and the MLM decoder: ``vocab_size`` rounded up to ``vocab_multiple``."""
-        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
 
 def bert_args_from_config(model_cfg) -> BertArgs:  # model_cfg: fm_train.config.ModelConfig (untyped: torch only here)

@@ -21,8 +21,28 @@ from torch import nn
 #: Parameters with one row per vocabulary entry, padding rows included (names end with these).
 VOCAB_ROW_PARAMS: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight")
 
+class VocabShape:
+    """What every family's shape arguments derive the same way (mixed into their dataclasses, which
+    hold ``hidden``, ``n_heads``, ``vocab_size`` and ``vocab_multiple``)."""
+
+    hidden: int
+    n_heads: int
+    vocab_size: int
+    vocab_multiple: int
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.hidden // self.n_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and the output head: ``vocab_size`` rounded up to ``vocab_multiple``."""
+        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
+
+
 @dataclass(frozen=True)
-class LlamaArgs:
+class LlamaArgs(VocabShape):
     """Shape of the model; built from ``fm_train.config.ModelConfig`` by :func:`args_from_config`."""
 
     n_layers: int
@@ -38,16 +58,6 @@ class LlamaArgs:
     qkv_bias: bool = False
     init_std: float = 0.02
     vocab_multiple: int = 1
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden // self.n_heads
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding and the head: ``vocab_size`` rounded up to ``vocab_multiple``."""
-        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
 
 
 def padded_vocab_size(vocab_size: int, multiple: int) -> int:
