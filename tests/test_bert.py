@@ -248,3 +248,30 @@ def test_an_encoder_checkpoint_converts_to_bert_for_masked_lm(trained, case: str
     hf = AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True)
     assert isinstance(hf, BertForMaskedLM)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+
+
+@pytest.mark.unit
+def test_a_bert_for_masked_lm_dir_is_imported_for_continued_pretraining(tmp_path: Path) -> None:
+    """``model.init_from`` a transformers-saved BertForMaskedLM: the family and shape come from its
+    config.json, the weights through the key map, and the first masked-token loss is transformers'."""
+    import transformers
+
+    from fm_train.config import build_config
+    from fm_train.convert.import_hf import open_hf
+    from fm_train.families import family_of
+
+    hf_cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    transformers.BertForMaskedLM(hf_cfg).save_pretrained(str(tmp_path / "hf"))
+    cfg = build_config({"model": {"init_from": str(tmp_path / "hf"), "vocab_multiple": 128},
+                        "parallel": {"zero_stage": 0}, "cluster": {"workers": 1}, "data": {"seq_len": SEQ}})
+    assert cfg.model.family == "bert" and cfg.model.hidden == 64 and cfg.model.norm_eps == 1e-12
+    _, weights = open_hf(tmp_path / "hf")
+    module = family_of(cfg.model).build_train_module(cfg, init=weights)
+    inputs, labels = global_batch(0)
+    hf = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
+    with torch.no_grad():
+        want = hf(input_ids=inputs, labels=labels).loss
+        got = module(inputs, labels)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)

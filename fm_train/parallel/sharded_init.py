@@ -84,19 +84,21 @@ class _PaddedVocab:
     def read(self, name: str, dim: int | None = None, index: int = 0, parts: int = 1) -> torch.Tensor:
         if not self._pads(name):
             return self.source.read(name, dim, index, parts)
-        rows, cols = self.args.padded_vocab_size, self.source.shape(name)[1]
+        # Elements per vocabulary row: a matrix's columns, 1 for a vector (the MLM decoder's bias).
+        row_shape = tuple(self.source.shape(name)[1:])
+        rows, cols = self.args.padded_vocab_size, math.prod(row_shape)
         start, stop = 0, rows
         if dim is not None and parts > 1:
             if dim != 0:  # no plan splits a vocabulary matrix by columns: cut the whole
                 return self.read(name).chunk(parts, dim)[index]
             size = -(-rows // parts)  # where torch.chunk cuts
             start, stop = min(rows, index * size), min(rows, (index + 1) * size)
-        return self.read_flat(name, start * cols, (stop - start) * cols).reshape(stop - start, cols)
+        return self.read_flat(name, start * cols, (stop - start) * cols).reshape(stop - start, *row_shape)
 
     def read_flat(self, name: str, start: int, count: int) -> torch.Tensor:
         if not self._pads(name):
             return self.source.read_flat(name, start, count)
-        real = self.args.vocab_size * self.source.shape(name)[1]
+        real = self.args.vocab_size * math.prod(self.source.shape(name)[1:])
         have = max(0, min(count, real - start))
         if have == count:
             return self.source.read_flat(name, start, count)
