@@ -275,3 +275,30 @@ def test_a_bert_for_masked_lm_dir_is_imported_for_continued_pretraining(tmp_path
         want = hf(input_ids=inputs, labels=labels).loss
         got = module(inputs, labels)
     assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.unit
+def test_a_tokenizer_with_bert_s_special_tokens_keeps_their_ids(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, models
+
+    from data_shards import DataError
+    from fm_train.families import family_of
+
+    def info_with(tokens: list[str]) -> SimpleNamespace:
+        vocab = {t: i for i, t in enumerate([*tokens, "a", "b", "c"])}
+        directory = tmp_path / "-".join(tokens).strip("[]") / "tokenizer"
+        directory.mkdir(parents=True)
+        Tokenizer(models.WordLevel(vocab, unk_token="a")).save(str(directory / "tokenizer.json"))
+        return SimpleNamespace(tokenizer_dir=directory, vocab_size=len(vocab), eos_id=vocab.get("[SEP]", 0))
+
+    family = family_of("bert")
+    wordpiece = family.data_objective(info_with(["[PAD]", "[MASK]", "[CLS]", "[SEP]"]), model_vocab_size=8, seed=1)
+    assert (wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id, wordpiece.eos_id) == (2, 3, 1, None)
+    appended = family.data_objective(info_with(["<eos>"]), model_vocab_size=7, seed=1)
+    assert (appended.cls_id, appended.sep_id, appended.mask_id, appended.eos_id) == (4, 5, 6, 0)
+    with pytest.raises(DataError, match="model.vocab_size=6 leaves no room for the encoder's"):
+        family.data_objective(info_with(["<x>"]), model_vocab_size=6, seed=1)
+    with pytest.raises(DataError, match=r"has some of BERT's special tokens but not \['\[MASK\]'\]"):
+        family.data_objective(info_with(["[CLS]", "[SEP]"]), model_vocab_size=8, seed=1)

@@ -42,12 +42,16 @@ def copy_tokenizer(src: Path, out_dir: Path, specials: Mapping[str, str] | None 
     except Exception as exc:  # noqa: BLE001 - any loader failure means an unusable tokenizer dir
         raise ConvertError(f"tokenizer at {src} does not load with AutoTokenizer: {exc}") from None
     if specials:
-        base = len(tok)
-        tok.add_special_tokens(dict(specials))
+        base, vocab = len(tok), tok.get_vocab()
+        held = [token in vocab for token in specials.values()]
+        if any(held) and not all(held):
+            raise ConvertError(f"tokenizer at {src} holds some of {list(specials.values())} but not all; training used"
+                               " either all of its own or none (appended)")
+        tok.add_special_tokens(dict(specials))  # held ones keep their ids (as in training), new ones follow
         got = [tok.convert_tokens_to_ids(token) for token in specials.values()]
-        if got != list(range(base, base + len(specials))):
-            raise ConvertError(f"tokenizer at {src} already holds some of {list(specials.values())} (ids {got}); the"
-                               f" model was trained with them at ids {base}-{base + len(specials) - 1}")
+        if not all(held) and got != list(range(base, base + len(specials))):
+            raise ConvertError(f"tokenizer at {src}: {list(specials.values())} got ids {got}; the model was trained"
+                               f" with them at {base}-{base + len(specials) - 1}")
     tok.save_pretrained(str(out_dir))
     return tok.bos_token_id, tok.eos_token_id, len(tok)
 
