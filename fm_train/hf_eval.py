@@ -32,9 +32,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches: int = 50, micro_batch: int = 8,
-                seed: int = 1234, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                seed: int = 1234, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """``{"family", "tokens", "loss", ...}``: the model's loss over the held-out batches of ``data``
-    (``perplexity`` for a decoder, ``accuracy`` of the masked tokens for an encoder)."""
+    (``perplexity`` for a decoder, ``accuracy`` of the masked tokens for an encoder). ``progress(done,
+    total)`` is called after each batch."""
     import torch
     import transformers
 
@@ -63,7 +64,7 @@ def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches:
             correct += int((logits[scored].argmax(-1) == labels[scored]).sum())
             tokens += int(scored.sum())
             if progress is not None:
-                progress(i)
+                progress(i, len(stream))
     loss = total_loss / max(tokens, 1)
     result: dict[str, Any] = {"family": family.name, "model": str(hf_dir), "data": str(data), "batches": len(stream),
                               "tokens": tokens, "loss": loss}
@@ -84,8 +85,12 @@ def run_eval(args: argparse.Namespace) -> int:
         return fail("eval", f"{args.hf_dir} has no config.json: not a Hugging Face model dir (fm-train convert's output)")
     try:
         with tqdm(total=args.batches, desc="fm-train eval", unit="batch", file=sys.stderr) as bar:
+            def advance(done: int, total: int) -> None:
+                bar.total = total  # the held-out split may hold fewer batches than --batches
+                bar.update(1)
+
             result = evaluate_hf(args.hf_dir, args.data, val_fraction=args.val_fraction, batches=args.batches,
-                                 micro_batch=args.micro_batch, seed=args.seed, progress=lambda i: bar.update(1))
+                                 micro_batch=args.micro_batch, seed=args.seed, progress=advance)
     except (ValueError, data_shards.DataError) as exc:
         return fail("eval", str(exc))
     print(json.dumps(result), flush=True)

@@ -105,8 +105,9 @@ def ensure_corpus(cfg: FmConfig, say: Say) -> None:
     for src in cfg.data.sources:
         if not src.default_corpus or (Path(src.path) / "index.json").is_file():
             continue
-        say(f"building the default corpus in {src.path} (vocab {cfg.model.vocab_size}, seq_len {cfg.data.seq_len})")
-        code = _step(["corpus", src.path, "--vocab-size", str(cfg.model.vocab_size), "--seq-len", str(cfg.data.seq_len)], say)
+        say(f"building the default corpus in {src.path} (model.vocab_size {cfg.model.vocab_size}, seq_len {cfg.data.seq_len})")
+        code = _step(["corpus", src.path, "--vocab-size", str(cfg.model.vocab_size), "--family", cfg.model.family,
+                      "--seq-len", str(cfg.data.seq_len)], say)
         if code != 0:
             raise RuntimeError(f"building the default corpus in {src.path} failed (exit code {code}); see the lines above")
 

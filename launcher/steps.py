@@ -13,8 +13,11 @@ from pathlib import Path
 
 def _corpus(args: argparse.Namespace) -> int:
     from data_shards import build_default_corpus
+    from fm_train.families import family_of
 
-    path = build_default_corpus(Path(args.out), vocab_size=args.vocab_size, seq_len=args.seq_len, workers=args.workers)
+    # The model family's own special tokens (an encoder's [CLS], [SEP], [MASK]) follow the tokenizer's.
+    vocab = args.vocab_size - len(family_of(args.family).tokenizer_specials())
+    path = build_default_corpus(Path(args.out), vocab_size=vocab, seq_len=args.seq_len, workers=args.workers)
     print(f"default corpus written to {path}")
     return 0
 
@@ -36,18 +39,16 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import json
 
-    torch.manual_seed(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=torch.float32)
-    model.eval()
-    ids = tok(args.prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    print(tok.decode(out[0], skip_special_tokens=True))
+    from fm_train.families import family_of_hf
+
+    model_type = json.loads((Path(args.model) / "config.json").read_text()).get("model_type")
+    family = family_of_hf(model_type)
+    if family is None:
+        print(f"{args.model}: model_type {model_type!r} is not one of fm-train's families", file=sys.stderr)
+        return 2
+    print(family.sample(Path(args.model), prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed))
     return 0
 
 
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("corpus", help="build the default corpus shards")
     p.add_argument("out", help="shard directory to create")
-    p.add_argument("--vocab-size", type=int, required=True, help="tokenizer vocabulary size (model.vocab_size)")
+    p.add_argument("--vocab-size", type=int, required=True, help="the model's vocabulary (model.vocab_size)")
+    p.add_argument("--family", default="llama", help="model.family (its special tokens come after the tokenizer's)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sample (data.seq_len)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.set_defaults(fn=_corpus)
@@ -66,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output directory (replaced)")
     p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32")
     p.set_defaults(fn=_convert)
-    p = sub.add_parser("sample", help="generate a short sample from a Hugging Face directory")
+    p = sub.add_parser("sample", help="show what a Hugging Face directory computes (the family's sample)")
     p.add_argument("model", help="directory with config.json, weights and tokenizer")
-    p.add_argument("--prompt", default="def ", help="text to continue")
+    p.add_argument("--prompt", default="def ", help="text to continue (an encoder fills a [MASK] after it)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.set_defaults(fn=_sample)

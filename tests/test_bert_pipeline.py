@@ -91,6 +91,10 @@ def test_eval_reports_a_decoder_s_perplexity(corpus: Path, tmp_path: Path, capsy
     assert result["family"] == "llama" and result["tokens"] == 2 * 8 * SEQ
     assert result["loss"] == pytest.approx(records[-1]["val_loss"], rel=0.05)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+    from launcher.steps import main as step  # what `fm-train launch` prints after converting
+
+    assert step(["sample", str(out), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip().startswith("def")
 
 
 @pytest.mark.multiproc
@@ -118,3 +122,13 @@ def test_the_encoder_fine_tunes_for_classification_with_the_trainer(encoder, cor
     trainer.train()
     logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(logged) >= 4 and logged[-1] < logged[0] - 0.2, logged
+
+
+@pytest.mark.multiproc
+def test_the_launcher_s_sample_step_fills_a_mask_for_an_encoder(encoder, capsys) -> None:
+    from launcher.steps import main
+
+    out, _, _ = encoder
+    assert main(["sample", str(out), "--prompt", "import os"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("fill-mask 'import os[MASK]': ") and line.count(",") >= 4, line

@@ -74,6 +74,10 @@ class ModelFamily(Protocol):
     def logits(self, output: Any, vocab_size: int) -> Any:
         """The module's output as logits over the real vocabulary (padding columns dropped)."""
 
+    def sample(self, hf_dir: Any, *, prompt: str, max_new_tokens: int, seed: int) -> str:
+        """A few lines showing what the converted model in ``hf_dir`` computes (printed after a launch):
+        a continuation of ``prompt`` for a decoder, the top fillers of a mask after it for an encoder."""
+
     def hf_config(self, model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
         """A ``transformers`` config object matching the checkpoint's model fields exactly."""
 

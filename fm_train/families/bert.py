@@ -147,6 +147,16 @@ class BertFamily:
 
         return real_logits(output, vocab_size)
 
+    def sample(self, hf_dir: Any, *, prompt: str, max_new_tokens: int, seed: int) -> str:
+        from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+        fill = pipeline("fill-mask", model=AutoModelForMaskedLM.from_pretrained(str(hf_dir), local_files_only=True),
+                        tokenizer=tok)
+        text = f"{prompt}{tok.mask_token}"
+        guesses = ", ".join(f"{g['token_str']!r} {g['score']:.2f}" for g in fill(text, top_k=5))
+        return f"fill-mask {text!r}: {guesses}"
+
     def hf_config(self, model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
         from transformers import BertConfig
 

@@ -131,6 +131,19 @@ class LlamaFamily:
 
         return real_logits(output, vocab_size)
 
+    def sample(self, hf_dir: Any, *, prompt: str, max_new_tokens: int, seed: int) -> str:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.manual_seed(seed)
+        tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), local_files_only=True, dtype=torch.float32).eval()
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=True, top_k=40, temperature=0.8,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        return tok.decode(out[0], skip_special_tokens=True)
+
     def hf_config(self, model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
         # fm-train's ``qkv_bias`` is Llama's ``attention_bias`` (bias on q, k, v and o).
         from transformers import LlamaConfig
