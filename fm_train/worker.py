@@ -93,7 +93,7 @@ def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
     its ZeRO-3 partitions), never the whole checkpoint."""
     if cfg.model.init_from is None or resuming:  # a checkpoint's weights replace any init
         return cfg.run.seed
-    from fm_train.convert.import_hf import open_hf
+    from fm_train.convert.hf_import import open_hf
 
     fields, weights = open_hf(Path(cfg.model.init_from))
     wrong = [f"model.{k}={getattr(cfg.model, k)!r} vs config.json {v!r}" for k, v in fields.items()

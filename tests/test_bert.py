@@ -257,7 +257,7 @@ def test_a_bert_for_masked_lm_dir_is_imported_for_continued_pretraining(tmp_path
     import transformers
 
     from fm_train.config import build_config
-    from fm_train.convert.import_hf import open_hf
+    from fm_train.convert.hf_import import open_hf
     from fm_train.families import family_of
 
     hf_cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,

@@ -132,7 +132,7 @@ def hf_1001(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("parts", [1, 2, 4, 8])
 def test_an_imported_vocabulary_is_read_into_the_padded_rows_slice_by_slice(hf_1001: Path, parts: int) -> None:
     from fm_train.config import ModelConfig
-    from fm_train.convert.import_hf import open_hf
+    from fm_train.convert.hf_import import open_hf
     from fm_train.model import args_from_config
     from fm_train.parallel.sharded_init import initial_flat, initial_shard
 

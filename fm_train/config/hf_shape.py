@@ -3,7 +3,7 @@
 Torch-free, so the config loader can read it: the shape of a continued-pretraining run comes from
 the checkpoint (its family from ``model_type``, the fields from the family's
 ``ModelFamily.fields_from_hf``), and a field set to something else is reported by name
-(``fm_train.config.rules``). The weights themselves are read later, by ``fm_train.convert.import_hf``,
+(``fm_train.config.rules``). The weights themselves are read later, by ``fm_train.convert.hf_import``,
 which also refuses architectures fm_train's model does not compute identically.
 """
 
