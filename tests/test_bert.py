@@ -127,11 +127,13 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(run_dir: str, *, workers: int, zero: int, micro: int, accum: int):
+def make_config(run_dir: str, *, workers: int, zero: int, micro: int, accum: int, tp: int = 1, pp: int = 1,
+                actckpt: bool = False, vocab: int = VOCAB, multiple: int = 1):
     from fm_train.config import build_config
 
-    return build_config({"model": _tiny_bert(vocab_multiple=1)}, [
+    return build_config({"model": _tiny_bert(vocab_size=vocab, vocab_multiple=multiple)}, [
         f"run.dir={run_dir}", f"cluster.workers={workers}", f"parallel.zero_stage={zero}", "precision=fp32",
+        f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.activation_checkpointing={str(actckpt).lower()}",
         f"train.steps={STEPS}", f"train.micro_batch={micro}", f"train.grad_accum={accum}", "train.log_every=1",
         "train.eval_every=0", "optim.warmup_steps=2", "optim.lr=3e-3", "optim.min_lr=3e-4",
         "optim.weight_decay=0.1", "optim.grad_clip=1.0", f"data.seq_len={SEQ}", "logging.tensorboard=false",
@@ -149,52 +151,62 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(inputs), torch.from_numpy(labels)
 
 
-def rank_batches(rank: int, micro: int, accum: int) -> Iterator[dict[str, Any]]:
+def rank_batches(dp_rank: int, dp: int, micro: int, accum: int) -> Iterator[dict[str, Any]]:
+    """Data-parallel rank ``dp_rank``'s micro-batches of the global batches (its tp/pp peers get the same)."""
     step = 0
     while True:
         inputs, labels = global_batch(step)
         for j in range(accum):
-            rows = slice((j * DP + rank) * micro, (j * DP + rank + 1) * micro)
+            rows = slice((j * dp + dp_rank) * micro, (j * dp + dp_rank + 1) * micro)
             yield {"input_ids": inputs[rows], "labels": labels[rows], "state": {"step": step}, "receipt": f"r{step}"}
         step += 1
 
 
-def _train_cases(root: str) -> dict[str, list[float]]:
+def train_case(run_dir: Path, case: dict[str, Any]) -> list[float] | None:
+    """Train one layout (``make_config`` fields) with the real engine and loop on every rank of the world,
+    save its checkpoint at the last step; rank 0 returns the logged losses."""
     import torch.distributed as dist
 
     from fm_train.checkpoint import build_manifest, save_checkpoint
     from fm_train.dist import Topology
+    from fm_train.dist.groups import ParallelGroups
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.engine.checkpointing import manifest_layers, manifest_tied
     from fm_train.engine.meter import ThroughputSpec
     from fm_train.families import family_of
 
-    rank, out = dist.get_rank(), {}
-    for name, case in CASES.items():
-        run_dir = Path(root) / name
-        cfg = make_config(str(run_dir), workers=DP, **case)
-        engine, scheduler = build_engine(cfg, family_of(cfg.model).build_train_module(cfg))
-        state = TrainState(lr_scheduler=scheduler)
-        sink = MetricsSink(run_dir, enabled=rank == 0, tensorboard=False)
-        train(engine, rank_batches(rank, case["micro"], case["accum"]), state, cfg, sink=sink,
-              spec=ThroughputSpec(cfg.tokens_per_step, DP, 1.0, 1.0))
-        sink.close()
-        manifest = build_manifest(cfg, Topology(world=DP), data_state={}, tokens_seen=state.tokens_seen,
-                                  layers=manifest_layers(cfg), tied=manifest_tied(cfg))
-        save_checkpoint(engine, run_dir, STEPS, manifest=manifest, keep=1, is_rank0=rank == 0)
-        engine.destroy()
-        if rank == 0:
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            out[name] = [r["loss"] for r in records if "loss" in r]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = make_config(str(run_dir), workers=world, **case)
+    topo = Topology(world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+    groups = ParallelGroups(topo) if topo.tp > 1 or topo.pp > 1 else None
+    engine, scheduler = build_engine(cfg, family_of(cfg.model).build_train_module(cfg, groups),
+                                     mpu=groups if cfg.parallel.pp == 1 else None)
+    state = TrainState(lr_scheduler=scheduler)
+    sink = MetricsSink(run_dir, enabled=rank == 0, tensorboard=False)
+    batches = rank_batches(topo.coord(rank).dp, topo.dp, case["micro"], case["accum"])
+    train(engine, batches, state, cfg, sink=sink, spec=ThroughputSpec(cfg.tokens_per_step, world, 1.0, 1.0))
+    sink.close()
+    manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=state.tokens_seen,
+                              layers=manifest_layers(cfg), tied=manifest_tied(cfg))
+    save_checkpoint(engine, run_dir, STEPS, manifest=manifest, keep=1, is_rank0=rank == 0)
+    engine.destroy()
     dist.barrier()
-    return out
+    if rank != 0:
+        return None
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
 
 
-def reference_losses() -> list[float]:
+def _train_cases(root: str) -> dict[str, list[float] | None]:
+    return {name: train_case(Path(root) / name, case) for name, case in CASES.items()}
+
+
+def reference_losses(vocab: int = VOCAB, multiple: int = 1) -> list[float]:
+    """The losses of one process (plain torch AdamW) on whole global batches."""
     from fm_train.engine import build_lr_scheduler, weight_decay_groups
     from fm_train.families import family_of
 
-    cfg = make_config("unused", workers=1, zero=0, micro=GLOBAL_BATCH, accum=1)
+    cfg = make_config("unused", workers=1, zero=0, micro=GLOBAL_BATCH, accum=1, vocab=vocab, multiple=multiple)
     module = family_of(cfg.model).build_train_module(cfg)
     o = cfg.optim
     opt = torch.optim.AdamW(weight_decay_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)

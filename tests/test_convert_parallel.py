@@ -60,7 +60,8 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
     from fm_train.parallel.build import build_train_module
     from fm_train.parallel.deepspeed_config import deepspeed_config
     from fm_train.parallel.pipeline import TIED_KEY
-    from fm_train.parallel.tensor_parallel import tp_split_dims
+    from fm_train.families import family_of
+    from fm_train.families.base import split_dims
 
     cfg = build_config(raw)
     topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
@@ -81,7 +82,7 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
             engine.step()
     args = args_from_config(cfg.model)
     manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=0,
-                              layers=dense_layers(cfg.model.n_layers, tp_split_dims(args)),
+                              layers=dense_layers(cfg.model.n_layers, split_dims(family_of(cfg.model), args)),
                               tied={TIED_KEY: "model.embed_tokens"} if pipelined and cfg.model.tie_embeddings else None)
     save_checkpoint(engine, Path(run_dir), 3, manifest=manifest, keep=1, is_rank0=dist.get_rank() == 0)
     probe = S.global_batch(99, vocab)

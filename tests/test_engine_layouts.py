@@ -160,7 +160,8 @@ def test_checkpoint_manifest_maps_layers_for_the_converter(root: Path, name: str
     from fm_train.checkpoint import read_manifest
     from fm_train.config import build_config
     from fm_train.model import args_from_config
-    from fm_train.parallel.pipeline import TIED_KEY, pipeline_layer_names
+    from fm_train.parallel.llama_pipeline import pipeline_layer_names
+    from fm_train.parallel.pipeline import TIED_KEY
 
     run(root, name)
     _, tp, pp, _ = LAYOUTS[name]

@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The family's own parts: only fm_train.families (and they themselves) may import them.
 FAMILY_PARTS = ("fm_train.model", "fm_train.parallel.build", "fm_train.parallel.pipeline",
+                "fm_train.parallel.llama_pipeline", "fm_train.parallel.bert_pipeline", "fm_train.parallel.tp_plan",
                 "fm_train.parallel.tensor_parallel", "fm_train.parallel.sharded_init")
 # What works for every family and must reach family-specific code through fm_train.families only.
 FAMILY_BLIND = ("fm_train/engine", "fm_train/checkpoint", "fm_train/convert", "fm_train/plan", "fm_train/config",

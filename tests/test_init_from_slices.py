@@ -84,7 +84,7 @@ def _raw(hf: Path, parallel: dict[str, Any]) -> dict[str, Any]:
 def _local_params(module: Any, cfg: Any) -> dict[str, Any]:
     """This rank's parameters by pure-model name (a pipeline's ``{layer}.{param}`` names mapped back)."""
     from fm_train.model import args_from_config
-    from fm_train.parallel.pipeline import pipeline_layer_names
+    from fm_train.parallel.llama_pipeline import pipeline_layer_names
 
     layers = pipeline_layer_names(args_from_config(cfg.model))
     out = {}
@@ -138,12 +138,12 @@ def _expected(full: Any, name: str, layout: dict[str, Any], rank: int, n: int) -
     """What rank ``rank`` of ``layout`` must hold (``n`` elements) of the stored tensor ``full``."""
     import torch
 
-    from fm_train.parallel.tensor_parallel import split_dim_of
+    from fm_train.parallel.tp_plan import LLAMA_TP_PLAN
 
     if layout.get("zero_stage") == 3:  # rank r's partition is the flat range [r * n, (r + 1) * n), zero padded
         part = full.reshape(-1)[rank * n:(rank + 1) * n]
         return part if part.numel() == n else torch.cat([part, part.new_zeros(n - part.numel())])
-    dim = split_dim_of(name)
+    dim = LLAMA_TP_PLAN.split_dim_of(name)
     return full if layout.get("tp", 1) == 1 or dim is None else full.chunk(layout["tp"], dim=dim)[rank]
 
 

@@ -11,15 +11,18 @@ from fm_train.config import FmConfig
 from fm_train.dist.groups import ParallelGroups
 from fm_train.dist.topology import Topology
 from fm_train.model.llama import LlamaArgs, LlamaForCausalLM, causal_lm_loss
-from fm_train.parallel.build import build_tp_model, build_train_module, layout_errors
+from fm_train.families import FAMILIES
+from fm_train.families.base import split_dims
+from fm_train.parallel.build import build_tp_model, build_train_module
 from fm_train.parallel.tensor_parallel import (
     TPGroup,
     gather_from_tp,
-    tp_split_dims,
     vocab_parallel_cross_entropy,
 )
 
 SEED = 7
+LLAMA = FAMILIES["llama"]
+layout_errors = LLAMA.layout_errors
 
 
 def tiny_args(*, tie: bool = True, bias: bool = False, vocab: int = 512, n_layers: int = 2,
@@ -45,8 +48,8 @@ def test_sharded_init_equals_slices_of_the_dense_init(tp_size: int, tie: bool, b
     # Materialising a shard needs no process group, so every tp rank can be built in one process.
     args = tiny_args(tie=tie, bias=bias)
     dense = dense_model(args).state_dict()
-    shards = [build_tp_model(args, TPGroup(None, r, tp_size), SEED) for r in range(tp_size)]
-    dims = tp_split_dims(args)
+    shards = [build_tp_model(LLAMA, args, TPGroup(None, r, tp_size), SEED) for r in range(tp_size)]
+    dims = split_dims(LLAMA, args)
     assert set(dims) == set(dense)
     for name, value in dense.items():
         assert torch.equal(merged([s.state_dict()[name] for s in shards], dims[name]), value), name
@@ -57,7 +60,7 @@ def test_sharded_init_equals_slices_of_the_dense_init(tp_size: int, tie: bool, b
 
 @pytest.mark.unit
 def test_split_dims_follow_the_megatron_plan() -> None:
-    dims = tp_split_dims(tiny_args(tie=False, bias=True))
+    dims = split_dims(LLAMA, tiny_args(tie=False, bias=True))
     expected = {
         "model.embed_tokens.weight": 0, "lm_head.weight": 0, "model.norm.weight": None,
         "model.layers.1.self_attn.q_proj.weight": 0, "model.layers.1.self_attn.q_proj.bias": 0,
@@ -105,7 +108,7 @@ def _tp2_against_dense(tie: bool, bias: bool, vocab: int = 512) -> dict[str, flo
     args = tiny_args(tie=tie, bias=bias, vocab=vocab, vocab_multiple=128)
     groups = ParallelGroups(Topology(world=2, tp=2))
     tp = TPGroup.from_groups(groups)
-    model, dense = build_tp_model(args, tp, SEED), dense_model(args)
+    model, dense = build_tp_model(LLAMA, args, tp, SEED), dense_model(args)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab_size, (2, 32), generator=gen)
     labels = torch.randint(0, args.vocab_size, (2, 32), generator=gen)

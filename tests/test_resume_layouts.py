@@ -1,4 +1,5 @@
-"""Resume on another layout through ``run_worker``: dp2 -> dp1, pp2 -> pp1, tp2 -> tp1, pp2 x tp2 -> dp2.
+"""Resume on another layout through ``run_worker``: dp2 -> dp1, pp2 -> pp1, tp2 -> tp1, pp2 x tp2 -> dp2,
+and for the encoder (``bert-`` layouts, masked-LM batches) tp2 -> pp2 and pp2 x tp2 -> dp2.
 
 Each source layout trains 4 steps on a tiny real shard directory and saves at steps 2 and 4; a second
 run on the target layout resumes from step 2 and trains to step 4. Steps 3-4 must read the same global
@@ -29,9 +30,14 @@ VOCAB, SEQ, MICRO, GLOBAL, STEPS, SAVE_AT = 512, 32, 2, 4, 4, 2
 LAYOUTS: dict[str, tuple[int, int, int, int]] = {
     "dp2-zero2": (2, 1, 1, 2), "pp2-zero1": (1, 1, 2, 1), "tp2-zero2": (1, 2, 1, 2), "pp2xtp2-zero0": (1, 2, 2, 0),
     "dp1-zero2": (1, 1, 1, 2), "dp1-zero3": (1, 1, 1, 3), "dp1-zero0": (1, 1, 1, 0), "dp2-zero1": (2, 1, 1, 1),
+    "bert-tp2-zero2": (1, 2, 1, 2), "bert-pp2-zero1": (1, 1, 2, 1), "bert-pp2xtp2-zero0": (1, 2, 2, 0),
+    "bert-dp2-zero1": (2, 1, 1, 1),
 }
 CASES = [("dp2-zero2", "dp1-zero2"), ("pp2-zero1", "dp1-zero3"), ("tp2-zero2", "dp1-zero0"),
-         ("pp2xtp2-zero0", "dp2-zero1")]
+         ("pp2xtp2-zero0", "dp2-zero1"), ("bert-tp2-zero2", "bert-pp2-zero1"), ("bert-pp2xtp2-zero0", "bert-dp2-zero1")]
+# The encoder: the shards' 512 tokens plus [CLS], [SEP], [MASK], padded to a multiple of 8 (tp2 splits it).
+BERT = {"family": "bert", "n_layers": 4, "hidden": 64, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 128,
+        "vocab_size": VOCAB + 3, "vocab_multiple": 8, "max_seq_len": 64, "norm_eps": 1e-12, "tie_embeddings": True}
 PROBE = "probe"  # sub-directory of a target run: its state saved right after the resume
 
 
@@ -39,8 +45,9 @@ def raw_config(root: Path, name: str, run: str, resume: str) -> dict[str, Any]:
     dp, tp, pp, zero = LAYOUTS[name]
     return {
         "run": {"name": run, "dir": str(root / run), "seed": 11},
-        "model": {"n_layers": 4, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172,
-                  "vocab_size": VOCAB, "max_seq_len": 64, "tie_embeddings": True},
+        "model": BERT if name.startswith("bert-") else {
+            "n_layers": 4, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172, "vocab_size": VOCAB,
+            "max_seq_len": 64, "tie_embeddings": True},
         "parallel": {"tp": tp, "pp": pp, "zero_stage": zero},
         "precision": "fp32",
         "data": {"sources": [{"path": str(root / "corpus"), "weight": 1.0}], "seq_len": SEQ, "num_workers": 0},

@@ -59,6 +59,14 @@ class ModelFamily(Protocol):
         """The trainable module of ``cfg``'s layout (the engine's contract: ``forward(inputs, labels) -> loss``,
         or a ``PipelineModule``), built with parallelism applied from outside the pure module."""
 
+    #: How tensor parallelism splits the pure module (a :class:`fm_train.parallel.tp_plan.TPPlan`).
+    tp_plan: Any
+
+    def build_pipeline(self, args: Any, *, pp: int, dp: int, tp: Any, seed: Any,
+                       activation_checkpointing: bool = False) -> Any:
+        """The family's DeepSpeed ``PipelineModule`` over a ``pp x dp x tp`` grid (``tp``: this rank's
+        ``TPGroup``, ``seed``: the initial weights), fed ``((input_ids,), labels)``; every rank calls it."""
+
     def layout_errors(self, args: Any, tp: int, pp: int) -> list[str]:
         """Every reason the model cannot be split ``tp`` ways and into ``pp`` stages (empty when it can)."""
 
@@ -118,6 +126,16 @@ class ModelFamily(Protocol):
 
     def activation_bytes_per_layer(self, cfg: Any) -> float:
         """Bytes one block keeps for backward, per micro-batch, without recomputation."""
+
+
+def split_dims(family: ModelFamily, args: Any) -> dict[str, int | None]:
+    """Pure-model parameter name -> its tp split dim under ``family``'s plan (tied duplicates included)."""
+    import torch
+
+    from fm_train.parallel.tensor_parallel import tp_split_dims
+
+    with torch.device("meta"):
+        return tp_split_dims(family.build(args), family.tp_plan)
 
 
 #: ``ModelFamily.build_train_module``'s loss: ``(logits or hidden states, labels) -> scalar``.

@@ -1,6 +1,5 @@
-"""The BERT family: the encoder of :mod:`fm_train.model.bert`, masked-token cross-entropy, and
-``BertForMaskedLM`` on the Hugging Face side. Data parallelism with ZeRO 0-3 today; tensor and
-pipeline parallelism are refused by :meth:`BertFamily.layout_errors` until the encoder has its plans."""
+"""The BERT family: the encoder of :mod:`fm_train.model.bert`, its tp plan and pipeline
+(:mod:`fm_train.parallel`), masked-token cross-entropy, and ``BertForMaskedLM`` on the Hugging Face side."""
 
 from __future__ import annotations
 
@@ -8,6 +7,8 @@ import functools
 from typing import Any, Mapping
 
 from fm_train.families import bert_shape
+from fm_train.families.base import split_dims
+from fm_train.parallel.tp_plan import BERT_TP_PLAN
 
 # fm-train names equal BertForMaskedLM's; spelled out because the map is the export whitelist too.
 _HF_PARAM_NAMES: dict[str, str] = {name: name for name in (
@@ -111,18 +112,29 @@ class BertFamily:
 
         return build_train_module(cfg, groups, init=init, ds_config=dict(ds_config) if ds_config else None)
 
+    tp_plan = BERT_TP_PLAN
+
+    def build_pipeline(self, args: Any, *, pp: int, dp: int, tp: Any, seed: Any,
+                       activation_checkpointing: bool = False) -> Any:
+        from fm_train.parallel.bert_pipeline import build_pipeline
+
+        return build_pipeline(args, pp=pp, dp=dp, tp=tp, seed=seed, activation_checkpointing=activation_checkpointing)
+
     def layout_errors(self, args: Any, tp: int, pp: int) -> list[str]:
-        errors = []
-        if tp > 1:
-            errors.append(f"parallel.tp={tp}: the bert family has no tensor-parallel plan yet; use parallel.tp=1"
-                          " (data parallelism with ZeRO 0-3 works)")
+        from fm_train.parallel.bert_pipeline import stage_bounds
+        from fm_train.parallel.build import split_errors
+
+        errors = split_errors(args, tp, ("n_heads", "ffn_hidden"))
         if pp > 1:
-            errors.append(f"parallel.pp={pp}: the bert family has no pipeline split yet; use parallel.pp=1")
+            try:
+                stage_bounds(args, pp)
+            except ValueError as exc:
+                errors.append(str(exc))
         return errors
 
     def config_errors(self, cfg: Any) -> list[str]:
         m = cfg.model
-        errors = self.layout_errors(None, cfg.parallel.tp, cfg.parallel.pp)
+        errors = []
         if m.n_kv_heads != m.n_heads:
             errors.append(f"model.n_kv_heads={m.n_kv_heads} differs from model.n_heads={m.n_heads}: BERT has no"
                           " grouped-query attention; set them equal (the bert-* presets do)")
@@ -131,11 +143,20 @@ class BertFamily:
         return errors
 
     def manifest_layers(self, cfg: Any) -> list[dict[str, Any]]:
-        # No pipeline: one "layer" per top-level module, no tp split (the converter's readers need the table).
-        return [{"index": 0, "module": "bert", "tp_split_dims": {}}, {"index": 1, "module": "cls", "tp_split_dims": {}}]
+        # The pipeline's layer index and the tp plan's split dims, recorded for every layout (as Llama's).
+        from fm_train.parallel.bert_pipeline import pipeline_layer_names
+        from fm_train.parallel.pipeline import layer_table
+
+        args = self.args(cfg.model)
+        return layer_table(pipeline_layer_names(args), split_dims(self, args))
 
     def manifest_tied(self, cfg: Any) -> dict[str, str]:
-        return {}
+        # A pipeline saves the word embedding (also the decoder) under ``tied_modules.<key>.``.
+        if cfg.parallel.pp == 1:
+            return {}
+        from fm_train.parallel.pipeline import TIED_KEY
+
+        return {TIED_KEY: "bert.embeddings.word_embeddings"}
 
     def block_types(self) -> tuple[type, ...]:
         from fm_train.model.bert import BertLayer

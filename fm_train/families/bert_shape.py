@@ -9,6 +9,7 @@ The decoder runs over every position, as ``BertForMaskedLM`` does, not only the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -35,8 +36,17 @@ def flops_per_token(shape: Any, seq_len: int) -> float:
 
 
 def stage_params(cfg: Any) -> int:
-    """Parameters of the largest pipeline stage (one stage: the encoder is not pipelined yet)."""
-    return parameter_count(cfg.model)
+    """Parameters held by the largest pipeline stage, before tensor-parallel splitting: the first holds
+    the embeddings, the last the prediction head and a copy of the word embeddings (the tied decoder)."""
+    m, pp = cfg.model, cfg.parallel.pp
+    if pp == 1:
+        return parameter_count(m)
+    h, f, v = m.hidden, m.ffn_hidden, m.padded_vocab_size
+    first = v * h + m.max_seq_len * h + m.type_vocab_size * h + 2 * h
+    last = v * h + h * h + h + 2 * h + v
+    per_block = block_matmul_params(m) + 4 * h + f + h + 2 * 2 * h
+    most_blocks = math.ceil(m.n_layers / pp)
+    return max(first, last) + most_blocks * per_block
 
 
 def activation_bytes_per_layer(cfg: Any) -> float:

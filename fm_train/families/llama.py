@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from fm_train.families import llama_shape
+from fm_train.families.base import split_dims
+from fm_train.parallel.tp_plan import LLAMA_TP_PLAN
 
 # fm-train template -> Hugging Face template; "{i}" is the block index. fm-train's module names were
 # chosen to equal Hugging Face's, so each maps to itself; spelled out because it is the whitelist too.
@@ -92,32 +94,42 @@ class LlamaFamily:
 
         return build_train_module(cfg, groups, init=init, ds_config=dict(ds_config) if ds_config else None)
 
-    def layout_errors(self, args: Any, tp: int, pp: int) -> list[str]:
-        from fm_train.parallel.build import layout_errors
+    tp_plan = LLAMA_TP_PLAN
 
-        return layout_errors(args, tp, pp)
+    def build_pipeline(self, args: Any, *, pp: int, dp: int, tp: Any, seed: Any,
+                       activation_checkpointing: bool = False) -> Any:
+        from fm_train.parallel.llama_pipeline import build_pipeline
+
+        return build_pipeline(args, pp=pp, dp=dp, tp=tp, seed=seed, activation_checkpointing=activation_checkpointing)
+
+    def layout_errors(self, args: Any, tp: int, pp: int) -> list[str]:
+        from fm_train.parallel.build import split_errors
+        from fm_train.parallel.llama_pipeline import stage_bounds
+
+        errors = split_errors(args, tp, ("n_heads", "n_kv_heads", "ffn_hidden"))
+        if pp > 1:
+            try:
+                stage_bounds(args, pp)
+            except ValueError as exc:
+                errors.append(str(exc))
+        return errors
 
     def manifest_layers(self, cfg: Any) -> list[dict[str, Any]]:
         # The index is the pipeline's own (pipeline_layer_names: the converter renames layer_XX keys
-        # with it), the dims are the tp plan's (tp_split_dims: the converter concatenates mp_rank
-        # shards along them). Recorded for every layout, so a reader never has to guess which applies.
-        from fm_train.parallel.pipeline import pipeline_layer_names
-        from fm_train.parallel.tensor_parallel import tp_split_dims
+        # with it), the dims are the tp plan's (the converter concatenates mp_rank shards along them).
+        # Recorded for every layout, so a reader never has to guess which applies.
+        from fm_train.parallel.llama_pipeline import pipeline_layer_names
+        from fm_train.parallel.pipeline import layer_table
 
         args = self.args(cfg.model)
-        dims = tp_split_dims(args)
-        table = []
-        for index, module in sorted(pipeline_layer_names(args).items()):
-            prefix = module + "."
-            local = {name[len(prefix):]: dim for name, dim in dims.items() if name.startswith(prefix)}
-            table.append({"index": index, "module": module, "tp_split_dims": local})
-        return table
+        return layer_table(pipeline_layer_names(args), split_dims(self, args))
 
     def manifest_tied(self, cfg: Any) -> dict[str, str]:
         # A pipeline saves the tied embedding/head under ``tied_modules.<key>.``, not under a layer index.
         if cfg.parallel.pp == 1 or not cfg.model.tie_embeddings:
             return {}
-        from fm_train.parallel.pipeline import TIED_KEY, pipeline_layer_names
+        from fm_train.parallel.llama_pipeline import pipeline_layer_names
+        from fm_train.parallel.pipeline import TIED_KEY
 
         return {TIED_KEY: pipeline_layer_names(self.args(cfg.model))[0]}
 

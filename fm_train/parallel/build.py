@@ -25,11 +25,10 @@ from torch import nn
 
 from fm_train.config import FmConfig
 from fm_train.dist.groups import ParallelGroups
-from fm_train.families import family_of
-from fm_train.model import LlamaForCausalLM, causal_lm_loss
-from fm_train.model.llama import LlamaArgs, rope_tables
+from fm_train.families import ModelFamily, family_of
+from fm_train.model import causal_lm_loss
 from fm_train.parallel.deepspeed_config import deepspeed_config
-from fm_train.parallel.pipeline import build_pipeline, loss_fn_for, stage_bounds
+from fm_train.parallel.pipeline import vocab_loss
 from fm_train.parallel.sharded_init import InitSource, SliceReader, initial_value, materialize_, materialize_zero3_
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
 
@@ -103,38 +102,28 @@ def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
     return materialize_zero3_(model, args, cfg.run.seed if init is None else init)
 
 
-def build_tp_model(args: LlamaArgs, tp: TPGroup, init: InitSource) -> LlamaForCausalLM:
-    """The pure model with the tp plan applied, holding only this rank's shards of the initial weights.
+def build_tp_model(family: ModelFamily, args: Any, tp: TPGroup, init: InitSource) -> nn.Module:
+    """The pure model with the family's tp plan applied, holding only this rank's shards of the initial weights.
 
     Built on the meta device, so the full model never exists on a rank; each shard equals the
     matching slice of :func:`build_dense_model`'s weights. Its forward returns vocab-sharded logits.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(args)
-    apply_tensor_parallel(model, tp)
-    materialize_(model, args, init, tp)
-    # RoPE tables are derived, not initialised: recompute them in place of the meta placeholders.
-    model.model.rope_cos, model.model.rope_sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        model = family.build(args)
+    apply_tensor_parallel(model, tp, family.tp_plan)
+    materialize_(model, args, init, tp, family.tp_plan)
+    family.finish_materialize(model, args)  # derived buffers (RoPE tables) are recomputed, not initialised
     return model
 
 
-def layout_errors(args: LlamaArgs, tp: int, pp: int) -> list[str]:
-    """Every reason the model cannot be split ``tp`` ways and into ``pp`` stages (empty when it can)."""
-    errors = [
-        f"parallel.tp={tp} does not divide model.{field}={value}; pick a tp that divides it"
-        for field, value in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads),
-                             ("ffn_hidden", args.ffn_hidden))
-        if value % tp
-    ]
+def split_errors(args: Any, tp: int, fields: tuple[str, ...]) -> list[str]:
+    """Why ``tp`` cannot split the model fields ``fields`` of ``args`` or its padded vocabulary (empty: it can)."""
+    errors = [f"parallel.tp={tp} does not divide model.{f}={getattr(args, f)}; pick a tp that divides it"
+              for f in fields if getattr(args, f) % tp]
     if args.padded_vocab_size % tp:
         errors.append(f"parallel.tp={tp} does not divide the padded vocabulary {args.padded_vocab_size}"
                       f" (model.vocab_size={args.vocab_size}, model.vocab_multiple={args.vocab_multiple}): the"
                       f" vocab-parallel embedding cannot split it; set model.vocab_multiple to a multiple of {tp}")
-    if pp > 1:
-        try:
-            stage_bounds(args, pp)
-        except ValueError as exc:
-            errors.append(str(exc))
     return errors
 
 
@@ -182,6 +171,7 @@ def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, i
     assert groups is not None  # _check raised otherwise
     tp = TPGroup.from_groups(groups)
     if p.pp > 1:
-        return build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
-                              activation_checkpointing=p.activation_checkpointing)
-    return CausalLMWithLoss(build_tp_model(args, tp, init), loss_fn=loss_fn_for(args, tp))
+        return family.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
+                                     activation_checkpointing=p.activation_checkpointing)
+    return CausalLMWithLoss(build_tp_model(family, args, tp, init),
+                            loss_fn=vocab_loss(family.loss(args), args.vocab_size, tp))

@@ -1,10 +1,7 @@
-"""The pure model as a DeepSpeed ``PipelineModule``: embedding, decoder blocks, final norm, head, loss.
-
-Layer ``i`` of the pipeline is one of the pure model's own modules (``DecoderLayer`` and ``RMSNorm``
-subclassed only to fit the ``PipelineModule`` calling convention, one tensor in, one out), so every
-layer's state-dict keys, prefixed by :func:`pipeline_layer_names`, are Hugging Face keys. Each
-layer is built on the meta device, tensor-parallel sharded by the plan and then materialised with
-this rank's shard only; a stage never allocates another stage's layers.
+"""What every family's DeepSpeed ``PipelineModule`` shares: stage balancing by parameter count, the
+gradient-norm bookkeeping for tp + pp, the loss over (vocab-parallel) logits and the manifest's layer
+table. A family's own pipeline (:mod:`fm_train.parallel.llama_pipeline`,
+:mod:`fm_train.parallel.bert_pipeline`) lists its layers and calls :func:`pipeline_module`.
 
 Stages are balanced by parameter count. Parameter counts come from the shapes, not from building
 every layer on every rank as DeepSpeed's own ``'parameters'`` method does.
@@ -13,119 +10,68 @@ every layer on every rank as DeepSpeed's own ``'parameters'`` method does.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import partition_balanced
 
-from fm_train.model.llama import DecoderLayer, LlamaArgs, RMSNorm, causal_lm_loss, rope_tables
-from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
-from fm_train.parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    TPGroup,
-    VocabParallelEmbedding,
-    apply_tensor_parallel,
-    copy_to_tp,
-    vocab_parallel_cross_entropy,
-)
+from fm_train.parallel.tensor_parallel import TPGroup, vocab_parallel_cross_entropy
 
+#: DeepSpeed's tied-module key of the word embedding that is also the output head.
 TIED_KEY = "embed"
 
-
-class EmbeddingPipe(VocabParallelEmbedding):
-    """Layer 0: token ids -> hidden states (``model.embed_tokens``); with tied embeddings also the head."""
-
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
-        super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
-        materialize_(self, args, seed, tp, prefix="model.embed_tokens.")
-
-    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``.
-        ids = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-        return super().forward(ids)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """Last stage with tied embeddings: this rank's vocabulary shard of the logits, ``h E_local^T``."""
-    return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
+def layer_counts(layer_names: Mapping[int, str], shapes: Mapping[str, torch.Size],
+                 overrides: Mapping[int, str] | None = None) -> list[int]:
+    """Unsharded parameter count of each pipeline layer: the parameters it holds (those under its module
+    prefix that no longer prefix claims), or for a layer in ``overrides`` those another layer's module
+    holds (a tied head counts as the embedding: its stage keeps a copy)."""
+    owner = _owners(list(layer_names.values()), list(shapes))
+    counted = {i: (overrides or {}).get(i, m) for i, m in layer_names.items()}
+    return [sum(shapes[n].numel() for n, m in owner.items() if m == counted[i]) for i in sorted(counted)]
 
 
-class DecoderBlockPipe(DecoderLayer):
-    """Layer ``1 + index``: the pure ``DecoderLayer`` (``model.layers.{index}``), tp-sharded."""
-
-    def __init__(self, args: LlamaArgs, index: int, tp: TPGroup, seed: InitSource) -> None:
-        with torch.device("meta"):
-            super().__init__(args)
-        apply_tensor_parallel(self, tp)
-        materialize_(self, args, seed, tp, prefix=f"model.layers.{index}.")
-        self.head_dim, self.rope_theta = args.head_dim, args.rope_theta
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # RoPE tables for this sequence length, recomputed here rather than sent between stages
-        # (p2p and DeepSpeed's activation partitioning want one activation tensor) or stored per
-        # block (max_seq_len x head_dim per layer); they cost O(seq x head_dim), nothing next to a block.
-        cos, sin = rope_tables(self.head_dim, hidden.shape[1], self.rope_theta, device=hidden.device)
-        return super().forward(hidden, cos, sin)
+def _owners(modules: list[str], names: list[str]) -> dict[str, str]:
+    """Parameter name -> the longest module prefix in ``modules`` it lies under (unclaimed names left out)."""
+    out = {}
+    for name in names:
+        under = [m for m in modules if name.startswith(m + ".")]
+        if under:
+            out[name] = max(under, key=len)
+    return out
 
 
-class FinalNormPipe(RMSNorm):
-    """The final ``model.norm``."""
-
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
-        with torch.device("meta"):
-            super().__init__(args.hidden, args.norm_eps)
-        materialize_(self, args, seed, tp, prefix="model.norm.")
-
-
-class LMHeadPipe(ColumnParallelLinear):
-    """The untied ``lm_head``: column-parallel over the vocabulary, logits stay sharded for the loss."""
-
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
-        super().__init__(args.hidden, args.padded_vocab_size, tp, device="meta")
-        materialize_(self, args, seed, tp, prefix="lm_head.")
+def layer_table(layer_names: Mapping[int, str], dims: Mapping[str, int | None]) -> list[dict[str, Any]]:
+    """The manifest's layer table: per pipeline layer its pure-model module and the tp split dims of the
+    parameters it holds, by local name (a parameter belongs to the longest module prefix it lies under)."""
+    owner = _owners(list(layer_names.values()), list(dims))
+    table = []
+    for index, module in sorted(layer_names.items()):
+        prefix = module + "."
+        local = {n[len(prefix):]: dims[n] for n, m in owner.items() if m == module}
+        table.append({"index": index, "module": module, "tp_split_dims": local})
+    return table
 
 
-def pipeline_layer_names(args: LlamaArgs) -> dict[int, str]:
-    """Pipeline layer index -> the pure model's module prefix of that layer's parameters.
+def stage_bounds_of(counts: list[int], blocks: range, pp: int, block: str) -> list[int]:
+    """Layer boundaries of ``pp`` stages balanced by ``counts`` (stage ``s`` owns ``[b[s], b[s + 1])``).
 
-    ``layer_XX-model_states.pt`` key ``k`` is the Hugging Face key ``f"{names[XX]}.{k}"``. With tied
-    embeddings the last layer (``lm_head``) is the embedding itself and DeepSpeed writes no file for it.
+    ``blocks`` are the layer indices of the repeated blocks; raises a ``ValueError`` naming the fix when
+    some stage would own none of them (``block`` names them in the message).
     """
-    names = {0: "model.embed_tokens"}
-    names.update({1 + i: f"model.layers.{i}" for i in range(args.n_layers)})
-    names[args.n_layers + 1] = "model.norm"
-    names[args.n_layers + 2] = "lm_head"
-    return names
-
-
-def layer_param_counts(args: LlamaArgs) -> list[int]:
-    """Unsharded parameter count of each pipeline layer (the tied head counts: its stage holds a copy)."""
-    shapes = full_shapes(args)
-    head_prefix = "model.embed_tokens" if args.tie_embeddings else "lm_head"
-    prefixes = [*pipeline_layer_names(args).values()][:-1] + [head_prefix]
-    return [sum(s.numel() for n, s in shapes.items() if n.startswith(prefix + ".")) for prefix in prefixes]
-
-
-def stage_bounds(args: LlamaArgs, pp: int) -> list[int]:
-    """Layer boundaries of the ``pp`` stages (stage ``s`` owns layers ``[b[s], b[s + 1])``).
-
-    The same balanced partition DeepSpeed computes from :func:`layer_param_counts`; raises a
-    ``ValueError`` naming the fix when some stage would own no decoder block.
-    """
-    if args.n_layers < pp:
-        raise ValueError(f"model.n_layers={args.n_layers} is smaller than parallel.pp={pp}: every stage needs"
-                         " a decoder block; lower parallel.pp or add layers")
-    bounds = [int(b) for b in partition_balanced(weights=layer_param_counts(args), num_parts=pp)]
+    if len(blocks) < pp:
+        raise ValueError(f"model.n_layers={len(blocks)} is smaller than parallel.pp={pp}: every stage needs"
+                         f" a {block}; lower parallel.pp or add layers")
+    bounds = [int(b) for b in partition_balanced(weights=counts, num_parts=pp)]
     for s in range(pp):
-        blocks = [i for i in range(bounds[s], bounds[s + 1]) if 1 <= i <= args.n_layers]
-        if not blocks:
+        if not any(i in blocks for i in range(bounds[s], bounds[s + 1])):
             raise ValueError(
-                f"pipeline stage {s} of {pp} gets no decoder block when balancing by parameters (layer"
-                f" bounds {bounds}; the embedding/head are large next to a block); lower parallel.pp"
-            )
+                f"pipeline stage {s} of {pp} gets no {block} when balancing by parameters (layer bounds"
+                f" {bounds}; the embedding/head are large next to a block); lower parallel.pp")
     return bounds
 
 
@@ -158,38 +104,27 @@ class FmPipelineModule(PipelineModule):
             p.tensor_model_parallel = owner
 
 
-def loss_fn_for(args: LlamaArgs, tp: TPGroup) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training loss over this rank's logits: cross-entropy over the real vocabulary, vocab-parallel when tp > 1."""
+def vocab_loss(dense_loss: LossFn, vocab_size: int, tp: TPGroup) -> LossFn:
+    """The training loss over this rank's logits: ``dense_loss`` when tp = 1, else the vocab-parallel
+    cross-entropy over the real vocabulary (labels of ``-100`` left out, as ``dense_loss`` does)."""
     if tp.size == 1:
-        return functools.partial(causal_lm_loss, vocab_size=args.vocab_size)
-    return functools.partial(vocab_parallel_cross_entropy, tp=tp, vocab_size=args.vocab_size)
+        return dense_loss
+    return functools.partial(vocab_parallel_cross_entropy, tp=tp, vocab_size=vocab_size)
 
 
-def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitSource,
-                   activation_checkpointing: bool = False) -> FmPipelineModule:
-    """The pipeline of ``args`` over a ``pp x dp x tp`` grid (DeepSpeed's axis order, as our Topology).
-
-    Every rank of the world calls this (``PipelineModule`` creates process groups); each builds its
-    own stage's layers with its own tp shard. Feed it ``((input_ids,), labels)`` via ``train_batch``.
-    """
-    stage_bounds(args, pp)  # clear error before DeepSpeed partitions
-    embed: LayerSpec
-    if args.tie_embeddings:
-        embed = TiedLayerSpec(TIED_KEY, EmbeddingPipe, args, tp, seed)
-        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, args, tp, seed, forward_fn=tied_head_forward)
-    else:
-        embed, head = LayerSpec(EmbeddingPipe, args, tp, seed), LayerSpec(LMHeadPipe, args, tp, seed)
-    layers = [embed, *(LayerSpec(DecoderBlockPipe, args, i, tp, seed) for i in range(args.n_layers)),
-              LayerSpec(FinalNormPipe, args, tp, seed), head]
+def pipeline_module(layers: list[LayerSpec], counts: list[int], *, pp: int, dp: int, tp: TPGroup, loss_fn: LossFn,
+                    activation_checkpointing: bool, block_class: type) -> FmPipelineModule:
+    """The ``PipelineModule`` of ``layers`` over a ``pp x dp x tp`` grid (DeepSpeed's axis order, as our
+    Topology), balanced by ``counts``; with activation checkpointing each ``block_class`` layer is a segment."""
     return FmPipelineModule(
         layers,
-        counts=layer_param_counts(args),
+        counts=counts,
         tp=tp,
         topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp.size, num_dp=dp),
-        loss_fn=loss_fn_for(args, tp),
+        loss_fn=loss_fn,
         partition_method="parameters",
         # One block per checkpoint segment; only blocks are recomputed (the embedding's integer input
         # cannot require grad, which reentrant checkpointing needs).
         activation_checkpoint_interval=1 if activation_checkpointing else 0,
-        checkpointable_layers=[DecoderBlockPipe.__name__],
+        checkpointable_layers=[block_class.__name__],
     )

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from torch import nn
 
 from fm_train.model.registry import pure_model, tied_source
-from fm_train.parallel.tensor_parallel import TPGroup, mark_tensor_parallel, retie, shard, split_dim_of, tied_parameters
+from fm_train.parallel.tensor_parallel import TPGroup, mark_tensor_parallel, retie, shard, tied_parameters
+from fm_train.parallel.tp_plan import TPPlan
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,9 +167,10 @@ def initial_flat(args: Any, init: InitSource, name: str, start: int, count: int)
 
 
 @torch.no_grad()
-def materialize_(module: nn.Module, args: Any, init: InitSource, tp: TPGroup, *, prefix: str = "",
+def materialize_(module: nn.Module, args: Any, init: InitSource, tp: TPGroup, plan: TPPlan, *, prefix: str = "",
                  device: torch.device | str = "cpu") -> nn.Module:
-    """Give ``module``'s parameters real storage holding this rank's tp shard of the initial weights.
+    """Give ``module``'s parameters real storage holding this rank's tp shard (split by ``plan``) of the
+    initial weights.
 
     ``prefix + local name`` must be the pure model's parameter name (``model.layers.3.`` for a
     pipeline block, empty for the whole model). Buffers become uninitialised storage: the caller
@@ -180,7 +182,7 @@ def materialize_(module: nn.Module, args: Any, init: InitSource, tp: TPGroup, *,
         retie(module, ties)  # to_empty replaces each module's parameters separately, breaking ties
     for name, param in module.named_parameters():
         full_name = prefix + name
-        dim = split_dim_of(full_name)
+        dim = plan.split_dim_of(full_name)
         param.copy_(initial_shard(args, init, full_name, dim, tp))
         mark_tensor_parallel(param, dim, tp)  # to_empty made new Parameter objects: tag them again
     return module

@@ -1,10 +1,9 @@
-"""Megatron-style tensor parallelism applied to the pure model by module name.
+"""Megatron-style tensor parallelism applied to a pure model from outside, by module name.
 
-The plan (:data:`TP_PLAN`): q/k/v/gate/up are column-parallel (output dim split; q/k/v therefore
-split by whole heads, which ``Attention`` picks up from the projection shapes), o/down are
-row-parallel (input dim split, output all-reduced), ``embed_tokens`` is a vocab-parallel embedding
-and ``lm_head`` is column-parallel over the vocabulary, its local logits feeding
-:func:`vocab_parallel_cross_entropy` so full logits are never gathered for the loss.
+What is split and how is a family's :class:`~fm_train.parallel.tp_plan.TPPlan`: column-parallel
+linears split their outputs, row-parallel ones their inputs (output all-reduced), a vocab-parallel
+embedding its rows, and a head column-parallel over the vocabulary feeds its local logits to
+:func:`vocab_parallel_cross_entropy`, so full logits are never gathered for the loss.
 
 The f/g conjugate collectives are hand-written ``torch.autograd.Function`` s (megatron-core is not
 a dependency; DeepSpeed AutoTP only handles HF models and does not compose with ``PipelineModule``;
@@ -15,7 +14,6 @@ forward pre-hook), so backward all-reduces one activation gradient per region, n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -24,18 +22,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from fm_train.dist.groups import ParallelGroups
-from fm_train.model.llama import LlamaArgs, LlamaForCausalLM
-
-Style = Literal["column", "row", "vocab"]
-
-#: Leaf module name -> how it is split. Weights of column/vocab layers split dim 0, row layers dim 1.
-TP_PLAN: dict[str, Style] = {
-    "q_proj": "column", "k_proj": "column", "v_proj": "column", "gate_proj": "column", "up_proj": "column",
-    "o_proj": "row", "down_proj": "row",
-    "embed_tokens": "vocab", "lm_head": "column",
-}
-#: Regions whose column-parallel linears share one input: the copy into the tp region happens once.
-TP_REGIONS: tuple[str, ...] = ("self_attn", "mlp")
+from fm_train.parallel.tp_plan import TPPlan
 
 
 @dataclass(frozen=True)
@@ -239,28 +226,11 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, tp:
     return (per_token * valid).sum() / valid.sum()
 
 
-# ---- the plan --------------------------------------------------------------------------------------
-def split_dim_of(name: str) -> int | None:
-    """Tensor-parallel split dim of a parameter by its name (``None``: replicated on every tp rank)."""
-    module, _, kind = name.rpartition(".")
-    style = TP_PLAN.get(module.rpartition(".")[2])
-    if style is None:
-        return None
-    if kind == "bias":  # column biases follow the split outputs; a row bias is added after the reduce
-        return 0 if style == "column" else None
-    return 1 if style == "row" else 0
-
-
-def tp_split_dims(model_or_args: nn.Module | LlamaArgs) -> dict[str, int | None]:
-    """Parameter name -> tp split dim (0, 1 or None) for every state-dict entry, tied duplicates included.
-
-    Given :class:`LlamaArgs`, names are the pure model's (= Hugging Face keys); given a module, the
-    module's own names (a pipeline layer's local names, a wrapper's ``model.`` prefix, ...).
-    """
-    if isinstance(model_or_args, LlamaArgs):
-        with torch.device("meta"):
-            model_or_args = LlamaForCausalLM(model_or_args)
-    return {name: split_dim_of(name) for name, _ in model_or_args.named_parameters(remove_duplicate=False)}
+# ---- the plan ----------------------------------------------------------------------------------------
+def tp_split_dims(module: nn.Module, plan: TPPlan) -> dict[str, int | None]:
+    """Parameter name -> tp split dim (0, 1 or None) for every state-dict entry of ``module``, tied
+    duplicates included, by the module's own names (a pure model's are its Hugging Face keys)."""
+    return {name: plan.split_dim_of(name) for name, _ in module.named_parameters(remove_duplicate=False)}
 
 
 def mark_tensor_parallel(param: nn.Parameter, dim: int | None, tp: TPGroup) -> None:
@@ -278,11 +248,8 @@ def shard(full: torch.Tensor, dim: int | None, tp: TPGroup) -> torch.Tensor:
     return full.chunk(tp.size, dim=dim)[tp.rank]
 
 
-def _parallel_twin(name: str, module: nn.Module, tp: TPGroup, in_region: bool) -> nn.Module:
-    style, device = TP_PLAN[name.rpartition(".")[2]], None
-    for p in module.parameters():
-        device = p.device
-        break
+def _parallel_twin(name: str, module: nn.Module, style: str, tp: TPGroup, in_region: bool) -> nn.Module:
+    device = next((p.device for p in module.parameters()), None)
     if style == "vocab":
         if not isinstance(module, nn.Embedding):
             raise TypeError(f"tensor-parallel plan: {name} should be an nn.Embedding, found {type(module).__name__}")
@@ -302,6 +269,12 @@ def _copy_in_hook(tp: TPGroup):
     return hook
 
 
+def _copy_out_hook(tp: TPGroup):
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return copy_to_tp(output, tp)
+    return hook
+
+
 def tied_parameters(module: nn.Module) -> list[list[str]]:
     """Groups of parameter names that share one tensor (e.g. embed_tokens.weight and lm_head.weight)."""
     by_id: dict[int, list[str]] = {}
@@ -310,10 +283,11 @@ def tied_parameters(module: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
-def retie(module: nn.Module, ties: list[list[str]]) -> None:
-    """Make each group of names share the first name's parameter again (after modules were swapped)."""
+def retie(module: nn.Module, ties: list[list[str]], plan: TPPlan | None = None) -> None:
+    """Make each group of names share the first name's parameter again (after modules were swapped);
+    with ``plan``, refuse a group whose members the plan splits differently."""
     for names in ties:
-        dims = {split_dim_of(n) for n in names}
+        dims = {plan.split_dim_of(n) for n in names} if plan is not None else {None}
         if len(dims) != 1:
             raise ValueError(f"tied parameters {names} are split differently by the tp plan ({dims})")
         owner = module.get_parameter(names[0])
@@ -322,30 +296,50 @@ def retie(module: nn.Module, ties: list[list[str]]) -> None:
             setattr(module.get_submodule(mod_name), attr, owner)
 
 
-@torch.no_grad()
-def apply_tensor_parallel(model: nn.Module, tp: TPGroup) -> nn.Module:
-    """Swap the plan's modules of ``model`` (in place) for their tensor-parallel twins; returns ``model``.
+def _shard_own_parameter(module: nn.Module, name: str, dim: int, tp: TPGroup) -> None:
+    """Replace the parameter ``name`` (held by a module the plan does not swap) with its tp shard."""
+    mod_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(mod_name)
+    full = getattr(owner, attr)
+    local = list(full.shape)
+    local[dim] = tp.split(local[dim], name)
+    part = torch.empty(local, device="meta", dtype=full.dtype) if full.device.type == "meta" else shard(full, dim, tp).clone()
+    setattr(owner, attr, nn.Parameter(part, requires_grad=full.requires_grad))
+    mark_tensor_parallel(getattr(owner, attr), dim, tp)
 
-    Names stay the same, so state-dict keys do not change, only shapes. A module on the meta device is
-    replaced by a meta twin (materialise it with :func:`fm_train.parallel.sharded_init.materialize_`); a real
-    one is replaced by a twin holding this rank's slice of its weights. Tied parameters stay tied.
+
+@torch.no_grad()
+def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Module:
+    """Split ``model`` (in place) by ``plan`` for this tp rank; returns ``model``.
+
+    The plan's modules are swapped for their tensor-parallel twins, its own parameters for their
+    shards, and its regions get the hooks that move activations into the tp region. Names stay the
+    same, so state-dict keys do not change, only shapes. A module on the meta device gets meta shards
+    (materialise them with :func:`fm_train.parallel.sharded_init.materialize_`); a real one gets this
+    rank's slice of its weights. Tied parameters stay tied.
     """
     if tp.size == 1:
         return model
     ties = tied_parameters(model)
-    targets = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in TP_PLAN]
-    for name, module in targets:
+    targets = [(n, m, plan.style_of(n)) for n, m in model.named_modules() if n and plan.style_of(n)]
+    for name, module, style in targets:
         parent_name, _, leaf = name.rpartition(".")
-        in_region = parent_name.rpartition(".")[2] in TP_REGIONS
-        twin = _parallel_twin(name, module, tp, in_region)
+        twin = _parallel_twin(name, module, style, tp, in_region=plan.is_region(parent_name))
         for pname, p in module.named_parameters():
-            dim = split_dim_of(f"{name}.{pname}")
+            dim = plan.split_dim_of(f"{name}.{pname}")
             if p.device.type != "meta":
                 getattr(twin, pname).copy_(shard(p, dim, tp))
             mark_tensor_parallel(getattr(twin, pname), dim, tp)
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, twin)
+    swapped = tuple(name + "." for name, _, _ in targets)
+    for name, _ in list(model.named_parameters()):
+        dim = plan.own_param_dim(name)
+        if dim is not None and not name.startswith(swapped):
+            _shard_own_parameter(model, name, dim, tp)
     for name, module in model.named_modules():
-        if name.rpartition(".")[2] in TP_REGIONS:
+        if plan.is_region(name):
             module.register_forward_pre_hook(_copy_in_hook(tp))
-    retie(model, ties)
+        if plan.is_output_into_tp(name):
+            module.register_forward_hook(_copy_out_hook(tp))
+    retie(model, ties, plan)
     return model

@@ -1,0 +1,133 @@
+"""The Llama decoder as a DeepSpeed ``PipelineModule``: embedding, decoder blocks, final norm, head, loss.
+
+Layer ``i`` of the pipeline is one of the pure model's own modules (``DecoderLayer`` and ``RMSNorm``
+subclassed only to fit the ``PipelineModule`` calling convention, one tensor in, one out), so every
+layer's state-dict keys, prefixed by :func:`pipeline_layer_names`, are Hugging Face keys. Each
+layer is built on the meta device, tensor-parallel sharded by the plan and then materialised with
+this rank's shard only; a stage never allocates another stage's layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+from fm_train.model.llama import DecoderLayer, LlamaArgs, RMSNorm, causal_lm_loss, rope_tables
+from fm_train.parallel.pipeline import TIED_KEY, FmPipelineModule, layer_counts, pipeline_module, stage_bounds_of, vocab_loss
+from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
+from fm_train.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+    apply_tensor_parallel,
+    copy_to_tp,
+)
+from fm_train.parallel.tp_plan import LLAMA_TP_PLAN as PLAN
+
+class EmbeddingPipe(VocabParallelEmbedding):
+    """Layer 0: token ids -> hidden states (``model.embed_tokens``); with tied embeddings also the head."""
+
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
+        super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
+        materialize_(self, args, seed, tp, PLAN, prefix="model.embed_tokens.")
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``.
+        ids = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        return super().forward(ids)
+
+
+def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    """Last stage with tied embeddings: this rank's vocabulary shard of the logits, ``h E_local^T``."""
+    return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
+
+
+class DecoderBlockPipe(DecoderLayer):
+    """Layer ``1 + index``: the pure ``DecoderLayer`` (``model.layers.{index}``), tp-sharded."""
+
+    def __init__(self, args: LlamaArgs, index: int, tp: TPGroup, seed: InitSource) -> None:
+        with torch.device("meta"):
+            super().__init__(args)
+        apply_tensor_parallel(self, tp, PLAN)
+        materialize_(self, args, seed, tp, PLAN, prefix=f"model.layers.{index}.")
+        self.head_dim, self.rope_theta = args.head_dim, args.rope_theta
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # RoPE tables for this sequence length, recomputed here rather than sent between stages
+        # (p2p and DeepSpeed's activation partitioning want one activation tensor) or stored per
+        # block (max_seq_len x head_dim per layer); they cost O(seq x head_dim), nothing next to a block.
+        cos, sin = rope_tables(self.head_dim, hidden.shape[1], self.rope_theta, device=hidden.device)
+        return super().forward(hidden, cos, sin)
+
+
+class FinalNormPipe(RMSNorm):
+    """The final ``model.norm``."""
+
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
+        with torch.device("meta"):
+            super().__init__(args.hidden, args.norm_eps)
+        materialize_(self, args, seed, tp, PLAN, prefix="model.norm.")
+
+
+class LMHeadPipe(ColumnParallelLinear):
+    """The untied ``lm_head``: column-parallel over the vocabulary, logits stay sharded for the loss."""
+
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
+        super().__init__(args.hidden, args.padded_vocab_size, tp, device="meta")
+        materialize_(self, args, seed, tp, PLAN, prefix="lm_head.")
+
+
+def pipeline_layer_names(args: LlamaArgs) -> dict[int, str]:
+    """Pipeline layer index -> the pure model's module prefix of that layer's parameters.
+
+    ``layer_XX-model_states.pt`` key ``k`` is the Hugging Face key ``f"{names[XX]}.{k}"``. With tied
+    embeddings the last layer (``lm_head``) is the embedding itself and DeepSpeed writes no file for it.
+    """
+    names = {0: "model.embed_tokens"}
+    names.update({1 + i: f"model.layers.{i}" for i in range(args.n_layers)})
+    names[args.n_layers + 1] = "model.norm"
+    names[args.n_layers + 2] = "lm_head"
+    return names
+
+
+def layer_param_counts(args: LlamaArgs) -> list[int]:
+    """Unsharded parameter count of each pipeline layer (the tied head counts: its stage holds a copy)."""
+    overrides = {args.n_layers + 2: "model.embed_tokens"} if args.tie_embeddings else None
+    return layer_counts(pipeline_layer_names(args), full_shapes(args), overrides)
+
+
+def stage_bounds(args: LlamaArgs, pp: int) -> list[int]:
+    """Layer boundaries of the ``pp`` stages (stage ``s`` owns layers ``[b[s], b[s + 1])``).
+
+    The same balanced partition DeepSpeed computes from :func:`layer_param_counts`; raises a
+    ``ValueError`` naming the fix when some stage would own no decoder block.
+    """
+    return stage_bounds_of(layer_param_counts(args), range(1, args.n_layers + 1), pp, "decoder block")
+
+
+def loss_fn_for(args: LlamaArgs, tp: TPGroup):
+    """The training loss over this rank's logits: cross-entropy over the real vocabulary, vocab-parallel when tp > 1."""
+    return vocab_loss(functools.partial(causal_lm_loss, vocab_size=args.vocab_size), args.vocab_size, tp)
+
+
+def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitSource,
+                   activation_checkpointing: bool = False) -> FmPipelineModule:
+    """The pipeline of ``args`` over a ``pp x dp x tp`` grid (DeepSpeed's axis order, as our Topology).
+
+    Every rank of the world calls this (``PipelineModule`` creates process groups); each builds its
+    own stage's layers with its own tp shard. Feed it ``((input_ids,), labels)`` via ``train_batch``.
+    """
+    stage_bounds(args, pp)  # clear error before DeepSpeed partitions
+    embed: LayerSpec
+    if args.tie_embeddings:
+        embed = TiedLayerSpec(TIED_KEY, EmbeddingPipe, args, tp, seed)
+        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, args, tp, seed, forward_fn=tied_head_forward)
+    else:
+        embed, head = LayerSpec(EmbeddingPipe, args, tp, seed), LayerSpec(LMHeadPipe, args, tp, seed)
+    layers = [embed, *(LayerSpec(DecoderBlockPipe, args, i, tp, seed) for i in range(args.n_layers)),
+              LayerSpec(FinalNormPipe, args, tp, seed), head]
+    return pipeline_module(layers, layer_param_counts(args), pp=pp, dp=dp, tp=tp, loss_fn=loss_fn_for(args, tp),
+                           activation_checkpointing=activation_checkpointing, block_class=DecoderBlockPipe)
