@@ -22,7 +22,8 @@ def _args(vocab: int = B.VOCAB, multiple: int = 1, n_layers: int = 2):
     from fm_train.config import ModelConfig
     from fm_train.families import FAMILIES
 
-    return FAMILIES["bert"].args(ModelConfig(**B._tiny_bert(vocab_size=vocab, vocab_multiple=multiple, n_layers=n_layers)))
+    fields = B._tiny_bert(vocab_size=vocab, vocab_multiple=multiple, n_layers=n_layers)
+    return FAMILIES["bert"].args(ModelConfig(**fields))
 
 
 def _dense(args):
@@ -104,7 +105,7 @@ def test_the_pipeline_layer_table_holds_every_parameter_once() -> None:
 
 # ---- tp2 against the dense model --------------------------------------------------------------------
 def _tp2_against_dense(vocab: int, multiple: int) -> dict[str, float]:
-    import torch.distributed as dist
+    from test_parallel_tp import gradient_diffs
 
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
@@ -126,16 +127,9 @@ def _tp2_against_dense(vocab: int, multiple: int) -> dict[str, float]:
     ref_loss.backward()
     diffs = {"logits": (gather_from_tp(local.detach(), tp) - ref_logits.detach()).abs().max().item(),
              "loss": abs(loss.item() - ref_loss.item())}
-    ref_grads = {n: p.grad for n, p in dense.named_parameters()}
-    for name, p in model.named_parameters():
-        parts = [torch.empty_like(p.grad) for _ in range(2)]
-        dist.all_gather(parts, p.grad.contiguous(), group=tp.group)
-        grad = _merged(parts, p.tp_split_dim) if p.tp_split_dim is not None else p.grad
-        # Relative to the largest reference entry, with a floor: the key bias's gradient is zero in exact
-        # arithmetic (a softmax does not change when every score of a query shifts), rounding noise here.
-        diffs[name] = ((grad - ref_grads[name]).abs().max() / ref_grads[name].abs().max().clamp_min(1e-4)).item()
-        assert p.tensor_model_parallel == (p.tp_split_dim is not None), name
-    return diffs
+    # A floor under the reference: the key bias's gradient is zero in exact arithmetic (a softmax does
+    # not change when every score of a query shifts), so only rounding noise is compared there.
+    return {**diffs, **gradient_diffs(model, dense, tp, floor=1e-4)}
 
 
 def _tp2_cases() -> dict[int, dict[str, float]]:

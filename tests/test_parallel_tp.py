@@ -124,13 +124,19 @@ def _tp2_against_dense(tie: bool, bias: bool, vocab: int = 512) -> dict[str, flo
 
     diffs = {"logits": (gather_from_tp(local_logits.detach(), tp) - ref_logits.detach()).abs().max().item(),
              "loss": abs(loss.item() - ref_loss.item())}
-    ref_grads = {n: p.grad for n, p in dense.named_parameters()}
+    return {**diffs, **gradient_diffs(model, dense, tp)}
+
+
+def gradient_diffs(model: torch.nn.Module, dense: torch.nn.Module, tp: TPGroup, floor: float = 1e-12) -> dict[str, float]:
+    """Per parameter: the tp shards' gathered gradient against the dense model's, relative to the
+    largest reference entry (at least ``floor``)."""
+    diffs, ref_grads = {}, {n: p.grad for n, p in dense.named_parameters()}
     for name, p in model.named_parameters():
-        parts = [torch.empty_like(p.grad) for _ in range(2)]
+        parts = [torch.empty_like(p.grad) for _ in range(tp.size)]
         dist.all_gather(parts, p.grad.contiguous(), group=tp.group)
         grad = merged(parts, p.tp_split_dim) if p.tp_split_dim is not None else p.grad
         ref = ref_grads[name]
-        diffs[name] = ((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+        diffs[name] = ((grad - ref).abs().max() / ref.abs().max().clamp_min(floor)).item()
         # DeepSpeed counts a shard's gradient on every tp rank, a replicated one on tp rank 0 only.
         assert p.tensor_model_parallel == (p.tp_split_dim is not None), name
     return diffs

@@ -124,13 +124,7 @@ class BertFamily:
         from fm_train.parallel.bert_pipeline import stage_bounds
         from fm_train.parallel.build import split_errors
 
-        errors = split_errors(args, tp, ("n_heads", "ffn_hidden"))
-        if pp > 1:
-            try:
-                stage_bounds(args, pp)
-            except ValueError as exc:
-                errors.append(str(exc))
-        return errors
+        return split_errors(args, tp, pp, divided=("n_heads", "ffn_hidden"), stage_bounds=stage_bounds)
 
     def config_errors(self, cfg: Any) -> list[str]:
         m = cfg.model

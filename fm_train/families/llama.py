@@ -106,13 +106,7 @@ class LlamaFamily:
         from fm_train.parallel.build import split_errors
         from fm_train.parallel.llama_pipeline import stage_bounds
 
-        errors = split_errors(args, tp, ("n_heads", "n_kv_heads", "ffn_hidden"))
-        if pp > 1:
-            try:
-                stage_bounds(args, pp)
-            except ValueError as exc:
-                errors.append(str(exc))
-        return errors
+        return split_errors(args, tp, pp, divided=("n_heads", "n_kv_heads", "ffn_hidden"), stage_bounds=stage_bounds)
 
     def manifest_layers(self, cfg: Any) -> list[dict[str, Any]]:
         # The index is the pipeline's own (pipeline_layer_names: the converter renames layer_XX keys

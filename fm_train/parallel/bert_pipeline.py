@@ -14,34 +14,23 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
 from fm_train.model.bert import BertArgs, BertLayer, BertPredictionHeadTransform, masked_lm_loss
-from fm_train.parallel.pipeline import TIED_KEY, FmPipelineModule, layer_counts, pipeline_module, stage_bounds_of, vocab_loss
+from fm_train.parallel.pipeline import (
+    TIED_KEY,
+    EmbeddingPipe,
+    FmPipelineModule,
+    layer_counts,
+    pipeline_module,
+    stage_bounds_of,
+    tied_head_forward,
+    vocab_loss,
+)
 from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
-from fm_train.parallel.tensor_parallel import TPGroup, VocabParallelEmbedding, apply_tensor_parallel, copy_to_tp
+from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
 from fm_train.parallel.tp_plan import BERT_TP_PLAN as PLAN
-
-
-class WordEmbeddingPipe(VocabParallelEmbedding):
-    """Layer 0: token ids -> word embeddings (``bert.embeddings.word_embeddings``); also the decoder."""
-
-    def __init__(self, args: BertArgs, tp: TPGroup, seed: InitSource) -> None:
-        super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
-        materialize_(self, args, seed, tp, PLAN, prefix="bert.embeddings.word_embeddings.")
-
-    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``.
-        ids = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-        return super().forward(ids)
-
-
-def tied_decoder_forward(embedding: WordEmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """The decoder on the last stage: this rank's vocabulary shard of the logits, ``h E_local^T`` (the
-    bias is the next layer's)."""
-    return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
 
 
 class EmbeddingSumPipe(nn.Module):
@@ -111,7 +100,8 @@ def pipeline_layer_names(args: BertArgs) -> dict[int, str]:
 
 def layer_param_counts(args: BertArgs) -> list[int]:
     """Unsharded parameter count of each pipeline layer (the tied decoder counts: its stage holds a copy)."""
-    return layer_counts(pipeline_layer_names(args), full_shapes(args), {args.n_layers + 3: "bert.embeddings.word_embeddings"})
+    decoder_is_the_embedding = {args.n_layers + 3: "bert.embeddings.word_embeddings"}
+    return layer_counts(pipeline_layer_names(args), full_shapes(args), decoder_is_the_embedding)
 
 
 def stage_bounds(args: BertArgs, pp: int) -> list[int]:
@@ -125,12 +115,14 @@ def build_pipeline(args: BertArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitS
     """The encoder's pipeline over a ``pp x dp x tp`` grid; every rank of the world calls this. Feed it
     ``((input_ids,), labels)`` with labels ``-100`` where nothing was masked."""
     stage_bounds(args, pp)  # clear error before DeepSpeed partitions
+    words = (args, tp, seed, PLAN, "bert.embeddings.word_embeddings")
     layers = [
-        TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, args, tp, seed),
+        TiedLayerSpec(TIED_KEY, EmbeddingPipe, *words),
         LayerSpec(EmbeddingSumPipe, args, tp, seed),
         *(LayerSpec(EncoderBlockPipe, args, i, tp, seed) for i in range(args.n_layers)),
         LayerSpec(TransformPipe, args, tp, seed),
-        TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, args, tp, seed, forward_fn=tied_decoder_forward),
+        # The decoder: the word embedding's shard of the logits (the bias is the next layer's).
+        TiedLayerSpec(TIED_KEY, EmbeddingPipe, *words, forward_fn=tied_head_forward),
         LayerSpec(PredictionBiasPipe, args, tp, seed),
     ]
     loss = vocab_loss(functools.partial(masked_lm_loss, vocab_size=args.vocab_size), args.vocab_size, tp)

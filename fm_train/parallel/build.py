@@ -116,14 +116,21 @@ def build_tp_model(family: ModelFamily, args: Any, tp: TPGroup, init: InitSource
     return model
 
 
-def split_errors(args: Any, tp: int, fields: tuple[str, ...]) -> list[str]:
-    """Why ``tp`` cannot split the model fields ``fields`` of ``args`` or its padded vocabulary (empty: it can)."""
+def split_errors(args: Any, tp: int, pp: int, *, divided: tuple[str, ...],
+                 stage_bounds: Callable[[Any, int], list[int]]) -> list[str]:
+    """Why ``tp`` cannot split the model fields ``divided`` of ``args`` or its padded vocabulary, or
+    ``stage_bounds`` (a family's pipeline balance) cannot cut it into ``pp`` stages (empty: it can)."""
     errors = [f"parallel.tp={tp} does not divide model.{f}={getattr(args, f)}; pick a tp that divides it"
-              for f in fields if getattr(args, f) % tp]
+              for f in divided if getattr(args, f) % tp]
     if args.padded_vocab_size % tp:
         errors.append(f"parallel.tp={tp} does not divide the padded vocabulary {args.padded_vocab_size}"
                       f" (model.vocab_size={args.vocab_size}, model.vocab_multiple={args.vocab_multiple}): the"
                       f" vocab-parallel embedding cannot split it; set model.vocab_multiple to a multiple of {tp}")
+    if pp > 1:
+        try:
+            stage_bounds(args, pp)
+        except ValueError as exc:
+            errors.append(str(exc))
     return errors
 
 

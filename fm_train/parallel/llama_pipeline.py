@@ -12,38 +12,22 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
 from fm_train.model.llama import DecoderLayer, LlamaArgs, RMSNorm, causal_lm_loss, rope_tables
-from fm_train.parallel.pipeline import TIED_KEY, FmPipelineModule, layer_counts, pipeline_module, stage_bounds_of, vocab_loss
-from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
-from fm_train.parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    TPGroup,
-    VocabParallelEmbedding,
-    apply_tensor_parallel,
-    copy_to_tp,
+from fm_train.parallel.pipeline import (
+    TIED_KEY,
+    EmbeddingPipe,
+    FmPipelineModule,
+    layer_counts,
+    pipeline_module,
+    stage_bounds_of,
+    tied_head_forward,
+    vocab_loss,
 )
+from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
+from fm_train.parallel.tensor_parallel import ColumnParallelLinear, TPGroup, apply_tensor_parallel
 from fm_train.parallel.tp_plan import LLAMA_TP_PLAN as PLAN
-
-class EmbeddingPipe(VocabParallelEmbedding):
-    """Layer 0: token ids -> hidden states (``model.embed_tokens``); with tied embeddings also the head."""
-
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
-        super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
-        materialize_(self, args, seed, tp, PLAN, prefix="model.embed_tokens.")
-
-    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``.
-        ids = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-        return super().forward(ids)
-
-
-def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """Last stage with tied embeddings: this rank's vocabulary shard of the logits, ``h E_local^T``."""
-    return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
-
 
 class DecoderBlockPipe(DecoderLayer):
     """Layer ``1 + index``: the pure ``DecoderLayer`` (``model.layers.{index}``), tp-sharded."""
@@ -122,11 +106,12 @@ def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: Init
     """
     stage_bounds(args, pp)  # clear error before DeepSpeed partitions
     embed: LayerSpec
+    embedding = (args, tp, seed, PLAN, "model.embed_tokens")
     if args.tie_embeddings:
-        embed = TiedLayerSpec(TIED_KEY, EmbeddingPipe, args, tp, seed)
-        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, args, tp, seed, forward_fn=tied_head_forward)
+        embed = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding)
+        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding, forward_fn=tied_head_forward)
     else:
-        embed, head = LayerSpec(EmbeddingPipe, args, tp, seed), LayerSpec(LMHeadPipe, args, tp, seed)
+        embed, head = LayerSpec(EmbeddingPipe, *embedding), LayerSpec(LMHeadPipe, args, tp, seed)
     layers = [embed, *(LayerSpec(DecoderBlockPipe, args, i, tp, seed) for i in range(args.n_layers)),
               LayerSpec(FinalNormPipe, args, tp, seed), head]
     return pipeline_module(layers, layer_param_counts(args), pp=pp, dp=dp, tp=tp, loss_fn=loss_fn_for(args, tp),

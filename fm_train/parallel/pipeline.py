@@ -13,16 +13,38 @@ import functools
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.utils import partition_balanced
 
-from fm_train.parallel.tensor_parallel import TPGroup, vocab_parallel_cross_entropy
+from fm_train.parallel.sharded_init import InitSource, materialize_
+from fm_train.parallel.tensor_parallel import TPGroup, VocabParallelEmbedding, copy_to_tp, vocab_parallel_cross_entropy
+from fm_train.parallel.tp_plan import TPPlan
 
 #: DeepSpeed's tied-module key of the word embedding that is also the output head.
 TIED_KEY = "embed"
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class EmbeddingPipe(VocabParallelEmbedding):
+    """Layer 0: token ids -> the token embeddings (the pure model's ``module``), vocab-parallel; with a
+    tied head also the last stage's output layer (:func:`tied_head_forward`)."""
+
+    def __init__(self, args: Any, tp: TPGroup, seed: InitSource, plan: TPPlan, module: str) -> None:
+        super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
+        materialize_(self, args, seed, tp, plan, prefix=module + ".")
+
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``.
+        ids = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        return super().forward(ids)
+
+
+def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    """The tied output layer on the last stage: this rank's vocabulary shard of the logits, ``h E_local^T``."""
+    return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
 
 
 def layer_counts(layer_names: Mapping[int, str], shapes: Mapping[str, torch.Size],

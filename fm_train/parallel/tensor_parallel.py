@@ -303,7 +303,10 @@ def _shard_own_parameter(module: nn.Module, name: str, dim: int, tp: TPGroup) ->
     full = getattr(owner, attr)
     local = list(full.shape)
     local[dim] = tp.split(local[dim], name)
-    part = torch.empty(local, device="meta", dtype=full.dtype) if full.device.type == "meta" else shard(full, dim, tp).clone()
+    if full.device.type == "meta":
+        part = torch.empty(local, device="meta", dtype=full.dtype)
+    else:
+        part = shard(full, dim, tp).clone()
     setattr(owner, attr, nn.Parameter(part, requires_grad=full.requires_grad))
     mark_tensor_parallel(getattr(owner, attr), dim, tp)
 
