@@ -262,6 +262,34 @@ def test_an_encoder_checkpoint_converts_to_bert_for_masked_lm(trained, case: str
     assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
 
 
+def assert_reads_in_place_like_local(step: Path) -> None:
+    """The converter's reader over an fsspec filesystem (ranged reads, no local copy, as for a step in
+    object storage) returns every weight and Adam moment exactly as from the local, memory-mapped files."""
+    import fsspec
+    from upath import UPath
+
+    from fm_train.checkpoint import read_manifest
+    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+
+    fs, root = fsspec.filesystem("memory"), f"/{step.parent.parent.name}"
+    for path in step.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{root}/{path.relative_to(step).as_posix()}", path.read_bytes())
+    manifest = read_manifest(step)
+    local, remote = DeepSpeedWeights(step, manifest), DeepSpeedWeights(UPath(f"memory://{root}"), manifest)
+    assert remote.shapes() == local.shapes()
+    for param in local.shapes():
+        for key in (None, "exp_avg", "exp_avg_sq"):
+            assert torch.equal(remote.get(param, key), local.get(param, key)), (param, key)
+    assert remote.optimizer_step() == local.optimizer_step() == STEPS
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("case", ["zero0", "zero3"])
+def test_a_checkpoint_in_storage_reads_in_place_like_a_local_one(trained, case: str) -> None:
+    assert_reads_in_place_like_local(trained[0] / case / "checkpoints" / f"step_{STEPS:08d}")
+
+
 @pytest.mark.unit
 def test_a_bert_for_masked_lm_dir_is_imported_for_continued_pretraining(tmp_path: Path) -> None:
     """``model.init_from`` a transformers-saved BertForMaskedLM: the family and shape come from its

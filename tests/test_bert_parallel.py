@@ -210,3 +210,10 @@ def test_a_parallel_encoder_checkpoint_converts_to_bert_for_masked_lm(trained, n
     hf = AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True)
     assert isinstance(hf, BertForMaskedLM)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == LAYOUTS[name].get("vocab", B.VOCAB)
+
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("name", ["tp2-zero1", "pp2-zero0-actckpt", "pp2xtp2-zero1-vocab1001"])
+def test_a_checkpoint_in_storage_reads_in_place_like_a_local_one(trained, name: str) -> None:
+    B.assert_reads_in_place_like_local(trained[0] / name / "checkpoints" / f"step_{B.STEPS:08d}")

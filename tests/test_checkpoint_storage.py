@@ -11,6 +11,7 @@ is checked on its own with a plain directory as storage.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -143,7 +144,11 @@ def test_convert_reads_from_and_writes_to_s3(s3, tiny_config_dict, tmp_path, cap
     shutil.rmtree(tmp_path / "run")  # nothing local: the conversion reads storage alone
     assert main(["convert", "s3://fm-ckpt/convert-run", "--out", str(tmp_path / "hf"), "--no-tokenizer",
                  "--dtype", "fp32"]) == 0
-    assert "verified against the engine's probe" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "verified against the engine's probe" in err and "in place" in err
+    # The .pt files were read where they are, and only in part: the fp32 weights, not Adam's moments.
+    fetched, held = map(float, re.search(r"read ([\d.]+) MiB of tensors from storage, of the ([\d.]+) MiB", err).groups())
+    assert 0 < fetched < held / 2, err
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True)
     assert main(["convert", "s3://fm-ckpt/convert-run/checkpoints/step_00000002", "--out", "s3://fm-ckpt/hf",
                  "--no-tokenizer", "--dtype", "fp32"]) == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -30,19 +30,20 @@ def _safe_globals() -> list[Any]:
     return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
 
 
-def safe_torch_load(path: Path, *, trust: bool, map_location: Any = "cpu", mmap: bool = False,
-                    hint: str = CONVERT_HINT) -> Any:
-    """``torch.load`` of ``path`` with ``weights_only=True`` and the allow-list, unless ``trust``.
+def safe_torch_load(path: Any, *, trust: bool, map_location: Any = "cpu", mmap: bool = False,
+                    hint: str = CONVERT_HINT, fileobj: BinaryIO | None = None) -> Any:
+    """``torch.load`` of ``path`` (or of ``fileobj``, opened from ``path``, which errors then name) with
+    ``weights_only=True`` and the allow-list, unless ``trust``.
 
     A file that needs anything else is refused with a :class:`CheckpointError` naming it and ``hint``
     (how to trust it); undecodable bytes are reported as a damaged file, not as torch's traceback.
     """
-    path = Path(path)
+    source: Any = fileobj if fileobj is not None else Path(path)
     try:
         if trust:
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False)
+            return torch.load(source, map_location=map_location, mmap=mmap, weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+            return torch.load(source, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path} does not load with weights_only=True ({first}): it holds objects other than "
@@ -57,10 +58,15 @@ def safe_torch_load(path: Path, *, trust: bool, map_location: Any = "cpu", mmap:
 
 
 def load_ds_file(path: Path, *, trust: bool, hint: str = CONVERT_HINT) -> dict[str, Any]:
-    """``torch.load`` one DeepSpeed file memory-mapped; ``weights_only=True`` unless ``trust``."""
+    """``torch.load`` one DeepSpeed file memory-mapped, or, for a ``UPath`` in object storage, read in
+    place by ranged reads (:mod:`fm_train.checkpoint.ranged_load`); ``weights_only=True`` unless ``trust``."""
+    from fm_train.checkpoint.ranged_load import is_remote, load_ranged
+
     if not path.is_file():
         raise CheckpointError(f"{path.parent} lacks {path.name}: the checkpoint is incomplete (a rank's shard "
                               "was not written or not copied)")
+    if is_remote(path):
+        return load_ranged(path, trust=trust, hint=hint)
     return safe_torch_load(path, trust=trust, mmap=True, hint=hint)
 
 

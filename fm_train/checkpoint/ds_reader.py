@@ -43,7 +43,8 @@ class DeepSpeedWeights:
     ``engine_state()`` (LR scheduler and DeepSpeed's step counters)."""
 
     def __init__(self, step_dir: Path, manifest: Mapping[str, Any], *, trust: bool = False) -> None:
-        self.step_dir = Path(step_dir)
+        # A UPath in object storage stays one: its files are then read in place (ranged reads).
+        self.step_dir = step_dir if hasattr(step_dir, "fs") else Path(step_dir)
         self.manifest = manifest
         self._trust = trust
         topo = manifest["topology"]

@@ -44,7 +44,7 @@ def run_convert(args: argparse.Namespace) -> int:
     """Run a parsed ``convert`` command; 0 on success, 2 on any error (one line on stderr)."""
     from fm_train.checkpoint import CheckpointError
     from fm_train.convert.export import convert_checkpoint
-    from fm_train.convert.remote import is_uri, local_checkpoint, remote_output
+    from fm_train.convert.remote import checkpoint_in_storage, is_uri, remote_output
 
     if args.tokenizer is not None and args.no_tokenizer:
         _say("error: --tokenizer and --no-tokenizer exclude each other")
@@ -54,11 +54,12 @@ def run_convert(args: argparse.Namespace) -> int:
         return 2
     try:
         with contextlib.ExitStack() as stack:
-            checkpoint, tokenizer = Path(args.checkpoint), args.tokenizer
+            checkpoint, tokenizer, in_storage = Path(args.checkpoint), args.tokenizer, None
             if is_uri(args.checkpoint):
                 if args.out is None:
                     raise ConvertError("a checkpoint in object storage needs --out (a local dir or a URI)")
-                checkpoint, fetched_tokenizer = stack.enter_context(local_checkpoint(args.checkpoint, _say))
+                checkpoint, in_storage, fetched_tokenizer = stack.enter_context(
+                    checkpoint_in_storage(args.checkpoint, _say))
                 tokenizer = tokenizer if tokenizer is not None else fetched_tokenizer
             out_dir, publish = args.out, None
             if out_dir is not None and is_uri(out_dir):
@@ -71,7 +72,8 @@ def run_convert(args: argparse.Namespace) -> int:
             out = convert_checkpoint(checkpoint, Path(out_dir), dtype=args.dtype, verify=not args.no_verify,
                                      overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
                                      tokenizer=tokenizer, no_tokenizer=args.no_tokenizer,
-                                     max_shard_bytes=args.max_shard_mb * _MIB, progress=_say)
+                                     max_shard_bytes=args.max_shard_mb * _MIB, in_storage=in_storage,
+                                     progress=_say)
             if publish is not None:
                 out = publish()
     except (ConvertError, CheckpointError, OSError) as exc:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
-from fm_train.checkpoint.integrity import damage_message, find_damage
+from fm_train.checkpoint.integrity import damage_message, find_damage, find_damage_in_storage
 from fm_train.checkpoint.node_files import HELD, read_held
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.probe import read_probe
@@ -134,11 +134,14 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
 def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", verify: bool = True,
                        overwrite: bool = False, trust_checkpoint: bool = False, tokenizer: Path | None = None,
                        no_tokenizer: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                       tolerance: float = DEFAULT_TOLERANCE, progress: Progress = lambda _m: None) -> Path:
+                       tolerance: float = DEFAULT_TOLERANCE, in_storage: Any = None,
+                       progress: Progress = lambda _m: None) -> Path:
     """Export ``checkpoint`` (run dir, checkpoints dir via ``latest``, or step dir) to ``out``.
 
     The tokenizer comes from ``tokenizer`` or else ``data.sources[0].path/tokenizer`` of the manifest's
-    config; when neither exists the conversion stops unless ``no_tokenizer``. Returns ``out``.
+    config; when neither exists the conversion stops unless ``no_tokenizer``. ``in_storage``: the
+    step directory in object storage (a ``UPath``) whose DeepSpeed files are read in place, ``checkpoint``
+    then holding its other files (:func:`fm_train.convert.remote.checkpoint_in_storage`). Returns ``out``.
     """
     try:
         step_dir = resolve_checkpoint(Path(checkpoint))
@@ -150,7 +153,11 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
         raise ConvertError(f"{step_dir} holds only the files ranks {held['ranks']} read ({HELD}: fetched from "
                            f"run.storage for a resume on this node); convert the step from run.storage "
                            f"({manifest['config']['run'].get('storage')}) instead")
-    bad = find_damage(step_dir, manifest)  # sizes and checksums of every file, before any is unpickled
+    # Sizes and checksums of every file, before any is unpickled (in storage: see find_damage_in_storage).
+    if in_storage is None:
+        bad = find_damage(step_dir, manifest)
+    else:
+        bad = find_damage_in_storage(in_storage, step_dir, manifest)
     if bad:
         raise ConvertError(damage_message(step_dir, bad) + "; copy the files again from where the run wrote them")
     if Path(out).exists() and not overwrite:
@@ -161,9 +168,10 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
         if tokenizer is None:
             raise ConvertError("no tokenizer found (looked in " + ", ".join(str(p) for p in tried)
                                + "); pass --tokenizer DIR, or --no-tokenizer to export weights without one")
-    progress(f"reading {step_dir} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
+    where = step_dir if in_storage is None else in_storage
+    progress(f"reading {where} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
              f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")
-    source = DeepSpeedWeights(step_dir, manifest, trust=trust_checkpoint)
+    source = DeepSpeedWeights(step_dir if in_storage is None else in_storage, manifest, trust=trust_checkpoint)
     model_fields = manifest["config"]["model"]
     _check_shapes(source.shapes(), model_fields, step_dir)
     if source.note:
@@ -175,9 +183,16 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
                  "a wrong tp/pp/ZeRO merge")
 
     def readme(tmp: Path, verified: str) -> None:
-        write_readme(tmp, manifest, dtype=dtype, source=str(step_dir), note=source.note, verified=verified)
+        write_readme(tmp, manifest, dtype=dtype, source=str(where), note=source.note, verified=verified)
 
-    return write_hf_dir(out, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
-                        tokenizer=None if no_tokenizer else tokenizer, max_shard_bytes=max_shard_bytes,
-                        tolerance=tolerance, readme=readme, progress=progress, reference=reference,
-                        reference_precision=str(manifest["config"]["precision"]))
+    written = write_hf_dir(out, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
+                           tokenizer=None if no_tokenizer else tokenizer, max_shard_bytes=max_shard_bytes,
+                           tolerance=tolerance, readme=readme, progress=progress, reference=reference,
+                           reference_precision=str(manifest["config"]["precision"]))
+    if in_storage is not None:
+        from fm_train.checkpoint.ranged_load import bytes_fetched
+
+        held = sum(size for rel, size in manifest.get("files", {}).items() if rel.endswith(".pt"))
+        progress(f"read {bytes_fetched() / 2**20:.1f} MiB of tensors from storage, of the {held / 2**20:.1f} MiB "
+                 "its .pt files hold (no local copy)")
+    return written

@@ -1,10 +1,12 @@
 """``fm-train convert`` from and to object storage (``s3://...``, any fsspec URI).
 
-The converter memory-maps DeepSpeed's files, so a checkpoint in storage is first downloaded into a
-temporary directory (the committed step only: the one ``latest`` names when given a run or its
-``checkpoints/``), removed after the conversion. A tokenizer that lives next to shards in storage
-(``data.sources[0].path/tokenizer`` of the manifest) is fetched the same way. An ``--out`` URI gets
-the finished, verified Hugging Face directory uploaded into it, ``config.json`` last.
+A checkpoint in storage (the committed step: the one ``latest`` names when given a run or its
+``checkpoints/``) is converted without a local copy: its DeepSpeed ``.pt`` files are read in place,
+the pickle and then only the fp32 weights' byte ranges (:mod:`fm_train.checkpoint.ranged_load`);
+only its small files (manifest, probe) go into a temporary directory, removed afterwards. A
+tokenizer that lives next to shards in storage (``data.sources[0].path/tokenizer`` of the manifest)
+is fetched there too. An ``--out`` URI gets the finished, verified Hugging Face directory uploaded
+into it, ``config.json`` last.
 """
 
 from __future__ import annotations
@@ -50,14 +52,17 @@ def _step_in_storage(root: Any) -> Any:
     raise ConvertError(f"{root} holds no {MANIFEST} and no {LATEST}: not a step directory, checkpoints/ or run in storage")
 
 
-def _download_tree(remote: Any, local: Path, progress: Progress, *, skip_hidden: bool = True) -> int:
-    """Copy every file under ``remote`` into ``local``; returns the bytes copied."""
+def _download_tree(remote: Any, local: Path, progress: Progress, *, skip_hidden: bool = True,
+                   skip_suffix: str | None = None) -> int:
+    """Copy every file under ``remote`` into ``local`` (but those ending in ``skip_suffix``); returns the bytes copied."""
     fs, base = remote.fs, remote.path.rstrip("/")
     total = 0
     for path, info in sorted(fs.find(base, detail=True).items()):
         rel = path[len(base) + 1:]
         if skip_hidden and any(part.startswith(".") for part in rel.split("/")):
             continue  # upload markers (.uploaded/, .failed/)
+        if skip_suffix is not None and rel.endswith(skip_suffix):
+            continue
         target = local / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(target))
@@ -66,14 +71,15 @@ def _download_tree(remote: Any, local: Path, progress: Progress, *, skip_hidden:
 
 
 @contextlib.contextmanager
-def local_checkpoint(uri: str, progress: Progress) -> Iterator[tuple[Path, Path | None]]:
-    """``(local step directory, local tokenizer dir or None)`` of checkpoint ``uri``, for the conversion only."""
+def checkpoint_in_storage(uri: str, progress: Progress) -> Iterator[tuple[Path, Any, Path | None]]:
+    """``(local directory with the step's small files, the step in storage, local tokenizer dir or None)``
+    of checkpoint ``uri``, for the conversion only; its ``.pt`` files stay in storage, read in place."""
     step = _step_in_storage(_location(uri, "CHECKPOINT"))
     with tempfile.TemporaryDirectory(prefix="fm-train-convert-") as tmp:
         local = Path(tmp) / "run" / CHECKPOINTS / step.name
-        progress(f"downloading {step} to a temporary directory")
-        size = _download_tree(step, local, progress)
-        progress(f"downloaded {size / 2**20:.1f} MiB")
+        size = _download_tree(step, local, progress, skip_suffix=".pt")
+        progress(f"reading {step} in place (its manifest and probe, {size / 2**20:.1f} MiB, fetched to a temporary"
+                 " directory)")
         tokenizer = None
         sources = json.loads((local / MANIFEST).read_text())["config"].get("data", {}).get("sources") or []
         if sources and is_uri(sources[0]["path"]):
@@ -81,7 +87,7 @@ def local_checkpoint(uri: str, progress: Progress) -> Iterator[tuple[Path, Path 
             if remote_tok.exists():
                 tokenizer = Path(tmp) / "tokenizer"
                 _download_tree(remote_tok, tokenizer, progress)
-        yield local, tokenizer
+        yield local, step, tokenizer
 
 
 def upload_dir(local: Path, uri: str, *, overwrite: bool, progress: Progress) -> str:
