@@ -26,14 +26,14 @@ def _convert(args: argparse.Namespace) -> int:
     import contextlib
 
     from fm_train.convert import convert_checkpoint
-    from fm_train.convert.remote import is_uri, local_checkpoint
+    from fm_train.convert.remote import checkpoint_in_storage, is_uri
 
     with contextlib.ExitStack() as stack:
-        checkpoint, tokenizer = Path(args.checkpoint), None
-        if is_uri(args.checkpoint):  # run.storage: the committed step, downloaded for the conversion
-            checkpoint, tokenizer = stack.enter_context(local_checkpoint(args.checkpoint, print))
+        checkpoint, tokenizer, in_storage = Path(args.checkpoint), None, None
+        if is_uri(args.checkpoint):  # run.storage: the committed step, read in place
+            checkpoint, in_storage, tokenizer = stack.enter_context(checkpoint_in_storage(args.checkpoint, print))
         out = convert_checkpoint(checkpoint, Path(args.out), dtype=args.dtype, verify=True, overwrite=True,
-                                 tokenizer=tokenizer)
+                                 tokenizer=tokenizer, in_storage=in_storage)
     print(f"converted {args.checkpoint} to {out or args.out}")
     return 0
 

@@ -57,7 +57,7 @@ def dense_layers(n_layers: int, tp_split_dims: Mapping[str, int | None] | None =
     """The layer table of the Llama model in pipeline order: embedding, blocks, final norm, head.
 
     ``tp_split_dims`` maps pure-model parameter names (``model.layers.0.self_attn.q_proj.weight``) to
-    their tp split dim or None, as ``fm_train.parallel.tensor_parallel.tp_split_dims(args)`` returns
+    their tp split dim or None, as ``fm_train.families.base.split_dims(family, args)`` returns
     them; each layer records its own parameters by local name. Omitted: no split (right for tp = 1).
     """
     modules = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(n_layers)), "model.norm", "lm_head"]

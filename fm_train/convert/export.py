@@ -171,6 +171,9 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     where = step_dir if in_storage is None else in_storage
     progress(f"reading {where} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
              f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")
+    from fm_train.checkpoint.ranged_load import bytes_fetched
+
+    fetched_before = bytes_fetched()
     source = DeepSpeedWeights(step_dir if in_storage is None else in_storage, manifest, trust=trust_checkpoint)
     model_fields = manifest["config"]["model"]
     _check_shapes(source.shapes(), model_fields, step_dir)
@@ -190,9 +193,7 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
                            tolerance=tolerance, readme=readme, progress=progress, reference=reference,
                            reference_precision=str(manifest["config"]["precision"]))
     if in_storage is not None:
-        from fm_train.checkpoint.ranged_load import bytes_fetched
-
         held = sum(size for rel, size in manifest.get("files", {}).items() if rel.endswith(".pt"))
-        progress(f"read {bytes_fetched() / 2**20:.1f} MiB of tensors from storage, of the {held / 2**20:.1f} MiB "
+        progress(f"read {(bytes_fetched() - fetched_before) / 2**20:.1f} MiB of tensors from storage, of the {held / 2**20:.1f} MiB "
                  "its .pt files hold (no local copy)")
     return written
