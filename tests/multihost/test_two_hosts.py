@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -59,6 +60,9 @@ def launch(network: Network, cluster: RayCluster, config: Path, log: Path, *, ti
         thread.start()
     try:
         code = driver.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # Say where the run stood: the pytest report alone shows only the wait that ran out.
+        pytest.fail(f"fm-train launch still running after {timeout_s:.0f}s; its log ends:\n{log.read_text()[-6000:]}")
     finally:
         if driver.poll() is None:
             driver.kill()
