@@ -190,10 +190,10 @@ def _worker_killed_during_upload(raw: dict) -> int:
     rank = int(os.environ["RANK"])
     slow_put = upload._put_file
 
-    def put(local, remote):
+    def put(local, remote, *process):
         if rank == 1 and "step_00000004" in str(remote):
             time.sleep(2.0)
-        slow_put(local, remote)
+        slow_put(local, remote, *process)
 
     upload._put_file = put
     fake = W._fake_batches
@@ -267,11 +267,11 @@ def test_an_upload_that_fails_twice_is_retried_and_committed(tmp_path: Path, mon
     calls = {"n": 0}
     real = upload._put_file
 
-    def flaky(local, remote):
+    def flaky(local, remote, process):
         if local.name == "a.pt" and calls["n"] < 2:
             calls["n"] += 1
             raise ConnectionResetError("connection reset by peer")
-        real(local, remote)
+        real(local, remote, process)
 
     monkeypatch.setattr(upload, "_put_file", flaky)
     uploader = CheckpointUploader(str(tmp_path / "bucket"), rank=0, keep=1, retries=2, backoff_s=0.01)
