@@ -192,3 +192,13 @@ def test_ranks_with_their_own_run_dirs_agree_on_a_step_every_node_holds(trained,
     got = run_distributed(_resume_point_per_node, 2, args=([str(node_a), str(node_b)],))
     assert got == ["step_00000002", "step_00000002"], got
     assert _entries(node_a) == ["latest", "step_00000002", "step_00000003"]  # nothing renamed: not damaged
+
+
+def test_no_step_on_every_node_refuses_a_fresh_start(trained, tmp_path: Path) -> None:
+    node_a = _copy_run(trained[0], tmp_path / "a")
+    node_b = _copy_run(trained[0], tmp_path / "b")
+    for step in ("step_00000002", "step_00000003"):
+        (node_b / "checkpoints" / step / "manifest.json").unlink()
+    with pytest.raises(RuntimeError, match=r"no checkpoint in .* is complete on every node \(rank 0: step_00000003, "
+                                           r"step_00000002; rank 1: none\)"):
+        run_distributed(_resume_point_per_node, 2, args=([str(node_a), str(node_b)],))
