@@ -116,7 +116,10 @@ def main() -> int:
             reply: dict[str, Any] = {"ok": True}
         except Exception as exc:  # every backend has its own error types; the parent retries
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-        replies.write(json.dumps(reply) + "\n")
+        try:
+            replies.write(json.dumps(reply) + "\n")
+        except BrokenPipeError:  # the parent is gone (a killed worker): nobody to answer
+            os._exit(0)
     return 0
 
 

@@ -143,27 +143,25 @@ def _details(rejected: list[Rejected], latest_problem: str | None, moved: list[s
             "latest_problem": latest_problem, "moved_to": moved}
 
 
-def _agreed_order(ckpt_dir: Path, order: list[Path], latest_problem: str | None,
-                  allow_fresh_start: bool) -> tuple[list[Path], str | None]:
+def _agreed_order(ckpt_dir: Path, order: list[Path], latest_problem: str | None) -> tuple[list[Path], str | None]:
     """The candidates every rank holds complete, in rank 0's order, and rank 0's ``latest`` problem.
 
     Every rank must walk the same candidates, or their collective checks pair up different steps and
     one rank waits forever. With a ``run.dir`` on each node's own disk the lists differ: the node of
     rank 0 holds manifests of steps saved after the last one committed in ``run.storage`` (what the
-    other nodes fetched); such a step is not whole anywhere and is skipped, with a line saying so.
-    None in common while some rank holds one is refused, unless ``allow_fresh_start``.
+    other nodes fetched), or, before the first commit there, steps that only its node holds; such a
+    step is not whole anywhere (storage is where a step becomes a checkpoint) and is skipped, with a
+    line saying so. Run directories shared by all ranks (the preflight requires one without
+    ``run.storage``) give every rank the same list.
     """
     views = collective.all_gather(([p.name for p in order], latest_problem))
     everywhere = set.intersection(*(set(names) for names, _ in views))
-    if not everywhere and any(names for names, _ in views) and not allow_fresh_start:
-        held = "; ".join(f"rank {r}: {', '.join(names) or 'none'}" for r, (names, _) in enumerate(views))
-        raise CheckpointError(f"no checkpoint in {ckpt_dir} is complete on every node ({held}); not starting from "
-                              "scratch: copy a step directory to every node's run.dir, set checkpoint.resume to one, "
-                              "or set checkpoint.allow_fresh_start=true to train from step 0")
     skipped = [n for n in views[0][0] if n not in everywhere]
     if skipped and collective.rank() == 0:
-        log.warning("not resuming from %s: not complete in every node's %s (run.dir on each node's own disk; "
-                    "saved after the newest step committed in run.storage)", ", ".join(skipped), ckpt_dir)
+        line = (f"not resuming from {', '.join(skipped)}: not complete in every node's {ckpt_dir} (a run.dir on each "
+                "node's own disk, and never committed in run.storage)")
+        print(f"fm-train: {line}", flush=True)
+        log.warning("%s", line)
     return [Path(ckpt_dir) / n for n in views[0][0] if n in everywhere], views[0][1]
 
 
@@ -179,7 +177,7 @@ def choose_resume_point(run_dir: Path, *, allow_fresh_start: bool = False) -> Pa
     complete = [p for _, p in entries if is_complete(p)]
     order, latest_problem = _agreed_order(
         ckpt_dir, ([latest] if latest is not None else []) + [p for p in reversed(complete) if p != latest],
-        latest_problem, allow_fresh_start)
+        latest_problem)
     rejected: list[Rejected] = []
     for candidate in order:
         problems = check_step(candidate)

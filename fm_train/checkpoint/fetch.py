@@ -74,7 +74,7 @@ def committed_latest(storage: str) -> str:
 
 def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = None,
                  topology: Topology | None = None, zero_stage: int | None = None, say=print,
-                 name: str | None = None) -> Path | None:
+                 name: str | None = None, node_local: bool = False) -> Path | None:
     """The step directory of storage's newest committed checkpoint, made ready under ``run_dir``.
 
     None when storage holds no committed checkpoint (the local checkpoints are then used as they
@@ -82,11 +82,19 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
     that saved the step (``topology``, ``zero_stage``) only the files they read are fetched
     (:func:`fm_train.checkpoint.node_files.files_for_ranks`), otherwise every file. ``name``: the
     step ``latest`` held when the caller read it (:func:`committed_latest`; read here when None).
+    ``node_local``: the run's ranks write to more than one disk, so a local step that storage does not
+    hold committed is only this node's part of one, and goes (a shared ``run.dir`` keeps its steps:
+    they are whole, e.g. after uploads that failed).
     """
     root = storage_root(storage)
     if name is None:
         name = committed_latest(storage)
     if not name:
+        if node_local:
+            for _, path in list_step_dirs(checkpoints_dir(run_dir)):
+                say(f"removing {path}: {root} holds no committed step yet, and with a run.dir on each node's own disk"
+                    " a step is whole only once committed there")
+                shutil.rmtree(path, ignore_errors=True)
         return None
     text = _read_text(root / name / MANIFEST)
     if parse_step(name) is None or text is None:
@@ -184,7 +192,7 @@ def fetch_on_each_node(storage: str, run_dir: Path, *, topology: Topology, zero_
     if collective.rank() == sharing[0]:
         try:
             fetch_latest(storage, run_dir, ranks=sharing, topology=topology, zero_stage=zero_stage,
-                         say=lambda line: print(line, flush=True), name=name)
+                         say=lambda line: print(line, flush=True), name=name, node_local=len(set(tokens)) > 1)
         except Exception as exc:
             error = f"rank {collective.rank()}: {exc}"
     errors = [e for e in collective.all_gather(error) if e]
