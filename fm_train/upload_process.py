@@ -33,7 +33,7 @@ NICENESS = 10
 class UploadProcess:
     """The parent's handle on one child process that puts files into object storage, one at a time.
 
-    Started on the first :meth:`put`, restarted on the next one if it died; :meth:`put` raises
+    Started by :meth:`start` or the first :meth:`put`, restarted on the next one if it died; :meth:`put` raises
     ``OSError`` naming the file when the copy fails, so callers retry it like any storage error.
     """
 
@@ -45,6 +45,11 @@ class UploadProcess:
     def pid(self) -> int | None:
         """The child's process id while it runs (for CPU accounting)."""
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def start(self) -> None:
+        """Start the child now (it takes about a second), so that the first upload does not wait for it."""
+        with self._lock:
+            self._child()
 
     def _child(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:

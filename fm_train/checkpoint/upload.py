@@ -77,7 +77,9 @@ class CheckpointUploader:
         self.rank, self.keep = rank, keep
         self.retries, self.backoff_s, self.commit_timeout_s = retries, backoff_s, commit_timeout_s
         self._thread: threading.Thread | None = None
-        self._process = UploadProcess()  # started by the first copy to an object store
+        self._process = UploadProcess()
+        if not isinstance(self.root, Path):
+            self._process.start()  # at the run's start: the first checkpoint's upload must not wait for it
         self.failed: list[str] = []  # step names whose upload this rank could not complete
         self.committed: list[str] = []  # rank 0: step names committed in storage
 
