@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("corpus", help="build the default corpus shards")
     p.add_argument("out", help="shard directory to create")
     p.add_argument("--vocab-size", type=int, required=True, help="the model's vocabulary (model.vocab_size)")
-    p.add_argument("--family", default="llama", help="model.family (its special tokens come after the tokenizer's)")
+    p.add_argument("--family", required=True, help="model.family (its special tokens come after the tokenizer's)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sample (data.seq_len)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
     p.set_defaults(fn=_corpus)

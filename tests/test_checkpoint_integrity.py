@@ -168,3 +168,39 @@ def test_a_checkpoint_without_checksums_is_checked_by_size(trained, tmp_path: Pa
     with caplog.at_level(logging.WARNING, logger="fm_train.checkpoint"):
         assert find_resume_point(run, "auto") == step
     assert "no checksums" in caplog.text
+
+
+def _resume_point_per_node(run_dirs: list[str]) -> str | None:
+    """``find_resume_point`` with each rank's own run dir (a run.dir on each node's own disk)."""
+    import torch.distributed as dist
+
+    from fm_train.checkpoint import find_resume_point
+
+    found = find_resume_point(Path(run_dirs[dist.get_rank()]), "auto")
+    return found.name if found is not None else None
+
+
+def test_ranks_with_their_own_run_dirs_agree_on_a_step_every_node_holds(trained, tmp_path: Path) -> None:
+    """Node-local run.dirs after a restart: rank 0's node saved step 3 (manifest and all), rank 1's node
+    holds its own files of step 3 but no manifest (rank 0 writes it), and step 2 whole (fetched from
+    storage). Both ranks resume from step 2; walking different candidates would pair rank 0's check of
+    step 3 with rank 1's of step 2 and split the run (or leave one rank waiting in a collective)."""
+    node_a = _copy_run(trained[0], tmp_path / "a")
+    node_b = _copy_run(trained[0], tmp_path / "b")
+    (node_b / "checkpoints/step_00000003/manifest.json").unlink()
+    (node_b / "checkpoints/latest").write_text("step_00000002\n")
+    got = run_distributed(_resume_point_per_node, 2, args=([str(node_a), str(node_b)],))
+    assert got == ["step_00000002", "step_00000002"], got
+    assert _entries(node_a) == ["latest", "step_00000002", "step_00000003"]  # nothing renamed: not damaged
+
+
+
+def test_a_step_only_one_node_holds_is_not_resumed(trained, tmp_path: Path, capfd) -> None:
+    """Before the first commit in storage: rank 0's node saved steps 2 and 3 locally, rank 1's node
+    holds none whole. Nothing is a checkpoint yet: both ranks start fresh, and rank 0 says why."""
+    node_a = _copy_run(trained[0], tmp_path / "a")
+    node_b = _copy_run(trained[0], tmp_path / "b")
+    for step in ("step_00000002", "step_00000003"):
+        (node_b / "checkpoints" / step / "manifest.json").unlink()
+    assert run_distributed(_resume_point_per_node, 2, args=([str(node_a), str(node_b)],)) == [None, None]
+    assert "not resuming from step_00000003, step_00000002: not complete in every node's" in capfd.readouterr().out

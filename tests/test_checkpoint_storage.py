@@ -190,10 +190,10 @@ def _worker_killed_during_upload(raw: dict) -> int:
     rank = int(os.environ["RANK"])
     slow_put = upload._put_file
 
-    def put(local, remote):
+    def put(local, remote, *process):
         if rank == 1 and "step_00000004" in str(remote):
             time.sleep(2.0)
-        slow_put(local, remote)
+        slow_put(local, remote, *process)
 
     upload._put_file = put
     fake = W._fake_batches
@@ -267,11 +267,11 @@ def test_an_upload_that_fails_twice_is_retried_and_committed(tmp_path: Path, mon
     calls = {"n": 0}
     real = upload._put_file
 
-    def flaky(local, remote):
+    def flaky(local, remote, process):
         if local.name == "a.pt" and calls["n"] < 2:
             calls["n"] += 1
             raise ConnectionResetError("connection reset by peer")
-        real(local, remote)
+        real(local, remote, process)
 
     monkeypatch.setattr(upload, "_put_file", flaky)
     uploader = CheckpointUploader(str(tmp_path / "bucket"), rank=0, keep=1, retries=2, backoff_s=0.01)
@@ -281,3 +281,19 @@ def test_an_upload_that_fails_twice_is_retried_and_committed(tmp_path: Path, mon
     assert (tmp_path / "bucket" / "checkpoints" / "step_00000002" / "a.pt").read_bytes() == b"weights"
     assert save_id({"a.pt": "d"}) == (tmp_path / "bucket" / "checkpoints" / "step_00000002" / ".uploaded"
                                       / "rank_00000").read_text()
+
+
+def test_before_the_first_commit_node_local_steps_go_and_shared_ones_stay(tmp_path: Path) -> None:
+    """Storage holds no committed step: with a run.dir on each node's own disk a local step is only this
+    node's part of one (removed, saying so); a shared run.dir's steps are whole (kept, e.g. after
+    uploads that failed)."""
+    from fm_train.checkpoint.fetch import fetch_latest
+
+    said: list[str] = []
+    for node_local in (False, True):
+        step = tmp_path / "run" / "checkpoints" / "step_00000004"
+        step.mkdir(parents=True, exist_ok=True)
+        (step / "manifest.json").write_text("{}")
+        assert fetch_latest(str(tmp_path / "bucket"), tmp_path / "run", say=said.append, node_local=node_local) is None
+        assert step.is_dir() != node_local
+    assert len(said) == 1 and said[0].startswith(f"removing {step}: ") and "no committed step yet" in said[0]

@@ -17,7 +17,13 @@ FAMILY_PARTS = ("fm_train.model", "fm_train.parallel.build", "fm_train.parallel.
 # What works for every family and must reach family-specific code through fm_train.families only.
 FAMILY_BLIND = ("fm_train/engine", "fm_train/checkpoint", "fm_train/convert", "fm_train/plan", "fm_train/config",
                 "fm_train/worker.py", "launcher")
+# Of those, the parts whose code never names a family either (fm_train/config lists the choices and presets).
+NAME_BLIND = tuple(p for p in FAMILY_BLIND if p != "fm_train/config") + (
+    "fm_train/dist", "fm_train/cli.py", "fm_train/cli_common.py", "fm_train/hf_eval.py", "data_shards")
 
+
+def _files(parts: tuple[str, ...]) -> list[Path]:
+    return [f for part in parts for f in ([ROOT / part] if part.endswith(".py") else sorted((ROOT / part).rglob("*.py")))]
 
 def _imports(path: Path) -> set[str]:
     """Modules ``path`` imports at run time (``if TYPE_CHECKING:`` blocks left out: types only)."""
@@ -44,14 +50,49 @@ def _imports(path: Path) -> set[str]:
 @pytest.mark.unit
 def test_engine_checkpoints_converter_planner_and_launcher_reach_the_model_through_the_family() -> None:
     offenders = []
-    for part in FAMILY_BLIND:
-        files = [ROOT / part] if part.endswith(".py") else sorted((ROOT / part).rglob("*.py"))
-        for path in files:
-            bad = sorted(n for n in _imports(path) if n.startswith(FAMILY_PARTS))
-            if bad:
-                offenders.append(f"{path.relative_to(ROOT)}: {', '.join(bad)}")
+    for path in _files(FAMILY_BLIND):
+        bad = sorted(n for n in _imports(path) if n.startswith(FAMILY_PARTS))
+        if bad:
+            offenders.append(f"{path.relative_to(ROOT)}: {', '.join(bad)}")
     assert not offenders, "import the family (fm_train.families.family_of) instead:\n" + "\n".join(offenders)
 
+
+
+def family_mentions(source: str) -> list[tuple[int, str]]:
+    """(line, word) for every identifier, imported name or string in ``source`` that names a registered
+    family (``bert``, ``LlamaArgs``, ``fm_train.model.llama``); docstrings and comments may, as examples."""
+    from fm_train.families import FAMILIES
+
+    tree = ast.parse(source)
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        words: list[str] = []
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            words.append(node.value)
+        elif isinstance(node, ast.Name):
+            words.append(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.append(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            words.append(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            words += [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+        found += [(node.lineno, w) for w in words if any(f in w.lower() for f in FAMILIES)]
+    return found
+
+
+@pytest.mark.unit
+def test_the_family_blind_parts_name_no_family_in_their_code() -> None:
+    """No branch on ``model.family == "bert"``, no Llama default, no family's class: ask the family."""
+    branch = 'from fm_train.model.llama import LlamaArgs\nif cfg.model.family == "bert":\n    x = BertThing()\n'
+    assert {w for _, w in family_mentions(branch)} == {"fm_train.model.llama", "LlamaArgs", "bert", "BertThing"}
+    assert family_mentions('"""Llama and BERT, as examples."""\n# a llama\nfamily = family_of(cfg.model)\n') == []
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {word!r}" for path in _files(NAME_BLIND)
+                 for line, word in family_mentions(path.read_text(encoding="utf-8"))]
+    assert not offenders, "ask the family (fm_train.families.family_of) instead:\n" + "\n".join(offenders)
 
 @pytest.mark.unit
 def test_family_lookup() -> None:

@@ -1,6 +1,7 @@
 """Which checkpoint a ``checkpoint.resume: auto`` start continues from, when some are damaged.
 
-Candidates are the step ``latest`` names, then every other complete step directory, newest first.
+Candidates are the step ``latest`` names, then every other complete step directory, newest first,
+of those every rank holds complete (a ``run.dir`` on each node's own disk may differ between nodes).
 Each is checked whole before it is chosen (manifest readable, every file present, of its size and
 checksum; :mod:`fm_train.checkpoint.integrity`), the ranks splitting the files between them. A
 damaged candidate is never loaded and never left where a later save or resume would trip over it:
@@ -142,6 +143,28 @@ def _details(rejected: list[Rejected], latest_problem: str | None, moved: list[s
             "latest_problem": latest_problem, "moved_to": moved}
 
 
+def _agreed_order(ckpt_dir: Path, order: list[Path], latest_problem: str | None) -> tuple[list[Path], str | None]:
+    """The candidates every rank holds complete, in rank 0's order, and rank 0's ``latest`` problem.
+
+    Every rank must walk the same candidates, or their collective checks pair up different steps and
+    one rank waits forever. With a ``run.dir`` on each node's own disk the lists differ: the node of
+    rank 0 holds manifests of steps saved after the last one committed in ``run.storage`` (what the
+    other nodes fetched), or, before the first commit there, steps that only its node holds; such a
+    step is not whole anywhere (storage is where a step becomes a checkpoint) and is skipped, with a
+    line saying so. Run directories shared by all ranks (the preflight requires one without
+    ``run.storage``) give every rank the same list.
+    """
+    views = collective.all_gather(([p.name for p in order], latest_problem))
+    everywhere = set.intersection(*(set(names) for names, _ in views))
+    skipped = [n for n in views[0][0] if n not in everywhere]
+    if skipped and collective.rank() == 0:
+        line = (f"not resuming from {', '.join(skipped)}: not complete in every node's {ckpt_dir} (a run.dir on each "
+                "node's own disk, and never committed in run.storage)")
+        print(f"fm-train: {line}", flush=True)
+        log.warning("%s", line)
+    return [Path(ckpt_dir) / n for n in views[0][0] if n in everywhere], views[0][1]
+
+
 def choose_resume_point(run_dir: Path, *, allow_fresh_start: bool = False) -> Path | None:
     """The newest intact checkpoint of ``run_dir`` (``latest`` first), or None for a fresh start; every
     rank calls it and gets the same answer. See the module docstring for what happens on damage."""
@@ -152,7 +175,9 @@ def choose_resume_point(run_dir: Path, *, allow_fresh_start: bool = False) -> Pa
             log.warning("ignoring incomplete checkpoint %s (no %s: the save did not finish)", p, MANIFEST)
     latest, latest_problem = _latest_state(ckpt_dir)
     complete = [p for _, p in entries if is_complete(p)]
-    order = ([latest] if latest is not None else []) + [p for p in reversed(complete) if p != latest]
+    order, latest_problem = _agreed_order(
+        ckpt_dir, ([latest] if latest is not None else []) + [p for p in reversed(complete) if p != latest],
+        latest_problem)
     rejected: list[Rejected] = []
     for candidate in order:
         problems = check_step(candidate)

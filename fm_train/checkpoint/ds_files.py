@@ -44,6 +44,8 @@ def safe_torch_load(path: Any, *, trust: bool, map_location: Any = "cpu", mmap: 
             return torch.load(source, map_location=map_location, mmap=mmap, weights_only=False)
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(source, map_location=map_location, mmap=mmap, weights_only=True)
+    except OSError as exc:  # unreadable, not damaged: permissions, the network, credentials, a vanished object
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
     except pickle.UnpicklingError as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         raise CheckpointError(f"{path} does not load with weights_only=True ({first}): it holds objects other than "

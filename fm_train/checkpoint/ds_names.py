@@ -36,9 +36,11 @@ def ds_to_fm(name: str, manifest: Mapping[str, Any]) -> str:
 
 
 def tp_split_dim(fm_name: str, manifest: Mapping[str, Any]) -> int | None:
-    """The dim along which tp shards of ``fm_name`` are concatenated (None: replicated)."""
-    for entry in manifest["layers"]:
-        module = entry["module"] + "."
-        if fm_name.startswith(module):
-            return entry.get("tp_split_dims", {}).get(fm_name[len(module):])
-    return None
+    """The dim along which tp shards of ``fm_name`` are concatenated (None: replicated). A parameter
+    belongs to the layer with the longest module prefix (BERT's ``bert.embeddings.word_embeddings`` is
+    a layer of its own inside ``bert.embeddings``)."""
+    owners = [e for e in manifest["layers"] if fm_name.startswith(e["module"] + ".")]
+    if not owners:
+        return None
+    entry = max(owners, key=lambda e: len(e["module"]))
+    return entry.get("tp_split_dims", {}).get(fm_name[len(entry["module"]) + 1:])

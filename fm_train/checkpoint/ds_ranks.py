@@ -17,7 +17,8 @@ count, or None when the checkpoint holds no optimizer state). Where the tensors 
   ``optimizer_state_dict.state``, where every parameter owns ``ceil(numel / dp)`` consecutive elements
   on each dp rank, in ``param_shapes`` order.
 
-Files are memory-mapped: a ``get`` reads only that parameter's slices.
+Files are memory-mapped (or, in object storage, read by ranged GETs: :mod:`fm_train.checkpoint.ranged_load`):
+a ``get`` reads only that parameter's slices.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _step_of(state: Mapping[str, Any] | None) -> int | None:
     if not state or "step" not in state:
         return None
     step = state["step"]
-    return int(step.item() if torch.is_tensor(step) else step)
+    return int(step.item() if hasattr(step, "item") else step)  # a tensor, a RangedTensor, or a number
 
 
 class Zero0Rank:

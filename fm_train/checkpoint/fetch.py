@@ -62,22 +62,39 @@ def _get(remote: Any, local: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def committed_latest(storage: str) -> str:
+    """The step name storage's ``latest`` holds ("" when there is none)."""
+    root = storage_root(storage)
+    try:
+        return (_read_text(root / LATEST) or "").strip()
+    except Exception as exc:  # no credentials, no bucket, endpoint unreachable
+        raise CheckpointError(f"run.storage={storage}: cannot read {root / LATEST} ({type(exc).__name__}: {exc})") \
+            from exc
+
+
 def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = None,
-                 topology: Topology | None = None, zero_stage: int | None = None, say=print) -> Path | None:
+                 topology: Topology | None = None, zero_stage: int | None = None, say=print,
+                 name: str | None = None, node_local: bool = False) -> Path | None:
     """The step directory of storage's newest committed checkpoint, made ready under ``run_dir``.
 
     None when storage holds no committed checkpoint (the local checkpoints are then used as they
     are). Call it once per disk: ``ranks`` are the ranks whose ``run.dir`` is this one; on the layout
     that saved the step (``topology``, ``zero_stage``) only the files they read are fetched
-    (:func:`fm_train.checkpoint.node_files.files_for_ranks`), otherwise every file.
+    (:func:`fm_train.checkpoint.node_files.files_for_ranks`), otherwise every file. ``name``: the
+    step ``latest`` held when the caller read it (:func:`committed_latest`; read here when None).
+    ``node_local``: the run's ranks write to more than one disk, so a local step that storage does not
+    hold committed is only this node's part of one, and goes (a shared ``run.dir`` keeps its steps:
+    they are whole, e.g. after uploads that failed).
     """
     root = storage_root(storage)
-    try:
-        name = (_read_text(root / LATEST) or "").strip()
-    except Exception as exc:  # no credentials, no bucket, endpoint unreachable
-        raise CheckpointError(f"run.storage={storage}: cannot read {root / LATEST} ({type(exc).__name__}: {exc})") \
-            from exc
+    if name is None:
+        name = committed_latest(storage)
     if not name:
+        if node_local:
+            for _, path in list_step_dirs(checkpoints_dir(run_dir)):
+                say(f"removing {path}: {root} holds no committed step yet, and with a run.dir on each node's own disk"
+                    " a step is whole only once committed there")
+                shutil.rmtree(path, ignore_errors=True)
         return None
     text = _read_text(root / name / MANIFEST)
     if parse_step(name) is None or text is None:
@@ -157,15 +174,25 @@ def fetch_on_each_node(storage: str, run_dir: Path, *, topology: Topology, zero_
     """Every rank calls this: the lowest rank of each disk (the ranks sharing ``run_dir``) fetches for
     all of them (:func:`fetch_latest`), the others wait; a failure anywhere is raised on every rank
     (nobody is left waiting in a collective)."""
+    # One reading of storage's latest for every node: read once per node, a commit landing in between
+    # (the upload of the attempt before this one finishing) would send the nodes to different steps.
+    name, error = "", ""
+    if collective.rank() == 0:
+        try:
+            name = committed_latest(storage)
+        except CheckpointError as exc:
+            error = str(exc)
+    name, error = collective.all_gather((name, error))[0]
+    if error:
+        raise CheckpointError(error)
     nonce = collective.all_gather(uuid.uuid4().hex)[0]
     token = _disk_token(Path(run_dir), nonce)
     tokens = collective.all_gather(token)
     sharing = [r for r, t in enumerate(tokens) if t == token]
-    error = ""
     if collective.rank() == sharing[0]:
         try:
             fetch_latest(storage, run_dir, ranks=sharing, topology=topology, zero_stage=zero_stage,
-                         say=lambda line: print(line, flush=True))
+                         say=lambda line: print(line, flush=True), name=name, node_local=len(set(tokens)) > 1)
         except Exception as exc:
             error = f"rank {collective.rank()}: {exc}"
     errors = [e for e in collective.all_gather(error) if e]

@@ -102,13 +102,13 @@ def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, w
 def find_damage_in_storage(remote: Any, local: Path, manifest: Mapping[str, Any]) -> list[str]:
     """What is wrong with a step read in place from object storage (``remote``, a ``UPath``) whose
     other files were copied into ``local``: every recorded file's size, from one listing of ``remote``,
-    and the checksums of the files in ``local``.
+    and the checksums of the files in ``local``; a size the store does not report is not compared.
 
     The DeepSpeed ``.pt`` files in storage are not hashed: that would read every byte (the Adam
     moments too, two thirds of an optimizer file, which a conversion never needs). A damaged pickle
     fails to load, and the weights read are checked by the probe's logits instead.
     """
-    listed = {path[len(remote.path.rstrip("/")) + 1:]: int(info.get("size") or 0)
+    listed = {path[len(remote.path.rstrip("/")) + 1:]: info.get("size")
               for path, info in remote.fs.find(remote.path, detail=True).items()}
     digests = (manifest.get("checksums") or {}).get("files", {})
     algorithm = (manifest.get("checksums") or {}).get("algorithm", ALGORITHM)
@@ -117,7 +117,7 @@ def find_damage_in_storage(remote: Any, local: Path, manifest: Mapping[str, Any]
         size = manifest.get("files", {}).get(rel)
         if rel not in listed:
             problems.append(f"{rel} (missing in {remote})")
-        elif size is not None and listed[rel] != size:
+        elif size is not None and listed[rel] is not None and int(listed[rel]) != size:
             problems.append(f"{rel} ({listed[rel]} bytes in storage, manifest says {size})")
         elif (Path(local) / rel).is_file():
             problems += [p for p in [_problem(local, rel, size, digests.get(rel), algorithm)] if p]

@@ -46,6 +46,7 @@ from fm_train.checkpoint.layout import MANIFEST, CheckpointError, atomic_write_t
 from fm_train.checkpoint.node_files import read_held
 from fm_train.config import FmConfig
 from fm_train.dist import Topology
+from fm_train.families import DEFAULT_FAMILY
 
 FORMAT = "fm-train-checkpoint"
 VERSION = 1
@@ -163,7 +164,7 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
     check_manifest(manifest, where=str(path))
     # Written before the vocabulary was padded: its tensors have vocab_size rows (the config's default would pad).
     manifest["config"]["model"].setdefault("vocab_multiple", 1)
-    manifest["config"]["model"].setdefault("family", "llama")  # written before model.family existed
+    manifest["config"]["model"].setdefault("family", DEFAULT_FAMILY)  # written before model.family existed
     return manifest
 
 

@@ -3,12 +3,13 @@
 A ``torch.save`` file is a zip archive whose tensor bytes are stored uncompressed, each storage in a
 record of its own. ``torch.load(map_location="meta")`` reads only the archive's directory and the
 pickle (a few KiB of a multi-GiB optimizer file) and tags each meta storage with its record's byte
-offset in the file (``_checkpoint_offset``, set by ``torch.serialization`` since torch 2.6). Each
-tensor then becomes a :class:`RangedTensor` that reads its bytes by ranged GETs when sliced
-(``narrow``) or converted (``float``): the converter's readers take a parameter's fragments from
-every dp rank's partition, so a conversion transfers the fp32 master weights it exports and never
-the Adam moments next to them, and nothing is written to local disk. Written here because neither
-torch (``mmap`` needs a local file) nor DeepSpeed reads checkpoints from object storage.
+offset in the file (``_checkpoint_offset``, set by ``torch.serialization``). Each tensor then becomes
+a :class:`RangedTensor` that fetches exactly its bytes, one ranged GET per read, when it is sliced
+(``narrow``) or used whole (``float``, ``item``): the converter's readers take each parameter's
+fragments from every dp rank's partition, so a conversion transfers the fp32 master weights it
+exports and none of the Adam moments stored next to them, keeps nothing cached and writes nothing
+to local disk. Written here because neither torch (``mmap`` needs a local file) nor DeepSpeed
+reads checkpoints from object storage.
 """
 
 from __future__ import annotations
@@ -21,13 +22,6 @@ import torch
 
 from fm_train.checkpoint.layout import CheckpointError
 
-#: Tensors of at most this many bytes are read when the file is opened (steps, biases, norms): one
-#: ranged GET each later would cost more than the bytes.
-EAGER_BYTES = 1 << 16
-#: fsspec read-ahead block: one GET fetches this much past what was asked (fragments of consecutive
-#: parameters lie next to each other in a partition).
-BLOCK_BYTES = 8 << 20
-
 
 def is_remote(path: Any) -> bool:
     """Whether ``path`` is an fsspec path on a non-local filesystem (a ``UPath`` of ``s3://...``)."""
@@ -35,7 +29,7 @@ def is_remote(path: Any) -> bool:
 
 
 class _Fetched:
-    """Bytes read from storage by every ranged file of the process."""
+    """Tensor bytes read from storage by this process (each one a byte of a ranged GET's body)."""
 
     def __init__(self) -> None:
         self.total = 0
@@ -49,32 +43,29 @@ class _Fetched:
 _FETCHED = _Fetched()
 
 
-class _RangedFile:
-    """One open object in storage, read at absolute offsets (thread-safe)."""
-
-    def __init__(self, path: Any) -> None:
-        self.path = path
-        self._fh = path.fs.open(path.path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
-        self._lock = threading.Lock()
-
-    def read(self, offset: int, count: int) -> bytes:
-        with self._lock:
-            self._fh.seek(offset)
-            data = self._fh.read(count)
-        if len(data) != count:
-            raise CheckpointError(f"{self.path}: {count} bytes at offset {offset} asked, {len(data)} read: the "
-                                  "object is shorter than its own index says (a torn upload?)")
-        _FETCHED.add(count)
-        return data
+def _read(path: Any, offset: int, count: int) -> bytes:
+    """Bytes ``[offset, offset + count)`` of the object ``path``: one ranged GET, nothing cached."""
+    try:
+        data = path.fs.cat_file(path.path, start=offset, end=offset + count)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is gone: it was deleted while being read (checkpoint.keep of a run that is "
+                              "still saving removes old steps); convert a step the run keeps, or a copy") from None
+    except OSError as exc:
+        raise CheckpointError(f"reading {count} bytes at offset {offset} of {path} failed: {exc}") from None
+    if len(data) != count:
+        raise CheckpointError(f"{path}: {count} bytes at offset {offset} asked, {len(data)} read: the object is "
+                              "shorter than its own index says (a torn upload?)")
+    _FETCHED.add(count)
+    return data
 
 
 class RangedTensor:
     """A tensor in a file in storage, read on use. Supports what the checkpoint readers do with a
-    tensor: ``shape``, ``dtype``, ``numel()``, ``narrow(0, ...)`` (reads only those rows) and
-    ``float()`` (reads it whole); anything else, call :meth:`materialize` first."""
+    tensor: ``shape``, ``dtype``, ``numel()``, ``narrow(0, ...)`` (reads only those rows),
+    ``float()`` and ``item()`` (read it whole); anything else, call :meth:`materialize` first."""
 
-    def __init__(self, source: _RangedFile, offset: int, meta: torch.Tensor) -> None:
-        self._source, self._offset = source, offset  # the storage's first byte in the file
+    def __init__(self, path: Any, offset: int, meta: torch.Tensor) -> None:
+        self._path, self._offset = path, offset  # the object, and its storage's first byte in it
         self.shape, self.dtype = meta.shape, meta.dtype
         self._stride, self._storage_offset = meta.stride(), meta.storage_offset()
         self._contiguous = meta.is_contiguous()
@@ -87,7 +78,7 @@ class RangedTensor:
         if count == 0:  # a ZeRO-3 rank's empty share, a narrow of nothing
             return torch.empty(0, dtype=self.dtype)
         size = torch.empty((), dtype=self.dtype).element_size()
-        data = self._source.read(self._offset + first * size, count * size)
+        data = _read(self._path, self._offset + first * size, count * size)
         return torch.frombuffer(bytearray(data), dtype=self.dtype)
 
     def materialize(self) -> torch.Tensor:
@@ -101,29 +92,35 @@ class RangedTensor:
         """Rows ``[start, start + length)`` along ``dim`` (only their bytes are read when ``dim`` is 0)."""
         if dim != 0 or not self._contiguous:
             return self.materialize().narrow(dim, start, length)
+        if start < 0 or length < 0 or start + length > self.shape[0]:
+            raise CheckpointError(f"{self._path}: rows [{start}, {start + length}) asked of a tensor of "
+                                  f"{self.shape[0]}: the checkpoint's index and its tensors disagree")
         row = math.prod(self.shape[1:])
         return self._elements(self._storage_offset + start * row, length * row).view(length, *self.shape[1:])
 
     def float(self) -> torch.Tensor:
         return self.materialize().float()
 
+    def item(self) -> Any:
+        return self.materialize().item()
 
-def _ranged(obj: Any, source: _RangedFile) -> Any:
-    """``obj`` with every meta tensor replaced by a :class:`RangedTensor` (small ones read at once)."""
+
+def _ranged(obj: Any, path: Any) -> Any:
+    """``obj`` with every meta tensor replaced by a :class:`RangedTensor` of the object ``path``."""
     if torch.is_tensor(obj):
         offset = getattr(obj.untyped_storage(), "_checkpoint_offset", None)
         if offset is None:
-            raise CheckpointError(f"{source.path}: this torch ({torch.__version__}) does not say where a tensor lies in "
-                                  "a checkpoint file, so it cannot be read in place from storage; convert from a "
-                                  "local copy of the step directory instead")
-        tensor = RangedTensor(source, int(offset), obj)
-        return tensor.materialize() if tensor.numel() * obj.element_size() <= EAGER_BYTES else tensor
+            raise CheckpointError(
+                f"{path}: torch did not say where its tensors lie in the file (a file in torch's legacy, non-zip "
+                f"format, or a torch older than 2.6), so it cannot be read in place; copy the step directory "
+                f"(e.g. `aws s3 cp --recursive`) and convert the local copy")
+        return RangedTensor(path, int(offset), obj)
     if isinstance(obj, dict):  # dict or OrderedDict (a module's state dict)
-        return type(obj)((k, _ranged(v, source)) for k, v in obj.items())
+        return type(obj)((k, _ranged(v, path)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [_ranged(v, source) for v in obj]
+        return [_ranged(v, path) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_ranged(v, source) for v in obj)
+        return tuple(_ranged(v, path) for v in obj)
     return obj  # numbers, strings, DeepSpeed's records (fragment addresses hold ints)
 
 
@@ -132,10 +129,10 @@ def load_ranged(path: Any, *, trust: bool, hint: str) -> Any:
     the pickle is read with ``weights_only=True`` and DeepSpeed's records unless ``trust``."""
     from fm_train.checkpoint.ds_files import safe_torch_load
 
-    source = _RangedFile(path)
+    # The pickle and the zip directory: small reads near each other, so a modest read-ahead.
     with path.fs.open(path.path, "rb", block_size=1 << 20, cache_type="readahead") as fh:
         tree = safe_torch_load(path, trust=trust, map_location="meta", hint=hint, fileobj=fh)
-    return _ranged(tree, source)
+    return _ranged(tree, path)
 
 
 def bytes_fetched() -> int:

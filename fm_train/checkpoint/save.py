@@ -64,10 +64,10 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     ckpt_dir = checkpoints_dir(run_dir)
     tag = step_dir_name(step)
     step_dir = ckpt_dir / tag
-    if is_complete(step_dir):
+    # Every rank decides alike (a run.dir on each node's own disk may hold the step on one node only).
+    if all(collective.all_gather(is_complete(step_dir))):
         # Saving the step one resumed from (e.g. a finished run relaunched): the state is already there.
         log.warning("checkpoint %s already exists and is complete; not overwritten", step_dir)
-        _barrier()
         return step_dir
     if is_rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Checkpoints copied to object storage (``run.storage``) in the background, committed there last.
 
 Training waits only for the local save (``RUN/checkpoints/step_X`` on the node's own disk, as
-without storage). Then each rank uploads the files it wrote from a background thread while training
-goes on, and marks its part done with ``step_X/.uploaded/rank_R``. Rank 0, once every rank's
+without storage). Then each rank uploads the files it wrote while training goes on (a background
+thread directs it; the copies to an object store run in a low-priority child process,
+:mod:`fm_train.upload_process`, so they never hold the training process's interpreter lock), and marks its part done with ``step_X/.uploaded/rank_R``. Rank 0, once every rank's
 marker is there, uploads ``manifest.json`` (the commit marker in storage, as on disk), then replaces
 ``checkpoints/latest``, then applies ``checkpoint.keep`` to storage; a step whose manifest is not in
 storage is not a checkpoint there. Only one upload per rank is ever in flight: a save waits for the
@@ -30,12 +31,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST, CheckpointError, parse_step
 from fm_train.config.storage_uri import uri_scheme
+from fm_train.upload_process import NICENESS, UploadProcess
 
 log = logging.getLogger("fm_train.checkpoint")
 
 UPLOADED, FAILED = ".uploaded", ".failed"
-#: Niceness of the upload threads (0 normal, 19 lowest): below the step's compute threads, above idle.
-UPLOAD_NICENESS = 10
 
 
 def storage_location(storage: str) -> Any:
@@ -77,6 +77,9 @@ class CheckpointUploader:
         self.rank, self.keep = rank, keep
         self.retries, self.backoff_s, self.commit_timeout_s = retries, backoff_s, commit_timeout_s
         self._thread: threading.Thread | None = None
+        self._process = UploadProcess()
+        if not isinstance(self.root, Path):
+            self._process.start()  # at the run's start: the first checkpoint's upload must not wait for it
         self.failed: list[str] = []  # step names whose upload this rank could not complete
         self.committed: list[str] = []  # rank 0: step names committed in storage
 
@@ -101,13 +104,18 @@ class CheckpointUploader:
             self._thread.join()
             self._thread = None
 
+    def close(self) -> None:
+        """Wait for the upload in flight, then end the upload process."""
+        self.wait()
+        self._process.close()
+
     @property
     def busy(self) -> bool:
         """Whether an upload is in flight."""
         return self._thread is not None and self._thread.is_alive()
 
     def _put(self, local: Path, remote: Any) -> None:
-        retrying(f"uploading {local.name} to {remote}", lambda: _put_file(local, remote), self.retries, self.backoff_s)
+        retrying(f"uploading {local.name} to {remote}", lambda: _put_file(local, remote, self._process), self.retries, self.backoff_s)
 
     def _write(self, remote: Any, text: str) -> None:
         retrying(f"writing {remote}", lambda: _write_text(remote, text), self.retries, self.backoff_s)
@@ -175,15 +183,16 @@ def _lower_priority() -> None:
     Linux schedules threads as tasks, so ``setpriority`` on the thread's id affects it alone.
     """
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOAD_NICENESS)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICENESS)
     except (AttributeError, OSError):  # not Linux, or not permitted: uploads at normal priority
         pass
 
 
-def _put_file(local: Path, remote: Any) -> None:
-    """Copy one file: a single PUT (or multipart upload) to a store, a copy and rename to a directory."""
+def _put_file(local: Path, remote: Any, process: UploadProcess) -> None:
+    """Copy one file: a single PUT (or multipart upload) to a store, by ``process``; a copy and rename
+    to a directory, on this thread."""
     if not isinstance(remote, Path):
-        remote.fs.put_file(str(local), remote.path)
+        process.put(local, remote)
         return
     remote.parent.mkdir(parents=True, exist_ok=True)
     tmp = remote.with_name(f".{remote.name}.part")

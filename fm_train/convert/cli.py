@@ -20,7 +20,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``convert`` arguments to ``parser`` (the CLI owns the sub-command)."""
     parser.add_argument("checkpoint", metavar="CHECKPOINT",
                         help="run dir, its checkpoints/ dir (uses latest) or a step_XXXXXXXX dir; also in object"
-                             " storage (s3://bucket/run, as run.storage wrote it: downloaded to a temp dir first)")
+                             " storage (s3://bucket/run, as run.storage wrote it: read in place, only its manifest"
+                             " and probe fetched)")
     parser.add_argument("--out", default=None,
                         help="Hugging Face output dir, must not exist (default: RUN/hf of the checkpoint's run);"
                              " an object-store URI gets the verified directory uploaded")

@@ -21,6 +21,7 @@ import torch
 
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from fm_train.checkpoint.integrity import damage_message, find_damage, find_damage_in_storage
+from fm_train.checkpoint.ranged_load import bytes_fetched
 from fm_train.checkpoint.node_files import HELD, read_held
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.probe import read_probe
@@ -156,10 +157,12 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     # Sizes and checksums of every file, before any is unpickled (in storage: see find_damage_in_storage).
     if in_storage is None:
         bad = find_damage(step_dir, manifest)
+        if bad:
+            raise ConvertError(damage_message(step_dir, bad) + "; copy the files again from where the run wrote them")
     else:
         bad = find_damage_in_storage(in_storage, step_dir, manifest)
-    if bad:
-        raise ConvertError(damage_message(step_dir, bad) + "; copy the files again from where the run wrote them")
+        if bad:
+            raise ConvertError(damage_message(in_storage, bad) + "; convert another committed step")
     if Path(out).exists() and not overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
     run_dir = step_dir.parent.parent
@@ -171,12 +174,10 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     where = step_dir if in_storage is None else in_storage
     progress(f"reading {where} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
              f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")
-    from fm_train.checkpoint.ranged_load import bytes_fetched
-
     fetched_before = bytes_fetched()
-    source = DeepSpeedWeights(step_dir if in_storage is None else in_storage, manifest, trust=trust_checkpoint)
+    source = DeepSpeedWeights(where, manifest, trust=trust_checkpoint)
     model_fields = manifest["config"]["model"]
-    _check_shapes(source.shapes(), model_fields, step_dir)
+    _check_shapes(source.shapes(), model_fields, where)
     if source.note:
         progress(source.note)
     reference = read_probe(step_dir, manifest)

@@ -122,7 +122,7 @@ class CheckpointSaver:
         ``run.storage``)."""
         if self.uploader is None:
             return []
-        self.uploader.wait()
+        self.uploader.close()
         if self.log_copies is not None:
             self.log_copies.copy()
         return self.uploader.failed

@@ -19,13 +19,27 @@ def block_matmul_params(shape: Any) -> int:
     return 4 * h * h + 2 * h * shape.ffn_hidden
 
 
+def _embeddings(shape: Any) -> int:
+    """Word, position and token-type embeddings and their LayerNorm."""
+    h = shape.hidden
+    return shape.padded_vocab_size * h + shape.max_seq_len * h + shape.type_vocab_size * h + 2 * h
+
+
+def _block(shape: Any) -> int:
+    """One encoder block: its projections, their biases, two LayerNorms."""
+    h = shape.hidden
+    return block_matmul_params(shape) + 4 * h + shape.ffn_hidden + h + 2 * 2 * h
+
+
+def _head(shape: Any) -> int:
+    """The prediction transform (dense + LayerNorm) and the decoder's bias (its weight is the embedding)."""
+    h = shape.hidden
+    return h * h + h + 2 * h + shape.padded_vocab_size
+
+
 def parameter_count(shape: Any) -> int:
     """Exact number of trainable parameters (the decoder tied to the word embeddings, counted once)."""
-    h, f, v = shape.hidden, shape.ffn_hidden, shape.padded_vocab_size
-    embeddings = v * h + shape.max_seq_len * h + shape.type_vocab_size * h + 2 * h
-    block = block_matmul_params(shape) + 4 * h + f + h + 2 * 2 * h  # weights, biases, two LayerNorms
-    head = h * h + h + 2 * h + v  # transform dense + LayerNorm, decoder bias
-    return embeddings + shape.n_layers * block + head
+    return _embeddings(shape) + shape.n_layers * _block(shape) + _head(shape)
 
 
 def flops_per_token(shape: Any, seq_len: int) -> float:
@@ -36,17 +50,14 @@ def flops_per_token(shape: Any, seq_len: int) -> float:
 
 
 def stage_params(cfg: Any) -> int:
-    """Parameters held by the largest pipeline stage, before tensor-parallel splitting: the first holds
-    the embeddings, the last the prediction head and a copy of the word embeddings (the tied decoder)."""
+    """An upper bound on the parameters of the largest pipeline stage, before tensor-parallel splitting:
+    the first stage holds the embeddings, the last the head and a copy of the word embeddings (the tied
+    decoder), and either may hold the most blocks (the planner sizes memory for the worst stage)."""
     m, pp = cfg.model, cfg.parallel.pp
     if pp == 1:
         return parameter_count(m)
-    h, f, v = m.hidden, m.ffn_hidden, m.padded_vocab_size
-    first = v * h + m.max_seq_len * h + m.type_vocab_size * h + 2 * h
-    last = v * h + h * h + h + 2 * h + v
-    per_block = block_matmul_params(m) + 4 * h + f + h + 2 * 2 * h
-    most_blocks = math.ceil(m.n_layers / pp)
-    return max(first, last) + most_blocks * per_block
+    first, last = _embeddings(m), m.padded_vocab_size * m.hidden + _head(m)
+    return max(first, last) + math.ceil(m.n_layers / pp) * _block(m)
 
 
 def activation_bytes_per_layer(cfg: Any) -> float:

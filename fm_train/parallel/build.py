@@ -1,7 +1,7 @@
 """Build the trainable module for a layout: the pure model, then parallelism applied from outside.
 
 Contract with the engine: for ``pp == 1`` the result is an ``nn.Module`` whose
-``forward(input_ids, labels)`` returns the scalar mean next-token loss (vocab-parallel when tp > 1);
+``forward(input_ids, labels)`` returns the family's scalar loss (vocab-parallel when tp > 1);
 for ``pp > 1`` it is a ``deepspeed.pipe.PipelineModule`` fed ``((input_ids,), labels)`` tuples.
 tp > 1 or pp > 1 needs the rank's :class:`~fm_train.dist.groups.ParallelGroups`.
 

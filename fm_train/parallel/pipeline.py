@@ -128,7 +128,9 @@ class FmPipelineModule(PipelineModule):
 
 def vocab_loss(dense_loss: LossFn, vocab_size: int, tp: TPGroup) -> LossFn:
     """The training loss over this rank's logits: ``dense_loss`` when tp = 1, else the vocab-parallel
-    cross-entropy over the real vocabulary (labels of ``-100`` left out, as ``dense_loss`` does)."""
+    cross-entropy over the real vocabulary, labels of ``-100`` left out. Both families' objectives are
+    that cross-entropy (next-token, masked-token); a family whose loss is something else needs its own
+    vocab-parallel form here."""
     if tp.size == 1:
         return dense_loss
     return functools.partial(vocab_parallel_cross_entropy, tp=tp, vocab_size=vocab_size)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -59,6 +60,9 @@ def launch(network: Network, cluster: RayCluster, config: Path, log: Path, *, ti
         thread.start()
     try:
         code = driver.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # Say where the run stood: the pytest report alone shows only the wait that ran out.
+        pytest.fail(f"fm-train launch still running after {timeout_s:.0f}s; its log ends:\n{log.read_text()[-6000:]}")
     finally:
         if driver.poll() is None:
             driver.kill()
@@ -214,7 +218,7 @@ def test_with_object_storage_only_the_run_survives_a_kill_on_the_second_host_and
         network: Network, cluster: RayCluster, corpus: Path, reference: Path, tmp_path: Path):
     """No shared filesystem: the shards and the checkpoints live in an S3 store (moto's server on host a,
     reached over the switch) and run.dir is each host's own disk. The worker on host b is SIGKILLed
-    mid-run; the restarted group fetches the step committed in storage and trains exactly the
+    once a step is committed in storage; the restarted group fetches the step committed in storage and trains exactly the
     uninterrupted run's losses; the driver converts from storage at the end."""
     import sys
 
@@ -240,17 +244,26 @@ def test_with_object_storage_only_the_run_survives_a_kill_on_the_second_host_and
                 merged.update(train_records(h.private(run)))
         return merged
 
+    # The kill comes once storage holds a committed step (what the restart must fetch): a watcher on
+    # host a, started before the launch (its interpreter takes a second to start), exits when it sees one.
+    watch = ("import time, fsspec\nfs = fsspec.filesystem('s3')\n"
+             f"while not fs.exists('{bucket}/run/checkpoints/latest'):\n    fs.invalidate_cache()\n    time.sleep(0.05)\n")
+    watcher = a.popen([sys.executable, "-c", watch], cluster.env(), log=tmp_path / "watcher.log")
+
     def kill_b_worker() -> None:
         deadline = time.monotonic() + 300
-        while max(records(), default=0) < 9 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while watcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         killed["step"] = max(records(), default=0)
         [pid] = [pid for pid in worker_pids(run).values() if pid in b.pids()]
         os.kill(pid, signal.SIGKILL)
         killed["pid"] = pid
 
-    code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log",
-                       during=kill_b_worker)
+    try:
+        code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log",
+                           during=kill_b_worker)
+    finally:
+        watcher.kill()
     assert code == 0, out[-4000:]
     assert "pid" in killed, "the worker on host b was never found"
     logs = "".join((a.private(run) / "logs" / f"rank_{r:03d}.log").read_text() for r in range(2))  # the driver's
