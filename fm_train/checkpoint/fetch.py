@@ -182,10 +182,9 @@ def fetch_on_each_node(storage: str, run_dir: Path, *, topology: Topology, zero_
             name = committed_latest(storage)
         except CheckpointError as exc:
             error = str(exc)
-    name, error = collective.all_gather((name, error))[0]
+    name, error, nonce = collective.all_gather((name, error, uuid.uuid4().hex))[0]
     if error:
         raise CheckpointError(error)
-    nonce = collective.all_gather(uuid.uuid4().hex)[0]
     token = _disk_token(Path(run_dir), nonce)
     tokens = collective.all_gather(token)
     sharing = [r for r, t in enumerate(tokens) if t == token]

@@ -3,7 +3,8 @@
 Training waits only for the local save (``RUN/checkpoints/step_X`` on the node's own disk, as
 without storage). Then each rank uploads the files it wrote while training goes on (a background
 thread directs it; the copies to an object store run in a low-priority child process,
-:mod:`fm_train.upload_process`, so they never hold the training process's interpreter lock), and marks its part done with ``step_X/.uploaded/rank_R``. Rank 0, once every rank's
+:mod:`fm_train.upload_process`, so they never hold the training process's interpreter lock), and
+marks its part done with ``step_X/.uploaded/rank_R``. Rank 0, once every rank's
 marker is there, uploads ``manifest.json`` (the commit marker in storage, as on disk), then replaces
 ``checkpoints/latest``, then applies ``checkpoint.keep`` to storage; a step whose manifest is not in
 storage is not a checkpoint there. Only one upload per rank is ever in flight: a save waits for the
@@ -115,7 +116,8 @@ class CheckpointUploader:
         return self._thread is not None and self._thread.is_alive()
 
     def _put(self, local: Path, remote: Any) -> None:
-        retrying(f"uploading {local.name} to {remote}", lambda: _put_file(local, remote, self._process), self.retries, self.backoff_s)
+        retrying(f"uploading {local.name} to {remote}", lambda: _put_file(local, remote, self._process),
+                 self.retries, self.backoff_s)
 
     def _write(self, remote: Any, text: str) -> None:
         retrying(f"writing {remote}", lambda: _write_text(remote, text), self.retries, self.backoff_s)
