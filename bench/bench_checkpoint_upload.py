@@ -14,10 +14,14 @@ The S3 server is moto's, in a separate process on loopback: it stands in for a r
 serves from memory (no network latency), but its CPU time (parsing every upload in Python) comes out
 of this 2-core machine's, which a remote store's does not: the overlap figure is a worst case.
 ``--store-niceness 19`` runs the server at the lowest priority, closer to a store whose CPU is not
-the node's. The uploads themselves run in the rank's upload process (``fm_train.upload_process``);
-its CPU time is reported too: what the node pays for an upload.
+the node's. ``--pin`` gives the step a core of its own (CPU 0, one compute thread) and puts the S3
+server and the upload process on the others: a node whose upload does not run on the step's cores,
+as on a GPU node, where the step runs on the accelerator and the host's cores are mostly idle. The
+uploads themselves run in the rank's upload process (``fm_train.upload_process``); its CPU time is
+reported too: what the node pays for an upload.
 
 Usage: .venv/bin/python bench/bench_checkpoint_upload.py [--preset tiny] [--reps 3] [--steps 8] [--store-niceness 0]
+       [--pin]
 """
 
 from __future__ import annotations
@@ -73,19 +77,33 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--store-niceness", type=int, default=0, help="niceness of the S3 server process (default 0)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the step on CPU 0 with one thread; the S3 server and the upload process on the other CPUs")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.pin and len(cpus) < 2:
+        parser.error(f"--pin needs at least 2 CPUs, this process may use {len(cpus)}")
+    others = set(cpus[1:]) if args.pin else set(cpus)
     server = start_s3()
     os.setpriority(os.PRIO_PROCESS, server.pid, args.store_niceness)
+    os.sched_setaffinity(server.pid, others)
+    if args.pin:
+        # Before torch starts its compute threads: they inherit the calling thread's affinity.
+        os.sched_setaffinity(0, {cpus[0]})
+        os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        return _run(args, server.pid)
+        return _run(args, server.pid, others)
     finally:
         server.kill()
 
 
-def _run(args: argparse.Namespace, server_pid: int) -> int:
+def _run(args: argparse.Namespace, server_pid: int, upload_cpus: set[int]) -> int:
     import torch
+
+    if args.pin:
+        torch.set_num_threads(1)
 
     from fm_train.checkpoint import build_manifest, save_checkpoint
     from fm_train.checkpoint.upload import CheckpointUploader
@@ -111,6 +129,7 @@ def _run(args: argparse.Namespace, server_pid: int) -> int:
     topo = Topology(world=1, tp=1, pp=1)
     manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=0, layers=manifest_layers(cfg))
     uploader = CheckpointUploader("s3://bench/run", rank=0, keep=1)
+    os.sched_setaffinity(uploader._process.pid, upload_cpus)  # it inherited the training process's CPUs
     step = [0]
 
     def train_steps(n: int) -> list[float]:
@@ -124,52 +143,80 @@ def _run(args: argparse.Namespace, server_pid: int) -> int:
             times.append(time.perf_counter() - t)
         return times
 
-    def save(with_uploader: bool) -> float:
+    size = 0
+    results: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        results.setdefault(key, []).append(value)
+
+    def save(with_uploader: bool, way: str | None = None) -> float:
+        """One save; ``way`` set: its wait and phases go into the results under that name."""
+        nonlocal size
         # Each save starts with the previous one's pages on disk: otherwise a save that follows a short
         # case pays for the kernel still writing back the last 1.6 GB (125m), and the cases are not alike.
         os.sync()
+        phases: dict[str, float] = {}
         t = time.perf_counter()
-        save_checkpoint(engine, Path(cfg.run.dir), step[0], manifest=manifest, keep=1, is_rank0=True,
-                        uploader=uploader if with_uploader else None)
-        return time.perf_counter() - t
+        step_dir = save_checkpoint(engine, Path(cfg.run.dir), step[0], manifest=manifest, keep=1, is_rank0=True,
+                                   uploader=uploader if with_uploader else None, timings=phases)
+        elapsed = time.perf_counter() - t
+        size = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
+        if way is not None:
+            record(way, elapsed)
+            record(f"{way}: files", phases["files"])
+            record(f"{way}: upload's share", phases.get("waiting for the previous upload", 0.0)
+                   + phases.get("hand-over to the upload", 0.0))
+        return elapsed
+
+    def local() -> None:
+        save(False, "local")
+
+    def background() -> None:
+        server_cpu, client_cpu = _cpu_seconds(server_pid), _cpu_seconds(uploader._process.pid)
+        save(True, "background")
+        t = time.perf_counter()
+        while uploader.busy:  # steps that run while this rank's upload is in flight
+            results.setdefault("steps_overlap", []).extend(train_steps(1))
+        record("upload", time.perf_counter() - t)
+        record("server_cpu", _cpu_seconds(server_pid) - server_cpu)
+        record("client_cpu", _cpu_seconds(uploader._process.pid) - client_cpu)
+
+    def synchronous() -> None:
+        t = time.perf_counter()
+        save(True, "synchronous: save")
+        uploader.wait()
+        record("synchronous", time.perf_counter() - t)
 
     train_steps(3)  # warm up
     save(True)  # starts the upload process and warms the store's connection
     uploader.wait()
-    train_steps(1)  # the next save is of a new step (a step already saved is not written again)
-    results: dict[str, list[float]] = {k: [] for k in ("local", "background", "synchronous", "steps_idle",
-                                                       "steps_overlap", "upload", "server_cpu", "client_cpu")}
-    size = 0
-    for _ in range(args.reps):
-        results["local"].append(save(False))
-        results["steps_idle"] += train_steps(args.steps)
-        train_steps(1)
-        server_cpu, client_cpu = _cpu_seconds(server_pid), _cpu_seconds(uploader._process.pid)
-        results["background"].append(save(True))
-        t = time.perf_counter()
-        overlapped = []
-        while uploader.busy:  # steps that run while this rank's upload is in flight
-            overlapped += train_steps(1)
-        results["upload"].append(time.perf_counter() - t)
-        results["server_cpu"].append(_cpu_seconds(server_pid) - server_cpu)
-        results["client_cpu"].append(_cpu_seconds(uploader._process.pid) - client_cpu)
-        results["steps_overlap"] += overlapped
-        train_steps(1)
-        t = time.perf_counter()
-        save(True)
-        uploader.wait()
-        results["synchronous"].append(time.perf_counter() - t)
-        step_dir = Path(cfg.run.dir) / "checkpoints" / f"step_{step[0]:08d}"
-        size = sum(p.stat().st_size for p in step_dir.rglob("*") if p.is_file())
-        train_steps(1)
-    med = {k: statistics.median(v) if v else float("nan") for k, v in results.items()}
-    print(f"preset {args.preset}: {size / 2**20:.1f} MiB per checkpoint; {args.reps} interleaved reps; cpus={os.cpu_count()},"
+    # Every timed save follows the same thing, an untimed local save and the idle steps: how fast a save
+    # writes its files here depends on what ran before it (on this VM a save right after a local save
+    # and a few steps wrote 1.6 GB 2-4 s slower than one after an upload, with no upload involved), and
+    # a fixed sequence charged that to one way. The order of the ways also rotates from rep to rep.
+    ways = [local, background, synchronous]
+    for rep in range(args.reps):
+        for way in ways[rep % 3:] + ways[:rep % 3]:
+            train_steps(1)  # each save is of a new step (a step already saved is not written again)
+            save(False)
+            results.setdefault("steps_idle", []).extend(train_steps(args.steps))
+            way()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    where = (f"step on CPU {sorted(os.sched_getaffinity(0))}, server and upload process on CPUs {sorted(upload_cpus)}"
+             if args.pin else f"everything on CPUs {sorted(upload_cpus)}")
+    print(f"preset {args.preset}: {size / 2**20:.1f} MiB per checkpoint; {args.reps} interleaved reps; {where},"
           f" load avg {os.getloadavg()[0]:.1f}")
+    for way in ("local", "background", "synchronous"):
+        print(f"{way}: waits {', '.join(f'{t:.2f}' for t in results[way])} s (in rep order)")
     print(f"training waits for the save: local {med['local']:.2f} s | background upload {med['background']:.2f} s"
           f" ({med['background'] / med['local']:.2f} x local) | synchronous save + upload {med['synchronous']:.2f} s"
           f" ({med['synchronous'] / med['local']:.2f} x local)")
+    share = "background: upload's share"
+    print(f"of the background save: the upload's part (waiting for the previous upload + hand-over)"
+          f" {med[share] * 1e3:.1f} ms; writing the files {med['background: files']:.2f} s"
+          f" (local save: {med['local: files']:.2f} s; synchronous: {med['synchronous: save: files']:.2f} s)")
     print(f"upload in the background took {med['upload']:.2f} s (median), of which the S3 server process used"
-          f" {med['server_cpu']:.2f} CPU-s of this machine's 2 cores (niceness {args.store_niceness}) and the upload"
+          f" {med['server_cpu']:.2f} CPU-s of this machine's cores (niceness {args.store_niceness}) and the upload"
           f" process {med['client_cpu']:.2f} CPU-s; {len(results['steps_overlap'])} steps ran"
           f" meanwhile: median step {med['steps_overlap'] * 1e3:.0f} ms vs {med['steps_idle'] * 1e3:.0f} ms without an"
           f" upload ({med['steps_overlap'] / med['steps_idle']:.2f} x)")

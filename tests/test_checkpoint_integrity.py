@@ -19,19 +19,26 @@ pytestmark = pytest.mark.multiproc
 
 
 def _two_saves(raw: dict, run_dir: str) -> list[float]:
-    """Train 1..3 on 2 ranks, saving at 2 and 3; returns the losses of steps 1..3."""
+    """Train 1..3 on 2 ranks, saving at 2 and 3 (the second also uploaded to a directory ``storage``
+    beside the run); returns the losses of steps 1..3, writes each rank's phase timings of the second
+    save to ``timings_rank_R.json`` there."""
     import torch.distributed as dist
 
     from fm_train.checkpoint import save_checkpoint
+    from fm_train.checkpoint.upload import CheckpointUploader
     from fm_train.config import build_config
 
     cfg = build_config(raw)
     engine = S.build_engine(cfg)
-    losses = []
+    rank = dist.get_rank()
+    uploader = CheckpointUploader(str(Path(run_dir).parent / "storage"), rank=rank, keep=5)
+    losses, timings = [], {}
     for first, step in ((1, 2), (3, 3)):
         losses += S.train_steps(engine, first, step)
         save_checkpoint(engine, Path(run_dir), step, manifest=S.make_manifest(cfg, step), keep=5,
-                        is_rank0=dist.get_rank() == 0)
+                        is_rank0=rank == 0, uploader=uploader if step == 3 else None, timings=timings)
+    uploader.close()
+    S.dump(Path(run_dir).parent / f"timings_rank_{rank}.json", timings)
     return losses
 
 
@@ -76,6 +83,19 @@ def test_manifest_checksums_every_file_with_sha256(trained) -> None:
     assert sorted(checksums["files"]) == files
     for rel in files:
         assert checksums["files"][rel] == hashlib.sha256((step / rel).read_bytes()).hexdigest(), rel
+
+
+def test_a_save_says_where_its_time_went(trained) -> None:
+    root, _ = trained
+    for rank in (0, 1):
+        timings = json.loads((root / f"timings_rank_{rank}.json").read_text())
+        # Rank 0 alone fsyncs and commits; every rank runs the probe, writes, hashes and hands over.
+        expected = {"waiting for the previous upload", "probe", "files", "checksums", "waiting for the other ranks",
+                    "retention", "hand-over to the upload"}
+        expected |= {"fsync", "commit"} if rank == 0 else set()
+        assert expected <= set(timings), (rank, timings)
+        assert timings["files"] > 0 and all(t >= 0 for t in timings.values()), timings
+    assert (root / "storage" / "checkpoints" / "step_00000003" / "manifest.json").is_file()
 
 
 def test_a_flipped_byte_in_any_file_is_caught_by_resume_and_convert(trained, tmp_path: Path) -> None:

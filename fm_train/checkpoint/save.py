@@ -16,11 +16,12 @@ directory is ignored by resume and by the converter, and ``latest`` still names 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from fm_train.checkpoint import collective
 from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
@@ -46,7 +47,8 @@ _barrier, _rank, _world = collective.barrier, collective.rank, collective.world
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int,
-                    is_rank0: bool, probe: bool = True, uploader: CheckpointUploader | None = None) -> Path:
+                    is_rank0: bool, probe: bool = True, uploader: CheckpointUploader | None = None,
+                    timings: dict[str, float] | None = None) -> Path:
     """Save ``engine`` at ``step`` under ``RUN/checkpoints/step_XXXXXXXX``; all ranks call it.
 
     ``manifest`` is the caller's part (:func:`fm_train.checkpoint.build_manifest`); this adds step,
@@ -56,11 +58,15 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     that are not fm-train's; the converter then falls back to comparing with its own model).
     ``uploader``: copy this rank's files to ``run.storage`` in the background once the step is
     committed locally (the previous upload is waited for first; :mod:`fm_train.checkpoint.upload`).
+    ``timings``: filled with the seconds each phase took on this rank (rank 0 also logs them), so that
+    a slow save says where its time went.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
+    phases = _Phases(timings)
     if uploader is not None:
-        uploader.wait()  # never two uploads in flight per rank
+        with phases("waiting for the previous upload"):
+            uploader.wait()  # never two uploads in flight per rank
     ckpt_dir = checkpoints_dir(run_dir)
     tag = step_dir_name(step)
     step_dir = ckpt_dir / tag
@@ -78,39 +84,45 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     _barrier()
 
     # Before any file is written: a probe that fails leaves nothing behind.
-    record = _run_probe(engine, manifest) if probe else None
+    with phases("probe"):
+        record = _run_probe(engine, manifest) if probe else None
     precision = str(manifest["config"]["precision"])
     try:
-        with guarded_checkpoint_engine(engine, trust=False) as guard:
-            engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-        written = [*guard.saved, save_rng(step_dir, _rank())]
-        if record is not None:  # rank 0 only
-            written.append(write_probe(step_dir, record, precision=precision))
-        own = _own_digests(step_dir, written)
+        with phases("files"):
+            with guarded_checkpoint_engine(engine, trust=False) as guard:
+                engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+            written = [*guard.saved, save_rng(step_dir, _rank())]
+            if record is not None:  # rank 0 only
+                written.append(write_probe(step_dir, record, precision=precision))
+        with phases("checksums"):
+            own = _own_digests(step_dir, written)
     except (OSError, RuntimeError) as exc:
         # torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error": say what it means.
         raise CheckpointError(_save_failed_message(ckpt_dir, step_dir, exc)) from exc
     # A collective, so also the barrier: every rank's files are written (closed) before rank 0 looks.
     # Sizes travel with the digests: without a shared run.dir rank 0 does not see the others' files.
     sizes = {rel: (step_dir / rel).stat().st_size for rel in own}
-    gathered = collective.all_gather((own, sizes))
+    with phases("waiting for the other ranks"):
+        gathered = collective.all_gather((own, sizes))
     digests = {rel: d for part, _ in gathered for rel, d in part.items()}
     mine = sorted(own)
 
     if is_rank0:
         files = {rel: size for _, part in gathered for rel, size in part.items() if not rel.startswith(RNG_DIR + "/")}
         present = []
-        for p in sorted(step_dir.rglob("*")):
-            if p.is_file():
-                fsync_file(p)  # DeepSpeed's torch.save does not fsync; the manifest must not outrun data
-                rel = str(p.relative_to(step_dir))
-                present.append(rel)
-                if p.parent.name != RNG_DIR:
-                    files[rel] = p.stat().st_size
-        fsync_dir(step_dir)
+        with phases("fsync"):
+            for p in sorted(step_dir.rglob("*")):
+                if p.is_file():
+                    fsync_file(p)  # DeepSpeed's torch.save does not fsync; the manifest must not outrun data
+                    rel = str(p.relative_to(step_dir))
+                    present.append(rel)
+                    if p.parent.name != RNG_DIR:
+                        files[rel] = p.stat().st_size
+            fsync_dir(step_dir)
         # Files no rank saved through the checkpoint engine (DeepSpeed copies zero_to_fp32.py).
         unowned = [rel for rel in present if rel not in digests]
-        digests.update(digest_files(step_dir, unowned))
+        with phases("checksums"):
+            digests.update(digest_files(step_dir, unowned))
         mine += unowned
         rng_files = [f"{RNG_DIR}/rank_{r:05d}.pt" for r in range(_world())]
         writers = [sorted(part) for part, _ in gathered]
@@ -118,17 +130,48 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         full = complete_manifest(manifest, step=step, tag=tag, files=files, rng_files=rng_files,
                                  checksums=checksum_record(digests), writers=writers,
                                  probe=manifest_entry(record, precision=precision) if record is not None else None)
-        write_manifest(step_dir, full)
-        write_latest(ckpt_dir, step_dir)
-        pruned = [p.name for p in apply_retention(ckpt_dir, keep)]
+        with phases("commit"):
+            write_manifest(step_dir, full)
+            write_latest(ckpt_dir, step_dir)
+        with phases("retention"):
+            pruned = [p.name for p in apply_retention(ckpt_dir, keep)]
     # A collective, so also the barrier: nobody goes on (or exits) before the checkpoint is committed.
     # Rank 0's retention holds for every disk: without a shared run.dir, the other nodes' staged copies
     # of the steps it deleted go too (they have no manifest there, so no retention of their own).
-    for name in collective.all_gather(pruned if is_rank0 else [])[0]:
-        shutil.rmtree(ckpt_dir / name, ignore_errors=True)
+    with phases("retention"):
+        for name in collective.all_gather(pruned if is_rank0 else [])[0]:
+            shutil.rmtree(ckpt_dir / name, ignore_errors=True)
     if uploader is not None:
-        uploader.submit(step_dir, mine, own=own, expected=[part for part, _ in gathered] if is_rank0 else None)
+        with phases("hand-over to the upload"):
+            uploader.submit(step_dir, mine, own=own, expected=[part for part, _ in gathered] if is_rank0 else None)
+    if is_rank0:
+        log.info("saved %s in %.2f s (%s)", tag, phases.total, phases.summary())
     return step_dir
+
+
+class _Phases:
+    """Seconds per phase of one save, summed when a phase comes back (checksums: each rank's, then
+    rank 0's of the unowned files); written into the caller's ``timings`` as they end."""
+
+    def __init__(self, timings: dict[str, float] | None) -> None:
+        self.seconds: dict[str, float] = timings if timings is not None else {}
+        self.seconds.clear()
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+    def summary(self) -> str:
+        return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in self.seconds.items())
 
 
 def _run_probe(engine: Any, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
