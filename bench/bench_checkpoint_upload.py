@@ -1,7 +1,9 @@
 """What training waits for when checkpoints go to object storage, measured in one run.
 
 One DeepSpeed process (ZeRO-2, fp32) of a preset trains a fixed batch; each save goes through
-``save_checkpoint`` as the worker calls it. Three ways, interleaved ``--reps`` times:
+``save_checkpoint`` as the worker calls it. Three ways, interleaved ``--reps`` times, the order
+rotating, each timed save after the same untimed local save and ``--steps`` idle steps (the baseline
+for the step times):
 
 - **local**: the save to ``run.dir`` alone (what training waits for without storage);
 - **background**: the same save with ``run.storage`` on an S3 server, uploads in the background:
@@ -73,7 +75,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", help="model preset (tiny, 125m, ...; default tiny)")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of each way (default 3)")
-    parser.add_argument("--steps", type=int, default=8, help="steps timed after each save (default 8)")
+    parser.add_argument("--steps", type=int, default=8, help="idle steps timed before each timed save (default 8)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--store-niceness", type=int, default=0, help="niceness of the S3 server process (default 0)")
