@@ -7,22 +7,35 @@ that cannot route to MASTER_ADDR. torch reports these as a gloo or store error d
 address and port, the remote address in the error, and what to change. :func:`wait_for_master`
 makes an unreachable MASTER_ADDR fail within a bounded time instead of the process group's
 30-minute default.
+
+:func:`join_process_group` listens only where the launcher pointed the ranks: torch's TCPStore
+server binds every interface (``[::]:PORT``) whatever ``host_name`` says, so a laptop run exposed
+its unauthenticated store to the network while Ray itself stayed on 127.0.0.1. Rank 0 now opens the
+listening socket on MASTER_ADDR's own address and hands it to the store (``master_listen_fd``), and
+a loopback MASTER_ADDR keeps gloo's and NCCL's own sockets on the loopback interface too.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import re
 import socket
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Iterator, MutableMapping
 
 from fm_train.dist.env import RankEnv
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
 
 RENDEZVOUS_TIMEOUT_ENV = "FM_TRAIN_RENDEZVOUS_TIMEOUT_S"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
 _REMOTE_RE = re.compile(r"remote=\[?([0-9a-fA-F:.]+?)\]?:(\d+)")
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
 class RendezvousError(RuntimeError):
@@ -104,3 +117,85 @@ def rendezvous_errors(env: RankEnv, what: str) -> Iterator[None]:
         raise
     except (RuntimeError, OSError, TimeoutError) as exc:
         raise RendezvousError(explain(exc, env, what)) from exc
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``: every rank then runs on this one machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS)."""
+    import psutil  # a dependency of Ray; imported here so that importing this module stays cheap
+
+    return next((name for name, st in psutil.net_if_stats().items() if "loopback" in getattr(st, "flags", "")),
+                None)
+
+
+def keep_sockets_on_loopback(env: RankEnv, environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """With a loopback MASTER_ADDR, name the loopback interface for gloo and NCCL where nothing names one.
+
+    Without a name gloo binds its pair sockets to what the hostname resolves to, which on many
+    machines is the LAN address: a local run would listen on the network. Every rank is on this
+    machine when MASTER_ADDR is loopback, so loopback is always right. Returns what was set.
+    """
+    target = os.environ if environ is None else environ
+    if not is_loopback(env.master_addr):
+        return {}
+    ifname = loopback_interface()
+    added = {k: ifname for k in SOCKET_IFNAME_VARS if ifname and not target.get(k)}
+    target.update(added)
+    return added
+
+
+def listen_on(host: str, port: int) -> socket.socket | None:
+    """A socket listening on ``host:port`` (that address only); None when no local interface holds it."""
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT from the last attempt
+            sock.bind(addr)
+            sock.listen(socket.SOMAXCONN)
+            return sock
+        except OSError as exc:
+            sock.close()
+            if exc.errno != errno.EADDRNOTAVAIL:
+                raise  # EADDRINUSE and the like: a rendezvous failure the launcher retries on a new port
+    return None
+
+
+def bound_store(env: RankEnv, timeout: timedelta) -> "Store":
+    """The job's TCPStore: on rank 0 a server listening on MASTER_ADDR's address only, elsewhere a client.
+
+    When MASTER_ADDR is not an address of rank 0's machine (a NAT'd or forwarded address) the
+    server listens on every interface, as torch's own does, and says so.
+    """
+    from torch.distributed import TCPStore
+
+    common = dict(host_name=env.master_addr, port=env.master_port, world_size=env.world_size, timeout=timeout)
+    if env.rank != 0:
+        return TCPStore(is_master=False, **common)
+    sock = listen_on(env.master_addr, env.master_port)
+    if sock is None:
+        print(f"rank 0: MASTER_ADDR={env.master_addr} is not an address of this machine, so the rendezvous store"
+              f" listens on every interface (port {env.master_port})", flush=True)
+        return TCPStore(is_master=True, use_libuv=True, **common)
+    # The store owns the descriptor from here on; libuv's server is the one that accepts a given one.
+    return TCPStore(is_master=True, master_listen_fd=sock.detach(), use_libuv=True, **common)
+
+
+def join_process_group(env: RankEnv, backend: str, timeout: timedelta) -> None:
+    """Join the default process group through :func:`bound_store`, with the sockets kept where
+    :func:`keep_sockets_on_loopback` says; failures become a :class:`RendezvousError`."""
+    import torch.distributed as dist
+
+    keep_sockets_on_loopback(env)
+    wait_for_master(env)
+    with rendezvous_errors(env, "joining the process group"):
+        store = bound_store(env, timeout)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)

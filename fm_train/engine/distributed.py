@@ -7,10 +7,11 @@ import os
 import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
+from deepspeed.constants import default_pg_timeout
 
 from fm_train.dist.device import DeviceChoice, DeviceError, activate, detect_device
 from fm_train.dist.env import RankEnv
-from fm_train.dist.rendezvous import rendezvous_errors, wait_for_master
+from fm_train.dist.rendezvous import join_process_group
 
 
 def init_distributed(env: RankEnv) -> str:
@@ -22,10 +23,10 @@ def init_distributed(env: RankEnv) -> str:
     """
     env.export()
     choice = activate_device(env)
-    wait_for_master(env)
-    with rendezvous_errors(env, "joining the process group"):
-        deepspeed.init_distributed(dist_backend=choice.backend, auto_mpi_discovery=False, rank=env.rank,
-                                   world_size=env.world_size, distributed_port=env.master_port)
+    # Our store listens on MASTER_ADDR only (torch's own binds every interface); DeepSpeed adopts the group.
+    join_process_group(env, choice.backend, timeout=default_pg_timeout)
+    deepspeed.init_distributed(dist_backend=choice.backend, auto_mpi_discovery=False, rank=env.rank,
+                               world_size=env.world_size, distributed_port=env.master_port)
     return choice.backend
 
 
