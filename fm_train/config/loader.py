@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from fm_train.config.bounded_yaml import YamlBoundError, cut, load_yaml_file, load_yaml_text, short_repr
 from fm_train.config.presets import MODEL_PRESETS
 from fm_train.config.rules import check_rules
-from fm_train.config.schema import FmConfig
+from fm_train.config.schema import FmConfig, leaf_types
+
+MAX_ERROR_LINES = 20
+MAX_LINE = 400
 
 
 class ConfigError(ValueError):
@@ -23,18 +27,40 @@ class ConfigError(ValueError):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``a.b=c`` into a key path and a typed value (YAML scalar/list syntax: 3, 1e-3, true, [1,2])."""
+    """Split ``a.b=c`` into a key path and a typed value (YAML scalar/list syntax: 3, 1e-3, true, [1,2]).
+
+    A text field keeps the user's text: ``run.name=1e5`` is the name "1e5", not the number 100000.0.
+    """
     if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.steps=100")
+        raise ConfigError(f"--set {short_repr(text)}: expected KEY=VALUE, e.g. --set train.steps=100")
     key, raw = text.split("=", 1)
     path = [k for k in key.strip().split(".") if k]
     if not path:
-        raise ConfigError(f"--set {text!r}: empty key")
+        raise ConfigError(f"--set {short_repr(text)}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from None
+        value = load_yaml_text(raw) if raw.strip() != "" else ""
+    except YamlBoundError as exc:
+        raise ConfigError(f"--set {short_repr(key)}: cannot parse value {short_repr(raw)}: {exc}") from None
+    if _is_text_field(path):
+        return path, value if value is None or isinstance(value, (str, list, dict)) else raw.strip()
     return path, _numeric(value)
+
+
+def _is_text_field(path: list[str]) -> bool:
+    """Whether the schema field at ``path`` (list items by index) takes text and no number."""
+    annotation: Any = FmConfig
+    for key in path:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(key)
+            if field is None:
+                return False
+            annotation = field.annotation
+        elif get_origin(annotation) is list and key.isdigit():
+            annotation = get_args(annotation)[0]
+        else:
+            return False
+    leaves = leaf_types(annotation)
+    return str in leaves and not leaves & {int, float, bool}
 
 
 def _numeric(value: Any) -> Any:
@@ -105,16 +131,27 @@ def _normalize_precision(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "precision": "bf16" if bf16 else "fp16" if fp16 else "fp32"}
 
 
-def _format_validation_error(exc: ValidationError) -> str:
+def _format_validation_error(exc: ValidationError) -> list[str]:
+    """One line per pydantic error, naming the field; values are shown cut short, never in full."""
     lines = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
-        value = err.get("input")
+        field = cut(".".join(str(p) for p in err["loc"]), 120)
+        value = short_repr(err.get("input"))
         if err["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown key (value {value!r}); check its spelling against `fm-train plan --help` and fm_train/config/schema.py")
+            lines.append(f"{field}: unknown key (value {value}); check its spelling against `fm-train plan --help` and fm_train/config/schema.py")
+        elif err["type"] == "string_type":
+            lines.append(f"{field}={value}: {err['msg']}; quote it in the YAML file to keep it text")
         else:
-            lines.append(f"{field}={value!r}: {err['msg']}")
-    return "\n".join(lines)
+            lines.append(f"{field}={value}: {err['msg'].removeprefix('Value error, ')}")
+    return lines
+
+
+def _bounded_message(lines: list[str]) -> str:
+    """At most MAX_ERROR_LINES lines of at most MAX_LINE characters: a hostile config cannot flood the terminal."""
+    shown = [cut(line, MAX_LINE) for line in lines[:MAX_ERROR_LINES]]
+    if len(lines) > MAX_ERROR_LINES:
+        shown.append(f"... and {len(lines) - MAX_ERROR_LINES} more problems")
+    return "\n".join(shown)
 
 
 def build_config(raw: Mapping[str, Any] | None, overrides: Iterable[str] = (), *, require_paths: bool = False) -> FmConfig:
@@ -125,10 +162,10 @@ def build_config(raw: Mapping[str, Any] | None, overrides: Iterable[str] = (), *
     try:
         cfg = FmConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(_bounded_message(_format_validation_error(exc))) from None
     errors = check_rules(cfg, require_paths=require_paths)
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise ConfigError(_bounded_message(errors))
     return cfg
 
 
@@ -140,9 +177,9 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *, requi
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            raw = load_yaml_file(p) or {}
+        except YamlBoundError as exc:
+            raise ConfigError(f"{p}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, parallel, ...)")
     try:

@@ -9,15 +9,60 @@ Config holds values only. Live objects (process groups, engines, loaders) are bu
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+import math
+import types
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationInfo, field_validator, model_validator)
 
 from fm_train.config.hf_shape import hf_config_file, read_hf_shape
+
+# Upper bounds on counts, where a huge value would hang `plan` (one table row per worker) or allocate
+# without end at start. Each is far above any real run: a million workers, a billion steps.
+MAX_WORKERS = 1 << 20
+MAX_STEPS = 10**9
+MAX_WIDTH = 1 << 22  # hidden, ffn_hidden, vocabulary rows, sequence lengths
+MAX_HEADS = 1 << 16
+MAX_LAYERS = 1 << 14
+MAX_BATCH = 1 << 20
+
+
+def leaf_types(annotation: Any) -> set[type]:
+    """The plain types a field annotation admits (through Optional, Union, Annotated; Literal by its values)."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return leaf_types(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        return set().union(*(leaf_types(arg) for arg in get_args(annotation)))
+    if origin is Literal:
+        return {type(arg) for arg in get_args(annotation)}
+    return {origin or annotation} if isinstance(origin or annotation, type) else set()
+
+
+def _refuse_odd_scalar(value: Any, annotation: Any) -> None:
+    """Raise on a boolean for a number (lax pydantic reads true as 1) and on inf/nan."""
+    leaves = leaf_types(annotation)
+    if isinstance(value, bool) and bool not in leaves and leaves & {int, float}:
+        raise ValueError("a boolean (true/false) is not a number; write the number")
+    if isinstance(value, float) and not math.isfinite(value) and float in leaves:
+        raise ValueError("must be a finite number")
+    args = [a for a in get_args(annotation) if a is not Ellipsis] if get_origin(annotation) in (tuple, list) else []
+    if isinstance(value, (list, tuple)) and args:  # optim.betas: [true, 0.95] is no pair of floats either
+        for i, item in enumerate(value):
+            _refuse_odd_scalar(item, args[min(i, len(args) - 1)])
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """Booleans are not counts and inf/nan are not sizes, whatever pydantic's lax mode would coerce."""
+        if info.field_name is not None:
+            _refuse_odd_scalar(value, cls.model_fields[info.field_name].annotation)
+        return value
 
 
 class RunConfig(_Section):
@@ -25,7 +70,7 @@ class RunConfig(_Section):
 
     name: str = Field("demo", description="Name shown in logs and the Hugging Face README.")
     dir: str = Field("runs/demo", description="Run directory: config, metrics, logs, checkpoints, hf/.")
-    seed: int = Field(1234, description="Seed of model init, data order and dropout-free RNG streams.")
+    seed: int = Field(1234, ge=-(2**63), lt=2**64, description="Seed of model init, data order and dropout-free RNG streams.")
     storage: Optional[str] = Field(
         None, description="Where checkpoints are copied, as they are saved, for runs without a shared run.dir: an"
                           " object-store URI (s3://bucket/prefix) or a mounted path. Each rank saves to run.dir and"
@@ -43,21 +88,22 @@ class ModelConfig(_Section):
                              " bert, an encoder trained on masked-token prediction (BertForMaskedLM).")
     preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b; bert-tiny,"
                                                     " bert-base, bert-large).")
-    n_layers: PositiveInt = Field(4, description="Number of decoder blocks.")
-    hidden: PositiveInt = Field(128, description="Model width (embedding size).")
-    n_heads: PositiveInt = Field(4, description="Attention (query) heads.")
-    n_kv_heads: PositiveInt = Field(2, description="Key/value heads (grouped-query attention; bert: = n_heads).")
-    ffn_hidden: PositiveInt = Field(344, description="MLP inner width (llama: SwiGLU, bert: GELU).")
-    vocab_size: PositiveInt = Field(8192, description="Tokens the model knows (the tokenizer's vocabulary, or more).")
+    n_layers: PositiveInt = Field(4, le=MAX_LAYERS, description="Number of decoder blocks.")
+    hidden: PositiveInt = Field(128, le=MAX_WIDTH, description="Model width (embedding size).")
+    n_heads: PositiveInt = Field(4, le=MAX_HEADS, description="Attention (query) heads.")
+    n_kv_heads: PositiveInt = Field(2, le=MAX_HEADS, description="Key/value heads (grouped-query attention; bert: = n_heads).")
+    ffn_hidden: PositiveInt = Field(344, le=MAX_WIDTH, description="MLP inner width (llama: SwiGLU, bert: GELU).")
+    vocab_size: PositiveInt = Field(8192, le=MAX_WIDTH, description="Tokens the model knows (the tokenizer's vocabulary, or more).")
     vocab_multiple: PositiveInt = Field(
         128,
+        le=MAX_WIDTH,
         description="Embedding and head rows are vocab_size rounded up to a multiple of this, so that tensor"
         " parallelism splits any vocabulary; the padding is never trained on or predicted, and exports keep"
         " vocab_size rows. Must be divisible by parallel.tp. 1: no padding.",
     )
-    max_seq_len: PositiveInt = Field(256, description="Longest sequence (llama: RoPE tables; bert: learned position"
+    max_seq_len: PositiveInt = Field(256, le=MAX_WIDTH, description="Longest sequence (llama: RoPE tables; bert: learned position"
                                                        " embeddings).")
-    type_vocab_size: PositiveInt = Field(2, description="bert: token-type (segment) embeddings.")
+    type_vocab_size: PositiveInt = Field(2, le=MAX_HEADS, description="bert: token-type (segment) embeddings.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: PositiveFloat = Field(10000.0, description="llama: RoPE base frequency.")
     norm_eps: PositiveFloat = Field(1e-5, description="RMSNorm (llama) or LayerNorm (bert) epsilon.")
@@ -96,8 +142,8 @@ class ModelConfig(_Section):
 class ParallelConfig(_Section):
     """How the model is split: world = pp x dp x tp, dp derived from ``cluster.workers``."""
 
-    tp: PositiveInt = Field(1, description="Tensor-parallel size (ranks that split each matmul).")
-    pp: PositiveInt = Field(1, description="Pipeline-parallel size (stages).")
+    tp: PositiveInt = Field(1, le=MAX_WORKERS, description="Tensor-parallel size (ranks that split each matmul).")
+    pp: PositiveInt = Field(1, le=MAX_WORKERS, description="Pipeline-parallel size (stages).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
@@ -134,8 +180,8 @@ class DataConfig(_Section):
         default_factory=lambda: [DataSource(path="data/stdlib", weight=1.0, default_corpus=True)],
         description="Shard directories mixed by weight.",
     )
-    seq_len: PositiveInt = Field(256, description="Tokens per training sample (shards hold seq_len + 1).")
-    num_workers: NonNegativeInt = Field(1, description="DataLoader worker processes per rank.")
+    seq_len: PositiveInt = Field(256, le=MAX_WIDTH, description="Tokens per training sample (shards hold seq_len + 1).")
+    num_workers: NonNegativeInt = Field(1, le=1024, description="DataLoader worker processes per rank.")
     on_bad_shard: Literal["fail", "skip"] = Field(
         "fail", description="A bad shard: fail (stop, naming it) or skip (leave it out on every rank; one found"
                             " mid-run is recorded in RUN/bad_shards/ and left out after a restart from the last"
@@ -146,7 +192,7 @@ class DataConfig(_Section):
         "global", description="Training order of each epoch: global (a pseudorandom permutation of all of a"
                               " source's samples, read by random access) or window (shards permuted, then"
                               " windows of shuffle_window consecutive samples: contiguous reads for slow storage).")
-    shuffle_window: PositiveInt = Field(1024, description="Samples shuffled together within a window"
+    shuffle_window: PositiveInt = Field(1024, le=1 << 30, description="Samples shuffled together within a window"
                                                           " (data.shuffle: window).")
     cache_dir: Optional[str] = Field(
         "~/.cache/fm-train/shards",
@@ -160,15 +206,15 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     """Step counts and batch shape."""
 
-    steps: PositiveInt = Field(300, description="Optimizer steps to train in total.")
-    micro_batch: PositiveInt = Field(4, description="Sequences per rank per forward pass.")
-    grad_accum: PositiveInt = Field(1, description="Micro-batches accumulated per optimizer step.")
+    steps: PositiveInt = Field(300, le=MAX_STEPS, description="Optimizer steps to train in total.")
+    micro_batch: PositiveInt = Field(4, le=MAX_BATCH, description="Sequences per rank per forward pass.")
+    grad_accum: PositiveInt = Field(1, le=MAX_BATCH, description="Micro-batches accumulated per optimizer step.")
     global_batch: Optional[PositiveInt] = Field(
-        None, description="Optional check: must equal micro_batch x grad_accum x dp."
+        None, le=MAX_BATCH * MAX_BATCH * MAX_WORKERS, description="Optional check: must equal micro_batch x grad_accum x dp."
     )
-    eval_every: NonNegativeInt = Field(100, description="Validation every N steps (0: never).")
-    eval_batches: PositiveInt = Field(8, description="Micro-batches per validation.")
-    log_every: PositiveInt = Field(10, description="Metrics line every N steps.")
+    eval_every: NonNegativeInt = Field(100, le=MAX_STEPS, description="Validation every N steps (0: never).")
+    eval_batches: PositiveInt = Field(8, le=MAX_BATCH, description="Micro-batches per validation.")
+    log_every: PositiveInt = Field(10, le=MAX_STEPS, description="Metrics line every N steps.")
 
 
 class OptimConfig(_Section):
@@ -176,7 +222,7 @@ class OptimConfig(_Section):
 
     lr: PositiveFloat = Field(3.0e-3, description="Peak learning rate.")
     min_lr: float = Field(3.0e-4, ge=0.0, description="Learning rate at the end of decay.")
-    warmup_steps: NonNegativeInt = Field(30, description="Linear warmup steps.")
+    warmup_steps: NonNegativeInt = Field(30, le=MAX_STEPS, description="Linear warmup steps.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay (not applied to norms and biases).")
     grad_clip: float = Field(1.0, ge=0.0, description="Global gradient-norm clip (0: off).")
@@ -187,8 +233,8 @@ class OptimConfig(_Section):
 class CheckpointConfig(_Section):
     """When checkpoints are written and what a start resumes from."""
 
-    every: NonNegativeInt = Field(100, description="Save every N steps (0: only at the end).")
-    keep: PositiveInt = Field(3, description="Keep the newest K checkpoints (never the one `latest` names).")
+    every: NonNegativeInt = Field(100, le=MAX_STEPS, description="Save every N steps (0: only at the end).")
+    keep: PositiveInt = Field(3, le=MAX_STEPS, description="Keep the newest K checkpoints (never the one `latest` names).")
     resume: str = Field("auto", description="auto (from latest if any) | none | path to a step directory.")
     allow_fresh_start: bool = Field(
         False, description="With resume: auto, train from scratch when RUN/checkpoints holds checkpoints but none is"
@@ -198,7 +244,7 @@ class CheckpointConfig(_Section):
         False, description="Load resume checkpoints with full unpickling (torch.load weights_only=False), which runs"
         " code the files name. Off: tensors and DeepSpeed's plain records only; any other object is refused.")
     upload_retries: NonNegativeInt = Field(
-        5, description="With run.storage: retries of each file upload (waits 1, 2, 4, ... s) before the step is"
+        5, le=16, description="With run.storage: retries of each file upload (waits 1, 2, 4, ... s) before the step is"
                        " given up in storage (it stays on local disk; latest there keeps the previous step).")
 
 
@@ -213,13 +259,13 @@ class ClusterConfig(_Section):
     """Resources: how many workers, where, and how failures are handled."""
 
     address: Optional[str] = Field(None, description="Ray address to join (null: a private local Ray).")
-    workers: PositiveInt = Field(2, description="World size: one worker per device slot.")
+    workers: PositiveInt = Field(2, le=MAX_WORKERS, description="World size: one worker per device slot.")
     slots_per_node: Optional[PositiveInt] = Field(
-        None, description="Device slots per node, for planning (null: all workers on one node)."
+        None, le=MAX_WORKERS, description="Device slots per node, for planning (null: all workers on one node)."
     )
     cpus_per_worker: PositiveFloat = Field(1, description="Ray CPUs reserved per worker.")
     gpus_per_worker: float = Field(0, ge=0, description="Ray GPUs reserved per worker (0 or 1 in practice).")
-    max_restarts: NonNegativeInt = Field(3, description="Whole-group restarts after a worker failure.")
+    max_restarts: NonNegativeInt = Field(3, le=1_000_000, description="Whole-group restarts after a worker failure.")
     step_timeout_s: PositiveFloat = Field(600, description="A step slower than this counts as a hang.")
     startup_timeout_s: PositiveFloat = Field(
         1800, description="Silence allowed before the first metrics record (imports, model build, checkpoint"
@@ -229,7 +275,7 @@ class ClusterConfig(_Section):
                           " NCCL_SOCKET_IFNAME). null: the interface that carries each node's Ray address, unless"
                           " those variables were exported before `ray start` on that node.")
     min_workers: Optional[PositiveInt] = Field(
-        None, description="When a node is lost and none replaces it within node_wait_s, go on with as few as"
+        None, le=MAX_WORKERS, description="When a node is lost and none replaces it within node_wait_s, go on with as few as"
                           " this many workers (same global batch: grad_accum grows). null: cluster.workers, never"
                           " shrink.")
     node_wait_s: NonNegativeFloat = Field(
