@@ -1,7 +1,10 @@
 """Ray Jobs: submit ``fm-train launch`` to a cluster's head, and query, follow and stop the job.
 
-The job's driver runs on the head node inside a copy of the project (the runtime_env working_dir,
-without the virtualenv, runs, data and git history), so the config must live inside the project.
+The job's driver runs on the head node inside a copy of the project (the runtime_env working_dir),
+so the config must live inside the project. That copy is a zip built here with Ray's own packaging
+code and then uploaded as it is: it leaves out secrets and credentials, git history, caches, runs
+and shards (:data:`WORKING_DIR_EXCLUDES`, Ray's defaults) and whatever the project's ``.gitignore``
+and ``.rayignore`` files name, and the line printed before the upload counts exactly what goes.
 Ray's own token authentication is used as configured on this machine (~/.ray/auth_token,
 RAY_AUTH_TOKEN); nothing here turns it off.
 """
@@ -11,14 +14,26 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import sys
+import tempfile
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-# gitignore syntax, anchored at the project root where a nested name must survive (fm_train/engine/data.py).
-WORKING_DIR_EXCLUDES = ("/.venv", "/venv", "/runs", "/data", "/.git", "__pycache__", "*.egg-info", ".pytest_cache",
-                        ".mypy_cache", ".ruff_cache")
+# Secrets and credentials, wherever they sit in the project (gitignore syntax). SSH keys are named
+# one by one: a bare ``id_*`` would also drop a module such as ``id_map.py`` and break the job.
+SECRET_EXCLUDES = (".env*", ".aws/", ".ssh/", ".gnupg/", ".netrc", "_netrc", ".pypirc", ".git-credentials",
+                   ".docker/", ".kube/", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_dsa*",
+                   "id_ecdsa*", "id_ed25519*")
+# Anchored at the project root where a nested name must survive (fm_train/engine/data.py).
+BULK_EXCLUDES = ("/.venv", "/venv", "/runs", "/data", "/shards", "*.tar", "/.git", ".git/", "__pycache__",
+                 "*.egg-info", ".pytest_cache", ".mypy_cache", ".ruff_cache", ".hypothesis", ".ipynb_checkpoints",
+                 "/.cache", ".tox")
+WORKING_DIR_EXCLUDES = SECRET_EXCLUDES + BULK_EXCLUDES
+"""What ``fm-train submit`` never uploads, on top of Ray's defaults and the project's ignore files."""
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -71,13 +86,63 @@ def relative_config(config: str | None, working_dir: Path) -> str | None:
                           " uploads; move it under the project or pass --working-dir") from None
 
 
+@dataclass(frozen=True)
+class Package:
+    """The zip that goes to the cluster as the job's working_dir, and what it holds."""
+
+    path: Path
+    files: int
+    size: int
+    """Uncompressed bytes of the files."""
+
+    def summary(self, working_dir: Path) -> str:
+        """One line for the console before the upload."""
+        return (f"uploading {working_dir} as the job's working dir: {self.files} files, {_size(self.size)}"
+                " (secrets, credentials, .git, caches, runs and shards left out; .gitignore honoured)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
+
+
+def package_working_dir(working_dir: Path, dest: Path) -> Package:
+    """Zip ``working_dir`` into ``dest`` with Ray's own packaging code and rules; count what it holds.
+
+    Ray's walker applies its default excludes, ours, and every ``.gitignore``/``.rayignore`` on the
+    way; the zip is then uploaded as it is, so the count and the upload cannot disagree. ``.gitignore``
+    is honoured whatever RAY_RUNTIME_ENV_IGNORE_GITIGNORE says.
+    """
+    try:  # Ray's packaging has no public API; a Ray without it must fail here, loudly, not upload everything
+        from ray._private.ray_constants import get_runtime_env_default_excludes
+        from ray._private.runtime_env.packaging import create_package
+    except ImportError as exc:
+        import ray
+
+        raise SubmitError(f"this Ray ({ray.__version__}) lacks the packaging code fm-train submit builds the"
+                          f" working dir with ({exc}); install the Ray version fm-train lists") from None
+    excludes = [*get_runtime_env_default_excludes(), *WORKING_DIR_EXCLUDES]
+    create_package(str(working_dir), dest, include_gitignore=True, excludes=excludes)
+    with zipfile.ZipFile(dest) as zf:
+        files = [info for info in zf.infolist() if not info.is_dir()]
+    return Package(path=dest, files=len(files), size=sum(info.file_size for info in files))
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def submit(address: str | None, entrypoint: str, working_dir: Path, *, submission_id: str | None = None,
-           env_vars: Mapping[str, str] | None = None) -> str:
-    """Submit ``entrypoint`` with ``working_dir`` as the job's runtime_env; returns the job id."""
-    runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES)}
-    if env_vars:
-        runtime_env["env_vars"] = dict(env_vars)
-    return str(client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id))
+           env_vars: Mapping[str, str] | None = None, say: Callable[[str], None] = _stderr) -> str:
+    """Submit ``entrypoint`` with ``working_dir`` (packaged by :func:`package_working_dir`, its summary
+    said first) as the job's runtime_env; returns the job id."""
+    job_client = client(address)  # an unreachable server fails before any packaging
+    with tempfile.TemporaryDirectory(prefix="fm-train-submit-") as tmp:
+        package = package_working_dir(working_dir, Path(tmp) / f"{working_dir.name or 'project'}.zip")
+        say(package.summary(working_dir))
+        runtime_env: dict[str, Any] = {"working_dir": str(package.path)}
+        if env_vars:
+            runtime_env["env_vars"] = dict(env_vars)
+        return str(job_client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id))
 
 
 def status(address: str | None, job_id: str) -> tuple[str, str]:
