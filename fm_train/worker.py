@@ -43,6 +43,13 @@ bad shard): the launcher treats it as any failure (a restart within ``cluster.ma
 exit code 2 (bad config, data or checkpoint), which a restart would only repeat."""
 
 
+PEER_FAILURE_EXIT_CODE = 5
+"""Exit code of a rank whose collective failed because a peer or the network went away (in a step or
+in a checkpoint save): it did nothing wrong, so the launcher restarts the group from the last
+checkpoint, with fewer workers when a node is gone. Never 2: a lost peer is not a local disk or
+config problem (:mod:`fm_train.dist.peer_loss` tells the two apart)."""
+
+
 class RestartNeeded(RuntimeError):
     """The run can go on, but only after every rank restarts from the last checkpoint."""
 
@@ -239,11 +246,13 @@ def run_worker_cli(args: argparse.Namespace) -> int:
     A config, data or checkpoint problem (``ConfigError``, ``data_shards.DataError``,
     ``CheckpointError``: messages written for the user) prints its message and returns 2, which the
     launcher does not retry; :class:`RestartNeeded` returns :data:`RESTART_EXIT_CODE`, which it does;
-    a failure to connect to the peers returns :data:`RENDEZVOUS_EXIT_CODE`; anything else propagates
-    with its traceback.
+    a failure to connect to the peers returns :data:`RENDEZVOUS_EXIT_CODE`; a peer or the network
+    gone later (a collective failed in a step or a save) returns :data:`PEER_FAILURE_EXIT_CODE`, with
+    one line; anything else propagates with its traceback.
     """
     from data_shards.errors import DataError
     from fm_train.checkpoint import CheckpointError
+    from fm_train.dist.peer_loss import PeerLost, first_line, is_peer_failure
     from fm_train.dist.rendezvous import RendezvousError
 
     try:
@@ -255,9 +264,20 @@ def run_worker_cli(args: argparse.Namespace) -> int:
     except RestartNeeded as exc:
         print(f"fm-train worker: {exc}", file=sys.stderr)
         return RESTART_EXIT_CODE
+    except PeerLost as exc:
+        print(f"fm-train worker: {exc}", file=sys.stderr)
+        return PEER_FAILURE_EXIT_CODE
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"fm-train worker: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not is_peer_failure(exc):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"fm-train worker: rank {rank}: stopped because a peer or the network went away ({first_line(exc)});"
+              " the launcher restarts the group from the last checkpoint, with fewer workers if a node is gone",
+              file=sys.stderr)
+        return PEER_FAILURE_EXIT_CODE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import ray
 
 from launcher.group import WorkerGroup
 from launcher.logsink import LogSink
-from launcher.outcomes import Failed, Hung, Outcome, Preempted, Stopped, Succeeded
+from launcher.outcomes import Failed, Hung, Outcome, Preempted, Stopped, Succeeded, cause_rank
 from launcher.progress import Progress
 
 _SIGTERM_CODES = (-signal.SIGTERM, 128 + signal.SIGTERM)
@@ -167,8 +167,12 @@ def _node(w: AttemptWatch, rank: int) -> tuple[str, str]:
 
 def _fail(w: AttemptWatch, rank: int, code: int | None, cause: str) -> Failed:
     w.say(f"rank {rank} {cause}; stopping the other workers")
-    w.group.stop_all(w.failure_grace_s)
+    codes = {r: c for r, c in enumerate(w.group.stop_all(w.failure_grace_s)) if c is not None}
     _drain(w)
+    culprit = cause_rank({**codes, **w.exit_codes}, rank, stopped=_SIGTERM_CODES)
+    if culprit != rank:  # the first rank only lost a peer; this one failed by itself
+        rank, code = culprit, {**codes, **w.exit_codes}[culprit]
+        cause = describe_exit(code)
     ip, nid = _node(w, rank)
     return Failed(rank=rank, node_ip=ip, node_id=nid, exit_code=code, cause=cause, last_lines=w.sink.last_lines(rank))
 

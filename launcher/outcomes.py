@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ClassVar, Union
+from typing import ClassVar, Collection, Mapping, Union
 
 
 # The worker's contract: exit code 2 means bad input (config, data or checkpoint) that fails the same
@@ -23,6 +23,12 @@ INPUT_ERROR_EXIT_CODE = 2
 # worker printed the addresses and ports involved. A port taken in between may explain one such
 # failure; a second in a row is a network or interface problem that restarting cannot fix.
 RENDEZVOUS_EXIT_CODE = 4
+
+# Exit code 5: a collective failed because a peer or the network went away (a rank or node lost in a
+# step or in a checkpoint save). The rank did nothing wrong: restart from the last checkpoint (the
+# runner shrinks the layout when a node is gone), as for any failure. It is a symptom, never a cause:
+# when another rank failed by itself in the same attempt, that rank's code says what happened.
+PEER_FAILURE_EXIT_CODE = 5
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,19 @@ Outcome = Union[Succeeded, Failed, Hung, Preempted, Stopped, Unplaced]
 
 # Shell convention for a process ended by a signal: 128 + signal number (SIGINT 2, SIGTERM 15).
 _STOP_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def cause_rank(exit_codes: Mapping[int, int | None], first: int, *, stopped: Collection[int] = ()) -> int:
+    """The rank whose exit says why an attempt failed: ``first`` (the first rank seen failing), unless it
+    only lost a peer (:data:`PEER_FAILURE_EXIT_CODE`) and another rank failed by itself, with a code that
+    is neither 0, the peer code, a signal (negative: the launcher's own SIGKILL) nor one of ``stopped``
+    (the codes of a worker ending on the launcher's SIGTERM). Otherwise a disk filling up on rank 1
+    (exit 2: do not restart) could be reported as rank 0's lost peer (exit 5: restart), and restarted."""
+    if exit_codes.get(first) != PEER_FAILURE_EXIT_CODE:
+        return first
+    own = sorted(r for r, c in exit_codes.items()
+                 if c is not None and c > 0 and c != PEER_FAILURE_EXIT_CODE and c not in stopped)
+    return own[0] if own else first
 
 
 def exit_code(outcome: Outcome) -> int:

@@ -12,12 +12,18 @@ rank 0 gathers the digests and hashes only what no rank reported (DeepSpeed's re
 
 Ordering is what makes a SIGKILL at any instant harmless: until ``manifest.json`` exists the step
 directory is ignored by resume and by the converter, and ``latest`` still names the previous step.
+
+A save that fails is classified by its cause: a local one (full disk, permission, read-only file
+system) is a :class:`CheckpointError`, which a restart would only repeat; a peer or the network gone
+in one of the save's collectives (a rank or node lost mid-save) is
+:class:`~fm_train.dist.peer_loss.PeerLost`, after which the run restarts (or shrinks) from ``latest``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -41,9 +47,13 @@ from fm_train.checkpoint.manifest import complete_manifest, write_manifest
 from fm_train.checkpoint.probe import manifest_entry, write_probe
 from fm_train.checkpoint.rng import RNG_DIR, save_rng
 from fm_train.checkpoint.upload import CheckpointUploader
+from fm_train.dist.peer_loss import PeerLost, first_line, is_peer_failure
 
 log = logging.getLogger("fm_train.checkpoint")
 _barrier, _rank, _world = collective.barrier, collective.rank, collective.world
+
+HOLD_SAVE_ENV = "FM_TRAIN_TEST_HOLD_SAVE"
+"""Test hook (see :func:`_hold_for_test`): a directory through which a test holds a save open."""
 
 
 def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int,
@@ -63,11 +73,24 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    phases = _Phases(timings)
+    ckpt_dir = checkpoints_dir(run_dir)
+    try:
+        return _save(engine, ckpt_dir, step, manifest=manifest, keep=keep, is_rank0=is_rank0, probe=probe,
+                     uploader=uploader, phases=_Phases(timings))
+    except (CheckpointError, PeerLost):
+        raise
+    except (OSError, RuntimeError) as exc:
+        if not is_peer_failure(exc):
+            raise
+        raise PeerLost(_peer_lost_message(ckpt_dir, step_dir_name(step), exc)) from exc
+
+
+def _save(engine: Any, ckpt_dir: Path, step: int, *, manifest: Mapping[str, Any], keep: int, is_rank0: bool,
+          probe: bool, uploader: CheckpointUploader | None, phases: _Phases) -> Path:
+    """The body of :func:`save_checkpoint` (which classifies what it raises)."""
     if uploader is not None:
         with phases("waiting for the previous upload"):
             uploader.wait()  # never two uploads in flight per rank
-    ckpt_dir = checkpoints_dir(run_dir)
     tag = step_dir_name(step)
     step_dir = ckpt_dir / tag
     # Every rank decides alike (a run.dir on each node's own disk may hold the step on one node only).
@@ -89,6 +112,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     precision = str(manifest["config"]["precision"])
     try:
         with phases("files"):
+            _hold_for_test(tag)
             with guarded_checkpoint_engine(engine, trust=False) as guard:
                 engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
             written = [*guard.saved, save_rng(step_dir, _rank())]
@@ -97,6 +121,8 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
         with phases("checksums"):
             own = _own_digests(step_dir, written)
     except (OSError, RuntimeError) as exc:
+        if is_peer_failure(exc):  # DeepSpeed's save runs collectives too: a peer gone is not a disk problem
+            raise
         # torch.save reports a full disk as "RuntimeError: basic_ios::clear: iostream error": say what it means.
         raise CheckpointError(_save_failed_message(ckpt_dir, step_dir, exc)) from exc
     # A collective, so also the barrier: every rank's files are written (closed) before rank 0 looks.
@@ -197,6 +223,36 @@ def _own_digests(step_dir: Path, written: list[Path]) -> dict[str, str]:
     log.info("rank %d: sha256 of %d file(s), %.1f MiB, in %.3f s", _rank(), len(rels), size / 2**20,
              time.perf_counter() - start)
     return digests
+
+
+def _hold_for_test(tag: str) -> None:
+    """Test hook: hold this save open, every rank at the same point, so that a test can take a peer or
+    a node away while the save is in progress (deterministically, not by racing it).
+
+    With ``FM_TRAIN_TEST_HOLD_SAVE=DIR`` and a file ``DIR/<tag>`` (e.g. ``DIR/step_00000012``), each
+    rank about to write that step's files creates ``DIR/<tag>.rank_RRRRR`` and waits until the test
+    removes ``DIR/<tag>``. Unset (every real run), this is one environment lookup per save.
+    """
+    folder = os.environ.get(HOLD_SAVE_ENV)
+    if not folder or not (Path(folder) / tag).exists():
+        return
+    hold = Path(folder) / tag
+    (Path(folder) / f"{tag}.rank_{_rank():05d}").touch()
+    log.warning("rank %d: %s holds the save of %s until %s is removed", _rank(), HOLD_SAVE_ENV, tag, hold)
+    while hold.exists():
+        time.sleep(0.05)
+
+
+def _peer_lost_message(ckpt_dir: Path, tag: str, exc: BaseException) -> str:
+    """One line: the save stopped because a peer went away, and what ``latest`` still names."""
+    try:
+        latest = read_latest(ckpt_dir)
+    except CheckpointError:
+        latest = None
+    kept = (f"{ckpt_dir / 'latest'} still names {latest.name}" if latest is not None
+            else "no earlier checkpoint exists")
+    return (f"rank {_rank()}: saving {tag} stopped because a peer or the network went away ({first_line(exc)});"
+            f" {kept}; the launcher restarts the group from it, with fewer workers if a node is gone")
 
 
 def _save_failed_message(ckpt_dir: Path, step_dir: Path, exc: BaseException) -> str:
