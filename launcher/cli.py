@@ -12,7 +12,8 @@ from pathlib import Path
 
 from launcher.options import DEFAULT_WORKER_COMMAND, LaunchOptions, parse_worker_command
 
-_USER_ERRORS = ("ConfigError", "ClusterError", "PreflightError", "PlacementError", "SubmitError", "ValueError")
+_USER_ERRORS = ("ConfigError", "ClusterError", "PreflightError", "PlacementError", "SubmitError", "LeaseError",
+                "ValueError")
 
 
 def _error(exc: BaseException) -> int:

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from fm_train.config import FmConfig, dump_config, load_config
 from fm_train.config.notices import precision_notice
 from launcher.cluster import Demand, check_capacity, connect, resolve_address
+from launcher.lease import run_lease
 from launcher.options import LaunchOptions
 from launcher.outcomes import Succeeded, exit_code
 from launcher.runstate import latest_checkpoint
@@ -58,15 +59,22 @@ def load_run_config(config: str | Path | None, overrides: Sequence[str], options
 
 def launch(config: str | Path | None, overrides: Sequence[str], options: LaunchOptions, say: Say = say_flush) -> int:
     """Run the full flow; return the process exit status (0 only when training succeeded)."""
+    cfg, address, _ = load_run_config(config, overrides, options, say)
+    run_dir = Path(cfg.run.dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Before anything starts or writes: a second launch on this run is refused, naming the first.
+    with run_lease(run_dir, cfg.run.storage, say):
+        return _launch_leased(cfg, address, run_dir, options, say)
+
+
+def _launch_leased(cfg: FmConfig, address: str | None, run_dir: Path, options: LaunchOptions, say: Say) -> int:
+    """:func:`launch` once the run's lease is held."""
     from launcher.runner import RunPaths, train  # imports Ray
 
-    cfg, address, _ = load_run_config(config, overrides, options, say)
     conn = connect(address, timeout_s=options.connect_timeout_s)
     try:
         say(f"ray: {'private local instance (127.0.0.1, no dashboard)' if conn.private else address or 'existing connection'}")
         check_capacity(Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker))
-        run_dir = Path(cfg.run.dir).resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
         if options.post_training:
             ensure_corpus(cfg, say)
         text = dump_config(cfg)
