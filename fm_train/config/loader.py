@@ -101,7 +101,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
 
 def _list_index(node: list, key: str, where: str) -> int:
     if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"--set {where}: index {key!r} is not in a list of {len(node)} items")
+        raise ConfigError(f"--set {cut(where, 120)}: index {short_repr(key)} is not in a list of {len(node)} items")
     return int(key)
 
 
@@ -111,7 +111,7 @@ def _merge_preset(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     name = str(model["preset"])
     if name not in MODEL_PRESETS:
-        raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(MODEL_PRESETS)}")
+        raise ConfigError(f"model.preset={short_repr(name)} is unknown; choose one of {', '.join(MODEL_PRESETS)}")
     merged = dict(raw)
     merged["model"] = {**MODEL_PRESETS[name], **model}
     return merged
@@ -124,7 +124,7 @@ def _normalize_precision(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     unknown = set(prec) - {"bf16", "fp16"}
     if unknown:
-        raise ConfigError(f"precision: unknown key(s) {sorted(unknown)}; use bf16/fp16 flags or a string bf16|fp16|fp32")
+        raise ConfigError(f"precision: unknown key(s) {short_repr(sorted(map(str, unknown)))}; use bf16/fp16 flags or a string bf16|fp16|fp32")
     bf16, fp16 = bool(prec.get("bf16", False)), bool(prec.get("fp16", False))
     if bf16 and fp16:
         raise ConfigError("precision: bf16 and fp16 are both on; turn one off (bf16 is the stable choice where hardware has it)")

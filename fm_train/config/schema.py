@@ -70,7 +70,8 @@ class RunConfig(_Section):
 
     name: str = Field("demo", description="Name shown in logs and the Hugging Face README.")
     dir: str = Field("runs/demo", description="Run directory: config, metrics, logs, checkpoints, hf/.")
-    seed: int = Field(1234, ge=-(2**63), lt=2**64, description="Seed of model init, data order and dropout-free RNG streams.")
+    seed: int = Field(1234, ge=-(2**63), lt=2**64,
+                      description="Seed of model init, data order and dropout-free RNG streams.")
     storage: Optional[str] = Field(
         None, description="Where checkpoints are copied, as they are saved, for runs without a shared run.dir: an"
                           " object-store URI (s3://bucket/prefix) or a mounted path. Each rank saves to run.dir and"
@@ -91,9 +92,11 @@ class ModelConfig(_Section):
     n_layers: PositiveInt = Field(4, le=MAX_LAYERS, description="Number of decoder blocks.")
     hidden: PositiveInt = Field(128, le=MAX_WIDTH, description="Model width (embedding size).")
     n_heads: PositiveInt = Field(4, le=MAX_HEADS, description="Attention (query) heads.")
-    n_kv_heads: PositiveInt = Field(2, le=MAX_HEADS, description="Key/value heads (grouped-query attention; bert: = n_heads).")
+    n_kv_heads: PositiveInt = Field(2, le=MAX_HEADS,
+                                    description="Key/value heads (grouped-query attention; bert: = n_heads).")
     ffn_hidden: PositiveInt = Field(344, le=MAX_WIDTH, description="MLP inner width (llama: SwiGLU, bert: GELU).")
-    vocab_size: PositiveInt = Field(8192, le=MAX_WIDTH, description="Tokens the model knows (the tokenizer's vocabulary, or more).")
+    vocab_size: PositiveInt = Field(8192, le=MAX_WIDTH,
+                                    description="Tokens the model knows (the tokenizer's vocabulary, or more).")
     vocab_multiple: PositiveInt = Field(
         128,
         le=MAX_WIDTH,
@@ -101,8 +104,9 @@ class ModelConfig(_Section):
         " parallelism splits any vocabulary; the padding is never trained on or predicted, and exports keep"
         " vocab_size rows. Must be divisible by parallel.tp. 1: no padding.",
     )
-    max_seq_len: PositiveInt = Field(256, le=MAX_WIDTH, description="Longest sequence (llama: RoPE tables; bert: learned position"
-                                                       " embeddings).")
+    max_seq_len: PositiveInt = Field(256, le=MAX_WIDTH,
+                                     description="Longest sequence (llama: RoPE tables; bert: learned position"
+                                                 " embeddings).")
     type_vocab_size: PositiveInt = Field(2, le=MAX_HEADS, description="bert: token-type (segment) embeddings.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: PositiveFloat = Field(10000.0, description="llama: RoPE base frequency.")
@@ -210,7 +214,8 @@ class TrainConfig(_Section):
     micro_batch: PositiveInt = Field(4, le=MAX_BATCH, description="Sequences per rank per forward pass.")
     grad_accum: PositiveInt = Field(1, le=MAX_BATCH, description="Micro-batches accumulated per optimizer step.")
     global_batch: Optional[PositiveInt] = Field(
-        None, le=MAX_BATCH * MAX_BATCH * MAX_WORKERS, description="Optional check: must equal micro_batch x grad_accum x dp."
+        None, le=MAX_BATCH * MAX_BATCH * MAX_WORKERS,
+        description="Optional check: must equal micro_batch x grad_accum x dp."
     )
     eval_every: NonNegativeInt = Field(100, le=MAX_STEPS, description="Validation every N steps (0: never).")
     eval_batches: PositiveInt = Field(8, le=MAX_BATCH, description="Micro-batches per validation.")
@@ -234,7 +239,8 @@ class CheckpointConfig(_Section):
     """When checkpoints are written and what a start resumes from."""
 
     every: NonNegativeInt = Field(100, le=MAX_STEPS, description="Save every N steps (0: only at the end).")
-    keep: PositiveInt = Field(3, le=MAX_STEPS, description="Keep the newest K checkpoints (never the one `latest` names).")
+    keep: PositiveInt = Field(3, le=MAX_STEPS,
+                              description="Keep the newest K checkpoints (never the one `latest` names).")
     resume: str = Field("auto", description="auto (from latest if any) | none | path to a step directory.")
     allow_fresh_start: bool = Field(
         False, description="With resume: auto, train from scratch when RUN/checkpoints holds checkpoints but none is"
@@ -275,9 +281,10 @@ class ClusterConfig(_Section):
                           " NCCL_SOCKET_IFNAME). null: the interface that carries each node's Ray address, unless"
                           " those variables were exported before `ray start` on that node.")
     min_workers: Optional[PositiveInt] = Field(
-        None, le=MAX_WORKERS, description="When a node is lost and none replaces it within node_wait_s, go on with as few as"
-                          " this many workers (same global batch: grad_accum grows). null: cluster.workers, never"
-                          " shrink.")
+        None, le=MAX_WORKERS,
+        description="When a node is lost and none replaces it within node_wait_s, go on with as few as"
+                    " this many workers (same global batch: grad_accum grows). null: cluster.workers, never"
+                    " shrink.")
     node_wait_s: NonNegativeFloat = Field(
         300, description="After a node is lost, how long to wait for room for the whole layout again before"
                          " shrinking to what is left (or failing).")
