@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DataError
+from .index import SHA256_HEX
+from .safe_paths import UnsafePathError, resolve_under
 
 
 class ShardCache:
@@ -43,7 +45,7 @@ class ShardCache:
     def local_copy(self, fs: Any, remote_path: str, sha256: str, size: int) -> Path:
         """The cached file of shard ``remote_path`` (``size`` bytes, ``sha256`` from the index),
         downloaded first if no process of this node has it."""
-        path = self.directory / f"{sha256}.tar"
+        path = self._file(sha256, f"{sha256}.tar")
         try:
             if path.stat().st_size == size:
                 os.utime(path)  # most recently used
@@ -52,7 +54,7 @@ class ShardCache:
             pass
         self.directory.mkdir(parents=True, exist_ok=True)
         self._make_room(size)
-        tmp = self.directory / f".{sha256}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
+        tmp = self._file(sha256, f".{sha256}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
         try:
             fs.get_file(remote_path, str(tmp))
             got = tmp.stat().st_size
@@ -62,6 +64,17 @@ class ShardCache:
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+    def _file(self, sha256: str, name: str) -> Path:
+        """``name`` inside the cache directory, built from a shard's ``sha256``: read_index validated it,
+        and it is checked again here because the name decides where bytes are written."""
+        if not isinstance(sha256, str) or not SHA256_HEX.fullmatch(sha256):
+            raise DataError(f"shard cache {self.directory}: {sha256!r:.80} is not a sha256 (64 lowercase hex "
+                            "digits); the shard's index.json is damaged: rebuild it with fm-train shard")
+        try:
+            return resolve_under(self.directory, name, what=f"shard cache {self.directory}")
+        except UnsafePathError as exc:  # only a symlink inside the cache directory can lead here
+            raise DataError(f"{exc}; remove it from the cache directory") from exc
 
     def _make_room(self, incoming: int) -> None:
         """Delete least recently used shards until ``incoming`` more bytes fit under ``max_bytes``."""
