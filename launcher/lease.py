@@ -257,8 +257,8 @@ class RunLease:
                              " may be writing this run")
                     continue
                 slot.replace(renewed)
-            except OSError as exc:  # a full disk or a store blip: the next renewal may succeed
-                self.say(f"warning: cannot renew lease {slot.where} ({exc})")
+            except Exception as exc:  # a full disk or a store blip (backends raise their own types): retried next time
+                self.say(f"warning: cannot renew lease {slot.where} ({type(exc).__name__}: {exc})")
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.timeout_s / 4):
@@ -275,9 +275,13 @@ class RunLease:
         if self._thread is not None:
             self._thread.join()
         for slot in reversed(self._held):
-            current = Holder.parse(slot.read() or b"")
-            if current is not None and current.token == self.me.token:
-                slot.remove()
+            try:
+                current = Holder.parse(slot.read() or b"")
+                if current is not None and current.token == self.me.token:
+                    slot.remove()
+            except Exception as exc:  # the run's own outcome matters more; the lease lapses after the timeout
+                self.say(f"warning: cannot remove lease {slot.where} ({type(exc).__name__}: {exc}); it lapses"
+                         f" {self.timeout_s:g} s after its last renewal")
         self._held.clear()
 
 
