@@ -82,10 +82,12 @@ def _launch_leased(cfg: FmConfig, address: str | None, run_dir: Path, options: L
         paths = RunPaths(run_dir=run_dir, run_dir_arg=cfg.run.dir, workdir=os.getcwd())
         outcome = train(cfg, paths, options, say)
         say(f"training {outcome.summary()}")
-        hf_dir = None
+        hf_dir = hf_uri = None
         if isinstance(outcome, Succeeded) and options.post_training and cfg.convert.at_end:
             hf_dir = convert_and_sample(run_dir, cfg, say)
-        _summary(run_dir, hf_dir, say)
+        if hf_dir is not None and cfg.run.storage is not None:
+            hf_uri = publish_results(hf_dir, cfg.run.storage, retries=cfg.checkpoint.upload_retries, say=say)
+        _summary(run_dir, hf_dir, say, hf_uri)
         return exit_code(outcome)
     finally:
         conn.close()
@@ -140,7 +142,17 @@ def convert_and_sample(run_dir: Path, cfg: FmConfig, say: Say) -> Path | None:
     return hf_dir
 
 
-def _summary(run_dir: Path, hf_dir: Path | None, say: Say) -> None:
+def publish_results(hf_dir: Path, storage: str, *, retries: int, say: Say) -> str | None:
+    """Upload the verified RUN/hf to ``<run.storage>/hf/`` (files, then its marker); that location, or
+    None when the upload failed (the model is then on this machine only, and the lines above say why)."""
+    uri = f"{storage.rstrip('/')}/hf"
+    say(f"uploading {hf_dir} to {uri}")
+    if _step(["publish", str(hf_dir), storage, "--retries", str(retries)], say) != 0:
+        return None
+    return uri
+
+
+def _summary(run_dir: Path, hf_dir: Path | None, say: Say, hf_uri: str | None = None) -> None:
     items = [("run directory", run_dir), ("resolved config", run_dir / "config.resolved.yaml"),
              ("metrics", run_dir / "metrics.jsonl"), ("logs", run_dir / "logs"),
              ("placement", run_dir / "placement.json"), ("checkpoints", run_dir / "checkpoints"),
@@ -149,3 +161,5 @@ def _summary(run_dir: Path, hf_dir: Path | None, say: Say) -> None:
     for name, path in items:
         if path is not None and path.exists():
             say(f"  {name:<19} {path}")
+    if hf_uri is not None:
+        say(f"  {'model in storage':<19} {hf_uri}")

@@ -1,8 +1,9 @@
 """Steps around training that need heavy libraries, run as subprocesses of the driver.
 
-``python -m launcher.steps corpus|convert|sample ...``: building the default corpus (data_shards),
-converting the final checkpoint (fm_train.convert) and sampling from the converted model
-(transformers) import torch; running them in a child process keeps the driver free of it.
+``python -m launcher.steps corpus|convert|publish|sample ...``: building the default corpus
+(data_shards), converting the final checkpoint (fm_train.convert), uploading the verified Hugging Face
+directory to ``run.storage`` and sampling from the converted model (transformers) import torch (or
+fsspec's backends); running them in a child process keeps the driver free of them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,19 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    from fm_train.engine.log_copies import publish_hf_dir
+
+    try:
+        publish_hf_dir(Path(args.hf_dir), args.storage, retries=args.retries, progress=print)
+    except Exception as exc:  # the stores raise their own types (botocore, aiohttp, OSError)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"uploading {args.hf_dir} to {args.storage} failed ({type(exc).__name__}: {first}); the verified"
+              f" model is in {args.hf_dir} only; run.storage holds no complete copy (no marker)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     import json
 
@@ -68,6 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output directory (replaced)")
     p.add_argument("--dtype", default="bf16", help="bf16 | fp16 | fp32")
     p.set_defaults(fn=_convert)
+    p = sub.add_parser("publish", help="upload a verified Hugging Face directory to <run.storage>/hf/")
+    p.add_argument("hf_dir", help="the converted, verified directory (RUN/hf)")
+    p.add_argument("storage", help="run.storage (an fsspec URI or a mounted directory)")
+    p.add_argument("--retries", type=int, default=5, help="retries per file (checkpoint.upload_retries)")
+    p.set_defaults(fn=_publish)
     p = sub.add_parser("sample", help="show what a Hugging Face directory computes (the family's sample)")
     p.add_argument("model", help="directory with config.json, weights and tokenizer")
     p.add_argument("--prompt", default="def ", help="text to continue (an encoder fills a [MASK] after it)")
