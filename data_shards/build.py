@@ -9,9 +9,11 @@ large the input is.
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import deque
@@ -24,7 +26,8 @@ from .encode import Decoded, Encoded, WorkerConfig, decode_task, encode_task, in
 from .errors import DataError
 from .index import TOKENIZER_DIRNAME, ShardIndex, dtype_for_vocab, member_stride, write_index
 from .inputs import InputFile, Segment, iter_segments, resolve_inputs
-from .output_dir import check_output, check_remote_output, commit, make_staging, upload
+from .output_dir import check_disjoint, check_output, check_remote_output, commit, upload
+from .staging import LOCAL_PREFIX, TEMP_PREFIX, make_staging, remove_stale_staging
 from .storage import Location, as_location
 from .tar_writer import ShardWriter
 from .tokenizer import TokenizerInfo, load_tokenizer_dir, sample_texts, save_tokenizer_dir, tokenizer_hash, train_bpe
@@ -93,8 +96,9 @@ class BuildSummary:
 def build_shards(opts: BuildOptions, files: Optional[list[InputFile]] = None) -> BuildSummary:
     """Build ``opts.out`` from ``opts.inputs`` (or from ``files``, already resolved); DataError on bad input.
 
-    Nothing is half-written: the build happens in a hidden folder inside ``opts.out`` that is
-    renamed into place at the end, index.json last.
+    Nothing is half-written: the build happens in a staging folder beside the old build (inside
+    ``opts.out``) whose files are renamed into place at the end, index.json last
+    (:func:`~data_shards.output_dir.commit`); staging folders of killed builds are removed first.
     """
     if (opts.tokenizer_dir is None) == (opts.vocab_size is None):
         raise DataError("give exactly one of --tokenizer DIR (use an existing tokenizer) or --vocab-size N (train one)")
@@ -106,31 +110,46 @@ def build_shards(opts: BuildOptions, files: Optional[list[InputFile]] = None) ->
     remote = not isinstance(out, Path)
     if remote:  # built in a local temp dir, then uploaded (index.json last)
         check_remote_output(out, opts.overwrite)
-        created, staging = False, Path(tempfile.mkdtemp(prefix="fm-train-shard-"))
+        created, parent, prefix = False, Path(tempfile.gettempdir()), TEMP_PREFIX
     else:
+        check_disjoint(out, [f.path for f in files if f.kind != "hf_cache"], opts.tokenizer_dir)
         check_output(out, opts.overwrite)
-        created = not out.exists()
-        staging = make_staging(out)
+        created, parent, prefix = not out.exists(), out, LOCAL_PREFIX
+    for line in remove_stale_staging(parent, prefix):
+        print(f"fm-train shard: {line}", file=sys.stderr)
+    staging = make_staging(parent, prefix)
     summary = BuildSummary(out=out, files=len(files))
     try:
-        tok = _get_tokenizer(opts, files)
-        save_tokenizer_dir(tok, staging / TOKENIZER_DIRNAME, source_dir=opts.tokenizer_dir,
-                           model_max_length=opts.seq_len)
-        summary.vocab_size, summary.dtype = tok.vocab_size, dtype_for_vocab(tok.vocab_size)
-        index = _write_shards(opts, files, tok, staging, summary)
-        write_index(staging, index)
+        index = _build_into(opts, files, staging, summary)
         if remote:
-            upload(staging, out, progress=opts.progress)
+            upload(staging, out, index, progress=opts.progress)
             shutil.rmtree(staging, ignore_errors=True)
         else:
-            commit(staging, out)
-    except BaseException:
+            commit(staging, out, index)
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if created and not any(out.iterdir()):
             out.rmdir()  # leave no trace of a failed build in a directory we made
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
+            raise DataError(f"--out {out}: {exc.strerror} while writing {exc.filename or staging}; free space on "
+                            "that filesystem (or choose another --out) and rerun") from None
         raise
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota, file size limit
+
+
+def _build_into(opts: BuildOptions, files: list[InputFile], staging: Path, summary: BuildSummary) -> ShardIndex:
+    """Tokenizer, shards and index.json of the whole build, written into ``staging``."""
+    tok = _get_tokenizer(opts, files)
+    save_tokenizer_dir(tok, staging / TOKENIZER_DIRNAME, source_dir=opts.tokenizer_dir,
+                       model_max_length=opts.seq_len)
+    summary.vocab_size, summary.dtype = tok.vocab_size, dtype_for_vocab(tok.vocab_size)
+    index = _write_shards(opts, files, tok, staging, summary)
+    write_index(staging, index)
+    return index
 
 
 def _get_tokenizer(opts: BuildOptions, files: list[InputFile]) -> TokenizerInfo:

@@ -97,10 +97,12 @@ def _build(args: argparse.Namespace):
 def _command_line(args: argparse.Namespace) -> str:
     """The command that rebuilds this directory, recorded in index.json for bad-shard errors."""
     tok = ["--tokenizer", str(args.tokenizer)] if args.tokenizer else ["--vocab-size", str(args.vocab_size or 8192)]
-    return shlex.join(["fm-train", "shard", *args.inputs, "--out", str(args.out), *tok, "--seq-len",
+    text = shlex.join(["fm-train", "shard", *args.inputs, "--out", str(args.out), *tok, "--seq-len",
                        str(args.seq_len), "--shard-size", str(args.shard_size), "--text-field", args.text_field,
                        "--txt-unit", args.txt_unit, "--split", args.split, "--on-bad-utf8", args.on_bad_utf8,
                        "--seed", str(args.seed)])
+    # index.json readers refuse control characters here (the text is printed in one-line errors)
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _verify(out: str) -> int:

@@ -7,8 +7,14 @@ in task order, so the shards are identical for any ``--workers``.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from itertools import chain
 from typing import Optional
@@ -59,11 +65,39 @@ def init_worker(config: WorkerConfig, own_process: bool = True) -> None:
     global _config, _tokenizer
     if own_process:  # one worker = one core: tokenizers' own thread pool would oversubscribe the machine
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        end_with_parent()
     _config = config
     if config.tokenizer_json is not None:
         from tokenizers import Tokenizer
 
         _tokenizer = Tokenizer.from_str(config.tokenizer_json)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_parent() -> None:
+    """Make this worker die when the process that started it dies, even by SIGKILL.
+
+    A pool worker otherwise waits on its task queue forever (it holds both ends of the queue's pipe,
+    so it never sees EOF). On Linux the kernel sends SIGKILL (``prctl(PR_SET_PDEATHSIG)``); elsewhere
+    a daemon thread polls the parent pid once a second.
+    """
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+            if os.getppid() != parent_pid:  # the parent died before the request took effect
+                os._exit(1)
+            return
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="watch-parent").start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def decode_task(task: list[Segment]) -> Decoded:
@@ -141,6 +175,9 @@ def _row_text(row: Optional[str], kind: str, path: str, line: int, out: Decoded)
     if kind == "jsonl" and row.strip():
         try:
             obj = json.loads(row)
+        except RecursionError:  # the decoder recurses per level: a hostile line must not crash the build
+            raise DataError(f"{path}:{line}: JSON nested too deep (over {sys.getrecursionlimit()} levels); fix or "
+                            "remove the line") from None
         except ValueError as exc:
             if not _valid(row):
                 _bad_utf8(path, line, out)

@@ -146,7 +146,6 @@ MAX_SEQ_LEN = 1 << 24
 MAX_VOCAB = 1 << 32  # uint32 token ids
 MAX_SHARD_BYTES = 1 << 40
 MAX_SAMPLES = 10**KEY_DIGITS  # member names hold the global sample number in KEY_DIGITS digits
-MAX_TEXT = 1 << 16  # created_by, source paths
 DTYPES = ("uint16", "uint32")
 END_OF_ARCHIVE = 2 * HEADER_BYTES  # the two zero blocks that close every shard
 SHARD_NAME = re.compile(r"shard-\d{6,}\.tar")  # what ShardWriter names its files, and nothing else
@@ -189,6 +188,14 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class BadIndexError(DataError):
+    """An index.json that fails validation; ``problem`` is the message without the rebuild advice."""
+
+    def __init__(self, message: str, problem: str) -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
 class _IndexCheck:
     """The field checks of one index.json; every failure names the file, the field and the rebuild."""
 
@@ -198,8 +205,8 @@ class _IndexCheck:
     def fail(self, field: str, problem: str) -> NoReturn:
         """Raise the DataError for ``field`` (empty: the whole file)."""
         where = f"{self.path}: {field}" if field else str(self.path)
-        raise DataError(f"{where} {problem}; it is not an index fm-train wrote: rebuild the directory with "
-                        f"`fm-train shard ... --out {self.directory} --overwrite`")
+        raise BadIndexError(f"{where} {problem}; it is not an index fm-train wrote: rebuild the directory with "
+                            f"`fm-train shard ... --out {self.directory} --overwrite`", f"{where} {problem}")
 
     def integer(self, value: object, field: str, low: int, high: int) -> int:
         """``value`` as an int in ``[low, high]`` (a bool, float or string is refused, not converted)."""
@@ -215,10 +222,12 @@ class _IndexCheck:
             self.fail(field, f"is {_show(value)}, but {why} make it {expected}")
         return value
 
-    def text(self, value: object, field: str, pattern: re.Pattern[str] | None = None, expected: str = "") -> str:
-        """``value`` as a short string without control characters, matching ``pattern`` if given."""
-        if not isinstance(value, str) or len(value) > MAX_TEXT or _CONTROL.search(value):
-            self.fail(field, f"is {_show(value)}, not a short single-line string")
+    def text(self, value: object, field: str, pattern: re.Pattern[str] | None = None, expected: str = "", *,
+             one_line: bool = True) -> str:
+        """``value`` as a string matching ``pattern`` if given; ``one_line``: without control characters
+        (it is printed in messages, where a newline would forge a line of output)."""
+        if not isinstance(value, str) or (one_line and _CONTROL.search(value)):
+            self.fail(field, f"is {_show(value)}, not a {'single-line ' if one_line else ''}string")
         if pattern is not None and not pattern.fullmatch(value):
             self.fail(field, f"is {_show(value)} ({expected})")
         return value
@@ -305,7 +314,7 @@ class _IndexCheck:
                 if key == "bytes":
                     self.integer(value, f"sources[{i}].bytes", 0, 1 << 62)
                 else:
-                    self.text(value, f"sources[{i}].{key}")
+                    self.text(value, f"sources[{i}].{key}", one_line=False)  # a record, never opened
         return list(raw)
 
     def totals(self, raw: object) -> dict[str, int]:

@@ -1,67 +1,123 @@
-"""The output directory of a shard build: refuse to clobber, stage in a temp dir, commit by renames.
+"""The output directory of a shard build: refuse to clobber or to overlap the inputs, stage beside the
+old build, commit by renames.
 
-Only files this tool owns are ever removed: ``index.json``, the ``tokenizer/`` folder and the shards
-that the old ``index.json`` names. ``index.json`` is moved in last, so a directory without it is
-never mistaken for a finished build.
+``--overwrite`` removes only what the old build recorded writing: ``tokenizer/`` and the shards its
+``index.json`` lists, and only after that index passed :func:`~data_shards.index.read_index` (every
+name then is ``shard-NNNNNN.tar``, the writer's own). An ``index.json`` that does not pass is a data
+file of unknown origin, so the build is refused before it starts, naming the problem: no name read
+from it is ever deleted. The old files are moved into the staging folder and deleted with it after
+the new ``index.json`` is in place; ``index.json`` is removed first and moved in last, so a directory
+without it is never mistaken for a finished build, and a build killed in between leaves only a
+staging folder that the next run removes (:mod:`data_shards.staging`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 from .errors import DataError
-from .index import INDEX_NAME, TOKENIZER_DIRNAME
+from .index import INDEX_NAME, TOKENIZER_DIRNAME, BadIndexError, ShardIndex, read_index
 from .storage import Location, remote_error
 
+_REPLACED = ".replaced"  # inside the staging folder: the old build's files, deleted with the folder
 
-def _owned_shards(out: Path) -> list[str]:
-    """Shard file names the existing index.json lists (empty if there is none or it is unreadable)."""
+
+def recorded_files(out: Location) -> list[str]:
+    """Names the build already in ``out`` recorded writing (its tokenizer/ and shards); DataError when its
+    index.json is not one fm-train wrote, since then nothing in it may decide what is deleted."""
     try:
-        return [s["name"] for s in json.loads((out / INDEX_NAME).read_text(encoding="utf-8"))["shards"]]
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
+        has_index = (out / INDEX_NAME).exists()
+    except Exception as exc:  # object storage: listing refused, bucket missing
+        raise remote_error(out, exc) from exc
+    if not has_index:
+        return [TOKENIZER_DIRNAME]
+    try:
+        index = read_index(out)
+    except BadIndexError as exc:
+        raise DataError(f"--out {out} holds an index.json fm-train cannot take as the record of its own files "
+                        f"({exc.problem}); --overwrite deletes only files a valid index lists, so move "
+                        f"{out / INDEX_NAME} away yourself (and the shards it names, if they are yours to delete) "
+                        "or choose another --out") from None
+    return [TOKENIZER_DIRNAME] + [s.name for s in index.shards]
 
 
 def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an --out that is a file, or that already holds shards unless ``overwrite``."""
+    """Refuse an --out that is a file, that already holds shards unless ``overwrite``, or whose old
+    index.json cannot say what --overwrite may delete (checked now, before any tokenizing)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory")
-    if not out.is_dir() or overwrite:
+    if not out.is_dir():
         return
-    held = [p.name for p in (out / INDEX_NAME, out / TOKENIZER_DIRNAME) if p.exists()]
+    if overwrite:
+        recorded_files(out)
+        return
+    held = [p.name for p in (out / INDEX_NAME, out / TOKENIZER_DIRNAME) if os.path.lexists(p)]
     held += sorted(p.name for p in out.glob("shard-*.tar"))[:3]
     if held:
         raise DataError(f"--out {out} already holds shards ({', '.join(held)}); pass --overwrite to replace them "
                         "(other files there are kept) or choose another --out")
 
 
-def make_staging(out: Path) -> Path:
-    """A fresh hidden folder inside ``out`` (same filesystem, so the commit is a set of renames)."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    return staging
+def _overlap(out: str, inp: str) -> str | None:
+    """How real path ``out`` overlaps real path ``inp``: "is", "lies inside", "contains", or None."""
+    if out == inp:
+        return "is"
+    if os.path.commonpath([out, inp]) == inp:
+        return "lies inside"
+    if os.path.commonpath([out, inp]) == out:
+        return "contains"
+    return None
 
 
-def commit(staging: Path, out: Path) -> None:
-    """Replace ``out``'s shards, tokenizer and index with the staged ones; index.json last."""
-    old_shards = _owned_shards(out)
+def check_disjoint(out: Path, inputs: list[str], tokenizer_dir: Path | None = None) -> None:
+    """Refuse an --out that is, contains or lies inside an input (file, saved dataset directory), naming
+    both: the build would read what it writes, and --overwrite could delete an input. The --tokenizer
+    directory may lie inside --out (rebuilding a directory with its own tokenizer: it is read into memory
+    before anything is replaced), but --out may not be or lie inside it."""
+    real_out = os.path.realpath(out)
+    for inp in inputs:
+        relation = _overlap(real_out, os.path.realpath(inp))
+        if relation is not None:
+            raise DataError(f"--out {out} {relation} the input {inp}; choose an --out outside the inputs")
+    if tokenizer_dir is not None:
+        relation = _overlap(real_out, os.path.realpath(tokenizer_dir))
+        if relation in ("is", "lies inside"):
+            raise DataError(f"--out {out} {relation} the --tokenizer directory {tokenizer_dir}; choose an --out "
+                            "outside it")
+
+
+def _refuse_blocked(out: Path, names: list[str]) -> None:
+    """A real directory where the commit would put or remove a shard file is not ours: refuse before
+    anything moves, so the commit cannot fail half-way."""
+    for name in names:
+        path = out / name
+        if name != TOKENIZER_DIRNAME and path.is_dir() and not path.is_symlink():
+            raise DataError(f"--out {out}: {path} is a directory where fm-train keeps a shard file; move it away "
+                            "and rerun")
+
+
+def commit(staging: Path, out: Path, index: ShardIndex) -> None:
+    """Replace the build in ``out`` with the one staged in ``staging`` (whose shards ``index`` lists).
+
+    The old build's recorded files are moved into the staging folder (never deleted one by one from
+    ``out``), the new ones renamed in, index.json last; then the staging folder is deleted with the
+    old files in it."""
+    old = recorded_files(out)
+    new = [TOKENIZER_DIRNAME] + [s.name for s in index.shards]
+    _refuse_blocked(out, old + new)
+    replaced = staging / _REPLACED
+    replaced.mkdir()
     (out / INDEX_NAME).unlink(missing_ok=True)  # from here on the directory reads as unfinished
-    for name in old_shards:
-        if "/" not in name and name != INDEX_NAME:
-            (out / name).unlink(missing_ok=True)
-    if (out / TOKENIZER_DIRNAME).exists():
-        shutil.rmtree(out / TOKENIZER_DIRNAME)
-    for path in sorted(staging.iterdir()):
-        if path.name != INDEX_NAME:
-            os.replace(path, out / path.name)
+    for name in old:
+        if os.path.lexists(out / name):
+            os.replace(out / name, replaced / name)
+    for name in new:
+        os.replace(staging / name, out / name)
     os.replace(staging / INDEX_NAME, out / INDEX_NAME)
-    staging.rmdir()
     _fsync_dir(out)
+    shutil.rmtree(staging)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,8 +129,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def check_remote_output(out: Location, overwrite: bool) -> None:
-    """Refuse an object-store --out that already holds a finished build unless ``overwrite``; a
-    missing bucket or a refused listing is an error before any tokenizing starts."""
+    """Refuse an object-store --out that already holds a finished build unless ``overwrite``, or whose
+    index.json cannot say what --overwrite may delete; a missing bucket or a refused listing is an
+    error before any tokenizing starts."""
     try:
         held = (out / INDEX_NAME).exists()
     except Exception as exc:
@@ -82,31 +139,31 @@ def check_remote_output(out: Location, overwrite: bool) -> None:
     if held and not overwrite:
         raise DataError(f"--out {out} already holds shards ({INDEX_NAME}); pass --overwrite to replace them "
                         "or choose another --out")
+    if held:
+        recorded_files(out)
 
 
-def upload(staging: Path, out: Location, *, progress: bool = True) -> None:
+def upload(staging: Path, out: Location, index: ShardIndex, *, progress: bool = True) -> None:
     """Copy a finished local build to object storage: ``index.json`` of a previous build removed first
     (the prefix then reads as unfinished), then shards and tokenizer, then ``index.json`` last, so a
     reader never sees an index whose shards are not all there. Old shards the new index does not
-    name are deleted after the commit."""
+    name are deleted after the commit: only those a valid old index lists."""
     from tqdm import tqdm
 
     fs, root = out.fs, out.path.rstrip("/")
-    index = f"{root}/{INDEX_NAME}"
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != INDEX_NAME)
+    old_shards = set(recorded_files(out)) - {TOKENIZER_DIRNAME}
+    files = sorted(p for p in (staging / TOKENIZER_DIRNAME).rglob("*") if p.is_file())
+    files += [staging / s.name for s in index.shards]
     try:
-        old_shards: set[str] = set()
-        if fs.exists(index):
-            old_shards = {s["name"] for s in json.loads(fs.cat_file(index)).get("shards", [])}
-            fs.rm_file(index)
+        if old_shards:
+            fs.rm_file(f"{root}/{INDEX_NAME}")
         with tqdm(total=sum(p.stat().st_size for p in files), unit="B", unit_scale=True,
                   desc=f"uploading to {out}", disable=not progress) as bar:
             for path in files:
                 fs.put_file(str(path), f"{root}/{path.relative_to(staging).as_posix()}")
                 bar.update(path.stat().st_size)
-        fs.put_file(str(staging / INDEX_NAME), index)
-        for name in sorted(old_shards - {p.name for p in files if p.parent == staging}):
-            if "/" not in name:
-                fs.rm_file(f"{root}/{name}")
+        fs.put_file(str(staging / INDEX_NAME), f"{root}/{INDEX_NAME}")
+        for name in sorted(old_shards - {s.name for s in index.shards}):
+            fs.rm_file(f"{root}/{name}")
     except Exception as exc:
         raise remote_error(out, exc) from exc
