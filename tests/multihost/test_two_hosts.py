@@ -17,11 +17,12 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
 
 from chaos_runs import (
+    EVERY,
     STEPS,
     assert_same_training,
     failures,
@@ -50,10 +51,10 @@ def two_host_config(run: Path, corpus: Path, **cluster: object) -> dict:
 
 
 def launch(network: Network, cluster: RayCluster, config: Path, log: Path, *, timeout_s: float = 400,
-           during: Callable[[], None] | None = None) -> tuple[int, str]:
-    """``fm-train launch CONFIG --address HEAD`` on host a; ``during`` runs in a thread meanwhile."""
+           during: Callable[[], None] | None = None, args: Sequence[str] = ()) -> tuple[int, str]:
+    """``fm-train launch CONFIG --address HEAD [ARGS]`` on host a; ``during`` runs in a thread meanwhile."""
     driver = host(network, "a").popen([BIN / "fm-train", "launch", config, "--address", cluster.address,
-                                       "--failure-grace-s", "3", "--placement-timeout-s", "60"],
+                                       "--failure-grace-s", "3", "--placement-timeout-s", "60", *args],
                                       cluster.env(), log=log, cwd=ROOT)
     thread = threading.Thread(target=during, daemon=True) if during else None
     if thread:
@@ -214,6 +215,48 @@ def test_losing_the_second_host_the_run_finishes_on_the_first(network: Network, 
            f" difference after it {worst:.1e}; run {time.monotonic() - started:.0f}s")
 
 
+def test_losing_the_second_host_inside_a_checkpoint_save_the_run_finishes_on_the_first(
+        network: Network, cluster: RayCluster, corpus: Path, tmp_path: Path):
+    """Host b powers off while both ranks are inside the save of step 12, held there by the save's test
+    hook (FM_TRAIN_TEST_HOLD_SAVE), so the loss lands inside the save every time. The rank on host a
+    then fails in the save's next collective: a lost peer (exit 5), not a checkpoint error (exit 2,
+    which would end the run); the launcher shrinks to host a and resumes from step 6, still latest."""
+    run, hold = tmp_path / "run", tmp_path / "hold"  # both on the machine's shared filesystem
+    hold.mkdir()
+    tag = f"step_{2 * EVERY:08d}"  # the second save: the first must stay latest
+    (hold / tag).touch()
+    b = host(network, "b")
+    lost: dict[str, int] = {}
+
+    def power_off_b_inside_the_save() -> None:
+        deadline = time.monotonic() + 300
+        while not all((hold / f"{tag}.rank_{r:05d}").exists() for r in range(2)):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+        lost["killed"] = b.kill_all()
+        (hold / tag).unlink()  # the survivor goes on into the save, without its peer
+
+    cfg = two_host_config(run, corpus, min_workers=1, node_wait_s=5)
+    command = f"env FM_TRAIN_TEST_HOLD_SAVE={hold} {{python}} -m fm_train.cli worker {{config}}"
+    try:
+        code, out = launch(network, cluster, write_config(tmp_path / "config.yaml", cfg), tmp_path / "driver.log",
+                           during=power_off_b_inside_the_save, args=["--worker-command", command])
+    finally:
+        revive(network, cluster)
+    assert lost.get("killed"), f"the save of {tag} was never held on both ranks:\n{out[-3000:]}"
+    assert code == 0, out[-4000:]
+    assert "free disk space" not in out and "not restarting" not in out, out[-4000:]
+    assert all(r.get("exit_code") != 2 for r in failures(run)), failures(run)
+    logs = "".join((run / "logs" / f"rank_{r:03d}.log").read_text() for r in range(2))
+    assert f"saving {tag} stopped because a peer or the network went away" in logs, logs[-3000:]
+    changes = [r for r in failures(run) if r["kind"] == "layout_change"]
+    assert len(changes) == 1 and changes[0]["to"] == {"workers": 1, "grad_accum": 2}, failures(run)
+    assert changes[0]["step"] == EVERY, changes  # the step before the interrupted save stayed latest
+    assert sorted(train_records(run)) == list(range(1, STEPS + 1))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:08d}"
+
+
 def test_with_object_storage_only_the_run_survives_a_kill_on_the_second_host_and_converts(
         network: Network, cluster: RayCluster, corpus: Path, reference: Path, tmp_path: Path):
     """No shared filesystem: the shards and the checkpoints live in an S3 store (moto's server on host a,
@@ -276,3 +319,8 @@ def test_with_object_storage_only_the_run_survives_a_kill_on_the_second_host_and
     latest = a.run([sys.executable, "-c", f"import fsspec; print(fsspec.filesystem('s3').cat_file("
                     f"'{bucket}/run/checkpoints/latest').decode().strip())"], cluster.env()).stdout.strip()
     assert latest == f"step_{STEPS:08d}"
+    # The converted model reached the bucket too, its marker last (run.storage holds the run's results).
+    assert f"model in storage    s3://{bucket}/run/hf" in out, out[-3000:]
+    marker = a.run([sys.executable, "-c", f"import fsspec; print(sorted(__import__('json').loads(fsspec.filesystem("
+                    f"'s3').cat_file('{bucket}/run/hf/.uploaded.json'))['files']))"], cluster.env()).stdout
+    assert "config.json" in marker and ".safetensors" in marker, marker
