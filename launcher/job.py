@@ -6,6 +6,7 @@ Everything heavy (corpus building, conversion, sampling) runs in child processes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -61,10 +62,16 @@ def launch(config: str | Path | None, overrides: Sequence[str], options: LaunchO
     """Run the full flow; return the process exit status (0 only when training succeeded)."""
     cfg, address, _ = load_run_config(config, overrides, options, say)
     run_dir = Path(cfg.run.dir).resolve()
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    # Before anything starts or writes: a second launch on this run is refused, naming the first.
-    with run_lease(run_dir, cfg.run.storage, say):
-        return _launch_leased(cfg, address, run_dir, options, say)
+    try:
+        # Before anything starts or writes: a second launch on this run is refused, naming the first.
+        with run_lease(run_dir, cfg.run.storage, say):
+            return _launch_leased(cfg, address, run_dir, options, say)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when still empty: a launch that never started leaves no run dir
 
 
 def _launch_leased(cfg: FmConfig, address: str | None, run_dir: Path, options: LaunchOptions, say: Say) -> int:
