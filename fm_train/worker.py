@@ -170,11 +170,11 @@ def run_worker(cfg: FmConfig) -> int:
         sources = engine_data.prepare_sources(cfg, is_rank0=is_rank0)
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
-        resume_from, universal = checkpointing.resume_point(cfg, topo)
+        resume_from = checkpointing.resume_point(cfg, topo)
         init = _initial_weights(cfg, resuming=resume_from is not None)
         module = family_of(cfg.model).build_train_module(cfg, groups, init=init)
         _report_init_read(init, env.rank)
-        engine, scheduler = build_engine(cfg, module, mpu=_engine_mpu(topo, groups), load_universal=universal)
+        engine, scheduler = build_engine(cfg, module, mpu=_engine_mpu(topo, groups))
         state = TrainState(lr_scheduler=scheduler)
         if resume_from is not None:
             checkpointing.restore(engine, resume_from, cfg, state, tokenizer_hash)

@@ -105,17 +105,16 @@ def test_stop_request_turns_signals_into_a_flag() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_dp_change_needs_universal_only_for_partitioned_state(tmp_path: Path) -> None:
-    from fm_train.checkpoint.resume import needs_conversion, needs_reshard
+def test_dp_change_is_resharded_only_for_partitioned_state(tmp_path: Path) -> None:
+    from fm_train.checkpoint.resume import needs_reshard
 
     d = _fake_step(tmp_path, 1, complete=True)  # ZeRO-2, dp2
     m = json.loads((d / "manifest.json").read_text())
-    assert not needs_conversion(m, Topology(world=2))
-    assert needs_conversion(m, Topology(world=1))
+    assert not needs_reshard(m, 1, 1, 2, dp=2)
+    assert needs_reshard(m, 1, 1, 2, dp=1)
     m["topology"]["zero_stage"] = 0  # whole optimizer state in mp_rank_00_model_states.pt
-    assert not needs_conversion(m, Topology(world=1))
-    # tp, pp or ZeRO-stage changes are resharded at load time, never converted to universal.
+    assert not needs_reshard(m, 1, 1, 0, dp=1)
+    # tp, pp or ZeRO-stage changes are resharded too: one path for every layout change.
     m["topology"]["zero_stage"] = 2
-    assert not needs_conversion(m, Topology(world=2, tp=2)) and needs_reshard(m, 2, 1, 2)
-    assert not needs_conversion(m, Topology(world=1), zero_stage=1) and needs_reshard(m, 1, 1, 1)
+    assert needs_reshard(m, 2, 1, 2, dp=1) and needs_reshard(m, 1, 1, 1, dp=2)
     assert not needs_reshard(m, 1, 1, 2) and not needs_reshard(m, 1, 1, None)

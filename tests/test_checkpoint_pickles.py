@@ -1,7 +1,8 @@
 """Resume loads no arbitrary pickles: a checkpoint file holding an object whose unpickling runs code is
 refused, naming the file, on the same layout (DeepSpeed's load through fm-train's checkpoint engine)
-and on a dp change (before DeepSpeed's universal converter unpickles it); ``checkpoint.trust_pickles``
-loads it anyway. The payload only creates a directory, so the test can see whether it ran."""
+and on a dp change (fm-train's resharding reads every file ``weights_only``); a step directory holding
+a symlink is refused naming it; ``checkpoint.trust_pickles`` loads it anyway. The payload only creates
+a directory, so the test can see whether it ran."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def test_resume_refuses_a_planted_pickle_naming_the_file(saved: Path, tmp_path: 
     assert not marker.exists(), "the payload ran"
 
 
-def test_a_dp_change_checks_pickles_before_the_universal_converter(saved: Path, tmp_path: Path) -> None:
+def test_a_dp_change_checks_pickles_before_resharding(saved: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(saved / "run", run)
     marker = tmp_path / "payload-ran"
@@ -94,6 +95,38 @@ def test_a_dp_change_checks_pickles_before_the_universal_converter(saved: Path, 
     got = run_distributed(S.resume_auto, 1, args=(S.run_raw(saved / "data", run, workers=1), str(run), 3))[0]
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt does not load with weights_only=True" in got.get("error", ""), got
     assert not marker.exists() and not (run / "checkpoints/step_00000002/universal").exists()
+
+
+def _crafted_universal(step_dir: Path, where: Path, marker: Path) -> None:
+    """What DeepSpeed's universal loader would read for one parameter: ``universal/zero/<name>/fp32.pt``,
+    holding a payload, written in ``where`` (outside the step or inside it)."""
+    where.mkdir(parents=True)
+    torch.save({"param": torch.ones(2), "extra": Payload(marker)}, where / "fp32.pt")
+
+
+@pytest.mark.parametrize("linked", [True, False], ids=["symlinked-folder", "planted-folder"])
+def test_a_cached_universal_folder_is_never_loaded(saved: Path, tmp_path: Path, linked: bool) -> None:
+    """Issue 25, finding 1: a dp-size change reused ``step_*/universal/``, which no checksum covers, and
+    DeepSpeed unpickled a crafted ``fp32.pt`` in a symlinked folder of it. Now a symlink anywhere in a
+    step refuses the step (naming it), and a planted folder is never read: the dp change is resharded
+    from the files the manifest vouches for."""
+    run = tmp_path / "run"
+    shutil.copytree(saved / "run", run)
+    marker = tmp_path / "payload-ran"
+    step = run / "checkpoints/step_00000002"
+    zero = step / "universal/zero"
+    zero.mkdir(parents=True)
+    if linked:
+        _crafted_universal(step, tmp_path / "elsewhere/embed_tokens.weight", marker)
+        (zero / "embed_tokens.weight").symlink_to(tmp_path / "elsewhere/embed_tokens.weight", target_is_directory=True)
+    else:
+        _crafted_universal(step, zero / "embed_tokens.weight", marker)
+    got = run_distributed(S.resume_auto, 1, args=(S.run_raw(saved / "data", run, workers=1), str(run), 3))[0]
+    assert not marker.exists(), "the payload ran"
+    if linked:
+        assert "universal/zero/embed_tokens.weight (a symlink" in got.get("error", ""), got
+    else:
+        assert got.get("step") == 2, got
 
 
 def test_trust_pickles_loads_it(saved: Path, tmp_path: Path) -> None:

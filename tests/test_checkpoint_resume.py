@@ -1,4 +1,4 @@
-"""Resume for real with DeepSpeed on gloo: same layout bit-identical, dp2 -> dp1 via universal checkpoint."""
+"""Resume for real with DeepSpeed on gloo: same layout bit-identical, dp2 -> dp1 resharded by fm-train."""
 
 from __future__ import annotations
 
@@ -29,17 +29,17 @@ def _train_save_continue(raw: dict, run_dir: str, save_at: int, last: int) -> li
 
 def _resume_and_train(raw: dict, run_dir: str, last: int) -> dict:
     """A fresh process group: find the resume point, convert if needed, load, train to ``last``."""
-    from fm_train.checkpoint import find_resume_point, load_checkpoint, prepare_resume
+    from fm_train.checkpoint import find_resume_point, load_checkpoint
     from fm_train.config import build_config
-    from fm_train.dist import Topology
+    from fm_train.engine.checkpointing import current_layout
 
     cfg = build_config(raw)
     step_dir = find_resume_point(Path(run_dir), "auto")
-    path, universal = prepare_resume(step_dir, Topology(world=cfg.world_size))
-    engine = S.build_engine(cfg, load_universal=universal)
-    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash="tok-test")
+    engine = S.build_engine(cfg)
+    manifest = load_checkpoint(engine, step_dir, config=cfg, tokenizer_hash=S.tokenizer_hash_for(cfg),
+                               layout=current_layout(cfg))
     step = manifest["step"]
-    return {"step": step, "universal": universal, "path": str(path), "tokens": manifest["tokens_seen"],
+    return {"step": step, "path": str(step_dir), "tokens": manifest["tokens_seen"],
             "losses": S.train_steps(engine, step + 1, last)}
 
 
@@ -48,17 +48,18 @@ def test_same_layout_resume_is_bit_identical(tmp_path: Path, zero_stage: int) ->
     raw = S.tiny_raw(zero_stage, 2)
     full = run_distributed(_train_save_continue, 2, args=(raw, str(tmp_path), 5, 10))[0]
     resumed = run_distributed(_resume_and_train, 2, args=(raw, str(tmp_path), 10))[0]
-    assert resumed["step"] == 5 and not resumed["universal"]
+    assert resumed["step"] == 5
     assert resumed["tokens"] == 5 * S.GLOBAL_BATCH * S.SEQ
     assert resumed["losses"] == full[5:]  # bit-identical, not approximately equal
     assert full[9] < full[0]  # it did train
 
 
 @pytest.mark.parametrize("zero_stage", [2])
-def test_resume_dp2_to_dp1_through_universal_checkpoint(tmp_path: Path, zero_stage: int) -> None:
+def test_resume_dp2_to_dp1_resharded(tmp_path: Path, zero_stage: int) -> None:
     full = run_distributed(_train_save_continue, 2, args=(S.tiny_raw(zero_stage, 2), str(tmp_path), 4, 8))[0]
     resumed = run_distributed(_resume_and_train, 1, args=(S.tiny_raw(zero_stage, 1), str(tmp_path), 8))[0]
-    assert resumed["universal"] and resumed["path"].endswith("step_00000004/universal")
+    assert resumed["path"].endswith("step_00000004")
+    assert not (tmp_path / "checkpoints/step_00000004/universal").exists()  # no DeepSpeed universal conversion
     assert len(resumed["losses"]) == 4
     for got, want in zip(resumed["losses"], full[4:]):
         assert abs(got - want) <= 1e-4 * abs(want), (resumed["losses"], full[4:])

@@ -38,7 +38,7 @@ def tiny_raw(zero_stage: int, workers: int, *, precision: str = "fp32", tokenize
     }
 
 
-def ds_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
+def ds_config(cfg: FmConfig) -> dict[str, Any]:
     """DeepSpeed JSON for the tiny loop (torch Adam: no fused op to compile on CPU)."""
     out: dict[str, Any] = {
         "train_batch_size": cfg.global_batch,
@@ -56,8 +56,6 @@ def ds_config(cfg: FmConfig, *, load_universal: bool = False) -> dict[str, Any]:
     }
     if cfg.precision == "bf16":
         out["bf16"] = {"enabled": True}
-    if load_universal:
-        out["checkpoint"] = {"load_universal": True}
     return out
 
 
@@ -72,7 +70,7 @@ def global_batch(step: int, vocab: int = VOCAB) -> torch.Tensor:
     return torch.cat(out, dim=1)
 
 
-def build_engine(cfg: FmConfig, *, load_universal: bool = False):
+def build_engine(cfg: FmConfig):
     """A DeepSpeed engine around the dense tiny model (the other engineers' builder stands in later)."""
     import deepspeed
 
@@ -80,7 +78,7 @@ def build_engine(cfg: FmConfig, *, load_universal: bool = False):
 
     module = build_train_module(cfg)
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                           config=ds_config(cfg, load_universal=load_universal))
+                                           config=ds_config(cfg))
     return engine
 
 
@@ -104,6 +102,15 @@ def train_steps(engine, first: int, last: int) -> list[float]:
     return losses
 
 
+def tokenizer_hash_for(cfg: FmConfig) -> str:
+    """The hash the loop records: of ``data.sources[0].path/tokenizer`` when there is one (the converter
+    checks it), else a stand-in for runs that never convert."""
+    from data_shards.tokenizer import tokenizer_hash
+
+    path = Path(cfg.data.sources[0].path) / "tokenizer" / "tokenizer.json"
+    return tokenizer_hash(path.read_text()) if path.is_file() else "tok-test"
+
+
 def make_manifest(cfg: FmConfig, step: int) -> dict[str, Any]:
     """A manifest as the loop would build it for the tiny dense model."""
     from fm_train.checkpoint import build_manifest
@@ -111,7 +118,7 @@ def make_manifest(cfg: FmConfig, step: int) -> dict[str, Any]:
 
     topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     return build_manifest(cfg, topo, data_state={"version": 1, "next_index": step * GLOBAL_BATCH},
-                          tokens_seen=step * GLOBAL_BATCH * SEQ, tokenizer_hash="tok-test")
+                          tokens_seen=step * GLOBAL_BATCH * SEQ, tokenizer_hash=tokenizer_hash_for(cfg))
 
 
 def write_tokenizer(root: Path) -> Path:
@@ -164,15 +171,16 @@ def resume_auto(raw: dict[str, Any], run_dir: str, last: int) -> dict[str, Any]:
     """
     from fm_train.checkpoint import CheckpointError, load_checkpoint
     from fm_train.dist import Topology
-    from fm_train.engine.checkpointing import resume_point
+    from fm_train.engine.checkpointing import current_layout, resume_point
 
     cfg = build_config(raw)
     try:
-        path, universal = resume_point(cfg, Topology(world=cfg.world_size))
+        path = resume_point(cfg, Topology(world=cfg.world_size))
         if path is None:
             return {"fresh": True}
-        engine = build_engine(cfg, load_universal=universal)
-        step = load_checkpoint(engine, path, config=cfg, tokenizer_hash="tok-test")["step"]
+        engine = build_engine(cfg)
+        step = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash_for(cfg),
+                               layout=current_layout(cfg))["step"]
     except CheckpointError as exc:
         return {"error": str(exc)}
     return {"step": step, "path": str(path), "losses": train_steps(engine, step + 1, last)}

@@ -190,3 +190,102 @@ def test_partial_step_dir_is_skipped_after_a_kill(trained: Path, tmp_path: Path,
     assert any("step_00000004" in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records)
     out = convert_checkpoint(run, tmp_path / "hf", dtype="fp32", verify=False)
     assert "| steps | 3 |" in (out / "README.md").read_text()
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["run", "checkpoints", "step", "holder"])
+def test_an_output_overlapping_its_input_is_refused_and_nothing_is_lost(trained: Path, tmp_path: Path, capsys,
+                                                                        where: str) -> None:
+    """Issue 25, finding 2: ``--out RUN --overwrite`` deleted the run (also RUN/checkpoints, a step, the
+    directory holding the run). Each is refused naming both paths; the run is byte for byte as before."""
+    holder = tmp_path / "holder"
+    run = holder / "run"
+    shutil.copytree(trained / "run", run)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _listing(holder)
+    out = {"run": run, "checkpoints": run / "checkpoints", "step": run / "checkpoints/step_00000003",
+           "holder": holder}[where]
+    code, err = _run([str(run), "--out", str(out), "--overwrite", "--dtype", "fp32"], capsys)
+    assert code == 2 and f"--out {out}" in err, err
+    assert "overlaps" in err or "holds the run directory" in err, err
+    assert _listing(holder) == before
+
+
+def test_overwrite_deletes_only_what_the_old_export_wrote(trained: Path, tmp_path: Path, capsys) -> None:
+    """The old export is swapped out by rename; only the files its record lists go (names checked: a
+    hostile ``../`` entry deletes nothing outside), a user's file is kept and named; a directory fm-train
+    did not write is refused by --overwrite."""
+    import json
+
+    out, victim = tmp_path / "hf", tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    code, err = _run([str(trained / "run"), "--out", str(out), "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    (out / "notes.txt").write_text("mine")
+    record = json.loads((out / ".fm-train-export.json").read_text())
+    assert "model.safetensors" in record["files"] and "config.json" in record["files"]
+    record["files"].append("../victim.txt")
+    (out / ".fm-train-export.json").write_text(json.dumps(record))
+    code, err = _run([str(trained / "run"), "--out", str(out), "--overwrite", "--dtype", "fp32"], capsys)
+    assert code == 0, err
+    assert victim.read_text() == "keep me" and (out / "model.safetensors").is_file()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("hf.kept-")]
+    assert len(kept) == 1 and _listing(kept[0]) == ["notes.txt"] and str(kept[0]) in err, err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    code, err = _run([str(trained / "run"), "--out", str(mine), "--overwrite"], capsys)
+    assert code == 2 and "was not written by fm-train convert" in err, err
+    assert _listing(mine) == ["thesis.tex"]
+
+
+def test_the_export_honours_the_umask(trained: Path, tmp_path: Path, capsys) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        code, err = _run([str(trained / "run"), "--out", str(tmp_path / "hf"), "--no-verify"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert (tmp_path / "hf").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "hf/config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_tokenizer_other_than_the_runs_is_refused_naming_both_hashes(trained: Path, tmp_path: Path, capsys) -> None:
+    """Issue 25, finding 4: after the data directory was rebuilt from other text, the export shipped the
+    wrong tokenizer. The manifest's tokenizer hash now decides: a rebuilt data dir or a wrong --tokenizer is
+    refused naming both hashes; the run's own tokenizer, given explicitly, converts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["other text entirely, rebuilt"] * 20,
+                            trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(
+        str(tmp_path / "rebuilt/tokenizer"))
+    for step in ("step_00000002", "step_00000003"):
+        _rewrite_manifest(run / "checkpoints" / step,
+                          lambda m: m["config"]["data"]["sources"][0].update(path=str(tmp_path / "rebuilt")))
+    want = json_manifest(run)["data"]["tokenizer_hash"]
+    code, err = _run([str(run), "--out", str(tmp_path / "hf"), "--no-verify"], capsys)
+    assert code == 2 and want[:12] in err and str(tmp_path / "rebuilt/tokenizer") in err, err
+    assert not (tmp_path / "hf").exists()
+    code, err = _run([str(run), "--out", str(tmp_path / "hf"), "--no-verify", "--tokenizer",
+                      str(tmp_path / "rebuilt/tokenizer")], capsys)
+    assert code == 2 and "tokenizer hash" in err, err
+    code, err = _run([str(run), "--out", str(tmp_path / "hf"), "--no-verify", "--tokenizer",
+                      str(trained / "data/tokenizer")], capsys)
+    assert code == 0, err
+
+
+def json_manifest(run: Path) -> dict:
+    import json
+
+    return json.loads((run / "checkpoints/step_00000003/manifest.json").read_text())

@@ -10,7 +10,7 @@ weight and moment with the source step: equal to 1e-6, read through each checkpo
 
 The targets also change the ZeRO stage, so that the resharding writes into every kind of optimizer:
 ZeRO-1/2 fragments, ZeRO-3 partitions and a plain torch AdamW (ZeRO-0). dp2 -> dp1 keeps ZeRO-2 and
-goes through DeepSpeed's universal checkpoint, as any dp-only change does.
+is resharded by fm-train, as any layout change is.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from fm_train.checkpoint.layout import (
     is_complete,
     list_step_dirs,
     read_latest,
+    symlink_problems,
 )
 from fm_train.checkpoint.manifest import read_manifest
 
@@ -67,6 +68,7 @@ def check_step(step_dir: Path) -> list[str]:
         local = find_damage(step_dir, manifest, rank=collective.rank(), world=collective.world())
     except CheckpointError as exc:
         local = [f"{MANIFEST} ({exc})"]
+    local += symlink_problems(step_dir)  # every rank: with a run.dir per node, each looks at its own disk
     problems: list[str] = []
     for part in collective.all_gather(local):
         problems += [p for p in part if p not in problems]

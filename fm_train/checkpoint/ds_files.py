@@ -72,23 +72,15 @@ def load_ds_file(path: Path, *, trust: bool, hint: str = CONVERT_HINT) -> dict[s
     return safe_torch_load(path, trust=trust, mmap=True, hint=hint)
 
 
-def pickle_files(root: Path) -> list[Path]:
-    """Every ``.pt`` file under ``root``, sorted (what :func:`scan_pickles` checks)."""
-    return sorted(Path(root).rglob("*.pt"))
+def scan_pickles(files: list[Path], *, hint: str = RESUME_HINT) -> int:
+    """Open each of ``files`` with ``weights_only=True`` (memory-mapped: only the pickle is read) and raise
+    naming the first that needs more. Returns how many were checked.
 
-
-def scan_pickles(root: Path, *, hint: str = RESUME_HINT, files: list[Path] | None = None) -> int:
-    """Open every ``.pt`` file under ``root`` (or just ``files``) with ``weights_only=True``
-    (memory-mapped: only the pickle is read) and raise naming the first that needs more. Returns how
-    many were checked.
-
-    For loads fm-train cannot route through :func:`safe_torch_load` (DeepSpeed's universal-checkpoint
-    loader and its ``ds_to_universal`` call ``torch.load(weights_only=False)`` themselves): a file whose
-    pickle passes the restricted unpickler names no other callable, so the full unpickler then runs
-    nothing else either.
+    Run before DeepSpeed reads a step, so that every rank refuses alike instead of one rank failing
+    inside DeepSpeed's load while its peers wait in a collective.
     """
     count = 0
-    for path in pickle_files(root) if files is None else files:
+    for path in files:
         safe_torch_load(path, trust=False, mmap=True, hint=hint)
         count += 1
     return count

@@ -35,6 +35,9 @@ from fm_train.checkpoint.layout import (
     parse_step,
     write_latest,
 )
+from data_shards.safe_paths import UnsafePathError, resolve_under
+from fm_train.checkpoint.integrity import ALGORITHM, file_digest
+from fm_train.checkpoint.manifest import check_manifest
 from fm_train.checkpoint.node_files import HELD, files_for_ranks, write_held
 from fm_train.checkpoint.upload import storage_root
 from fm_train.dist import Topology
@@ -49,7 +52,9 @@ def _read_text(location: Any) -> str | None:
         return None
 
 
-def _get(remote: Any, local: Path) -> None:
+def _get(remote: Any, local: Path, digest: str | None = None, algorithm: str = ALGORITHM) -> None:
+    """Copy ``remote`` to ``local`` through a temporary name; with ``digest``, the copy must hash to it
+    before it takes the name (a changed object in storage never lands as a step's file)."""
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
     try:
@@ -57,9 +62,21 @@ def _get(remote: Any, local: Path) -> None:
             shutil.copyfile(remote, tmp)
         else:
             remote.fs.get_file(remote.path, str(tmp))
+        if digest is not None and file_digest(tmp, algorithm) != digest:
+            raise CheckpointError(f"{remote} does not match the {algorithm} its manifest records: the object changed "
+                                  "after the save; the step cannot be resumed from storage (restore the object or "
+                                  "point latest at an intact step)")
         tmp.replace(local)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _local(step_dir: Path, rel: str, manifest_uri: Any) -> Path:
+    """Where file ``rel`` of a manifest read from storage lands: inside ``step_dir``, or refused."""
+    try:
+        return resolve_under(step_dir, rel, what=f"{manifest_uri}: files")
+    except UnsafePathError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def committed_latest(storage: str) -> str:
@@ -100,7 +117,11 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
     if parse_step(name) is None or text is None:
         raise CheckpointError(f"{root / LATEST} names {name!r}, which has no {MANIFEST} in storage; it is not a"
                               " committed checkpoint (delete the latest object or point it at a committed step)")
-    manifest = json.loads(text)
+    try:
+        manifest = json.loads(text)
+        check_manifest(manifest, where=str(root / name / MANIFEST))
+    except (ValueError, CheckpointError) as exc:  # JSONDecodeError; the field and file-name checks
+        raise CheckpointError(f"{root / name / MANIFEST}: not a manifest fm-train can read ({exc})") from None
     ckpt_dir = checkpoints_dir(run_dir)
     for step, path in list_step_dirs(ckpt_dir) if ckpt_dir.is_dir() else []:
         if step > parse_step(name):
@@ -122,8 +143,10 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
         say(f"fetching {name} from {root}: {len(missing)} of {len(every)} files{whose}, {total / 2**20:.1f} MiB")
         (step_dir / MANIFEST).unlink(missing_ok=True)  # not a checkpoint until every file is here
         done = 0
+        checksums = manifest.get("checksums") or {}
+        digests, algorithm = checksums.get("files", {}), checksums.get("algorithm", ALGORITHM)
         for i, rel in enumerate(missing, 1):
-            _get(root / name / rel, step_dir / rel)
+            _get(root / name / rel, _local(step_dir, rel, root / name / MANIFEST), digests.get(rel), algorithm)
             done += int(sizes.get(rel) or 0)
             if i % 16 == 0 or i == len(missing):
                 say(f"  {i}/{len(missing)} files, {done / 2**20:.1f} of {total / 2**20:.1f} MiB")

@@ -15,10 +15,11 @@ import re
 import tempfile
 from pathlib import Path
 
+from data_shards.safe_paths import symlinks_in
+
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
-UNIVERSAL = "universal"  # DeepSpeed universal checkpoint cached inside a step dir (prepare_resume)
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
 
@@ -94,6 +95,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def symlink_problems(step_dir: Path) -> list[str]:
+    """One entry per symlink under ``step_dir``: fm-train writes none, and a link would let a step read (and
+    DeepSpeed unpickle) files that no checksum of its manifest covers."""
+    return [f"{rel} (a symlink; a step directory holds only files, copy the target in its place)"
+            for rel in symlinks_in(step_dir)]
+
+
+def refuse_symlinks(step_dir: Path) -> None:
+    """Raise a :class:`CheckpointError` naming every symlink under ``step_dir``."""
+    problems = symlink_problems(step_dir)
+    if problems:
+        raise CheckpointError(f"{step_dir} is refused: " + ", ".join(problems))
 
 
 def read_latest(ckpt_dir: Path) -> Path | None:

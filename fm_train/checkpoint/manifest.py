@@ -42,6 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from data_shards.safe_paths import UnsafePathError, relative_name
 from fm_train.checkpoint.layout import MANIFEST, CheckpointError, atomic_write_text
 from fm_train.checkpoint.node_files import read_held
 from fm_train.config import FmConfig
@@ -139,6 +140,24 @@ def check_manifest(manifest: Mapping[str, Any], *, where: str) -> None:
     if manifest["version"] > VERSION:
         raise CheckpointError(f"{where}: manifest version {manifest['version']} is newer than this fm-train "
                               f"reads ({VERSION}); upgrade fm-train")
+    check_file_names(manifest, where=where)
+
+
+def check_file_names(manifest: Mapping[str, Any], *, where: str) -> None:
+    """Every file name the manifest records is a plain name inside its step directory, of the kind fm-train
+    writes (:mod:`data_shards.safe_paths`): resume, fetch and convert open or create files by these names."""
+    checksums = manifest.get("checksums") or {}
+    rng = manifest.get("rng") or {}
+    for field, names in (("files", manifest.get("files", {})), ("checksums.files", checksums.get("files", {})),
+                         ("rng.files", rng.get("files", []) if isinstance(rng, Mapping) else None)):
+        if not isinstance(names, (Mapping, list)):
+            raise CheckpointError(f"{where}: field {field} is not a list of file names")
+        for name in names:
+            try:
+                relative_name(name, what=f"{where}: {field}", strict=True)
+            except UnsafePathError as exc:
+                raise CheckpointError(f"{exc}; fm-train does not write such names: this manifest was altered, "
+                                      "do not resume or convert this step") from None
 
 
 def write_manifest(step_dir: Path, manifest: Mapping[str, Any]) -> Path:

@@ -153,9 +153,13 @@ def _restore_engine_state(engine: Any, state: Mapping[str, Any]) -> None:
     """LR scheduler and DeepSpeed's step counters, as ``engine.load_checkpoint`` would set them."""
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and state.get("lr_scheduler") is not None:
-        scheduler.load_state_dict(_fit_groups(state["lr_scheduler"], scheduler.state_dict()))
-        # load_state_dict restores the counter but not the rate the optimizer holds right now.
-        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        saved = state["lr_scheduler"]
+        scheduler.load_state_dict(_fit_groups(saved, scheduler.state_dict()))
+        # load_state_dict restores the counter but not the rate the optimizer holds right now (DeepSpeed's
+        # own load takes it from the optimizer's saved groups). torch's schedulers save their last rate;
+        # DeepSpeed's (WarmupLR, ...) save only the iteration, of which their rate is a closed form.
+        rates = scheduler.get_last_lr() if "_last_lr" in saved else scheduler.get_lr()
+        for group, lr in zip(scheduler.optimizer.param_groups, rates):
             group["lr"] = lr
     for attr in ("global_steps", "global_samples", "skipped_steps"):
         if state.get(attr) is not None:

@@ -28,12 +28,13 @@ from fm_train.checkpoint.probe import read_probe
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
     copy_tokenizer,
-    find_tokenizer,
+    matching_tokenizer,
     hf_config,
     write_generation_config,
     write_readme,
 )
 from fm_train.families import family_of
+from fm_train.convert.out_dir import check_disjoint, publish, write_record
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_param_shapes, hf_to_fm, without_padding
 from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
 from fm_train.convert.verify_probe import verify_against_probe
@@ -51,20 +52,6 @@ def _check_shapes(have: Mapping[str, torch.Size], model_fields: Mapping[str, Any
     if missing or extra or wrong:
         raise ConvertError(f"{where} does not match the model its manifest describes: missing {missing[:5]}, "
                            f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
-
-
-def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` (overwrite) is moved aside first, then removed."""
-    old = None
-    if out.exists():
-        if not overwrite:
-            raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=str(out.parent)))
-        old.rmdir()
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor], *,
@@ -125,7 +112,8 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
             progress(f"verified: max abs logit diff {report.max_abs_diff:.2e}")
         if readme is not None:
             readme(tmp, verified)
-        _publish(tmp, out, overwrite)
+        write_record(tmp)
+        publish(tmp, out, overwrite, progress)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -166,11 +154,10 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     if Path(out).exists() and not overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
     run_dir = step_dir.parent.parent
-    if tokenizer is None and not no_tokenizer:
-        tokenizer, tried = find_tokenizer(manifest["config"], run_dir)
-        if tokenizer is None:
-            raise ConvertError("no tokenizer found (looked in " + ", ".join(str(p) for p in tried)
-                               + "); pass --tokenizer DIR, or --no-tokenizer to export weights without one")
+    if not no_tokenizer:
+        tokenizer = matching_tokenizer(manifest, run_dir, tokenizer, progress)
+    check_disjoint(Path(out), {"checkpoint": step_dir, "checkpoints directory": step_dir.parent,
+                               "tokenizer": tokenizer}, run_dir=run_dir)
     where = step_dir if in_storage is None else in_storage
     progress(f"reading {where} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
              f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fm_train.convert.errors import ConvertError
 from fm_train.families import family_of
@@ -27,6 +27,45 @@ def find_tokenizer(config: Mapping[str, Any], run_dir: Path) -> tuple[Path | Non
         if (c / "tokenizer_config.json").is_file() or (c / "tokenizer.json").is_file():
             return c, candidates
     return None, candidates
+
+
+def _hash_of(directory: Path) -> str | None:
+    """The shards' tokenizer hash of ``directory`` (its canonical ``tokenizer.json``), None without one."""
+    from data_shards.tokenizer import tokenizer_hash
+
+    path = directory / "tokenizer.json"
+    try:
+        return tokenizer_hash(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def matching_tokenizer(manifest: Mapping[str, Any], run_dir: Path, given: Path | None,
+                       progress: Callable[[str], None]) -> Path:
+    """The tokenizer the checkpoint was trained with: ``given`` (``--tokenizer``) or the first of
+    :func:`find_tokenizer`'s candidates, accepted only when its hash equals the manifest's
+    ``data.tokenizer_hash`` (a data directory rebuilt from other text must not ship its tokenizer)."""
+    want = (manifest.get("data") or {}).get("tokenizer_hash")
+    if given is not None:
+        candidates = [Path(given)]
+    else:
+        found, candidates = find_tokenizer(manifest["config"], run_dir)
+        candidates = [c for c in candidates if (c / "tokenizer.json").is_file() or c == found]
+    seen = []
+    for candidate in candidates:
+        have = _hash_of(candidate)
+        if want is None or have == want:
+            if want is None:
+                progress(f"the manifest records no tokenizer hash (written by an older fm-train): {candidate} "
+                         "is not checked against the shards the run trained on")
+            return candidate
+        seen.append(f"{candidate} (hash {have[:12] if have else 'none: no tokenizer.json'})")
+    if not seen:
+        raise ConvertError("no tokenizer found (looked in " + ", ".join(str(p) for p in candidates)
+                           + "); pass --tokenizer DIR, or --no-tokenizer to export weights without one")
+    raise ConvertError(f"the checkpoint was trained with tokenizer hash {want[:12]} (manifest data.tokenizer_hash) "
+                       f"but {', '.join(seen)} differ: its shards were rebuilt or another tokenizer was given; pass "
+                       "--tokenizer DIR with the tokenizer the run trained on, or --no-tokenizer")
 
 
 def copy_tokenizer(src: Path, out_dir: Path, specials: Mapping[str, str] | None = None) -> tuple[int | None, int | None, int]:

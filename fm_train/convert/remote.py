@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST
+from data_shards.safe_paths import UnsafePathError, key_under, resolve_under
+from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST, parse_step
 from fm_train.config.storage_uri import uri_errors, uri_scheme
 from fm_train.convert.errors import ConvertError
 
@@ -45,7 +46,10 @@ def _step_in_storage(root: Any) -> Any:
             return folder
         latest = folder / LATEST
         if latest.exists():
-            step = folder / latest.read_text().strip()
+            name = latest.read_text().strip()
+            if parse_step(name) is None:
+                raise ConvertError(f"{latest} names {name[:80]!r}, which is not a step directory name (step_XXXXXXXX)")
+            step = folder / name
             if (step / MANIFEST).exists():
                 return step
             raise ConvertError(f"{latest} names {step.name}, which has no {MANIFEST}: not a committed checkpoint")
@@ -58,12 +62,16 @@ def _download_tree(remote: Any, local: Path, progress: Progress, *, skip_hidden:
     fs, base = remote.fs, remote.path.rstrip("/")
     total = 0
     for path, info in sorted(fs.find(base, detail=True).items()):
-        rel = path[len(base) + 1:]
+        try:
+            rel = key_under(base, path, what=str(remote)).as_posix()
+        except UnsafePathError as exc:
+            raise ConvertError(f"{exc}; fm-train writes no such keys: the bucket was altered, convert another step")\
+                from None
         if skip_hidden and any(part.startswith(".") for part in rel.split("/")):
             continue  # upload markers (.uploaded/, .failed/)
         if skip_suffix is not None and rel.endswith(skip_suffix):
             continue
-        target = local / rel
+        target = resolve_under(local, rel, what=str(remote))
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(path, str(target))
         total += int(info.get("size") or 0)

@@ -21,7 +21,7 @@ from fm_train.engine.zero3_master import share_fp32_master_partitions
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
 
-def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_universal: bool = False,
+def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
                  ds_config: dict[str, Any] | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
     """Wrap ``module`` in a DeepSpeed engine: ``forward(input_ids, labels) -> loss``, or a
     ``PipelineModule``, for which DeepSpeed returns a ``PipelineEngine`` (driven by ``train_batch``).
@@ -29,8 +29,7 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_univ
     ``mpu`` is the groups object (Megatron-style ``get_data_parallel_group`` etc.) that DeepSpeed
     needs when tp > 1 without a pipeline, so that it reduces gradients over dp only and checks the
     batch size against dp, not the world; with a pipeline it must be None (DeepSpeed takes the grid
-    from the module). ``load_universal``: the checkpoint to resume was saved on another dp size
-    (``fm_train.engine.checkpointing.resume_point``). ``ds_config`` overrides the rendered config
+    from the module). ``ds_config`` overrides the rendered config
     (benchmarks, tests). Activation checkpointing, when configured, is applied here, before DeepSpeed
     hooks the module; a pipeline's stages already checkpoint their blocks (``build_pipeline``), and
     wrapping them again would recompute each block twice.
@@ -43,7 +42,7 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None, load_univ
         apply_activation_checkpointing(module, blocks)
     if cfg.parallel.compile:  # after checkpointing: the compiled call runs the checkpointed forward
         compile_blocks(module, blocks)
-    config = ds_config if ds_config is not None else deepspeed_config(cfg, load_universal=load_universal)
+    config = ds_config if ds_config is not None else deepspeed_config(cfg)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
     engine, _, _, scheduler = deepspeed.initialize(

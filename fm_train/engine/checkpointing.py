@@ -22,28 +22,23 @@ from fm_train.engine.loop import StepHook
 from fm_train.engine.state import TrainState
 
 
-def resume_point(cfg: FmConfig, topology: Topology) -> tuple[Path | None, bool]:
-    """``(path to load or None, needs_universal)`` for ``checkpoint.resume``; every rank calls it.
+def resume_point(cfg: FmConfig, topology: Topology) -> Path | None:
+    """The step directory to load for ``checkpoint.resume``, or None; every rank calls it.
 
-    ``needs_universal`` must reach the engine's config (``load_universal``) before it is built.
     Damaged checkpoints are skipped loudly; nothing but damaged ones stops the start unless
     ``checkpoint.allow_fresh_start`` (see :func:`fm_train.checkpoint.find_resume_point`). With
     ``run.storage`` and ``resume: auto``, each node first fetches what its ranks need of the newest
     step committed there that its ``run.dir`` lacks (one rank per disk downloads).
     """
-    from fm_train.checkpoint import find_resume_point, prepare_resume
+    from fm_train.checkpoint import find_resume_point
 
     if cfg.run.storage is not None and cfg.checkpoint.resume == "auto":
         from fm_train.checkpoint.fetch import fetch_on_each_node
 
         fetch_on_each_node(cfg.run.storage, Path(cfg.run.dir), topology=topology, zero_stage=cfg.parallel.zero_stage)
 
-    step_dir = find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume,
-                                 allow_fresh_start=cfg.checkpoint.allow_fresh_start)
-    if step_dir is None:
-        return None, False
-    return prepare_resume(step_dir, topology, zero_stage=cfg.parallel.zero_stage,
-                          trust=cfg.checkpoint.trust_pickles)
+    return find_resume_point(Path(cfg.run.dir), cfg.checkpoint.resume,
+                             allow_fresh_start=cfg.checkpoint.allow_fresh_start)
 
 
 def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainState,

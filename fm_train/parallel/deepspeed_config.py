@@ -112,14 +112,11 @@ def optimizer_section(cfg: FmConfig, accelerator: Accelerator = "cpu") -> dict[s
     return {"type": "AdamW", "params": params}
 
 
-def deepspeed_config(cfg: FmConfig, *, load_universal: bool = False,
-                     accelerator: Accelerator | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` (pass it as ``deepspeed.initialize(config=...)``).
 
     The batch triple is derived once from the config: ``train_batch_size = micro_batch x grad_accum x
     dp`` (``cfg.global_batch``), which DeepSpeed re-checks against its own data-parallel size.
-    ``load_universal`` is a fact of the checkpoint being resumed (saved on another dp size, see
-    ``fm_train.checkpoint.prepare_resume``), not of the config, hence an argument.
 
     ``accelerator``: the device kind the engine will run on; None detects this process's (and then
     also checks ``precision`` against the hardware: an error for bf16 on a GPU without it, a warning
@@ -138,7 +135,8 @@ def deepspeed_config(cfg: FmConfig, *, load_universal: bool = False,
         "optimizer": optimizer_section(cfg, accelerator),
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
+        # Never DeepSpeed's universal loader (it unpickles fully): fm-train reshards every layout change.
+        "checkpoint": {"load_universal": False},
     }
     config.update(precision_sections(cfg))
     return config
