@@ -14,7 +14,7 @@ Public API (what the training engine calls)::
 
     make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
-                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
+                      verify_sha256: bool = True, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
                       skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
                       objective: MaskedLM | None = None) -> DataStream
@@ -29,7 +29,8 @@ Public API (what the training engine calls)::
 
     make_val_loader(sources, *, seq_len, micro_batch, dp_rank, dp_size, seed, val_fraction,
                     max_batches: int, on_bad_shard: str = "fail", skip_shards: Iterable[str] = (),
-                    cache: ShardCache | None = None, objective: MaskedLM | None = None) -> DataStream
+                    cache: ShardCache | None = None, objective: MaskedLM | None = None,
+                    verify_sha256: bool = True) -> DataStream
         Finite stream of the same batch dicts over the held-out split, identical on every call; give
         it the training stream's on_bad_shard and skip_shards so both leave out the same shards.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
@@ -27,6 +28,7 @@ from .sample_reader import SampleReader
 from .shard_cache import ShardCache
 from .sources import SourcesInfo, bad_shard_message, check_sources, shard_problem
 from .state import make_state, parse_state, receipt_update
+from .verify import ShardVerifier, marker_dir
 
 
 @dataclass
@@ -118,7 +120,7 @@ class DataStream:
 
 def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                       dp_size: int, seed: int, num_workers: int = 0, on_bad_shard: str = "fail",
-                      verify_sha256: bool = False, val_fraction: float = 0.0, shuffle: str = "global",
+                      verify_sha256: bool = True, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
                       skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
                       objective: MaskedLM | None = None) -> DataStream:
@@ -134,6 +136,8 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     ``cache``: where shards of object-store sources are kept on local disk (None: ranged GETs).
     ``objective``: None for next-token batches (``labels`` = the sample shifted by one), or a
     :class:`~data_shards.masking.MaskedLM` for an encoder's masked-token batches.
+    ``verify_sha256``: check each shard's sha256 against index.json when this process (or, through
+    markers, another of the node) first reads it (:mod:`data_shards.verify`); a mismatch is a bad shard.
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if num_workers < 0:
@@ -152,18 +156,20 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
 def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                     dp_size: int, seed: int, val_fraction: float, max_batches: int, on_bad_shard: str = "fail",
                     skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
-                    objective: MaskedLM | None = None) -> DataStream:
+                    objective: MaskedLM | None = None, verify_sha256: bool = True) -> DataStream:
     """Finite validation stream of one dp rank: the same batches on every call, at most ``max_batches``.
 
     Validation samples are the held-out tails of the shards (``val_fraction`` of each source), mixed
     by the source weights; every rank gets the same number of batches. ``on_bad_shard`` and
     ``skip_shards`` work as in :func:`make_train_loader`; pass the training stream's, so that a shard
     left out of training is left out of validation too (its tail would otherwise stop the run).
+    ``verify_sha256`` as in :func:`make_train_loader`.
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if val_fraction <= 0:
         raise DataError("validation needs data.val_fraction > 0 (the share of samples held out)")
-    plan = _make_plan(sources, seq_len, seed, on_bad_shard, False, val_fraction, "window", 1, set(skip_shards), cache)
+    plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, "window", 1, set(skip_shards),
+                      cache)
     total = plan.val.total_samples if plan.val is not None else 0
     steps = min(max_batches, total // (micro_batch * dp_size))
     if steps < 1:
@@ -181,7 +187,12 @@ def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:
 def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad_shard: str, verify_sha256: bool,
                val_fraction: float, shuffle: str, shuffle_window: int, skip_also: set[str],
                cache: ShardCache | None) -> _Plan:
-    """Check the sources, find bad shards (the same on every rank: it depends only on the files) and orders."""
+    """Check the sources, find bad shards (the same on every rank: it depends only on the files) and orders.
+
+    The start-up check is the cheap one (sizes and two headers per shard) whatever ``verify_sha256``:
+    hashing every shard here would make every rank read all the data before its first step; the
+    reader hashes each shard as it first opens it instead.
+    """
     if on_bad_shard not in ("fail", "skip"):
         raise DataError(f"data.on_bad_shard must be 'fail' or 'skip', got {on_bad_shard!r}")
     if not 0 <= val_fraction < 1:
@@ -198,7 +209,7 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
         left_out = np.zeros(len(index.shards), dtype=bool)
         for i, entry in enumerate(index.shards):
             key = f"{s}:{entry.name}"
-            problem = shard_problem(directory, index, entry, verify_sha256)
+            problem = shard_problem(directory, index, entry)
             if problem is not None and on_bad_shard == "fail":
                 raise DataError(bad_shard_message(directory, index, entry.name, problem))
             if problem is not None or key in skip_also:
@@ -215,7 +226,25 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
     config = {"seed": seed, "weights": mixer.weights, "shuffle": shuffle, "shuffle_window": shuffle_window,
               "val_fraction": val_fraction, "samples": [ix.num_samples for ix in info.indexes]}
     return _Plan(info=info, train=StreamOrder(train_orders, mixer, first), val=_val_order(val_orders, weights, first),
-                 reader=SampleReader(info.paths, info.indexes, cache), skipped=skipped, config=config)
+                 reader=SampleReader(info.paths, info.indexes, cache, _verifier(info, cache) if verify_sha256 else None),
+                 skipped=skipped, config=config)
+
+
+def _verifier(info: SourcesInfo, cache: ShardCache | None) -> ShardVerifier:
+    """The reader's sha256 check on first open, its node-wide markers in the shard cache when there is one.
+
+    Object-store shards are checked by the cache as they are downloaded; those read by ranged GETs
+    (no cache, or larger than it) are not: a process reads only its share of a shard's samples, and
+    hashing means downloading the whole object again in every process, which is the cache's job.
+    """
+    for directory, index in zip(info.paths, info.indexes):
+        ranged = [e.name for e in index.shards if cache is None or not cache.holds(e.bytes)]
+        if not isinstance(directory, Path) and ranged:
+            warnings.warn(f"data.verify_sha256: {len(ranged)} shards of {directory} are read by ranged GETs, so "
+                          "their sha256 is not checked as they are read; set data.cache_dir (and data.cache_gb "
+                          f"above the shard size) to check each one as it is downloaded, or run `fm-train shard "
+                          f"--verify --out {directory}`")
+    return ShardVerifier(marker_dir(cache.directory if cache is not None else None))
 
 
 def _val_order(orders: list[ValOrder], weights: list[float], first: list[np.ndarray]) -> Optional[StreamOrder]:

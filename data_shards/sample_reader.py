@@ -9,6 +9,10 @@ for the whole batch at once with numpy, so the per-sample Python work is one sys
 Shards on object storage are read the same way through ranged GETs (a batch's samples that lie next
 to each other in a shard share one request, and a batch's requests run concurrently), or, with a
 :class:`~data_shards.shard_cache.ShardCache`, downloaded whole once and then read like local files.
+
+With a :class:`~data_shards.verify.ShardVerifier`, a local shard's sha256 is checked the first time
+it is opened, before any of its samples is returned (a cached one was checked as it was downloaded);
+a mismatch is a :class:`BadShardError` like any other bad shard.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .index import HEADER_BYTES, KEY_DIGITS, ShardIndex, member_data_bytes, memb
 from .shard_cache import ShardCache
 from .sources import bad_shard_message
 from .storage import Location
+from .verify import ShardVerifier, sha256_problem
 
 _MAX_OPEN = 128  # file descriptors kept open per process
 _POWERS = 10 ** np.arange(KEY_DIGITS - 1, -1, -1, dtype=np.int64)
@@ -34,8 +39,8 @@ class SampleReader:
     """Reads samples ``(source, shard, local)`` of shard directories built with one tokenizer and seq_len."""
 
     def __init__(self, directories: list[Location], indexes: list[ShardIndex],
-                 cache: ShardCache | None = None) -> None:
-        self.directories, self.indexes, self.cache = directories, indexes, cache
+                 cache: ShardCache | None = None, verifier: ShardVerifier | None = None) -> None:
+        self.directories, self.indexes, self.cache, self.verifier = directories, indexes, cache, verifier
         first = indexes[0]
         self.sample_tokens, self.stride = first.sample_tokens, first.stride_bytes
         self.vocab_size = max(ix.vocab_size for ix in indexes)  # one tokenizer for all (check_sources)
@@ -175,10 +180,21 @@ class SampleReader:
             message = bad_shard_message(self.directories[source], self.indexes[source], entry.name,
                                         f"unreadable ({exc.strerror})")
             raise BadShardError(message, key=f"{source}:{entry.name}") from exc
+        if self.verifier is not None and not self._remote[source]:
+            self._verify(fd, source, entry.name, entry.sha256)
         self._fds[key] = fd
         if len(self._fds) > _MAX_OPEN:
             os.close(self._fds.popitem(last=False)[1])
         return fd
+
+    def _verify(self, fd: int, source: int, name: str, expected: str) -> None:
+        """Raise BadShardError (and close ``fd``) if the shard's bytes are not the ones index.json hashed."""
+        assert self.verifier is not None
+        got = self.verifier.mismatch(fd, expected)
+        if got is not None:
+            os.close(fd)
+            raise BadShardError(bad_shard_message(self.directories[source], self.indexes[source], name,
+                                                  sha256_problem(expected, got)), key=f"{source}:{name}")
 
     def close(self) -> None:
         """Close the open shard files."""

@@ -25,6 +25,7 @@ from typing import Any
 from .errors import DataError
 from .index import SHA256_HEX
 from .safe_paths import UnsafePathError, resolve_under
+from .verify import check_download
 
 
 class ShardCache:
@@ -60,6 +61,7 @@ class ShardCache:
             got = tmp.stat().st_size
             if got != size:
                 raise DataError(f"shard {remote_path} downloaded with {got} bytes, index.json says {size}")
+            check_download(tmp, remote_path, sha256)  # its name promises these bytes to the node's processes
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)

@@ -190,7 +190,9 @@ class DataConfig(_Section):
         "fail", description="A bad shard: fail (stop, naming it) or skip (leave it out on every rank; one found"
                             " mid-run is recorded in RUN/bad_shards/ and left out after a restart from the last"
                             " checkpoint).")
-    verify_sha256: bool = Field(False, description="Check each shard's sha256 against index.json on open.")
+    verify_sha256: bool = Field(True, description="Check each shard's sha256 against index.json the first time a"
+                                " node reads it (a mismatch is a bad shard); object-store shards only through"
+                                " data.cache_dir.")
     val_fraction: float = Field(0.01, ge=0.0, lt=0.5, description="Share of samples held out for validation.")
     shuffle: Literal["global", "window"] = Field(
         "global", description="Training order of each epoch: global (a pseudorandom permutation of all of a"

@@ -142,5 +142,6 @@ def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, val_fraction=d.val_fraction, max_batches=cfg.train.eval_batches,
         on_bad_shard=d.on_bad_shard, skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective,
+        verify_sha256=d.verify_sha256,
     )
     return lambda: stream  # every iter() of a DataStream starts again from its first batch
