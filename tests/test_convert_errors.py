@@ -289,3 +289,40 @@ def json_manifest(run: Path) -> dict:
     import json
 
     return json.loads((run / "checkpoints/step_00000003/manifest.json").read_text())
+
+
+@pytest.mark.parametrize("damage", ["missing_tensor", "wrong_vocabulary", "not_safetensors"])
+def test_a_damaged_probe_is_named_as_such(trained: Path, tmp_path: Path, capsys, damage: str) -> None:
+    """Issue 25, finding 12: a probe missing a tensor ended in a KeyError, one of another shape was reported
+    as tensor-parallel shards out of order. Each is now one line naming the probe (digests rewritten, as
+    an attacker or a bad copy would leave them)."""
+    from safetensors.torch import load_file, save_file
+
+    from fm_train.checkpoint.integrity import file_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    step_dir = run / "checkpoints/step_00000003"
+    probe = step_dir / "probe.safetensors"
+    record = load_file(str(probe))
+    if damage == "missing_tensor":
+        del record["logsumexp"]
+        save_file(record, str(probe))
+    elif damage == "wrong_vocabulary":
+        record["logits"] = record["logits"][..., :7].contiguous()
+        save_file(record, str(probe))
+    else:
+        probe.write_bytes(b"\x00" * 64)
+
+    def fix_digest(manifest: dict) -> None:
+        manifest["checksums"]["files"]["probe.safetensors"] = file_digest(probe)
+        manifest["files"]["probe.safetensors"] = probe.stat().st_size
+
+    _rewrite_manifest(step_dir, fix_digest)
+    code, err = _run([str(run), "--out", str(tmp_path / "hf"), "--dtype", "fp32"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("fm-train convert: error:"), err
+    assert "probe" in last and "out of order" not in last, last
+    want = {"missing_tensor": "no tensor logsumexp", "wrong_vocabulary": "does not belong to its model",
+            "not_safetensors": "cannot read the probe"}[damage]
+    assert want in last, last

@@ -25,6 +25,9 @@ from typing import Any, Mapping
 
 import torch
 
+from data_shards.safe_paths import UnsafePathError, resolve_under
+from fm_train.checkpoint.layout import MANIFEST, CheckpointError
+
 PROBE_FILE = "probe.safetensors"
 PROBE_SEED = 20261128
 PROBE_ROWS = 2
@@ -83,13 +86,49 @@ def manifest_entry(record: Mapping[str, torch.Tensor], *, precision: str) -> dic
 
 
 def read_probe(step_dir: Path, manifest: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The probe record the manifest names, or None for a checkpoint saved without one."""
+    """The probe record the manifest names, checked field by field (:func:`check_probe`), or None for a
+    checkpoint saved without one. A file that is not such a record is a :class:`CheckpointError` naming it."""
     entry = manifest.get("probe")
     if not entry:
         return None
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    return load_file(str(Path(step_dir) / entry["file"]))
+    try:
+        path = resolve_under(step_dir, entry.get("file") if isinstance(entry, Mapping) else None,
+                             what=f"{Path(step_dir) / MANIFEST}: probe.file", strict=True)
+        record = load_file(str(path))
+    except (UnsafePathError, SafetensorError, OSError) as exc:
+        raise CheckpointError(f"cannot read the probe of {step_dir}: {exc}") from None
+    check_probe(record, path)
+    return record
+
+
+def check_probe(record: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Refuse a probe record whose fields are missing or do not fit together (shapes, dtypes, positions),
+    naming the field: the comparison that follows would otherwise fail with a misleading message."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where} is not a probe fm-train wrote: {why}; the step's probe is damaged, convert "
+                               "with --no-verify only if you trust the checkpoint otherwise")
+
+    missing = [k for k in ("input_ids", "positions", *FIELDS) if k not in record]
+    if missing:
+        raise bad(f"no tensor {', '.join(missing)}")
+    ids = record["input_ids"]
+    if ids.dim() != 2 or ids.dtype != torch.int64 or ids.shape[1] < 2 or ids.numel() > PROBE_ROWS * PROBE_MAX_LEN:
+        raise bad(f"input_ids has shape {tuple(ids.shape)} and dtype {ids.dtype}, not up to "
+                  f"{PROBE_ROWS} x {PROBE_MAX_LEN} int64 token ids")
+    rows, length = ids.shape
+    if not torch.equal(record["positions"], probe_positions(length)):
+        raise bad(f"positions {record['positions'].tolist()} are not {probe_positions(length).tolist()}")
+    want = {"logits": (rows, len(probe_positions(length))), "logsumexp": (rows, length),
+            "token_logits": (rows, length - 1)}
+    for field, shape in want.items():
+        have = record[field]
+        if not have.is_floating_point() or tuple(have.shape[:len(shape)]) != shape or \
+                have.dim() != len(shape) + (field == "logits"):
+            raise bad(f"{field} has shape {tuple(have.shape)} ({have.dtype}), expected {shape}"
+                      + (" x vocabulary" if field == "logits" else "") + " floating point")
 
 
 def tolerance(*dtypes: str) -> float:

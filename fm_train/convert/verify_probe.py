@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from fm_train.checkpoint.probe import PROBE_FILE, ProbeDiff, compare, summarize, tolerance
+from fm_train.checkpoint.probe import FIELDS, PROBE_FILE, ProbeDiff, compare, summarize, tolerance
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.verify import open_export
 
@@ -42,6 +42,12 @@ def verify_against_probe(out_dir: Path, model_fields: Mapping[str, Any], record:
     ids = record["input_ids"]
     with open_export(out_dir, model_fields) as (tensors, hf):
         got = summarize(hf(input_ids=ids).logits, ids)
+    shapes = {f: (tuple(got[f].shape), tuple(record[f].shape)) for f in FIELDS if got[f].shape != record[f].shape}
+    if shapes:
+        field, (have, want) = next(iter(shapes.items()))
+        raise ConvertError(f"the probe saved with the checkpoint ({PROBE_FILE}) does not belong to its model: {field} "
+                           f"has shape {want} there, the model gives {have}; the probe file is damaged or from another "
+                           "run (convert with --no-verify only if you trust the checkpoint otherwise)")
     rel_tol = tolerance(precision, export_dtype)
     worst = compare(got, record, rel_tol)
     if not worst.ok:
