@@ -35,9 +35,10 @@ def recorded_files(out: Location) -> list[str]:
         return [TOKENIZER_DIRNAME]
     try:
         index = read_index(out)
-    except BadIndexError as exc:
+    except DataError as exc:  # BadIndexError, or an index.json that is not a file
+        problem = exc.problem if isinstance(exc, BadIndexError) else str(exc)
         raise DataError(f"--out {out} holds an index.json fm-train cannot take as the record of its own files "
-                        f"({exc.problem}); --overwrite deletes only files a valid index lists, so move "
+                        f"({problem}); --overwrite deletes only files a valid index lists, so move "
                         f"{out / INDEX_NAME} away yourself (and the shards it names, if they are yours to delete) "
                         "or choose another --out") from None
     return [TOKENIZER_DIRNAME] + [s.name for s in index.shards]

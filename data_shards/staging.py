@@ -24,7 +24,7 @@ LOCAL_PREFIX = ".partial-"  # inside --out: same filesystem, so the commit is a 
 TEMP_PREFIX = "fm-train-shard-"  # in the temp directory, for builds uploaded to object storage
 
 
-def _start_time(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> Optional[str]:
     """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), None where there is no /proc;
     "zombie" for a process that has exited but is not reaped yet."""
     try:
@@ -43,7 +43,7 @@ def make_staging(parent: Path, prefix: str) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     staging = parent / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
-    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": _start_time(os.getpid())}
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start_time(os.getpid())}
     (staging / OWNER_NAME).write_text(json.dumps(owner), encoding="utf-8")
     return staging
 
@@ -57,7 +57,7 @@ def _owner_is_dead(folder: Path) -> Optional[int]:
         return None  # no record (being created, or not ours): leave it
     if type(pid) is not int or pid <= 0 or host != socket.gethostname() or pid == os.getpid():
         return None
-    now = _start_time(pid)
+    now = process_start_time(pid)
     if now in ("gone", "zombie") or (now is not None and start is not None and now != start):
         return pid
     if now is None:  # no /proc: ask the kernel whether the pid exists at all

@@ -19,7 +19,7 @@ import pytest
 from data_shards import BuildOptions, DataError, build_shards
 from data_shards.cli import main as shard_main
 from data_shards.index import read_index
-from data_shards.staging import LOCAL_PREFIX, TEMP_PREFIX, make_staging
+from data_shards.staging import LOCAL_PREFIX, TEMP_PREFIX, process_start_time, make_staging
 
 pytestmark = pytest.mark.unit
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -77,8 +77,9 @@ def test_hostile_old_index_is_refused_and_nothing_is_deleted(text, tokenizer, tm
 
 
 def test_commit_moves_only_recorded_files(text, tokenizer, tmp_path):
-    """A valid old index: its shards and tokenizer/ go, a symlinked old shard loses only the link, and the
-    user's files (also one named like a shard but not recorded) stay."""
+    """A valid old index: its shards and tokenizer/ go, but an old shard or tokenizer/ that is a symlink
+    loses only the link (the old commit's rmtree refused a symlinked tokenizer/ half-way, after deleting
+    index.json and the shards), and the user's files (one named like a shard but not recorded) stay."""
     out = tmp_path / "ds"
     _build(text, tokenizer, out)
     old = [s.name for s in read_index(out).shards]
@@ -86,11 +87,15 @@ def test_commit_moves_only_recorded_files(text, tokenizer, tmp_path):
     target.write_text("user data")
     (out / old[-1]).unlink()
     (out / old[-1]).symlink_to(target)
+    (out / "tokenizer").rename(tmp_path / "my_tokenizer")
+    (out / "tokenizer").symlink_to(tmp_path / "my_tokenizer", target_is_directory=True)
+    mine = _snapshot(tmp_path / "my_tokenizer")
     stray = f"shard-{len(old) + 5:06d}.tar"
     (out / stray).write_text("not recorded")
     _build(text, tokenizer, out, shard_size=50_000, overwrite=True)
     new = [s.name for s in read_index(out).shards]
     assert len(new) < len(old) and target.read_text() == "user data" and (out / stray).read_text() == "not recorded"
+    assert _snapshot(tmp_path / "my_tokenizer") == mine and not (out / "tokenizer").is_symlink()
     assert {p.name for p in out.iterdir()} == {"index.json", "tokenizer", stray, *new}
 
 
@@ -140,21 +145,13 @@ def test_sigkill_leaves_no_accepted_output_no_live_child_and_next_run_cleans(tex
     assert len(staging) == 1
     with pytest.raises(DataError, match="no index.json"):
         read_index(out)
+    live = make_staging(out, LOCAL_PREFIX)  # its owner, this test's parent process, runs: kept
+    owner = json.loads((live / ".owner").read_text())
+    (live / ".owner").write_text(json.dumps({**owner, "pid": os.getppid(), "start": process_start_time(os.getppid())}))
     assert shard_main([*cmd[3:], str(text), "--workers", "0"]) == 0
     err = capsys.readouterr().err
     assert f"removed the staging folder {staging[0]} of an interrupted build (pid {proc.pid} is gone)" in err
-    assert not list(out.glob(f"{LOCAL_PREFIX}*")) and read_index(out).num_samples > 0
-
-
-def test_live_owner_staging_is_kept(text, tokenizer, tmp_path):
-    """A staging folder whose owner still runs (here: this process's parent) is not touched."""
-    out = tmp_path / "ds"
-    out.mkdir()
-    other = make_staging(out, LOCAL_PREFIX)
-    owner = json.loads((other / ".owner").read_text())
-    (other / ".owner").write_text(json.dumps({**owner, "pid": os.getppid(), "start": None}))
-    _build(text, tokenizer, out)
-    assert other.is_dir() and read_index(out).num_samples > 0
+    assert list(out.glob(f"{LOCAL_PREFIX}*")) == [live] and read_index(out).num_samples > 0
 
 
 def test_out_overlapping_an_input_is_refused_naming_both(text, tokenizer, tmp_path, capsys):
@@ -192,7 +189,7 @@ def tiny_disk(tmp_path):
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_full_disk_is_one_line_error_naming_out(text, tokenizer, tiny_disk, capsys):
