@@ -162,7 +162,7 @@ def shard_file_name(position: int) -> str:
     return f"shard-{position:06d}.tar"
 
 
-def _load_json(path: Location, check: "_IndexCheck") -> dict[str, Any]:
+def _load_json(path: Location, check: _IndexCheck) -> dict[str, Any]:
     """The parsed JSON object of ``path``, read only up to MAX_INDEX_BYTES (a bigger file is refused
     unparsed, so a hostile one cannot take the memory of every rank)."""
     try:

@@ -17,14 +17,13 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Optional
 
 OWNER_NAME = ".owner"
 LOCAL_PREFIX = ".partial-"  # inside --out: same filesystem, so the commit is a set of renames
 TEMP_PREFIX = "fm-train-shard-"  # in the temp directory, for builds uploaded to object storage
 
 
-def process_start_time(pid: int) -> Optional[str]:
+def process_start_time(pid: int) -> str | None:
     """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), None where there is no /proc;
     "zombie" for a process that has exited but is not reaped yet."""
     try:
@@ -48,7 +47,7 @@ def make_staging(parent: Path, prefix: str) -> Path:
     return staging
 
 
-def _owner_is_dead(folder: Path) -> Optional[int]:
+def _owner_is_dead(folder: Path) -> int | None:
     """The pid of ``folder``'s owner if that process of this host is certainly gone, else None."""
     try:
         owner = json.loads((folder / OWNER_NAME).read_text(encoding="utf-8"))

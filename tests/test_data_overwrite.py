@@ -19,7 +19,7 @@ import pytest
 from data_shards import BuildOptions, DataError, build_shards
 from data_shards.cli import main as shard_main
 from data_shards.index import read_index
-from data_shards.staging import LOCAL_PREFIX, TEMP_PREFIX, process_start_time, make_staging
+from data_shards.staging import LOCAL_PREFIX, TEMP_PREFIX, make_staging, process_start_time
 
 pytestmark = pytest.mark.unit
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -43,8 +43,8 @@ def tokenizer(text, tmp_path_factory) -> Path:
 
 
 def _build(text: Path, tokenizer: Path, out: Path, **kw) -> None:
-    args = dict(inputs=[str(text)], out=out, seq_len=31, tokenizer_dir=tokenizer, shard_size=20_000, workers=0,
-                progress=False)
+    args = {"inputs": [str(text)], "out": out, "seq_len": 31, "tokenizer_dir": tokenizer, "shard_size": 20_000,
+            "workers": 0, "progress": False}
     build_shards(BuildOptions(**{**args, **kw}))
 
 
@@ -160,7 +160,8 @@ def test_out_overlapping_an_input_is_refused_naming_both(text, tokenizer, tmp_pa
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"text": ["a document " * 50] * 20}).save_to_disk(str(saved))
     common = ["--tokenizer", str(tokenizer), "--seq-len", "31", "--workers", "0", "--no-progress"]
-    cases = [([str(text)], text.parent, "contains the input"), ([str(saved)], saved / "shards", "lies inside the input"),
+    cases = [([str(text)], text.parent, "contains the input"),
+             ([str(saved)], saved / "shards", "lies inside the input"),
              ([str(text)], text, "is the input"), ([str(text)], tokenizer, "is the --tokenizer directory")]
     for inputs, out, relation in cases:
         before = _snapshot(out.parent)
@@ -185,7 +186,8 @@ def tiny_disk(tmp_path):
     """A 256 KiB tmpfs: a real filesystem that fills up (needs root and mount rights)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True,
+                          check=False)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     yield mount
@@ -212,3 +214,30 @@ def test_staging_folders_follow_the_umask(tmp_path):
             assert make_staging(tmp_path, prefix).stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(old)
+
+
+def test_hostile_old_index_in_a_bucket_deletes_no_object(text, tokenizer, tmp_path, capsys):
+    """An object-store --out whose index.json names a user's object: --overwrite is refused before
+    anything is uploaded or removed (the old upload deleted every name the old index listed)."""
+    import fsspec
+    from s3_server import clear_clients, make_bucket, s3_server
+
+    local = tmp_path / "ds"
+    _build(text, tokenizer, local)
+    with s3_server():
+        try:
+            make_bucket("fm-data")
+            fs = fsspec.filesystem("s3")
+            fs.put(str(local) + "/", "fm-data/ds/", recursive=True)
+            fs.pipe_file("fm-data/ds/notes.md", b"mine")
+            obj = json.loads((local / "index.json").read_text())
+            obj["shards"][1]["name"] = "notes.md"
+            fs.pipe_file("fm-data/ds/index.json", json.dumps(obj).encode())
+            before = {key: fs.cat_file(key) for key in fs.find("fm-data/ds")}
+            code = shard_main([str(text), "--out", "s3://fm-data/ds", "--tokenizer", str(tokenizer), "--seq-len",
+                               "31", "--workers", "0", "--overwrite", "--no-progress"])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and r"shards[1].name" in err[0], err
+            assert {key: fs.cat_file(key) for key in fs.find("fm-data/ds")} == before
+        finally:
+            clear_clients()
