@@ -54,30 +54,32 @@ def sha256_of_fd(fd: int) -> str:
     return digest.hexdigest()
 
 
-def marker_dir(cache_directory: Path | None = None) -> Path | None:
+def marker_dir(cache_directory: Path | None = None) -> Path:
     """Where this node keeps its "verified" markers: ``verified/`` in the shard cache, else a directory
-    in the node's temp dir named for this user. None when it is not a directory only this user may
-    write (a marker planted there would skip a check)."""
+    in the node's temp dir named for this user (made when first needed)."""
     if cache_directory is not None:
-        path = Path(cache_directory) / "verified"
-    else:
-        path = Path(tempfile.gettempdir()) / f"fm-train-{os.getuid()}" / "verified-shards"
+        return Path(cache_directory) / "verified"
+    return Path(tempfile.gettempdir()) / f"fm-train-{os.getuid()}" / "verified-shards"
+
+
+def _private(path: Path) -> bool:
+    """Make ``path`` if needed; True if it is a directory only this user may write (a marker planted
+    by someone else would skip a check)."""
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(path)
     except OSError:
-        return None
-    if st.st_uid != os.getuid() or st.st_mode & 0o022 or not stat.S_ISDIR(st.st_mode):
-        return None
-    return path
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and stat.S_ISDIR(st.st_mode)
 
 
 class ShardVerifier:
-    """Checks a shard file's sha256 against index.json the first time this process (or, with
-    ``marker_dir``, this node) opens it; afterwards from the memo."""
+    """Checks a shard file's sha256 against index.json the first time this process (or, through markers
+    in ``marker_dir``, this node) opens it; afterwards from the memo."""
 
     def __init__(self, marker_dir: Path | None) -> None:
         self.marker_dir = marker_dir
+        self._checked_dir = False
 
     def mismatch(self, fd: int, expected: str) -> str | None:
         """None if the file behind ``fd`` holds bytes with sha256 ``expected``; else the digest it has."""
@@ -85,11 +87,19 @@ class ShardVerifier:
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected)
         if key in _verified:
             return None
-        got = self._node_digest(fd, key) if self.marker_dir is not None else sha256_of_fd(fd)
+        got = self._node_digest(fd, key) if self._markers() else sha256_of_fd(fd)
         if got != expected:
             return got
         _verified.add(key)
         return None
+
+    def _markers(self) -> bool:
+        """Whether the node-wide markers can be used (their directory checked once per process)."""
+        if not self._checked_dir and self.marker_dir is not None:
+            self._checked_dir = True
+            if not _private(self.marker_dir):
+                self.marker_dir = None
+        return self.marker_dir is not None
 
     def _node_digest(self, fd: int, key: tuple) -> str:
         """The file's digest, computed by at most one process of the node (the others wait for its marker)."""
@@ -97,7 +107,7 @@ class ShardVerifier:
         name = hashlib.sha256(repr(key).encode("ascii")).hexdigest()
         try:
             marker = os.open(self.marker_dir / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError:  # the directory went away or is not ours: hash in this process
+        except OSError:  # the directory went away meanwhile: hash in this process
             return sha256_of_fd(fd)
         try:
             fcntl.flock(marker, fcntl.LOCK_EX)
