@@ -6,11 +6,16 @@ on (``--val-fraction``, as ``data.val_fraction``), with the batches the family t
 reports next-token loss and perplexity, an encoder masked-token loss and accuracy over the positions
 BERT's masking chose (decided by sample id and ``--seed``, as in training). A progress bar shows
 the batches; the result is one JSON line on stdout.
+
+Token ids mean something only under the tokenizer that made them, so the model's tokenizer (its
+``tokenizer.json``) must be the one the shards were built with (``index.json``'s ``tokenizer_hash``);
+a model evaluated on another tokenizer's ids would report a loss that measures nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -18,6 +23,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fm_train.cli_common import fail
+
+# The parts of a tokenizer.json that decide what an id means. Conversion rewrites the others
+# (save_pretrained renders the post_processor anew) and appends a family's special tokens after the
+# shards' vocabulary, so the shards' whole-file hash cannot be compared with a converted tokenizer's.
+_ID_FIELDS = ("model", "normalizer", "pre_tokenizer", "decoder")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +58,7 @@ def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches:
         raise ValueError(f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is not one of fm-train's"
                          f" families ({', '.join(f.hf_model_type for f in FAMILIES.values())})")
     info = data_shards.check_sources([data], config["vocab_size"])
+    checked = check_tokenizer(Path(hf_dir), data, info)
     objective = family.data_objective(info, model_vocab_size=config["vocab_size"], seed=seed)
     stream = data_shards.make_val_loader([(data, 1.0)], seq_len=info.seq_len, micro_batch=micro_batch, dp_rank=0,
                                          dp_size=1, seed=seed, val_fraction=val_fraction, max_batches=batches,
@@ -67,12 +78,47 @@ def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches:
                 progress(i, len(stream))
     loss = total_loss / max(tokens, 1)
     result: dict[str, Any] = {"family": family.name, "model": str(hf_dir), "data": str(data), "batches": len(stream),
-                              "tokens": tokens, "loss": loss}
+                              "tokens": tokens, "loss": loss, "tokenizer": checked}
     if objective is None:
         result["perplexity"] = math.exp(min(loss, 50.0))
     else:
         result["masked_accuracy"] = correct / max(tokens, 1)
     return result
+
+
+def token_ids_hash(tokenizer_json: str, vocab_size: int) -> str:
+    """sha256 of what a tokenizer's ids below ``vocab_size`` mean (:data:`_ID_FIELDS` and its added
+    tokens below ``vocab_size``, canonical JSON): equal for a tokenizer and its converted copy."""
+    obj = json.loads(tokenizer_json)
+    core = {k: obj.get(k) for k in _ID_FIELDS}
+    core["added_tokens"] = [t for t in obj.get("added_tokens") or [] if t.get("id", vocab_size) < vocab_size]
+    return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def check_tokenizer(hf_dir: Path, data: str, info: Any) -> str:
+    """ValueError unless ``hf_dir``'s tokenizer.json gives the ids of the shards ``data`` (``info``: their
+    ``SourcesInfo``) the same meaning; returns what was checked, for the result line."""
+    from data_shards.tokenizer import tokenizer_hash
+
+    model_file, shards_file = hf_dir / "tokenizer.json", info.tokenizer_dir / "tokenizer.json"
+    if not model_file.is_file():
+        return f"not checked: {model_file} does not exist"
+    try:
+        model_text, shards_text = model_file.read_text(encoding="utf-8"), shards_file.read_text(encoding="utf-8")
+        shards_hash = tokenizer_hash(shards_text)
+        model_ids, shard_ids = token_ids_hash(model_text, info.vocab_size), token_ids_hash(shards_text, info.vocab_size)
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: JSON that is not a tokenizer object
+        raise ValueError(f"cannot compare the tokenizers of {hf_dir} and {data}: {exc}") from exc
+    if shards_hash != info.tokenizer_hash:
+        raise ValueError(f"{shards_file} is not the tokenizer index.json names (tokenizer_hash "
+                         f"{info.tokenizer_hash[:12]}, the file's {shards_hash[:12]}); rebuild {data} with "
+                         "`fm-train shard ... --overwrite`")
+    if model_ids != shard_ids:
+        raise ValueError(f"{hf_dir} was trained with another tokenizer than the shards in {data}: {model_file} has "
+                         f"token-id hash {model_ids[:12]}, the shards' tokenizer (index.json tokenizer_hash "
+                         f"{info.tokenizer_hash[:12]}) has {shard_ids[:12]}; evaluate on shards built with "
+                         f"`fm-train shard ... --tokenizer {hf_dir}`")
+    return f"matches the shards' (index.json tokenizer_hash {info.tokenizer_hash[:12]})"
 
 
 def run_eval(args: argparse.Namespace) -> int:
