@@ -99,6 +99,13 @@ def tokenizer_hash(tokenizer_json: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def tokenizer_file_hash(path: str | Path) -> str:
+    """:func:`tokenizer_hash` of the tokenizer in ``path`` (a ``tokenizer.json``) as the tokenizers library
+    serializes it: what ``fm-train shard`` records, whichever spelling the file uses (hub files often
+    write merges in an older form)."""
+    return tokenizer_hash(Tokenizer.from_file(str(path)).to_str())
+
+
 def sample_texts(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
     """The first documents of ``texts`` up to about ``max_bytes`` of UTF-8: enough to train a BPE on."""
     seen = 0

@@ -13,22 +13,24 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-_STEP_RE = re.compile(r"step_(\d+)")
+_STEP_RE = re.compile(r"step_([0-9]+)")
+_STEP_NAME = re.compile(r"step_[0-9]{8,}")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The step directory ``RUN/checkpoints/latest`` names (a symlink, a directory or a file holding the name)."""
+    """The step directory ``RUN/checkpoints/latest`` names, or None.
+
+    ``latest`` is a file holding a step directory's name (what fm-train writes); anything else (a path,
+    a symlink, a name of another form) names no checkpoint: the launcher converts what this returns, so it
+    must not be led outside the run's ``checkpoints/``."""
     latest = run_dir / "checkpoints" / "latest"
-    if latest.is_symlink() or latest.is_dir():
-        target = latest.resolve()
-        return target if target.is_dir() else None
-    if latest.is_file():
-        name = latest.read_text().strip()
-        if not name:
-            return None
-        target = Path(name) if os.path.isabs(name) else latest.parent / name
-        return target if target.is_dir() else None
-    return None
+    if latest.is_symlink() or not latest.is_file():
+        return None
+    name = latest.read_text(errors="replace").strip()
+    target = latest.parent / name
+    if not _STEP_NAME.fullmatch(name) or target.is_symlink() or not target.is_dir():
+        return None
+    return target
 
 
 def step_of(path: Path | None) -> int | None:

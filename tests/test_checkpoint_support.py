@@ -105,10 +105,10 @@ def train_steps(engine, first: int, last: int) -> list[float]:
 def tokenizer_hash_for(cfg: FmConfig) -> str:
     """The hash the loop records: of ``data.sources[0].path/tokenizer`` when there is one (the converter
     checks it), else a stand-in for runs that never convert."""
-    from data_shards.tokenizer import tokenizer_hash
+    from data_shards.tokenizer import tokenizer_file_hash
 
     path = Path(cfg.data.sources[0].path) / "tokenizer" / "tokenizer.json"
-    return tokenizer_hash(path.read_text()) if path.is_file() else "tok-test"
+    return tokenizer_file_hash(path) if path.is_file() else "tok-test"
 
 
 def make_manifest(cfg: FmConfig, step: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -225,15 +226,17 @@ def test_overwrite_deletes_only_what_the_old_export_wrote(trained: Path, tmp_pat
     code, err = _run([str(trained / "run"), "--out", str(out), "--dtype", "fp32"], capsys)
     assert code == 0, err
     (out / "notes.txt").write_text("mine")
+    (out / "README.md").write_text((out / "README.md").read_text() + "\nmy notes on this model\n")
     record = json.loads((out / ".fm-train-export.json").read_text())
     assert "model.safetensors" in record["files"] and "config.json" in record["files"]
-    record["files"].append("../victim.txt")
+    record["files"]["../victim.txt"] = {"size": 7, "sha256": "0" * 64}
     (out / ".fm-train-export.json").write_text(json.dumps(record))
     code, err = _run([str(trained / "run"), "--out", str(out), "--overwrite", "--dtype", "fp32"], capsys)
     assert code == 0, err
     assert victim.read_text() == "keep me" and (out / "model.safetensors").is_file()
     kept = [p for p in tmp_path.iterdir() if p.name.startswith("hf.kept-")]
-    assert len(kept) == 1 and _listing(kept[0]) == ["notes.txt"] and str(kept[0]) in err, err
+    assert len(kept) == 1 and _listing(kept[0]) == ["README.md", "notes.txt"] and str(kept[0]) in err, err
+    assert "my notes" in (kept[0] / "README.md").read_text()  # changed since the export wrote it: the user's
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
@@ -259,6 +262,8 @@ def test_a_tokenizer_other_than_the_runs_is_refused_naming_both_hashes(trained: 
     """Issue 25, finding 4: after the data directory was rebuilt from other text, the export shipped the
     wrong tokenizer. The manifest's tokenizer hash now decides: a rebuilt data dir or a wrong --tokenizer is
     refused naming both hashes; the run's own tokenizer, given explicitly, converts."""
+    import json
+
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -282,6 +287,15 @@ def test_a_tokenizer_other_than_the_runs_is_refused_naming_both_hashes(trained: 
     assert code == 2 and "tokenizer hash" in err, err
     code, err = _run([str(run), "--out", str(tmp_path / "hf"), "--no-verify", "--tokenizer",
                       str(trained / "data/tokenizer")], capsys)
+    assert code == 0, err
+    assert "equals the one the checkpoint's manifest records" in (tmp_path / "hf/README.md").read_text()
+    # The same tokenizer written as hub files often are (merges as "a b" strings, other layout) is the same.
+    hub = tmp_path / "hub"
+    shutil.copytree(trained / "data/tokenizer", hub)
+    spec = json.loads((hub / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
+    (hub / "tokenizer.json").write_text(json.dumps(spec, indent=4))
+    code, err = _run([str(run), "--out", str(tmp_path / "hf2"), "--no-verify", "--tokenizer", str(hub)], capsys)
     assert code == 0, err
 
 
@@ -326,3 +340,50 @@ def test_a_damaged_probe_is_named_as_such(trained: Path, tmp_path: Path, capsys,
     want = {"missing_tensor": "no tensor logsumexp", "wrong_vocabulary": "does not belong to its model",
             "not_safetensors": "cannot read the probe"}[damage]
     assert want in last, last
+
+
+@pytest.mark.parametrize("plant", ["held_record", "unrecorded_file", "symlinked_file", "symlinked_step"])
+def test_a_step_that_fm_train_did_not_write_is_refused_by_name(trained: Path, tmp_path: Path, capsys,
+                                                               plant: str) -> None:
+    """What would exempt files from the checks or put unchecked bytes in DeepSpeed's way: a planted
+    ``.held.json`` listing no files (with a tampered weight), a file the manifest does not record (DeepSpeed
+    globs ``mp_rank_*``), a symlinked file, a symlinked step directory."""
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    step = run / "checkpoints/step_00000003"
+    weights = step / "mp_rank_00_model_states.pt"
+    if plant == "held_record":
+        (step / ".held.json").write_text('{"ranks": [0], "files": []}')
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        want = ".held.json (it does not list the files"
+    elif plant == "unrecorded_file":
+        shutil.copy(weights, step / "mp_rank_01_model_states.pt")
+        want = "mp_rank_01_model_states.pt (not recorded in the manifest"
+    elif plant == "symlinked_file":
+        (tmp_path / "elsewhere").mkdir()
+        weights.rename(tmp_path / "elsewhere" / weights.name)
+        weights.symlink_to(tmp_path / "elsewhere" / weights.name)
+        want = "mp_rank_00_model_states.pt (a symlink"
+    else:
+        step.rename(tmp_path / "real_step")
+        step.symlink_to(tmp_path / "real_step", target_is_directory=True)
+        want = "step_00000003 itself (a symlink"
+    code, err = _run([str(step), "--out", str(tmp_path / "hf"), "--no-verify"], capsys)
+    assert code == 2 and (want in err or plant == "held_record"), err  # convert refuses any held step
+    assert not (tmp_path / "hf").exists()
+    from fm_train.checkpoint import CheckpointError, find_resume_point
+
+    with pytest.raises(CheckpointError, match=re.escape(want)):  # the resume's check, one process
+        find_resume_point(run, str(step))
+
+
+def test_a_step_outside_a_run_converts_beside_itself(trained: Path, tmp_path: Path, capsys) -> None:
+    """A step directory copied on its own (no RUN/checkpoints around it): its parent is no checkpoints
+    directory, nothing is refused for overlapping it, and the default --out is STEP-hf beside it."""
+    shutil.copytree(trained / "run/checkpoints/step_00000003", tmp_path / "step_00000003")
+    code, err = _run([str(tmp_path / "step_00000003"), "--no-verify", "--tokenizer", str(trained / "data/tokenizer")],
+                     capsys)
+    assert code == 0, err
+    assert (tmp_path / "step_00000003-hf/config.json").is_file()

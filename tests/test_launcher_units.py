@@ -137,3 +137,12 @@ def test_run_state_reads_latest_and_metrics(tmp_path):
     assert [r["step"] for r in tail.read()] == [43]
     assert latest_checkpoint(tmp_path) == ckpt / "step_00000040"
     assert run_state(tmp_path) == {"latest_step": 40, "metrics_step": 43}
+    # latest is data: a path, a symlink or a name of another form leads the launcher's convert nowhere.
+    elsewhere = tmp_path / "elsewhere" / "step_00000099"
+    elsewhere.mkdir(parents=True)
+    for text in (str(elsewhere), "../elsewhere/step_00000099", "step_00000040/.."):
+        (ckpt / "latest").write_text(text + "\n")
+        assert latest_checkpoint(tmp_path) is None, text
+    (ckpt / "latest").unlink()
+    (ckpt / "latest").symlink_to(elsewhere)
+    assert latest_checkpoint(tmp_path) is None

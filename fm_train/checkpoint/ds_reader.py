@@ -33,7 +33,7 @@ from fm_train.families import family_of
 __all__ = ["DeepSpeedWeights", "load_ds_file"]
 
 log = logging.getLogger("fm_train.checkpoint")
-_LAYER_FILE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
+_LAYER_FILE = re.compile(r"^layer_([0-9]+)(?:-model_([0-9]+))?-model_states\.pt\Z")
 # What a resume needs besides tensors, from the first model-states file (DeepSpeed writes it per mp rank).
 ENGINE_FIELDS = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")
 
@@ -74,10 +74,10 @@ class DeepSpeedWeights:
     def _layer_files(self, tp_rank: int) -> dict[int, Path]:
         """Pipeline layer index -> this tp rank's ``layer_LL-model_TT-model_states.pt`` (ZeRO-0 pipelines)."""
         found = {}
-        for path in self.step_dir.glob("layer_*-model_states.pt"):
-            m = _LAYER_FILE.match(path.name)
+        for name in self.manifest["files"]:  # the files the manifest vouches for, not whatever a glob finds
+            m = _LAYER_FILE.match(name)
             if m and int(m.group(2) or 0) == tp_rank:
-                found[int(m.group(1))] = path
+                found[int(m.group(1))] = self.step_dir / name
         return found
 
     def _tied_layers(self) -> dict[str, int]:

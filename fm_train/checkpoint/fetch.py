@@ -8,7 +8,8 @@ commit marker, as for a save), then points the local ``latest`` at it. On the la
 the step, a disk gets only the files its ranks read (:mod:`fm_train.checkpoint.node_files`): the
 module weights once per pipeline stage and its own ranks' optimizer partitions, not all of them. Local step directories newer
 than it were never committed (their upload was cut short) and may hold only this node's files, so
-they are removed: all nodes then agree on the step, and the next save of that step is made anew.
+they are moved aside (``step_X.uncommitted``, which resume ignores): all nodes then agree on the step,
+the next save of that step is made anew, and a tampered ``latest`` in storage cannot delete a step.
 The local resume path then runs as always: checksums, layout checks, resharding. Files are fetched
 through a temporary name and renamed, so a download cut short leaves nothing that passes for a
 checkpoint.
@@ -113,8 +114,8 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
                     " a step is whole only once committed there")
                 shutil.rmtree(path, ignore_errors=True)
         return None
-    text = _read_text(root / name / MANIFEST)
-    if parse_step(name) is None or text is None:
+    text = _read_text(root / name / MANIFEST) if parse_step(name) is not None else None
+    if text is None:
         raise CheckpointError(f"{root / LATEST} names {name!r}, which has no {MANIFEST} in storage; it is not a"
                               " committed checkpoint (delete the latest object or point it at a committed step)")
     try:
@@ -125,8 +126,12 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
     ckpt_dir = checkpoints_dir(run_dir)
     for step, path in list_step_dirs(ckpt_dir) if ckpt_dir.is_dir() else []:
         if step > parse_step(name):
-            say(f"removing {path}: newer than {name}, the newest step committed in {root}, so never committed")
-            shutil.rmtree(path, ignore_errors=True)
+            # Moved aside, not deleted: storage's latest is data too, and an older one must not cost a step.
+            aside = path.with_name(f"{path.name}.uncommitted")
+            say(f"moving {path} to {aside.name}: newer than {name}, the newest step committed in {root}, so never "
+                "committed")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
     step_dir = ckpt_dir / name
     every = sorted({*manifest["files"], *manifest["rng"]["files"]})
     needed = None
@@ -157,7 +162,10 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
     else:
         (step_dir / HELD).unlink(missing_ok=True)
     if not (step_dir / MANIFEST).is_file():
-        _get(root / name / MANIFEST, step_dir / MANIFEST)
+        # The manifest already read and checked, not a second download that could differ from it.
+        tmp = step_dir / f".{MANIFEST}.{os.getpid()}.part"
+        tmp.write_text(text)
+        tmp.replace(step_dir / MANIFEST)
     write_latest(ckpt_dir, step_dir)
     return step_dir
 

@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from fm_train.checkpoint.node_files import HELD, checking_share, read_held
+from fm_train.checkpoint.layout import MANIFEST
+from fm_train.checkpoint.node_files import HELD, checking_share, held_problem, read_held
 
 log = logging.getLogger("fm_train.checkpoint")
 
@@ -89,6 +90,11 @@ def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, w
                     "checked", step_dir)
     if digests and algorithm not in hashlib.algorithms_available:
         return [f"manifest.json (checksum algorithm {algorithm!r} is not available in this Python)"]
+    extra = unrecorded_files(step_dir, manifest)  # every rank: with a run.dir per node, its own disk
+    held = read_held(step_dir)
+    wrong = held_problem(held, manifest) if held is not None else None
+    if wrong is not None:
+        return [wrong, *extra]
     mine = checking_share(step_dir, recorded_files(manifest), rank, world)
     if mine is None:
         held = read_held(step_dir) or {}
@@ -96,7 +102,30 @@ def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, w
                 f"run.storage; rank {rank} is not among them: resume with run.storage set, or convert from it)"]
     with ThreadPoolExecutor(max_workers=_threads(len(mine))) as pool:
         found = pool.map(lambda rel: _problem(step_dir, rel, sizes.get(rel), digests.get(rel), algorithm), mine)
-        return [p for p in found if p is not None]
+        return [p for p in found if p is not None] + extra
+
+
+# Names in a step directory that the manifest does not list but fm-train writes or reads: the manifest
+# itself, the fetch's record of a partial copy, and the universal/ folder older versions cached (never read).
+_UNLISTED_OK = {MANIFEST, HELD}
+_IGNORED_DIRS = {"universal"}
+
+
+def unrecorded_files(step_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """One entry per file of ``step_dir`` the manifest does not record: DeepSpeed finds its files by
+    globbing, so an added ``mp_rank_*`` or ``layer_*`` file would be read although no checksum covers it."""
+    known = set(recorded_files(manifest)) | _UNLISTED_OK
+    found = []
+    for current, dirs, files in os.walk(step_dir):
+        rel_dir = os.path.relpath(current, step_dir)
+        if rel_dir == ".":
+            dirs[:] = [d for d in dirs if d not in _IGNORED_DIRS]
+        for name in files:
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+            if rel not in known:
+                found.append(f"{rel} (not recorded in the manifest: fm-train wrote no such file; remove it or copy "
+                             "the step again)")
+    return sorted(found)
 
 
 def find_damage_in_storage(remote: Any, local: Path, manifest: Mapping[str, Any]) -> list[str]:

@@ -20,7 +20,7 @@ from data_shards.safe_paths import symlinks_in
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 MANIFEST = "manifest.json"
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
+_STEP_RE = re.compile(r"step_([0-9]{8,})")  # fullmatch: ASCII digits only, no trailing newline
 
 
 class CheckpointError(RuntimeError):
@@ -36,7 +36,7 @@ def step_dir_name(step: int) -> str:
 
 def parse_step(name: str) -> int | None:
     """The step of a step-directory name, or None for any other name."""
-    m = _STEP_RE.match(name)
+    m = _STEP_RE.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -100,8 +100,10 @@ def atomic_write_text(path: Path, text: str) -> None:
 def symlink_problems(step_dir: Path) -> list[str]:
     """One entry per symlink under ``step_dir``: fm-train writes none, and a link would let a step read (and
     DeepSpeed unpickle) files that no checksum of its manifest covers."""
-    return [f"{rel} (a symlink; a step directory holds only files, copy the target in its place)"
-            for rel in symlinks_in(step_dir)]
+    links = symlinks_in(step_dir)
+    if os.path.islink(step_dir):
+        links.insert(0, f"{Path(step_dir).name} itself")
+    return [f"{rel} (a symlink; a step directory holds only files, copy the target in its place)" for rel in links]
 
 
 def refuse_symlinks(step_dir: Path) -> None:

@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
-from fm_train.checkpoint.layout import atomic_write_text
+from fm_train.checkpoint.layout import CheckpointError, atomic_write_text
 from fm_train.dist import Topology
 
 T = TypeVar("T")
@@ -70,12 +70,37 @@ def write_held(step_dir: Path, ranks: Sequence[int], files: Sequence[str]) -> No
 
 
 def read_held(step_dir: Path) -> dict[str, list] | None:
-    """``{"ranks": [...], "files": [...]}`` of a step directory holding part of its files; None: all of them."""
+    """``{"ranks": [...], "files": [...]}`` of a step directory holding part of its files; None: all of them.
+
+    The record excuses files from the checks, so it is checked as data: a list of ranks and a list of
+    plain file names, or a :class:`CheckpointError` (:func:`held_problem` checks it against the manifest)."""
     path = Path(step_dir) / HELD
     try:
-        return json.loads(path.read_text())
+        held = json.loads(path.read_text())
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON ({exc}); delete the step directory and fetch it again")
+    ranks, files = (held.get("ranks"), held.get("files")) if isinstance(held, dict) else (None, None)
+    if not (isinstance(ranks, list) and all(type(r) is int and r >= 0 for r in ranks) and ranks
+            and isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        raise CheckpointError(f"{path} is not a record fm-train wrote (ranks and files lists); delete the step "
+                              "directory and fetch it again")
+    return held
+
+
+def held_problem(held: Mapping[str, Any], manifest: Mapping[str, Any]) -> str | None:
+    """Why ``held`` cannot be what the fetch wrote for ``manifest``'s step: its files must be exactly those its
+    ranks read on the layout that saved the step (:func:`files_for_ranks`); a planted record listing fewer
+    files would exempt the rest from every check."""
+    saved = manifest["topology"]
+    topology = Topology(world=saved["world"], tp=saved["tp"], pp=saved["pp"])
+    if any(r >= topology.world for r in held["ranks"]):
+        return f"{HELD} (ranks {held['ranks']} outside the step's world of {topology.world})"
+    want = files_for_ranks(manifest, held["ranks"], topology, saved["zero_stage"])
+    if want is None or sorted(held["files"]) != want:
+        return f"{HELD} (it does not list the files ranks {held['ranks']} read: not written by fm-train's fetch)"
+    return None
 
 
 def checking_share(step_dir: Path, items: list[T], rank: int, world: int, *, key=str) -> list[T] | None:

@@ -23,12 +23,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                              " storage (s3://bucket/run, as run.storage wrote it: read in place, only its manifest"
                              " and probe fetched)")
     parser.add_argument("--out", default=None,
-                        help="Hugging Face output dir, must not exist (default: RUN/hf of the checkpoint's run);"
+                        help="Hugging Face output dir, must not exist unless --overwrite (default: RUN/hf of the"
+                             " checkpoint's run, STEP-hf beside a step dir outside a run);"
                              " an object-store URI gets the verified directory uploaded")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype (bf16)")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check (against the training engine's probe saved with the "
                         "checkpoint, or fm_train's own model for checkpoints without one)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out that fm-train convert wrote: only the files it recorded"
+                             " are deleted; anything else in it is kept in a *.kept-* sibling")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="load DeepSpeed files with full unpickling (only for checkpoints you trust)")
     parser.add_argument("--tokenizer", type=Path, default=None,
@@ -68,8 +71,11 @@ def run_convert(args: argparse.Namespace) -> int:
                                                                      progress=_say))
             if out_dir is None:
                 from fm_train.checkpoint import resolve_checkpoint
+                from fm_train.convert.out_dir import run_dir_of
 
-                out_dir = resolve_checkpoint(checkpoint).parent.parent / "hf"  # RUN/checkpoints/step_X -> RUN/hf
+                step_dir = resolve_checkpoint(checkpoint)
+                run_dir = run_dir_of(step_dir)  # RUN/checkpoints/step_X -> RUN/hf; a lone step_X -> step_X-hf
+                out_dir = run_dir / "hf" if run_dir is not None else step_dir.with_name(f"{step_dir.name}-hf")
             out = convert_checkpoint(checkpoint, Path(out_dir), dtype=args.dtype, verify=not args.no_verify,
                                      overwrite=args.overwrite, trust_checkpoint=args.trust_checkpoint,
                                      tokenizer=tokenizer, no_tokenizer=args.no_tokenizer,

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
+from fm_train.checkpoint.layout import refuse_symlinks
 from fm_train.checkpoint.integrity import damage_message, find_damage, find_damage_in_storage
 from fm_train.checkpoint.ranged_load import bytes_fetched
 from fm_train.checkpoint.node_files import HELD, read_held
@@ -34,7 +34,8 @@ from fm_train.convert.hf_files import (
     write_readme,
 )
 from fm_train.families import family_of
-from fm_train.convert.out_dir import check_disjoint, publish, write_record
+from data_shards.staging import OWNER_NAME, make_staging, remove_stale_staging
+from fm_train.convert.out_dir import check_disjoint, publish, run_dir_of, staging_prefix, write_record
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_param_shapes, hf_to_fm, without_padding
 from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
 from fm_train.convert.verify_probe import verify_against_probe
@@ -71,7 +72,9 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
     if out.exists() and not overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=str(out.parent)))
+    for line in remove_stale_staging(out.parent, staging_prefix(out)):
+        progress(line)
+    tmp = make_staging(out.parent, staging_prefix(out))
     try:
         bos = eos = None
         if tokenizer is not None:
@@ -112,6 +115,7 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
             progress(f"verified: max abs logit diff {report.max_abs_diff:.2e}")
         if readme is not None:
             readme(tmp, verified)
+        (tmp / OWNER_NAME).unlink()  # the staging record is not part of the export
         write_record(tmp)
         publish(tmp, out, overwrite, progress)
     except BaseException:
@@ -134,6 +138,7 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     """
     try:
         step_dir = resolve_checkpoint(Path(checkpoint))
+        refuse_symlinks(step_dir)
         manifest = read_manifest(step_dir)
     except CheckpointError as exc:
         raise ConvertError(str(exc)) from None
@@ -153,11 +158,12 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
             raise ConvertError(damage_message(in_storage, bad) + "; convert another committed step")
     if Path(out).exists() and not overwrite:
         raise ConvertError(f"{out} already exists; pass --overwrite to replace it")
-    run_dir = step_dir.parent.parent
+    run_dir = run_dir_of(step_dir)
+    provenance = "Tokenizer: none exported (--no-tokenizer)."
     if not no_tokenizer:
-        tokenizer = matching_tokenizer(manifest, run_dir, tokenizer, progress)
-    check_disjoint(Path(out), {"checkpoint": step_dir, "checkpoints directory": step_dir.parent,
-                               "tokenizer": tokenizer}, run_dir=run_dir)
+        tokenizer, provenance = matching_tokenizer(manifest, run_dir, tokenizer, progress)
+    check_disjoint(Path(out), {"checkpoint": step_dir, "tokenizer": tokenizer,
+                               "checkpoints directory": None if run_dir is None else step_dir.parent}, run_dir=run_dir)
     where = step_dir if in_storage is None else in_storage
     progress(f"reading {where} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
              f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")
@@ -174,7 +180,8 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
                  "a wrong tp/pp/ZeRO merge")
 
     def readme(tmp: Path, verified: str) -> None:
-        write_readme(tmp, manifest, dtype=dtype, source=str(where), note=source.note, verified=verified)
+        write_readme(tmp, manifest, dtype=dtype, source=str(where), note=source.note, verified=verified,
+                     tokenizer=provenance)
 
     written = write_hf_dir(out, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
                            tokenizer=None if no_tokenizer else tokenizer, max_shard_bytes=max_shard_bytes,

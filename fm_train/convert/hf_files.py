@@ -30,35 +30,41 @@ def find_tokenizer(config: Mapping[str, Any], run_dir: Path) -> tuple[Path | Non
 
 
 def _hash_of(directory: Path) -> str | None:
-    """The shards' tokenizer hash of ``directory`` (its canonical ``tokenizer.json``), None without one."""
-    from data_shards.tokenizer import tokenizer_hash
+    """The tokenizer hash ``fm-train shard`` records for ``directory``: of ``tokenizer.json`` as the
+    tokenizers library serializes it (a hub file in another spelling of the same tokenizer hashes alike);
+    None without a loadable one."""
+    from data_shards.tokenizer import tokenizer_file_hash
 
     path = directory / "tokenizer.json"
     try:
-        return tokenizer_hash(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError):
+        return tokenizer_file_hash(path) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - tokenizers raises plain Exceptions from Rust for any bad file
         return None
 
 
-def matching_tokenizer(manifest: Mapping[str, Any], run_dir: Path, given: Path | None,
-                       progress: Callable[[str], None]) -> Path:
-    """The tokenizer the checkpoint was trained with: ``given`` (``--tokenizer``) or the first of
-    :func:`find_tokenizer`'s candidates, accepted only when its hash equals the manifest's
-    ``data.tokenizer_hash`` (a data directory rebuilt from other text must not ship its tokenizer)."""
+def matching_tokenizer(manifest: Mapping[str, Any], run_dir: Path | None, given: Path | None,
+                       progress: Callable[[str], None]) -> tuple[Path, str]:
+    """The tokenizer the checkpoint was trained with, and a line for the README saying how that is known:
+    ``given`` (``--tokenizer``) or the first of :func:`find_tokenizer`'s candidates, accepted only when its
+    hash equals the manifest's ``data.tokenizer_hash`` (a data directory rebuilt from other text must not
+    ship its tokenizer)."""
     want = (manifest.get("data") or {}).get("tokenizer_hash")
     if given is not None:
         candidates = [Path(given)]
     else:
-        found, candidates = find_tokenizer(manifest["config"], run_dir)
+        found, candidates = find_tokenizer(manifest["config"], run_dir if run_dir is not None else Path.cwd())
         candidates = [c for c in candidates if (c / "tokenizer.json").is_file() or c == found]
     seen = []
     for candidate in candidates:
         have = _hash_of(candidate)
         if want is None or have == want:
             if want is None:
-                progress(f"the manifest records no tokenizer hash (written by an older fm-train): {candidate} "
-                         "is not checked against the shards the run trained on")
-            return candidate
+                line = (f"the manifest records no tokenizer hash (written by an older fm-train): {candidate} is "
+                        "not checked against the shards the run trained on")
+                progress(line)
+                return candidate, f"Tokenizer: NOT checked ({line})."
+            return candidate, (f"Tokenizer: its hash {want[:12]} equals the one the checkpoint's manifest records "
+                               "for the shards the run trained on.")
         seen.append(f"{candidate} (hash {have[:12] if have else 'none: no tokenizer.json'})")
     if not seen:
         raise ConvertError("no tokenizer found (looked in " + ", ".join(str(p) for p in candidates)
@@ -103,7 +109,7 @@ def write_generation_config(out_dir: Path, bos: int | None, eos: int | None) -> 
 
 
 def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, dtype: str, source: str, note: str,
-                 verified: str) -> None:
+                 verified: str, tokenizer: str = "Tokenizer: none exported (--no-tokenizer).") -> None:
     """README.md: what was trained, how far, from which checkpoint, and how the export was checked."""
     cfg = manifest["config"]
     m = cfg["model"]
@@ -124,6 +130,8 @@ def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, dtype: str, sour
         "",
         f"Weights: {note}." if note else "",
         f"Verification: {verified}",
+        "",
+        tokenizer,
         "",
         "## Training config", "", "```json", json.dumps(cfg, indent=2), "```", "",
     ]

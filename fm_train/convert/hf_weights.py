@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch
 
+from data_shards.safe_paths import UnsafePathError, resolve_under
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.keymap import hf_to_fm
 
@@ -35,9 +36,15 @@ def safetensors_files(hf_dir: Path) -> list[str]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
-            return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
-            raise ConvertError(f"{index}: not a safetensors index (no readable weight_map): {exc}") from exc
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError, TypeError) as exc:
+            raise ConvertError(f"{index}: not a safetensors index (no readable weight_map): {exc}") from None
+        for name in names:  # names from an untrusted directory: files inside it only
+            try:
+                resolve_under(hf_dir, name, what=f"{index}: weight_map")
+            except UnsafePathError as exc:
+                raise ConvertError(str(exc)) from None
+        return names
     return ["model.safetensors"]
 
 

@@ -17,10 +17,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from data_shards.safe_paths import UnsafePathError, key_under, resolve_under
+from data_shards.safe_paths import UnsafePathError, key_under, relative_name, resolve_under
 from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST, parse_step
 from fm_train.config.storage_uri import uri_errors, uri_scheme
 from fm_train.convert.errors import ConvertError
+from fm_train.convert.out_dir import RECORD
 
 Progress = Callable[[str], None]
 
@@ -98,15 +99,45 @@ def checkpoint_in_storage(uri: str, progress: Progress) -> Iterator[tuple[Path, 
         yield local, step, tokenizer
 
 
+def _old_record(remote: Any, uri: str) -> dict[str, Any]:
+    """The record of the export at ``uri`` that ``--overwrite`` replaces; refused when it has none."""
+    try:
+        record = json.loads((remote / RECORD).read_text())
+        files = record["files"] if record.get("tool") == "fm-train convert" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        files = None
+    if not isinstance(files, dict):
+        raise ConvertError(f"{uri} holds a model but no valid {RECORD}: it was not written by fm-train convert, so "
+                           "--overwrite will not replace it; choose another --out or clear that prefix yourself")
+    return files
+
+
 def upload_dir(local: Path, uri: str, *, overwrite: bool, progress: Progress) -> str:
-    """Upload a finished Hugging Face directory to ``uri`` (``config.json`` last); returns ``uri``."""
+    """Upload a finished Hugging Face directory to ``uri`` (``config.json`` last); returns ``uri``.
+
+    With ``overwrite``, files of the old export (its record's names, checked by the path boundary) that the
+    new one does not have are deleted afterwards when their size is still the recorded one."""
     remote = _location(uri, "--out")
-    if (remote / "config.json").exists() and not overwrite:
-        raise ConvertError(f"{uri} already holds a model (config.json); pass --overwrite to replace it")
+    old: dict[str, Any] = {}
+    if (remote / "config.json").exists():
+        if not overwrite:
+            raise ConvertError(f"{uri} already holds a model (config.json); pass --overwrite to replace it")
+        old = _old_record(remote, uri)
     files = sorted(p for p in local.rglob("*") if p.is_file())
     last = [p for p in files if p.name == "config.json"]
     for p in [q for q in files if q.name != "config.json"] + last:
         remote.fs.put_file(str(p), (remote / p.relative_to(local).as_posix()).path)
+    new = {p.relative_to(local).as_posix() for p in files}
+    for name, facts in old.items():
+        try:
+            rel = relative_name(name, what=f"{uri}/{RECORD}: files").as_posix()
+        except UnsafePathError as exc:
+            progress(f"not deleting {exc}")
+            continue
+        target = (remote / rel).path
+        if rel not in new and isinstance(facts, dict) and remote.fs.exists(target) \
+                and remote.fs.size(target) == facts.get("size"):
+            remote.fs.rm_file(target)
     progress(f"uploaded {len(files)} files to {uri}")
     return uri
 
@@ -114,8 +145,11 @@ def upload_dir(local: Path, uri: str, *, overwrite: bool, progress: Progress) ->
 @contextlib.contextmanager
 def remote_output(uri: str, *, overwrite: bool, progress: Progress) -> Iterator[tuple[Path, Callable[[], str]]]:
     """``(a temp dir for the converter to write, publish)``: ``publish()`` uploads it to ``uri``."""
-    if (_location(uri, "--out") / "config.json").exists() and not overwrite:  # before hours of converting
-        raise ConvertError(f"{uri} already holds a model (config.json); pass --overwrite to replace it")
+    remote = _location(uri, "--out")
+    if (remote / "config.json").exists():  # before hours of converting
+        if not overwrite:
+            raise ConvertError(f"{uri} already holds a model (config.json); pass --overwrite to replace it")
+        _old_record(remote, uri)
     with tempfile.TemporaryDirectory(prefix="fm-train-convert-out-") as tmp:
         local = Path(tmp) / "hf"
         yield local, lambda: upload_dir(local, uri, overwrite=overwrite, progress=progress)
