@@ -24,13 +24,21 @@ import hashlib
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from .errors import DataError
-from .index import HEADER_BYTES, KEY_DIGITS, ShardEntry, ShardIndex, member_data_bytes, member_ext, read_index
+from .index import (
+    HEADER_BYTES,
+    KEY_DIGITS,
+    ShardEntry,
+    ShardIndex,
+    member_data_bytes,
+    member_ext,
+    read_index,
+)
 from .sources import shard_problem
 from .storage import Location, as_location
 

@@ -35,7 +35,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> dict[str, 
     root = tmp_path_factory.mktemp("eval-provenance")
     text = root / "text.txt"
     text.write_text((STDLIB / "json" / "decoder.py").read_text() * 4)
-    common = dict(inputs=[str(text)], seq_len=SEQ, shard_size=1_000_000, workers=0, progress=False)
+    common = {"inputs": [str(text)], "seq_len": SEQ, "shard_size": 1_000_000, "workers": 0, "progress": False}
     build_shards(BuildOptions(out=root / "same", tokenizer_dir=corpus / "tokenizer", **common))
     other_text = root / "other.txt"
     other_text.write_text((STDLIB / "email" / "message.py").read_text())
