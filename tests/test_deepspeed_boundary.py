@@ -11,14 +11,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = "fm_train/deepspeed_adapter"
 PACKAGES = ("fm_train", "data_shards", "launcher")
-#: Modules outside the adapter that still import deepspeed while it is being moved in (must shrink to empty).
-NOT_YET_MOVED: set[str] = {
-    "fm_train/checkpoint/ds_files.py", "fm_train/checkpoint/probe_engine.py", "fm_train/checkpoint/reshard.py",
-    "fm_train/engine/build.py", "fm_train/engine/checkpointing.py", "fm_train/engine/distributed.py",
-    "fm_train/engine/evaluate.py", "fm_train/engine/grad_norm.py", "fm_train/engine/loop.py",
-    "fm_train/engine/pipeline_step.py", "fm_train/engine/step.py", "fm_train/parallel/bert_pipeline.py",
-    "fm_train/parallel/build.py", "fm_train/parallel/llama_pipeline.py", "fm_train/parallel/pipeline.py",
-}
 
 
 def _deepspeed_imports(tree: ast.AST) -> list[tuple[int, str]]:
@@ -50,8 +42,7 @@ def test_only_the_adapter_imports_deepspeed() -> None:
         imports = _deepspeed_imports(ast.parse(path.read_text(), filename=rel))
         if imports:
             offenders[rel] = imports
-    assert set(offenders) <= NOT_YET_MOVED, {k: v for k, v in offenders.items() if k not in NOT_YET_MOVED}
-    assert not NOT_YET_MOVED - set(offenders), f"moved already, drop from NOT_YET_MOVED: {NOT_YET_MOVED - set(offenders)}"
+    assert not offenders, f"only {ADAPTER} may import deepspeed (add a typed function there instead): {offenders}"
 
 
 def test_adapter_modules_check_the_version_before_importing_deepspeed() -> None:

@@ -2,7 +2,8 @@
 
 DeepSpeed writes and reads every one of its checkpoint files through ``engine.checkpoint_engine``
 (``save(state_dict, path)``, ``load(path, map_location)``; a ``PipelineEngine`` hands the same object
-to its layer files). :func:`guarded_checkpoint_engine` swaps in :class:`GuardedCheckpointEngine` for
+to its layer files). :func:`guarded_checkpoint_engine` swaps in (through the DeepSpeed adapter,
+:func:`fm_train.deepspeed_adapter.engine.swapped_checkpoint_engine`) :class:`GuardedCheckpointEngine` for
 the duration of one call, which
 
 - records the paths this rank saved, so that each rank hashes exactly its own files after the save;
@@ -47,10 +48,7 @@ class GuardedCheckpointEngine:
 @contextmanager
 def guarded_checkpoint_engine(engine: Any, *, trust: bool, hint: str = RESUME_HINT) -> Iterator[GuardedCheckpointEngine]:
     """Install a :class:`GuardedCheckpointEngine` on ``engine`` for the ``with`` block, then restore."""
-    inner = engine.checkpoint_engine
-    guard = GuardedCheckpointEngine(inner, trust=trust, hint=hint)
-    engine.checkpoint_engine = guard
-    try:
+    from fm_train.deepspeed_adapter.engine import swapped_checkpoint_engine
+
+    with swapped_checkpoint_engine(engine, lambda inner: GuardedCheckpointEngine(inner, trust=trust, hint=hint)) as guard:
         yield guard
-    finally:
-        engine.checkpoint_engine = inner

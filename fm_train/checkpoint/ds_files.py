@@ -22,12 +22,11 @@ RESUME_HINT = "if you trust where this checkpoint came from, set checkpoint.trus
 
 
 def _safe_globals() -> list[Any]:
-    """DeepSpeed classes that its checkpoints pickle: plain records, safe to rebuild."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
+    """DeepSpeed classes that its checkpoints pickle: plain records, safe to rebuild (imported on first
+    use: reading a checkpoint's layout needs no DeepSpeed)."""
+    from fm_train.deepspeed_adapter.files import checkpoint_record_classes
 
-    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return checkpoint_record_classes()
 
 
 def safe_torch_load(path: Any, *, trust: bool, map_location: Any = "cpu", mmap: bool = False,

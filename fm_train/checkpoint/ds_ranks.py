@@ -1,7 +1,8 @@
 """One model-parallel rank's fp32 master weights and Adam moments, as DeepSpeed 0.19 lays them out.
 
 Each reader exposes ``shapes`` (DeepSpeed parameter name -> shape), ``get(name, key)`` (``key`` None
-for the fp32 weight, ``"exp_avg"``/``"exp_avg_sq"`` for Adam's moments) and ``step()`` (Adam's step
+for the fp32 weight, else one of Adam's moments:
+:func:`fm_train.deepspeed_adapter.optimizer_names.adam_moments`) and ``step()`` (Adam's step
 count, or None when the checkpoint holds no optimizer state). Where the tensors live:
 
 * ZeRO-0, fp32 training: weights in ``mp_rank_XX_model_states.pt`` ``module``, or for a pipeline in
@@ -31,13 +32,12 @@ import torch
 
 from fm_train.checkpoint.ds_files import load_ds_file
 from fm_train.checkpoint.layout import CheckpointError
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from fm_train.deepspeed_adapter.optimizer_names import adam_moments
 
 
 def _check_key(key: str | None) -> None:
-    if key is not None and key not in MOMENTS:
-        raise ValueError(f"unknown optimizer state {key!r}; expected None or one of {MOMENTS}")
+    if key is not None and key not in adam_moments():
+        raise ValueError(f"unknown optimizer state {key!r}; expected None or one of {adam_moments()}")
 
 
 def _adam_states(base: Any) -> Sequence[Mapping[str, Any]] | Mapping[int, Mapping[str, Any]]:

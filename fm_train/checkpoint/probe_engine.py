@@ -8,7 +8,8 @@ training's own:
   ``loss_fn`` (``fm_train.parallel.build.CausalLMWithLoss``) swapped for one that keeps the logits
   for the length of the call;
 - a ``PipelineEngine``: ``eval_batch`` on one micro-batch with ``return_logits``; the activation
-  shapes are reset before and after, since the probe's shape is not the training micro-batch's.
+  shapes are reset before and after, since the probe's shape is not the training micro-batch's
+  (:func:`fm_train.deepspeed_adapter.pipeline.pipeline_logits`).
 
 With tp > 1 the logits are vocabulary shards; the tp group gathers them in tp-rank order. The rank
 that then holds the full logits (rank 0, or the last stage's dp 0 / tp 0 rank of a pipeline)
@@ -35,13 +36,14 @@ TPInfo = tuple[Any, int, int]  # (process group or None, this rank's index in it
 
 def engine_probe(engine: Any, model_fields: Mapping[str, Any]) -> dict[str, torch.Tensor] | None:
     """The probe record (:func:`fm_train.checkpoint.probe.summarize`) of ``engine`` on rank 0, None elsewhere."""
-    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from fm_train.deepspeed_adapter.engine import is_pipeline_engine
+    from fm_train.deepspeed_adapter.pipeline import pipeline_logits
 
     tokens = probe_tokens(int(model_fields["vocab_size"]), int(model_fields["max_seq_len"]))
     rng, was_training = capture_rng(), engine.module.training
     try:
-        if isinstance(engine, PipelineEngine):
-            local, tp, owner = _pipeline_logits(engine, tokens)
+        if is_pipeline_engine(engine):
+            local, tp, owner = pipeline_logits(engine, tokens)
         else:
             local, tp, owner = _dense_logits(engine, tokens)
     finally:
@@ -91,25 +93,6 @@ def _dense_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, TPIn
     with torch.no_grad(), _keeping_logits(engine.module, kept):
         engine(ids, ids)
     return kept["logits"], tp, 0
-
-
-def _pipeline_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor | None, TPInfo, int]:
-    """One inference micro-batch through the stages; the last stage's dp 0 / tp 0 rank owns the result."""
-    grid = engine.grid
-    tp: TPInfo = (grid.get_slice_parallel_group(), grid.get_slice_parallel_rank(),
-                  grid.get_slice_parallel_world_size())
-    owner = grid.stage_to_global(engine.num_stages - 1, data=0, model=0)
-    # The loss is computed (as in training; compute_loss=False would add the logits to the running
-    # total_loss) but not reduced or broadcast; the engine's loss fields are put back as they were.
-    kept = (engine.total_loss, getattr(engine, "total_additional_losses", None))
-    engine.reset_activation_shape()  # buffers were sized by the training micro-batch
-    try:
-        _, logits = engine.eval_batch(data_iter=iter([((tokens,), tokens)]), return_logits=True,
-                                      reduce_output=None, bcast_loss=False, num_micro_batches=1)
-    finally:
-        engine.reset_activation_shape()  # and the next train_batch sizes them again
-        engine.total_loss, engine.total_additional_losses = kept
-    return (logits.detach() if engine.is_last_stage() else None), tp, owner
 
 
 def _gather_vocab(local: torch.Tensor, tp: TPInfo) -> torch.Tensor:

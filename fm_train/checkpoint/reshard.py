@@ -6,17 +6,10 @@ after ``deepspeed.initialize`` on the new layout, every rank streams from the so
 parameter at a time, the full fp32 master weight and Adam's ``exp_avg``/``exp_avg_sq`` (merged over
 the source's dp partitions, tp shards and pipeline stages by :class:`fm_train.checkpoint.ds_reader.
 DeepSpeedWeights` and the source manifest), slices them for its own tp rank along the split dims the
-current layout records, and writes them where the current engine keeps them:
-
-* ZeRO-1/2 and ``BF16_Optimizer`` (bf16 ZeRO-0): this rank's fragment of the flat fp32 partition and
-  of its Adam state, via ``deepspeed.utils.safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``
-  (the parameter's ``_hp_mapping``); the 16-bit/model copy, which every dp rank holds whole, directly;
-* ZeRO-3: the same two calls (they go through the ZeRO-3 optimizer's partitions), then the model's
-  partitions are refreshed from the fp32 ones, as DeepSpeed does after a step;
-* ZeRO-0 fp32: the parameter itself and the torch optimizer's state for it.
-
-Adam's state is created here where the optimizer has not made it yet (torch creates it lazily on the
-first step), with the saved step count, so bias correction continues where it stopped. The LR
+current layout records, and writes them where the current engine keeps them (per ZeRO stage:
+:class:`fm_train.deepspeed_adapter.optimizer_state.OptimizerStateWriter`, which also creates Adam's
+state where the optimizer has not made it yet, with the saved step count, so bias correction
+continues where it stopped). The LR
 scheduler and DeepSpeed's step counters come from the source's model-states file; the data position
 and tokens seen from the manifest, as for any resume. RNG state is per rank and does not map onto
 another layout: generators keep their seeded state.
@@ -26,62 +19,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
-from fm_train.families import family_of
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.layout import CheckpointError
+from fm_train.families import family_of
 
 log = logging.getLogger("fm_train.checkpoint")
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def _hp_flats(optimizer: Any) -> list[torch.Tensor] | None:
-    """The flat fp32 tensors a ZeRO/bf16 optimizer steps (None for a plain torch optimizer)."""
-    for attr in ("fp32_partitioned_groups_flat",  # ZeRO-3
-                 "single_partition_of_fp32_groups",  # ZeRO-1/2
-                 "fp32_groups_flat_partition"):  # BF16_Optimizer
-        flats = getattr(optimizer, attr, None)
-        if flats is not None:
-            return list(flats)
-    return None
-
-
-def _new_adam_state(like: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
-    # torch.optim.Adam(W) keeps ``step`` as a float32 scalar tensor on the CPU (non-capturable mode).
-    return {"step": torch.tensor(float(step), dtype=torch.float32), "exp_avg": torch.zeros_like(like),
-            "exp_avg_sq": torch.zeros_like(like)}
-
-
-def _prepare_adam_state(engine: Any, step: int) -> tuple[str, torch.optim.Optimizer]:
-    """Make sure the optimizer holds Adam state at ``step`` for everything it updates; returns its kind."""
-    wrapper = engine.optimizer
-    flats = _hp_flats(wrapper)
-    base: torch.optim.Optimizer = getattr(wrapper, "optimizer", wrapper) if flats is not None else wrapper
-    if not isinstance(base, torch.optim.Optimizer):
-        raise CheckpointError(f"resharding needs a torch optimizer under DeepSpeed's, found {type(base).__name__}")
-    targets: Iterable[torch.Tensor] = flats if flats is not None else \
-        [p for g in base.param_groups for p in g["params"]]
-    for t in targets:
-        state = base.state[t]
-        if not all(k in state for k in MOMENTS):
-            state.update(_new_adam_state(t, step))
-        state["step"] = torch.tensor(float(step), dtype=torch.float32)
-    if flats is None:
-        return "plain", base
-    if hasattr(wrapper, "fp32_partitioned_groups_flat"):
-        return "zero3", base
-    # ZeRO-1/2 and BF16_Optimizer point each parameter at its slice of the Adam state only once that
-    # state exists (after the first step); link them now that it does.
-    wrapper._hp_optimizer_states_linked = False
-    wrapper._lazy_init_hp_params_optimizer_state()
-    return "fragments", base
 
 
 def _local_slice(full: torch.Tensor, dim: int | None, tp_rank: int, tp_size: int) -> torch.Tensor:
@@ -89,10 +37,6 @@ def _local_slice(full: torch.Tensor, dim: int | None, tp_rank: int, tp_size: int
     if dim is None or tp_size == 1:
         return full
     return full.chunk(tp_size, dim=dim)[tp_rank]
-
-
-def _local_shape(param: nn.Parameter) -> torch.Size:
-    return torch.Size(param.ds_shape) if hasattr(param, "ds_shape") else param.shape
 
 
 @torch.no_grad()
@@ -111,9 +55,18 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
         engine_state = source.engine_state()
     except CheckpointError as exc:
         raise CheckpointError(f"cannot reshard {step_dir}: {exc}") from None
-    kind, base = _prepare_adam_state(engine, step)
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    from fm_train.deepspeed_adapter.optimizer_names import adam_moments
+    from fm_train.deepspeed_adapter.optimizer_state import (
+        OptimizerStateWriter,
+        UnsupportedOptimizerError,
+        restore_engine_counters,
+    )
+    from fm_train.deepspeed_adapter.zero3 import unpartitioned_shape
 
+    try:
+        writer = OptimizerStateWriter(engine, step)
+    except UnsupportedOptimizerError as exc:
+        raise CheckpointError(str(exc)) from None
     shapes = source.shapes()
     model_fields = manifest["config"]["model"]
     tied = family_of(model_fields).tied_params(model_fields)
@@ -125,32 +78,21 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
             raise CheckpointError(f"{step_dir} has no parameter {name!r} (current {local_name!r})")
         dim = tp_split_dim(name, layout)
         values = {key: _local_slice(source.get(name, key), dim, tp_rank, tp_size).contiguous()
-                  for key in (None, *MOMENTS)}
-        if values[None].shape != _local_shape(param):
+                  for key in (None, *adam_moments())}
+        if values[None].shape != unpartitioned_shape(param):
             raise CheckpointError(f"{name}: the slice for tp rank {tp_rank}/{tp_size} has shape "
-                                  f"{tuple(values[None].shape)}, the engine's parameter {tuple(_local_shape(param))}")
-        if kind == "plain":
-            param.copy_(values[None])
-            for key in MOMENTS:
-                base.state[param][key].copy_(values[key])
-            continue
-        safe_set_full_fp32_param(param, values[None])
-        for key in MOMENTS:
-            safe_set_full_optimizer_state(param, values[key], key)
-        if kind == "fragments":
-            param.copy_(values[None].to(param.dtype))  # the model copy is whole on every dp rank
-    if kind == "zero3":
-        # The model's partitions follow the fp32 ones, as after every ZeRO-3 step.
-        opt = engine.optimizer
-        for lp, hp in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
-            lp.copy_(hp.to(lp.dtype))
-    _restore_engine_state(engine, engine_state)
+                                  f"{tuple(values[None].shape)}, the engine's parameter "
+                                  f"{tuple(unpartitioned_shape(param))}")
+        writer.write(param, values[None], {k: v for k, v in values.items() if k is not None})
+    writer.finish()
+    _restore_lr_scheduler(engine, engine_state)
+    restore_engine_counters(engine, engine_state)
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     log.info("rank %d: resharded %s (Adam step %d) into tp rank %d/%d", rank, step_dir, step, tp_rank, tp_size)
 
 
-def _restore_engine_state(engine: Any, state: Mapping[str, Any]) -> None:
-    """LR scheduler and DeepSpeed's step counters, as ``engine.load_checkpoint`` would set them."""
+def _restore_lr_scheduler(engine: Any, state: Mapping[str, Any]) -> None:
+    """The LR scheduler's state and current rate, as ``engine.load_checkpoint`` would set them."""
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and state.get("lr_scheduler") is not None:
         saved = state["lr_scheduler"]
@@ -161,9 +103,6 @@ def _restore_engine_state(engine: Any, state: Mapping[str, Any]) -> None:
         rates = scheduler.get_last_lr() if "_last_lr" in saved else scheduler.get_lr()
         for group, lr in zip(scheduler.optimizer.param_groups, rates):
             group["lr"] = lr
-    for attr in ("global_steps", "global_samples", "skipped_steps"):
-        if state.get(attr) is not None:
-            setattr(engine, attr, int(state[attr]))
 
 
 def _fit_groups(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:

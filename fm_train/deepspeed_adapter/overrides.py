@@ -9,7 +9,8 @@ the object right before use (:func:`require_instance_attributes`).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
 class MissingOverrideError(ImportError):

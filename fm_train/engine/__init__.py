@@ -1,10 +1,10 @@
 """The DeepSpeed training engine: initialize, the step loop, LR schedule, eval and metrics."""
 
+from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.engine.activation_checkpointing import apply_activation_checkpointing
 from fm_train.engine.build import build_engine
 from fm_train.engine.evaluate import evaluate
 from fm_train.engine.flops import flops_per_token, mfu, peak_flops
-from fm_train.engine.grad_norm import GradNormTracker
 from fm_train.engine.loop import StepHook, train
 from fm_train.engine.metrics import MetricsSink, format_line, peak_memory_gib
 from fm_train.engine.param_groups import weight_decay_groups

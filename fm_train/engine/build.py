@@ -1,23 +1,25 @@
-"""``deepspeed.initialize`` for a train module: config rendered once, decay groups, LR schedule."""
+"""The engine for a train module: config rendered once, decay groups, LR schedule, then the adapter's
+``deepspeed.initialize`` (:func:`fm_train.deepspeed_adapter.engine.initialize`)."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any
 
-import deepspeed
-from deepspeed.pipe import PipelineModule
-from deepspeed.runtime.engine import DeepSpeedEngine
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from fm_train.config import FmConfig
+from fm_train.deepspeed_adapter.engine import (
+    DeepSpeedEngine,
+    initialize,
+    is_pipeline_module,
+)
 from fm_train.engine.activation_checkpointing import apply_activation_checkpointing
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
 from fm_train.families import family_of
-from fm_train.engine.zero3_master import share_fp32_master_partitions
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
 
@@ -34,7 +36,7 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
     hooks the module; a pipeline's stages already checkpoint their blocks (``build_pipeline``), and
     wrapping them again would recompute each block twice.
     """
-    pipelined = isinstance(module, PipelineModule)
+    pipelined = is_pipeline_module(module)
     if pipelined and mpu is not None:
         raise ValueError("a PipelineModule brings its own process grid: build its engine with mpu=None")
     blocks = family_of(cfg.model).block_types()
@@ -45,17 +47,6 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
     config = ds_config if ds_config is not None else deepspeed_config(cfg)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=module,
-        model_parameters=weight_decay_groups(module, cfg.optim.weight_decay),
-        config=config,
-        lr_scheduler=make_scheduler,
-        mpu=mpu,
-    )
-    if engine.zero_optimization_stage() == 3:
-        share_fp32_master_partitions(engine.optimizer)  # 4 B/param less in fp32 (see zero3_master)
-    if not pipelined and engine.zero_optimization_stage() == 0 and cfg.precision == "fp32" and engine.dp_world_size == 1:
-        # One data-parallel rank has nothing to average, yet DeepSpeed would flatten every gradient,
-        # all-reduce it over that one rank and copy it back, each step (bench/RESULTS_engine.md).
-        engine.enable_backward_allreduce = False
-    return engine, scheduler
+    # ZeRO-3 master weights shared, no all-reduce over one fp32 dp rank: see the adapter's initialize.
+    return initialize(module, model_parameters=weight_decay_groups(module, cfg.optim.weight_decay), config=config,
+                      lr_scheduler=make_scheduler, mpu=mpu, fp32=cfg.precision == "fp32")

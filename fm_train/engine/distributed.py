@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 
-import deepspeed
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
-from deepspeed.constants import default_pg_timeout
 
+from fm_train.deepspeed_adapter.comm import (
+    DEFAULT_PG_TIMEOUT,
+    accelerator_name,
+    adopt_process_group,
+)
 from fm_train.dist.device import DeviceChoice, DeviceError, activate, detect_device
 from fm_train.dist.env import RankEnv
 from fm_train.dist.rendezvous import join_process_group
@@ -24,9 +26,8 @@ def init_distributed(env: RankEnv) -> str:
     env.export()
     choice = activate_device(env)
     # Our store listens on MASTER_ADDR only (torch's own binds every interface); DeepSpeed adopts the group.
-    join_process_group(env, choice.backend, timeout=default_pg_timeout)
-    deepspeed.init_distributed(dist_backend=choice.backend, auto_mpi_discovery=False, rank=env.rank,
-                               world_size=env.world_size, distributed_port=env.master_port)
+    join_process_group(env, choice.backend, timeout=DEFAULT_PG_TIMEOUT)
+    adopt_process_group(choice.backend, rank=env.rank, world_size=env.world_size, port=env.master_port)
     return choice.backend
 
 
@@ -44,7 +45,7 @@ def activate_device(env: RankEnv) -> DeviceChoice:
         # One GPU visible to this process (srun-style binding): DeepSpeed's engine selects
         # cuda:LOCAL_RANK itself, so LOCAL_RANK must name the GPU this process actually has.
         os.environ["LOCAL_RANK"] = str(choice.index)
-    ds_name = get_accelerator().device_name()
+    ds_name = accelerator_name()
     if ds_name != choice.accelerator:
         raise DeviceError(f"fm-train chose the {choice.accelerator} device but DeepSpeed's accelerator is {ds_name!r};"
                           f" set DS_ACCELERATOR={choice.accelerator} (or unset it) in the workers' environment")

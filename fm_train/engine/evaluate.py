@@ -6,7 +6,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.engine import DeepSpeedEngine
+
+from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
 
 
 @torch.no_grad()

@@ -12,14 +12,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.runtime.pipe.engine import PipelineEngine
 
 from fm_train.config import FmConfig
+from fm_train.deepspeed_adapter.engine import DeepSpeedEngine, is_pipeline_engine
+from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.dist.device import accelerator_of, attention_context
 from fm_train.engine.evaluate import evaluate
 from fm_train.engine.flops import peak_flops
-from fm_train.engine.grad_norm import GradNormTracker
 from fm_train.engine.meter import IntervalMeter, ThroughputSpec
 from fm_train.engine.metrics import MetricsSink
 from fm_train.engine.pipeline_step import pipeline_evaluate, pipeline_train_step
@@ -64,7 +63,7 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     engine's device).
     """
     t = cfg.train
-    pipelined = isinstance(engine, PipelineEngine)
+    pipelined = is_pipeline_engine(engine)
     step_fn = pipeline_train_step if pipelined else train_step
     eval_fn = pipeline_evaluate if pipelined else evaluate
     grad_norm = GradNormTracker.of(engine)

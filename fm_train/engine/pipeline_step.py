@@ -14,9 +14,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.pipe.engine import PipelineEngine
 
-from fm_train.engine.grad_norm import GradNormTracker
+from fm_train.deepspeed_adapter.engine import PipelineEngine
+from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.engine.state import TrainState
 from fm_train.engine.step import Batch, StepOutput
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
 import torch
-from deepspeed.runtime.engine import DeepSpeedEngine
 
-from fm_train.engine.grad_norm import GradNormTracker
+from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
+from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.engine.state import TrainState
 
 Batch = Mapping[str, Any]

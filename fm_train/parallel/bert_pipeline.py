@@ -14,14 +14,22 @@ from __future__ import annotations
 import functools
 
 import torch
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from torch import nn
 
-from fm_train.model.bert import BertArgs, BertLayer, BertPredictionHeadTransform, masked_lm_loss
+from fm_train.deepspeed_adapter.pipeline import (
+    FmPipelineModule,
+    LayerSpec,
+    TiedLayerSpec,
+)
+from fm_train.model.bert import (
+    BertArgs,
+    BertLayer,
+    BertPredictionHeadTransform,
+    masked_lm_loss,
+)
 from fm_train.parallel.pipeline import (
     TIED_KEY,
     EmbeddingPipe,
-    FmPipelineModule,
     layer_counts,
     pipeline_module,
     stage_bounds_of,

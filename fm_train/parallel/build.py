@@ -18,18 +18,24 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fm_train.config import FmConfig
+from fm_train.deepspeed_adapter.zero3 import partitioned_construction
 from fm_train.dist.groups import ParallelGroups
 from fm_train.families import ModelFamily, family_of
 from fm_train.model import causal_lm_loss
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.pipeline import vocab_loss
-from fm_train.parallel.sharded_init import InitSource, SliceReader, initial_value, materialize_, materialize_zero3_
+from fm_train.parallel.sharded_init import (
+    InitSource,
+    SliceReader,
+    initial_value,
+    materialize_,
+    materialize_zero3_,
+)
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -66,21 +72,6 @@ def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> nn.Modul
     return model
 
 
-class _PartitionOnConstruction(deepspeed.zero.Init):
-    """``deepspeed.zero.Init`` without its broadcast of every new parameter from rank 0.
-
-    DeepSpeed broadcasts each parameter's constructor-time (random) value so that the ranks agree;
-    :func:`materialize_zero3_` then overwrites every partition with values each rank computes
-    itself, so that broadcast (the whole model over the network, one tensor at a time) is waste.
-    Should a DeepSpeed release rename this hook, the override goes unused and the broadcast comes
-    back: slower, with the same result.
-    """
-
-    def _zero_init_param(self, param: nn.Parameter) -> None:  # DeepSpeed 0.19's per-parameter hook
-        self._convert_to_deepspeed_param(param)
-        param.partition()
-
-
 def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
                       ds_config: dict[str, Any] | None = None) -> nn.Module:
     """The pure model partitioned over the data-parallel ranks as it is built (ZeRO-3, tp = pp = 1).
@@ -91,13 +82,10 @@ def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
     ``ds_config`` is the config ``deepspeed.initialize`` will get (its precision decides the dtype
     of the partitions); default: rendered from ``cfg``.
     """
-    if not deepspeed.comm.is_initialized():
-        # zero.Init reads the world size (its batch check) from DeepSpeed's comm layer, which adopts
-        # the existing torch process group here; deepspeed.initialize would do the same later.
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
     family = family_of(cfg.model)
     args = family.args(cfg.model)
-    with _PartitionOnConstruction(config_dict_or_path=ds_config if ds_config is not None else deepspeed_config(cfg)):
+    # Without zero.Init's broadcast of each new parameter: every partition is overwritten below.
+    with partitioned_construction(ds_config if ds_config is not None else deepspeed_config(cfg)):
         model = family.build(args)
     return materialize_zero3_(model, args, cfg.run.seed if init is None else init)
 

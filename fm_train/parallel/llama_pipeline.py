@@ -12,13 +12,22 @@ from __future__ import annotations
 import functools
 
 import torch
-from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-from fm_train.model.llama import DecoderLayer, LlamaArgs, RMSNorm, causal_lm_loss, rope_tables
+from fm_train.deepspeed_adapter.pipeline import (
+    FmPipelineModule,
+    LayerSpec,
+    TiedLayerSpec,
+)
+from fm_train.model.llama import (
+    DecoderLayer,
+    LlamaArgs,
+    RMSNorm,
+    causal_lm_loss,
+    rope_tables,
+)
 from fm_train.parallel.pipeline import (
     TIED_KEY,
     EmbeddingPipe,
-    FmPipelineModule,
     layer_counts,
     pipeline_module,
     stage_bounds_of,
@@ -26,8 +35,13 @@ from fm_train.parallel.pipeline import (
     vocab_loss,
 )
 from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
-from fm_train.parallel.tensor_parallel import ColumnParallelLinear, TPGroup, apply_tensor_parallel
+from fm_train.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    TPGroup,
+    apply_tensor_parallel,
+)
 from fm_train.parallel.tp_plan import LLAMA_TP_PLAN as PLAN
+
 
 class DecoderBlockPipe(DecoderLayer):
     """Layer ``1 + index``: the pure ``DecoderLayer`` (``model.layers.{index}``), tp-sharded."""

@@ -1,6 +1,7 @@
-"""What every family's DeepSpeed ``PipelineModule`` shares: stage balancing by parameter count, the
-gradient-norm bookkeeping for tp + pp, the loss over (vocab-parallel) logits and the manifest's layer
-table. A family's own pipeline (:mod:`fm_train.parallel.llama_pipeline`,
+"""What every family's DeepSpeed ``PipelineModule`` shares: stage balancing by parameter count, the loss
+over (vocab-parallel) logits and the manifest's layer table; DeepSpeed's side (the ``PipelineModule``
+subclass with the gradient-norm bookkeeping for tp + pp, layer specs, the partitioner) is
+:mod:`fm_train.deepspeed_adapter.pipeline`. A family's own pipeline (:mod:`fm_train.parallel.llama_pipeline`,
 :mod:`fm_train.parallel.bert_pipeline`) lists its layers and calls :func:`pipeline_module`.
 
 Stages are balanced by parameter count. Parameter counts come from the shapes, not from building
@@ -14,12 +15,20 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from deepspeed.pipe import LayerSpec, PipelineModule
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from deepspeed.runtime.utils import partition_balanced
 
+from fm_train.deepspeed_adapter.pipeline import (
+    FmPipelineModule,
+    LayerSpec,
+    balanced_bounds,
+)
+from fm_train.deepspeed_adapter.pipeline import pipeline_module as _ds_pipeline_module
 from fm_train.parallel.sharded_init import InitSource, materialize_
-from fm_train.parallel.tensor_parallel import TPGroup, VocabParallelEmbedding, copy_to_tp, vocab_parallel_cross_entropy
+from fm_train.parallel.tensor_parallel import (
+    TPGroup,
+    VocabParallelEmbedding,
+    copy_to_tp,
+    vocab_parallel_cross_entropy,
+)
 from fm_train.parallel.tp_plan import TPPlan
 
 #: DeepSpeed's tied-module key of the word embedding that is also the output head.
@@ -88,42 +97,13 @@ def stage_bounds_of(counts: list[int], blocks: range, pp: int, block: str) -> li
     if len(blocks) < pp:
         raise ValueError(f"model.n_layers={len(blocks)} is smaller than parallel.pp={pp}: every stage needs"
                          f" a {block}; lower parallel.pp or add layers")
-    bounds = [int(b) for b in partition_balanced(weights=counts, num_parts=pp)]
+    bounds = balanced_bounds(counts, pp)
     for s in range(pp):
         if not any(i in blocks for i in range(bounds[s], bounds[s + 1])):
             raise ValueError(
                 f"pipeline stage {s} of {pp} gets no {block} when balancing by parameters (layer bounds"
                 f" {bounds}; the embedding/head are large next to a block); lower parallel.pp")
     return bounds
-
-
-class FmPipelineModule(PipelineModule):
-    """``PipelineModule`` with shape-based stage balancing and gradient-norm bookkeeping for tp + pp."""
-
-    def __init__(self, layers: list[LayerSpec], *, counts: list[int], tp: TPGroup, **kwargs: Any) -> None:
-        for spec, count in zip(layers, counts):
-            spec.param_count = count  # read by _count_layer_params during super().__init__
-        super().__init__(layers, **kwargs)
-        self._mark_gradient_norm_owners(tp)
-
-    def _count_layer_params(self) -> list[int]:
-        # DeepSpeed builds every layer of every stage here to count its parameters; shapes suffice.
-        return [spec.param_count for spec in self._layer_specs]
-
-    def _mark_gradient_norm_owners(self, tp: TPGroup) -> None:
-        """Make each parameter count exactly once in DeepSpeed's global gradient norm.
-
-        DeepSpeed counts a parameter if it is flagged model-parallel or if the rank is rank 0 of a
-        "model-parallel" group. ZeRO reads that rank within the tp group, but the plain fp32 path
-        (``clip_grad_norm_``) reads it within the pipeline grid's pipe x tp group, where it would drop
-        every replicated weight outside stage 0 and count the tied head twice. So: a shard counts on
-        its rank, a replicated weight on tp rank 0 of its stage, a stage's copy of a tied weight that
-        DeepSpeed marked ``ds_pipe_replicated`` nowhere.
-        """
-        for p in self.parameters():
-            owner = (getattr(p, "tensor_model_parallel", False) or tp.rank == 0) and not getattr(p, "ds_pipe_replicated", False)
-            p.model_parallel = owner
-            p.tensor_model_parallel = owner
 
 
 def vocab_loss(dense_loss: LossFn, vocab_size: int, tp: TPGroup) -> LossFn:
@@ -140,15 +120,5 @@ def pipeline_module(layers: list[LayerSpec], counts: list[int], *, pp: int, dp: 
                     activation_checkpointing: bool, block_class: type) -> FmPipelineModule:
     """The ``PipelineModule`` of ``layers`` over a ``pp x dp x tp`` grid (DeepSpeed's axis order, as our
     Topology), balanced by ``counts``; with activation checkpointing each ``block_class`` layer is a segment."""
-    return FmPipelineModule(
-        layers,
-        counts=counts,
-        tp=tp,
-        topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp.size, num_dp=dp),
-        loss_fn=loss_fn,
-        partition_method="parameters",
-        # One block per checkpoint segment; only blocks are recomputed (the embedding's integer input
-        # cannot require grad, which reentrant checkpointing needs).
-        activation_checkpoint_interval=1 if activation_checkpointing else 0,
-        checkpointable_layers=[block_class.__name__],
-    )
+    return _ds_pipeline_module(layers, counts, pp=pp, dp=dp, tp_size=tp.size, tp_rank=tp.rank, loss_fn=loss_fn,
+                               activation_checkpointing=activation_checkpointing, block_class=block_class)

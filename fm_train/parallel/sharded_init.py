@@ -20,11 +20,16 @@ import math
 from typing import Any, Mapping, Protocol, Union, runtime_checkable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fm_train.model.registry import pure_model, tied_source
-from fm_train.parallel.tensor_parallel import TPGroup, mark_tensor_parallel, retie, shard, tied_parameters
+from fm_train.parallel.tensor_parallel import (
+    TPGroup,
+    mark_tensor_parallel,
+    retie,
+    shard,
+    tied_parameters,
+)
 from fm_train.parallel.tp_plan import TPPlan
 
 
@@ -193,17 +198,18 @@ def materialize_zero3_(module: nn.Module, args: Any, init: InitSource, *, prefix
     """Overwrite each ZeRO-3 partition of ``module`` (built under ``deepspeed.zero.Init``) with the initial weights.
 
     DeepSpeed stores rank ``r``'s partition of a parameter as the flat range ``[r * n, (r + 1) * n)``
-    of the flattened full tensor (``n = ds_tensor.ds_numel``; the last rank's tail is zero padding),
-    so each rank computes one full value at a time and keeps its range: no collective, no gather.
+    of the flattened full tensor (``n`` elements per rank, the last rank's tail zero padding; where
+    DeepSpeed keeps it: :func:`fm_train.deepspeed_adapter.zero3.zero3_partition`), so each rank computes
+    one full value at a time and keeps its range: no collective, no gather.
     """
+    from fm_train.deepspeed_adapter.zero3 import partition_elements, zero3_partition
+
     for name, param in module.named_parameters():
-        part = getattr(param, "ds_tensor", None)
+        part = zero3_partition(param)
         if part is None:
             raise ValueError(f"{prefix + name} is not a ZeRO-3 partitioned parameter (build it under deepspeed.zero.Init)")
-        size = part.ds_numel
-        start = size * dist.get_rank(group=param.ds_process_group)
-        count = max(0, min(size, math.prod(full_shapes(args)[prefix + name]) - start))
-        part.zero_()  # padding stays zero, as DeepSpeed's own partitioning leaves it
+        count = partition_elements(math.prod(full_shapes(args)[prefix + name]), part)
+        part.flat.zero_()  # padding stays zero, as DeepSpeed's own partitioning leaves it
         if count:
-            part.narrow(0, 0, count).copy_(initial_flat(args, init, prefix + name, start, count))
+            part.flat.narrow(0, 0, count).copy_(initial_flat(args, init, prefix + name, part.per_rank * part.index, count))
     return module

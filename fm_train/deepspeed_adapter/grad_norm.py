@@ -7,7 +7,9 @@ measure the gradients in between. For that mode the tracker hooks the engine its
 with the same DeepSpeed function, given the engine's ``mpu`` (our groups for tp, the pipeline grid
 for pp). That function sums the squares of tensor-parallel shards over the model-parallel group and
 counts a replicated weight on one rank only (``FmPipelineModule`` flags which copy counts), so the
-norm is the dense model's whatever the layout.
+norm is the dense model's whatever the layout. The engine methods shadowed or called here are
+checked at import: were ``clip_fp32_gradients`` renamed, the shadow would never run and every
+fp32 ZeRO-0 norm would be None.
 """
 
 from __future__ import annotations
@@ -15,16 +17,23 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from fm_train.deepspeed_adapter import version as _version  # noqa: F401 - checks the release first
+
+# isort: split
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.utils import clip_grad_norm_
+
+from fm_train.deepspeed_adapter.overrides import check_overrides
+
+check_overrides(DeepSpeedEngine, ["clip_fp32_gradients", "get_global_grad_norm", "gradient_clipping"])
 
 
 class GradNormTracker:
     """Attach with :meth:`of` before an engine's first step; :meth:`last` is the norm of the latest step."""
 
     @classmethod
-    def of(cls, engine: DeepSpeedEngine) -> "GradNormTracker":
+    def of(cls, engine: DeepSpeedEngine) -> GradNormTracker:
         """The engine's tracker, attached on first use (a second one would hook the optimizer twice)."""
         # The engine's own __dict__: DeepSpeedEngine.__getattr__ would look into the wrapped module too.
         tracker = engine.__dict__.get("_fm_grad_norm_tracker")
