@@ -26,10 +26,7 @@ from fm_train.dist.env import RankEnv, ensure_extension_cache
 from fm_train.dist.topology import Topology
 
 if TYPE_CHECKING:
-    from fm_train.checkpoint.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
-    from fm_train.dist.heartbeat import Heartbeat
-    from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
     from fm_train.parallel.sharded_init import InitSource
 
 

@@ -9,7 +9,6 @@ scheme typo, missing credentials, a backend that is not installed) are errors th
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -23,7 +23,6 @@ from fm_train.checkpoint.layout import (
     LATEST,
     MANIFEST,
     CheckpointError,
-    checkpoints_dir,
     is_complete,
     list_step_dirs,
     parse_step,

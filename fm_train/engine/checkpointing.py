@@ -17,7 +17,6 @@ from typing import Any
 from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
 from fm_train.dist.topology import Topology
-from fm_train.engine.loop import StepHook
 from fm_train.engine.state import TrainState
 
 

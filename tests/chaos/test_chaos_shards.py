@@ -82,7 +82,7 @@ def _assert_skipped_after_one_restart(run: Path, target_shard: Path) -> dict:
     assert record["exit_code"] == RESTART_EXIT_CODE, record
     [recorded] = (run / "bad_shards").glob("*.json")
     assert json.loads(recorded.read_text())["key"] == f"0:{target_shard.name}"
-    assert f"leaving out 1 shard(s) that earlier attempts found bad" in _attempt(rank_log(run, 0), 2)
+    assert "leaving out 1 shard(s) that earlier attempts found bad" in _attempt(rank_log(run, 0), 2)
     manifest = json.loads((step_dir(run, STEPS) / "manifest.json").read_text())
     assert manifest["data"]["state"]["skipped_shards"] == [f"0:{target_shard.name}"]
     return record
