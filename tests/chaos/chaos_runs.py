@@ -27,9 +27,9 @@ EVERY = 6
 
 def tiny_config(run_dir: Path, data_dir: Path, *, seed: int = 11, steps: int = STEPS, every: int = EVERY,
                 keep: int = 3, max_restarts: int = 2, step_timeout_s: float = 120, on_bad_shard: str = "fail",
-                eval_every: int = 0) -> dict:
+                eval_every: int = 0, verify_sha256: bool = True) -> dict:
     """The scenario config: the tiny model on 2 workers, every step logged, no conversion at the end
-    (``eval_every``: 0, no evaluation)."""
+    (``eval_every``: 0, no evaluation; ``verify_sha256``: each shard's sha256 on its first read)."""
     return {
         "run": {"name": "chaos", "dir": str(run_dir), "seed": seed},
         "model": {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172,
@@ -37,7 +37,7 @@ def tiny_config(run_dir: Path, data_dir: Path, *, seed: int = 11, steps: int = S
         "parallel": {"tp": 1, "pp": 1, "zero_stage": 2},
         "precision": "fp32",
         "data": {"sources": [{"path": str(data_dir)}], "seq_len": 32, "num_workers": 0,
-                 "on_bad_shard": on_bad_shard},
+                 "on_bad_shard": on_bad_shard, "verify_sha256": verify_sha256},
         "train": {"steps": steps, "micro_batch": 2, "grad_accum": 1, "log_every": 1, "eval_every": eval_every},
         "optim": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
         "checkpoint": {"every": every, "keep": keep, "resume": "auto"},

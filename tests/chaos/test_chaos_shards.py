@@ -1,6 +1,9 @@
-"""Shards that go bad under a run: overwritten bytes in the middle of a shard (found only when the
-sample is read) and a shard cut short while the run reads it. ``data.on_bad_shard`` decides: ``fail``
-stops with the shard named, ``skip`` leaves it out on every rank and records it; never a deadlock."""
+"""Shards that go bad under a run: overwritten bytes in the middle of a shard and a shard cut short while
+the run reads it. ``data.on_bad_shard`` decides: ``fail`` stops with the shard named, ``skip`` leaves it
+out on every rank and records it; never a deadlock. By default (``data.verify_sha256``) overwritten
+bytes are found by the shard's sha256 on its first read; the mid-file scenarios run with it off too,
+so that the per-sample checks are proven on their own (what guards shards read by ranged GETs without
+a cache, and bytes that change after the first read)."""
 
 from __future__ import annotations
 
@@ -41,17 +44,23 @@ def _attempt(log: str, n: int) -> str:
     return log.split(f"===== attempt {n}:")[1].split("===== attempt")[0]
 
 
-def test_fail_policy_names_a_shard_corrupted_mid_file(corpus_copy: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("verify_sha256", [False, True], ids=["per-sample-checks", "sha256-on-first-read"])
+def test_fail_policy_names_a_shard_corrupted_mid_file(corpus_copy: Path, tmp_path: Path, verify_sha256: bool) -> None:
     target = sample_read_at(corpus_copy, seed=SEED, step=BAD_STEP)
     assert 0 < target.local, "the start-up check reads the first and last headers; aim between them"
     overwrite_sample(target)  # bit rot at rest: passes the start-up check, found when the sample is read
     run = tmp_path / "run"
-    config = write_config(tmp_path / "config.yaml", tiny_config(run, corpus_copy, seed=SEED, max_restarts=0))
+    config = write_config(tmp_path / "config.yaml", tiny_config(run, corpus_copy, seed=SEED, max_restarts=0,
+                                                                verify_sha256=verify_sha256))
     result = run_launch(config, run)
     assert result.code == 1 and result.seconds < BOUND_S
     [record] = failures(run)
     assert record["kind"] == "failed" and record["exit_code"] == 2, record  # a data error, not a crash
     message = next(line for line in record["last_lines"] if "fm-train worker: shard" in line)
+    if verify_sha256:  # found when the shard is first opened, before any of its samples is used
+        assert str(target.shard) in message and "its sha256 is" in message and "index.json says" in message, message
+        assert (latest_step(run) or 0) < BAD_STEP
+        return
     assert str(target.shard) in message and f"corrupted at sample {target.local}" in message
     assert "data.on_bad_shard: skip" in message  # the fix is named
     assert 1 <= latest_step(run) < BAD_STEP
@@ -63,7 +72,8 @@ def test_fail_policy_names_a_shard_corrupted_mid_file(corpus_copy: Path, tmp_pat
 def test_fail_policy_with_a_shard_truncated_mid_run(corpus_copy: Path, tmp_path: Path) -> None:
     target = sample_read_at(corpus_copy, seed=SEED, step=BAD_STEP)
     run = tmp_path / "run"
-    config = write_config(tmp_path / "config.yaml", tiny_config(run, corpus_copy, seed=SEED, max_restarts=1))
+    config = write_config(tmp_path / "config.yaml", tiny_config(run, corpus_copy, seed=SEED, max_restarts=1,
+                                                                verify_sha256=False))
     fault = corrupt_at_step(run, 2, lambda: truncate_before(target))
     result = run_launch(config, run)
     assert_fault_done(fault)
@@ -94,7 +104,8 @@ def test_skip_policy_with_a_shard_truncated_mid_run(corpus_copy: Path, tmp_path:
     run = tmp_path / "run"
     # Evaluation on: the validation loader must leave out the shard that training leaves out.
     config = write_config(tmp_path / "config.yaml",
-                          tiny_config(run, corpus_copy, seed=SEED, max_restarts=1, on_bad_shard="skip", eval_every=2))
+                          tiny_config(run, corpus_copy, seed=SEED, max_restarts=1, on_bad_shard="skip", eval_every=2,
+                                      verify_sha256=False))
     fault = corrupt_at_step(run, 2, lambda: truncate_before(target))
     result = run_launch(config, run)
     assert_fault_done(fault)
@@ -115,8 +126,8 @@ def test_skip_policy_with_a_shard_corrupted_mid_file(corpus_copy: Path, tmp_path
     target = sample_read_at(corpus_copy, seed=SEED, step=BAD_STEP)
     overwrite_sample(target)  # passes every start-up check: only reading the sample finds it
     run = tmp_path / "run"
-    config = write_config(tmp_path / "config.yaml",
-                          tiny_config(run, corpus_copy, seed=SEED, max_restarts=1, on_bad_shard="skip"))
+    config = write_config(tmp_path / "config.yaml", tiny_config(run, corpus_copy, seed=SEED, max_restarts=1,
+                                                                on_bad_shard="skip", verify_sha256=False))
     result = run_launch(config, run)
     assert result.seconds < BOUND_S
     assert result.code == 0, f"skip policy did not skip {target.shard.name}: {[r['summary'] for r in failures(run)]}"
