@@ -114,7 +114,8 @@ _IGNORED_DIRS = {"universal"}
 def unrecorded_files(step_dir: Path, manifest: Mapping[str, Any]) -> list[str]:
     """One entry per file of ``step_dir`` the manifest does not record: DeepSpeed finds its files by
     globbing, so an added ``mp_rank_*`` or ``layer_*`` file would be read although no checksum covers it."""
-    known = set(recorded_files(manifest)) | _UNLISTED_OK
+    rng, probe = manifest.get("rng") or {}, manifest.get("probe") or {}
+    known = set(recorded_files(manifest)) | _UNLISTED_OK | set(rng.get("files", [])) | {probe.get("file")}
     found = []
     for current, dirs, files in os.walk(step_dir):
         rel_dir = os.path.relpath(current, step_dir)
