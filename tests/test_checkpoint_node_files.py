@@ -91,11 +91,23 @@ def test_the_checks_split_the_held_files_among_the_ranks_that_hold_them(tmp_path
     assert checking_share(tmp_path, files, 2, 4) == ["a.pt", "d.pt"]
     assert checking_share(tmp_path, files, 3, 4) == ["c.pt"]
     assert checking_share(tmp_path, files, 0, 4) is None
-    (tmp_path / "a.pt").write_bytes(b"x")
-    manifest = {"files": {"a.pt": 1, "b.pt": 1}}
-    assert find_damage(tmp_path, manifest, rank=2, world=4) == []  # b.pt is not held here: not checked
-    problems = find_damage(tmp_path, manifest, rank=0, world=4)
+    # find_damage takes a held record only as the fetch writes it: exactly the files its ranks read.
+    step = tmp_path / "step"
+    step.mkdir()
+    writers = [[f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] for r in range(4)]
+    writers[0].append("mp_rank_00_model_states.pt")
+    manifest = {"files": {name: 1 for names in writers for name in names},
+                "topology": {"world": 4, "tp": 1, "pp": 1, "zero_stage": 1}, "writers": writers}
+    held = ["mp_rank_00_model_states.pt", "zero_pp_rank_2_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_3_mp_rank_00_optim_states.pt"]
+    for name in held:
+        (step / name).write_bytes(b"x")
+    write_held(step, [2, 3], held)
+    assert find_damage(step, manifest, rank=2, world=4) == []  # zero_pp_rank_0/1 are not held here: not checked
+    problems = find_damage(step, manifest, rank=0, world=4)
     assert len(problems) == 1 and "holds only the files ranks [2, 3] read" in problems[0]
+    write_held(step, [2, 3], held[:1])  # a record exempting more than the fetch left out: refused
+    assert any("it does not list the files ranks [2, 3] read" in p for p in find_damage(step, manifest, rank=2, world=4))
 
 
 def _worker_on_own_disk(raw: dict, base: str) -> int:
