@@ -26,7 +26,9 @@ def init_distributed(env: RankEnv) -> str:
     env.export()
     choice = activate_device(env)
     # Our store listens on MASTER_ADDR only (torch's own binds every interface); DeepSpeed adopts the group.
-    join_process_group(env, choice.backend, timeout=DEFAULT_PG_TIMEOUT)
+    # A group the caller already made (a test harness, an embedding program) is adopted as it is.
+    if not dist.is_initialized():
+        join_process_group(env, choice.backend, timeout=DEFAULT_PG_TIMEOUT)
     adopt_process_group(choice.backend, rank=env.rank, world_size=env.world_size, port=env.master_port)
     return choice.backend
 
