@@ -1,7 +1,7 @@
 """The few process-group calls checkpoint code makes, each a no-op (or the trivial answer) without one.
 
 Saving and resuming run on every rank with a process group; the converter and unit tests run them in
-one process without any. Object collectives use the default group, as ``prepare_resume`` always has.
+one process without any. Object collectives use the default group.
 """
 
 from __future__ import annotations

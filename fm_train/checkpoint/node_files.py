@@ -15,7 +15,7 @@ ZeRO stage) a rank reads only part of it, so a node fetches only that part:
   the layer files).
 
 That is the module weights once per stage plus the node's own optimizer partitions, not every
-rank's; any other layout needs every file (resharding or universal conversion reads them all), and so
+rank's; any other layout needs every file (resharding reads them all), and so
 does a manifest without ``writers`` (written by an older fm-train).
 
 A node's step directory then holds part of the files; ``.held.json`` next to the manifest says which
