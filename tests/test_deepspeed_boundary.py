@@ -1,4 +1,4 @@
-"""The DeepSpeed boundary (DESIGN.md): one package imports ``deepspeed``, checks its version at import,
+"""The DeepSpeed boundary (``fm_train/deepspeed_adapter/``, README layout table): one package imports ``deepspeed``, checks its version at import,
 and fails loudly when a DeepSpeed attribute it overrides is gone."""
 
 from __future__ import annotations
