@@ -1,5 +1,5 @@
-"""The DeepSpeed boundary (``fm_train/deepspeed_adapter/``, README layout table): one package imports ``deepspeed``, checks its version at import,
-and fails loudly when a DeepSpeed attribute it overrides is gone."""
+"""The DeepSpeed boundary (``fm_train/deepspeed_adapter/``, README layout table): one package imports
+``deepspeed``, checks its version at import, and fails loudly when a DeepSpeed attribute it overrides is gone."""
 
 from __future__ import annotations
 
