@@ -96,3 +96,39 @@ def test_listen_on_binds_the_named_address_and_declines_a_foreign_one():
     with sock:
         assert sock.getsockname()[0] == "127.0.0.1"
     assert listen_on("203.0.113.7", 0) is None  # TEST-NET-3: no interface here holds it
+
+
+_UNDER_TORCHRUN = """
+import torch
+import torch.distributed as dist
+from fm_train.dist.env import RankEnv
+from fm_train.engine.distributed import init_distributed, shutdown_distributed
+
+env = RankEnv.from_environ()
+init_distributed(env)
+t = torch.ones(1) * (env.rank + 1)
+dist.all_reduce(t)
+print(f"rank {env.rank}: sum {int(t.item())}", flush=True)
+shutdown_distributed()
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_ranks_started_by_torchrun_join_through_the_agents_store(tmp_path: Path) -> None:
+    """Under torchrun the agent already serves MASTER_PORT: rank 0 must join it as a client rather than
+    bind the port again (which failed with EADDRINUSE before; the README says torchrun works)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "rank.py"
+    script.write_text(_UNDER_TORCHRUN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "rank 0: sum 3" in done.stdout and "rank 1: sum 3" in done.stdout, done.stdout

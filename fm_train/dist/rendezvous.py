@@ -169,8 +169,15 @@ def listen_on(host: str, port: int) -> socket.socket | None:
     return None
 
 
+def agent_hosts_store() -> bool:
+    """Whether a torchrun (torchelastic) agent already serves the store at MASTER_ADDR:MASTER_PORT, so that
+    every rank, rank 0 included, is a client (the variable torch's own ``env://`` rendezvous reads)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
 def bound_store(env: RankEnv, timeout: timedelta) -> "Store":
     """The job's TCPStore: on rank 0 a server listening on MASTER_ADDR's address only, elsewhere a client.
+    Under torchrun the agent's store serves instead (:func:`agent_hosts_store`), bound as torchrun binds it.
 
     When MASTER_ADDR is not an address of rank 0's machine (a NAT'd or forwarded address) the
     server listens on every interface, as torch's own does, and says so.
@@ -178,7 +185,7 @@ def bound_store(env: RankEnv, timeout: timedelta) -> "Store":
     from torch.distributed import TCPStore
 
     common = dict(host_name=env.master_addr, port=env.master_port, world_size=env.world_size, timeout=timeout)
-    if env.rank != 0:
+    if env.rank != 0 or agent_hosts_store():
         return TCPStore(is_master=False, **common)
     sock = listen_on(env.master_addr, env.master_port)
     if sock is None:
