@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="fm-train",
-        description="Pretrain decoder-only language models: shard data, train with DeepSpeed 3D parallelism "
-                    "on Ray, convert checkpoints to Hugging Face.",
+        description="Pretrain language models (Llama-family decoders, BERT-style encoders): shard data, train "
+                    "with DeepSpeed 3D parallelism on Ray, convert checkpoints to Hugging Face.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, module, add_fn, run_fn in SUBCOMMANDS:
