@@ -27,35 +27,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gpu_mfu_common import next_smaller  # noqa: E402  (bench/ is on the path: this script's folder)
+
 GOAL_RATIO, GOAL_MFU = 0.95, 0.45
 
 
-# --- pure rules (unit-tested on CPU: tests/test_device.py) --------------------------------------
-
-def pick_micro_batch(candidates: Iterable[int], fits: Callable[[int], bool]) -> int | None:
-    """The largest candidate that fits, trying them from small to large and stopping at the first failure.
-
-    Stopping matters: after an out-of-memory at 4, trying 8 costs time and a larger spike for nothing.
-    None when even the smallest does not fit.
-    """
-    best = None
-    for mb in sorted(set(candidates)):
-        if not fits(mb):
-            break
-        best = mb
-    return best
-
-
-def next_smaller(candidates: Iterable[int], micro_batch: int) -> int | None:
-    """The largest candidate below ``micro_batch`` (None when there is none)."""
-    smaller = [c for c in candidates if c < micro_batch]
-    return max(smaller) if smaller else None
-
+# --- pure rules (unit-tested on CPU: tests/test_device.py; the micro-batch search: gpu_mfu_common.py) ---
 
 def throughput(*, tokens_per_step: int, steps: int, seconds: float, gpus: int, flops_per_token: float,
                measured_peak: float, table_peak: float | None) -> dict[str, float | None]:

@@ -199,7 +199,7 @@ class BareLoop:
 
 def bare(job: Job) -> dict:
     """The bare loop: find the micro-batch (``job["search"]``) or take ``job["micro_batch"]``, then time it."""
-    from gpu_mfu import pick_micro_batch  # the bench's pure search rule
+    from gpu_mfu_common import pick_micro_batch  # the bench's pure search rule
 
     loop = BareLoop({**job, "micro_batch": 1})
     with loop.context:

@@ -1,4 +1,4 @@
-"""``fm-train shard``: arguments and entry point (wired into fm_train/cli.py; also ``python -m data_shards``)."""
+"""``fm-train shard``: arguments and entry point (wired into fm_train/cli/__init__.py; also ``python -m data_shards``)."""
 
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ class Connection:
         if not self.owned:
             return
         import ray
-        from ray._private import ray_constants
+
+        from launcher.ray_private import set_cluster_mode
 
         ray.shutdown()
         if self.private:
@@ -81,7 +82,7 @@ class Connection:
                 os.environ.pop(_LOOPBACK_ENV, None)
             else:
                 os.environ[_LOOPBACK_ENV] = self._restore_env
-            ray_constants.ENABLE_RAY_CLUSTER = self._restore_env != "0"
+            set_cluster_mode(self._restore_env != "0")
 
 
 def connect(address: str | None, *, timeout_s: float = 10.0) -> Connection:
@@ -95,11 +96,12 @@ def connect(address: str | None, *, timeout_s: float = 10.0) -> Connection:
         previous = os.environ.get(_LOOPBACK_ENV)
         os.environ[_LOOPBACK_ENV] = "0"  # read when Ray is imported
         import ray
-        from ray._private import ray_constants
 
-        # If Ray was imported before, the variable was already turned into this constant; without it
-        # the node would advertise (and bind to) the machine's routable IP.
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        from launcher.ray_private import set_cluster_mode
+
+        # If Ray was imported before, the variable was already read; without this the node would
+        # advertise (and bind to) the machine's routable IP.
+        set_cluster_mode(False)
         ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
                  namespace="fm-train")
         return Connection(address=None, private=True, owned=True, _restore_env=previous)

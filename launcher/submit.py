@@ -112,16 +112,15 @@ def package_working_dir(working_dir: Path, dest: Path) -> Package:
     way; the zip is then uploaded as it is, so the count and the upload cannot disagree. ``.gitignore``
     is honoured whatever RAY_RUNTIME_ENV_IGNORE_GITIGNORE says.
     """
+    from launcher.ray_private import zip_like_ray
+
     try:  # Ray's packaging has no public API; a Ray without it must fail here, loudly, not upload everything
-        from ray._private.ray_constants import get_runtime_env_default_excludes
-        from ray._private.runtime_env.packaging import create_package
+        zip_like_ray(working_dir, dest, WORKING_DIR_EXCLUDES)
     except ImportError as exc:
         import ray
 
         raise SubmitError(f"this Ray ({ray.__version__}) lacks the packaging code fm-train submit builds the"
                           f" working dir with ({exc}); install the Ray version fm-train lists") from None
-    excludes = [*get_runtime_env_default_excludes(), *WORKING_DIR_EXCLUDES]
-    create_package(str(working_dir), dest, include_gitignore=True, excludes=excludes)
     with zipfile.ZipFile(dest) as zf:
         files = [info for info in zf.infolist() if not info.is_dir()]
     return Package(path=dest, files=len(files), size=sum(info.file_size for info in files))

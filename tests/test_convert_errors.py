@@ -41,7 +41,7 @@ def _two_saves(raw: dict, run_dir: str) -> None:
 
 
 def _cli(argv: list[str]) -> argparse.Namespace:
-    from fm_train.convert.cli import add_convert_arguments
+    from fm_train.cli.convert import add_convert_arguments
 
     parser = argparse.ArgumentParser()
     add_convert_arguments(parser)
@@ -49,7 +49,7 @@ def _cli(argv: list[str]) -> argparse.Namespace:
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
-    from fm_train.convert.cli import run_convert
+    from fm_train.cli.convert import run_convert
 
     code = run_convert(_cli(argv))
     return code, capsys.readouterr().err

@@ -27,6 +27,7 @@ from fm_train.plan.flops import flops_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_mfu  # noqa: E402
+import gpu_mfu_common  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -186,20 +187,20 @@ def test_micro_batch_search_takes_the_largest_before_the_first_oom():
             return mb <= limit
         return check
 
-    assert gpu_mfu.pick_micro_batch([8, 1, 4, 2], fits(4)) == 4
+    assert gpu_mfu_common.pick_micro_batch([8, 1, 4, 2], fits(4)) == 4
     assert tried == [1, 2, 4, 8]  # ascending, and 8 is the one that failed
     tried.clear()
-    assert gpu_mfu.pick_micro_batch([1, 2, 4, 8], fits(100)) == 8
-    assert gpu_mfu.pick_micro_batch([1, 2, 4, 8], fits(0)) is None
+    assert gpu_mfu_common.pick_micro_batch([1, 2, 4, 8], fits(100)) == 8
+    assert gpu_mfu_common.pick_micro_batch([1, 2, 4, 8], fits(0)) is None
     tried.clear()
     # Stops at the first failure: a larger size is not tried after an out-of-memory.
-    assert gpu_mfu.pick_micro_batch([1, 2, 4, 8], lambda mb: tried.append(mb) or mb != 2) == 1
+    assert gpu_mfu_common.pick_micro_batch([1, 2, 4, 8], lambda mb: tried.append(mb) or mb != 2) == 1
     assert tried == [1, 2]
 
 
 def test_next_smaller_micro_batch():
-    assert gpu_mfu.next_smaller([1, 2, 4, 8], 8) == 4
-    assert gpu_mfu.next_smaller([1, 2, 4, 8], 1) is None
+    assert gpu_mfu_common.next_smaller([1, 2, 4, 8], 8) == 4
+    assert gpu_mfu_common.next_smaller([1, 2, 4, 8], 1) is None
 
 
 def test_bench_throughput_figures():

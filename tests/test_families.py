@@ -16,10 +16,10 @@ FAMILY_PARTS = ("fm_train.model", "fm_train.parallel.build", "fm_train.parallel.
                 "fm_train.parallel.tensor_parallel", "fm_train.parallel.sharded_init")
 # What works for every family and must reach family-specific code through fm_train.families only.
 FAMILY_BLIND = ("fm_train/engine", "fm_train/checkpoint", "fm_train/convert", "fm_train/plan", "fm_train/config",
-                "fm_train/worker.py", "launcher")
+                "fm_train/cli", "fm_train/worker.py", "launcher")
 # Of those, the parts whose code never names a family either (fm_train/config lists the choices and presets).
 NAME_BLIND = tuple(p for p in FAMILY_BLIND if p != "fm_train/config") + (
-    "fm_train/dist", "fm_train/cli.py", "fm_train/cli_common.py", "fm_train/hf_eval.py", "data_shards")
+    "fm_train/dist", "fm_train/cli_common.py", "fm_train/hf_eval.py", "data_shards")
 
 
 def _files(parts: tuple[str, ...]) -> list[Path]:

@@ -133,7 +133,17 @@ def bf16_native(accelerator: Accelerator) -> bool:
     """Whether this process's device computes bf16 natively (no emulation)."""
     if accelerator == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:  # oneDNN's own answer: AVX512-BF16 or AMX present
+    return _onednn_bf16_native()
+
+
+def _onednn_bf16_native() -> bool:
+    """oneDNN's own answer to "bf16 without emulation on this CPU" (False where torch cannot say).
+
+    A private torch name, kept in this one helper: torch has no public equivalent across the torch
+    versions fm_train supports (``torch.cpu.get_capabilities()``, public only in recent torch, lists CPU flags,
+    not what oneDNN decides from them).
+    """
+    try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False

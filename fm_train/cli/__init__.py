@@ -1,4 +1,9 @@
-"""``fm-train``: one console script, thin dispatch to the parts (each imported only when used)."""
+"""``fm-train``: one console script, thin dispatch to the parts (each imported only when used).
+
+The package holds the entry points: this dispatch (``python -m fm_train.cli`` runs it too), the
+arguments shared by the commands that take a run config (:mod:`fm_train.cli.common`), and the
+``plan`` and ``convert`` commands (:mod:`fm_train.cli.plan`, :mod:`fm_train.cli.convert`).
+"""
 
 from __future__ import annotations
 
@@ -20,9 +25,9 @@ SUBCOMMANDS: list[tuple[str, str, str, str, str]] = [
     ("stop", "stop a submitted job", "launcher.cli", "add_stop_arguments", "run_stop"),
     ("shard", "tokenize raw text into webdataset shards with an index", "data_shards.cli",
      "add_shard_arguments", "run_shard"),
-    ("convert", "convert a checkpoint (any layout) into a verified Hugging Face directory", "fm_train.convert.cli",
+    ("convert", "convert a checkpoint (any layout) into a verified Hugging Face directory", "fm_train.cli.convert",
      "add_convert_arguments", "run_convert"),
-    ("plan", "validate a config and print the resolved config and rank layout", "fm_train.plan.cli",
+    ("plan", "validate a config and print the resolved config and rank layout", "fm_train.cli.plan",
      "add_plan_arguments", "run_plan"),
     ("eval", "held-out loss of a Hugging Face model on shards (perplexity, or masked-token accuracy)",
      "fm_train.hf_eval", "add_eval_arguments", "run_eval"),
@@ -35,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="fm-train",
-        description="Pretrain decoder-only language models: shard data, train with DeepSpeed 3D parallelism "
-                    "on Ray, convert checkpoints to Hugging Face.",
+        description="Pretrain language models (Llama-family decoders, BERT-style encoders): shard data, train "
+                    "with DeepSpeed 3D parallelism on Ray, convert checkpoints to Hugging Face.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, module, add_fn, run_fn in SUBCOMMANDS:
@@ -76,7 +81,3 @@ def _leave_without_finalizers(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fm_train.cli_common import ConfigError, add_config_arguments, config_from_args, fail
+from fm_train.cli.common import ConfigError, add_config_arguments, config_from_args, fail
 from fm_train.config import dump_config
 from fm_train.config.rules import missing_paths
 from fm_train.plan.flops import flops_per_step, parameter_count
