@@ -69,3 +69,15 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     replicated = 4 * h  # both LayerNorms' inputs and outputs
     sharded = 3 * h + 2 * h + 2 * f  # q/k/v, attention out + dense input, intermediate and GELU outputs
     return s * b * (replicated + sharded / tp) * elt
+
+
+def config_errors(cfg: Any) -> list[str]:
+    """The encoder's own rules on a whole config: no grouped-query attention, the decoder tied to the embedding."""
+    m = cfg.model
+    errors = []
+    if m.n_kv_heads != m.n_heads:
+        errors.append(f"model.n_kv_heads={m.n_kv_heads} differs from model.n_heads={m.n_heads}: BERT has no"
+                      " grouped-query attention; set them equal (the bert-* presets do)")
+    if not m.tie_embeddings:
+        errors.append("model.tie_embeddings=false: BERT's MLM decoder is the word embedding; set it to true")
+    return errors
