@@ -92,7 +92,7 @@ def return_freed_memory_to_os() -> None:
         pass
 
 
-def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
+def _initial_weights(cfg: FmConfig, family: FamilySpec, resuming: bool) -> "InitSource":
     """The run seed, or on a fresh start with ``model.init_from`` the Hugging Face weights, opened lazily:
     ``build_train_module`` reads only the slices this rank holds (its tp shards, its stage's layers,
     its ZeRO-3 partitions), never the whole checkpoint."""
@@ -100,7 +100,7 @@ def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
         return cfg.run.seed
     from fm_train.convert.hf_import import open_hf
 
-    fields, weights = open_hf(Path(cfg.model.init_from))
+    fields, weights = open_hf(Path(cfg.model.init_from), family)
     wrong = [f"model.{k}={getattr(cfg.model, k)!r} vs config.json {v!r}" for k, v in fields.items()
              if k != "max_seq_len" and getattr(cfg.model, k) != v]
     if wrong:  # the loader's rules check this; a dir replaced since then must not load silently
@@ -123,7 +123,8 @@ def _banner(cfg: FmConfig, family: FamilySpec, topo: Topology, backend: str) -> 
             f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {cfg.model.family},"
             f" {family.sizes.parameter_count(cfg.model) / 1e6:.2f}M params,"
             f" global batch {cfg.global_batch} x {cfg.data.seq_len} tokens,"
-            f" {family.sizes.flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token, {cfg.train.steps} steps")
+            f" {family.sizes.flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token,"
+            f" {cfg.train.steps} steps")
 
 
 def run_worker(cfg: FmConfig) -> int:
@@ -168,7 +169,7 @@ def run_worker(cfg: FmConfig) -> int:
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from = checkpointing.resume_point(cfg, topo)
-        init = _initial_weights(cfg, resuming=resume_from is not None)
+        init = _initial_weights(cfg, family, resuming=resume_from is not None)
         module = build_train_module(cfg, family, groups, init=init)
         _report_init_read(init, env.rank)
         engine, scheduler = build_engine(cfg, module, blocks=family.modules().block_types,

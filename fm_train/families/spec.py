@@ -106,9 +106,9 @@ class Modules:
     pipeline_tied_module: Callable[[Any], str | None]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class FamilySpec:
-    """One model family (``model.family`` names it)."""
+    """One model family (``model.family`` names it); one instance per family, compared and hashed by identity."""
 
     name: str
     sizes: Sizes

@@ -9,6 +9,7 @@ onto ``transformers``' ``BertForMaskedLM`` state-dict keys (``bert.encoder.layer
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -50,7 +51,7 @@ class BertArgs(ModelArgs):
 
 def bert_args_from_config(model_cfg: Any) -> BertArgs:
     """Encoder arguments from the ``model`` section of a run config (a ``fm_train.config.ModelConfig``)."""
-    return BertArgs(**{k: getattr(model_cfg, k) for k in BertArgs.__dataclass_fields__})
+    return BertArgs(**{f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(BertArgs)})
 
 
 class BertEmbeddings(nn.Module):

@@ -10,6 +10,7 @@ every pipeline stage: the first stage keeps ``embed_tokens``, the last keeps ``n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -54,8 +55,7 @@ class LlamaArgs(ModelArgs):
 
 def args_from_config(model_cfg: Any) -> LlamaArgs:
     """Model arguments from the ``model`` section of a run config (a ``fm_train.config.ModelConfig``)."""
-    fields = LlamaArgs.__dataclass_fields__
-    return LlamaArgs(**{k: getattr(model_cfg, k) for k in fields})
+    return LlamaArgs(**{f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(LlamaArgs)})
 
 
 class RMSNorm(nn.Module):
