@@ -30,8 +30,8 @@ def family_of(model: Any) -> FamilySpec:
     else:
         name = getattr(model, "family", None)
     if name not in FAMILIES:
-        said = "is missing" if name is None else f"={name!r} is not a known model family"
-        raise ValueError(f"model.family {said}; use one of {sorted(FAMILIES)}")
+        said = " is missing" if name is None else f"={name!r} is not a known model family"
+        raise ValueError(f"model.family{said}; use one of {sorted(FAMILIES)}")
     return FAMILIES[name]
 
 
