@@ -5,7 +5,7 @@ tp layers reduce over tp, a pipeline passes activations between stages). The for
 training's own:
 
 - a plain ``DeepSpeedEngine`` (any ZeRO stage, tp): ``engine(input_ids, labels)``, with the wrapper's
-  ``loss_fn`` (``fm_train.parallel.build.CausalLMWithLoss``) swapped for one that keeps the logits
+  ``loss_fn`` (``fm_train.engine.train_module.ModelWithLoss``) swapped for one that keeps the logits
   for the length of the call;
 - a ``PipelineEngine``: ``eval_batch`` on one micro-batch with ``return_logits``; the activation
   shapes are reset before and after, since the probe's shape is not the training micro-batch's

@@ -123,7 +123,7 @@ class ModelConfig(_Section):
 
     @property
     def padded_vocab_size(self) -> int:
-        """Rows of the embedding and the head (``fm_train.model.llama.padded_vocab_size``, torch-free here)."""
+        """Rows of the embedding and the head (``fm_train.model.base.padded_vocab_size``, torch-free here)."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 

@@ -1,7 +1,7 @@
 """The BERT family's size formulas (torch-free): parameters, model FLOPs, and the memory terms.
 
 Model FLOPs per token are ``6 * N_matmul + 12 * n_layers * hidden * seq_len``, as for the decoder
-(:mod:`fm_train.families.llama_shape`): ``N_matmul`` is each block's q, k, v, output, intermediate
+(:mod:`fm_train.families.llama.shape`): ``N_matmul`` is each block's q, k, v, output, intermediate
 and output projections plus the MLM head's transform and decoder (``hidden * vocab``, tied to the
 word embeddings but a matmul all the same). The embeddings are lookups, LayerNorms elementwise.
 The decoder runs over every position, as ``BertForMaskedLM`` does, not only the masked ones.
