@@ -66,7 +66,7 @@ def _keeping_logits(module: torch.nn.Module, into: dict[str, torch.Tensor]) -> I
     """Swap ``module.loss_fn`` for one that stores the logits it is given (and returns a zero loss)."""
     if not callable(getattr(module, "loss_fn", None)):
         raise TypeError(f"probe: {type(module).__name__} has no loss_fn; fm-train's engines wrap the model in "
-                        "CausalLMWithLoss (forward(input_ids, labels) = loss_fn(model(input_ids), labels))")
+                        "ModelWithLoss (forward(input_ids, labels) = loss_fn(model(input_ids), labels))")
     original = module.loss_fn
 
     def keep(logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
