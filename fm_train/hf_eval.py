@@ -56,14 +56,14 @@ def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches:
     family = family_of_hf(config.get("model_type"))
     if family is None:
         raise ValueError(f"{hf_dir}/config.json: model_type {config.get('model_type')!r} is not one of fm-train's"
-                         f" families ({', '.join(f.hf_model_type for f in FAMILIES.values())})")
+                         f" families ({', '.join(f.hf.model_type for f in FAMILIES.values())})")
     info = data_shards.check_sources([data], config["vocab_size"])
     checked = check_tokenizer(Path(hf_dir), data, info)
-    objective = family.data_objective(info, model_vocab_size=config["vocab_size"], seed=seed)
+    objective = family.objective.data(info, config["vocab_size"], seed)
     stream = data_shards.make_val_loader([(data, 1.0)], seq_len=info.seq_len, micro_batch=micro_batch, dp_rank=0,
                                          dp_size=1, seed=seed, val_fraction=val_fraction, max_batches=batches,
                                          objective=objective)
-    model = getattr(transformers, family.hf_auto_class).from_pretrained(
+    model = getattr(transformers, family.hf.auto_class).from_pretrained(
         str(hf_dir), local_files_only=True, dtype=torch.float32).eval()
     total_loss, tokens, correct = 0.0, 0, 0
     with torch.no_grad():

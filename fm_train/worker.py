@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from fm_train.config import ConfigError, FmConfig, dump_config, load_config
 from fm_train.dist.env import RankEnv, ensure_extension_cache
 from fm_train.dist.topology import Topology
+from fm_train.families import FamilySpec, family_of
 
 if TYPE_CHECKING:
     from fm_train.dist.groups import ParallelGroups
@@ -91,7 +92,7 @@ def return_freed_memory_to_os() -> None:
         pass
 
 
-def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
+def _initial_weights(cfg: FmConfig, family: FamilySpec, resuming: bool) -> "InitSource":
     """The run seed, or on a fresh start with ``model.init_from`` the Hugging Face weights, opened lazily:
     ``build_train_module`` reads only the slices this rank holds (its tp shards, its stage's layers,
     its ZeRO-3 partitions), never the whole checkpoint."""
@@ -99,7 +100,7 @@ def _initial_weights(cfg: FmConfig, resuming: bool) -> "InitSource":
         return cfg.run.seed
     from fm_train.convert.hf_import import open_hf
 
-    fields, weights = open_hf(Path(cfg.model.init_from))
+    fields, weights = open_hf(Path(cfg.model.init_from), family)
     wrong = [f"model.{k}={getattr(cfg.model, k)!r} vs config.json {v!r}" for k, v in fields.items()
              if k != "max_seq_len" and getattr(cfg.model, k) != v]
     if wrong:  # the loader's rules check this; a dir replaced since then must not load silently
@@ -117,15 +118,13 @@ def _report_init_read(init: "InitSource", rank: int) -> None:
               flush=True)
 
 
-def _banner(cfg: FmConfig, topo: Topology, backend: str) -> str:
-    from fm_train.families import family_of
-
-    family = family_of(cfg.model)
+def _banner(cfg: FmConfig, family: FamilySpec, topo: Topology, backend: str) -> str:
     return (f"fm-train worker: world {topo.world} = dp {topo.dp} x tp {topo.tp} x pp {topo.pp} ({backend}),"
             f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {cfg.model.family},"
-            f" {family.parameter_count(cfg.model) / 1e6:.2f}M params,"
+            f" {family.sizes.parameter_count(cfg.model) / 1e6:.2f}M params,"
             f" global batch {cfg.global_batch} x {cfg.data.seq_len} tokens,"
-            f" {family.flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token, {cfg.train.steps} steps")
+            f" {family.sizes.flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token,"
+            f" {cfg.train.steps} steps")
 
 
 def run_worker(cfg: FmConfig) -> int:
@@ -137,11 +136,13 @@ def run_worker(cfg: FmConfig) -> int:
     from fm_train.dist.heartbeat import Heartbeat
     from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
+    from fm_train.engine.loop import throughput_spec
+    from fm_train.engine.train_module import build_train_module
     from fm_train.engine import checkpointing
     from fm_train.engine import data as engine_data
     from fm_train.engine.distributed import init_distributed, shutdown_distributed
-    from fm_train.families import family_of
 
+    family = family_of(cfg.model)  # resolved once, handed to what needs it
     env = RankEnv.from_environ()
     _check_world(cfg, env)
     return_freed_memory_to_os()
@@ -162,22 +163,23 @@ def run_worker(cfg: FmConfig) -> int:
         if is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.resolved.yaml").write_text(dump_config(cfg))
-            print(_banner(cfg, topo, backend), flush=True)
+            print(_banner(cfg, family, topo, backend), flush=True)
 
-        sources = engine_data.prepare_sources(cfg, is_rank0=is_rank0)
+        sources = engine_data.prepare_sources(cfg, family, is_rank0=is_rank0)
         info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from = checkpointing.resume_point(cfg, topo)
-        init = _initial_weights(cfg, resuming=resume_from is not None)
-        module = family_of(cfg.model).build_train_module(cfg, groups, init=init)
+        init = _initial_weights(cfg, family, resuming=resume_from is not None)
+        module = build_train_module(cfg, family, groups, init=init)
         _report_init_read(init, env.rank)
-        engine, scheduler = build_engine(cfg, module, mpu=_engine_mpu(topo, groups))
+        engine, scheduler = build_engine(cfg, module, blocks=family.modules().block_types,
+                                         mpu=_engine_mpu(topo, groups))
         state = TrainState(lr_scheduler=scheduler)
         if resume_from is not None:
-            checkpointing.restore(engine, resume_from, cfg, state, tokenizer_hash)
+            checkpointing.restore(engine, resume_from, cfg, family, state, tokenizer_hash)
             if is_rank0:
                 print(f"resumed from {resume_from} at step {state.step}", flush=True)
-        save = checkpointing.checkpoint_hook(cfg, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash,
+        save = checkpointing.checkpoint_hook(cfg, family, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash,
                                              rank=env.rank)
         # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches.
         dp_rank, dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
@@ -185,7 +187,7 @@ def run_worker(cfg: FmConfig) -> int:
         if skip and is_rank0:
             print(f"leaving out {len(skip)} shard(s) that earlier attempts found bad"
                   f" ({engine_data.bad_shards_dir(run_dir)}): {', '.join(skip)}", flush=True)
-        objective = engine_data.data_objective(cfg, info)  # what the family's loss needs the batches to hold
+        objective = engine_data.data_objective(cfg, family, info)  # what the family's loss needs the batches to hold
         batches = engine_data.train_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size, state=state.data_state,
                                             skip_shards=skip, objective=objective)
         # Evaluation leaves out what training does (recorded, resumed and start-up finds); a shard it
@@ -199,8 +201,8 @@ def run_worker(cfg: FmConfig) -> int:
                            wandb=wandb)
         heartbeat.beat(state.step, "ready")
         try:
-            train(engine, batches, state, cfg, sink=sink, val_batches=val, hooks=[save, heartbeat],
-                  group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save,
+            train(engine, batches, state, cfg, sink=sink, spec=throughput_spec(cfg, family, engine.device),
+                  val_batches=val, hooks=[save, heartbeat], group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save,
                   control_group=groups.control)
         except BadShardError as exc:
             if cfg.data.on_bad_shard != "skip":

@@ -17,7 +17,7 @@ def _corpus(args: argparse.Namespace) -> int:
     from fm_train.families import family_of
 
     # The model family's own special tokens (an encoder's [CLS], [SEP], [MASK]) follow the tokenizer's.
-    vocab = args.vocab_size - len(family_of(args.family).tokenizer_specials())
+    vocab = args.vocab_size - len(family_of(args.family).objective.tokenizer_specials)
     path = build_default_corpus(Path(args.out), vocab_size=vocab, seq_len=args.seq_len, workers=args.workers)
     print(f"default corpus written to {path}")
     return 0
@@ -62,7 +62,7 @@ def _sample(args: argparse.Namespace) -> int:
     if family is None:
         print(f"{args.model}: model_type {model_type!r} is not one of fm-train's families", file=sys.stderr)
         return 2
-    print(family.sample(Path(args.model), prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed))
+    print(family.hf.sample(Path(args.model), prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed))
     return 0
 
 

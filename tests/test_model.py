@@ -8,8 +8,8 @@ from transformers import LlamaConfig
 from transformers import LlamaForCausalLM as HFLlama
 
 from fm_train.config import build_config
-from fm_train.model import LlamaArgs, LlamaForCausalLM, causal_lm_loss
-from fm_train.plan.flops import parameter_count
+from fm_train.families import family_of
+from fm_train.families.llama.model import LlamaArgs, LlamaForCausalLM, causal_lm_loss
 
 pytestmark = pytest.mark.unit
 
@@ -56,8 +56,9 @@ def test_init_is_seeded_by_name_and_layout_free():
 
 def test_parameter_count_matches_module():
     cfg = build_config({"model": {"preset": "tiny", "qkv_bias": True, "tie_embeddings": False}})
-    from fm_train.model import args_from_config
+    from fm_train.families.llama.model import args_from_config
 
+    parameter_count = family_of(cfg.model).sizes.parameter_count
     model = LlamaForCausalLM(args_from_config(cfg.model))
     assert sum(p.numel() for p in model.parameters()) == parameter_count(cfg.model)
 

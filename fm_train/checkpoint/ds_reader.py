@@ -28,7 +28,6 @@ from fm_train.checkpoint.ds_files import load_ds_file
 from fm_train.checkpoint.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
 from fm_train.checkpoint.layout import CheckpointError
 from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
-from fm_train.families import family_of
 
 __all__ = ["DeepSpeedWeights", "load_ds_file"]
 
@@ -41,9 +40,11 @@ ENGINE_FIELDS = ("lr_scheduler", "global_steps", "global_samples", "skipped_step
 class DeepSpeedWeights:
     """The fp32 state of one step directory under fm_train names: ``shapes()``, then ``get(name)`` for
     the weight or ``get(name, "exp_avg" | "exp_avg_sq")`` for Adam's moments, ``optimizer_step()`` and
-    ``engine_state()`` (LR scheduler and DeepSpeed's step counters)."""
+    ``engine_state()`` (LR scheduler and DeepSpeed's step counters). ``tied``: the model's tied parameter ->
+    the one it shares (the family's ``tied_params``)."""
 
-    def __init__(self, step_dir: Path, manifest: Mapping[str, Any], *, trust: bool = False) -> None:
+    def __init__(self, step_dir: Path, manifest: Mapping[str, Any], *, tied: Mapping[str, str],
+                 trust: bool = False) -> None:
         # A UPath in object storage stays one: its files are then read in place (ranged reads).
         self.step_dir = step_dir if hasattr(step_dir, "fs") else Path(step_dir)
         self.manifest = manifest
@@ -61,9 +62,9 @@ class DeepSpeedWeights:
             # A tied module lives on the first and the last pipeline stage: keep the first stage's copy.
             first_stage = min(mp // self.tp for mp, _ in parts)
             self._index[name] = [(mp, ds) for mp, ds in parts if mp // self.tp == first_stage]
-        for tied in family_of(manifest["config"]["model"]).tied_params(manifest["config"]["model"]):
+        for name in tied:
             # ZeRO-0 keeps a tied parameter as a second entry; Hugging Face stores the shared one only.
-            self._index.pop(tied, None)
+            self._index.pop(name, None)
         self._shapes = {n: self._merged_shape(n) for n in self._index}
 
     def _model_file(self, tag: str) -> Path:

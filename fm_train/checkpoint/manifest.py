@@ -47,7 +47,6 @@ from fm_train.checkpoint.layout import MANIFEST, CheckpointError, atomic_write_t
 from fm_train.checkpoint.node_files import read_held
 from fm_train.config import FmConfig
 from fm_train.dist import Topology
-from fm_train.families import DEFAULT_FAMILY
 
 FORMAT = "fm-train-checkpoint"
 VERSION = 1
@@ -59,7 +58,7 @@ def dense_layers(n_layers: int, tp_split_dims: Mapping[str, int | None] | None =
     """The layer table of the Llama model in pipeline order: embedding, blocks, final norm, head.
 
     ``tp_split_dims`` maps pure-model parameter names (``model.layers.0.self_attn.q_proj.weight``) to
-    their tp split dim or None, as ``fm_train.families.base.split_dims(family, args)`` returns
+    their tp split dim or None, as ``fm_train.families.spec.split_dims(family, args)`` returns
     them; each layer records its own parameters by local name. Omitted: no split (right for tp = 1).
     """
     modules = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(n_layers)), "model.norm", "lm_head"]
@@ -183,7 +182,6 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
     check_manifest(manifest, where=str(path))
     # Written before the vocabulary was padded: its tensors have vocab_size rows (the config's default would pad).
     manifest["config"]["model"].setdefault("vocab_multiple", 1)
-    manifest["config"]["model"].setdefault("family", DEFAULT_FAMILY)  # written before model.family existed
     return manifest
 
 

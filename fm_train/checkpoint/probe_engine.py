@@ -5,7 +5,7 @@ tp layers reduce over tp, a pipeline passes activations between stages). The for
 training's own:
 
 - a plain ``DeepSpeedEngine`` (any ZeRO stage, tp): ``engine(input_ids, labels)``, with the wrapper's
-  ``loss_fn`` (``fm_train.parallel.build.CausalLMWithLoss``) swapped for one that keeps the logits
+  ``loss_fn`` (``fm_train.engine.train_module.ModelWithLoss``) swapped for one that keeps the logits
   for the length of the call;
 - a ``PipelineEngine``: ``eval_batch`` on one micro-batch with ``return_logits``; the activation
   shapes are reset before and after, since the probe's shape is not the training micro-batch's
@@ -66,7 +66,7 @@ def _keeping_logits(module: torch.nn.Module, into: dict[str, torch.Tensor]) -> I
     """Swap ``module.loss_fn`` for one that stores the logits it is given (and returns a zero loss)."""
     if not callable(getattr(module, "loss_fn", None)):
         raise TypeError(f"probe: {type(module).__name__} has no loss_fn; fm-train's engines wrap the model in "
-                        "CausalLMWithLoss (forward(input_ids, labels) = loss_fn(model(input_ids), labels))")
+                        "ModelWithLoss (forward(input_ids, labels) = loss_fn(model(input_ids), labels))")
     original = module.loss_fn
 
     def keep(logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ import torch.distributed as dist
 from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
 from fm_train.checkpoint.ds_reader import DeepSpeedWeights
 from fm_train.checkpoint.layout import CheckpointError
-from fm_train.families import family_of
 
 log = logging.getLogger("fm_train.checkpoint")
 
@@ -45,12 +44,12 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
     """Load the source step ``step_dir`` (``manifest``) into ``engine`` built on another layout.
 
     ``layout`` describes the current engine's names as a manifest would (``topology.pp``, ``layers``,
-    ``tied``, ``param_prefix``): it maps each local DeepSpeed parameter name to the pure model's name and
-    its tp split dim. Every rank of the current world calls this. Files load ``weights_only`` unless
+    ``tied``, ``param_prefix``; and ``tied_params``: tied parameter -> the one it shares): it maps each
+    local DeepSpeed parameter name to the pure model's name and its tp split dim. Every rank of the current world calls this. Files load ``weights_only`` unless
     ``trust``.
     """
     try:
-        source = DeepSpeedWeights(step_dir, manifest, trust=trust)
+        source = DeepSpeedWeights(step_dir, manifest, tied=layout["tied_params"], trust=trust)
         step = source.optimizer_step()
         engine_state = source.engine_state()
     except CheckpointError as exc:
@@ -68,8 +67,7 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
     except UnsupportedOptimizerError as exc:
         raise CheckpointError(str(exc)) from None
     shapes = source.shapes()
-    model_fields = manifest["config"]["model"]
-    tied = family_of(model_fields).tied_params(model_fields)
+    tied = layout["tied_params"]
     for local_name, param in engine.module.named_parameters():
         name = ds_to_fm(local_name, layout)
         if name not in shapes and name in tied:

@@ -163,7 +163,7 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     ``config``/``tokenizer_hash`` describe the current run; a different model shape or tokenizer is
     refused before DeepSpeed reads anything. When ``config``'s tp, pp, ZeRO stage or (partitioned)
     dp size differ from the step's, the step is resharded into ``engine``; that needs ``layout``, the current engine's names as
-    a manifest records them (``topology.pp``, ``layers``, ``tied``, ``param_prefix``; see
+    a manifest records them (``topology.pp``, ``layers``, ``tied``, ``param_prefix``) plus ``tied_params``; see
     ``fm_train.engine.checkpointing.current_layout``). Returns the manifest (data state, tokens, step).
     """
     step_dir = Path(step_dir)

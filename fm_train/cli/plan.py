@@ -7,7 +7,8 @@ import argparse
 from fm_train.cli.common import ConfigError, add_config_arguments, config_from_args, fail
 from fm_train.config import dump_config
 from fm_train.config.rules import missing_paths
-from fm_train.plan.flops import flops_per_step, parameter_count
+from fm_train.families import family_of
+from fm_train.plan.flops import flops_per_step
 from fm_train.plan.layout import format_rank_table, rank_table
 from fm_train.plan.memory import estimate_memory, format_memory
 
@@ -29,16 +30,16 @@ def run_plan(args: argparse.Namespace) -> int:
     if not args.no_config:
         print("# resolved config")
         print(dump_config(cfg))
-    p = cfg.parallel
+    p, family = cfg.parallel, family_of(cfg.model)
     print(f"# layout: world={cfg.world_size} = pp {p.pp} x dp {cfg.dp} x tp {p.tp}; zero stage {p.zero_stage}; "
           f"{cfg.precision}")
     print(f"# batch: global {cfg.global_batch} sequences = micro {cfg.train.micro_batch} x accum "
           f"{cfg.train.grad_accum} x dp {cfg.dp}; {cfg.tokens_per_step:,} tokens per step")
-    print(f"# model: {cfg.model.family}, {parameter_count(cfg.model):,} parameters; "
-          f"{flops_per_step(cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
+    print(f"# model: {cfg.model.family}, {family.sizes.parameter_count(cfg.model):,} parameters; "
+          f"{flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
           "(6N + 12 L h s per token)")
     device = "gpu" if cfg.cluster.gpus_per_worker > 0 else "cpu"
-    print(format_memory(estimate_memory(cfg, device=device), device))
+    print(format_memory(estimate_memory(cfg, family, device=device), device))
     for path in missing_paths(cfg):
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from fm_train.config.bounded_yaml import YamlBoundError, cut, load_yaml_file, load_yaml_text, short_repr
+from fm_train.config.hf_shape import shape_from_init_from
 from fm_train.config.presets import MODEL_PRESETS
 from fm_train.config.rules import check_rules
 from fm_train.config.schema import FmConfig, leaf_types
@@ -159,6 +160,8 @@ def build_config(raw: Mapping[str, Any] | None, overrides: Iterable[str] = (), *
     data = dict(raw or {})
     data = apply_overrides(data, overrides)
     data = _normalize_precision(_merge_preset(data))
+    if isinstance(data.get("model"), dict):
+        data["model"] = shape_from_init_from(data["model"])
     try:
         cfg = FmConfig.model_validate(data)
     except ValidationError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fm_train.families import family_of
+from fm_train.config.family_rules import family_rules
 from fm_train.config.hf_shape import FREE_FIELDS, hf_config_file, hf_key_of, read_hf_shape
 from fm_train.config.schema import FmConfig, ModelConfig
 from fm_train.config.storage_uri import uri_errors, uri_scheme
@@ -52,7 +52,11 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     # Model shape.
     if m.hidden % m.n_heads != 0:
         errors.append(f"model.hidden={m.hidden} is not divisible by model.n_heads={m.n_heads}")
-    errors += family_of(m).config_errors(cfg)
+    families = family_rules()
+    if m.family in families.names():
+        errors += families.config_errors(cfg)
+    else:
+        errors.append(f"model.family={m.family!r} is not a known model family; use one of {list(families.names())}")
     if m.n_heads % m.n_kv_heads != 0:
         errors.append(f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads} (grouped-query attention)")
     if cfg.data.seq_len > m.max_seq_len:

@@ -14,9 +14,8 @@ import types
 from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationInfo, field_validator, model_validator)
+                      ValidationInfo, field_validator)
 
-from fm_train.config.hf_shape import hf_config_file, read_hf_shape
 
 # Upper bounds on counts, where a huge value would hang `plan` (one table row per worker) or allocate
 # without end at start. Each is far above any real run: a million workers, a billion steps.
@@ -84,9 +83,10 @@ class RunConfig(_Section):
 class ModelConfig(_Section):
     """Family and shape of the model. ``preset`` fills unset fields from a named shape."""
 
-    family: Literal["llama", "bert"] = Field(
-        "llama", description="Model family (fm_train.families): llama, a decoder trained on next-token prediction;"
-                             " bert, an encoder trained on masked-token prediction (BertForMaskedLM).")
+    family: str = Field(
+        "llama", max_length=64,
+        description="Model family (fm_train.families): llama, a decoder trained on next-token prediction;"
+                    " bert, an encoder trained on masked-token prediction (BertForMaskedLM).")
     preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b; bert-tiny,"
                                                     " bert-base, bert-large).")
     n_layers: PositiveInt = Field(4, le=MAX_LAYERS, description="Number of decoder blocks.")
@@ -123,24 +123,8 @@ class ModelConfig(_Section):
 
     @property
     def padded_vocab_size(self) -> int:
-        """Rows of the embedding and the head (``fm_train.model.llama.padded_vocab_size``, torch-free here)."""
+        """Rows of the embedding and the head (``fm_train.model.base.padded_vocab_size``, torch-free here)."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shape_from_init_from(cls, data: Any) -> Any:
-        """Fill shape fields the user did not set from ``init_from``'s config.json (when readable).
-
-        Never raises: an unreadable dir or a conflicting field is reported by the load-time rules,
-        with the field's name (``fm_train.config.rules``).
-        """
-        if not isinstance(data, dict) or not data.get("init_from") or not hf_config_file(data["init_from"]).is_file():
-            return data
-        try:
-            shape = read_hf_shape(data["init_from"])
-        except ValueError:
-            return data
-        return {**shape, **data}
 
 
 class ParallelConfig(_Section):

@@ -29,11 +29,11 @@ from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
     copy_tokenizer,
     matching_tokenizer,
-    hf_config,
     write_generation_config,
     write_readme,
 )
 from fm_train.families import family_of
+from fm_train.families.spec import FamilySpec
 from data_shards.staging import OWNER_NAME, make_staging, remove_stale_staging
 from fm_train.convert.out_dir import check_disjoint, publish, run_dir_of, staging_prefix, write_record
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_param_shapes, hf_to_fm, without_padding
@@ -45,8 +45,9 @@ log = logging.getLogger("fm_train.convert")
 Progress = Callable[[str], None]
 
 
-def _check_shapes(have: Mapping[str, torch.Size], model_fields: Mapping[str, Any], where: Path) -> None:
-    want = fm_param_shapes(model_fields)
+def _check_shapes(family: FamilySpec, have: Mapping[str, torch.Size], model_fields: Mapping[str, Any],
+                  where: Path) -> None:
+    want = fm_param_shapes(family, model_fields)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     wrong = [f"{n} {tuple(have[n])} != {tuple(want[n])}" for n in want if n in have and have[n] != want[n]]
@@ -55,12 +56,13 @@ def _check_shapes(have: Mapping[str, torch.Size], model_fields: Mapping[str, Any
                            f"unexpected {extra[:5]}, wrong shapes {wrong[:5]}")
 
 
-def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor], *,
+def write_hf_dir(out: Path, family: FamilySpec, model_fields: Mapping[str, Any],
+                 fetch: Callable[[str], torch.Tensor], *,
                  dtype: str = "bf16", verify: bool = True, overwrite: bool = False, tokenizer: Path | None = None,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, tolerance: float = DEFAULT_TOLERANCE,
                  readme: Callable[[Path, str], None] | None = None, progress: Progress = lambda _m: None,
                  reference: Mapping[str, torch.Tensor] | None = None, reference_precision: str = "fp32") -> Path:
-    """Write weights (``fetch``: fm_train name -> fp32 tensor), config, tokenizer and README into
+    """Write a ``family`` model's weights (``fetch``: fm_train name -> fp32 tensor), config, tokenizer and README into
     ``out`` atomically, verifying logits first unless ``verify`` is False.
 
     ``reference``: the training engine's probe record (``reference_precision``: the precision of the
@@ -78,26 +80,26 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
     try:
         bos = eos = None
         if tokenizer is not None:
-            bos, eos, size = copy_tokenizer(tokenizer, tmp, specials=family_of(model_fields).tokenizer_specials())
+            bos, eos, size = copy_tokenizer(tokenizer, tmp, specials=family.objective.tokenizer_specials)
             if size > model_fields["vocab_size"]:
                 raise ConvertError(f"tokenizer at {tokenizer} has {size} tokens, more than model.vocab_size="
                                    f"{model_fields['vocab_size']}")
             progress(f"copied tokenizer from {tokenizer}")
-        hf_config(model_fields, dtype=dtype, bos=bos, eos=eos).save_pretrained(str(tmp))
+        family.hf.config(model_fields, dtype=dtype, bos=bos, eos=eos).save_pretrained(str(tmp))
         write_generation_config(tmp, bos, eos)
-        shapes = {fm_to_hf(n): s for n, s in hf_param_shapes(model_fields).items()}
+        shapes = {fm_to_hf(family, n): s for n, s in hf_param_shapes(family, model_fields).items()}
 
         def exported(hf_name: str) -> torch.Tensor:
-            name = hf_to_fm(hf_name)
-            return without_padding(name, fetch(name), int(model_fields["vocab_size"]), model_fields.get("family"))
+            name = hf_to_fm(family, hf_name)
+            return without_padding(family, name, fetch(name), int(model_fields["vocab_size"]))
 
         write_safetensors(tmp, shapes, exported, DTYPES[dtype],
                           max_shard_bytes=max_shard_bytes, progress=progress)
         verified = "skipped (--no-verify)"
-        auto_class = family_of(model_fields).hf_auto_class
+        auto_class = family.hf.auto_class
         if verify and reference is not None:
             progress("verifying: Hugging Face logits vs the training engine's probe logits saved with the checkpoint")
-            probe = verify_against_probe(tmp, model_fields, reference, precision=reference_precision,
+            probe = verify_against_probe(family, tmp, model_fields, reference, precision=reference_precision,
                                          export_dtype=dtype)
             verified = (f"transformers {auto_class} logits match the training engine's own logits on the "
                         f"{probe.probe_shape} probe batch saved with the checkpoint (max abs diff "
@@ -108,7 +110,7 @@ def write_hf_dir(out: Path, model_fields: Mapping[str, Any], fetch: Callable[[st
                      f"({probe.worst.field}, allowed {probe.worst.bound:.2e})")
         elif verify:
             progress("verifying: Hugging Face logits vs fm_train's model on a probe batch")
-            report = verify_export(tmp, model_fields, fetch, DTYPES[dtype], tolerance=tolerance)
+            report = verify_export(family, tmp, model_fields, fetch, DTYPES[dtype], tolerance=tolerance)
             verified = (f"transformers {auto_class} logits match fm_train's model on a {report.probe_shape} "
                         f"probe batch (max abs diff {report.max_abs_diff:.2e}, tolerance {tolerance:g}); "
                         f"{report.tensors} tensors, none missing or unexpected")
@@ -168,9 +170,13 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     progress(f"reading {where} (step {manifest['step']}, ZeRO-{manifest['topology']['zero_stage']}, "
              f"dp={manifest['topology']['dp']} tp={manifest['topology']['tp']} pp={manifest['topology']['pp']})")
     fetched_before = bytes_fetched()
-    source = DeepSpeedWeights(where, manifest, trust=trust_checkpoint)
     model_fields = manifest["config"]["model"]
-    _check_shapes(source.shapes(), model_fields, where)
+    try:  # the conversion's entry point: the one place it resolves the checkpoint's family
+        family = family_of(model_fields)
+    except ValueError as exc:
+        raise ConvertError(f"{step_dir / 'manifest.json'}: config.{exc}") from None
+    source = DeepSpeedWeights(where, manifest, tied=family.tied_params(model_fields), trust=trust_checkpoint)
+    _check_shapes(family, source.shapes(), model_fields, where)
     if source.note:
         progress(source.note)
     reference = read_probe(step_dir, manifest)
@@ -180,10 +186,10 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
                  "a wrong tp/pp/ZeRO merge")
 
     def readme(tmp: Path, verified: str) -> None:
-        write_readme(tmp, manifest, dtype=dtype, source=str(where), note=source.note, verified=verified,
-                     tokenizer=provenance)
+        write_readme(tmp, manifest, architecture=family.hf.architecture, dtype=dtype, source=str(where),
+                     note=source.note, verified=verified, tokenizer=provenance)
 
-    written = write_hf_dir(out, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
+    written = write_hf_dir(out, family, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,
                            tokenizer=None if no_tokenizer else tokenizer, max_shard_bytes=max_shard_bytes,
                            tolerance=tolerance, readme=readme, progress=progress, reference=reference,
                            reference_precision=str(manifest["config"]["precision"]))

@@ -8,12 +8,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fm_train.convert.errors import ConvertError
-from fm_train.families import family_of
-
-
-def hf_config(model: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
-    """A ``transformers`` config object matching fm_train's model fields exactly (the model family's)."""
-    return family_of(model).hf_config(model, dtype=dtype, bos=bos, eos=eos)
 
 
 def find_tokenizer(config: Mapping[str, Any], run_dir: Path) -> tuple[Path | None, list[Path]]:
@@ -108,12 +102,13 @@ def write_generation_config(out_dir: Path, bos: int | None, eos: int | None) -> 
     GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(str(out_dir))
 
 
-def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, dtype: str, source: str, note: str,
-                 verified: str, tokenizer: str = "Tokenizer: none exported (--no-tokenizer).") -> None:
-    """README.md: what was trained, how far, from which checkpoint, and how the export was checked."""
+def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, architecture: str, dtype: str, source: str,
+                 note: str, verified: str, tokenizer: str = "Tokenizer: none exported (--no-tokenizer).") -> None:
+    """README.md: what was trained (an ``architecture`` model), how far, from which checkpoint, and how the
+    export was checked."""
     cfg = manifest["config"]
     m = cfg["model"]
-    arch = family_of(m).hf_architecture
+    arch = architecture
     lines = [
         f"# {cfg.get('run', {}).get('name', 'fm-train model')}",
         "",

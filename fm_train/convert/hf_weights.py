@@ -27,8 +27,8 @@ import torch
 from data_shards.safe_paths import UnsafePathError, resolve_under
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.keymap import hf_to_fm
+from fm_train.families.spec import FamilySpec
 
-TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def safetensors_files(hf_dir: Path) -> list[str]:
@@ -60,18 +60,17 @@ class HFWeights:
 
     Construction reads the headers only and checks that every parameter of ``want`` (name -> shape,
     from :func:`fm_train.convert.keymap.hf_param_shapes`) is there with its shape; a key outside the
-    key map is an error naming it. With ``tie_embeddings`` a stored ``lm_head.weight`` is ignored and
-    ``lm_head.weight`` reads the embedding (fm_train's model shares the two).
+    ``family``'s key map is an error naming it. ``tied``: tied parameter -> the one it shares (the
+    family's ``tied_params``); a stored tied tensor is ignored and reading it reads the one it shares
+    (fm_train's model shares the two).
     """
 
-    def __init__(self, hf_dir: Path, *, tie_embeddings: bool, want: Mapping[str, torch.Size],
-                 tied: Mapping[str, str] | None = None) -> None:
-        """``tied``: tied parameter -> the one it shares (default: Llama's head and embedding when
-        ``tie_embeddings``)."""
+    def __init__(self, hf_dir: Path, family: FamilySpec, *, want: Mapping[str, torch.Size],
+                 tied: Mapping[str, str]) -> None:
         from safetensors import safe_open
 
-        self.hf_dir, self.tie_embeddings = Path(hf_dir), tie_embeddings
-        self.tied = dict(tied) if tied is not None else ({TIED_HEAD: EMBEDDING} if tie_embeddings else {})
+        self.hf_dir, self.family = Path(hf_dir), family
+        self.tied = dict(tied)
         self._where: dict[str, tuple[Path, str]] = {}  # fm name -> (file, Hugging Face key)
         self._shapes: dict[str, torch.Size] = {}
         self.total_bytes = 0
@@ -84,7 +83,7 @@ class HFWeights:
                 for key in fh.keys():
                     if key in self.tied:
                         continue  # some exports store a tied tensor too; fm_train's model shares the other one
-                    name = hf_to_fm(key)
+                    name = hf_to_fm(family, key)
                     self._where[name] = (path, key)
                     self._shapes[name] = torch.Size(fh.get_slice(key).get_shape())
         missing = sorted(set(want) - set(self._shapes))

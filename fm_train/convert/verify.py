@@ -27,7 +27,8 @@ from fm_train.checkpoint.probe import probe_tokens
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.keymap import fm_param_shapes, fm_to_hf
 from fm_train.convert.writer import read_weight_names
-from fm_train.families import family_of
+from fm_train.families.spec import FamilySpec
+from fm_train.model.base import real_logits
 
 DEFAULT_TOLERANCE = 1e-4
 
@@ -46,20 +47,20 @@ def probe_batch(vocab_size: int, max_seq_len: int) -> torch.Tensor:
     return probe_tokens(vocab_size, max_seq_len)
 
 
-def reference_model(model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
+def reference_model(family: FamilySpec, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
                     dtype: torch.dtype) -> torch.nn.Module:
-    """fm_train's own model with ``fetch``'s fp32 weights rounded to ``dtype`` and computed in fp32."""
+    """fm_train's own ``family`` model with ``fetch``'s fp32 weights rounded to ``dtype`` and computed in fp32."""
     from fm_train.config import ModelConfig
 
-    family = family_of(model_fields)
-    args = family.args(ModelConfig(**model_fields))
+    modules = family.modules()
+    args = modules.args(ModelConfig(**model_fields))
     # Built on meta and then given storage: a random init of every weight would only be overwritten.
     with torch.device("meta"):
-        model = family.build(args)
+        model = args.build()
     model.to_empty(device="cpu")
-    family.finish_materialize(model, args)
+    modules.finish_materialize(model, args)
     params = dict(model.named_parameters())  # a tied head is the embedding parameter itself
-    expected = fm_param_shapes(model_fields)
+    expected = fm_param_shapes(family, model_fields)
     if set(params) != set(expected):
         raise ConvertError(f"fm_train's model has parameters {sorted(set(params) ^ set(expected))[:5]} the key map lacks")
     with torch.no_grad():
@@ -72,9 +73,9 @@ def reference_model(model_fields: Mapping[str, Any], fetch: Callable[[str], torc
     return model.eval()
 
 
-def check_names(out_dir: Path, model_fields: Mapping[str, Any]) -> int:
+def check_names(family: FamilySpec, out_dir: Path, model_fields: Mapping[str, Any]) -> int:
     """Every expected tensor is in the export and nothing else is; returns the count."""
-    expected = {fm_to_hf(n) for n in fm_param_shapes(model_fields)}
+    expected = {fm_to_hf(family, n) for n in fm_param_shapes(family, model_fields)}
     written = set(read_weight_names(out_dir))
     missing, unexpected = sorted(expected - written), sorted(written - expected)
     if missing or unexpected:
@@ -82,11 +83,11 @@ def check_names(out_dir: Path, model_fields: Mapping[str, Any]) -> int:
     return len(expected)
 
 
-def _auto_class(model_fields: Mapping[str, Any]) -> Any:
+def _auto_class(family: FamilySpec) -> Any:
     """The ``transformers`` auto class that loads the family's exports."""
     import transformers
 
-    return getattr(transformers, family_of(model_fields).hf_auto_class)
+    return getattr(transformers, family.hf.auto_class)
 
 
 def _offload_map(config: Any, auto_class: Any) -> dict[str, str]:
@@ -113,7 +114,7 @@ def _offload_map(config: Any, auto_class: Any) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
+def open_export(family: FamilySpec, out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tuple[int, Any]]:
     """``(tensor count, model)``: the export's names checked, then loaded by the family's auto class
     (``AutoModelForCausalLM`` for Llama; offline, fp32) with every block offloaded to the export's own files; a :class:`ConvertError` when
     transformers reports missing, unexpected or mismatched keys.
@@ -126,8 +127,8 @@ def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tupl
     """
     from transformers import AutoConfig
 
-    auto_class = _auto_class(model_fields)
-    tensors = check_names(out_dir, model_fields)
+    auto_class = _auto_class(family)
+    tensors = check_names(family, out_dir, model_fields)
     config = AutoConfig.from_pretrained(str(out_dir), local_files_only=True)
     with tempfile.TemporaryDirectory(prefix="fm-train-verify-") as offload:
         # accelerate warns that "some parameters are on the meta device": offloading them is the point.
@@ -147,15 +148,16 @@ def open_export(out_dir: Path, model_fields: Mapping[str, Any]) -> Iterator[tupl
 
 
 @torch.no_grad()
-def verify_export(out_dir: Path, model_fields: Mapping[str, Any], fetch: Callable[[str], torch.Tensor],
-                  dtype: torch.dtype, *, tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
+def verify_export(family: FamilySpec, out_dir: Path, model_fields: Mapping[str, Any],
+                  fetch: Callable[[str], torch.Tensor], dtype: torch.dtype, *,
+                  tolerance: float = DEFAULT_TOLERANCE) -> VerifyReport:
     """Load ``out_dir`` with the family's auto class (offline, fp32) and compare probe logits with
     fm_train's model built from ``model_fields`` and ``fetch`` (fp32 weights by fm_train name)."""
     probe = probe_batch(model_fields["vocab_size"], model_fields["max_seq_len"])
-    with open_export(out_dir, model_fields) as (tensors, hf):
+    with open_export(family, out_dir, model_fields) as (tensors, hf):
         got = hf(input_ids=probe).logits.float()
-    ref = reference_model(model_fields, fetch, dtype)
-    want = family_of(model_fields).logits(ref(probe).float(), int(model_fields["vocab_size"]))
+    ref = reference_model(family, model_fields, fetch, dtype)
+    want = real_logits(ref(probe).float(), int(model_fields["vocab_size"]))
     diff = (got - want).abs().max().item()
     if not diff <= tolerance:  # also catches NaN
         raise ConvertError(f"verification failed: Hugging Face logits differ from fm_train's by {diff:.3g} "

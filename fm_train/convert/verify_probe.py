@@ -22,6 +22,7 @@ import torch
 from fm_train.checkpoint.probe import FIELDS, PROBE_FILE, ProbeDiff, compare, summarize, tolerance
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.verify import open_export
+from fm_train.families.spec import FamilySpec
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,12 @@ class ProbeReport:
 
 
 @torch.no_grad()
-def verify_against_probe(out_dir: Path, model_fields: Mapping[str, Any], record: Mapping[str, torch.Tensor], *,
-                         precision: str, export_dtype: str) -> ProbeReport:
+def verify_against_probe(family: FamilySpec, out_dir: Path, model_fields: Mapping[str, Any],
+                         record: Mapping[str, torch.Tensor], *, precision: str, export_dtype: str) -> ProbeReport:
     """Load ``out_dir`` with the family's auto class (offline, fp32), run the probe's ``input_ids`` and
     compare the summary with ``record``; a :class:`ConvertError` naming the field and difference if not."""
     ids = record["input_ids"]
-    with open_export(out_dir, model_fields) as (tensors, hf):
+    with open_export(family, out_dir, model_fields) as (tensors, hf):
         got = summarize(hf(input_ids=ids).logits, ids)
     shapes = {f: (tuple(got[f].shape), tuple(record[f].shape)) for f in FIELDS if got[f].shape != record[f].shape}
     if shapes:

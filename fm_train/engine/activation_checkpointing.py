@@ -1,6 +1,6 @@
 """Activation checkpointing applied from outside the pure model, one block at a time.
 
-Each instance of the model family's block types (``ModelFamily.block_types``) gets its ``forward`` replaced by a ``torch.utils.checkpoint`` call of
+Each instance of the model family's block types (``Modules.block_types``) gets its ``forward`` replaced by a ``torch.utils.checkpoint`` call of
 the original. The module tree and parameter names stay untouched (a wrapper module would add a
 ``_checkpoint_wrapped_module`` level to every key), so checkpoints and the HF export do not notice.
 The non-reentrant variant is used: it works with inputs that do not require grad, with ZeRO-3's
@@ -16,8 +16,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from fm_train.families import DEFAULT_FAMILY, family_of
-
 
 def _checkpointed(forward: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
@@ -25,14 +23,13 @@ def _checkpointed(forward: Callable[..., torch.Tensor], *args: Any) -> torch.Ten
     return checkpoint(forward, *args, use_reentrant=False)
 
 
-def apply_activation_checkpointing(module: nn.Module, blocks: tuple[type, ...] | None = None) -> int:
+def apply_activation_checkpointing(module: nn.Module, blocks: tuple[type, ...]) -> int:
     """Recompute every block of ``module`` in backward; returns how many blocks were wrapped.
 
-    Blocks are instances of ``blocks`` (default: the default family's block types) found anywhere in
+    Blocks are instances of ``blocks`` (the family's block types) found anywhere in
     the tree, so the same call serves the dense model, a tensor-parallel one and the blocks of a
     pipeline stage. Applying it twice is a no-op.
     """
-    blocks = family_of(DEFAULT_FAMILY).block_types() if blocks is None else blocks
     count = 0
     for block in module.modules():
         if isinstance(block, blocks) and "forward" not in vars(block):

@@ -19,11 +19,10 @@ from fm_train.engine.activation_checkpointing import apply_activation_checkpoint
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
-from fm_train.families import family_of
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
 
-def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
+def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] = (), mpu: Any = None,
                  ds_config: dict[str, Any] | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
     """Wrap ``module`` in a DeepSpeed engine: ``forward(input_ids, labels) -> loss``, or a
     ``PipelineModule``, for which DeepSpeed returns a ``PipelineEngine`` (driven by ``train_batch``).
@@ -31,7 +30,8 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
     ``mpu`` is the groups object (Megatron-style ``get_data_parallel_group`` etc.) that DeepSpeed
     needs when tp > 1 without a pipeline, so that it reduces gradients over dp only and checks the
     batch size against dp, not the world; with a pipeline it must be None (DeepSpeed takes the grid
-    from the module). ``ds_config`` overrides the rendered config
+    from the module). ``blocks`` are the family's block types (``FamilySpec.modules().block_types``),
+    which activation checkpointing and ``torch.compile`` wrap. ``ds_config`` overrides the rendered config
     (benchmarks, tests). Activation checkpointing, when configured, is applied here, before DeepSpeed
     hooks the module; a pipeline's stages already checkpoint their blocks (``build_pipeline``), and
     wrapping them again would recompute each block twice.
@@ -39,7 +39,9 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, mpu: Any = None,
     pipelined = is_pipeline_module(module)
     if pipelined and mpu is not None:
         raise ValueError("a PipelineModule brings its own process grid: build its engine with mpu=None")
-    blocks = family_of(cfg.model).block_types()
+    if (cfg.parallel.activation_checkpointing and not pipelined or cfg.parallel.compile) and not blocks:
+        raise ValueError("parallel.activation_checkpointing / parallel.compile need the model's block types:"
+                         " build_engine(cfg, module, blocks=family.modules().block_types)")
     if cfg.parallel.activation_checkpointing and not pipelined:
         apply_activation_checkpointing(module, blocks)
     if cfg.parallel.compile:  # after checkpointing: the compiled call runs the checkpointed forward

@@ -18,6 +18,7 @@ from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
 from fm_train.dist.topology import Topology
 from fm_train.engine.state import TrainState
+from fm_train.families.spec import FamilySpec, manifest_layers, manifest_tied
 
 
 def resume_point(cfg: FmConfig, topology: Topology) -> Path | None:
@@ -39,36 +40,23 @@ def resume_point(cfg: FmConfig, topology: Topology) -> Path | None:
                              allow_fresh_start=cfg.checkpoint.allow_fresh_start)
 
 
-def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, state: TrainState,
+def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, family: FamilySpec, state: TrainState,
             tokenizer_hash: str | None) -> None:
     """Load ``path`` into ``engine`` and set ``state`` to the saved step, tokens and data position."""
     from fm_train.checkpoint import load_checkpoint
 
-    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash, layout=current_layout(cfg))
+    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash, layout=current_layout(cfg, family))
     state.step = int(manifest["step"])
     state.tokens_seen = int(manifest["tokens_seen"])
     state.data_state = manifest["data"]["state"]
 
 
-def manifest_layers(cfg: FmConfig) -> list[dict[str, Any]]:
-    """The manifest's layer table: pipeline layer index -> pure-model module and its tp split dims
-    (the model family's, :meth:`fm_train.families.ModelFamily.manifest_layers`)."""
-    from fm_train.families import family_of
-
-    return family_of(cfg.model).manifest_layers(cfg)
-
-
-def manifest_tied(cfg: FmConfig) -> dict[str, str]:
-    """DeepSpeed's tied-module key -> pure-model module, for a pipeline with tied weights (else empty)."""
-    from fm_train.families import family_of
-
-    return family_of(cfg.model).manifest_tied(cfg)
-
-
-def current_layout(cfg: FmConfig) -> dict[str, Any]:
-    """This run's parameter naming as a manifest records it: what a resharding load maps local names with."""
-    return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp}, "layers": manifest_layers(cfg),
-            "tied": manifest_tied(cfg), "param_prefix": "model."}
+def current_layout(cfg: FmConfig, family: FamilySpec) -> dict[str, Any]:
+    """This run's parameter naming as a manifest records it, plus the model's tied parameters: what a
+    resharding load maps local names with."""
+    return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp}, "layers": manifest_layers(family, cfg),
+            "tied": manifest_tied(family, cfg), "param_prefix": "model.",
+            "tied_params": family.tied_params(cfg.model.model_dump())}
 
 
 class CheckpointSaver:
@@ -78,10 +66,10 @@ class CheckpointSaver:
     preempting scheduler, Ctrl-C on the driver) so the run can resume exactly where it stopped.
     """
 
-    def __init__(self, cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None,
-                 rank: int = 0) -> None:
+    def __init__(self, cfg: FmConfig, family: FamilySpec, topology: Topology, *, is_rank0: bool,
+                 tokenizer_hash: str | None, rank: int = 0) -> None:
         self.cfg, self.topology, self.is_rank0, self.tokenizer_hash = cfg, topology, is_rank0, tokenizer_hash
-        self.layers, self.tied = manifest_layers(cfg), manifest_tied(cfg)
+        self.layers, self.tied = manifest_layers(family, cfg), manifest_tied(family, cfg)
         self.uploader = None
         self.log_copies = None  # rank 0 with run.storage: the run's logs, copied after each commit
         if cfg.run.storage is not None:
@@ -121,7 +109,7 @@ class CheckpointSaver:
         return self.uploader.failed
 
 
-def checkpoint_hook(cfg: FmConfig, topology: Topology, *, is_rank0: bool, tokenizer_hash: str | None,
-                    rank: int = 0) -> CheckpointSaver:
+def checkpoint_hook(cfg: FmConfig, family: FamilySpec, topology: Topology, *, is_rank0: bool,
+                    tokenizer_hash: str | None, rank: int = 0) -> CheckpointSaver:
     """The loop's checkpoint hook for ``cfg`` (see :class:`CheckpointSaver`)."""
-    return CheckpointSaver(cfg, topology, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash, rank=rank)
+    return CheckpointSaver(cfg, family, topology, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash, rank=rank)

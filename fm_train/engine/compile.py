@@ -1,4 +1,4 @@
-"""``torch.compile`` of each block (the model family's ``block_types``), applied from outside the pure model (``parallel.compile``).
+"""``torch.compile`` of each block (the model family's block types), applied from outside the pure model (``parallel.compile``).
 
 Blocks, not the whole model: a block is the unit that repeats, so one compiled graph serves every
 block of the same shape (torch inlines module parameters as graph inputs rather than guarding on
@@ -18,16 +18,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from fm_train.families import DEFAULT_FAMILY, family_of
+#: Set on a block this module compiled, so that compiling twice is a no-op.
+_COMPILED = "_fm_train_compiled"
 
 
-def compile_blocks(module: nn.Module, blocks: tuple[type, ...] | None = None) -> int:
-    """Compile every block of ``module`` (instances of ``blocks``, default: the default family's block
-    types) in place; returns how many (compiled on first call)."""
-    blocks = family_of(DEFAULT_FAMILY).block_types() if blocks is None else blocks
+def compile_blocks(module: nn.Module, blocks: tuple[type, ...]) -> int:
+    """Compile every block of ``module`` (instances of ``blocks``, the family's block types) in place;
+    returns how many (compiled on first call)."""
     count = 0
     for block in module.modules():
-        if isinstance(block, blocks) and getattr(block, "_compiled_call_impl", None) is None:
+        if isinstance(block, blocks) and not getattr(block, _COMPILED, False):
             block.compile()
+            setattr(block, _COMPILED, True)
             count += 1
     return count

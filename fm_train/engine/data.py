@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterable, Iterator
 import torch.distributed as dist
 
 from fm_train.config import FmConfig
+from fm_train.families.spec import FamilySpec
 
 Sources = list[tuple[str, float]]
 
 
-def prepare_sources(cfg: FmConfig, *, is_rank0: bool) -> Sources:
+def prepare_sources(cfg: FmConfig, family: FamilySpec, *, is_rank0: bool) -> Sources:
     """``(path, weight)`` of every source; builds a missing ``default_corpus`` on rank 0 only.
 
     The other ranks wait at a barrier (a collective, so nobody polls the file system and nobody
@@ -31,10 +32,9 @@ def prepare_sources(cfg: FmConfig, *, is_rank0: bool) -> Sources:
     import data_shards
 
     from data_shards.storage import as_location
-    from fm_train.families import family_of
 
     # The family's own special tokens (an encoder's [CLS], [SEP], [MASK]) come after the tokenizer's.
-    vocab = cfg.model.vocab_size - len(family_of(cfg.model).tokenizer_specials())
+    vocab = cfg.model.vocab_size - len(family.objective.tokenizer_specials)
     for src in cfg.data.sources:
         if is_rank0 and src.default_corpus and not (as_location(src.path) / "index.json").exists():
             print(f"building the default corpus in {src.path} (vocab {vocab}, seq_len {cfg.data.seq_len})", flush=True)
@@ -51,14 +51,12 @@ def check_sources(cfg: FmConfig, sources: Sources) -> Any:
     return data_shards.check_sources([p for p, _ in sources], cfg.model.vocab_size)
 
 
-def data_objective(cfg: FmConfig, info: Any) -> Any:
-    """What the model family's objective needs the data path to produce from these sources
-    (``ModelFamily.data_objective``: None for next-token batches); ``info`` is their ``SourcesInfo``."""
-    from fm_train.families import family_of
-
+def data_objective(cfg: FmConfig, family: FamilySpec, info: Any) -> Any:
+    """What ``family``'s objective needs the data path to produce from these sources (None for
+    next-token batches); ``info`` is their ``SourcesInfo``."""
     if info is None:  # no sources checked (tests that feed their own batches)
         return None
-    return family_of(cfg.model).data_objective(info, model_vocab_size=cfg.model.vocab_size, seed=cfg.run.seed)
+    return family.objective.data(info, cfg.model.vocab_size, cfg.run.seed)
 
 
 def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,

@@ -4,8 +4,8 @@ MFU (model FLOPs utilisation) = achieved model FLOP/s per device / peak FLOP/s o
 the achieved model FLOP/s count only the FLOPs the model needs, never recomputation (activation
 checkpointing does not raise MFU) and never optimizer or communication work.
 
-FLOPs per trained token come from :func:`fm_train.plan.flops.flops_per_token`, the one formula
-shared with the planner::
+FLOPs per trained token come from the model family's formula (``FamilySpec.sizes.flops_per_token``),
+the one shared with the planner; Llama's::
 
     6 * N_matmul  +  12 * n_layers * hidden * seq_len
 
@@ -29,8 +29,6 @@ import os
 import time
 
 import torch
-
-from fm_train.plan.flops import flops_per_token
 
 # Dense peak FLOP/s per device: (bf16/fp16 tensor core, fp32). Matched by substring of
 # torch.cuda.get_device_name(), most specific first ("A100" before "A10").

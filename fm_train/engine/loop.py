@@ -24,7 +24,7 @@ from fm_train.engine.metrics import MetricsSink
 from fm_train.engine.pipeline_step import pipeline_evaluate, pipeline_train_step
 from fm_train.engine.state import TrainState
 from fm_train.engine.step import Batch, StepOutput, train_step
-from fm_train.families import family_of
+from fm_train.families.spec import FamilySpec
 
 __all__ = ["Batch", "StepHook", "StepOutput", "throughput_spec", "train", "train_step"]
 
@@ -32,13 +32,13 @@ StepHook = Callable[[DeepSpeedEngine, TrainState], None]
 """Called after every optimizer step (and its log/eval), e.g. to save a checkpoint when one is due."""
 
 
-def throughput_spec(cfg: FmConfig, device: torch.device) -> ThroughputSpec:
-    """Tokens per step, devices, FLOPs per token and the device peak for ``cfg`` on ``device``."""
+def throughput_spec(cfg: FmConfig, family: FamilySpec, device: torch.device) -> ThroughputSpec:
+    """Tokens per step, devices, FLOPs per token (``family``'s formula) and the device peak for ``cfg`` on ``device``."""
     peak, _source = peak_flops(device, cfg.precision)
     return ThroughputSpec(
         tokens_per_step=cfg.tokens_per_step,
         world_size=dist.get_world_size() if dist.is_initialized() else 1,
-        flops_per_token=family_of(cfg.model).flops_per_token(cfg.model, cfg.data.seq_len),
+        flops_per_token=family.sizes.flops_per_token(cfg.model, cfg.data.seq_len),
         peak_flops=peak,
     )
 
@@ -46,7 +46,7 @@ def throughput_spec(cfg: FmConfig, device: torch.device) -> ThroughputSpec:
 def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, cfg: FmConfig, *,
           sink: MetricsSink, val_batches: Callable[[], Iterable[Batch]] | None = None,
           hooks: Sequence[StepHook] = (), group: dist.ProcessGroup | None = None,
-          spec: ThroughputSpec | None = None, stop: Callable[[], bool] | None = None,
+          spec: ThroughputSpec, stop: Callable[[], bool] | None = None,
           on_stop: StepHook | None = None, control_group: dist.ProcessGroup | None = None) -> TrainState:
     """Train from ``state.step`` to ``cfg.train.steps``; returns the final state.
 
@@ -67,7 +67,7 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     step_fn = pipeline_train_step if pipelined else train_step
     eval_fn = pipeline_evaluate if pipelined else evaluate
     grad_norm = GradNormTracker.of(engine)
-    meter = IntervalMeter(spec or throughput_spec(cfg, engine.device), engine.device, group)
+    meter = IntervalMeter(spec, engine.device, group)
     stream = iter(batches)
     # SDPA kernels chosen for this device (flash first on a GPU), for forward, backward and eval alike.
     with attention_context(accelerator_of(engine.device)):

@@ -1,10 +1,8 @@
-"""Pure Llama-family model (imports torch only)."""
+"""The contract of a pure model and what every family's modules share (imports torch only).
 
-from fm_train.model.llama import (
-    LlamaArgs,
-    LlamaForCausalLM,
-    args_from_config,
-    causal_lm_loss,
-)
+The modules themselves live with their family (``fm_train/families/<name>/model.py``).
+"""
 
-__all__ = ["LlamaArgs", "LlamaForCausalLM", "args_from_config", "causal_lm_loss"]
+from fm_train.model.base import ModelArgs, padded_vocab_size, parameter_generator, real_logits
+
+__all__ = ["ModelArgs", "padded_vocab_size", "parameter_generator", "real_logits"]

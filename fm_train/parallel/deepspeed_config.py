@@ -17,7 +17,7 @@ from typing import Any
 
 from fm_train.config import FmConfig
 from fm_train.dist.device import Accelerator, check_precision, detect_accelerator, use_fused_adamw
-from fm_train.plan.memory import ZERO3_SUB_GROUP
+from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
 
 # We print and log metrics ourselves (fm_train.engine.metrics); DeepSpeed's own progress report
 # would interleave a second, differently averaged loss line on every rank.

@@ -1,8 +1,8 @@
 """What every family's DeepSpeed ``PipelineModule`` shares: stage balancing by parameter count, the loss
 over (vocab-parallel) logits and the manifest's layer table; DeepSpeed's side (the ``PipelineModule``
 subclass with the gradient-norm bookkeeping for tp + pp, layer specs, the partitioner) is
-:mod:`fm_train.deepspeed_adapter.pipeline`. A family's own pipeline (:mod:`fm_train.parallel.llama_pipeline`,
-:mod:`fm_train.parallel.bert_pipeline`) lists its layers and calls :func:`pipeline_module`.
+:mod:`fm_train.deepspeed_adapter.pipeline`. A family's own pipeline (:mod:`fm_train.families.llama.pipeline`,
+:mod:`fm_train.families.bert.pipeline`) lists its layers and calls :func:`pipeline_module`.
 
 Stages are balanced by parameter count. Parameter counts come from the shapes, not from building
 every layer on every rank as DeepSpeed's own ``'parameters'`` method does.

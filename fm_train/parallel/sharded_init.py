@@ -1,7 +1,7 @@
 """Materialise only this rank's part of each parameter, equal to slicing the full initial weights.
 
 A pure model's seeded init draws every parameter from a generator seeded by the run seed and the
-parameter's name (``init_parameter`` of :mod:`fm_train.model.registry`), so one parameter's full
+parameter's name (``ModelArgs.init_parameter``, :mod:`fm_train.model.base`), so one parameter's full
 value can be produced on its own. A shard is then that
 full tensor sliced along its tp split dim (:func:`materialize_`), or the flat range a ZeRO-3 rank owns
 (:func:`materialize_zero3_`): every layout starts from exactly the weights of one process, and a rank
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, Protocol, Union, runtime_checkable
+from typing import Mapping, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
 
-from fm_train.model.registry import pure_model, tied_source
+from fm_train.model.base import ModelArgs
 from fm_train.parallel.tensor_parallel import (
     TPGroup,
     mark_tensor_parallel,
@@ -34,21 +34,21 @@ from fm_train.parallel.tp_plan import TPPlan
 
 
 @functools.lru_cache(maxsize=8)
-def full_shapes(args: Any) -> dict[str, torch.Size]:
+def full_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     """Unsharded shape of every parameter of the pure model, by name (built on meta: no memory)."""
     with torch.device("meta"):
-        model = pure_model(args).cls(args)
+        model = args.build()
     return {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def full_init(args: Any, seed: int, name: str) -> torch.Tensor:
+def full_init(args: ModelArgs, seed: int, name: str) -> torch.Tensor:
     """The full fp32 initial value of the pure model's parameter ``name`` (a Hugging Face key)."""
-    name = tied_source(args, name)  # a tied parameter is the one it shares, and draws under that name
+    name = args.tied_source(name)  # a tied parameter is the one it shares, and draws under that name
     shapes = full_shapes(args)
     if name not in shapes:
         raise KeyError(f"{name!r} is not a parameter of the model (known: {sorted(shapes)[:4]} ...)")
     tensor = torch.empty(shapes[name], dtype=torch.float32)
-    pure_model(args).init_parameter(args, name, tensor, seed)
+    args.init_parameter(name, tensor, seed)
     return tensor
 
 
@@ -77,11 +77,11 @@ class _PaddedVocab:
     checkpoint of the tokenizer's vocabulary): the embedding and head read ``args.padded_vocab_size``
     rows, the padding ones zero, and only the real rows a slice covers are read from the source."""
 
-    def __init__(self, args: Any, source: SliceReader) -> None:
+    def __init__(self, args: ModelArgs, source: SliceReader) -> None:
         self.args, self.source = args, source
 
     def _pads(self, name: str) -> bool:
-        return name.endswith(pure_model(self.args).vocab_row_params) and self.source.shape(name)[0] == self.args.vocab_size
+        return name.endswith(self.args.VOCAB_ROW_PARAMS) and self.source.shape(name)[0] == self.args.vocab_size
 
     def shape(self, name: str) -> torch.Size:
         stored = self.source.shape(name)
@@ -112,26 +112,26 @@ class _PaddedVocab:
         return torch.cat([stored, stored.new_zeros(count - have)])
 
 
-def _pad_vocab_rows(args: Any, name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _pad_vocab_rows(args: ModelArgs, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """A full embedding or head of ``args.vocab_size`` rows with zero padding rows appended."""
-    if not name.endswith(pure_model(args).vocab_row_params) or tensor.shape[0] != args.vocab_size or args.padded_vocab_size == args.vocab_size:
+    if not name.endswith(args.VOCAB_ROW_PARAMS) or tensor.shape[0] != args.vocab_size or args.padded_vocab_size == args.vocab_size:
         return tensor
     pad = tensor.new_zeros((args.padded_vocab_size - args.vocab_size, *tensor.shape[1:]))
     return torch.cat([tensor, pad])
 
 
-def _own_name(args: Any, name: str) -> str:
+def _own_name(args: ModelArgs, name: str) -> str:
     """The name the initial weights hold ``name`` under: a tied head is the embedding."""
-    return tied_source(args, name)
+    return args.tied_source(name)
 
 
-def _check_shape(args: Any, name: str, shape: torch.Size) -> None:
+def _check_shape(args: ModelArgs, name: str, shape: torch.Size) -> None:
     want = full_shapes(args)[name]
     if shape != want:
         raise ValueError(f"initial weight {name!r} has shape {tuple(shape)}, the model needs {tuple(want)}")
 
 
-def initial_value(args: Any, init: InitSource, name: str) -> torch.Tensor:
+def initial_value(args: ModelArgs, init: InitSource, name: str) -> torch.Tensor:
     """The full initial value of parameter ``name``: seeded, or looked up (and shape-checked) in ``init``."""
     if isinstance(init, int):
         return full_init(args, init, name)
@@ -147,7 +147,7 @@ def initial_value(args: Any, init: InitSource, name: str) -> torch.Tensor:
     return value
 
 
-def initial_shard(args: Any, init: InitSource, name: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
+def initial_shard(args: ModelArgs, init: InitSource, name: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
     """This tp rank's slice of parameter ``name``'s initial value along ``dim`` (all of it when replicated).
 
     From a :class:`SliceReader` only the slice is read; otherwise the full value is made and cut.
@@ -161,7 +161,7 @@ def initial_shard(args: Any, init: InitSource, name: str, dim: int | None, tp: T
     return init.read(name, dim, tp.rank, tp.size)
 
 
-def initial_flat(args: Any, init: InitSource, name: str, start: int, count: int) -> torch.Tensor:
+def initial_flat(args: ModelArgs, init: InitSource, name: str, start: int, count: int) -> torch.Tensor:
     """Elements ``[start, start + count)`` of parameter ``name``'s flattened initial value (a ZeRO-3
     partition); from a :class:`SliceReader` only the rows covering them are read."""
     if not isinstance(init, SliceReader):
@@ -172,7 +172,7 @@ def initial_flat(args: Any, init: InitSource, name: str, start: int, count: int)
 
 
 @torch.no_grad()
-def materialize_(module: nn.Module, args: Any, init: InitSource, tp: TPGroup, plan: TPPlan, *, prefix: str = "",
+def materialize_(module: nn.Module, args: ModelArgs, init: InitSource, tp: TPGroup, plan: TPPlan, *, prefix: str = "",
                  device: torch.device | str = "cpu") -> nn.Module:
     """Give ``module``'s parameters real storage holding this rank's tp shard (split by ``plan``) of the
     initial weights.
@@ -194,7 +194,7 @@ def materialize_(module: nn.Module, args: Any, init: InitSource, tp: TPGroup, pl
 
 
 @torch.no_grad()
-def materialize_zero3_(module: nn.Module, args: Any, init: InitSource, *, prefix: str = "") -> nn.Module:
+def materialize_zero3_(module: nn.Module, args: ModelArgs, init: InitSource, *, prefix: str = "") -> nn.Module:
     """Overwrite each ZeRO-3 partition of ``module`` (built under ``deepspeed.zero.Init``) with the initial weights.
 
     DeepSpeed stores rank ``r``'s partition of a parameter as the flat range ``[r * n, (r + 1) * n)``

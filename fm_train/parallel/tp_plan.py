@@ -74,26 +74,3 @@ class TPPlan:
         if kind == "bias":  # column biases follow the split outputs; a row bias is added after the reduce
             return 0 if style == "column" else None
         return 1 if style == "row" else 0
-
-
-#: Llama: q/k/v/gate/up column-parallel (q/k/v by whole heads, which the attention reads off the
-#: projection shapes), o/down row-parallel, the embedding vocab-parallel, the head column-parallel over
-#: the vocabulary (its local logits feed the vocab-parallel cross-entropy).
-LLAMA_TP_PLAN = TPPlan(
-    modules={"q_proj": "column", "k_proj": "column", "v_proj": "column", "gate_proj": "column", "up_proj": "column",
-             "o_proj": "row", "down_proj": "row", "embed_tokens": "vocab", "lm_head": "column"},
-    regions=("self_attn", "mlp"),
-)
-
-#: BERT: query/key/value and the MLP's up projection column-parallel, the attention output and the
-#: MLP's down projection row-parallel (their LayerNorms act on the reduced, replicated sum), the word
-#: embeddings vocab-parallel and the tied decoder with its bias column-parallel over the vocabulary.
-#: Position and token-type embeddings, LayerNorms and the prediction transform stay whole.
-BERT_TP_PLAN = TPPlan(
-    modules={"attention.self.query": "column", "attention.self.key": "column", "attention.self.value": "column",
-             "attention.output.dense": "row", "intermediate.dense": "column", "output.dense": "row",
-             "word_embeddings": "vocab", "predictions.decoder": "column"},
-    params={"predictions.bias": 0},
-    regions=("attention.self", "intermediate"),
-    outputs_into_tp=("predictions.transform",),
-)

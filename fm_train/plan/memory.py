@@ -5,8 +5,8 @@ holds the embedding, the last the head). Byte counts per parameter follow the Ze
 (Rajbhandari et al. 2020): 16-bit params and grads (2 + 2 bytes) plus fp32 master weights and Adam
 moments (12 bytes); in fp32, 4 + 4 + 8. ZeRO-1 divides optimizer states by dp, ZeRO-2 also grads,
 ZeRO-3 also params. The family-specific terms (the largest stage's parameters, a block's
-parameters and its activations) come from the model family (``ModelFamily.stage_params``,
-``block_params``, ``activation_bytes_per_layer``; Llama's in :mod:`fm_train.families.llama_shape`).
+parameters and its activations) come from the model family (``FamilySpec.sizes``: ``stage_params``,
+``block_params``, ``activation_bytes_per_layer``; Llama's in :mod:`fm_train.families.llama.shape`).
 
 Two terms come from what the code really allocates, as measured on CPU (bench/RESULTS_memory.md):
 
@@ -28,7 +28,8 @@ import math
 from dataclasses import dataclass
 
 from fm_train.config import FmConfig
-from fm_train.families import family_of
+from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
+from fm_train.families.spec import FamilySpec
 
 GIB = 1024**3
 
@@ -37,12 +38,6 @@ GIB = 1024**3
 # machines. GPU: CUDA context and NCCL buffers, typically 1-2 GiB.
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.6, "gpu": 1.5}
 
-# Elements per ZeRO-3 optimizer sub-group: the ``sub_group_size`` DeepSpeed gets from
-# fm_train.parallel.deepspeed_config (DeepSpeed's default is 1e9). The step's temporaries are three
-# fp32 copies of one sub-group (a parameter larger than it is a sub-group of its own), so this bounds
-# them to ~0.25 GB; DeepSpeed steps sub-groups one after another, so smaller ones only add a Python
-# loop (50 iterations for 1.1B parameters) to a step.
-ZERO3_SUB_GROUP = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -71,48 +66,48 @@ class MemoryEstimate:
         return steady + max(self.activations + self.logits + self.gathered, self.optimizer_step)
 
 
-def _largest_module_params(cfg: FmConfig) -> int:
+def _largest_module_params(cfg: FmConfig, family: FamilySpec) -> int:
     """Parameters of the largest module a rank computes at once: a block or the embedding/head."""
     m = cfg.model
-    return max(family_of(m).block_params(m), m.padded_vocab_size * m.hidden) // cfg.parallel.tp
+    return max(family.sizes.block_params(m), m.padded_vocab_size * m.hidden) // cfg.parallel.tp
 
 
-def _zero3_gathered_bytes(cfg: FmConfig, param_b: int, grad_b: int) -> float:
+def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_b: int) -> float:
     """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
-    block = family_of(cfg.model).block_params(cfg.model) // cfg.parallel.tp
-    live = max(2 * block, _largest_module_params(cfg))  # stage3_max_live_parameters = 2 blocks
-    return live * param_b + _largest_module_params(cfg) * grad_b
+    block = family.sizes.block_params(cfg.model) // cfg.parallel.tp
+    largest = _largest_module_params(cfg, family)
+    live = max(2 * block, largest)  # stage3_max_live_parameters = 2 blocks
+    return live * param_b + largest * grad_b
 
 
-def _optimizer_step_bytes(cfg: FmConfig, n: float, device: str) -> float:
+def _optimizer_step_bytes(cfg: FmConfig, family: FamilySpec, n: float, device: str) -> float:
     """fp32 temporaries the size of the flat tensor AdamW steps at once (see the module docstring)."""
     p, dp = cfg.parallel, cfg.dp
     fused = device == "gpu" and not p.offload_optimizer  # fm_train.dist.device.use_fused_adamw
     adamw = 0 if fused else 2
     if p.zero_stage == 3:
-        flat = min(n / dp, ZERO3_SUB_GROUP + _largest_module_params(cfg) / dp)
+        flat = min(n / dp, ZERO3_SUB_GROUP + _largest_module_params(cfg, family) / dp)
         return (adamw + 1) * 4 * flat  # + DeepSpeed's flattened gradient of the sub-group
-    flat = n / dp if p.zero_stage >= 1 else _largest_module_params(cfg)
+    flat = n / dp if p.zero_stage >= 1 else _largest_module_params(cfg, family)
     return adamw * 4 * flat
 
 
-def estimate_memory(cfg: FmConfig, *, device: str = "cpu") -> MemoryEstimate:
-    """Estimated peak memory of the busiest rank of ``cfg`` on ``device`` (``cpu`` or ``gpu``)."""
+def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -> MemoryEstimate:
+    """Estimated peak memory of the busiest rank of ``cfg`` (a ``family`` model) on ``device`` (``cpu`` or ``gpu``)."""
     p, dp = cfg.parallel, cfg.dp
-    family = family_of(cfg.model)
-    n = family.stage_params(cfg) / p.tp
+    n = family.sizes.stage_params(cfg) / p.tp
     half = cfg.precision != "fp32"
     param_b, grad_b, opt_b = (2, 2, 12) if half else (4, 4, 8)
     params = n * param_b / (dp if p.zero_stage >= 3 else 1)
     grads = n * grad_b / (dp if p.zero_stage >= 2 else 1)
     optimizer = n * opt_b / (dp if p.zero_stage >= 1 else 1)
     offloaded = 0.0
-    step_temps = _optimizer_step_bytes(cfg, n, device)
+    step_temps = _optimizer_step_bytes(cfg, family, n, device)
     if p.offload_optimizer:
         offloaded, optimizer = optimizer, 0.0
-    gathered = _zero3_gathered_bytes(cfg, param_b, grad_b) if p.zero_stage >= 3 else 0.0
+    gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b) if p.zero_stage >= 3 else 0.0
 
-    per_layer = family.activation_bytes_per_layer(cfg)
+    per_layer = family.sizes.activation_bytes_per_layer(cfg)
     layers_here = math.ceil(cfg.model.n_layers / p.pp)
     if p.activation_checkpointing:
         elt = 4 if cfg.precision == "fp32" else 2

@@ -9,23 +9,23 @@ onto ``transformers``' ``BertForMaskedLM`` state-dict keys (``bert.encoder.layer
 
 from __future__ import annotations
 
-import zlib
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm_train.model.llama import VocabShape, real_logits
+from fm_train.families.bert import TIED_PARAMS, VOCAB_ROW_PARAMS
+from fm_train.model.base import ModelArgs, parameter_generator, real_logits
 
-#: Parameters with one row per vocabulary entry, padding rows included (names end with these).
-VOCAB_ROW_PARAMS: tuple[str, ...] = ("word_embeddings.weight", "predictions.bias", "decoder.weight")
 #: Label of a position the loss leaves out (not masked): ``torch.nn.functional.cross_entropy``'s default.
 IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
-class BertArgs(VocabShape):
+class BertArgs(ModelArgs):
     """Shape of the encoder; built from ``fm_train.config.ModelConfig`` by :func:`bert_args_from_config`."""
 
     n_layers: int
@@ -39,10 +39,19 @@ class BertArgs(VocabShape):
     init_std: float = 0.02
     vocab_multiple: int = 1
 
+    VOCAB_ROW_PARAMS: ClassVar[tuple[str, ...]] = VOCAB_ROW_PARAMS
+    TIED_PARAMS: ClassVar[Mapping[str, str]] = TIED_PARAMS
 
-def bert_args_from_config(model_cfg) -> BertArgs:  # model_cfg: fm_train.config.ModelConfig (untyped: torch only here)
-    """Encoder arguments from the ``model`` section of a run config."""
-    return BertArgs(**{k: getattr(model_cfg, k) for k in BertArgs.__dataclass_fields__})
+    def build(self) -> BertForMaskedLM:
+        return BertForMaskedLM(self)
+
+    def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
+        init_bert_parameter(self, name, param, seed)
+
+
+def bert_args_from_config(model_cfg: Any) -> BertArgs:
+    """Encoder arguments from the ``model`` section of a run config (a ``fm_train.config.ModelConfig``)."""
+    return BertArgs(**{f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(BertArgs)})
 
 
 class BertEmbeddings(nn.Module):
@@ -225,13 +234,9 @@ class BertForMaskedLM(nn.Module):
             init_bert_parameter(self.args, name, param, seed)
 
 
-#: Tied parameter -> the parameter it shares: what initial weights hold it under.
-TIED_PARAMS: dict[str, str] = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
-
-
 def init_bert_parameter(args: BertArgs, name: str, param: torch.Tensor, seed: int) -> None:
     """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place."""
-    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    gen = parameter_generator(seed, name)
     if "LayerNorm" in name:
         param.fill_(1.0 if name.endswith(".weight") else 0.0)
     elif name.endswith(".bias"):

@@ -21,7 +21,7 @@ from fm_train.deepspeed_adapter.pipeline import (
     LayerSpec,
     TiedLayerSpec,
 )
-from fm_train.model.bert import (
+from fm_train.families.bert.model import (
     BertArgs,
     BertLayer,
     BertPredictionHeadTransform,
@@ -38,7 +38,7 @@ from fm_train.parallel.pipeline import (
 )
 from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
-from fm_train.parallel.tp_plan import BERT_TP_PLAN as PLAN
+from fm_train.families.bert.tp_plan import TP_PLAN as PLAN
 
 
 class EmbeddingSumPipe(nn.Module):

@@ -15,8 +15,7 @@ a time, then only this rank's partition).
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,7 @@ from torch import nn
 from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.zero3 import partitioned_construction
 from fm_train.dist.groups import ParallelGroups
-from fm_train.families import ModelFamily, family_of
-from fm_train.model import causal_lm_loss
+from fm_train.families.spec import FamilySpec, LossFn, layout_errors
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.pipeline import vocab_loss
 from fm_train.parallel.sharded_init import (
@@ -38,28 +36,23 @@ from fm_train.parallel.sharded_init import (
 )
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+class ModelWithLoss(nn.Module):
+    """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``, the
+    loss being the family's objective."""
 
-
-class CausalLMWithLoss(nn.Module):
-    """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``
-    (any family's: the loss is the family's objective; the name is the decoder's, kept for its keys)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn | None = None) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
         super().__init__()
         self.model = model  # keys stay "model.model.layers..." inside the wrapper; stripped on export
-        # Default: cross-entropy over the real vocabulary (padding columns left out).
-        self.loss_fn = loss_fn or functools.partial(causal_lm_loss, vocab_size=model.args.vocab_size)
+        self.loss_fn = loss_fn
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(self.model(input_ids), labels)
 
 
-def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> nn.Module:
+def build_dense_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None = None) -> nn.Module:
     """The whole pure model on CPU, initialised exactly as in every other layout (``init``: default the run seed)."""
-    family = family_of(cfg.model)
-    args = family.args(cfg.model)
-    model = family.build(args)
+    args = family.modules().args(cfg.model)
+    model = args.build()
     init = cfg.run.seed if init is None else init
     if isinstance(init, int):
         model.init_weights(init)
@@ -72,7 +65,7 @@ def build_dense_model(cfg: FmConfig, init: InitSource | None = None) -> nn.Modul
     return model
 
 
-def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
+def build_zero3_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None = None,
                       ds_config: dict[str, Any] | None = None) -> nn.Module:
     """The pure model partitioned over the data-parallel ranks as it is built (ZeRO-3, tp = pp = 1).
 
@@ -82,52 +75,34 @@ def build_zero3_model(cfg: FmConfig, init: InitSource | None = None,
     ``ds_config`` is the config ``deepspeed.initialize`` will get (its precision decides the dtype
     of the partitions); default: rendered from ``cfg``.
     """
-    family = family_of(cfg.model)
-    args = family.args(cfg.model)
+    args = family.modules().args(cfg.model)
     # Without zero.Init's broadcast of each new parameter: every partition is overwritten below.
     with partitioned_construction(ds_config if ds_config is not None else deepspeed_config(cfg)):
-        model = family.build(args)
+        model = args.build()
     return materialize_zero3_(model, args, cfg.run.seed if init is None else init)
 
 
-def build_tp_model(family: ModelFamily, args: Any, tp: TPGroup, init: InitSource) -> nn.Module:
+def build_tp_model(family: FamilySpec, args: Any, tp: TPGroup, init: InitSource) -> nn.Module:
     """The pure model with the family's tp plan applied, holding only this rank's shards of the initial weights.
 
     Built on the meta device, so the full model never exists on a rank; each shard equals the
     matching slice of :func:`build_dense_model`'s weights. Its forward returns vocab-sharded logits.
     """
+    modules = family.modules()
     with torch.device("meta"):
-        model = family.build(args)
-    apply_tensor_parallel(model, tp, family.tp_plan)
-    materialize_(model, args, init, tp, family.tp_plan)
-    family.finish_materialize(model, args)  # derived buffers (RoPE tables) are recomputed, not initialised
+        model = args.build()
+    apply_tensor_parallel(model, tp, modules.tp_plan)
+    materialize_(model, args, init, tp, modules.tp_plan)
+    modules.finish_materialize(model, args)  # derived buffers (RoPE tables) are recomputed, not initialised
     return model
 
 
-def split_errors(args: Any, tp: int, pp: int, *, divided: tuple[str, ...],
-                 stage_bounds: Callable[[Any, int], list[int]]) -> list[str]:
-    """Why ``tp`` cannot split the model fields ``divided`` of ``args`` or its padded vocabulary, or
-    ``stage_bounds`` (a family's pipeline balance) cannot cut it into ``pp`` stages (empty: it can)."""
-    errors = [f"parallel.tp={tp} does not divide model.{f}={getattr(args, f)}; pick a tp that divides it"
-              for f in divided if getattr(args, f) % tp]
-    if args.padded_vocab_size % tp:
-        errors.append(f"parallel.tp={tp} does not divide the padded vocabulary {args.padded_vocab_size}"
-                      f" (model.vocab_size={args.vocab_size}, model.vocab_multiple={args.vocab_multiple}): the"
-                      f" vocab-parallel embedding cannot split it; set model.vocab_multiple to a multiple of {tp}")
-    if pp > 1:
-        try:
-            stage_bounds(args, pp)
-        except ValueError as exc:
-            errors.append(str(exc))
-    return errors
-
-
-def _check(cfg: FmConfig, groups: ParallelGroups | None) -> None:
-    p, family = cfg.parallel, family_of(cfg.model)
-    errors = family.layout_errors(family.args(cfg.model), p.tp, p.pp)
+def _check(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups | None) -> None:
+    p = cfg.parallel
+    errors = layout_errors(family, family.modules().args(cfg.model), p.tp, p.pp)
     if (p.tp > 1 or p.pp > 1) and groups is None:
         errors.append(f"parallel.tp={p.tp}, parallel.pp={p.pp} needs the rank's ParallelGroups:"
-                      " build_train_module(cfg, groups=ParallelGroups(topology))")
+                      " build_train_module(cfg, family, groups=ParallelGroups(topology))")
     if groups is not None and (groups.topology.tp, groups.topology.pp) != (p.tp, p.pp):
         t = groups.topology
         errors.append(f"groups were built for tp={t.tp}, pp={t.pp} but the config says parallel.tp={p.tp},"
@@ -136,8 +111,8 @@ def _check(cfg: FmConfig, groups: ParallelGroups | None) -> None:
         raise ValueError("cannot build the train module:\n  " + "\n  ".join(errors))
 
 
-def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, init: InitSource | None = None,
-                       ds_config: dict[str, Any] | None = None) -> nn.Module:
+def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups | None = None, *,
+                       init: InitSource | None = None, ds_config: dict[str, Any] | None = None) -> nn.Module:
     """The trainable module for ``cfg``'s layout; raises ``ValueError`` before any step if it cannot exist.
 
     ``init``: the initial weights (default: the run seed; a state dict by pure-model name, or a
@@ -153,20 +128,20 @@ def build_train_module(cfg: FmConfig, groups: ParallelGroups | None = None, *, i
       inside the stages when ``parallel.activation_checkpointing``; DeepSpeed takes its ``mpu``
       from the module, so pass none.
     """
-    _check(cfg, groups)
-    p, family = cfg.parallel, family_of(cfg.model)
-    args = family.args(cfg.model)
+    _check(cfg, family, groups)
+    p, modules = cfg.parallel, family.modules()
+    args = modules.args(cfg.model)
     init = cfg.run.seed if init is None else init
     if p.tp == 1 and p.pp == 1:
-        loss = family.loss(args)
+        loss = modules.loss(args)
         # Without a process group there is nothing to partition over (a single-process reference).
         if p.zero_stage == 3 and dist.is_initialized():
-            return CausalLMWithLoss(build_zero3_model(cfg, init, ds_config), loss)
-        return CausalLMWithLoss(build_dense_model(cfg, init), loss)
+            return ModelWithLoss(build_zero3_model(cfg, family, init, ds_config), loss)
+        return ModelWithLoss(build_dense_model(cfg, family, init), loss)
     assert groups is not None  # _check raised otherwise
     tp = TPGroup.from_groups(groups)
     if p.pp > 1:
-        return family.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
-                                     activation_checkpointing=p.activation_checkpointing)
-    return CausalLMWithLoss(build_tp_model(family, args, tp, init),
-                            loss_fn=vocab_loss(family.loss(args), args.vocab_size, tp))
+        return modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
+                                      activation_checkpointing=p.activation_checkpointing)
+    return ModelWithLoss(build_tp_model(family, args, tp, init),
+                         loss_fn=vocab_loss(modules.loss(args), args.vocab_size, tp))

@@ -18,7 +18,7 @@ from fm_train.deepspeed_adapter.pipeline import (
     LayerSpec,
     TiedLayerSpec,
 )
-from fm_train.model.llama import (
+from fm_train.families.llama.model import (
     DecoderLayer,
     LlamaArgs,
     RMSNorm,
@@ -40,7 +40,7 @@ from fm_train.parallel.tensor_parallel import (
     TPGroup,
     apply_tensor_parallel,
 )
-from fm_train.parallel.tp_plan import LLAMA_TP_PLAN as PLAN
+from fm_train.families.llama.tp_plan import TP_PLAN as PLAN
 
 
 class DecoderBlockPipe(DecoderLayer):

@@ -1,7 +1,7 @@
 """The BERT family's size formulas (torch-free): parameters, model FLOPs, and the memory terms.
 
 Model FLOPs per token are ``6 * N_matmul + 12 * n_layers * hidden * seq_len``, as for the decoder
-(:mod:`fm_train.families.llama_shape`): ``N_matmul`` is each block's q, k, v, output, intermediate
+(:mod:`fm_train.families.llama.shape`): ``N_matmul`` is each block's q, k, v, output, intermediate
 and output projections plus the MLM head's transform and decoder (``hidden * vocab``, tied to the
 word embeddings but a matmul all the same). The embeddings are lookups, LayerNorms elementwise.
 The decoder runs over every position, as ``BertForMaskedLM`` does, not only the masked ones.
@@ -69,3 +69,15 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     replicated = 4 * h  # both LayerNorms' inputs and outputs
     sharded = 3 * h + 2 * h + 2 * f  # q/k/v, attention out + dense input, intermediate and GELU outputs
     return s * b * (replicated + sharded / tp) * elt
+
+
+def config_errors(cfg: Any) -> list[str]:
+    """The encoder's own rules on a whole config: no grouped-query attention, the decoder tied to the embedding."""
+    m = cfg.model
+    errors = []
+    if m.n_kv_heads != m.n_heads:
+        errors.append(f"model.n_kv_heads={m.n_kv_heads} differs from model.n_heads={m.n_heads}: BERT has no"
+                      " grouped-query attention; set them equal (the bert-* presets do)")
+    if not m.tie_embeddings:
+        errors.append("model.tie_embeddings=false: BERT's MLM decoder is the word embedding; set it to true")
+    return errors

@@ -1,7 +1,7 @@
 """A pure Llama-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention, tied or untied embeddings.
 
 No distributed code lives here; tensor and pipeline parallelism are applied from outside by module
-name (``fm_train/parallel``). Module names map one-to-one onto Hugging Face ``LlamaForCausalLM``
+name (``fm_train/parallel``, with this family's plan in ``tp_plan.py``). Module names map one-to-one onto Hugging Face ``LlamaForCausalLM``
 state-dict keys (``model.layers.0.self_attn.q_proj.weight`` ...), so conversion is a rename-free copy.
 
 Sub-modules that are ``None`` pass their input through (torchtitan's pattern), so one class serves
@@ -10,39 +10,20 @@ every pipeline stage: the first stage keeps ``embed_tokens``, the last keeps ``n
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import zlib
 from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-#: Parameters with one row per vocabulary entry, padding rows included (names end with these).
-VOCAB_ROW_PARAMS: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight")
-
-class VocabShape:
-    """What every family's shape arguments derive the same way (mixed into their dataclasses, which
-    hold ``hidden``, ``n_heads``, ``vocab_size`` and ``vocab_multiple``)."""
-
-    hidden: int
-    n_heads: int
-    vocab_size: int
-    vocab_multiple: int
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden // self.n_heads
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Rows of the embedding and the output head: ``vocab_size`` rounded up to ``vocab_multiple``."""
-        return padded_vocab_size(self.vocab_size, self.vocab_multiple)
-
+from fm_train.families.llama import TIED_PARAMS, VOCAB_ROW_PARAMS
+from fm_train.model.base import ModelArgs, parameter_generator, real_logits
 
 @dataclass(frozen=True)
-class LlamaArgs(VocabShape):
+class LlamaArgs(ModelArgs):
     """Shape of the model; built from ``fm_train.config.ModelConfig`` by :func:`args_from_config`."""
 
     n_layers: int
@@ -59,23 +40,22 @@ class LlamaArgs(VocabShape):
     init_std: float = 0.02
     vocab_multiple: int = 1
 
+    VOCAB_ROW_PARAMS: ClassVar[tuple[str, ...]] = VOCAB_ROW_PARAMS
+    TIED_PARAMS: ClassVar[Mapping[str, str]] = TIED_PARAMS
 
-def padded_vocab_size(vocab_size: int, multiple: int) -> int:
-    """``vocab_size`` rounded up to a multiple of ``multiple``.
+    def ties(self) -> bool:
+        return self.tie_embeddings
 
-    The padding lets tensor parallelism split any tokenizer's vocabulary (50,257 or 32,001 tokens)
-    and keeps the head's matmul on aligned widths. It depends on the model only, never on the
-    layout, so every layout trains the same parameters and a checkpoint resumes on any tp size.
-    Padded rows start at zero and stay there: no id selects them and the losses exclude their
-    logits, so they get no gradient (and weight decay of zero is zero).
-    """
-    return -(-vocab_size // multiple) * multiple
+    def build(self) -> LlamaForCausalLM:
+        return LlamaForCausalLM(self)
+
+    def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
+        init_llama_parameter(self, name, param, seed)
 
 
-def args_from_config(model_cfg) -> LlamaArgs:  # model_cfg: fm_train.config.ModelConfig (kept untyped: model imports torch only)
-    """Model arguments from the ``model`` section of a run config."""
-    fields = LlamaArgs.__dataclass_fields__
-    return LlamaArgs(**{k: getattr(model_cfg, k) for k in fields})
+def args_from_config(model_cfg: Any) -> LlamaArgs:
+    """Model arguments from the ``model`` section of a run config (a ``fm_train.config.ModelConfig``)."""
+    return LlamaArgs(**{f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(LlamaArgs)})
 
 
 class RMSNorm(nn.Module):
@@ -236,17 +216,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
 
-#: Tied parameter -> the parameter it shares (when ``tie_embeddings``): what initial weights hold it under.
-TIED_PARAMS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
-
-
 def init_llama_parameter(args: LlamaArgs, name: str, param: torch.Tensor, seed: int) -> None:
     """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place.
 
     Each parameter draws from its own generator seeded by ``seed`` and its name, so one parameter's
     value can be made alone (a rank materialising only its shard, :mod:`fm_train.parallel.sharded_init`).
     """
-    gen = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    gen = parameter_generator(seed, name)
     if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
         param.fill_(1.0)
     elif name.endswith(".bias"):
@@ -257,11 +233,6 @@ def init_llama_parameter(args: LlamaArgs, name: str, param: torch.Tensor, seed: 
         param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
         if name.endswith(VOCAB_ROW_PARAMS):
             param[args.vocab_size:] = 0.0
-
-
-def real_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
-    """``logits`` without the vocabulary padding columns (``vocab_size`` None: unchanged)."""
-    return logits if vocab_size is None or logits.shape[-1] == vocab_size else logits[..., :vocab_size]
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:

@@ -77,3 +77,11 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     replicated = 4 * h  # both norm inputs and outputs (no sequence parallelism)
     sharded = (h + 2 * kv) + 2 * h + 4 * f  # q/k/v, attention out + o_proj input, gate/up/silu/product
     return s * b * (replicated + sharded / tp) * elt
+
+
+def config_errors(cfg: Any) -> list[str]:
+    """The decoder's own rules on a whole config: RoPE rotates pairs, so a head needs an even width."""
+    m = cfg.model
+    if m.hidden % m.n_heads == 0 and (m.hidden // m.n_heads) % 2 != 0:
+        return [f"model.hidden / model.n_heads = {m.hidden // m.n_heads} is odd; RoPE needs an even head size"]
+    return []
