@@ -13,6 +13,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from fm_train.families import FAMILIES
+
 # (name, one-line help, module, add-arguments function, run function). Modules are imported to
 # build their parser, so each keeps torch/deepspeed imports inside its run function.
 SUBCOMMANDS: list[tuple[str, str, str, str, str]] = [
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(
         prog="fm-train",
-        description="Pretrain language models (Llama-family decoders, BERT-style encoders): shard data, train "
-                    "with DeepSpeed 3D parallelism on Ray, convert checkpoints to Hugging Face.",
+        description=f"Pretrain language models ({', '.join(f.summary for f in FAMILIES.values())}): shard data,"
+                    " train with DeepSpeed 3D parallelism on Ray, convert checkpoints to Hugging Face.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text, module, add_fn, run_fn in SUBCOMMANDS:

@@ -53,7 +53,7 @@ PEAK_FLOPS: tuple[tuple[str, tuple[float, float]], ...] = (
 
 ENV_PEAK = "FM_TRAIN_PEAK_FLOPS"
 
-__all__ = ["PEAK_FLOPS", "flops_per_token", "measure_matmul_flops", "mfu", "peak_flops", "table_peak_flops"]
+__all__ = ["PEAK_FLOPS", "measure_matmul_flops", "mfu", "peak_flops", "table_peak_flops"]
 
 
 def table_peak_flops(device_name: str, precision: str) -> float | None:

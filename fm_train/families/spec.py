@@ -111,6 +111,8 @@ class FamilySpec:
     """One model family (``model.family`` names it); one instance per family, compared and hashed by identity."""
 
     name: str
+    #: What the family trains, for help texts ("Llama-family decoders").
+    summary: str
     sizes: Sizes
     objective: Objective
     hf: HuggingFace

@@ -30,6 +30,7 @@ def _modules() -> Modules:
 
 SPEC = FamilySpec(
     name="llama",
+    summary="Llama-family decoders",
     sizes=Sizes(parameter_count=shape.parameter_count, flops_per_token=shape.flops_per_token,
                 block_params=shape.block_matmul_params, stage_params=shape.stage_params,
                 activation_bytes_per_layer=shape.activation_bytes_per_layer, config_errors=shape.config_errors),
