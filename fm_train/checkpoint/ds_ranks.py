@@ -18,7 +18,7 @@ count, or None when the checkpoint holds no optimizer state). Where the tensors 
   ``optimizer_state_dict.state``, where every parameter owns ``ceil(numel / dp)`` consecutive elements
   on each dp rank, in ``param_shapes`` order.
 
-Files are memory-mapped (or, in object storage, read by ranged GETs: :mod:`fm_train.checkpoint.ranged_load`):
+Files are memory-mapped (or, in object storage, read by ranged GETs: :mod:`fm_train.storage.ranged_reads`):
 a ``get`` reads only that parameter's slices.
 """
 

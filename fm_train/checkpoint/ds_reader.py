@@ -8,7 +8,7 @@ manifest's layer table. The converter reads the weights; a resume on another tp/
 (:mod:`fm_train.checkpoint.reshard`) reads the weights, the moments and the step count.
 
 Files are opened with ``torch.load(mmap=True, weights_only=True)`` (a step in object storage: read in
-place, :mod:`fm_train.checkpoint.ranged_load`), so nothing is read until a parameter is asked for and
+place, :mod:`fm_train.storage.ranged_reads`), so nothing is read until a parameter is asked for and
 then only its slices: the resident set stays near one tensor plus one output shard, whatever the
 model size (zero_to_fp32's ZeRO-1/2 path concatenates whole groups instead). Loads use
 ``weights_only=True`` with DeepSpeed's three plain record classes allowed, unless the caller trusts
