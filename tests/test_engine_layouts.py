@@ -174,7 +174,7 @@ def test_checkpoint_manifest_maps_layers_for_the_converter(root: Path, name: str
     assert block["input_layernorm.weight"] is None
     assert manifest["tied"] == ({TIED_KEY: "model.embed_tokens"} if pp > 1 else {})
     assert manifest["data"]["state"] is not None and manifest["tokens_seen"] == STEPS * GLOBAL * SEQ
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
     from fm_train.convert.keymap import fm_param_shapes
 
     # The converter's reader merges the shards into the dense model's full shapes with this manifest.

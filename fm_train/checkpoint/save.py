@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from fm_train.checkpoint import collective
-from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
+from fm_train.deepspeed_adapter.ckpt_engine import guarded_checkpoint_engine
 from fm_train.checkpoint.integrity import checksum_record
 from fm_train.checkpoint.layout import (
     CheckpointError,

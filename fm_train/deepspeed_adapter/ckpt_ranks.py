@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fm_train.checkpoint.ds_files import load_ds_file
-from fm_train.checkpoint.layout import CheckpointError
+from fm_train.deepspeed_adapter.ckpt_files import load_ds_file
+from fm_train.storage.errors import CheckpointError
 from fm_train.deepspeed_adapter.optimizer_names import adam_moments
 
 

@@ -4,7 +4,7 @@ unless the caller trusts the checkpoint; memory-mapped for the readers that slic
 ``torch.load(weights_only=False)`` rebuilds any object a pickle names, i.e. runs code chosen by whoever
 wrote the file. DeepSpeed's files hold tensors, containers, numbers and strings plus four small record
 classes, so everything fm-train reads (converter, resharding, and the resume's own loads through
-:mod:`fm_train.checkpoint.ds_engine`) goes through :func:`safe_torch_load`.
+:mod:`fm_train.deepspeed_adapter.ckpt_engine`) goes through :func:`safe_torch_load`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from fm_train.checkpoint.layout import CheckpointError
+from fm_train.storage.errors import CheckpointError
 from fm_train.storage.ranged_reads import is_remote, ranged_tensors
 
 CONVERT_HINT = "if you trust where this checkpoint came from, pass --trust-checkpoint"

@@ -1,6 +1,6 @@
 """fp32 weights and Adam moments out of a DeepSpeed step directory, one full tensor at a time.
 
-Where each ZeRO stage keeps them is :mod:`fm_train.checkpoint.ds_ranks`' business (one reader per
+Where each ZeRO stage keeps them is :mod:`fm_train.deepspeed_adapter.ckpt_ranks`' business (one reader per
 model-parallel rank); this module merges the ranks: tensor-parallel shards (``mp_rank_XX``,
 pipeline-major like DeepSpeed's grid) are concatenated along the split dims the manifest records, and
 pipeline names (``{layer}.{param}``, ``tied_modules.{key}.{param}``) become fm_train names through the
@@ -24,10 +24,10 @@ from typing import Any, Mapping
 
 import torch
 
-from fm_train.checkpoint.ds_files import load_ds_file
-from fm_train.checkpoint.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
-from fm_train.checkpoint.layout import CheckpointError
-from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
+from fm_train.deepspeed_adapter.ckpt_files import load_ds_file
+from fm_train.deepspeed_adapter.ckpt_ranks import Zero0Rank, Zero3Rank, Zero12Rank
+from fm_train.storage.errors import CheckpointError
+from fm_train.deepspeed_adapter.ckpt_names import ds_to_fm, tp_split_dim
 from fm_train.families import family_of
 
 __all__ = ["DeepSpeedWeights", "load_ds_file"]
