@@ -226,7 +226,7 @@ def test_every_layout_converts_verified_against_its_engine_probe(root: Path, nam
     """The worker's saves carry the live engine's probe; conversion checks the export against it, and the
     probe itself does not depend on the layout (the layouts train the same weights)."""
     from fm_train.checkpoint import read_manifest
-    from fm_train.checkpoint.probe import compare, read_probe
+    from fm_train.convert.probe import compare, read_probe
     from fm_train.convert import convert_checkpoint
 
     run(root, REFERENCE)

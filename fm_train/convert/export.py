@@ -24,7 +24,7 @@ from fm_train.checkpoint.integrity import damage_message, find_damage, find_dama
 from fm_train.storage.ranged_reads import bytes_fetched
 from fm_train.checkpoint.node_files import HELD, read_held
 from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
-from fm_train.checkpoint.probe import read_probe
+from fm_train.convert.probe import read_probe
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
     copy_tokenizer,
