@@ -132,7 +132,7 @@ def run_worker(cfg: FmConfig) -> int:
     """Train ``cfg`` as the rank the environment names; returns 0 when every step ran."""
     # Heavy imports here, not at module import: the CLI and the launcher import this module cheaply.
     from data_shards.errors import BadShardError
-    from fm_train.checkpoint.signals import StopRequest
+    from fm_train.engine.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.heartbeat import Heartbeat
     from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
