@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace, server_pid: int, upload_cpus: set[int]) -> in
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import build_engine
     from fm_train.engine.checkpointing import manifest_layers
-    from fm_train.engine.distributed import init_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.parallel.build import build_train_module
 
     ensure_extension_cache()

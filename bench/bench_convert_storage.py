@@ -44,7 +44,7 @@ def _checkpoint(preset: str, tmp: Path, seq_len: int, micro_batch: int) -> Path:
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import build_engine
     from fm_train.engine.checkpointing import manifest_layers
-    from fm_train.engine.distributed import init_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.parallel.build import build_train_module
 
     ensure_extension_cache()

@@ -139,7 +139,8 @@ def run_worker(cfg: FmConfig) -> int:
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.engine import checkpointing
     from fm_train.engine import data as engine_data
-    from fm_train.engine.distributed import init_distributed, shutdown_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
+    from fm_train.dist.process_group import shutdown_distributed
     from fm_train.families import family_of
 
     env = RankEnv.from_environ()
