@@ -19,7 +19,7 @@ FAMILY_BLIND = ("fm_train/engine", "fm_train/checkpoint", "fm_train/convert", "f
                 "fm_train/worker.py", "launcher")
 # Of those, the parts whose code never names a family either (fm_train/config lists the choices and presets).
 NAME_BLIND = tuple(p for p in FAMILY_BLIND if p != "fm_train/config") + (
-    "fm_train/dist", "fm_train/cli.py", "fm_train/cli_common.py", "fm_train/hf_eval.py", "data_shards")
+    "fm_train/dist", "fm_train/cli.py", "fm_train/cli_common.py", "fm_train/convert/hf_eval.py", "data_shards")
 
 
 def _files(parts: tuple[str, ...]) -> list[Path]:
