@@ -19,7 +19,7 @@ of this 2-core machine's, which a remote store's does not: the overlap figure is
 the node's. ``--pin`` gives the step a core of its own (CPU 0, one compute thread) and puts the S3
 server and the upload process on the others: a node whose upload does not run on the step's cores,
 as on a GPU node, where the step runs on the accelerator and the host's cores are mostly idle. The
-uploads themselves run in the rank's upload process (``fm_train.upload_process``); its CPU time is
+uploads themselves run in the rank's upload process (``fm_train.storage.upload_process``); its CPU time is
 reported too: what the node pays for an upload.
 
 Usage: .venv/bin/python bench/bench_checkpoint_upload.py [--preset tiny] [--reps 3] [--steps 8] [--store-niceness 0]
@@ -108,13 +108,13 @@ def _run(args: argparse.Namespace, server_pid: int, upload_cpus: set[int]) -> in
         torch.set_num_threads(1)
 
     from fm_train.checkpoint import build_manifest, save_checkpoint
-    from fm_train.checkpoint.upload import CheckpointUploader
+    from fm_train.storage.upload import CheckpointUploader
     from fm_train.config import build_config
     from fm_train.dist import Topology
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import build_engine
     from fm_train.engine.checkpointing import manifest_layers
-    from fm_train.engine.distributed import init_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.parallel.build import build_train_module
 
     ensure_extension_cache()

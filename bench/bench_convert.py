@@ -163,7 +163,7 @@ def _full_load_child(hf_dir: str, step_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from fm_train.checkpoint import read_manifest
-    from fm_train.checkpoint.probe import read_probe
+    from fm_train.convert.probe import read_probe
 
     record = read_probe(Path(step_dir), read_manifest(Path(step_dir)))
     sampler = _Sampler()

@@ -44,7 +44,7 @@ def _checkpoint(preset: str, tmp: Path, seq_len: int, micro_batch: int) -> Path:
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import build_engine
     from fm_train.engine.checkpointing import manifest_layers
-    from fm_train.engine.distributed import init_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.parallel.build import build_train_module
 
     ensure_extension_cache()
@@ -97,7 +97,7 @@ def main() -> int:
 def _run(args: argparse.Namespace) -> int:
     import fsspec
 
-    from fm_train.checkpoint import ranged_load
+    from fm_train.storage import ranged_reads
 
     tmp = Path(tempfile.mkdtemp(prefix="fm-train-bench-convert-"))
     step = _checkpoint(args.preset, tmp, args.seq_len, args.micro_batch)
@@ -109,12 +109,12 @@ def _run(args: argparse.Namespace) -> int:
     times: dict[str, list[float]] = {"in_place": [], "download": []}
     fetched = []
     for rep in range(-1, args.reps):  # rep -1 warms up both ways (imports, the S3 client): not timed
-        before = ranged_load.bytes_fetched()
+        before = ranged_reads.bytes_fetched()
         seconds, err = _convert(["s3://bench/conv", "--out", str(tmp / "hf_in_place"), *common])
         assert "verified against the engine's probe" in err, err
         if rep >= 0:
             times["in_place"].append(seconds)
-            fetched.append(ranged_load.bytes_fetched() - before)
+            fetched.append(ranged_reads.bytes_fetched() - before)
         t = time.perf_counter()
         local = tmp / f"download_{rep + 1}" / "checkpoints" / step.name
         fs.get(f"bench/conv/checkpoints/{step.name}", str(local), recursive=True)

@@ -91,7 +91,7 @@ def fm_train_contender(total_steps: int, zero: int, run_dir: str, per_round: int
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="29583")
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
-    from fm_train.engine.distributed import init_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.engine.loop import throughput_spec
     from fm_train.families import family_of
 

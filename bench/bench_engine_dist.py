@@ -77,7 +77,8 @@ def fm_train_rank(zero: int, steps: int, out: Path, *, tune_malloc: bool = True)
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
-    from fm_train.engine.distributed import init_distributed, shutdown_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
+    from fm_train.dist.process_group import shutdown_distributed
     from fm_train.parallel.build import build_train_module
     from fm_train.worker import return_freed_memory_to_os
 

@@ -96,7 +96,8 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
 
         from fm_train.dist.env import RankEnv, ensure_extension_cache
         from fm_train.engine import build_engine
-        from fm_train.engine.distributed import init_distributed, shutdown_distributed
+        from fm_train.deepspeed_adapter.comm import init_distributed
+        from fm_train.dist.process_group import shutdown_distributed
         from fm_train.parallel.build import build_train_module
         from fm_train.worker import return_freed_memory_to_os
 

@@ -131,7 +131,7 @@ def run_worker(cfg: FmConfig) -> int:
     """Train ``cfg`` as the rank the environment names; returns 0 when every step ran."""
     # Heavy imports here, not at module import: the CLI and the launcher import this module cheaply.
     from data_shards.errors import BadShardError
-    from fm_train.checkpoint.signals import StopRequest
+    from fm_train.engine.signals import StopRequest
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.heartbeat import Heartbeat
     from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
@@ -140,7 +140,8 @@ def run_worker(cfg: FmConfig) -> int:
     from fm_train.engine.train_module import build_train_module
     from fm_train.engine import checkpointing
     from fm_train.engine import data as engine_data
-    from fm_train.engine.distributed import init_distributed, shutdown_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
+    from fm_train.dist.process_group import shutdown_distributed
 
     family = family_of(cfg.model)  # resolved once, handed to what needs it
     env = RankEnv.from_environ()

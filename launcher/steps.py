@@ -40,7 +40,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from fm_train.engine.log_copies import publish_hf_dir
+    from fm_train.storage.log_copies import publish_hf_dir
 
     try:
         publish_hf_dir(Path(args.hf_dir), args.storage, retries=args.retries, progress=print)

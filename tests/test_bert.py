@@ -269,7 +269,7 @@ def assert_reads_in_place_like_local(step: Path) -> None:
     from upath import UPath
 
     from fm_train.checkpoint import read_manifest
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
 
     fs, root = fsspec.filesystem("memory"), f"/{step.parent.parent.name}"
     for path in step.rglob("*"):

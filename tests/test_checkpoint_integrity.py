@@ -25,7 +25,7 @@ def _two_saves(raw: dict, run_dir: str) -> list[float]:
     import torch.distributed as dist
 
     from fm_train.checkpoint import save_checkpoint
-    from fm_train.checkpoint.upload import CheckpointUploader
+    from fm_train.storage.upload import CheckpointUploader
     from fm_train.config import build_config
 
     cfg = build_config(raw)

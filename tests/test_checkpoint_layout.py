@@ -13,7 +13,6 @@ import pytest
 import test_checkpoint_support as S
 from fm_train.checkpoint import (
     CheckpointError,
-    StopRequest,
     apply_retention,
     build_manifest,
     find_resume_point,
@@ -23,6 +22,7 @@ from fm_train.checkpoint import (
 from fm_train.checkpoint.layout import read_latest, write_latest
 from fm_train.checkpoint.manifest import complete_manifest, write_manifest
 from fm_train.config import build_config
+from fm_train.engine.signals import StopRequest
 from fm_train.dist import Topology
 
 pytestmark = pytest.mark.unit

@@ -59,7 +59,7 @@ def saved(tmp_path_factory) -> Path:
 
 def test_the_checkpoint_engine_refuses_a_pickle_that_runs_code(tmp_path: Path) -> None:
     from fm_train.checkpoint import CheckpointError
-    from fm_train.checkpoint.ds_engine import GuardedCheckpointEngine
+    from fm_train.deepspeed_adapter.ckpt_engine import GuardedCheckpointEngine
 
     marker = tmp_path / "ran"
     path = tmp_path / "mp_rank_00_model_states.pt"
@@ -141,16 +141,16 @@ def test_trust_pickles_loads_it(saved: Path, tmp_path: Path) -> None:
 
 def _resume_counting_guarded_loads(raw: dict, run_dir: str) -> list[str]:
     """Resume, recording the files DeepSpeed loaded through fm-train's guarded checkpoint engine."""
-    from fm_train.checkpoint import ds_engine
+    from fm_train.deepspeed_adapter import ckpt_engine
 
     loaded: list[str] = []
-    real = ds_engine.GuardedCheckpointEngine.load
+    real = ckpt_engine.GuardedCheckpointEngine.load
 
     def load(self, path, map_location=None):
         loaded.append(Path(path).name)
         return real(self, path, map_location)
 
-    ds_engine.GuardedCheckpointEngine.load = load
+    ckpt_engine.GuardedCheckpointEngine.load = load
     result = S.resume_auto(raw, run_dir, 2)
     assert result.get("step") == 2, result
     return loaded

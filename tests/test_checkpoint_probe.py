@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from fm_train.checkpoint.probe import (
-    compare,
     manifest_entry,
     probe_tokens,
-    read_probe,
     summarize,
-    tolerance,
     write_probe,
 )
+from fm_train.convert.probe import compare, read_probe, tolerance
 
 
 def _logits(seed: int = 0, vocab: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

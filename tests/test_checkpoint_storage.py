@@ -90,7 +90,7 @@ def test_an_unreachable_bucket_loses_nothing_and_says_so(s3, tiny_config_dict, t
 
 @pytest.mark.unit
 def test_rank_0_commits_only_after_every_rank_uploaded(tmp_path: Path) -> None:
-    from fm_train.checkpoint.upload import CheckpointUploader, save_id
+    from fm_train.storage.upload import CheckpointUploader, save_id
 
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     (step / "rng").mkdir(parents=True)
@@ -185,7 +185,7 @@ def _worker_killed_during_upload(raw: dict) -> int:
     import signal
 
     import test_engine_worker as W
-    from fm_train.checkpoint import upload
+    from fm_train.storage import upload
 
     rank = int(os.environ["RANK"])
     slow_put = upload._put_file
@@ -227,9 +227,9 @@ def test_a_worker_killed_during_an_upload_leaves_the_previous_step_latest(s3, ti
 
 @pytest.mark.unit
 def test_log_copies_take_complete_lines_and_only_what_changed(tmp_path: Path, monkeypatch) -> None:
-    from fm_train.checkpoint import upload
-    from fm_train.engine import log_copies
-    from fm_train.engine.log_copies import RunLogCopies
+    from fm_train.storage import upload
+    from fm_train.storage import log_copies
+    from fm_train.storage.log_copies import RunLogCopies
 
     run, store = tmp_path / "run", tmp_path / "store"
     (run / "tensorboard").mkdir(parents=True)
@@ -257,8 +257,8 @@ def test_log_copies_take_complete_lines_and_only_what_changed(tmp_path: Path, mo
 @pytest.mark.unit
 def test_an_upload_that_fails_twice_is_retried_and_committed(tmp_path: Path, monkeypatch) -> None:
     """A network blip mid-upload: the file is retried with backoff and the step is committed after."""
-    from fm_train.checkpoint import upload
-    from fm_train.checkpoint.upload import CheckpointUploader, save_id
+    from fm_train.storage import upload
+    from fm_train.storage.upload import CheckpointUploader, save_id
 
     step = tmp_path / "run" / "checkpoints" / "step_00000002"
     step.mkdir(parents=True)

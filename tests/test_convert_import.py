@@ -82,7 +82,7 @@ def test_tp_shards_merge_along_recorded_dims(tmp_path: Path) -> None:
     """A tp2 ZeRO-0 checkpoint written by hand (column-parallel q, row-parallel o, replicated norm)."""
     from fm_train.checkpoint.manifest import dense_layers
     from fm_train.config import build_config
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
 
     cfg = build_config(S.tiny_raw(0, 2))
     full = {"model.model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64),
@@ -105,7 +105,7 @@ def test_tp_shards_merge_along_recorded_dims(tmp_path: Path) -> None:
 
 def test_pipeline_names_map_through_the_layer_table() -> None:
     from fm_train.checkpoint import CheckpointError
-    from fm_train.checkpoint.ds_names import ds_to_fm
+    from fm_train.deepspeed_adapter.ckpt_names import ds_to_fm
     from fm_train.checkpoint.manifest import dense_layers
     from fm_train.convert import ConvertError
     from fm_train.convert.keymap import fm_to_hf

@@ -182,7 +182,7 @@ SWAPS = {
 @pytest.mark.parametrize("name", list(SWAPS))
 def test_swapped_files_fail_the_probe_although_names_and_shapes_match(tmp_path: Path, name: str, trained) -> None:
     from fm_train.checkpoint import read_manifest
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
     from fm_train.convert import ConvertError, convert_checkpoint
     from fm_train.convert.keymap import fm_param_shapes
 

@@ -77,7 +77,7 @@ def test_convert_matches_fm_model(tmp_path: Path, zero_stage: int, world: int, p
     assert manifest["probe"]["file"] == "probe.safetensors" and manifest["probe"]["precision"] == precision
     assert "probe.safetensors" in manifest["checksums"]["files"]
     assert "match the training engine's own logits" in readme, readme
-    from fm_train.checkpoint.probe import read_probe
+    from fm_train.convert.probe import read_probe
 
     record = read_probe(step_dir, manifest)
     with torch.no_grad():

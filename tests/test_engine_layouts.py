@@ -174,7 +174,7 @@ def test_checkpoint_manifest_maps_layers_for_the_converter(root: Path, name: str
     assert block["input_layernorm.weight"] is None
     assert manifest["tied"] == ({TIED_KEY: "model.embed_tokens"} if pp > 1 else {})
     assert manifest["data"]["state"] is not None and manifest["tokens_seen"] == STEPS * GLOBAL * SEQ
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
     from fm_train.convert.keymap import fm_param_shapes
 
     # The converter's reader merges the shards into the dense model's full shapes with this manifest.
@@ -226,7 +226,7 @@ def test_every_layout_converts_verified_against_its_engine_probe(root: Path, nam
     """The worker's saves carry the live engine's probe; conversion checks the export against it, and the
     probe itself does not depend on the layout (the layouts train the same weights)."""
     from fm_train.checkpoint import read_manifest
-    from fm_train.checkpoint.probe import compare, read_probe
+    from fm_train.convert.probe import compare, read_probe
     from fm_train.convert import convert_checkpoint
 
     run(root, REFERENCE)

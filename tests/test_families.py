@@ -21,7 +21,7 @@ NAME_BLIND = tuple(p for p in FAMILY_BLIND if p != "fm_train/config") + ("data_s
 # hand it on: the rank's worker, the commands, the conversion of a checkpoint (its manifest names the
 # family), `fm-train eval` of a Hugging Face dir (its config.json does), the launcher's steps.
 ENTRY_POINTS = ("fm_train/worker.py", "fm_train/cli", "fm_train/convert/export.py", "fm_train/convert/hf_eval.py",
-                "fm_train/hf_eval.py", "launcher")
+                "launcher")
 RESOLVERS = ("family_of", "family_of_hf", "FAMILIES")
 
 

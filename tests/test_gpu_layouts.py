@@ -61,17 +61,17 @@ def _worker(raw: dict[str, Any]) -> tuple[int, str]:
     import torch.distributed as dist
 
     from fm_train.config import build_config
-    from fm_train.engine import distributed as engine_distributed
+    from fm_train.deepspeed_adapter import comm
     from fm_train.worker import run_worker
 
     backends: list[str] = []
-    init = engine_distributed.init_distributed
+    init = comm.init_distributed
 
     def recording_init(env):  # the worker imports init_distributed lazily, from this module
         backends.append(init(env))
         return backends[-1]
 
-    engine_distributed.init_distributed = recording_init
+    comm.init_distributed = recording_init
     code = run_worker(build_config(raw))
     assert not dist.is_initialized()
     return code, backends[0]

@@ -74,7 +74,7 @@ def _engine_facts(raw: dict[str, Any]) -> dict[str, Any]:
 
     from fm_train.config import build_config
     from fm_train.engine import build_engine
-    from fm_train.engine.distributed import init_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.dist.env import RankEnv
     from fm_train.parallel.build import build_train_module
 

@@ -50,9 +50,10 @@ def own_listeners() -> list[tuple[str, int]]:
 
 
 def _join_and_list() -> tuple[int, list[tuple[str, int]]]:
-    """In a rank: join as the worker does (fm_train.engine.distributed), list the listeners, leave."""
+    """In a rank: join as the worker does (fm_train.deepspeed_adapter.comm), list the listeners, leave."""
     os.environ.pop("GLOO_SOCKET_IFNAME", None)  # what a run outside the launcher (torchrun, srun) has
-    from fm_train.engine.distributed import init_distributed, shutdown_distributed
+    from fm_train.deepspeed_adapter.comm import init_distributed
+    from fm_train.dist.process_group import shutdown_distributed
 
     env = RankEnv.from_environ()
     init_distributed(env)

@@ -111,7 +111,7 @@ def train_records(run_dir: Path) -> list[dict[str, Any]]:
 def full_state(step_dir: Path) -> tuple[dict[str, dict[str | None, Any]], int]:
     """Every parameter's full fp32 weight and Adam moments, and Adam's step, of one step directory."""
     from fm_train.checkpoint import read_manifest
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
 
     reader = DeepSpeedWeights(step_dir, read_manifest(step_dir))
     tensors = {n: {k: reader.get(n, k).clone() for k in (None, "exp_avg", "exp_avg_sq")} for n in reader.shapes()}

@@ -1,4 +1,4 @@
-"""Copies to object storage run in a child process at low priority (``fm_train.upload_process``),
+"""Copies to object storage run in a child process at low priority (``fm_train.storage.upload_process``),
 against the loopback S3 server: the child is not the training process and is niced, a child that
 died is replaced and the step still commits, a failed copy names the file and the store's error,
 and the child ends when its parent is SIGKILLed."""
@@ -44,8 +44,8 @@ def _alive(pid: int) -> bool:
 def test_copies_run_in_a_niced_child_that_is_replaced_when_it_dies(s3, tmp_path: Path) -> None:
     import fsspec
 
-    from fm_train.checkpoint.upload import CheckpointUploader, save_id
-    from fm_train.upload_process import NICENESS
+    from fm_train.storage.upload import CheckpointUploader, save_id
+    from fm_train.storage.upload_process import NICENESS
 
     uploader = CheckpointUploader("s3://fm-up/run", rank=0, keep=2, backoff_s=0.01)
     first = _step(tmp_path, 2)
@@ -70,7 +70,7 @@ def test_copies_run_in_a_niced_child_that_is_replaced_when_it_dies(s3, tmp_path:
 def test_a_failed_copy_names_the_file_and_the_store_s_error(s3, tmp_path: Path) -> None:
     from upath import UPath
 
-    from fm_train.upload_process import UploadProcess
+    from fm_train.storage.upload_process import UploadProcess
 
     local = tmp_path / "a.pt"
     local.write_bytes(b"x")
@@ -88,7 +88,7 @@ def test_the_child_ends_with_its_parent(s3, tmp_path: Path) -> None:
     parent = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time\nfrom pathlib import Path\nfrom upath import UPath\n"
-         "from fm_train.upload_process import UploadProcess\n"
+         "from fm_train.storage.upload_process import UploadProcess\n"
          "p = UploadProcess()\np.put(Path(sys.argv[1]), UPath('s3://fm-up/parent/a.pt'))\n"
          "print(p.pid, flush=True)\ntime.sleep(600)\n", str(local)],
         stdout=subprocess.PIPE, text=True)

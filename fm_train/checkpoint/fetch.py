@@ -37,39 +37,14 @@ from fm_train.checkpoint.layout import (
     write_latest,
 )
 from data_shards.safe_paths import UnsafePathError, resolve_under
-from fm_train.checkpoint.integrity import ALGORITHM, file_digest
 from fm_train.checkpoint.manifest import check_manifest
 from fm_train.checkpoint.node_files import HELD, files_for_ranks, write_held
-from fm_train.checkpoint.upload import storage_root
 from fm_train.dist import Topology
+from fm_train.storage.digest import ALGORITHM
+from fm_train.storage.fetch import committed_latest, get_file, read_text
+from fm_train.storage.upload import storage_root
 
 log = logging.getLogger("fm_train.checkpoint")
-
-
-def _read_text(location: Any) -> str | None:
-    try:
-        return location.read_text()
-    except FileNotFoundError:
-        return None
-
-
-def _get(remote: Any, local: Path, digest: str | None = None, algorithm: str = ALGORITHM) -> None:
-    """Copy ``remote`` to ``local`` through a temporary name; with ``digest``, the copy must hash to it
-    before it takes the name (a changed object in storage never lands as a step's file)."""
-    local.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
-    try:
-        if isinstance(remote, Path):
-            shutil.copyfile(remote, tmp)
-        else:
-            remote.fs.get_file(remote.path, str(tmp))
-        if digest is not None and file_digest(tmp, algorithm) != digest:
-            raise CheckpointError(f"{remote} does not match the {algorithm} its manifest records: the object changed "
-                                  "after the save; the step cannot be resumed from storage (restore the object or "
-                                  "point latest at an intact step)")
-        tmp.replace(local)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _local(step_dir: Path, rel: str, manifest_uri: Any) -> Path:
@@ -78,16 +53,6 @@ def _local(step_dir: Path, rel: str, manifest_uri: Any) -> Path:
         return resolve_under(step_dir, rel, what=f"{manifest_uri}: files")
     except UnsafePathError as exc:
         raise CheckpointError(str(exc)) from None
-
-
-def committed_latest(storage: str) -> str:
-    """The step name storage's ``latest`` holds ("" when there is none)."""
-    root = storage_root(storage)
-    try:
-        return (_read_text(root / LATEST) or "").strip()
-    except Exception as exc:  # no credentials, no bucket, endpoint unreachable
-        raise CheckpointError(f"run.storage={storage}: cannot read {root / LATEST} ({type(exc).__name__}: {exc})") \
-            from exc
 
 
 def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = None,
@@ -114,7 +79,7 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
                     " a step is whole only once committed there")
                 shutil.rmtree(path, ignore_errors=True)
         return None
-    text = _read_text(root / name / MANIFEST) if parse_step(name) is not None else None
+    text = read_text(root / name / MANIFEST) if parse_step(name) is not None else None
     if text is None:
         raise CheckpointError(f"{root / LATEST} names {name!r}, which has no {MANIFEST} in storage; it is not a"
                               " committed checkpoint (delete the latest object or point it at a committed step)")
@@ -151,7 +116,7 @@ def fetch_latest(storage: str, run_dir: Path, *, ranks: Sequence[int] | None = N
         checksums = manifest.get("checksums") or {}
         digests, algorithm = checksums.get("files", {}), checksums.get("algorithm", ALGORITHM)
         for i, rel in enumerate(missing, 1):
-            _get(root / name / rel, _local(step_dir, rel, root / name / MANIFEST), digests.get(rel), algorithm)
+            get_file(root / name / rel, _local(step_dir, rel, root / name / MANIFEST), digests.get(rel), algorithm)
             done += int(sizes.get(rel) or 0)
             if i % 16 == 0 or i == len(missing):
                 say(f"  {i}/{len(missing)} files, {done / 2**20:.1f} of {total / 2**20:.1f} MiB")

@@ -16,42 +16,13 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from fm_train.checkpoint.layout import MANIFEST
 from fm_train.checkpoint.node_files import HELD, checking_share, held_problem, read_held
+from fm_train.storage.digest import ALGORITHM, file_digest, hash_threads
 
 log = logging.getLogger("fm_train.checkpoint")
-
-ALGORITHM = "sha256"
-_BLOCK = 4 << 20  # large reads: hashing, not syscalls, should be the cost
-
-
-def file_digest(path: Path, algorithm: str = ALGORITHM) -> str:
-    """Hex digest of the file at ``path`` (read in 4 MiB blocks; hashlib releases the GIL on them)."""
-    h = hashlib.new(algorithm)
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _threads(count: int) -> int:
-    # Files hash in parallel (hashlib drops the GIL); never more threads than cores or files.
-    return max(1, min(count, os.cpu_count() or 1, 8))
-
-
-def digest_files(root: Path, rels: Iterable[str], algorithm: str = ALGORITHM) -> dict[str, str]:
-    """``{rel: hex digest}`` of the files ``root/rel``, hashed on a few threads."""
-    rels = sorted(set(rels))
-    with ThreadPoolExecutor(max_workers=_threads(len(rels))) as pool:
-        digests = list(pool.map(lambda rel: file_digest(Path(root) / rel, algorithm), rels))
-    return dict(zip(rels, digests))
 
 
 def checksum_record(digests: Mapping[str, str], algorithm: str = ALGORITHM) -> dict[str, Any]:
@@ -100,7 +71,7 @@ def find_damage(step_dir: Path, manifest: Mapping[str, Any], *, rank: int = 0, w
         held = read_held(step_dir) or {}
         return [f"{HELD} (this directory holds only the files ranks {held.get('ranks')} read, fetched from "
                 f"run.storage; rank {rank} is not among them: resume with run.storage set, or convert from it)"]
-    with ThreadPoolExecutor(max_workers=_threads(len(mine))) as pool:
+    with ThreadPoolExecutor(max_workers=hash_threads(len(mine))) as pool:
         found = pool.map(lambda rel: _problem(step_dir, rel, sizes.get(rel), digests.get(rel), algorithm), mine)
         return [p for p in found if p is not None] + extra
 

@@ -11,20 +11,12 @@ so a crash leaves either the old or the new file, never a torn one.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from data_shards.safe_paths import symlinks_in
-
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-MANIFEST = "manifest.json"
-_STEP_RE = re.compile(r"step_([0-9]{8,})")  # fullmatch: ASCII digits only, no trailing newline
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be written, found or used; the message names the path and the fix."""
+from fm_train.storage.errors import CheckpointError
+from fm_train.storage.names import CHECKPOINTS, LATEST, MANIFEST, parse_step
 
 
 def step_dir_name(step: int) -> str:
@@ -32,12 +24,6 @@ def step_dir_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return f"step_{step:08d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a step-directory name, or None for any other name."""
-    m = _STEP_RE.fullmatch(name)
-    return int(m.group(1)) if m else None
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -4,7 +4,7 @@ DeepSpeed's own loaders need the saved and the current layout to match (its univ
 relaxes only the dp size for modules it knows the tp patterns of, i.e. Megatron-DeepSpeed's). Here,
 after ``deepspeed.initialize`` on the new layout, every rank streams from the source step, one
 parameter at a time, the full fp32 master weight and Adam's ``exp_avg``/``exp_avg_sq`` (merged over
-the source's dp partitions, tp shards and pipeline stages by :class:`fm_train.checkpoint.ds_reader.
+the source's dp partitions, tp shards and pipeline stages by :class:`fm_train.deepspeed_adapter.ckpt_reader.
 DeepSpeedWeights` and the source manifest), slices them for its own tp rank along the split dims the
 current layout records, and writes them where the current engine keeps them (per ZeRO stage:
 :class:`fm_train.deepspeed_adapter.optimizer_state.OptimizerStateWriter`, which also creates Adam's
@@ -24,8 +24,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
-from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+from fm_train.deepspeed_adapter.ckpt_names import ds_to_fm, tp_split_dim
+from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
 from fm_train.checkpoint.layout import CheckpointError
 
 log = logging.getLogger("fm_train.checkpoint")

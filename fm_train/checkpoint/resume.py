@@ -1,7 +1,7 @@
 """Find what to resume from and load it into an engine, resharding it when the layout changed.
 
 A resume on the same layout loads DeepSpeed's files as they are, through the guarded checkpoint engine
-(:mod:`fm_train.checkpoint.ds_engine`: ``weights_only`` unpickling unless the run trusts its pickles).
+(:mod:`fm_train.deepspeed_adapter.ckpt_engine`: ``weights_only`` unpickling unless the run trusts its pickles).
 When the tensor- or pipeline-parallel size, the ZeRO stage, or the data-parallel size of partitioned
 optimizer state changed, :func:`load_checkpoint` reshards the step itself
 (:mod:`fm_train.checkpoint.reshard`): one path for every layout change, reading only files the
@@ -30,9 +30,9 @@ from fm_train.checkpoint.layout import (
     refuse_symlinks,
 )
 from fm_train.checkpoint.choose import choose_resume_point, verify_step
-from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
+from fm_train.deepspeed_adapter.ckpt_engine import guarded_checkpoint_engine
 from fm_train.checkpoint import collective
-from fm_train.checkpoint.ds_files import scan_pickles
+from fm_train.deepspeed_adapter.ckpt_files import scan_pickles
 from fm_train.checkpoint.integrity import recorded_files
 from fm_train.checkpoint.node_files import checking_share
 from fm_train.checkpoint.manifest import missing_files, read_manifest, saved_padded_vocab

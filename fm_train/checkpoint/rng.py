@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fm_train.checkpoint.ds_files import RESUME_HINT, safe_torch_load
+from fm_train.deepspeed_adapter.ckpt_files import RESUME_HINT, safe_torch_load
 
 RNG_DIR = "rng"
 

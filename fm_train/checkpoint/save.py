@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from fm_train.checkpoint import collective
-from fm_train.checkpoint.ds_engine import guarded_checkpoint_engine
-from fm_train.checkpoint.integrity import checksum_record, digest_files
+from fm_train.deepspeed_adapter.ckpt_engine import guarded_checkpoint_engine
+from fm_train.checkpoint.integrity import checksum_record
 from fm_train.checkpoint.layout import (
     CheckpointError,
     checkpoints_dir,
@@ -46,8 +46,9 @@ from fm_train.checkpoint.layout import (
 from fm_train.checkpoint.manifest import complete_manifest, write_manifest
 from fm_train.checkpoint.probe import manifest_entry, write_probe
 from fm_train.checkpoint.rng import RNG_DIR, save_rng
-from fm_train.checkpoint.upload import CheckpointUploader
 from fm_train.dist.peer_loss import PeerLost, first_line, is_peer_failure
+from fm_train.storage.digest import digest_files
+from fm_train.storage.upload import CheckpointUploader
 
 log = logging.getLogger("fm_train.checkpoint")
 _barrier, _rank, _world = collective.barrier, collective.rank, collective.world
@@ -67,7 +68,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, *, manifest: Mapping[
     ``probe``: run the probe batch through ``engine`` and store its logits (False only for engines
     that are not fm-train's; the converter then falls back to comparing with its own model).
     ``uploader``: copy this rank's files to ``run.storage`` in the background once the step is
-    committed locally (the previous upload is waited for first; :mod:`fm_train.checkpoint.upload`).
+    committed locally (the previous upload is waited for first; :mod:`fm_train.storage.upload`).
     ``timings``: filled with the seconds each phase took on this rank (rank 0 also logs them), so that
     a slow save says where its time went.
     """

@@ -32,7 +32,7 @@ SUBCOMMANDS: list[tuple[str, str, str, str, str]] = [
     ("plan", "validate a config and print the resolved config and rank layout", "fm_train.cli.plan",
      "add_plan_arguments", "run_plan"),
     ("eval", "held-out loss of a Hugging Face model on shards (perplexity, or masked-token accuracy)",
-     "fm_train.hf_eval", "add_eval_arguments", "run_eval"),
+     "fm_train.cli.eval", "add_eval_arguments", "run_eval"),
     ("worker", "run one training rank from the rank environment (torchrun/srun/Ray)", "fm_train.worker",
      "add_worker_arguments", "run_worker_cli"),
 ]

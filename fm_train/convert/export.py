@@ -21,10 +21,10 @@ import torch
 from fm_train.checkpoint import CheckpointError, read_manifest, resolve_checkpoint
 from fm_train.checkpoint.layout import refuse_symlinks
 from fm_train.checkpoint.integrity import damage_message, find_damage, find_damage_in_storage
-from fm_train.checkpoint.ranged_load import bytes_fetched
+from fm_train.storage.ranged_reads import bytes_fetched
 from fm_train.checkpoint.node_files import HELD, read_held
-from fm_train.checkpoint.ds_reader import DeepSpeedWeights
-from fm_train.checkpoint.probe import read_probe
+from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
+from fm_train.convert.probe import read_probe
 from fm_train.convert.errors import ConvertError
 from fm_train.convert.hf_files import (
     copy_tokenizer,

@@ -2,7 +2,7 @@
 
 Three name spaces:
 
-* DeepSpeed names (mapped to fm_train names by :mod:`fm_train.checkpoint.ds_names`, which reads the
+* DeepSpeed names (mapped to fm_train names by :mod:`fm_train.deepspeed_adapter.ckpt_names`, which reads the
   manifest's layer table);
 * fm_train names: the pure model's state-dict keys (``fm_train.families.llama.model.LlamaForCausalLM`` ...);
 * Hugging Face names: the family's ``transformers`` class's keys (``LlamaForCausalLM`` ...).

@@ -2,7 +2,7 @@
 
 A checkpoint in storage (the committed step: the one ``latest`` names when given a run or its
 ``checkpoints/``) is converted without a local copy: its DeepSpeed ``.pt`` files are read in place,
-the pickle and then only the fp32 weights' byte ranges (:mod:`fm_train.checkpoint.ranged_load`);
+the pickle and then only the fp32 weights' byte ranges (:mod:`fm_train.storage.ranged_reads`);
 only its small files (manifest, probe) go into a temporary directory, removed afterwards. A
 tokenizer that lives next to shards in storage (``data.sources[0].path/tokenizer`` of the manifest)
 is fetched there too. An ``--out`` URI gets the finished, verified Hugging Face directory uploaded

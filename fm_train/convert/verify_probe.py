@@ -8,7 +8,7 @@ merged wrongly give Hugging Face logits unlike the engine's, although every name
 
 The tolerance is relative to the largest reference logit and set by the least precise dtype in play
 (the training forward's precision and the exported weights'): see
-:data:`fm_train.checkpoint.probe.TOLERANCES`.
+:data:`fm_train.convert.probe.TOLERANCES`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any, Mapping
 
 import torch
 
-from fm_train.checkpoint.probe import FIELDS, PROBE_FILE, ProbeDiff, compare, summarize, tolerance
+from fm_train.checkpoint.probe import FIELDS, PROBE_FILE, summarize
 from fm_train.convert.errors import ConvertError
+from fm_train.convert.probe import ProbeDiff, compare, tolerance
 from fm_train.convert.verify import open_export
 from fm_train.families.spec import FamilySpec
 

@@ -15,6 +15,12 @@ a silent no-op. The rest of fm-train calls the small typed functions of these mo
 - :mod:`.files`: DeepSpeed's record classes its checkpoint pickles may hold;
 - :mod:`.optimizer_names`: the optimizer's state names (Adam's moments), taken from torch's Adam.
 
+DeepSpeed's checkpoint format, read without importing ``deepspeed`` (fm-train's own reader, for
+resharding and conversion): :mod:`.ckpt_files` (opening one file, ``weights_only``), :mod:`.ckpt_ranks`
+(one model-parallel rank's tensors per ZeRO stage), :mod:`.ckpt_names` (DeepSpeed names to fm_train
+names), :mod:`.ckpt_reader` (a step directory's full tensors), :mod:`.ckpt_engine` (the guarded
+checkpoint engine DeepSpeed's own saves and loads go through).
+
 This ``__init__`` imports nothing, so that fm-train's own checkpoint readers can use the pure
 modules (:mod:`.optimizer_names`) without paying for ``import deepspeed``; each module that imports
 ``deepspeed`` imports :mod:`.version` first (a test checks both rules).

@@ -1,7 +1,7 @@
 """What DeepSpeed 0.19's checkpoint pickles may hold besides tensors, containers, numbers and strings.
 
 fm-train opens every DeepSpeed file with ``torch.load(weights_only=True)``
-(:func:`fm_train.checkpoint.ds_files.safe_torch_load`); these are the plain record classes DeepSpeed
+(:func:`fm_train.deepspeed_adapter.ckpt_files.safe_torch_load`); these are the plain record classes DeepSpeed
 pickles into them, safe to rebuild, allowed by name.
 """
 

@@ -31,6 +31,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fm_train.config import ConfigError
+from fm_train.dist.errors import DistError
 
 Accelerator = Literal["cuda", "cpu"]
 Backend = Literal["nccl", "gloo"]
@@ -46,7 +47,7 @@ GPU_SDPA_BACKENDS: tuple[SDPBackend, ...] = (
 )
 
 
-class DeviceError(ConfigError):
+class DeviceError(DistError, ConfigError):
     """The run's config or rank environment does not fit the hardware this rank sees."""
 
 

@@ -28,6 +28,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Iterator, MutableMapping
 
 from fm_train.dist.env import RankEnv
+from fm_train.dist.errors import DistError
 
 if TYPE_CHECKING:
     from torch.distributed import Store
@@ -38,7 +39,7 @@ _REMOTE_RE = re.compile(r"remote=\[?([0-9a-fA-F:.]+?)\]?:(\d+)")
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 
 
-class RendezvousError(RuntimeError):
+class RendezvousError(DistError, RuntimeError):
     """This rank could not join its peers; the message names addresses, ports and the fix."""
 
 

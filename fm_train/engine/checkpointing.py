@@ -73,8 +73,8 @@ class CheckpointSaver:
         self.uploader = None
         self.log_copies = None  # rank 0 with run.storage: the run's logs, copied after each commit
         if cfg.run.storage is not None:
-            from fm_train.checkpoint.upload import CheckpointUploader
-            from fm_train.engine.log_copies import RunLogCopies
+            from fm_train.storage.upload import CheckpointUploader
+            from fm_train.storage.log_copies import RunLogCopies
 
             if is_rank0:
                 self.log_copies = RunLogCopies(Path(cfg.run.dir), cfg.run.storage,

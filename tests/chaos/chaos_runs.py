@@ -127,7 +127,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
 def final_weights(run_dir: Path, step: int) -> dict[str, Any]:
     """The fp32 master weights of a checkpoint, read by the converter's own reader (fm_train names)."""
     from fm_train.checkpoint.manifest import read_manifest
-    from fm_train.checkpoint.ds_reader import DeepSpeedWeights
+    from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
 
     d = step_dir(run_dir, step)
     source = DeepSpeedWeights(d, read_manifest(d))

@@ -1,11 +1,11 @@
-"""``fm-train eval HF_DIR --data SHARDS``: held-out loss of a Hugging Face model on shard data.
+"""Held-out loss of a Hugging Face model on shard data (``fm-train eval HF_DIR --data SHARDS``).
 
 The model is loaded by its family's ``transformers`` auto class (from ``config.json``'s
 ``model_type``) and run over the held-out tail of the shards, the same split training evaluates
 on (``--val-fraction``, as ``data.val_fraction``), with the batches the family trains on: a decoder
 reports next-token loss and perplexity, an encoder masked-token loss and accuracy over the positions
 BERT's masking chose (decided by sample id and ``--seed``, as in training). A progress bar shows
-the batches; the result is one JSON line on stdout.
+the batches (``fm_train.cli.eval``); the result is one JSON line on stdout.
 
 Token ids mean something only under the tokenizer that made them, so the model's tokenizer (its
 ``tokenizer.json``) must be the one the shards were built with (``index.json``'s ``tokenizer_hash``);
@@ -14,31 +14,16 @@ a model evaluated on another tokenizer's ids would report a loss that measures n
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Callable
-
-from fm_train.cli_common import fail
 
 # The parts of a tokenizer.json that decide what an id means. Conversion rewrites the others
 # (save_pretrained renders the post_processor anew) and appends a family's special tokens after the
 # shards' vocabulary, so the shards' whole-file hash cannot be compared with a converted tokenizer's.
 _ID_FIELDS = ("model", "normalizer", "pre_tokenizer", "decoder")
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``fm-train eval``."""
-    parser.add_argument("hf_dir", metavar="HF_DIR", type=Path, help="a Hugging Face model dir (fm-train convert's output)")
-    parser.add_argument("--data", required=True, help="a shard directory built by fm-train shard (or an object-store URI)")
-    parser.add_argument("--val-fraction", type=float, default=0.01,
-                        help="share of each shard held out, as data.val_fraction in training (0.01)")
-    parser.add_argument("--batches", type=int, default=50, help="at most this many batches (50)")
-    parser.add_argument("--micro-batch", type=int, default=8, help="sequences per batch (8)")
-    parser.add_argument("--seed", type=int, default=1234, help="the run seed (an encoder's masking depends on it; 1234)")
 
 
 def evaluate_hf(hf_dir: Path, data: str, *, val_fraction: float = 0.01, batches: int = 50, micro_batch: int = 8,
@@ -119,25 +104,3 @@ def check_tokenizer(hf_dir: Path, data: str, info: Any) -> str:
                          f"{info.tokenizer_hash[:12]}) has {shard_ids[:12]}; evaluate on shards built with "
                          f"`fm-train shard ... --tokenizer {hf_dir}`")
     return f"matches the shards' (index.json tokenizer_hash {info.tokenizer_hash[:12]})"
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """Entry of ``fm-train eval``: the JSON result on stdout, a progress bar on stderr."""
-    from tqdm import tqdm
-
-    import data_shards
-
-    if not (args.hf_dir / "config.json").is_file():
-        return fail("eval", f"{args.hf_dir} has no config.json: not a Hugging Face model dir (fm-train convert's output)")
-    try:
-        with tqdm(total=args.batches, desc="fm-train eval", unit="batch", file=sys.stderr) as bar:
-            def advance(done: int, total: int) -> None:
-                bar.total = total  # the held-out split may hold fewer batches than --batches
-                bar.update(1)
-
-            result = evaluate_hf(args.hf_dir, args.data, val_fraction=args.val_fraction, batches=args.batches,
-                                 micro_batch=args.micro_batch, seed=args.seed, progress=advance)
-    except (ValueError, data_shards.DataError) as exc:
-        return fail("eval", str(exc))
-    print(json.dumps(result), flush=True)
-    return 0

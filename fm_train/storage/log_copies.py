@@ -24,8 +24,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from fm_train.checkpoint.integrity import ALGORITHM, digest_files
-from fm_train.checkpoint.upload import retrying, storage_location, write_bytes
+from fm_train.storage.digest import ALGORITHM, digest_files
+from fm_train.storage.upload import retrying, storage_location, write_bytes
 
 log = logging.getLogger("fm_train.engine")
 

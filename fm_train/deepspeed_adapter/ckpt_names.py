@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fm_train.checkpoint.layout import CheckpointError
+from fm_train.storage.errors import CheckpointError
 
 
 def ds_to_fm(name: str, manifest: Mapping[str, Any]) -> str:

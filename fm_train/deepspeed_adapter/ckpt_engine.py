@@ -8,7 +8,7 @@ the duration of one call, which
 
 - records the paths this rank saved, so that each rank hashes exactly its own files after the save;
 - loads with ``weights_only=True`` and DeepSpeed's plain record classes
-  (:func:`fm_train.checkpoint.ds_files.safe_torch_load`) instead of the stock
+  (:func:`fm_train.deepspeed_adapter.ckpt_files.safe_torch_load`) instead of the stock
   ``TorchCheckpointEngine.load``'s ``weights_only=False``, unless the run trusts its checkpoints.
 
 Everything else (``makedirs``, ``create``, ``commit``, ``is_decoupled``, ...) goes to the original.
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from fm_train.checkpoint.ds_files import RESUME_HINT, safe_torch_load
+from fm_train.deepspeed_adapter.ckpt_files import RESUME_HINT, safe_torch_load
 
 
 class GuardedCheckpointEngine:

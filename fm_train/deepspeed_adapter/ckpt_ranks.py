@@ -18,7 +18,7 @@ count, or None when the checkpoint holds no optimizer state). Where the tensors 
   ``optimizer_state_dict.state``, where every parameter owns ``ceil(numel / dp)`` consecutive elements
   on each dp rank, in ``param_shapes`` order.
 
-Files are memory-mapped (or, in object storage, read by ranged GETs: :mod:`fm_train.checkpoint.ranged_load`):
+Files are memory-mapped (or, in object storage, read by ranged GETs: :mod:`fm_train.storage.ranged_reads`):
 a ``get`` reads only that parameter's slices.
 """
 
@@ -30,8 +30,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from fm_train.checkpoint.ds_files import load_ds_file
-from fm_train.checkpoint.layout import CheckpointError
+from fm_train.deepspeed_adapter.ckpt_files import load_ds_file
+from fm_train.storage.errors import CheckpointError
 from fm_train.deepspeed_adapter.optimizer_names import adam_moments
 
 

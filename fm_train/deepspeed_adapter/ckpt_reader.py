@@ -1,6 +1,6 @@
 """fp32 weights and Adam moments out of a DeepSpeed step directory, one full tensor at a time.
 
-Where each ZeRO stage keeps them is :mod:`fm_train.checkpoint.ds_ranks`' business (one reader per
+Where each ZeRO stage keeps them is :mod:`fm_train.deepspeed_adapter.ckpt_ranks`' business (one reader per
 model-parallel rank); this module merges the ranks: tensor-parallel shards (``mp_rank_XX``,
 pipeline-major like DeepSpeed's grid) are concatenated along the split dims the manifest records, and
 pipeline names (``{layer}.{param}``, ``tied_modules.{key}.{param}``) become fm_train names through the
@@ -8,7 +8,7 @@ manifest's layer table. The converter reads the weights; a resume on another tp/
 (:mod:`fm_train.checkpoint.reshard`) reads the weights, the moments and the step count.
 
 Files are opened with ``torch.load(mmap=True, weights_only=True)`` (a step in object storage: read in
-place, :mod:`fm_train.checkpoint.ranged_load`), so nothing is read until a parameter is asked for and
+place, :mod:`fm_train.storage.ranged_reads`), so nothing is read until a parameter is asked for and
 then only its slices: the resident set stays near one tensor plus one output shard, whatever the
 model size (zero_to_fp32's ZeRO-1/2 path concatenates whole groups instead). Loads use
 ``weights_only=True`` with DeepSpeed's three plain record classes allowed, unless the caller trusts
@@ -24,10 +24,10 @@ from typing import Any, Mapping
 
 import torch
 
-from fm_train.checkpoint.ds_files import load_ds_file
-from fm_train.checkpoint.ds_ranks import Zero0Rank, Zero3Rank, Zero12Rank
-from fm_train.checkpoint.layout import CheckpointError
-from fm_train.checkpoint.ds_names import ds_to_fm, tp_split_dim
+from fm_train.deepspeed_adapter.ckpt_files import load_ds_file
+from fm_train.deepspeed_adapter.ckpt_ranks import Zero0Rank, Zero3Rank, Zero12Rank
+from fm_train.storage.errors import CheckpointError
+from fm_train.deepspeed_adapter.ckpt_names import ds_to_fm, tp_split_dim
 
 __all__ = ["DeepSpeedWeights", "load_ds_file"]
 

@@ -12,7 +12,7 @@ to a process for the same interpreter-lock contention). It imports fsspec only (
 Protocol, one JSON object per line: the parent writes ``{"local", "protocol", "path", "options"}``
 to the child's stdin; the child answers ``{"ok": true}`` or ``{"ok": false, "error"}`` on its
 stdout; anything a library prints goes to the child's stderr, the rank's log. Torch-free on purpose
-(``python -m fm_train.upload_process`` must not import the training stack).
+(``python -m fm_train.storage.upload_process`` must not import the training stack).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class UploadProcess:
 
     def _child(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen([sys.executable, "-m", "fm_train.upload_process"],
+            self._proc = subprocess.Popen([sys.executable, "-m", "fm_train.storage.upload_process"],
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         return self._proc
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fm_train.checkpoint.layout import CheckpointError
+from fm_train.storage.errors import CheckpointError
 
 
 def is_remote(path: Any) -> bool:
@@ -105,7 +105,7 @@ class RangedTensor:
         return self.materialize().item()
 
 
-def _ranged(obj: Any, path: Any) -> Any:
+def ranged_tensors(obj: Any, path: Any) -> Any:
     """``obj`` with every meta tensor replaced by a :class:`RangedTensor` of the object ``path``."""
     if torch.is_tensor(obj):
         offset = getattr(obj.untyped_storage(), "_checkpoint_offset", None)
@@ -116,23 +116,12 @@ def _ranged(obj: Any, path: Any) -> Any:
                 f"(e.g. `aws s3 cp --recursive`) and convert the local copy")
         return RangedTensor(path, int(offset), obj)
     if isinstance(obj, dict):  # dict or OrderedDict (a module's state dict)
-        return type(obj)((k, _ranged(v, path)) for k, v in obj.items())
+        return type(obj)((k, ranged_tensors(v, path)) for k, v in obj.items())
     if isinstance(obj, list):
-        return [_ranged(v, path) for v in obj]
+        return [ranged_tensors(v, path) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_ranged(v, path) for v in obj)
+        return tuple(ranged_tensors(v, path) for v in obj)
     return obj  # numbers, strings, DeepSpeed's records (fragment addresses hold ints)
-
-
-def load_ranged(path: Any, *, trust: bool, hint: str) -> Any:
-    """The DeepSpeed file at ``path`` (a remote ``UPath``) with its tensors as :class:`RangedTensor`;
-    the pickle is read with ``weights_only=True`` and DeepSpeed's records unless ``trust``."""
-    from fm_train.checkpoint.ds_files import safe_torch_load
-
-    # The pickle and the zip directory: small reads near each other, so a modest read-ahead.
-    with path.fs.open(path.path, "rb", block_size=1 << 20, cache_type="readahead") as fh:
-        tree = safe_torch_load(path, trust=trust, map_location="meta", hint=hint, fileobj=fh)
-    return _ranged(tree, path)
 
 
 def bytes_fetched() -> int:

@@ -4,7 +4,7 @@ unless the caller trusts the checkpoint; memory-mapped for the readers that slic
 ``torch.load(weights_only=False)`` rebuilds any object a pickle names, i.e. runs code chosen by whoever
 wrote the file. DeepSpeed's files hold tensors, containers, numbers and strings plus four small record
 classes, so everything fm-train reads (converter, resharding, and the resume's own loads through
-:mod:`fm_train.checkpoint.ds_engine`) goes through :func:`safe_torch_load`.
+:mod:`fm_train.deepspeed_adapter.ckpt_engine`) goes through :func:`safe_torch_load`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from fm_train.checkpoint.layout import CheckpointError
+from fm_train.storage.errors import CheckpointError
+from fm_train.storage.ranged_reads import is_remote, ranged_tensors
 
 CONVERT_HINT = "if you trust where this checkpoint came from, pass --trust-checkpoint"
 RESUME_HINT = "if you trust where this checkpoint came from, set checkpoint.trust_pickles=true"
@@ -60,15 +61,23 @@ def safe_torch_load(path: Any, *, trust: bool, map_location: Any = "cpu", mmap: 
 
 def load_ds_file(path: Path, *, trust: bool, hint: str = CONVERT_HINT) -> dict[str, Any]:
     """``torch.load`` one DeepSpeed file memory-mapped, or, for a ``UPath`` in object storage, read in
-    place by ranged reads (:mod:`fm_train.checkpoint.ranged_load`); ``weights_only=True`` unless ``trust``."""
-    from fm_train.checkpoint.ranged_load import is_remote, load_ranged
-
+    place by ranged reads (:mod:`fm_train.storage.ranged_reads`); ``weights_only=True`` unless ``trust``."""
     if not path.is_file():
         raise CheckpointError(f"{path.parent} lacks {path.name}: the checkpoint is incomplete (a rank's shard "
                               "was not written or not copied)")
     if is_remote(path):
         return load_ranged(path, trust=trust, hint=hint)
     return safe_torch_load(path, trust=trust, mmap=True, hint=hint)
+
+
+def load_ranged(path: Any, *, trust: bool, hint: str) -> Any:
+    """The DeepSpeed file at ``path`` (a remote ``UPath``) with its tensors as
+    :class:`fm_train.storage.ranged_reads.RangedTensor`;
+    the pickle is read with ``weights_only=True`` and DeepSpeed's records unless ``trust``."""
+    # The pickle and the zip directory: small reads near each other, so a modest read-ahead.
+    with path.fs.open(path.path, "rb", block_size=1 << 20, cache_type="readahead") as fh:
+        tree = safe_torch_load(path, trust=trust, map_location="meta", hint=hint, fileobj=fh)
+    return ranged_tensors(tree, path)
 
 
 def scan_pickles(files: list[Path], *, hint: str = RESUME_HINT) -> int:

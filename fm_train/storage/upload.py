@@ -3,7 +3,7 @@
 Training waits only for the local save (``RUN/checkpoints/step_X`` on the node's own disk, as
 without storage). Then each rank uploads the files it wrote while training goes on (a background
 thread directs it; the copies to an object store run in a low-priority child process,
-:mod:`fm_train.upload_process`, so they never hold the training process's interpreter lock), and
+:mod:`fm_train.storage.upload_process`, so they never hold the training process's interpreter lock), and
 marks its part done with ``step_X/.uploaded/rank_R``. Rank 0, once every rank's
 marker is there, uploads ``manifest.json`` (the commit marker in storage, as on disk), then replaces
 ``checkpoints/latest``, then applies ``checkpoint.keep`` to storage; a step whose manifest is not in
@@ -30,9 +30,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from fm_train.checkpoint.layout import CHECKPOINTS, LATEST, MANIFEST, CheckpointError, parse_step
 from fm_train.config.storage_uri import uri_scheme
-from fm_train.upload_process import NICENESS, UploadProcess
+from fm_train.storage.errors import CheckpointError
+from fm_train.storage.names import CHECKPOINTS, LATEST, MANIFEST, parse_step
+from fm_train.storage.upload_process import NICENESS, UploadProcess
 
 log = logging.getLogger("fm_train.checkpoint")
 
