@@ -113,9 +113,10 @@ def _run(args: argparse.Namespace, server_pid: int, upload_cpus: set[int]) -> in
     from fm_train.dist import Topology
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import build_engine
-    from fm_train.engine.checkpointing import manifest_layers
     from fm_train.deepspeed_adapter.comm import init_distributed
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
+    from fm_train.families.spec import manifest_layers
 
     ensure_extension_cache()
     init_distributed(RankEnv.from_environ())
@@ -125,11 +126,12 @@ def _run(args: argparse.Namespace, server_pid: int, upload_cpus: set[int]) -> in
         "parallel": {"zero_stage": 2}, "cluster": {"workers": 1}, "data": {"seq_len": args.seq_len},
         "train": {"steps": 10**6, "micro_batch": args.micro_batch, "eval_every": 0},
         "checkpoint": {"keep": 1}})
-    engine, _ = build_engine(cfg, build_train_module(cfg))
+    family = family_of(cfg.model)
+    engine, _ = build_engine(cfg, build_train_module(cfg, family))
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
     topo = Topology(world=1, tp=1, pp=1)
-    manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=0, layers=manifest_layers(cfg))
+    manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=0, layers=manifest_layers(family, cfg))
     uploader = CheckpointUploader("s3://bench/run", rank=0, keep=1)
     os.sched_setaffinity(uploader._process.pid, upload_cpus)  # it inherited the training process's CPUs
     step = [0]

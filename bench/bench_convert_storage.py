@@ -43,9 +43,10 @@ def _checkpoint(preset: str, tmp: Path, seq_len: int, micro_batch: int) -> Path:
     from fm_train.dist import Topology
     from fm_train.dist.env import RankEnv, ensure_extension_cache
     from fm_train.engine import build_engine
-    from fm_train.engine.checkpointing import manifest_layers
     from fm_train.deepspeed_adapter.comm import init_distributed
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
+    from fm_train.families.spec import manifest_layers
 
     ensure_extension_cache()
     init_distributed(RankEnv.from_environ())
@@ -54,12 +55,13 @@ def _checkpoint(preset: str, tmp: Path, seq_len: int, micro_batch: int) -> Path:
         "parallel": {"zero_stage": 2}, "cluster": {"workers": 1}, "data": {"seq_len": seq_len},
         "train": {"steps": 1, "micro_batch": micro_batch, "eval_every": 0}, "optim": {"warmup_steps": 0},
         "checkpoint": {"keep": 1}})
-    engine, _ = build_engine(cfg, build_train_module(cfg))
+    family = family_of(cfg.model)
+    engine, _ = build_engine(cfg, build_train_module(cfg, family))
     tokens = torch.randint(0, cfg.model.vocab_size, (micro_batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     loss = engine(tokens[:, :-1], tokens[:, 1:])
     engine.backward(loss)
     engine.step()
-    manifest = build_manifest(cfg, Topology(world=1), data_state={}, tokens_seen=0, layers=manifest_layers(cfg))
+    manifest = build_manifest(cfg, Topology(world=1), data_state={}, tokens_seen=0, layers=manifest_layers(family, cfg))
     save_checkpoint(engine, Path(cfg.run.dir), 1, manifest=manifest, keep=1, is_rank0=True)
     engine.destroy()
     return Path(cfg.run.dir) / "checkpoints" / "step_00000001"

@@ -93,17 +93,19 @@ def fm_train_contender(total_steps: int, zero: int, run_dir: str, per_round: int
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.engine.loop import throughput_spec
+    from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
 
     ensure_extension_cache()
     init_distributed(RankEnv.from_environ())
     cfg = make_config(total_steps, zero, run_dir, log_every=per_round)
-    engine, scheduler = build_engine(cfg, family_of(cfg.model).build_train_module(cfg))
+    family = family_of(cfg.model)
+    engine, scheduler = build_engine(cfg, build_train_module(cfg, family), blocks=family.modules().block_types)
     ids, labels = fixed_batch()
     batches = iter(lambda: {"input_ids": ids, "labels": labels, "state": {}, "receipt": ""}, None)
     state = TrainState(lr_scheduler=scheduler)
     sink = MetricsSink(run_dir, enabled=True, stream=open(os.devnull, "w"))
-    spec = throughput_spec(cfg, engine.device)  # once: it probes the CPU's matmul peak
+    spec = throughput_spec(cfg, family, engine.device)  # once: it probes the CPU's matmul peak
 
     def run(n: int) -> list[float]:
         stamps = [time.perf_counter()]
@@ -118,10 +120,11 @@ def torch_contender(total_steps: int) -> Contender:
     import torch
 
     from fm_train.engine import build_lr_scheduler, weight_decay_groups
+    from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
 
     cfg = make_config(total_steps, 0, "unused", log_every=1)
-    module, o = family_of(cfg.model).build_train_module(cfg), cfg.optim
+    module, o = build_train_module(cfg, family_of(cfg.model)), cfg.optim
     opt = torch.optim.AdamW(weight_decay_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = build_lr_scheduler(opt, o, total_steps)
     ids, labels = fixed_batch()

@@ -79,7 +79,9 @@ def fm_train_rank(zero: int, steps: int, out: Path, *, tune_malloc: bool = True)
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.dist.process_group import shutdown_distributed
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.loop import throughput_spec
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
     from fm_train.worker import return_freed_memory_to_os
 
     import torch
@@ -97,14 +99,17 @@ def fm_train_rank(zero: int, steps: int, out: Path, *, tune_malloc: bool = True)
             "optim": {"lr": LR, "min_lr": LR / 10, "warmup_steps": WARMUP, "weight_decay": 0.1, "grad_clip": 1.0},
         })
         groups = ParallelGroups(Topology(world=WORLD, tp=1, pp=1))
-        engine, scheduler = build_engine(cfg, build_train_module(cfg, groups))  # mpu None: pure dp, as the worker
+        family = family_of(cfg.model)
+        engine, scheduler = build_engine(cfg, build_train_module(cfg, family, groups),  # mpu None: pure dp, as the worker
+                                         blocks=family.modules().block_types)
         ids, labels = rank_rows(env.rank)
         batches = iter(lambda: {"input_ids": ids, "labels": labels, "state": {}, "receipt": ""}, None)
         state = TrainState(lr_scheduler=scheduler)
         sink = MetricsSink(run_dir, enabled=env.rank == 0, stream=open(os.devnull, "w"))
         stamps: list[Stamp] = []
         train(engine, batches, state, cfg, sink=sink, group=groups.get_data_parallel_group(), stop=lambda: False,
-              control_group=groups.control, hooks=[lambda _e, _s: stamps.append(_stamp())])
+              control_group=groups.control, hooks=[lambda _e, _s: stamps.append(_stamp())],
+              spec=throughput_spec(cfg, family, engine.device))
         sink.close()
         with torch.no_grad():
             loss = float(engine(ids, labels).item())  # a sanity check: trained, well below log(vocab) = 8.3

@@ -9,7 +9,7 @@ with the config the worker renders, then ``--steps`` optimizer steps on a random
 (activation checkpointing on), after the worker's allocator setting
 (``fm_train.worker.return_freed_memory_to_os``; ``--keep-malloc`` skips it). A sampler thread reads the process's RSS every 20 ms; each phase's
 peak is reported, and the overall peak is checked against ``ru_maxrss``. The planner's figure is
-``fm_train.plan.memory.estimate_memory(cfg, device="cpu").device_total`` for the same config.
+``fm_train.plan.memory.estimate_memory(cfg, family, device="cpu").device_total`` for the same config.
 Goal: the planner within 25 % of the measured peak of the busiest rank.
 """
 
@@ -98,7 +98,8 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         from fm_train.engine import build_engine
         from fm_train.deepspeed_adapter.comm import init_distributed
         from fm_train.dist.process_group import shutdown_distributed
-        from fm_train.parallel.build import build_train_module
+        from fm_train.engine.train_module import build_train_module
+        from fm_train.families import family_of
         from fm_train.worker import return_freed_memory_to_os
 
         torch.set_num_threads(1)
@@ -107,14 +108,15 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         ensure_extension_cache()
         init_distributed(RankEnv.from_environ())
         cfg = make_config(opts["preset"], opts["seq"], world, opts["steps"], opts["zero"], opts["layers"])
+        family = family_of(cfg.model)
         times = {}
         sampler.enter("build")
         t0 = time.perf_counter()
-        module = build_train_module(cfg)
+        module = build_train_module(cfg, family)
         times["build_s"] = time.perf_counter() - t0
         sampler.enter("engine")
         t0 = time.perf_counter()
-        engine, _ = build_engine(cfg, module)
+        engine, _ = build_engine(cfg, module, blocks=family.modules().block_types)
         times["engine_s"] = time.perf_counter() - t0
         tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(rank))
         losses = []
@@ -151,11 +153,12 @@ def main() -> int:
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
-    from fm_train.plan.flops import parameter_count
+    from fm_train.families import family_of
     from fm_train.plan.memory import estimate_memory, format_memory
 
     cfg = make_config(args.preset, args.seq, args.workers, args.steps, args.zero, args.layers)
-    est = estimate_memory(cfg, device="cpu")
+    family = family_of(cfg.model)
+    est = estimate_memory(cfg, family, device="cpu")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -184,7 +187,7 @@ def main() -> int:
     measured = max(max(res["peaks_gib"].values()) for res in results.values())
     predicted = est.device_total / GIB
     print(format_memory(est, "cpu"))
-    print(f"{args.preset}{f' with {args.layers} layers' if args.layers else ''}: {parameter_count(cfg.model):,} params, ZeRO-{args.zero}, dp {cfg.dp}, seq {args.seq},"
+    print(f"{args.preset}{f' with {args.layers} layers' if args.layers else ''}: {family.sizes.parameter_count(cfg.model):,} params, ZeRO-{args.zero}, dp {cfg.dp}, seq {args.seq},"
           f" micro 1, fp32, activation checkpointing; wall {time.perf_counter() - start:.0f} s")
     print(f"measured peak RSS (busiest rank) {measured:.2f} GiB; planner {predicted:.2f} GiB;"
           f" planner / measured = {predicted / measured:.3f} (goal 0.75-1.25)")

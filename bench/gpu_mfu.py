@@ -107,19 +107,20 @@ def _measure(args: argparse.Namespace, budget: Budget, run: Run, micro_batch: in
 
 def _report(name: str, result: dict[str, Any], run: Run, args: argparse.Namespace, peaks: dict[str, Any]) -> dict:
     from fm_train.config import build_config
-    from fm_train.model import args_from_config
-    from fm_train.plan.flops import flops_per_token
+    from fm_train.families import family_of
 
     if "error" in result:
         line = {"name": name, "error": result["error"][-600:], "wall_s": result.get("wall_s")}
         print(json.dumps(line), flush=True)
         return line
-    shape = args_from_config(build_config({"model": {"preset": args.preset}}).model)
+    model = build_config({"model": {"preset": args.preset}}).model
+    family = family_of(model)
+    shape = family.modules().args(model)
     dp = run.world // (run.tp * run.pp)
     tokens_per_step = result["micro_batch"] * run.grad_accum * dp * args.seq
     line = {"name": name, **result, **throughput(
         tokens_per_step=tokens_per_step, steps=result["steps"], seconds=result["seconds"], gpus=run.world,
-        flops_per_token=flops_per_token(shape, args.seq), measured_peak=peaks["measured_peak"],
+        flops_per_token=family.sizes.flops_per_token(shape, args.seq), measured_peak=peaks["measured_peak"],
         table_peak=peaks["table_peak"])}
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
     return line

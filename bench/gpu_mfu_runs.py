@@ -152,11 +152,12 @@ class BareLoop:
     def __init__(self, job: Job) -> None:
         from fm_train.dist.device import attention_context
         from fm_train.engine import build_lr_scheduler, weight_decay_groups
-        from fm_train.parallel.build import build_train_module
+        from fm_train.engine.train_module import build_train_module
+        from fm_train.families import family_of
 
         self.cfg = make_config(job, "unused")
         self.device = _device(job)
-        self.module = build_train_module(self.cfg).to(self.device, torch.bfloat16)
+        self.module = build_train_module(self.cfg, family_of(self.cfg.model)).to(self.device, torch.bfloat16)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.master = [p.detach().float() for p in self.params]
         for m in self.master:
@@ -232,7 +233,8 @@ def fm_train(job: Job) -> dict:
     from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.dist.process_group import shutdown_distributed
     from fm_train.engine.loop import throughput_spec
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
     ensure_extension_cache()
     init_distributed(RankEnv.from_environ())
@@ -241,14 +243,15 @@ def fm_train(job: Job) -> dict:
             cfg = make_config(job, run_dir)
             topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
             groups = ParallelGroups(topo) if topo.world > 1 else None
-            module = build_train_module(cfg, groups if topo.tp * topo.pp > 1 else None)
+            family = family_of(cfg.model)
+            module = build_train_module(cfg, family, groups if topo.tp * topo.pp > 1 else None)
             mpu = groups if topo.tp > 1 and topo.pp == 1 else None
-            engine, scheduler = build_engine(cfg, module, mpu=mpu)
+            engine, scheduler = build_engine(cfg, module, blocks=family.modules().block_types, mpu=mpu)
             ids, labels = fixed_batch(cfg.model.vocab_size, cfg.train.micro_batch, cfg.data.seq_len, engine.device)
             batches = iter(lambda: {"input_ids": ids, "labels": labels, "state": {}, "receipt": ""}, None)
             state = TrainState(lr_scheduler=scheduler)
             sink = MetricsSink(run_dir, enabled=dist.get_rank() == 0, tensorboard=False, stream=open(os.devnull, "w"))
-            spec = throughput_spec(cfg, engine.device)
+            spec = throughput_spec(cfg, family, engine.device)
             group = groups.get_data_parallel_group() if groups is not None else None
 
             def upto(steps: int):

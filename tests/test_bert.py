@@ -44,21 +44,22 @@ def test_the_encoder_computes_what_bert_for_masked_lm_computes(vocab: int, multi
     from fm_train.config import ModelConfig
     from fm_train.convert.keymap import without_padding
     from fm_train.families import family_of
+    from fm_train.model.base import real_logits
 
     model_cfg = ModelConfig(**_tiny_bert(vocab_size=vocab, vocab_multiple=multiple))
     family = family_of(model_cfg)
-    args = family.args(model_cfg)
-    ours = family.build(args)
+    args = family.modules().args(model_cfg)
+    ours = args.build()
     ours.init_weights(11)
     assert ours.bert.embeddings.word_embeddings.weight.shape[0] == args.padded_vocab_size
-    hf = transformers.BertForMaskedLM(family.hf_config(model_cfg.model_dump(), dtype="fp32", bos=None, eos=None)).eval()
-    state = {n: without_padding(n, t, vocab, "bert") for n, t in ours.state_dict().items()}
+    hf = transformers.BertForMaskedLM(family.hf.config(model_cfg.model_dump(), dtype="fp32", bos=None, eos=None)).eval()
+    state = {n: without_padding(family, n, t, vocab) for n, t in ours.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert unexpected == [] and missing == ["cls.predictions.decoder.bias"]  # tied to cls.predictions.bias
     ids = torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(input_ids=ids).logits
-        got = family.logits(ours.eval()(ids), vocab)
+        got = real_logits(ours.eval()(ids), vocab)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -74,8 +75,8 @@ def test_parameter_count_is_bert_for_masked_lm_s(preset: str) -> None:
                         "data": {"seq_len": 128}})
     family = family_of(cfg.model)
     with torch.device("meta"):
-        hf = transformers.BertForMaskedLM(family.hf_config(cfg.model.model_dump(), dtype="fp32", bos=None, eos=None))
-    assert family.parameter_count(cfg.model) == hf.num_parameters()
+        hf = transformers.BertForMaskedLM(family.hf.config(cfg.model.model_dump(), dtype="fp32", bos=None, eos=None))
+    assert family.sizes.parameter_count(cfg.model) == hf.num_parameters()
 
 
 @pytest.mark.unit
@@ -85,9 +86,9 @@ def test_the_padding_rows_start_at_zero_and_the_decoder_is_the_embedding() -> No
 
     cfg = ModelConfig(**_tiny_bert(vocab_size=1001, vocab_multiple=128))
     family = family_of(cfg)
-    model = family.build(family.args(cfg))
+    model = family.modules().args(cfg).build()
     model.init_weights(3)
-    assert family.parameter_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert family.sizes.parameter_count(cfg) == sum(p.numel() for p in model.parameters())
     assert not model.bert.embeddings.word_embeddings.weight[1001:].any() and not model.cls.predictions.bias.any()
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
 
@@ -171,15 +172,18 @@ def train_case(run_dir: Path, case: dict[str, Any]) -> list[float] | None:
     from fm_train.dist import Topology
     from fm_train.dist.groups import ParallelGroups
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
-    from fm_train.engine.checkpointing import manifest_layers, manifest_tied
     from fm_train.engine.meter import ThroughputSpec
+    from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
+    from fm_train.families.spec import manifest_layers, manifest_tied
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = make_config(str(run_dir), workers=world, **case)
     topo = Topology(world=world, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     groups = ParallelGroups(topo) if topo.tp > 1 or topo.pp > 1 else None
-    engine, scheduler = build_engine(cfg, family_of(cfg.model).build_train_module(cfg, groups),
+    family = family_of(cfg.model)
+    engine, scheduler = build_engine(cfg, build_train_module(cfg, family, groups),
+                                     blocks=family.modules().block_types,
                                      mpu=groups if cfg.parallel.pp == 1 else None)
     state = TrainState(lr_scheduler=scheduler)
     sink = MetricsSink(run_dir, enabled=rank == 0, tensorboard=False)
@@ -187,7 +191,7 @@ def train_case(run_dir: Path, case: dict[str, Any]) -> list[float] | None:
     train(engine, batches, state, cfg, sink=sink, spec=ThroughputSpec(cfg.tokens_per_step, world, 1.0, 1.0))
     sink.close()
     manifest = build_manifest(cfg, topo, data_state={}, tokens_seen=state.tokens_seen,
-                              layers=manifest_layers(cfg), tied=manifest_tied(cfg))
+                              layers=manifest_layers(family, cfg), tied=manifest_tied(family, cfg))
     save_checkpoint(engine, run_dir, STEPS, manifest=manifest, keep=1, is_rank0=rank == 0)
     engine.destroy()
     dist.barrier()
@@ -204,10 +208,11 @@ def _train_cases(root: str) -> dict[str, list[float] | None]:
 def reference_losses(vocab: int = VOCAB, multiple: int = 1) -> list[float]:
     """The losses of one process (plain torch AdamW) on whole global batches."""
     from fm_train.engine import build_lr_scheduler, weight_decay_groups
+    from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
 
     cfg = make_config("unused", workers=1, zero=0, micro=GLOBAL_BATCH, accum=1, vocab=vocab, multiple=multiple)
-    module = family_of(cfg.model).build_train_module(cfg)
+    module = build_train_module(cfg, family_of(cfg.model))
     o = cfg.optim
     opt = torch.optim.AdamW(weight_decay_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = build_lr_scheduler(opt, o, cfg.train.steps)
@@ -270,13 +275,17 @@ def assert_reads_in_place_like_local(step: Path) -> None:
 
     from fm_train.checkpoint import read_manifest
     from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
+    from fm_train.families import family_of
 
     fs, root = fsspec.filesystem("memory"), f"/{step.parent.parent.name}"
     for path in step.rglob("*"):
         if path.is_file():
             fs.pipe_file(f"{root}/{path.relative_to(step).as_posix()}", path.read_bytes())
     manifest = read_manifest(step)
-    local, remote = DeepSpeedWeights(step, manifest), DeepSpeedWeights(UPath(f"memory://{root}"), manifest)
+    model_fields = manifest["config"]["model"]
+    tied = family_of(model_fields).tied_params(model_fields)
+    local = DeepSpeedWeights(step, manifest, tied=tied)
+    remote = DeepSpeedWeights(UPath(f"memory://{root}"), manifest, tied=tied)
     assert remote.shapes() == local.shapes()
     for param in local.shapes():
         for key in (None, "exp_avg", "exp_avg_sq"):
@@ -298,6 +307,7 @@ def test_a_bert_for_masked_lm_dir_is_imported_for_continued_pretraining(tmp_path
 
     from fm_train.config import build_config
     from fm_train.convert.hf_import import open_hf
+    from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
 
     hf_cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -307,8 +317,9 @@ def test_a_bert_for_masked_lm_dir_is_imported_for_continued_pretraining(tmp_path
     cfg = build_config({"model": {"init_from": str(tmp_path / "hf"), "vocab_multiple": 128},
                         "parallel": {"zero_stage": 0}, "cluster": {"workers": 1}, "data": {"seq_len": SEQ}})
     assert cfg.model.family == "bert" and cfg.model.hidden == 64 and cfg.model.norm_eps == 1e-12
-    _, weights = open_hf(tmp_path / "hf")
-    module = family_of(cfg.model).build_train_module(cfg, init=weights)
+    family = family_of(cfg.model)
+    _, weights = open_hf(tmp_path / "hf", family)
+    module = build_train_module(cfg, family, init=weights)
     inputs, labels = global_batch(0)
     hf = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True).eval()
     with torch.no_grad():
@@ -334,11 +345,11 @@ def test_a_tokenizer_with_bert_s_special_tokens_keeps_their_ids(tmp_path: Path) 
         return SimpleNamespace(tokenizer_dir=directory, vocab_size=len(vocab), eos_id=vocab.get("[SEP]", 0))
 
     family = family_of("bert")
-    wordpiece = family.data_objective(info_with(["[PAD]", "[MASK]", "[CLS]", "[SEP]"]), model_vocab_size=8, seed=1)
+    wordpiece = family.objective.data(info_with(["[PAD]", "[MASK]", "[CLS]", "[SEP]"]), 8, 1)
     assert (wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id, wordpiece.eos_id) == (2, 3, 1, None)
-    appended = family.data_objective(info_with(["<eos>"]), model_vocab_size=7, seed=1)
+    appended = family.objective.data(info_with(["<eos>"]), 7, 1)
     assert (appended.cls_id, appended.sep_id, appended.mask_id, appended.eos_id) == (4, 5, 6, 0)
     with pytest.raises(DataError, match="model.vocab_size=6 leaves no room for the encoder's"):
-        family.data_objective(info_with(["<x>"]), model_vocab_size=6, seed=1)
+        family.objective.data(info_with(["<x>"]), 6, 1)
     with pytest.raises(DataError, match=r"has some of BERT's special tokens but not \['\[MASK\]'\]"):
-        family.data_objective(info_with(["[CLS]", "[SEP]"]), model_vocab_size=8, seed=1)
+        family.objective.data(info_with(["[CLS]", "[SEP]"]), 8, 1)

@@ -23,13 +23,11 @@ def _args(vocab: int = B.VOCAB, multiple: int = 1, n_layers: int = 2):
     from fm_train.families import FAMILIES
 
     fields = B._tiny_bert(vocab_size=vocab, vocab_multiple=multiple, n_layers=n_layers)
-    return FAMILIES["bert"].args(ModelConfig(**fields))
+    return FAMILIES["bert"].modules().args(ModelConfig(**fields))
 
 
 def _dense(args):
-    from fm_train.families import FAMILIES
-
-    model = FAMILIES["bert"].build(args)
+    model = args.build()
     model.init_weights(SEED)
     return model
 
@@ -42,7 +40,7 @@ def _merged(parts: list[torch.Tensor], dim: int | None) -> torch.Tensor:
 @pytest.mark.unit
 def test_split_dims_follow_the_megatron_plan_for_bert() -> None:
     from fm_train.families import FAMILIES
-    from fm_train.families.base import split_dims
+    from fm_train.families.spec import split_dims
 
     dims = split_dims(FAMILIES["bert"], _args())
     layer = "bert.encoder.layer.1."
@@ -63,8 +61,8 @@ def test_split_dims_follow_the_megatron_plan_for_bert() -> None:
 @pytest.mark.parametrize("tp_size", [2, 4])
 def test_bert_sharded_init_equals_slices_of_the_dense_init(tp_size: int) -> None:
     from fm_train.families import FAMILIES
-    from fm_train.families.base import split_dims
-    from fm_train.parallel.build import build_tp_model
+    from fm_train.families.spec import split_dims
+    from fm_train.engine.train_module import build_tp_model
     from fm_train.parallel.tensor_parallel import TPGroup
 
     family, args = FAMILIES["bert"], _args()
@@ -81,26 +79,27 @@ def test_bert_sharded_init_equals_slices_of_the_dense_init(tp_size: int) -> None
 @pytest.mark.unit
 def test_the_pipeline_layer_table_holds_every_parameter_once() -> None:
     from fm_train.families import FAMILIES
-    from fm_train.parallel.bert_pipeline import layer_param_counts, stage_bounds
+    from fm_train.families.bert.pipeline import layer_param_counts, stage_bounds
+    from fm_train.families.spec import layout_errors, manifest_layers, manifest_tied
 
     family = FAMILIES["bert"]
     cfg = B.make_config("unused", workers=2, zero=1, micro=4, accum=2, pp=2)
-    table = family.manifest_layers(cfg)
+    table = manifest_layers(family, cfg)
     held = [f"{e['module']}.{local}" for e in table for local in e["tp_split_dims"]]
-    args = family.args(cfg.model)
+    args = family.modules().args(cfg.model)
     names = {n for n, _ in _dense(args).named_parameters(remove_duplicate=False)}
     assert sorted(held) == sorted(names)  # each name in exactly one layer (the tied decoder in its own)
-    assert family.manifest_tied(cfg) == {"embed": "bert.embeddings.word_embeddings"}
+    assert manifest_tied(family, cfg) == {"embed": "bert.embeddings.word_embeddings"}
     counts = layer_param_counts(args)
     assert counts[0] == counts[-2] == args.padded_vocab_size * args.hidden  # the tied decoder's stage holds a copy
     assert stage_bounds(args, 2)[1] in range(3, args.n_layers + 3)  # each stage gets an encoder block
     # The planner's largest stage is at least what the balanced partition puts on one stage.
     bounds = stage_bounds(args, 2)
     held_per_stage = [sum(counts[bounds[i]:bounds[i + 1]]) for i in range(2)]
-    assert max(held_per_stage) <= family.stage_params(cfg) <= max(held_per_stage) + counts[2]
-    errors = family.layout_errors(_args(vocab=65536, n_layers=3), 1, 3)
+    assert max(held_per_stage) <= family.sizes.stage_params(cfg) <= max(held_per_stage) + counts[2]
+    errors = layout_errors(family, _args(vocab=65536, n_layers=3), 1, 3)
     assert any("gets no encoder block" in e for e in errors), errors
-    assert any("parallel.tp=3 does not divide model.n_heads=2" in e for e in family.layout_errors(args, 3, 1))
+    assert any("parallel.tp=3 does not divide model.n_heads=2" in e for e in layout_errors(family, args, 3, 1))
 
 
 # ---- tp2 against the dense model --------------------------------------------------------------------
@@ -110,8 +109,8 @@ def _tp2_against_dense(vocab: int, multiple: int) -> dict[str, float]:
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
     from fm_train.families import FAMILIES
-    from fm_train.model.bert import masked_lm_loss
-    from fm_train.parallel.build import build_tp_model
+    from fm_train.families.bert.model import masked_lm_loss
+    from fm_train.engine.train_module import build_tp_model
     from fm_train.parallel.tensor_parallel import TPGroup, gather_from_tp, vocab_parallel_cross_entropy
 
     args = _args(vocab, multiple)

@@ -32,12 +32,13 @@ def _resume_and_train(raw: dict, run_dir: str, last: int) -> dict:
     from fm_train.checkpoint import find_resume_point, load_checkpoint
     from fm_train.config import build_config
     from fm_train.engine.checkpointing import current_layout
+    from fm_train.families import family_of
 
     cfg = build_config(raw)
     step_dir = find_resume_point(Path(run_dir), "auto")
     engine = S.build_engine(cfg)
     manifest = load_checkpoint(engine, step_dir, config=cfg, tokenizer_hash=S.tokenizer_hash_for(cfg),
-                               layout=current_layout(cfg))
+                               layout=current_layout(cfg, family_of(cfg.model)))
     step = manifest["step"]
     return {"step": step, "path": str(step_dir), "tokens": manifest["tokens_seen"],
             "losses": S.train_steps(engine, step + 1, last)}

@@ -74,9 +74,10 @@ def build_engine(cfg: FmConfig):
     """A DeepSpeed engine around the dense tiny model (the other engineers' builder stands in later)."""
     import deepspeed
 
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
-    module = build_train_module(cfg)
+    module = build_train_module(cfg, family_of(cfg.model))
     engine, _, _, _ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
                                            config=ds_config(cfg))
     return engine
@@ -172,6 +173,7 @@ def resume_auto(raw: dict[str, Any], run_dir: str, last: int) -> dict[str, Any]:
     from fm_train.checkpoint import CheckpointError, load_checkpoint
     from fm_train.dist import Topology
     from fm_train.engine.checkpointing import current_layout, resume_point
+    from fm_train.families import family_of
 
     cfg = build_config(raw)
     try:
@@ -180,7 +182,7 @@ def resume_auto(raw: dict[str, Any], run_dir: str, last: int) -> dict[str, Any]:
             return {"fresh": True}
         engine = build_engine(cfg)
         step = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash_for(cfg),
-                               layout=current_layout(cfg))["step"]
+                               layout=current_layout(cfg, family_of(cfg.model)))["step"]
     except CheckpointError as exc:
         return {"error": str(exc)}
     return {"step": step, "path": str(path), "losses": train_steps(engine, step + 1, last)}

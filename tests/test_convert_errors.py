@@ -168,7 +168,7 @@ def test_swapped_same_shape_tensors_fail_verification(trained: Path, tmp_path: P
     real = export_mod.hf_to_fm
     swap = {"model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.o_proj.weight",
             "model.layers.0.self_attn.o_proj.weight": "model.layers.0.self_attn.q_proj.weight"}
-    monkeypatch.setattr(export_mod, "hf_to_fm", lambda name: swap.get(name) or real(name))
+    monkeypatch.setattr(export_mod, "hf_to_fm", lambda family, name: swap.get(name) or real(family, name))
     with pytest.raises(ConvertError, match="verification failed: the exported model's logits do not match the training engine's"):
         convert_checkpoint(trained / "run", tmp_path / "hf", dtype="bf16")
     assert list(tmp_path.iterdir()) == []  # nothing at out, no temp dir

@@ -36,16 +36,18 @@ def _hf_model(tmp_path: Path, *, tie: bool, bias: bool = False) -> Path:
 def test_round_trip_hf_fm_hf_is_identical(tmp_path: Path, tie: bool, bias: bool) -> None:
     from fm_train.config import ModelConfig
     from fm_train.convert import import_hf, write_hf_dir
-    from fm_train.model import LlamaForCausalLM, args_from_config
+    from fm_train.families import family_of
+    from fm_train.families.llama.model import LlamaForCausalLM, args_from_config
 
+    llama = family_of("llama")
     src = _hf_model(tmp_path, tie=tie, bias=bias)
-    fields, state = import_hf(src)
+    fields, state = import_hf(src, llama)
     assert fields["rope_theta"] == 5e5 and fields["norm_eps"] == 1e-6 and fields["qkv_bias"] == bias
     model = LlamaForCausalLM(args_from_config(ModelConfig(**fields)))
     model.load_state_dict(state, strict=True)  # every fm_train parameter came from the HF dir
     weights = {k: v.detach() for k, v in model.state_dict().items()}
     fields = {**fields, "init_std": 0.02}
-    out = write_hf_dir(tmp_path / "out", fields, lambda n: weights[n].float(), dtype="fp32")
+    out = write_hf_dir(tmp_path / "out", llama, fields, lambda n: weights[n].float(), dtype="fp32")
     before, after = load_file(str(src / "model.safetensors")), load_file(str(out / "model.safetensors"))
     if tie:
         before.pop("lm_head.weight", None)
@@ -57,24 +59,27 @@ def test_round_trip_hf_fm_hf_is_identical(tmp_path: Path, tie: bool, bias: bool)
 
 def test_import_refuses_what_fm_train_cannot_compute(tmp_path: Path) -> None:
     from fm_train.convert import ConvertError, import_hf
+    from fm_train.families import family_of
 
     src = _hf_model(tmp_path, tie=True)
     cfg = json.loads((src / "config.json").read_text())
     cfg["hidden_act"] = "gelu"
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConvertError, match="hidden_act='gelu'"):
-        import_hf(src)
+        import_hf(src, family_of("llama"))
 
 
 def test_sharded_output_with_index(tmp_path: Path) -> None:
     from fm_train.convert import import_hf, write_hf_dir
+    from fm_train.families import family_of
 
-    fields, state = import_hf(_hf_model(tmp_path, tie=False))
-    out = write_hf_dir(tmp_path / "out", fields, lambda n: state[n].float(), dtype="bf16", max_shard_bytes=40_000)
+    llama = family_of("llama")
+    fields, state = import_hf(_hf_model(tmp_path, tie=False), llama)
+    out = write_hf_dir(tmp_path / "out", llama, fields, lambda n: state[n].float(), dtype="bf16", max_shard_bytes=40_000)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
-    fields2, state2 = import_hf(out)  # reads the index back
+    fields2, state2 = import_hf(out, llama)  # reads the index back
     assert torch.equal(state2["lm_head.weight"], state["lm_head.weight"].to(torch.bfloat16))
 
 
@@ -83,6 +88,7 @@ def test_tp_shards_merge_along_recorded_dims(tmp_path: Path) -> None:
     from fm_train.checkpoint.manifest import dense_layers
     from fm_train.config import build_config
     from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
+    from fm_train.families import family_of
 
     cfg = build_config(S.tiny_raw(0, 2))
     full = {"model.model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64),
@@ -97,7 +103,8 @@ def test_tp_shards_merge_along_recorded_dims(tmp_path: Path) -> None:
     manifest = {"topology": {"tp": 2, "pp": 1, "dp": 1, "zero_stage": 0, "precision": "fp32", "world": 2},
                 "param_prefix": "model.", "layers": dense_layers(2, dims),
                 "config": {"model": cfg.model.model_dump()}}
-    weights = DeepSpeedWeights(tmp_path, manifest)
+    model_fields = manifest["config"]["model"]
+    weights = DeepSpeedWeights(tmp_path, manifest, tied=family_of(model_fields).tied_params(model_fields))
     assert weights.shapes()["model.layers.0.self_attn.o_proj.weight"] == (64, 64)
     for k, v in full.items():
         assert torch.equal(weights.get(k.removeprefix("model.")), v)
@@ -109,6 +116,7 @@ def test_pipeline_names_map_through_the_layer_table() -> None:
     from fm_train.checkpoint.manifest import dense_layers
     from fm_train.convert import ConvertError
     from fm_train.convert.keymap import fm_to_hf
+    from fm_train.families import family_of
 
     manifest = {"topology": {"pp": 2}, "layers": dense_layers(2), "tied": {"embed": "model.embed_tokens"}}
     assert ds_to_fm("2.mlp.up_proj.weight", manifest) == "model.layers.1.mlp.up_proj.weight"
@@ -117,4 +125,4 @@ def test_pipeline_names_map_through_the_layer_table() -> None:
     with pytest.raises(CheckpointError, match="layer 9"):
         ds_to_fm("9.weight", manifest)
     with pytest.raises(ConvertError, match="not in the key map"):
-        fm_to_hf("model.layers.0.attn.wq.weight")
+        fm_to_hf(family_of("llama"), "model.layers.0.attn.wq.weight")

@@ -56,18 +56,18 @@ def _train_save_eval(raw: dict, run_dir: str) -> float:
     from fm_train.dist import Topology
     from fm_train.dist.groups import ParallelGroups
     from fm_train.engine.param_groups import weight_decay_groups
-    from fm_train.model import args_from_config
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
+    from fm_train.families.llama.model import args_from_config
+    from fm_train.families.spec import split_dims
     from fm_train.parallel.deepspeed_config import deepspeed_config
     from fm_train.parallel.pipeline import TIED_KEY
-    from fm_train.families import family_of
-    from fm_train.families.base import split_dims
 
     cfg = build_config(raw)
     topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     deepspeed.init_distributed(dist_backend="gloo")
     groups = ParallelGroups(topo)
-    module = build_train_module(cfg, groups)
+    module = build_train_module(cfg, family_of(cfg.model), groups)
     pipelined = topo.pp > 1
     engine, *_ = deepspeed.initialize(model=module, config=deepspeed_config(cfg), mpu=None if pipelined else groups,
                                       model_parameters=weight_decay_groups(module, cfg.optim.weight_decay))
@@ -119,7 +119,7 @@ def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: st
     from transformers import AutoModelForCausalLM
 
     from fm_train.convert import convert_checkpoint
-    from fm_train.model import causal_lm_loss
+    from fm_train.families.llama.model import causal_lm_loss
 
     run_dir, losses = trained(name)
     said: list[str] = []
@@ -144,9 +144,11 @@ def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: st
         assert new.shape[1] == ids.shape[1] + 5 and int(new.max()) < vocab
     # The weights moved away from the seeded init, so equal losses are not two copies of the init.
     from fm_train.config import build_config
-    from fm_train.parallel.build import build_dense_model
+    from fm_train.engine.train_module import build_dense_model
+    from fm_train.families import family_of
 
-    fresh = build_dense_model(build_config(_raw(LAYOUTS[name], "data")))
+    fresh_cfg = build_config(_raw(LAYOUTS[name], "data"))
+    fresh = build_dense_model(fresh_cfg, family_of(fresh_cfg.model))
     with torch.no_grad():
         fresh_loss = causal_lm_loss(fresh(probe[:, :-1]), probe[:, 1:], vocab_size=vocab).item()
     assert abs(fresh_loss - engine_loss) > 1e-3, (fresh_loss, engine_loss)
@@ -185,6 +187,7 @@ def test_swapped_files_fail_the_probe_although_names_and_shapes_match(tmp_path: 
     from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
     from fm_train.convert import ConvertError, convert_checkpoint
     from fm_train.convert.keymap import fm_param_shapes
+    from fm_train.families import family_of
 
     run_dir, _ = trained(name)
     run = tmp_path / "run"
@@ -195,7 +198,10 @@ def test_swapped_files_fail_the_probe_although_names_and_shapes_match(tmp_path: 
         _swap_files(step_dir, a, b)
     manifest = read_manifest(step_dir)
     # Every name and shape check passes: the reader merges the swapped files into the full shapes.
-    assert DeepSpeedWeights(step_dir, manifest).shapes() == fm_param_shapes(manifest["config"]["model"])
+    model_fields = manifest["config"]["model"]
+    family = family_of(model_fields)
+    weights = DeepSpeedWeights(step_dir, manifest, tied=family.tied_params(model_fields))
+    assert weights.shapes() == fm_param_shapes(family, model_fields)
 
     with pytest.raises(ConvertError) as err:
         convert_checkpoint(run, tmp_path / "hf", dtype="fp32")

@@ -18,6 +18,7 @@ def _export(tmp_path: Path) -> tuple[Path, dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fm_train.convert import import_hf
+    from fm_train.families import family_of
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -26,7 +27,7 @@ def _export(tmp_path: Path) -> tuple[Path, dict]:
     model = LlamaForCausalLM(config).eval()
     out = tmp_path / "hf"
     model.save_pretrained(str(out))
-    fields, _ = import_hf(out)
+    fields, _ = import_hf(out, family_of("llama"))
     return out, fields
 
 
@@ -34,6 +35,7 @@ def test_a_forward_holds_one_weight_at_a_time_and_gives_the_whole_models_logits(
     from transformers import AutoModelForCausalLM
 
     from fm_train.convert.verify import open_export
+    from fm_train.families import family_of
 
     out, fields = _export(tmp_path)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -41,7 +43,7 @@ def test_a_forward_holds_one_weight_at_a_time_and_gives_the_whole_models_logits(
     with torch.no_grad():
         whole = reference(input_ids=ids).logits
 
-    with open_export(out, fields) as (tensors, model):
+    with open_export(family_of(fields), out, fields) as (tensors, model):
         assert tensors == len(list(reference.parameters()))
 
         def resident() -> int:
@@ -73,11 +75,12 @@ def test_a_missing_tensor_is_refused_before_anything_runs(tmp_path: Path) -> Non
 
     from fm_train.convert import ConvertError
     from fm_train.convert.verify import open_export
+    from fm_train.families import family_of
 
     out, fields = _export(tmp_path)
     tensors = load_file(str(out / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ConvertError, match="missing tensors.*model.layers.1.mlp.up_proj.weight"):
-        with open_export(out, fields):
+        with open_export(family_of(fields), out, fields):
             pass

@@ -32,7 +32,7 @@ def _reference_state(step_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]
 
 def _fm_logits(manifest: dict, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
     from fm_train.config import ModelConfig
-    from fm_train.model import LlamaForCausalLM, args_from_config
+    from fm_train.families.llama.model import LlamaForCausalLM, args_from_config
 
     model = LlamaForCausalLM(args_from_config(ModelConfig(**manifest["config"]["model"])))
     model.load_state_dict(state, strict=True)

@@ -22,8 +22,8 @@ from fm_train.dist.device import (
 )
 from fm_train.engine.flops import mfu, table_peak_flops
 from fm_train.engine.meter import WallClock, interval_clock
+from fm_train.families import family_of
 from fm_train.parallel.deepspeed_config import deepspeed_config
-from fm_train.plan.flops import flops_per_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import gpu_mfu  # noqa: E402
@@ -158,7 +158,7 @@ def test_mfu_of_the_1b_preset_by_hand():
     h, f, kv, layers, vocab, seq = 2048, 5632, 256, 22, 32000, 2048
     n_matmul = layers * (2 * h * h + 2 * h * kv + 3 * h * f) + h * vocab  # q,o + k,v + gate,up,down; head
     want = 6 * n_matmul + 12 * layers * h * seq
-    assert flops_per_token(shape, seq) == want
+    assert family_of(shape).sizes.flops_per_token(shape, seq) == want
     # 30k tokens/s on one H100 SXM: 30e3 * 7.31e9 / 989e12 = 22.2 %.
     assert mfu(30_000, want, 989e12) == pytest.approx(30_000 * want / 989e12)
     assert 0.21 < mfu(30_000, want, 989e12) < 0.23

@@ -32,13 +32,16 @@ def _train(raw: dict[str, Any], ds_accelerator: str | None) -> dict[str, Any]:
     from fm_train.config import build_config
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
     from fm_train.engine.meter import ThroughputSpec
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
     from fm_train.parallel.deepspeed_config import deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = build_config(raw)
     ds = deepspeed_config(cfg, accelerator=ds_accelerator) if ds_accelerator else None
-    engine, scheduler = build_engine(cfg, build_train_module(cfg), ds_config=ds)
+    family = family_of(cfg.model)
+    engine, scheduler = build_engine(cfg, build_train_module(cfg, family), blocks=family.modules().block_types,
+                                     ds_config=ds)
     sink = MetricsSink(cfg.run.dir, enabled=True, tensorboard=False)
     train(engine, _batches(cfg.model.vocab_size, cfg.data.seq_len), TrainState(lr_scheduler=scheduler), cfg,
           sink=sink, spec=ThroughputSpec(cfg.tokens_per_step, 1, 1.0, 1.0))

@@ -79,19 +79,23 @@ def _train_all_cases(base: dict[str, Any], root: str) -> dict[str, list[dict[str
     import torch.distributed as dist
 
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
+    from fm_train.engine.loop import throughput_spec
     from fm_train.engine.meter import ThroughputSpec
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
     rank = dist.get_rank()
     out: dict[str, list[dict[str, Any]]] = {}
     for name, case in CASES.items():
         run_dir = Path(root) / name
         cfg = make_config(base, str(run_dir), workers=DP, **case)
-        engine, scheduler = build_engine(cfg, build_train_module(cfg))
+        family = family_of(cfg.model)
+        engine, scheduler = build_engine(cfg, build_train_module(cfg, family), blocks=family.modules().block_types)
         state = TrainState(lr_scheduler=scheduler)
         sink = MetricsSink(run_dir, enabled=rank == 0, tensorboard=name == METRICS_CASE)
         # A fixed peak keeps the matmul probe out of all but the metrics case.
-        spec = None if name == METRICS_CASE else ThroughputSpec(cfg.tokens_per_step, DP, 1.0, 1.0)
+        spec = (throughput_spec(cfg, family, engine.device) if name == METRICS_CASE
+                else ThroughputSpec(cfg.tokens_per_step, DP, 1.0, 1.0))
         train(engine, rank_batches(rank, DP, case["micro"], case["accum"]), state, cfg, sink=sink,
               val_batches=val_batches, spec=spec)
         sink.close()
@@ -106,10 +110,11 @@ def _train_all_cases(base: dict[str, Any], root: str) -> dict[str, list[dict[str
 def reference_losses(base: dict[str, Any]) -> list[float]:
     """The same training in one process with plain torch AdamW: loss of each step's global batch."""
     from fm_train.engine import build_lr_scheduler, weight_decay_groups
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
     cfg = make_config(base, "unused", workers=1, zero=0, precision="fp32", micro=GLOBAL_BATCH, accum=1)
-    module = build_train_module(cfg)
+    module = build_train_module(cfg, family_of(cfg.model))
     o = cfg.optim
     opt = torch.optim.AdamW(weight_decay_groups(module, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     sched = build_lr_scheduler(opt, o, cfg.train.steps)

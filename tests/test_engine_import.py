@@ -80,7 +80,7 @@ def _worker(raw: dict[str, Any]) -> int:
     from fm_train.worker import run_worker
 
     cfg = build_config(raw, require_paths=True)
-    engine_data.prepare_sources = lambda cfg, is_rank0: []
+    engine_data.prepare_sources = lambda cfg, family, is_rank0: []
     engine_data.check_sources = lambda cfg, sources: None
     engine_data.train_batches = lambda cfg, sources, dp_rank, dp_size, state, **_: _batches(dp_rank, cfg.model.vocab_size)
     engine_data.val_batches = lambda cfg, sources, dp_rank, dp_size, **_: (lambda: [])

@@ -64,19 +64,21 @@ def _losses(cfg, module) -> tuple[list[float], tuple[int, int], list[list[str]]]
 
 
 def _compare_builds(base: dict[str, Any], root: str) -> dict[str, Any]:
-    from fm_train.parallel.build import CausalLMWithLoss, build_dense_model, build_train_module
-    from fm_train.plan.flops import parameter_count
+    from fm_train.engine.train_module import ModelWithLoss, build_dense_model, build_train_module
+    from fm_train.families import family_of
 
     out: dict[str, Any] = {}
     for tie in (True, False):
         cfg = _config(base, f"{root}/tie{tie}", tie)
-        module = build_train_module(cfg)
+        family = family_of(cfg.model)
+        module = build_train_module(cfg, family)
         built = _param_bytes(module)
         partitioned, after, groups, shared = _losses(cfg, module)
         # The old path: the whole seeded model on every rank, partitioned by deepspeed.initialize.
-        dense, _, dense_groups, _ = _losses(cfg, CausalLMWithLoss(build_dense_model(cfg)))
+        dense_model = ModelWithLoss(build_dense_model(cfg, family), family.modules().loss(family.modules().args(cfg.model)))
+        dense, _, dense_groups, _ = _losses(cfg, dense_model)
         out[f"tie{tie}"] = {"partitioned": partitioned, "dense": dense, "built": built, "after_engine": after,
-                            "model_bytes": parameter_count(cfg.model) * 4, "groups": groups,
+                            "model_bytes": family.sizes.parameter_count(cfg.model) * 4, "groups": groups,
                             "dense_groups": dense_groups, "master_shared": shared}
     return out
 

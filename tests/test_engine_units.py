@@ -13,7 +13,8 @@ from fm_train.config import build_config
 from fm_train.engine import MetricsSink, TrainState, apply_activation_checkpointing, build_lr_scheduler, format_line, lr_at
 from fm_train.engine.flops import mfu, peak_flops, table_peak_flops
 from fm_train.engine.param_groups import weight_decay_groups
-from fm_train.parallel.build import build_train_module
+from fm_train.engine.train_module import build_train_module
+from fm_train.families import family_of
 from fm_train.parallel.deepspeed_config import deepspeed_config
 
 pytestmark = pytest.mark.unit
@@ -66,7 +67,8 @@ def test_lambda_scheduler_follows_lr_at_and_resumes_from_train_state(tiny_config
 # ---- weight decay groups -------------------------------------------------------------------------
 
 def test_no_decay_on_norms_and_biases(tiny_config_dict):
-    module = build_train_module(_cfg(tiny_config_dict, "model.qkv_bias=true"))
+    cfg = _cfg(tiny_config_dict, "model.qkv_bias=true")
+    module = build_train_module(cfg, family_of(cfg.model))
     decay, no_decay = weight_decay_groups(module, 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all("norm" not in n and not n.endswith(".bias") for n in decay["names"])
@@ -170,9 +172,11 @@ def test_metrics_sink_off_rank_writes_nothing(tmp_path):
 
 def test_activation_checkpointing_keeps_names_and_gradients(tiny_config_dict):
     cfg = _cfg(tiny_config_dict)
-    plain, ckpt = build_train_module(cfg), build_train_module(cfg)
-    assert apply_activation_checkpointing(ckpt) == cfg.model.n_layers
-    assert apply_activation_checkpointing(ckpt) == 0  # idempotent
+    family = family_of(cfg.model)
+    plain, ckpt = build_train_module(cfg, family), build_train_module(cfg, family)
+    blocks = family.modules().block_types
+    assert apply_activation_checkpointing(ckpt, blocks) == cfg.model.n_layers
+    assert apply_activation_checkpointing(ckpt, blocks) == 0  # idempotent
     assert list(plain.state_dict()) == list(ckpt.state_dict())
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     saved = {}

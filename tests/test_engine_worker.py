@@ -50,7 +50,7 @@ def _worker_with_fake_data(raw: dict[str, Any], kill_at: int | None = None) -> i
     from fm_train.engine import data as engine_data
     from fm_train.worker import run_worker
 
-    engine_data.prepare_sources = lambda cfg, is_rank0: [(s.path, s.weight) for s in cfg.data.sources]
+    engine_data.prepare_sources = lambda cfg, family, is_rank0: [(s.path, s.weight) for s in cfg.data.sources]
     engine_data.check_sources = lambda cfg, sources: None
     engine_data.train_batches = lambda cfg, sources, dp_rank, dp_size, state, **_: _signal_at(
         _fake_batches(dp_rank, cfg.train.micro_batch, state), dp_rank, kill_at)

@@ -55,9 +55,10 @@ def hf_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     cfg = ModelConfig(**MODELS[request.param])
     family = family_of(cfg)
     gen = torch.Generator().manual_seed(0)  # small random weights: a finite loss, whatever the init code
-    state = {k: torch.randn(v.shape, generator=gen) * 0.02 for k, v in family.build(family.args(cfg)).state_dict().items()}
+    state = {k: torch.randn(v.shape, generator=gen) * 0.02
+             for k, v in family.modules().args(cfg).build().state_dict().items()}
     out = tmp_path_factory.mktemp(f"hf-{request.param}") / "hf"
-    return write_hf_dir(out, cfg.model_dump(), state.__getitem__, dtype="fp32", verify=False,
+    return write_hf_dir(out, family, cfg.model_dump(), state.__getitem__, dtype="fp32", verify=False,
                         tokenizer=corpus / "tokenizer")
 
 

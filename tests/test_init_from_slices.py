@@ -83,8 +83,8 @@ def _raw(hf: Path, parallel: dict[str, Any]) -> dict[str, Any]:
 
 def _local_params(module: Any, cfg: Any) -> dict[str, Any]:
     """This rank's parameters by pure-model name (a pipeline's ``{layer}.{param}`` names mapped back)."""
-    from fm_train.model import args_from_config
-    from fm_train.parallel.llama_pipeline import pipeline_layer_names
+    from fm_train.families.llama.model import args_from_config
+    from fm_train.families.llama.pipeline import pipeline_layer_names
 
     layers = pipeline_layer_names(args_from_config(cfg.model))
     out = {}
@@ -93,7 +93,7 @@ def _local_params(module: Any, cfg: Any) -> dict[str, Any]:
             head, _, rest = name.partition(".")
             name = f"{layers[int(head)]}.{rest}"
         else:
-            name = name.removeprefix("model.")  # CausalLMWithLoss's wrapper
+            name = name.removeprefix("model.")  # ModelWithLoss's wrapper
         out[name] = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
     return out
 
@@ -110,22 +110,24 @@ def _build_from_hf(raw: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any
     from fm_train.convert.keymap import hf_to_fm
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
     from fm_train.worker import _initial_weights, return_freed_memory_to_os
 
     return_freed_memory_to_os()  # as the worker: freed tensors go back to the OS, so the peak is honest
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = build_config(raw, require_paths=True)
+    family = family_of(cfg.model)
     groups = ParallelGroups(Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp))
-    build_train_module(cfg, groups)  # warm up (dropped at once): lazy imports and kernels are not the import's memory
+    build_train_module(cfg, family, groups)  # warm up (dropped at once): lazy imports and kernels are not the import's memory
     gc.collect()
     with _PeakSampler() as sampler:
         base = _rss_bytes()
-        init = _initial_weights(cfg, resuming=False)
-        module = build_train_module(cfg, groups, init=init)
+        init = _initial_weights(cfg, family, resuming=False)
+        module = build_train_module(cfg, family, groups, init=init)
     local = _local_params(module, cfg)
     rank = dist.get_rank()
-    full = {hf_to_fm(k): v for k, v in load_file(str(Path(cfg.model.init_from) / "model.safetensors")).items()}
+    full = {hf_to_fm(family, k): v for k, v in load_file(str(Path(cfg.model.init_from) / "model.safetensors")).items()}
     wrong = [name for name, value in local.items()
              if not torch.equal(value.reshape(-1), _expected(full[name], name, layout, rank, value.numel()).reshape(-1))]
     # Small values only: the queue back to the parent is read after every rank has exited.
@@ -138,7 +140,7 @@ def _expected(full: Any, name: str, layout: dict[str, Any], rank: int, n: int) -
     """What rank ``rank`` of ``layout`` must hold (``n`` elements) of the stored tensor ``full``."""
     import torch
 
-    from fm_train.parallel.tp_plan import LLAMA_TP_PLAN
+    from fm_train.families.llama.tp_plan import TP_PLAN as LLAMA_TP_PLAN
 
     if layout.get("zero_stage") == 3:  # rank r's partition is the flat range [r * n, (r + 1) * n), zero padded
         part = full.reshape(-1)[rank * n:(rank + 1) * n]
@@ -186,12 +188,16 @@ def test_slices_flat_ranges_and_the_tied_head_read_what_they_name(tmp_path: Path
 
     from fm_train.convert.errors import ConvertError
     from fm_train.convert.hf_weights import HFWeights
+    from fm_train.families import family_of
+
+    llama = family_of("llama")
+    tied = llama.tied_params({"tie_embeddings": True})
 
     embed, down = torch.randn(10, 6), torch.randn(6, 9)
     save_file({"model.embed_tokens.weight": embed, "model.layers.0.mlp.down_proj.weight": down,
                "lm_head.weight": torch.zeros(10, 6)}, str(tmp_path / "model.safetensors"))
     want = {"model.embed_tokens.weight": embed.shape, "model.layers.0.mlp.down_proj.weight": down.shape}
-    weights = HFWeights(tmp_path, tie_embeddings=True, want=want)
+    weights = HFWeights(tmp_path, llama, want=want, tied=tied)
     # A tied head reads the embedding (a stored lm_head.weight is ignored), chunked as torch.chunk does.
     assert torch.equal(weights.read("lm_head.weight", 0, 1, 2), embed.chunk(2, dim=0)[1])
     assert torch.equal(weights.read("model.layers.0.mlp.down_proj.weight", 1, 2, 3), down.chunk(3, dim=1)[2])
@@ -200,6 +206,6 @@ def test_slices_flat_ranges_and_the_tied_head_read_what_they_name(tmp_path: Path
         assert torch.equal(weights.read_flat("model.layers.0.mlp.down_proj.weight", start, count),
                            down.reshape(-1)[start:start + count])
     with pytest.raises(ConvertError, match=r"wrong shapes \['model.embed_tokens.weight \(10, 6\) \(want \(12, 6\)\)'\]"):
-        HFWeights(tmp_path, tie_embeddings=True, want={**want, "model.embed_tokens.weight": torch.Size([12, 6])})
+        HFWeights(tmp_path, llama, want={**want, "model.embed_tokens.weight": torch.Size([12, 6])}, tied=tied)
     with pytest.raises(ConvertError, match=r"missing tensors \['model.norm.weight'\]"):
-        HFWeights(tmp_path, tie_embeddings=True, want={**want, "model.norm.weight": torch.Size([6])})
+        HFWeights(tmp_path, llama, want={**want, "model.norm.weight": torch.Size([6])}, tied=tied)

@@ -103,7 +103,8 @@ _UNDER_TORCHRUN = """
 import torch
 import torch.distributed as dist
 from fm_train.dist.env import RankEnv
-from fm_train.engine.distributed import init_distributed, shutdown_distributed
+from fm_train.deepspeed_adapter.comm import init_distributed
+from fm_train.dist.process_group import shutdown_distributed
 
 env = RankEnv.from_environ()
 init_distributed(env)

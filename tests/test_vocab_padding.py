@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from distributed import run_distributed
-from fm_train.model.llama import LlamaArgs, LlamaForCausalLM, causal_lm_loss, padded_vocab_size
+from fm_train.families.llama.model import LlamaArgs, LlamaForCausalLM, causal_lm_loss
+from fm_train.model.base import padded_vocab_size
 from fm_train.parallel.tensor_parallel import TPGroup, vocab_parallel_cross_entropy
 
 VOCAB = 1001  # 7 x 11 x 13: no tp size divides it
@@ -133,18 +134,20 @@ def hf_1001(tmp_path_factory) -> Path:
 def test_an_imported_vocabulary_is_read_into_the_padded_rows_slice_by_slice(hf_1001: Path, parts: int) -> None:
     from fm_train.config import ModelConfig
     from fm_train.convert.hf_import import open_hf
-    from fm_train.model import args_from_config
+    from fm_train.families import family_of
+    from fm_train.families.llama.model import args_from_config
     from fm_train.parallel.sharded_init import initial_flat, initial_shard
 
-    fields, _ = open_hf(hf_1001)
+    llama = family_of("llama")
+    fields, _ = open_hf(hf_1001, llama)
     args = args_from_config(ModelConfig(**fields))
     assert args.padded_vocab_size == 1024
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        _, whole = open_hf(hf_1001)
+        _, whole = open_hf(hf_1001, llama)
         stored = whole.read(name)
         full = torch.cat([stored, stored.new_zeros(1024 - VOCAB, 32)])
         for rank in range(parts):
-            _, weights = open_hf(hf_1001)  # a fresh reader per rank: its counters are that rank's reads
+            _, weights = open_hf(hf_1001, llama)  # a fresh reader per rank: its counters are that rank's reads
             got = initial_shard(args, weights, name, 0, TPGroup(None, rank, parts))
             want = full.chunk(parts, dim=0)[rank]
             assert torch.equal(got, want), (name, rank)
@@ -152,7 +155,7 @@ def test_an_imported_vocabulary_is_read_into_the_padded_rows_slice_by_slice(hf_1
             assert weights.elements_read == real_rows * 32, f"rank {rank} read rows it does not hold"
         # ZeRO-3 partitions: flat ranges inside, across and beyond the real rows.
         for start, count in ((0, 100), (VOCAB * 32 - 40, 90), (VOCAB * 32 + 3, 300), (1024 * 32 - 7, 7)):
-            _, weights = open_hf(hf_1001)
+            _, weights = open_hf(hf_1001, llama)
             assert torch.equal(initial_flat(args, weights, name, start, count), full.reshape(-1)[start:start + count])
 
 

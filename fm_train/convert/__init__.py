@@ -1,6 +1,6 @@
 """DeepSpeed checkpoint -> verified Hugging Face dir, and Hugging Face dir -> fm_train weights.
 
-Names load lazily so that ``fm-train --help`` (which imports ``fm_train.convert.cli``) stays
+Names load lazily so that ``fm-train --help`` (which imports ``fm_train.cli.convert``) stays
 torch-free and fast. No exported name equals a submodule's: importing ``fm_train.convert.X`` sets
 the package attribute ``X`` to that module, which would hide a function of the same name
 (``import_hf`` lives in ``hf_import``).

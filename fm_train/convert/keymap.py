@@ -41,7 +41,7 @@ def _apply(rules: list[tuple[re.Pattern[str], str]], name: str, what: str) -> st
         m = pattern.match(name)
         if m:
             return template.format(**m.groupdict())
-    raise ConvertError(f"{what} parameter {name!r} is not in the family's key map (its hf.key_templates)")
+    raise ConvertError(f"{what} parameter {name!r} is not in the key map (the family's hf.key_templates)")
 
 
 def fm_to_hf(family: FamilySpec, name: str) -> str:
