@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from fm_train.deepspeed_adapter.zero3 import unpartitioned_shape
+
 
 def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two AdamW groups over ``module``'s trainable parameters: ``[decayed matrices, undecayed rest]``.
@@ -26,9 +28,8 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        # A ZeRO-3 parameter built partitioned (deepspeed.zero.Init) is an empty 1-D placeholder;
-        # its real shape is ds_shape.
-        if len(getattr(param, "ds_shape", param.shape)) >= 2:
+        # A ZeRO-3 parameter built partitioned (deepspeed.zero.Init) is an empty 1-D placeholder.
+        if len(unpartitioned_shape(param)) >= 2:
             decay.append(param)
             decay_names.append(name)
         else:
