@@ -159,16 +159,17 @@ def test_pipeline_resume_is_bit_identical(root: Path) -> None:
 def test_checkpoint_manifest_maps_layers_for_the_converter(root: Path, name: str) -> None:
     from fm_train.checkpoint import read_manifest
     from fm_train.config import build_config
-    from fm_train.model import args_from_config
-    from fm_train.parallel.llama_pipeline import pipeline_layer_names
+    from fm_train.families import family_of
     from fm_train.parallel.pipeline import TIED_KEY
 
     run(root, name)
     _, tp, pp, _ = LAYOUTS[name]
     manifest = read_manifest(root / name / "checkpoints" / "step_00000006")
-    args = args_from_config(build_config(raw_config(root, name)).model)
+    model_cfg = build_config(raw_config(root, name)).model
+    family = family_of(model_cfg)
+    args = family.modules().args(model_cfg)
     assert (manifest["topology"]["tp"], manifest["topology"]["pp"]) == (tp, pp)
-    assert {e["index"]: e["module"] for e in manifest["layers"]} == pipeline_layer_names(args)
+    assert {e["index"]: e["module"] for e in manifest["layers"]} == family.modules().pipeline_layer_names(args)
     block = next(e for e in manifest["layers"] if e["module"] == "model.layers.0")["tp_split_dims"]
     assert block["self_attn.q_proj.weight"] == 0 and block["mlp.down_proj.weight"] == 1
     assert block["input_layernorm.weight"] is None
@@ -178,8 +179,10 @@ def test_checkpoint_manifest_maps_layers_for_the_converter(root: Path, name: str
     from fm_train.convert.keymap import fm_param_shapes
 
     # The converter's reader merges the shards into the dense model's full shapes with this manifest.
-    weights = DeepSpeedWeights(root / name / "checkpoints" / "step_00000006", manifest)
-    assert weights.shapes() == fm_param_shapes(manifest["config"]["model"])
+    fields = manifest["config"]["model"]
+    weights = DeepSpeedWeights(root / name / "checkpoints" / "step_00000006", manifest,
+                               tied=family_of(fields).tied_params(fields))
+    assert weights.shapes() == fm_param_shapes(family_of(fields), fields)
 
 
 def _tp2_unclipped_norm(raw: dict[str, Any], tokens: Any) -> float:
@@ -190,12 +193,13 @@ def _tp2_unclipped_norm(raw: dict[str, Any], tokens: Any) -> float:
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
     from fm_train.engine import GradNormTracker, TrainState, build_engine, train_step
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
     cfg = build_config(raw)
     deepspeed.init_distributed(dist_backend="gloo")
     groups = ParallelGroups(Topology(world=cfg.world_size, tp=cfg.parallel.tp))
-    engine, _ = build_engine(cfg, build_train_module(cfg, groups), mpu=groups)
+    engine, _ = build_engine(cfg, build_train_module(cfg, family_of(cfg.model), groups), mpu=groups)
     # Neither DeepSpeed's optimizer nor its clipping reports a norm here: the tracker's own hook must.
     assert engine.gradient_clipping() == 0 and not hasattr(engine.optimizer, "_global_grad_norm")
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
@@ -208,13 +212,14 @@ def test_unclipped_grad_norm_counts_tp_shards_and_replicas_once(root: Path) -> N
     import torch
 
     from fm_train.config import build_config
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
     raw = raw_config(root, "tp2-zero2")
     raw["parallel"]["zero_stage"], raw["optim"]["grad_clip"], raw["train"]["grad_accum"] = 0, 0.0, 1
     tokens = torch.randint(0, VOCAB, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(3))
-    dense = build_train_module(build_config({**raw, "parallel": {"tp": 1, "pp": 1, "zero_stage": 0},
-                                             "cluster": {"workers": 1}}))
+    dense_cfg = build_config({**raw, "parallel": {"tp": 1, "pp": 1, "zero_stage": 0}, "cluster": {"workers": 1}})
+    dense = build_train_module(dense_cfg, family_of(dense_cfg.model))
     dense(tokens[:, :-1], tokens[:, 1:]).backward()
     want = torch.nn.utils.get_total_norm([p.grad for p in dense.parameters()]).item()
     norms = run_distributed(_tp2_unclipped_norm, world_size=2, args=(raw, tokens))

@@ -76,11 +76,12 @@ def _engine_facts(raw: dict[str, Any]) -> dict[str, Any]:
     from fm_train.engine import build_engine
     from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.dist.env import RankEnv
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
 
     init_distributed(RankEnv.from_environ())
     cfg = build_config(raw)
-    engine, _ = build_engine(cfg, build_train_module(cfg))
+    engine, _ = build_engine(cfg, build_train_module(cfg, family_of(cfg.model)))
     return {"device": str(engine.device), "fused": engine.basic_optimizer.defaults.get("fused"),
             "overlap_comm": engine.zero_overlap_comm(), "accelerator": deepspeed.get_accelerator().device_name()}
 

@@ -49,9 +49,11 @@ def global_batch(cfg: FmConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def reference_losses(cfg: FmConfig) -> tuple[list[float], list[float]]:
     """Losses and pre-clip gradient norms of a single process on whole global batches."""
     from fm_train.engine.param_groups import weight_decay_groups
-    from fm_train.parallel.build import CausalLMWithLoss, build_dense_model
+    from fm_train.engine.train_module import ModelWithLoss, build_dense_model
+    from fm_train.families import family_of
 
-    model = CausalLMWithLoss(build_dense_model(cfg))
+    family = family_of(cfg.model)
+    model = ModelWithLoss(build_dense_model(cfg, family), family.modules().loss(family.modules().args(cfg.model)))
     o = cfg.optim
     opt = torch.optim.AdamW(weight_decay_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
     losses, norms = [], []
@@ -73,12 +75,13 @@ def _train_parallel(cfg: FmConfig) -> list[float]:
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
     from fm_train.engine.param_groups import weight_decay_groups
-    from fm_train.parallel.build import build_train_module
+    from fm_train.engine.train_module import build_train_module
+    from fm_train.families import family_of
     from fm_train.parallel.deepspeed_config import deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     groups = ParallelGroups(Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp))
-    module = build_train_module(cfg, groups)
+    module = build_train_module(cfg, family_of(cfg.model), groups)
     pipelined = cfg.parallel.pp > 1
     engine, *_ = deepspeed.initialize(
         model=module, config=deepspeed_config(cfg), mpu=None if pipelined else groups,

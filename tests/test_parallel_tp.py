@@ -10,10 +10,11 @@ from distributed import run_distributed
 from fm_train.config import FmConfig
 from fm_train.dist.groups import ParallelGroups
 from fm_train.dist.topology import Topology
-from fm_train.model.llama import LlamaArgs, LlamaForCausalLM, causal_lm_loss
-from fm_train.families import FAMILIES
-from fm_train.families.base import split_dims
-from fm_train.parallel.build import build_tp_model, build_train_module
+from fm_train.engine.train_module import build_tp_model, build_train_module
+from fm_train.families import FAMILIES, family_of
+from fm_train.families.llama.model import LlamaArgs, LlamaForCausalLM, causal_lm_loss
+from fm_train.families.spec import layout_errors as family_layout_errors
+from fm_train.families.spec import split_dims
 from fm_train.parallel.tensor_parallel import (
     TPGroup,
     gather_from_tp,
@@ -22,7 +23,10 @@ from fm_train.parallel.tensor_parallel import (
 
 SEED = 7
 LLAMA = FAMILIES["llama"]
-layout_errors = LLAMA.layout_errors
+
+
+def layout_errors(args: LlamaArgs, tp: int, pp: int) -> list[str]:
+    return family_layout_errors(LLAMA, args, tp, pp)
 
 
 def tiny_args(*, tie: bool = True, bias: bool = False, vocab: int = 512, n_layers: int = 2,
@@ -101,7 +105,8 @@ def test_layout_errors_name_the_field_and_the_fix() -> None:
 def test_build_refuses_tp_without_groups(tiny_config_dict: dict) -> None:
     tiny_config_dict["parallel"] = {"tp": 2, "pp": 1, "zero_stage": 1}
     with pytest.raises(ValueError, match="needs the rank's ParallelGroups"):
-        build_train_module(FmConfig(**tiny_config_dict))
+        cfg = FmConfig(**tiny_config_dict)
+        build_train_module(cfg, family_of(cfg.model))
 
 
 def _tp2_against_dense(tie: bool, bias: bool, vocab: int = 512) -> dict[str, float]:

@@ -71,13 +71,14 @@ def _worker(raw: dict[str, Any]) -> int:
 
     restore = checkpointing.restore
 
-    def restore_and_probe(engine: Any, path: Path, cfg: Any, state: Any, tokenizer_hash: str | None) -> None:
-        restore(engine, path, cfg, state, tokenizer_hash)
+    def restore_and_probe(engine: Any, path: Path, cfg: Any, family: Any, state: Any,
+                          tokenizer_hash: str | None) -> None:
+        restore(engine, path, cfg, family, state, tokenizer_hash)
         import torch.distributed as dist
 
         probe_cfg = build_config({**raw, "run": {**raw["run"], "dir": str(Path(raw["run"]["dir"]) / PROBE)}})
         topo = Topology(world=dist.get_world_size(), tp=cfg.parallel.tp, pp=cfg.parallel.pp)
-        checkpointing.checkpoint_hook(probe_cfg, topo, is_rank0=dist.get_rank() == 0,
+        checkpointing.checkpoint_hook(probe_cfg, family, topo, is_rank0=dist.get_rank() == 0,
                                       tokenizer_hash=tokenizer_hash).save(engine, state)
 
     checkpointing.restore = restore_and_probe  # type: ignore[assignment]
@@ -112,8 +113,11 @@ def full_state(step_dir: Path) -> tuple[dict[str, dict[str | None, Any]], int]:
     """Every parameter's full fp32 weight and Adam moments, and Adam's step, of one step directory."""
     from fm_train.checkpoint import read_manifest
     from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
+    from fm_train.families import family_of
 
-    reader = DeepSpeedWeights(step_dir, read_manifest(step_dir))
+    manifest = read_manifest(step_dir)
+    fields = manifest["config"]["model"]
+    reader = DeepSpeedWeights(step_dir, manifest, tied=family_of(fields).tied_params(fields))
     tensors = {n: {k: reader.get(n, k).clone() for k in (None, "exp_avg", "exp_avg_sq")} for n in reader.shapes()}
     return tensors, reader.optimizer_step()
 

@@ -64,20 +64,28 @@ def test_plan_prints_64_rank_table():
 
 def test_memory_estimate_follows_zero_stages(tiny_config_dict):
     from fm_train.config import build_config
+    from fm_train.families import family_of
     from fm_train.plan.memory import estimate_memory
 
+    def estimate(raw: dict):
+        cfg = build_config(raw)
+        return estimate_memory(cfg, family_of(cfg.model))
+
     base = {**tiny_config_dict, "cluster": {"workers": 4}}
-    est = {z: estimate_memory(build_config({**base, "parallel": {"zero_stage": z}})) for z in (0, 1, 2, 3)}
+    est = {z: estimate({**base, "parallel": {"zero_stage": z}}) for z in (0, 1, 2, 3)}
     assert est[1].optimizer == pytest.approx(est[0].optimizer / 4)
     assert est[2].grads == pytest.approx(est[0].grads / 4) and est[1].grads == est[0].grads
     assert est[3].params == pytest.approx(est[0].params / 4) and est[2].params == est[0].params
-    ckpt = estimate_memory(build_config({**base, "parallel": {"activation_checkpointing": True}}))
+    ckpt = estimate({**base, "parallel": {"activation_checkpointing": True}})
     assert ckpt.activations < est[2].activations
 
 
 def test_parameter_count_matches_published_shapes():
     from fm_train.config import build_config
-    from fm_train.plan.flops import parameter_count
+    from fm_train.families import family_of
+
+    def parameter_count(shape) -> int:
+        return family_of(shape).sizes.parameter_count(shape)
 
     # TinyLlama-1.1B and Llama-2-7B as published.
     assert parameter_count(build_config({"model": {"preset": "1.1b"}, "data": {"seq_len": 128}}).model) == 1_100_048_384

@@ -128,9 +128,12 @@ def final_weights(run_dir: Path, step: int) -> dict[str, Any]:
     """The fp32 master weights of a checkpoint, read by the converter's own reader (fm_train names)."""
     from fm_train.checkpoint.manifest import read_manifest
     from fm_train.deepspeed_adapter.ckpt_reader import DeepSpeedWeights
+    from fm_train.families import family_of
 
     d = step_dir(run_dir, step)
-    source = DeepSpeedWeights(d, read_manifest(d))
+    manifest = read_manifest(d)
+    fields = manifest["config"]["model"]
+    source = DeepSpeedWeights(d, manifest, tied=family_of(fields).tied_params(fields))
     return {name: source.get(name).clone() for name in source.shapes()}
 
 
