@@ -203,8 +203,8 @@ def run_worker(cfg: FmConfig) -> int:
         heartbeat.beat(state.step, "ready")
         try:
             train(engine, batches, state, cfg, sink=sink, spec=throughput_spec(cfg, family, engine.device),
-                  val_batches=val, hooks=[save, heartbeat], group=groups.get_data_parallel_group(), stop=lambda: stop.requested, on_stop=save.save,
-                  control_group=groups.control)
+                  val_batches=val, hooks=[save, heartbeat], group=groups.get_data_parallel_group(),
+                  stop=lambda: stop.requested, on_stop=save.save, control_group=groups.control)
         except BadShardError as exc:
             if cfg.data.on_bad_shard != "skip":
                 raise

@@ -2,7 +2,9 @@
 
 The package holds the entry points: this dispatch (``python -m fm_train.cli`` runs it too), the
 arguments shared by the commands that take a run config (:mod:`fm_train.cli.common`), and the
-``plan`` and ``convert`` commands (:mod:`fm_train.cli.plan`, :mod:`fm_train.cli.convert`).
+``plan``, ``convert`` and ``eval`` commands (:mod:`fm_train.cli.plan`, :mod:`fm_train.cli.convert`,
+:mod:`fm_train.cli.eval`). It is the top layer (``docs/architecture.md``): it loads every subcommand,
+the launcher's and the worker's included, by module name.
 """
 
 from __future__ import annotations

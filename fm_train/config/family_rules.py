@@ -1,7 +1,7 @@
 """What the config loader needs to know about model families, registered from outside.
 
 ``config`` sits below the families in the layer order, so it cannot import them; the family registry
-(``fm_train.families``) registers itself here when the ``fm_train`` package is imported, and the
+(``fm_train.families``) is registered here by ``fm_train/__init__.py``, when the ``fm_train`` package is imported, and the
 loader asks through this small interface: the known names, each family's own rules on a config, and
 the ``model`` fields of a Hugging Face ``config.json`` (for ``model.init_from``).
 """
@@ -35,7 +35,7 @@ _registered: list[FamilyRules] = []
 
 
 def register_family_rules(rules: FamilyRules) -> None:
-    """Make ``rules`` the families the loader checks configs against (the registry calls this once)."""
+    """Make ``rules`` the families the loader checks configs against (``fm_train/__init__.py`` does, once)."""
     _registered[:] = [rules]
 
 

@@ -30,7 +30,6 @@ from fm_train.convert.keymap import hf_to_fm
 from fm_train.families.spec import FamilySpec
 
 
-
 def safetensors_files(hf_dir: Path) -> list[str]:
     """The weight files of ``hf_dir``: those its ``model.safetensors.index.json`` names, else ``model.safetensors``."""
     index = hf_dir / "model.safetensors.index.json"
@@ -69,7 +68,7 @@ class HFWeights:
                  tied: Mapping[str, str]) -> None:
         from safetensors import safe_open
 
-        self.hf_dir, self.family = Path(hf_dir), family
+        self.hf_dir = Path(hf_dir)
         self.tied = dict(tied)
         self._where: dict[str, tuple[Path, str]] = {}  # fm name -> (file, Hugging Face key)
         self._shapes: dict[str, torch.Size] = {}

@@ -2,7 +2,7 @@
 
 DeepSpeed writes and reads every one of its checkpoint files through ``engine.checkpoint_engine``
 (``save(state_dict, path)``, ``load(path, map_location)``; a ``PipelineEngine`` hands the same object
-to its layer files). :func:`guarded_checkpoint_engine` swaps in (through the DeepSpeed adapter,
+to its layer files). :func:`guarded_checkpoint_engine` swaps in (with
 :func:`fm_train.deepspeed_adapter.engine.swapped_checkpoint_engine`) :class:`GuardedCheckpointEngine` for
 the duration of one call, which
 

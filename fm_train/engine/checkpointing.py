@@ -45,7 +45,8 @@ def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, family: FamilySp
     """Load ``path`` into ``engine`` and set ``state`` to the saved step, tokens and data position."""
     from fm_train.checkpoint import load_checkpoint
 
-    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash, layout=current_layout(cfg, family))
+    manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash,
+                               layout=current_layout(cfg, family))
     state.step = int(manifest["step"])
     state.tokens_seen = int(manifest["tokens_seen"])
     state.data_state = manifest["data"]["state"]

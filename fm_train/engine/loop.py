@@ -54,7 +54,8 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     ``eval_every`` steps (and at the last step) the mean loss of a fresh ``val_batches()`` does.
     ``group`` is the data-parallel group losses are averaged over (None: the world). Every rank
     calls this; each record holds the same values on every rank (tp peers compute the same loss, and
-    a pipeline's loss is broadcast from its last stage), and the sink decides who writes it.
+    a pipeline's loss is broadcast from its last stage), and the sink decides who writes it. ``spec``
+    gives tokens/s and MFU their terms (:func:`throughput_spec`: the family's FLOPs per token).
 
     ``stop`` is polled after every step; when it is true on any rank (a signal may reach the ranks at
     different moments, so they agree through one all-reduce), ``on_stop`` runs (the checkpoint save)

@@ -36,6 +36,7 @@ from fm_train.parallel.sharded_init import (
 )
 from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
 
+
 class ModelWithLoss(nn.Module):
     """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``, the
     loss being the family's objective."""

@@ -130,6 +130,7 @@ class FamilySpec:
 
 @functools.cache
 def _modules(load: Callable[[], Modules]) -> Modules:
+    """``load()``, once per family."""
     return load()
 
 

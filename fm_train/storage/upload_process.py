@@ -6,8 +6,8 @@ thread holds the interpreter lock for every chunk it handles, so the training lo
 launches each step's kernels, waits for it, and ``setpriority`` on the thread that asked for the
 upload does not reach the loop thread that does the work. A child process has its own interpreter
 lock and runs at :data:`NICENESS` as a whole (PyTorch's distributed checkpoint moved its async save
-to a process for the same interpreter-lock contention). It imports fsspec only (not torch: about
-1 s to start, once per rank), copies one file per request, and exits when its parent does.
+to a process for the same interpreter-lock contention). It imports fsspec and fm-train's torch-free
+config (not torch: about 1 s to start, once per rank), copies one file per request, and exits when its parent does.
 
 Protocol, one JSON object per line: the parent writes ``{"local", "protocol", "path", "options"}``
 to the child's stdin; the child answers ``{"ok": true}`` or ``{"ok": false, "error"}`` on its

@@ -20,10 +20,12 @@ VOCAB_ROW_PARAMS: tuple[str, ...] = ("word_embeddings.weight", "predictions.bias
 
 
 def _tied_params(model_fields: Mapping[str, Any]) -> dict[str, str]:
+    """Tied parameter -> the one it shares, for a model of these fields."""
     return dict(TIED_PARAMS)
 
 
 def _modules() -> Modules:
+    """The torch side, imported on first use."""
     from fm_train.families.bert.modules import MODULES
 
     return MODULES

@@ -19,10 +19,12 @@ VOCAB_ROW_PARAMS: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight")
 
 
 def _tied_params(model_fields: Mapping[str, Any]) -> dict[str, str]:
+    """Tied parameter -> the one it shares, for a model of these fields."""
     return dict(TIED_PARAMS) if model_fields.get("tie_embeddings", True) else {}
 
 
 def _modules() -> Modules:
+    """The torch side, imported on first use."""
     from fm_train.families.llama.modules import MODULES
 
     return MODULES
