@@ -174,7 +174,8 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
     try:  # the conversion's entry point: the one place it resolves the checkpoint's family
         family = family_of(model_fields)
     except ValueError as exc:
-        raise ConvertError(f"{step_dir / 'manifest.json'}: config.{exc}") from None
+        raise ConvertError(f"{step_dir / 'manifest.json'}: config.{exc}; a manifest written before fm-train had model"
+                           " families lacks it: add the family the run trained as config.model.family") from None
     source = DeepSpeedWeights(where, manifest, tied=family.tied_params(model_fields), trust=trust_checkpoint)
     _check_shapes(family, source.shapes(), model_fields, where)
     if source.note:

@@ -55,8 +55,10 @@ def build_dense_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None
     args = family.modules().args(cfg.model)
     model = args.build()
     init = cfg.run.seed if init is None else init
-    if isinstance(init, int):
-        model.init_weights(init)
+    if isinstance(init, int):  # the per-parameter seeded init every layout slices (ModelArgs.init_parameter)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                args.init_parameter(name, param, init)
     elif isinstance(init, SliceReader):  # one tensor at a time: never the checkpoint and the model at once
         with torch.no_grad():
             for name, param in model.named_parameters():
