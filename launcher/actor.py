@@ -169,6 +169,10 @@ class WorkerProcess:
             os.killpg(proc.pid, signal.SIGCONT)
         return True
 
+    def returncode(self) -> int | None:
+        """The worker's exit code, None while it runs (or before it started); sends nothing."""
+        return None if self._proc is None else self._proc.poll()
+
     def stop(self, grace_s: float) -> int | None:
         """SIGTERM, wait up to ``grace_s`` for a clean exit (the worker saves), then SIGKILL; returns the exit code."""
         proc = self._proc

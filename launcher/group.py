@@ -125,6 +125,21 @@ class WorkerGroup:
         os.replace(tmp, path)
         return path
 
+    def exited(self, timeout_s: float = 10.0) -> dict[int, int]:
+        """Exit codes of the ranks whose worker has ended, read without stopping any (an actor that does
+        not answer within ``timeout_s`` is left out)."""
+        refs = {a.returncode.remote(): r for r, a in enumerate(self.actors)}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+        codes: dict[int, int] = {}
+        for ref in ready:
+            try:
+                code = ray.get(ref)
+            except ray.exceptions.RayError:
+                continue
+            if code is not None:
+                codes[refs[ref]] = code
+        return codes
+
     def stop_all(self, grace_s: float) -> list[int | None]:
         """SIGTERM every rank, SIGKILL after ``grace_s``; exit codes by rank (None where the actor is gone)."""
         refs = [a.stop.remote(grace_s) for a in self.actors]

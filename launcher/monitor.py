@@ -167,11 +167,14 @@ def _node(w: AttemptWatch, rank: int) -> tuple[str, str]:
 
 def _fail(w: AttemptWatch, rank: int, code: int | None, cause: str) -> Failed:
     w.say(f"rank {rank} {cause}; stopping the other workers")
-    codes = {r: c for r, c in enumerate(w.group.stop_all(w.failure_grace_s)) if c is not None}
+    # Read who had ended before anything is sent: a rank killed from outside (SIGKILL, the OOM killer)
+    # must not be mistaken for one the launcher's own stop killed.
+    own = {**w.group.exited(), **w.exit_codes}
+    stopped = {r: c for r, c in enumerate(w.group.stop_all(w.failure_grace_s)) if c is not None}
     _drain(w)
-    culprit = cause_rank({**codes, **w.exit_codes}, rank, stopped=_SIGTERM_CODES)
+    culprit = cause_rank(own, stopped, rank, stopped=_SIGTERM_CODES)
     if culprit != rank:  # the first rank only lost a peer; this one failed by itself
-        rank, code = culprit, {**codes, **w.exit_codes}[culprit]
+        rank, code = culprit, {**stopped, **own}[culprit]
         cause = describe_exit(code)
     ip, nid = _node(w, rank)
     return Failed(rank=rank, node_ip=ip, node_id=nid, exit_code=code, cause=cause, last_lines=w.sink.last_lines(rank))

@@ -124,17 +124,26 @@ Outcome = Union[Succeeded, Failed, Hung, Preempted, Stopped, Unplaced]
 _STOP_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 
-def cause_rank(exit_codes: Mapping[int, int | None], first: int, *, stopped: Collection[int] = ()) -> int:
+def cause_rank(own: Mapping[int, int], after_stop: Mapping[int, int | None], first: int, *,
+               stopped: Collection[int] = ()) -> int:
     """The rank whose exit says why an attempt failed: ``first`` (the first rank seen failing), unless it
-    only lost a peer (:data:`PEER_FAILURE_EXIT_CODE`) and another rank failed by itself, with a code that
-    is neither 0, the peer code, a signal (negative: the launcher's own SIGKILL) nor one of ``stopped``
-    (the codes of a worker ending on the launcher's SIGTERM). Otherwise a disk filling up on rank 1
-    (exit 2: do not restart) could be reported as rank 0's lost peer (exit 5: restart), and restarted."""
-    if exit_codes.get(first) != PEER_FAILURE_EXIT_CODE:
+    only lost a peer (:data:`PEER_FAILURE_EXIT_CODE`) and another rank failed by itself.
+
+    ``own`` holds the exit codes of ranks that ended before the launcher stopped anyone: any code there but
+    0, the peer code and ``stopped`` (a worker ending on SIGTERM) is a failure of its own, a signal too
+    (something outside killed it). ``after_stop`` holds the codes the launcher's stop returned: there a
+    signal is the launcher's own SIGKILL, so only a positive code counts. Otherwise a disk filling up on
+    rank 1 (exit 2: do not restart) could be reported as rank 0's lost peer (exit 5: restart)."""
+    if own.get(first) != PEER_FAILURE_EXIT_CODE:
         return first
-    own = sorted(r for r, c in exit_codes.items()
-                 if c is not None and c > 0 and c != PEER_FAILURE_EXIT_CODE and c not in stopped)
-    return own[0] if own else first
+
+    def failed(code: int | None, *, signals: bool) -> bool:
+        return (code is not None and code != 0 and code != PEER_FAILURE_EXIT_CODE and code not in stopped
+                and (signals or code > 0))
+
+    before = sorted(r for r, c in own.items() if failed(c, signals=True))
+    later = sorted(r for r, c in after_stop.items() if r not in own and failed(c, signals=False))
+    return (before or later or [first])[0]
 
 
 def exit_code(outcome: Outcome) -> int:

@@ -114,10 +114,18 @@ def test_the_launcher_blames_the_rank_that_failed_by_itself_not_the_one_that_los
     from launcher.outcomes import PEER_FAILURE_EXIT_CODE, cause_rank
 
     sigterm = (-15, 143)
+    peer = PEER_FAILURE_EXIT_CODE
     # Rank 1's disk filled up (exit 2); rank 0, in a collective with it, lost its peer (exit 5).
-    assert cause_rank({0: PEER_FAILURE_EXIT_CODE, 1: 2}, 0, stopped=sigterm) == 1
-    # Rank 1's node is gone (no exit code) or it was killed by the launcher: rank 0's peer failure stands.
-    assert cause_rank({0: PEER_FAILURE_EXIT_CODE}, 0, stopped=sigterm) == 0
-    assert cause_rank({0: PEER_FAILURE_EXIT_CODE, 1: -9, 2: 143, 3: 0}, 0, stopped=sigterm) == 0
+    assert cause_rank({0: peer, 1: 2}, {}, 0, stopped=sigterm) == 1
+    # ... or rank 1 was still writing its error when the launcher stopped it: its own code still counts.
+    assert cause_rank({0: peer}, {0: peer, 1: 2}, 0, stopped=sigterm) == 1
+    # Something outside SIGKILLed rank 1 (a user, the OOM killer) before rank 0 noticed: rank 1 is the cause,
+    # also when both exits arrive in the same poll round and rank 0 is looked at first.
+    assert cause_rank({0: peer, 1: -9}, {0: peer, 1: -9}, 0, stopped=sigterm) == 1
+    # Rank 1's node is gone (no exit code), or the launcher's stop killed it: rank 0's peer failure stands.
+    assert cause_rank({0: peer}, {0: peer}, 0, stopped=sigterm) == 0
+    assert cause_rank({0: peer}, {0: peer, 1: -9, 2: 143, 3: 0}, 0, stopped=sigterm) == 0
+    assert cause_rank({0: peer, 2: -15}, {0: peer, 2: -15}, 0, stopped=sigterm) == 0
     # A first failure of its own is the cause whatever the others say.
-    assert cause_rank({0: 2, 1: PEER_FAILURE_EXIT_CODE}, 0, stopped=sigterm) == 0
+    assert cause_rank({0: 2, 1: peer}, {}, 0, stopped=sigterm) == 0
+    assert cause_rank({0: -9, 1: 3}, {}, 0, stopped=sigterm) == 0
