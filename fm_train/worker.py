@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from fm_train.config import ConfigError, FmConfig, dump_config, load_config
 from fm_train.dist.env import RankEnv, ensure_extension_cache
@@ -92,6 +92,12 @@ def return_freed_memory_to_os() -> None:
         pass
 
 
+def _model_metrics(family: FamilySpec, engine: Any) -> Callable[[], dict[str, tuple[float, float]]] | None:
+    """What the family's model measures in its forwards (MoE: router losses, expert load), for each record."""
+    take = family.modules().take_metrics
+    return None if take is None else (lambda: take(engine.module))
+
+
 def _initial_weights(cfg: FmConfig, family: FamilySpec, resuming: bool) -> "InitSource":
     """The run seed, or on a fresh start with ``model.init_from`` the Hugging Face weights, opened lazily:
     ``build_train_module`` reads only the slices this rank holds (its tp shards, its stage's layers,
@@ -154,7 +160,7 @@ def run_worker(cfg: FmConfig) -> int:
     is_rank0 = env.rank == 0
     heartbeat = Heartbeat.from_environ()
     try:
-        topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
+        topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
         # First thing after joining, on every rank: each group is a collective over the world.
         with rendezvous_errors(env, "creating the dp/tp/pp groups"):
             groups = ParallelGroups(topo)
@@ -204,7 +210,8 @@ def run_worker(cfg: FmConfig) -> int:
         try:
             train(engine, batches, state, cfg, sink=sink, spec=throughput_spec(cfg, family, engine.device),
                   val_batches=val, hooks=[save, heartbeat], group=groups.get_data_parallel_group(),
-                  stop=lambda: stop.requested, on_stop=save.save, control_group=groups.control)
+                  stop=lambda: stop.requested, on_stop=save.save, control_group=groups.control,
+                  model_metrics=_model_metrics(family, engine))
         except BadShardError as exc:
             if cfg.data.on_bad_shard != "skip":
                 raise

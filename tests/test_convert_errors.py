@@ -165,10 +165,15 @@ def test_swapped_same_shape_tensors_fail_verification(trained: Path, tmp_path: P
     from fm_train.convert import ConvertError, convert_checkpoint
     from fm_train.convert import export as export_mod
 
-    real = export_mod.hf_to_fm
-    swap = {"model.layers.0.self_attn.q_proj.weight": "model.layers.0.self_attn.o_proj.weight",
-            "model.layers.0.self_attn.o_proj.weight": "model.layers.0.self_attn.q_proj.weight"}
-    monkeypatch.setattr(export_mod, "hf_to_fm", lambda family, name: swap.get(name) or real(family, name))
+    real = export_mod.hf_layout
+
+    def swapped(family, model_fields):
+        layout = dict(real(family, model_fields))
+        q, o = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight"
+        layout[q], layout[o] = layout[o], layout[q]
+        return layout
+
+    monkeypatch.setattr(export_mod, "hf_layout", swapped)
     with pytest.raises(ConvertError, match="verification failed: the exported model's logits do not match the training engine's"):
         convert_checkpoint(trained / "run", tmp_path / "hf", dtype="bf16")
     assert list(tmp_path.iterdir()) == []  # nothing at out, no temp dir

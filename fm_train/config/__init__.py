@@ -11,6 +11,7 @@ from fm_train.config.schema import (
     FmConfig,
     LoggingConfig,
     ModelConfig,
+    MoEConfig,
     OptimConfig,
     ParallelConfig,
     RunConfig,
@@ -19,6 +20,6 @@ from fm_train.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "ClusterConfig", "ConfigError", "ConvertConfig", "DataConfig", "DataSource",
-    "FmConfig", "LoggingConfig", "MODEL_PRESETS", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "FmConfig", "LoggingConfig", "MODEL_PRESETS", "ModelConfig", "MoEConfig", "OptimConfig", "ParallelConfig",
     "RunConfig", "TrainConfig", "build_config", "dump_config", "load_config", "parse_override",
 ]

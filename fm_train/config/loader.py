@@ -114,7 +114,10 @@ def _merge_preset(raw: dict[str, Any]) -> dict[str, Any]:
     if name not in MODEL_PRESETS:
         raise ConfigError(f"model.preset={short_repr(name)} is unknown; choose one of {', '.join(MODEL_PRESETS)}")
     merged = dict(raw)
-    merged["model"] = {**MODEL_PRESETS[name], **model}
+    preset = MODEL_PRESETS[name]
+    merged["model"] = {**preset, **model}
+    if isinstance(preset.get("moe"), Mapping) and isinstance(model.get("moe"), Mapping):
+        merged["model"]["moe"] = {**preset["moe"], **model["moe"]}  # model.moe.top_k: 4 keeps the preset's experts
     return merged
 
 

@@ -27,6 +27,8 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
             f" = {p.tp * p.pp}: world size must equal dp x pp x tp; set cluster.workers to a multiple of"
             f" {p.tp * p.pp}"
         )
+    if p.ep > 1:
+        errors.extend(_expert_parallel_errors(cfg))
     if p.pp > 1 and p.zero_stage > 1:
         errors.append(
             f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine allows"
@@ -119,6 +121,27 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
                     f"data.sources[{i}].path={src.path!r} {reason}; build it with `fm-train shard --out {src.path}`"
                     " or set default_corpus: true"
                 )
+    return errors
+
+
+def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
+    """parallel.ep splits the experts among data-parallel ranks: the model must have experts, ep must
+    divide their number and the data-parallel size (also the smallest one an elastic run shrinks to)."""
+    m, p, c = cfg.model, cfg.parallel, cfg.cluster
+    if m.moe is None:
+        return [f"parallel.ep={p.ep} splits experts, but model.family={m.family} has none (model.moe is unset);"
+                " set parallel.ep=1, or train a Mixture-of-Experts model (model.preset: moe-tiny)"]
+    errors = []
+    if m.moe.experts % p.ep:
+        errors.append(f"parallel.ep={p.ep} does not divide model.moe.experts={m.moe.experts}: each rank of an"
+                      " expert-parallel group holds experts / ep of them; pick an ep that divides it")
+    if c.workers % (p.tp * p.pp) == 0 and cfg.dp % p.ep:
+        errors.append(f"parallel.ep={p.ep} does not divide the data-parallel size {cfg.dp} (cluster.workers="
+                      f"{c.workers} / (tp {p.tp} x pp {p.pp})): expert-parallel groups are carved out of the"
+                      " data-parallel ranks; set cluster.workers so that dp is a multiple of ep")
+    if c.min_workers is not None and (c.min_workers // (p.tp * p.pp)) % p.ep:
+        errors.append(f"cluster.min_workers={c.min_workers} leaves a data-parallel size that parallel.ep={p.ep}"
+                      " does not divide; raise it to a multiple of tp x pp x ep or set it to null")
     return errors
 
 

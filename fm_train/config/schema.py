@@ -80,15 +80,41 @@ class RunConfig(_Section):
                           " tensorboard/ here after each committed step.")
 
 
+class MoEConfig(_Section):
+    """Routed experts of a Mixture-of-Experts model (``model.family: moe``)."""
+
+    experts: PositiveInt = Field(8, le=MAX_HEADS, description="Experts per routed block (E).")
+    top_k: PositiveInt = Field(2, le=MAX_HEADS, description="Experts each token is routed to (k <= E).")
+    expert_ffn_hidden: Optional[PositiveInt] = Field(
+        None, le=MAX_WIDTH, description="SwiGLU width of one expert (HF moe_intermediate_size); null: model.ffn_hidden.")
+    dense_layers: NonNegativeInt = Field(
+        0, le=MAX_LAYERS, description="The first this many blocks keep a dense SwiGLU MLP of model.ffn_hidden"
+                                      " (HF mlp_only_layers = [0 .. dense_layers - 1]).")
+    norm_topk_prob: bool = Field(True, description="Renormalise the k chosen experts' router probabilities to sum"
+                                                   " to 1 (Qwen3-MoE, Mixtral: true; OLMoE: false).")
+    aux_loss_coef: NonNegativeFloat = Field(
+        0.001, description="Weight of the load-balancing loss (E * sum_e f_e * P_e per routed block, averaged"
+                           " over blocks); logged as moe_aux_loss.")
+    z_loss_coef: NonNegativeFloat = Field(
+        0.0, description="Weight of the router z-loss (mean squared logsumexp of the router logits); logged as"
+                         " moe_z_loss.")
+    capacity_factor: Optional[PositiveFloat] = Field(
+        None, description="null: dropless (every token reaches its k experts). A number: each expert takes at most"
+                          " ceil(capacity_factor * tokens * k / E) token copies of a micro-batch, in token order;"
+                          " the rest are dropped and counted in moe_dropped. Must be >= 1.0.")
+
+
 class ModelConfig(_Section):
     """Family and shape of the model. ``preset`` fills unset fields from a named shape."""
 
     family: str = Field(
         "llama", max_length=64,
         description="Model family (fm_train.families): llama, a decoder trained on next-token prediction;"
-                    " bert, an encoder trained on masked-token prediction (BertForMaskedLM).")
+                    " bert, an encoder trained on masked-token prediction (BertForMaskedLM); moe, a"
+                    " Mixture-of-Experts decoder (Qwen3MoeForCausalLM), with its routing in model.moe.")
     preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b; bert-tiny,"
-                                                    " bert-base, bert-large).")
+                                                    " bert-base, bert-large; moe-tiny, olmoe-1b-7b, qwen3-30b-a3b,"
+                                                    " mixtral-8x7b).")
     n_layers: PositiveInt = Field(4, le=MAX_LAYERS, description="Number of decoder blocks.")
     hidden: PositiveInt = Field(128, le=MAX_WIDTH, description="Model width (embedding size).")
     n_heads: PositiveInt = Field(4, le=MAX_HEADS, description="Attention (query) heads.")
@@ -107,6 +133,11 @@ class ModelConfig(_Section):
     max_seq_len: PositiveInt = Field(256, le=MAX_WIDTH,
                                      description="Longest sequence (llama: RoPE tables; bert: learned position"
                                                  " embeddings).")
+    head_dim: Optional[PositiveInt] = Field(
+        None, le=MAX_WIDTH, description="moe: width of one attention head (Qwen3 models: 128 whatever the width);"
+                                        " null: hidden / n_heads. llama and bert: leave null.")
+    moe: Optional[MoEConfig] = Field(None, description="moe: the routed experts (presets moe-tiny, olmoe-1b-7b,"
+                                                       " qwen3-30b-a3b, mixtral-8x7b fill it); other families: unset.")
     type_vocab_size: PositiveInt = Field(2, le=MAX_HEADS, description="bert: token-type (segment) embeddings.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: PositiveFloat = Field(10000.0, description="llama: RoPE base frequency.")
@@ -132,6 +163,10 @@ class ParallelConfig(_Section):
 
     tp: PositiveInt = Field(1, le=MAX_WORKERS, description="Tensor-parallel size (ranks that split each matmul).")
     pp: PositiveInt = Field(1, le=MAX_WORKERS, description="Pipeline-parallel size (stages).")
+    ep: PositiveInt = Field(
+        1, le=MAX_WORKERS, description="Expert-parallel size: each group of ep data-parallel ranks splits every"
+                                       " routed block's experts (E / ep each) and exchanges tokens all-to-all;"
+                                       " must divide the data-parallel size and model.moe.experts.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")

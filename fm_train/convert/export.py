@@ -36,7 +36,7 @@ from fm_train.families import family_of
 from fm_train.families.spec import FamilySpec
 from data_shards.staging import OWNER_NAME, make_staging, remove_stale_staging
 from fm_train.convert.out_dir import check_disjoint, publish, run_dir_of, staging_prefix, write_record
-from fm_train.convert.keymap import fm_param_shapes, fm_to_hf, hf_param_shapes, hf_to_fm, without_padding
+from fm_train.convert.keymap import fm_param_shapes, hf_layout, without_padding
 from fm_train.convert.verify import DEFAULT_TOLERANCE, verify_export
 from fm_train.convert.verify_probe import verify_against_probe
 from fm_train.convert.writer import DEFAULT_MAX_SHARD_BYTES, DTYPES, write_safetensors
@@ -87,11 +87,17 @@ def write_hf_dir(out: Path, family: FamilySpec, model_fields: Mapping[str, Any],
             progress(f"copied tokenizer from {tokenizer}")
         family.hf.config(model_fields, dtype=dtype, bos=bos, eos=eos).save_pretrained(str(tmp))
         write_generation_config(tmp, bos, eos)
-        shapes = {fm_to_hf(family, n): s for n, s in hf_param_shapes(family, model_fields).items()}
+        layout = hf_layout(family, model_fields)
+        shapes = {hf_name: shape for hf_name, (_piece, shape) in layout.items()}
+        last: dict[str, torch.Tensor] = {}  # a fused expert tensor, fetched once for its consecutive pieces
 
         def exported(hf_name: str) -> torch.Tensor:
-            name = hf_to_fm(family, hf_name)
-            return without_padding(family, name, fetch(name), int(model_fields["vocab_size"]))
+            piece = layout[hf_name][0]
+            if piece.name not in last:
+                last.clear()
+                last[piece.name] = fetch(piece.name)
+            tensor = last[piece.name] if piece.row is not None else last.pop(piece.name)
+            return without_padding(family, piece.name, piece.cut(tensor), int(model_fields["vocab_size"]))
 
         write_safetensors(tmp, shapes, exported, DTYPES[dtype],
                           max_shard_bytes=max_shard_bytes, progress=progress)

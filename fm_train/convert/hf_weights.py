@@ -1,4 +1,4 @@
-"""A Hugging Face Llama dir's weights by fm_train name, read lazily and only in the slices asked for.
+"""A Hugging Face dir's weights by fm_train name, read lazily and only in the slices asked for.
 
 ``model.init_from`` used to read every tensor of the checkpoint on every rank: 140 GB per rank for a
 70B model in bf16, 8 times per node. safetensors stores each tensor contiguously in row-major order,
@@ -26,7 +26,7 @@ import torch
 
 from data_shards.safe_paths import UnsafePathError, resolve_under
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.keymap import hf_to_fm
+from fm_train.convert.keymap import hf_piece
 from fm_train.families.spec import FamilySpec
 
 
@@ -72,6 +72,9 @@ class HFWeights:
         self.tied = dict(tied)
         self._where: dict[str, tuple[Path, str]] = {}  # fm name -> (file, Hugging Face key)
         self._shapes: dict[str, torch.Size] = {}
+        # A fused expert parameter: (expert, part) -> (file, key, shape); its shape is derived from them.
+        self._pieces: dict[str, dict[tuple[int, int], tuple[Path, str, torch.Size]]] = {}
+        self._parts: dict[str, int] = {}
         self.total_bytes = 0
         for fname in safetensors_files(self.hf_dir):
             path = self.hf_dir / fname
@@ -82,9 +85,16 @@ class HFWeights:
                 for key in fh.keys():
                     if key in self.tied:
                         continue  # some exports store a tied tensor too; fm_train's model shares the other one
-                    name = hf_to_fm(family, key)
-                    self._where[name] = (path, key)
-                    self._shapes[name] = torch.Size(fh.get_slice(key).get_shape())
+                    piece = hf_piece(family, key)
+                    shape = torch.Size(fh.get_slice(key).get_shape())
+                    if piece.row is None:
+                        self._where[piece.name] = (path, key)
+                        self._shapes[piece.name] = shape
+                    else:
+                        self._pieces.setdefault(piece.name, {})[(piece.row, piece.part)] = (path, key, shape)
+                        self._parts[piece.name] = piece.parts
+        for name, pieces in self._pieces.items():
+            self._shapes[name] = self._fused_shape(name, pieces)
         missing = sorted(set(want) - set(self._shapes))
         wrong = [f"{n} {tuple(self._shapes[n])} (want {tuple(want[n])})" for n in want
                  if n in self._shapes and self._shapes[n] != want[n]]
@@ -92,6 +102,18 @@ class HFWeights:
             raise ConvertError(f"{self.hf_dir}: missing tensors {missing[:5]}, wrong shapes {wrong[:5]}")
         self.elements_read = 0
         self.bytes_read = 0
+
+    def _fused_shape(self, name: str, pieces: Mapping[tuple[int, int], tuple[Path, str, torch.Size]]) -> torch.Size:
+        """The shape of fused expert parameter ``name`` from its per-expert keys; every expert's every part
+        must be there, all of one shape."""
+        experts, parts = 1 + max(row for row, _ in pieces), self._parts[name]
+        absent = [(e, p) for e in range(experts) for p in range(parts) if (e, p) not in pieces]
+        shapes = {shape for _path, _key, shape in pieces.values()}
+        if absent or len(shapes) != 1:
+            raise ConvertError(f"{self.hf_dir}: the expert tensors of {name} are incomplete or of different shapes"
+                               f" (missing (expert, part) {absent[:5]}, shapes {sorted(tuple(s) for s in shapes)[:3]})")
+        (shape,) = shapes
+        return torch.Size((experts, parts * shape[0], *shape[1:]))
 
     def _resolve(self, name: str) -> str:
         if name in self.tied:
@@ -112,12 +134,31 @@ class HFWeights:
     def _read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         from safetensors import safe_open
 
-        path, key = self._where[self._resolve(name)]
-        with safe_open(str(path), framework="pt") as fh:
-            tensor = fh.get_slice(key)[index]  # only these bytes leave the file
+        name = self._resolve(name)
+        if name in self._pieces:
+            tensor = self._read_experts(name, index)
+        else:
+            path, key = self._where[name]
+            with safe_open(str(path), framework="pt") as fh:
+                tensor = fh.get_slice(key)[index]  # only these bytes leave the file
         self.elements_read += tensor.numel()
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
+
+    def _read_experts(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """``index`` of a fused expert parameter, reading only the experts (rows) it covers."""
+        from safetensors import safe_open
+
+        rows = range(*index[0].indices(self._shapes[name][0])) if index else range(self._shapes[name][0])
+        experts = []
+        for row in rows:
+            parts = []
+            for part in range(self._parts[name]):
+                path, key, _shape = self._pieces[name][(row, part)]
+                with safe_open(str(path), framework="pt") as fh:
+                    parts.append(fh.get_slice(key)[:])
+            experts.append(torch.cat(parts))
+        return torch.stack(experts)[(slice(None), *index[1:])]
 
     def read(self, name: str, dim: int | None = None, index: int = 0, parts: int = 1) -> torch.Tensor:
         """Chunk ``index`` of ``parts`` of ``name`` along ``dim`` (as ``torch.chunk``), or all of it

@@ -25,7 +25,7 @@ import torch
 
 from fm_train.checkpoint.probe import probe_tokens
 from fm_train.convert.errors import ConvertError
-from fm_train.convert.keymap import fm_param_shapes, fm_to_hf
+from fm_train.convert.keymap import fm_param_shapes, hf_layout
 from fm_train.convert.writer import read_weight_names
 from fm_train.families.spec import FamilySpec
 from fm_train.model.base import real_logits
@@ -75,7 +75,7 @@ def reference_model(family: FamilySpec, model_fields: Mapping[str, Any], fetch: 
 
 def check_names(family: FamilySpec, out_dir: Path, model_fields: Mapping[str, Any]) -> int:
     """Every expected tensor is in the export and nothing else is; returns the count."""
-    expected = {fm_to_hf(family, n) for n in fm_param_shapes(family, model_fields)}
+    expected = set(hf_layout(family, model_fields))
     written = set(read_weight_names(out_dir))
     missing, unexpected = sorted(expected - written), sorted(written - expected)
     if missing or unexpected:

@@ -39,9 +39,11 @@ class ParallelGroups:
         self._ranks: dict[str, list[int]] = {}
         self._groups: dict[str, ProcessGroup] = {}
         # Fixed order on every rank: tp, dp, pp, then model-parallel (tp x pp of one dp index, Megatron's
-        # definition, which is also what DeepSpeed's pipeline grid calls its model-parallel group).
+        # definition, which is also what DeepSpeed's pipeline grid calls its model-parallel group), then
+        # with expert parallelism the expert-parallel and expert-data-parallel groups.
         for axis, groups in (("tp", topology.tp_groups()), ("dp", topology.dp_groups()),
-                             ("pp", topology.pp_groups()), ("mp", self._model_parallel_groups())):
+                             ("pp", topology.pp_groups()), ("mp", self._model_parallel_groups()),
+                             *((("ep", topology.ep_groups()), ("edp", topology.edp_groups())) if topology.ep > 1 else ())):
             for ranks in groups:
                 group = dist.new_group(ranks=ranks)
                 if self.rank in ranks:
@@ -56,11 +58,12 @@ class ParallelGroups:
         return [sorted(t.rank_of(pp=p, dp=d, tp=k) for p in range(t.pp) for k in range(t.tp)) for d in range(t.dp)]
 
     def ranks(self, axis: str) -> list[int]:
-        """Global ranks of this rank's group along ``axis`` (``tp``, ``dp``, ``pp`` or ``mp``)."""
+        """Global ranks of this rank's group along ``axis`` (``tp``, ``dp``, ``pp``, ``mp``; ``ep`` and ``edp``
+        when ep > 1)."""
         return list(self._ranks[axis])
 
     def group(self, axis: str) -> ProcessGroup:
-        """This rank's process group along ``axis`` (``tp``, ``dp``, ``pp`` or ``mp``)."""
+        """This rank's process group along ``axis`` (as :meth:`ranks`)."""
         return self._groups[axis]
 
     # ---- tensor parallel -------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 The order is DeepSpeed's ``PipeModelDataParallelTopology`` (axes pipe, data, model; model
 innermost): ``rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank``. Tensor-parallel peers therefore
 hold consecutive ranks, and the launcher, which numbers ranks node by node, keeps them on one node.
+Expert parallelism subdivides the data axis: ``ep`` consecutive data-parallel indices of one
+(pp, tp) coordinate share out the experts (an expert-parallel group, exchanging tokens all-to-all),
+and the ranks with the same index in their expert-parallel group hold the same experts (an
+expert-data-parallel group, averaging those experts' gradients); DeepSpeed's "E + D" order.
 No torch import here: the launcher and the planner use it too.
 """
 
@@ -29,15 +33,19 @@ class Topology:
     world: int
     tp: int = 1
     pp: int = 1
+    ep: int = 1
 
     def __post_init__(self) -> None:
-        if self.world <= 0 or self.tp <= 0 or self.pp <= 0:
-            raise ValueError(f"world={self.world}, tp={self.tp}, pp={self.pp}: all must be positive")
+        if self.world <= 0 or self.tp <= 0 or self.pp <= 0 or self.ep <= 0:
+            raise ValueError(f"world={self.world}, tp={self.tp}, pp={self.pp}, ep={self.ep}: all must be positive")
         if self.world % (self.tp * self.pp) != 0:
             raise ValueError(
                 f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}; "
                 "world must equal dp x pp x tp"
             )
+        if self.dp % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide the data-parallel size {self.dp}: expert-parallel"
+                             " groups are carved out of the data-parallel ranks")
 
     @property
     def dp(self) -> int:
@@ -76,9 +84,20 @@ class Topology:
         """Ranks that form one pipeline (same dp and tp), stage by stage."""
         return [[self.rank_of(pp=p, dp=d, tp=t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
 
+    def ep_groups(self) -> list[list[int]]:
+        """Ranks that share out the experts (``ep`` consecutive dp indices of one pp and tp)."""
+        return [[self.rank_of(pp=p, dp=b * self.ep + i, tp=t) for i in range(self.ep)]
+                for p in range(self.pp) for t in range(self.tp) for b in range(self.dp // self.ep)]
+
+    def edp_groups(self) -> list[list[int]]:
+        """Ranks that hold the same experts (the same place in their expert-parallel groups)."""
+        return [[self.rank_of(pp=p, dp=b * self.ep + i, tp=t) for b in range(self.dp // self.ep)]
+                for p in range(self.pp) for t in range(self.tp) for i in range(self.ep)]
+
     def group_of(self, rank: int, axis: str) -> list[int]:
-        """The members of ``rank``'s group along ``axis`` (``tp``, ``dp`` or ``pp``)."""
-        groups = {"tp": self.tp_groups, "dp": self.dp_groups, "pp": self.pp_groups}[axis]()
+        """The members of ``rank``'s group along ``axis`` (``tp``, ``dp``, ``pp``, ``ep`` or ``edp``)."""
+        groups = {"tp": self.tp_groups, "dp": self.dp_groups, "pp": self.pp_groups, "ep": self.ep_groups,
+                  "edp": self.edp_groups}[axis]()
         return next(g for g in groups if rank in g)
 
 

@@ -47,7 +47,8 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
           sink: MetricsSink, val_batches: Callable[[], Iterable[Batch]] | None = None,
           hooks: Sequence[StepHook] = (), group: dist.ProcessGroup | None = None,
           spec: ThroughputSpec, stop: Callable[[], bool] | None = None,
-          on_stop: StepHook | None = None, control_group: dist.ProcessGroup | None = None) -> TrainState:
+          on_stop: StepHook | None = None, control_group: dist.ProcessGroup | None = None,
+          model_metrics: Callable[[], dict[str, tuple[float, float]]] | None = None) -> TrainState:
     """Train from ``state.step`` to ``cfg.train.steps``; returns the final state.
 
     Every ``log_every`` steps (and at the last step) a train record goes to ``sink``; every
@@ -62,6 +63,9 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     and the loop returns early with ``state.step < train.steps``. ``control_group`` is a gloo group
     over the world for that all-reduce (``ParallelGroups.control``; None: the default group, on the
     engine's device).
+
+    ``model_metrics`` returns what the model measured since its last call (``name -> (sum, count)``, the
+    family's ``take_metrics`` on this rank's module); each train record adds their means over all ranks.
     """
     t = cfg.train
     pipelined = is_pipeline_engine(engine)
@@ -78,7 +82,10 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
             last = state.step == t.steps
 
             if state.step % t.log_every == 0 or last:
-                sink.write(meter.record(state, lr=out.lr, grad_norm=out.grad_norm))
+                record = meter.record(state, lr=out.lr, grad_norm=out.grad_norm)
+                if model_metrics is not None:
+                    record.update(mean_over_ranks(model_metrics(), engine.device))
+                sink.write(record)
 
             if val_batches is not None and t.eval_every and (state.step % t.eval_every == 0 or last):
                 with meter.paused():
@@ -92,6 +99,17 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
                         on_stop(engine, state)
                     break
     return state
+
+
+def mean_over_ranks(metrics: dict[str, tuple[float, float]], device: torch.device) -> dict[str, float | None]:
+    """``name -> sum of the sums / sum of the counts`` over the world (None where every count is 0); every
+    rank must call this with the same names."""
+    names = sorted(metrics)
+    totals = torch.tensor([[metrics[n][0] for n in names], [metrics[n][1] for n in names]], dtype=torch.float64,
+                          device=device)
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return {n: (float(totals[0, i] / totals[1, i]) if totals[1, i] > 0 else None) for i, n in enumerate(names)}
 
 
 def any_rank(flag: bool, device: torch.device, group: dist.ProcessGroup | None = None) -> bool:

@@ -25,6 +25,8 @@ _LINE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("val_loss", "val_loss", "{:.4f}"),
     ("lr", "lr", "{:.2e}"),
     ("grad_norm", "gnorm", "{:.3f}"),
+    ("moe_aux_loss", "aux", "{:.3f}"),
+    ("moe_load_max_mean", "load max/mean", "{:.2f}"),
     ("tokens_per_s", "tok/s", "{:,.0f}"),
     ("tokens_per_s_per_device", "tok/s/dev", "{:,.0f}"),
     ("mfu", "mfu", "{:.2%}"),

@@ -135,6 +135,8 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
     p, modules = cfg.parallel, family.modules()
     args = modules.args(cfg.model)
     init = cfg.run.seed if init is None else init
+    if modules.set_layer_loss_scale is not None:  # DeepSpeed puts 1 / grad_accum on each micro-batch's loss
+        modules.set_layer_loss_scale(1.0 / cfg.train.grad_accum)
     if p.tp == 1 and p.pp == 1:
         loss = modules.loss(args)
         # Without a process group there is nothing to partition over (a single-process reference).

@@ -10,7 +10,7 @@ whatever needs it. The helpers below derive what every family computes the same 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
@@ -78,6 +78,9 @@ class HuggingFace:
     config: Callable[..., Any]
     #: ``(hf_dir, prompt=, max_new_tokens=, seed=)`` -> a few lines showing what an export computes.
     sample: Callable[..., str]
+    #: Fused expert parameter (fm-train template) -> its per-expert Hugging Face keys (``{e}``: expert),
+    #: each ``(template, part, parts)``: chunk ``part`` of ``parts`` of expert e's rows (empty: none).
+    expert_pieces: Mapping[str, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,16 @@ class Modules:
     build_pipeline: Callable[..., Any]
     #: The module a pipeline saves under ``tied_modules.<key>`` for this ``model`` section (None: nothing tied).
     pipeline_tied_module: Callable[[Any], str | None]
+    #: Modules holding stacked experts (one row per expert; ``forward(tokens, counts)``) that expert
+    #: parallelism splits (empty: the family has none).
+    expert_types: tuple[type, ...] = ()
+    #: Sets the factor the engine puts on each micro-batch's loss (``1 / grad_accum``) on the losses the
+    #: family adds inside its layers (MoE router losses); None: it adds none.
+    set_layer_loss_scale: Callable[[float], None] | None = None
+    #: Metrics the model measured in its forwards since the last call, ``name -> (sum, count)`` with the
+    #: same names on every rank (the loop adds both over all ranks, then divides); the counters restart.
+    #: MoE: router losses and expert load. None: nothing beyond the loss.
+    take_metrics: Callable[["nn.Module"], dict[str, tuple[float, float]]] | None = None
 
 
 @dataclass(frozen=True, eq=False)

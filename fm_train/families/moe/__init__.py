@@ -1,0 +1,49 @@
+"""The MoE family: Mixture-of-Experts decoders (top-k routed SwiGLU experts, Qwen3 attention) trained on
+next-token prediction with a load-balancing and a z-loss, exported as ``Qwen3MoeForCausalLM``.
+
+``model.py`` the pure module, ``tp_plan.py`` and ``pipeline.py`` its splits (expert parallelism is
+:mod:`fm_train.parallel.expert_parallel`), ``shape.py`` its size formulas, ``hf.py`` its Hugging Face
+side, ``modules.py`` the torch side of the spec below.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from fm_train.families.moe import hf, shape
+from fm_train.families.spec import FamilySpec, HuggingFace, Modules, Objective, Sizes
+
+#: Tied parameter -> the parameter it shares (when ``tie_embeddings``).
+TIED_PARAMS: dict[str, str] = {"lm_head.weight": "model.embed_tokens.weight"}
+#: Parameters with one row per vocabulary entry, padding rows included (names end with these).
+VOCAB_ROW_PARAMS: tuple[str, ...] = ("embed_tokens.weight", "lm_head.weight")
+
+
+def _tied_params(model_fields: Mapping[str, Any]) -> dict[str, str]:
+    """Tied parameter -> the one it shares, for a model of these fields."""
+    return dict(TIED_PARAMS) if model_fields.get("tie_embeddings", False) else {}
+
+
+def _modules() -> Modules:
+    """The torch side, imported on first use."""
+    from fm_train.families.moe.modules import MODULES
+
+    return MODULES
+
+
+SPEC = FamilySpec(
+    name="moe",
+    summary="Mixture-of-Experts decoders",
+    sizes=Sizes(parameter_count=shape.parameter_count, flops_per_token=shape.flops_per_token,
+                block_params=shape.block_matmul_params, stage_params=shape.stage_params,
+                activation_bytes_per_layer=shape.activation_bytes_per_layer, config_errors=shape.config_errors),
+    objective=Objective(tokenizer_specials={}, data=lambda info, model_vocab_size, seed: None),
+    hf=HuggingFace(model_type=hf.MODEL_TYPE, architecture=hf.ARCHITECTURE, auto_class=hf.AUTO_CLASS,
+                   config_keys=hf.CONFIG_KEYS, key_templates=hf.KEY_TEMPLATES,
+                   expert_pieces=hf.EXPERT_PIECES,
+                   fields_from_config=hf.fields_from_config, import_problems=hf.import_problems,
+                   config=hf.config, sample=hf.sample),
+    tied_params=_tied_params,
+    vocab_row_params=VOCAB_ROW_PARAMS,
+    load_modules=_modules,
+)
