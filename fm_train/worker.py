@@ -205,7 +205,7 @@ def run_worker(cfg: FmConfig) -> int:
         wandb = ({"project": cfg.logging.wandb_project, "name": cfg.run.name, "config": cfg.model_dump(mode="json")}
                  if cfg.logging.wandb else None)
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
-                           wandb=wandb)
+                           wandb=wandb, line_fields=family.modules().metric_fields)
         heartbeat.beat(state.step, "ready")
         try:
             train(engine, batches, state, cfg, sink=sink, spec=throughput_spec(cfg, family, engine.device),

@@ -132,6 +132,10 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
         return [f"parallel.ep={p.ep} splits experts, but model.family={m.family} has none (model.moe is unset);"
                 " set parallel.ep=1, or train a Mixture-of-Experts model (model.preset: moe-tiny)"]
     errors = []
+    if p.zero_stage == 3:
+        errors.append(f"parallel.ep={p.ep} with parallel.zero_stage=3: DeepSpeed's ZeRO-3 does not partition expert"
+                      " parameters over the expert-data-parallel group; use parallel.zero_stage=1 or 2 (their"
+                      " optimizer states are partitioned over it), or parallel.ep=1")
     if m.moe.experts % p.ep:
         errors.append(f"parallel.ep={p.ep} does not divide model.moe.experts={m.moe.experts}: each rank of an"
                       " expert-parallel group holds experts / ep of them; pick an ep that divides it")

@@ -15,6 +15,7 @@ from fm_train.deepspeed_adapter.engine import (
     initialize,
     is_pipeline_module,
 )
+from fm_train.deepspeed_adapter.moe import named_param_groups
 from fm_train.engine.activation_checkpointing import apply_activation_checkpointing
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
@@ -50,5 +51,8 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] =
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
     # ZeRO-3 master weights shared, no all-reduce over one fp32 dp rank: see the adapter's initialize.
-    return initialize(module, model_parameters=weight_decay_groups(module, cfg.optim.weight_decay), config=config,
+    param_groups = weight_decay_groups(module, cfg.optim.weight_decay)
+    if cfg.parallel.ep > 1:  # DeepSpeed splits each group into expert and dense groups by name
+        param_groups = named_param_groups(param_groups)
+    return initialize(module, model_parameters=param_groups, config=config,
                       lr_scheduler=make_scheduler, mpu=mpu, fp32=cfg.precision == "fp32")

@@ -13,7 +13,7 @@ import json
 import resource
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Sequence, TextIO
 
 import torch
 
@@ -25,8 +25,6 @@ _LINE_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("val_loss", "val_loss", "{:.4f}"),
     ("lr", "lr", "{:.2e}"),
     ("grad_norm", "gnorm", "{:.3f}"),
-    ("moe_aux_loss", "aux", "{:.3f}"),
-    ("moe_load_max_mean", "load max/mean", "{:.2f}"),
     ("tokens_per_s", "tok/s", "{:,.0f}"),
     ("tokens_per_s_per_device", "tok/s/dev", "{:,.0f}"),
     ("mfu", "mfu", "{:.2%}"),
@@ -45,10 +43,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**30
 
 
-def format_line(record: dict[str, Any]) -> str:
-    """``step 10 | loss 5.1234 | lr 1.00e-03 | ...`` with the fields the record has."""
+def format_line(record: dict[str, Any], extra: Sequence[tuple[str, str, str]] = ()) -> str:
+    """``step 10 | loss 5.1234 | lr 1.00e-03 | ...`` with the fields the record has; ``extra``: more
+    ``(key, label, format)`` fields (the model's own metrics), shown after the gradient norm."""
     parts = [f"step {record['step']}"]
-    for key, label, fmt in _LINE_FIELDS:
+    fields = list(_LINE_FIELDS)
+    at = next(i for i, (key, _, _) in enumerate(fields) if key == "grad_norm") + 1
+    fields[at:at] = extra
+    for key, label, fmt in fields:
         value = record.get(key)
         if value is not None and value != "":
             parts.append(f"{label} {fmt.format(value)}")
@@ -59,9 +61,12 @@ class MetricsSink:
     """Writes records to stdout, ``run_dir/metrics.jsonl`` and ``run_dir/tensorboard``."""
 
     def __init__(self, run_dir: str | Path, *, enabled: bool, jsonl: bool = True, tensorboard: bool = True,
-                 stream: TextIO | None = None, wandb: dict[str, Any] | None = None) -> None:
-        """``wandb``: ``{"project": ..., "name": ..., "config": {...}}`` to also log to Weights & Biases."""
+                 stream: TextIO | None = None, wandb: dict[str, Any] | None = None,
+                 line_fields: Sequence[tuple[str, str, str]] = ()) -> None:
+        """``wandb``: ``{"project": ..., "name": ..., "config": {...}}`` to also log to Weights & Biases.
+        ``line_fields``: the model's own metrics to show on the stdout line (see :func:`format_line`)."""
         self.enabled = enabled
+        self._line_fields = tuple(line_fields)
         self._stream = stream if stream is not None else sys.stdout
         self._jsonl: TextIO | None = None
         self._tb: Any = None
@@ -95,7 +100,7 @@ class MetricsSink:
         """Emit one record everywhere (a no-op on ranks other than 0)."""
         if not self.enabled:
             return
-        print(format_line(record), file=self._stream, flush=True)
+        print(format_line(record, self._line_fields), file=self._stream, flush=True)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()

@@ -22,10 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from fm_train.config import FmConfig
+from fm_train.deepspeed_adapter.moe import mark_expert_parameters, register_expert_groups
 from fm_train.deepspeed_adapter.zero3 import partitioned_construction
 from fm_train.dist.groups import ParallelGroups
 from fm_train.families.spec import FamilySpec, LossFn, layout_errors
 from fm_train.parallel.deepspeed_config import deepspeed_config
+from fm_train.parallel.expert_parallel import EPGroup, apply_expert_parallel
 from fm_train.parallel.pipeline import vocab_loss
 from fm_train.parallel.sharded_init import (
     InitSource,
@@ -103,8 +105,8 @@ def build_tp_model(family: FamilySpec, args: Any, tp: TPGroup, init: InitSource)
 def _check(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups | None) -> None:
     p = cfg.parallel
     errors = layout_errors(family, family.modules().args(cfg.model), p.tp, p.pp)
-    if (p.tp > 1 or p.pp > 1) and groups is None:
-        errors.append(f"parallel.tp={p.tp}, parallel.pp={p.pp} needs the rank's ParallelGroups:"
+    if (p.tp > 1 or p.pp > 1 or p.ep > 1) and groups is None:
+        errors.append(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep} needs the rank's ParallelGroups:"
                       " build_train_module(cfg, family, groups=ParallelGroups(topology))")
     if groups is not None and (groups.topology.tp, groups.topology.pp) != (p.tp, p.pp):
         t = groups.topology
@@ -137,16 +139,37 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
     init = cfg.run.seed if init is None else init
     if modules.set_layer_loss_scale is not None:  # DeepSpeed puts 1 / grad_accum on each micro-batch's loss
         modules.set_layer_loss_scale(1.0 / cfg.train.grad_accum)
+    module: nn.Module
     if p.tp == 1 and p.pp == 1:
         loss = modules.loss(args)
         # Without a process group there is nothing to partition over (a single-process reference).
         if p.zero_stage == 3 and dist.is_initialized():
             return ModelWithLoss(build_zero3_model(cfg, family, init, ds_config), loss)
-        return ModelWithLoss(build_dense_model(cfg, family, init), loss)
-    assert groups is not None  # _check raised otherwise
-    tp = TPGroup.from_groups(groups)
-    if p.pp > 1:
-        return modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
-                                      activation_checkpointing=p.activation_checkpointing)
-    return ModelWithLoss(build_tp_model(family, args, tp, init),
-                         loss_fn=vocab_loss(modules.loss(args), args.vocab_size, tp))
+        module = ModelWithLoss(build_dense_model(cfg, family, init), loss)
+    else:
+        assert groups is not None  # _check raised otherwise
+        tp = TPGroup.from_groups(groups)
+        if p.pp > 1:
+            module = modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
+                                            activation_checkpointing=p.activation_checkpointing)
+        else:
+            module = ModelWithLoss(build_tp_model(family, args, tp, init),
+                                   loss_fn=vocab_loss(modules.loss(args), args.vocab_size, tp))
+    if p.ep > 1:
+        assert groups is not None  # _check raised otherwise
+        _split_experts(module, family, groups)
+    return module
+
+
+def _split_experts(module: nn.Module, family: FamilySpec, groups: ParallelGroups) -> None:
+    """Expert parallelism on ``module``: this rank keeps its experts and exchanges tokens with its
+    expert-parallel group; DeepSpeed learns which parameters are experts and over which ranks to
+    average their gradients."""
+    ep_ranks, edp_ranks = groups.ranks("ep"), groups.ranks("edp")
+    ep = EPGroup(groups.group("ep"), ep_ranks.index(groups.rank), len(ep_ranks))
+    experts = apply_expert_parallel(module, ep, family.modules().expert_types)
+    if not experts:
+        raise ValueError(f"parallel.ep={ep.size}, but the {family.name} model has no experts to split")
+    register_expert_groups(ep.size, groups.group("ep"), ep_ranks, groups.group("edp"), edp_ranks)
+    total = ep.size * next(experts[0].parameters()).shape[0]
+    mark_expert_parameters(module, experts, ep=ep.size, total_experts=total)

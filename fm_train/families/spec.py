@@ -117,6 +117,8 @@ class Modules:
     #: same names on every rank (the loop adds both over all ranks, then divides); the counters restart.
     #: MoE: router losses and expert load. None: nothing beyond the loss.
     take_metrics: Callable[["nn.Module"], dict[str, tuple[float, float]]] | None = None
+    #: ``(metric, label, format)`` of the metrics above worth a place on the stdout log line.
+    metric_fields: tuple[tuple[str, str, str], ...] = ()
 
 
 @dataclass(frozen=True, eq=False)

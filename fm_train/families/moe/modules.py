@@ -57,4 +57,6 @@ MODULES = Modules(
     expert_types=(Experts,),
     set_layer_loss_scale=set_router_loss_scale,
     take_metrics=take_router_metrics,
+    metric_fields=(("moe_aux_loss", "aux", "{:.3f}"), ("moe_load_max_mean", "load max/mean", "{:.2f}"),
+                   ("moe_dropped", "dropped", "{:.1%}")),
 )

@@ -150,4 +150,7 @@ def config_errors(cfg: Any) -> list[str]:
         errors.append(f"model.moe.capacity_factor={e.capacity_factor} is below 1.0: even a perfectly balanced router"
                       " would drop tokens (each expert's share of a micro-batch is tokens * top_k / experts);"
                       " set it to at least 1.0, or null for dropless routing")
+    if cfg.precision == "fp16":
+        errors.append("precision=fp16 with model.family=moe: the router losses enter backward inside the blocks,"
+                      " past DeepSpeed's fp16 loss scaling; use precision=bf16 (or fp32)")
     return errors
