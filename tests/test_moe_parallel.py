@@ -28,6 +28,7 @@ def moe_raw(*, workers: int, ep: int, zero: int, accum: int) -> dict[str, Any]:
         "data": {"seq_len": SEQ},
         "train": {"steps": STEPS, "micro_batch": MICRO, "grad_accum": accum, "log_every": 1, "eval_every": 0},
         "optim": {"lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 2, "grad_clip": 0.5, "weight_decay": 0.1},
+        "convert": {"at_end": False},
         "cluster": {"workers": workers},
     }
 

@@ -5,7 +5,7 @@ Schema (version 1)::
     format: "fm-train-checkpoint", version: 1
     step: int, tag: "step_XXXXXXXX", created_unix: float
     config: the resolved FmConfig as a dict (FmConfig.model_dump(mode="json"))
-    topology: {world, dp, tp, pp, zero_stage, precision}
+    topology: {world, dp, tp, pp, ep, zero_stage, precision}
     param_prefix: "model."        # wrapper prefix of DeepSpeed's names for a non-pipeline module
     layers: [{index, module, tp_split_dims: {param: dim | null}}]
                                   # pipeline layer index -> pure-model module name ("model.layers.3")
@@ -94,7 +94,7 @@ def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tok
         "version": VERSION,
         "config": config.model_dump(mode="json"),
         "topology": {"world": topology.world, "dp": topology.dp, "tp": topology.tp, "pp": topology.pp,
-                     "zero_stage": config.parallel.zero_stage, "precision": config.precision},
+                     "ep": topology.ep, "zero_stage": config.parallel.zero_stage, "precision": config.precision},
         "param_prefix": param_prefix,
         "layers": layers if layers is not None else dense_layers(config.model.n_layers),
         "tied": dict(tied or {}),

@@ -43,8 +43,10 @@ from fm_train.dist import Topology
 log = logging.getLogger("fm_train.checkpoint")
 
 # Fields whose change makes the saved tensors unusable (max_seq_len and rope_theta may change on purpose).
-SHAPE_FIELDS = ("family", "n_layers", "hidden", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size", "tie_embeddings",
-                "qkv_bias")
+SHAPE_FIELDS = ("family", "n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "vocab_size",
+                "tie_embeddings", "qkv_bias", "moe")
+#: What of ``model.moe`` fixes the parameters' shapes (the routing coefficients may change on resume).
+MOE_SHAPE_FIELDS = ("experts", "expert_ffn_hidden", "dense_layers")
 
 
 def newest_complete(ckpt_dir: Path) -> Path | None:
@@ -111,8 +113,12 @@ def check_compatible(manifest: Mapping[str, Any], config: FmConfig | None, token
         saved = manifest["config"]["model"]
         for f in SHAPE_FIELDS:
             now = getattr(config.model, f)
-            if saved.get(f) != now:
-                problems.append(f"model.{f}: checkpoint {saved.get(f)!r}, config {now!r}")
+            then = saved.get(f)
+            if f == "moe":  # compared by what sets the experts' shapes; None: a dense model
+                now = None if now is None else {k: getattr(now, k) for k in MOE_SHAPE_FIELDS}
+                then = None if then is None else {k: then.get(k) for k in MOE_SHAPE_FIELDS}
+            if then != now:
+                problems.append(f"model.{f}: checkpoint {then!r}, config {now!r}")
         saved_rows = saved_padded_vocab(saved)
         if saved.get("vocab_size") == config.model.vocab_size and saved_rows != config.model.padded_vocab_size:
             problems.append(f"model.vocab_multiple: checkpoint {saved.get('vocab_multiple', 1)!r} ({saved_rows} embedding"
@@ -176,6 +182,11 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     bad = missing_files(manifest_dir, manifest)
     if bad:
         raise CheckpointError(f"{manifest_dir} is damaged: " + ", ".join(bad))
+    saved_ep = manifest["topology"].get("ep", 1)
+    if config is not None and saved_ep != config.parallel.ep:
+        raise CheckpointError(f"{manifest_dir} was saved with parallel.ep={saved_ep}, this run has parallel.ep="
+                              f"{config.parallel.ep}: resuming on another expert-parallel size is not supported yet;"
+                              f" resume with parallel.ep={saved_ep}")
     if config is not None and needs_reshard(manifest, config.parallel.tp, config.parallel.pp,
                                             config.parallel.zero_stage, config.dp):
         if not trust:

@@ -136,6 +136,9 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
         errors.append(f"parallel.ep={p.ep} with parallel.zero_stage=3: DeepSpeed's ZeRO-3 does not partition expert"
                       " parameters over the expert-data-parallel group; use parallel.zero_stage=1 or 2 (their"
                       " optimizer states are partitioned over it), or parallel.ep=1")
+    if cfg.convert.at_end:
+        errors.append(f"convert.at_end=true with parallel.ep={p.ep}: the converter cannot read an expert-parallel"
+                      " checkpoint yet; set convert.at_end=false (or parallel.ep=1)")
     if m.moe.experts % p.ep:
         errors.append(f"parallel.ep={p.ep} does not divide model.moe.experts={m.moe.experts}: each rank of an"
                       " expert-parallel group holds experts / ep of them; pick an ep that divides it")

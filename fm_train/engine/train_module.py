@@ -172,4 +172,4 @@ def _split_experts(module: nn.Module, family: FamilySpec, groups: ParallelGroups
         raise ValueError(f"parallel.ep={ep.size}, but the {family.name} model has no experts to split")
     register_expert_groups(ep.size, groups.group("ep"), ep_ranks, groups.group("edp"), edp_ranks)
     total = ep.size * next(experts[0].parameters()).shape[0]
-    mark_expert_parameters(module, experts, ep=ep.size, total_experts=total)
+    mark_expert_parameters(experts, ep=ep.size, total_experts=total)
