@@ -31,11 +31,14 @@ def run_plan(args: argparse.Namespace) -> int:
         print("# resolved config")
         print(dump_config(cfg))
     p, family = cfg.parallel, family_of(cfg.model)
-    print(f"# layout: world={cfg.world_size} = pp {p.pp} x dp {cfg.dp} x tp {p.tp}; zero stage {p.zero_stage}; "
+    experts = f" (ep {p.ep} within dp)" if p.ep > 1 else ""
+    print(f"# layout: world={cfg.world_size} = pp {p.pp} x dp {cfg.dp}{experts} x tp {p.tp}; zero stage {p.zero_stage}; "
           f"{cfg.precision}")
     print(f"# batch: global {cfg.global_batch} sequences = micro {cfg.train.micro_batch} x accum "
           f"{cfg.train.grad_accum} x dp {cfg.dp}; {cfg.tokens_per_step:,} tokens per step")
-    print(f"# model: {cfg.model.family}, {family.sizes.parameter_count(cfg.model):,} parameters; "
+    active = family.sizes.active_parameter_count
+    per_token = "" if active is None else f" ({active(cfg.model):,} active per token)"
+    print(f"# model: {cfg.model.family}, {family.sizes.parameter_count(cfg.model):,} parameters{per_token}; "
           f"{flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
           "(6N + 12 L h s per token)")
     device = "gpu" if cfg.cluster.gpus_per_worker > 0 else "cpu"

@@ -37,22 +37,22 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                        vocab_size=30522, max_seq_len=512, tie_embeddings=True, norm_eps=1e-12, type_vocab_size=2),
     # Mixture-of-Experts decoders (model.family: moe, Qwen3-MoE math: RMSNorm on each query and key head).
     # Test and demo size.
-    "moe-tiny": dict(family="moe", n_layers=4, hidden=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_hidden=344,
+    "moe-tiny": dict(family="qwen3_moe", n_layers=4, hidden=128, n_heads=4, n_kv_heads=2, head_dim=32, ffn_hidden=344,
                      vocab_size=8192, max_seq_len=256, tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-6,
                      moe=dict(experts=8, top_k=2, expert_ffn_hidden=128, dense_layers=1, norm_topk_prob=True,
                               aux_loss_coef=0.01, z_loss_coef=0.001)),
     # The shapes of OLMoE-1B-7B (Muennighoff et al. 2024), Qwen3-30B-A3B and Mixtral-8x7B; what each
     # block computes is Qwen3-MoE's (OLMoE normalises q and k over all heads, Mixtral not at all).
-    "olmoe-1b-7b": dict(family="moe", n_layers=16, hidden=2048, n_heads=16, n_kv_heads=16, head_dim=128,
+    "olmoe-1b-7b": dict(family="qwen3_moe", n_layers=16, hidden=2048, n_heads=16, n_kv_heads=16, head_dim=128,
                         ffn_hidden=1024, vocab_size=50304, max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0,
                         norm_eps=1e-5, moe=dict(experts=64, top_k=8, expert_ffn_hidden=1024, norm_topk_prob=False,
                                                 aux_loss_coef=0.01, z_loss_coef=0.001)),
-    "qwen3-30b-a3b": dict(family="moe", n_layers=48, hidden=2048, n_heads=32, n_kv_heads=4, head_dim=128,
+    "qwen3-30b-a3b": dict(family="qwen3_moe", n_layers=48, hidden=2048, n_heads=32, n_kv_heads=4, head_dim=128,
                           ffn_hidden=6144, vocab_size=151936, max_seq_len=40960, tie_embeddings=False,
                           rope_theta=1000000.0, norm_eps=1e-6,
                           moe=dict(experts=128, top_k=8, expert_ffn_hidden=768, norm_topk_prob=True,
                                    aux_loss_coef=0.001)),
-    "mixtral-8x7b": dict(family="moe", n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, head_dim=128,
+    "mixtral-8x7b": dict(family="qwen3_moe", n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, head_dim=128,
                          ffn_hidden=14336, vocab_size=32000, max_seq_len=32768, tie_embeddings=False,
                          rope_theta=1000000.0, norm_eps=1e-5,
                          moe=dict(experts=8, top_k=2, expert_ffn_hidden=14336, norm_topk_prob=True,

@@ -81,7 +81,7 @@ class RunConfig(_Section):
 
 
 class MoEConfig(_Section):
-    """Routed experts of a Mixture-of-Experts model (``model.family: moe``)."""
+    """Routed experts of a Mixture-of-Experts model (``model.family: qwen3_moe``)."""
 
     experts: PositiveInt = Field(8, le=MAX_HEADS, description="Experts per routed block (E).")
     top_k: PositiveInt = Field(2, le=MAX_HEADS, description="Experts each token is routed to (k <= E).")
@@ -110,7 +110,7 @@ class ModelConfig(_Section):
     family: str = Field(
         "llama", max_length=64,
         description="Model family (fm_train.families): llama, a decoder trained on next-token prediction;"
-                    " bert, an encoder trained on masked-token prediction (BertForMaskedLM); moe, a"
+                    " bert, an encoder trained on masked-token prediction (BertForMaskedLM); qwen3_moe, a"
                     " Mixture-of-Experts decoder (Qwen3MoeForCausalLM), with its routing in model.moe.")
     preset: Optional[str] = Field(None, description="Named shape (tiny, 125m, 1.1b, 7b, 13b, 70b; bert-tiny,"
                                                     " bert-base, bert-large; moe-tiny, olmoe-1b-7b, qwen3-30b-a3b,"
@@ -134,10 +134,11 @@ class ModelConfig(_Section):
                                      description="Longest sequence (llama: RoPE tables; bert: learned position"
                                                  " embeddings).")
     head_dim: Optional[PositiveInt] = Field(
-        None, le=MAX_WIDTH, description="moe: width of one attention head (Qwen3 models: 128 whatever the width);"
+        None, le=MAX_WIDTH, description="qwen3_moe: width of one attention head (Qwen3 models: 128 whatever the width);"
                                         " null: hidden / n_heads. llama and bert: leave null.")
-    moe: Optional[MoEConfig] = Field(None, description="moe: the routed experts (presets moe-tiny, olmoe-1b-7b,"
-                                                       " qwen3-30b-a3b, mixtral-8x7b fill it); other families: unset.")
+    moe: Optional[MoEConfig] = Field(
+        None, description="Mixture-of-Experts families (qwen3_moe): the routed experts (the presets moe-tiny,"
+                          " olmoe-1b-7b, qwen3-30b-a3b and mixtral-8x7b fill it); other families: unset.")
     type_vocab_size: PositiveInt = Field(2, le=MAX_HEADS, description="bert: token-type (segment) embeddings.")
     tie_embeddings: bool = Field(True, description="Share the input embedding with the output head.")
     rope_theta: PositiveFloat = Field(10000.0, description="llama: RoPE base frequency.")

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fm_train.families import bert, llama, moe
+from fm_train.families import bert, llama, qwen3_moe
 from fm_train.families.spec import FamilySpec, HuggingFace, LossFn, Modules, Objective, Sizes
 
 #: ``model.family`` -> the family.
-FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (llama.SPEC, bert.SPEC, moe.SPEC)}
+FAMILIES: dict[str, FamilySpec] = {spec.name: spec for spec in (llama.SPEC, bert.SPEC, qwen3_moe.SPEC)}
 
 
 def family_of(model: Any) -> FamilySpec:

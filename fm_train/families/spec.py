@@ -42,6 +42,10 @@ class Sizes:
     activation_bytes_per_layer: Callable[["FmConfig"], float]
     #: The family's own rules on a whole config, each naming the field and the fix.
     config_errors: Callable[["FmConfig"], list[str]]
+    #: Parameters one token computes with (a Mixture-of-Experts model: its k experts only); None: all.
+    active_parameter_count: Callable[[Any], int] | None = None
+    #: Parameters of the routed experts, which expert parallelism splits (None: the family has none).
+    expert_parameter_count: Callable[[Any], int] | None = None
 
 
 @dataclass(frozen=True)

@@ -92,15 +92,27 @@ def _optimizer_step_bytes(cfg: FmConfig, family: FamilySpec, n: float, device: s
     return adamw * 4 * flat
 
 
+def _stage_expert_params(cfg: FmConfig, family: FamilySpec) -> float:
+    """Routed-expert parameters of the busiest pipeline stage, before expert-parallel splitting."""
+    count = family.sizes.expert_parameter_count
+    if count is None:
+        return 0.0
+    return count(cfg.model) * math.ceil(cfg.model.n_layers / cfg.parallel.pp) / cfg.model.n_layers
+
+
 def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -> MemoryEstimate:
     """Estimated peak memory of the busiest rank of ``cfg`` (a ``family`` model) on ``device`` (``cpu`` or ``gpu``)."""
     p, dp = cfg.parallel, cfg.dp
-    n = family.sizes.stage_params(cfg) / p.tp
+    experts = _stage_expert_params(cfg, family)
+    # Experts are whole on every tp rank and split over ep. ZeRO partitions their gradients and optimizer
+    # states over the dp / ep ranks holding the same experts: 1/dp of all of them per rank, as dense ones.
+    dense = (family.sizes.stage_params(cfg) - experts) / p.tp
+    n = dense + experts / p.ep
     half = cfg.precision != "fp32"
     param_b, grad_b, opt_b = (2, 2, 12) if half else (4, 4, 8)
     params = n * param_b / (dp if p.zero_stage >= 3 else 1)
-    grads = n * grad_b / (dp if p.zero_stage >= 2 else 1)
-    optimizer = n * opt_b / (dp if p.zero_stage >= 1 else 1)
+    grads = (dense + experts) * grad_b / dp if p.zero_stage >= 2 else n * grad_b
+    optimizer = (dense + experts) * opt_b / dp if p.zero_stage >= 1 else n * opt_b
     offloaded = 0.0
     step_temps = _optimizer_step_bytes(cfg, family, n, device)
     if p.offload_optimizer:

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 
 from fm_train.families.llama.model import rope_tables
-from fm_train.families.moe.model import (
+from fm_train.families.qwen3_moe.model import (
     DecoderLayer,
     Experts,
     MoEArgs,
@@ -17,8 +17,8 @@ from fm_train.families.moe.model import (
     set_router_loss_scale,
     take_router_metrics,
 )
-from fm_train.families.moe.pipeline import build_pipeline, pipeline_layer_names, stage_bounds
-from fm_train.families.moe.tp_plan import TP_PLAN
+from fm_train.families.qwen3_moe.pipeline import build_pipeline, pipeline_layer_names, stage_bounds
+from fm_train.families.qwen3_moe.tp_plan import TP_PLAN
 from fm_train.families.spec import LossFn, Modules
 
 

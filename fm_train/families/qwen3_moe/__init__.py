@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from fm_train.families.moe import hf, shape
+from fm_train.families.qwen3_moe import hf, shape
 from fm_train.families.spec import FamilySpec, HuggingFace, Modules, Objective, Sizes
 
 #: Tied parameter -> the parameter it shares (when ``tie_embeddings``).
@@ -26,17 +26,19 @@ def _tied_params(model_fields: Mapping[str, Any]) -> dict[str, str]:
 
 def _modules() -> Modules:
     """The torch side, imported on first use."""
-    from fm_train.families.moe.modules import MODULES
+    from fm_train.families.qwen3_moe.modules import MODULES
 
     return MODULES
 
 
 SPEC = FamilySpec(
-    name="moe",
+    name="qwen3_moe",
     summary="Mixture-of-Experts decoders",
     sizes=Sizes(parameter_count=shape.parameter_count, flops_per_token=shape.flops_per_token,
                 block_params=shape.block_matmul_params, stage_params=shape.stage_params,
-                activation_bytes_per_layer=shape.activation_bytes_per_layer, config_errors=shape.config_errors),
+                activation_bytes_per_layer=shape.activation_bytes_per_layer, config_errors=shape.config_errors,
+                active_parameter_count=shape.active_parameter_count,
+                expert_parameter_count=shape.expert_parameter_count),
     objective=Objective(tokenizer_specials={}, data=lambda info, model_vocab_size, seed: None),
     hf=HuggingFace(model_type=hf.MODEL_TYPE, architecture=hf.ARCHITECTURE, auto_class=hf.AUTO_CLASS,
                    config_keys=hf.CONFIG_KEYS, key_templates=hf.KEY_TEMPLATES,

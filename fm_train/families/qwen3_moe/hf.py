@@ -78,7 +78,7 @@ def fields_from_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     experts = raw["num_experts"] if "num_experts" in raw else raw["num_local_experts"]
     return {
-        "family": "moe",
+        "family": "qwen3_moe",
         "n_layers": raw["num_hidden_layers"], "hidden": raw["hidden_size"], "n_heads": heads,
         "n_kv_heads": raw.get("num_key_value_heads") or heads,
         "head_dim": raw.get("head_dim") or raw["hidden_size"] // heads, "ffn_hidden": raw["intermediate_size"],

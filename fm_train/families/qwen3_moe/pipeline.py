@@ -15,8 +15,8 @@ import torch
 
 from fm_train.deepspeed_adapter.pipeline import FmPipelineModule, LayerSpec, TiedLayerSpec
 from fm_train.families.llama.model import RMSNorm, rope_tables
-from fm_train.families.moe.model import DecoderLayer, MoEArgs, causal_lm_loss
-from fm_train.families.moe.tp_plan import TP_PLAN as PLAN
+from fm_train.families.qwen3_moe.model import DecoderLayer, MoEArgs, causal_lm_loss
+from fm_train.families.qwen3_moe.tp_plan import TP_PLAN as PLAN
 from fm_train.parallel.pipeline import (
     TIED_KEY,
     EmbeddingPipe,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fm_train.families.moe import TIED_PARAMS, VOCAB_ROW_PARAMS
+from fm_train.families.qwen3_moe import TIED_PARAMS, VOCAB_ROW_PARAMS
 from fm_train.families.llama.model import RMSNorm, apply_rope, causal_lm_loss, rope_tables
 from fm_train.model.base import ModelArgs, parameter_generator
 

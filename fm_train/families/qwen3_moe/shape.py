@@ -131,7 +131,7 @@ def config_errors(cfg: Any) -> list[str]:
     """The MoE family's rules on a whole config, each naming the field and the fix."""
     m = cfg.model
     if m.moe is None:
-        return ["model.family=moe needs the model.moe section (experts, top_k, expert_ffn_hidden, ...); start from"
+        return ["model.family=qwen3_moe needs the model.moe section (experts, top_k, expert_ffn_hidden, ...); start from"
                 " model.preset: moe-tiny, or write model.moe: {experts: 8, top_k: 2}"]
     e = m.moe
     errors = []
@@ -151,6 +151,6 @@ def config_errors(cfg: Any) -> list[str]:
                       " would drop tokens (each expert's share of a micro-batch is tokens * top_k / experts);"
                       " set it to at least 1.0, or null for dropless routing")
     if cfg.precision == "fp16":
-        errors.append("precision=fp16 with model.family=moe: the router losses enter backward inside the blocks,"
+        errors.append("precision=fp16 with model.family=qwen3_moe: the router losses enter backward inside the blocks,"
                       " past DeepSpeed's fp16 loss scaling; use precision=bf16 (or fp32)")
     return errors
