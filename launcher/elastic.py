@@ -69,6 +69,9 @@ def choose_layout(cfg: FmConfig, slots_per_node: Sequence[int]) -> Layout | str:
     rejected = []
     for workers in range(full.workers - model_parallel, floor - 1, -model_parallel):
         dp = workers // model_parallel
+        if dp % cfg.parallel.ep:
+            rejected.append(f"{workers} workers (dp {dp} is not a multiple of parallel.ep={cfg.parallel.ep})")
+            continue
         if per_replica % (cfg.train.micro_batch * dp):
             rejected.append(f"{workers} workers (dp {dp} does not divide the global batch of {per_replica}"
                             f" sequences in micro-batches of {cfg.train.micro_batch})")

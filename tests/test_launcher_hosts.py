@@ -169,3 +169,13 @@ def test_in_a_collective_hang_the_stopped_or_the_quiet_rank_is_the_suspect():
     assert stalled_rank(both, set(), step_timeout_s=10, startup_timeout_s=100, states={1: "stopped"})[0] == 1
     assert stalled_rank(both, set(), step_timeout_s=10, startup_timeout_s=100, quiet_s={0: 0.1, 1: 18.0})[0] == 1
     assert stalled_rank(both, set(), step_timeout_s=10, startup_timeout_s=100)[0] == 0  # the longest still
+
+
+def test_a_shrunk_expert_parallel_run_keeps_dp_a_multiple_of_ep():
+    cfg = build_config({"model": {"preset": "moe-tiny", "vocab_size": 512}, "data": {"seq_len": 32},
+                        "parallel": {"ep": 2, "zero_stage": 1}, "convert": {"at_end": False},
+                        "train": {"micro_batch": 1, "grad_accum": 3}, "cluster": {"workers": 4, "min_workers": 2}})
+    # 3 workers would hold the global batch of 12 (dp 3 x 4 micro-batches), but an ep of 2 cannot split dp 3.
+    assert choose_layout(cfg, [3]) == Layout(2, 6)
+    why = choose_layout(cfg, [1])
+    assert isinstance(why, str) and "3 workers (dp 3 is not a multiple of parallel.ep=2)" in why
