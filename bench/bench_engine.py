@@ -1,18 +1,19 @@
 """Tokens/s of one fm-train process against bare PyTorch, a Hugging Face loop and ``transformers.Trainer``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine.py [--family llama|bert] [--threads 1] [--rounds 6]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine.py [--family llama|bert|qwen3_moe] [--threads 1] [--rounds 6]
                                                              [--steps-per-round 5]
 
 Four contenders train the same model (``--family llama``: a Llama decoder on next-token prediction;
 ``bert``: an encoder with BERT's masked tokens, ``BertForMaskedLM`` on the Hugging Face side, dropout
-off there as fm-train has none) of the same shape on the same fixed batch with the same AdamW settings,
+off there as fm-train has none; ``qwen3_moe``: 8 routed experts, top-2, ``Qwen3MoeForCausalLM`` with its
+load-balancing loss on the Hugging Face side) of the same shape on the same fixed batch with the same AdamW settings,
 cosine schedule and gradient clipping, in one process with the same thread count:
 
 * ``fm-train``: the DeepSpeed engine (world 1, gloo, ZeRO-0 fp32 by default) driven by
   ``fm_train.engine.train`` with metrics on (a record every round: all-reduce, jsonl, TensorBoard)
   - the whole worker loop minus the data reader;
 * ``torch``: ``build_train_module`` + ``torch.optim.AdamW`` + ``LambdaLR`` + ``clip_grad_norm_``;
-* ``hf-loop``: ``transformers.LlamaForCausalLM`` or ``BertForMaskedLM`` (sdpa attention) in the loop ``transformers.Trainer``
+* ``hf-loop``: ``transformers.LlamaForCausalLM``, ``BertForMaskedLM`` or ``Qwen3MoeForCausalLM`` (sdpa attention) in the loop ``transformers.Trainer``
   runs per step (``model(**batch).loss``, backward, ``clip_grad_norm_``, AdamW, cosine schedule);
 * ``hf-trainer``: ``transformers.Trainer`` itself (needs ``accelerate``) training that model from a
   dataset of the same rows (default collator, ``adamw_torch``, ``max_grad_norm=1``, cosine schedule,
@@ -46,6 +47,12 @@ SHAPES = {
               "max_seq_len": 256, "tie_embeddings": True},
     "bert": {"family": "bert", "n_layers": 4, "hidden": 256, "n_heads": 4, "n_kv_heads": 4, "ffn_hidden": 1024,
              "vocab_size": 4096, "max_seq_len": 256, "tie_embeddings": True, "norm_eps": 1e-12},
+    # 8 experts of a quarter of llama's width, top-2: the same active FLOPs per token as the llama shape's MLP.
+    # The z-loss is off because transformers' Qwen3-MoE has none; both add the load-balancing loss.
+    "qwen3_moe": {"family": "qwen3_moe", "n_layers": 4, "hidden": 256, "n_heads": 8, "n_kv_heads": 4, "head_dim": 32,
+                  "ffn_hidden": 688, "vocab_size": 4096, "max_seq_len": 256, "tie_embeddings": True, "norm_eps": 1e-6,
+                  "moe": {"experts": 8, "top_k": 2, "expert_ffn_hidden": 344, "dense_layers": 0,
+                          "norm_topk_prob": True, "aux_loss_coef": 0.001, "z_loss_coef": 0.0}},
 }
 SHAPE = SHAPES["llama"]  # main() picks the family's
 SEQ, MICRO, LR, WARMUP = 128, 8, 1e-3, 5
@@ -178,6 +185,16 @@ def hf_model():
     from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
     s = SHAPE
+    if s.get("family") == "qwen3_moe":  # the family's own export config: the same model, exactly
+        from fm_train.families import family_of
+
+        model_fields = make_config(WARMUP + 1, 0, "unused", 1).model.model_dump()
+        config = family_of(s["family"]).hf.config(model_fields, dtype="fp32", bos=None, eos=None)
+        config.output_router_logits = True  # its load-balancing loss joins the loss, as fm-train's does
+        config._attn_implementation = "sdpa"
+        from transformers import Qwen3MoeForCausalLM
+
+        return Qwen3MoeForCausalLM(config)
     if s.get("family") == "bert":
         return BertForMaskedLM(BertConfig(
             vocab_size=s["vocab_size"], hidden_size=s["hidden"], intermediate_size=s["ffn_hidden"],

@@ -54,28 +54,29 @@ def _all_to_all_counts(counts: torch.Tensor, ep: EPGroup) -> torch.Tensor:
     return received.view(ep.size, -1)
 
 
-def _expert_major(recv: torch.Tensor) -> torch.Tensor:
-    """Row order that turns the arrived rows, grouped by (source, local expert), into (local expert, source)."""
+def _expert_major(recv: torch.Tensor, total: int) -> torch.Tensor:
+    """Row order that turns the ``total`` arrived rows, grouped by (source, local expert), into (local
+    expert, source)."""
     lengths = recv.reshape(-1)
     starts = torch.cumsum(lengths, 0) - lengths  # where each (source, expert) chunk starts
     starts_t, lengths_t = starts.view_as(recv).t().reshape(-1), recv.t().reshape(-1)
     offsets = torch.cumsum(lengths_t, 0) - lengths_t
-    total = int(lengths.sum())
-    within = torch.arange(total) - torch.repeat_interleave(offsets, lengths_t)
-    return torch.repeat_interleave(starts_t, lengths_t) + within
+    within = torch.arange(total, device=recv.device) - torch.repeat_interleave(offsets, lengths_t, output_size=total)
+    return torch.repeat_interleave(starts_t, lengths_t, output_size=total) + within
 
 
-def dispatch_forward(forward: Callable[[torch.Tensor, list[int]], torch.Tensor], tokens: torch.Tensor,
-                     counts: list[int], ep: EPGroup) -> torch.Tensor:
+def dispatch_forward(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+                     counts: torch.Tensor, ep: EPGroup) -> torch.Tensor:
     """Run ``forward`` (this rank's experts) on every rank's rows for them; returns this rank's rows' results."""
-    send = torch.tensor(counts, dtype=torch.int64)
+    send = counts.to(torch.int64)
     recv = _all_to_all_counts(send, ep)  # [source, local expert]
+    # The split sizes must be on the host: the one device read of a dispatch.
     per_rank = send.view(ep.size, -1).sum(dim=1).tolist()
     from_rank = recv.sum(dim=1).tolist()
     arrived = dist_fn.all_to_all_single(tokens.new_empty((sum(from_rank), tokens.shape[-1])), tokens,
                                         output_split_sizes=from_rank, input_split_sizes=per_rank, group=ep.group)
-    order = _expert_major(recv)
-    out = forward(arrived[order], recv.sum(dim=0).tolist())
+    order = _expert_major(recv, sum(from_rank))
+    out = forward(arrived[order], recv.sum(dim=0))
     back = torch.empty_like(out).index_copy(0, order, out) if out.shape[0] else out
     return dist_fn.all_to_all_single(tokens.new_empty(tokens.shape[:1] + out.shape[1:]), back,
                                      output_split_sizes=per_rank, input_split_sizes=from_rank, group=ep.group)

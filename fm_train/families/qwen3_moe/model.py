@@ -162,8 +162,8 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """E SwiGLU experts stored as two stacked tensors (HF's fused layout).
 
-    ``forward(tokens, counts)``: ``tokens`` are sorted by expert, ``counts[e]`` rows for local expert
-    ``e``; returns each row through its expert, in the same order. Expert parallelism keeps only this
+    ``forward(tokens, counts)``: ``tokens`` are sorted by expert, ``counts[e]`` (a tensor) rows for local
+    expert ``e``; returns each row through its expert, in the same order. Expert parallelism keeps only this
     rank's rows of both tensors and feeds it the tokens other ranks routed to them.
     """
 
@@ -173,16 +173,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * f, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, f))
 
-    def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        outs = []
-        for e, rows in enumerate(tokens.split(counts)):
-            if rows.shape[0] == 0:
-                continue
-            gate, up = F.linear(rows, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-        if not outs:  # no token routed here; keep the experts in the graph for a uniform backward
+    def forward(self, tokens: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if not tokens.shape[0]:  # no token routed here; keep the experts in the graph for a uniform backward
             return tokens[:0] + 0.0 * (self.gate_up_proj.sum() + self.down_proj.sum())
-        return torch.cat(outs)
+        # One grouped matmul per projection over all experts (torch's grouped_mm, as transformers runs
+        # these experts), not a loop of per-expert matmuls.
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = F.grouped_mm(tokens, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
 
 
 class RouterLossGrad(torch.autograd.Function):
@@ -212,27 +210,23 @@ def set_router_loss_scale(scale: float) -> None:
 
 
 class RouterStats:
-    """What the routers measured since the last :meth:`take`: for the metrics, never for gradients."""
+    """What the routers measured since the last reset, for the metrics (never for gradients). Kept as
+    detached tensors on the model's device, so a forward never waits for the device; the metrics read
+    them once per logged step."""
 
-    def __init__(self, experts: int) -> None:
-        self.experts = experts
+    def __init__(self) -> None:
         self.reset()
 
     def reset(self) -> None:
-        self.tokens_per_expert: torch.Tensor | None = None  # summed over forwards
-        self.aux_loss = 0.0
-        self.z_loss = 0.0
-        self.dropped = 0
-        self.routed = 0
+        self.tokens_per_expert: torch.Tensor | None = None  # token copies routed to each expert, summed
+        self.losses: torch.Tensor | None = None  # (load-balancing, z, dropped copies), summed over forwards
+        self.routed = 0  # token copies
         self.forwards = 0
 
-    def add(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, dropped: int, routed: int) -> None:
-        c = counts.detach().to("cpu", torch.float64)
-        self.tokens_per_expert = c if self.tokens_per_expert is None else self.tokens_per_expert + c
-        self.aux_loss += float(aux.detach())
-        self.z_loss += float(z.detach())
-        self.dropped += dropped
-        self.routed += routed
+    def add(self, counts: torch.Tensor, aux: torch.Tensor, z: torch.Tensor, dropped: torch.Tensor) -> None:
+        losses = torch.stack([aux.detach().float(), z.detach().float(), dropped.float()])
+        self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
+        self.losses = losses if self.losses is None else self.losses + losses
         self.forwards += 1
 
 
@@ -246,7 +240,7 @@ class SparseMoeBlock(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = args.aux_loss_coef, args.z_loss_coef
         self.gate = Router(args)
         self.experts = Experts(args)
-        self.stats = RouterStats(args.experts)
+        self.stats = RouterStats()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -259,16 +253,18 @@ class SparseMoeBlock(nn.Module):
         # routed to e (summing to k, as in transformers' load_balancing_loss_func), P_e its mean probability.
         aux = e * torch.sum(counts.to(probs.dtype) / tokens * probs.mean(dim=0))
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()  # router z-loss (ST-MoE)
-        keep = torch.ones_like(flat, dtype=torch.bool)
-        if self.capacity_factor is not None:
+        if self.capacity_factor is None:  # dropless: every copy, sorted by expert (stable: in token order)
+            order, kept_counts = torch.argsort(flat, stable=True), counts
+        else:
             keep = _within_capacity(flat, e, math.ceil(self.capacity_factor * tokens * k / e))
-        order = torch.argsort(torch.where(keep, flat, e), stable=True)[: int(keep.sum())]
-        kept_counts = torch.bincount(flat[order], minlength=e)
+            order = torch.argsort(torch.where(keep, flat, e), stable=True)[: int(keep.sum())]
+            kept_counts = torch.bincount(flat[order], minlength=e)
         source = order // k  # the token each sorted copy comes from
-        out = self.experts(x[source], kept_counts.tolist())
+        out = self.experts(x[source], kept_counts)
         out = out * weights.reshape(-1)[order].unsqueeze(-1)
         y = torch.zeros_like(x).index_add_(0, source, out.to(x.dtype))
-        self.stats.add(counts, aux, z, dropped=int(flat.numel() - order.numel()), routed=int(flat.numel()))
+        self.stats.add(counts.detach(), aux, z, dropped=counts.sum() - kept_counts.sum())
+        self.stats.routed += flat.numel()
         router_loss = self.aux_loss_coef * aux + self.z_loss_coef * z
         if torch.is_grad_enabled() and router_loss.requires_grad:
             y = RouterLossGrad.apply(y, router_loss)
@@ -369,11 +365,13 @@ def take_router_metrics(model: nn.Module) -> dict[str, tuple[float, float]]:
     ``moe_dropped`` (the share of token copies over capacity). Every key is there on every rank.
     """
     blocks = [b for b in moe_blocks(model) if b.stats.forwards]
-    out = {"moe_aux_loss": (sum(b.stats.aux_loss for b in blocks), sum(b.stats.forwards for b in blocks)),
-           "moe_z_loss": (sum(b.stats.z_loss for b in blocks), sum(b.stats.forwards for b in blocks)),
-           "moe_load_max_mean": (sum(float(b.stats.tokens_per_expert.max() / b.stats.tokens_per_expert.mean())
-                                     for b in blocks), len(blocks)),
-           "moe_dropped": (sum(b.stats.dropped for b in blocks), sum(b.stats.routed for b in blocks))}
+    losses = [b.stats.losses.tolist() for b in blocks]  # the one read of the device per block and record
+    loads = [b.stats.tokens_per_expert.double() for b in blocks]
+    forwards = sum(b.stats.forwards for b in blocks)
+    out = {"moe_aux_loss": (sum(aux for aux, _, _ in losses), forwards),
+           "moe_z_loss": (sum(z for _, z, _ in losses), forwards),
+           "moe_load_max_mean": (sum(float(c.max() / c.mean()) for c in loads), len(blocks)),
+           "moe_dropped": (sum(d for _, _, d in losses), sum(b.stats.routed for b in blocks))}
     for b in moe_blocks(model):
         b.stats.reset()
     return {k: (float(total), float(count)) for k, (total, count) in out.items()}
