@@ -64,6 +64,7 @@ def test_flops_per_token_count_the_active_experts_only():
     ({"parallel__ep": 2, "parallel__zero_stage": 3}, "parallel.ep=2 with parallel.zero_stage=3"),
     ({"parallel__ep": 2, "convert__at_end": True}, "convert.at_end=true with parallel.ep=2"),
     ({"precision": "fp16"}, "precision=fp16 with model.family=qwen3_moe"),
+    ({"parallel__ep": 2, "parallel__tp": 2, "cluster__workers": 4}, "parallel.ep=2 with parallel.tp=2, parallel.pp=1"),
     ({"model__head_dim": 15}, "the head width 15 is odd"),
 ])
 def test_bad_moe_settings_are_refused_naming_the_field_and_the_fix(over, message):

@@ -136,6 +136,10 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
         errors.append(f"parallel.ep={p.ep} with parallel.zero_stage=3: DeepSpeed's ZeRO-3 does not partition expert"
                       " parameters over the expert-data-parallel group; use parallel.zero_stage=1 or 2 (their"
                       " optimizer states are partitioned over it), or parallel.ep=1")
+    if p.tp > 1 or p.pp > 1:
+        errors.append(f"parallel.ep={p.ep} with parallel.tp={p.tp}, parallel.pp={p.pp}: expert parallelism is checked"
+                      " against one process with data parallelism only so far; set parallel.tp=1 and parallel.pp=1"
+                      " (or parallel.ep=1)")
     if cfg.convert.at_end:
         errors.append(f"convert.at_end=true with parallel.ep={p.ep}: the converter cannot read an expert-parallel"
                       " checkpoint yet; set convert.at_end=false (or parallel.ep=1)")
