@@ -106,9 +106,11 @@ def _initial_weights(cfg: FmConfig, family: FamilySpec, resuming: bool) -> "Init
         return cfg.run.seed
     from fm_train.convert.hf_import import open_hf
 
+    from fm_train.config.rules import field_differs
+
     fields, weights = open_hf(Path(cfg.model.init_from), family)
     wrong = [f"model.{k}={getattr(cfg.model, k)!r} vs config.json {v!r}" for k, v in fields.items()
-             if k != "max_seq_len" and getattr(cfg.model, k) != v]
+             if k != "max_seq_len" and field_differs(getattr(cfg.model, k), v)]
     if wrong:  # the loader's rules check this; a dir replaced since then must not load silently
         raise ConfigError(f"model.init_from={cfg.model.init_from!r} does not match the model: {'; '.join(wrong)}")
     return weights

@@ -85,6 +85,9 @@ def test_router_losses_reach_the_router_scaled_like_the_loss_and_are_reported():
     assert metrics["moe_aux_loss"][1] == 2 * 3  # two forwards through each of the 3 routed blocks
     assert 1.0 < mean["moe_aux_loss"] < 2 * cfg.model.moe.top_k  # k under perfect balance
     assert all(count == 0 for _total, count in take_router_metrics(model).values())  # taken: reset
+    with torch.no_grad():  # evaluation (and the checkpoint's probe) is not the training step's routing
+        model.eval()(tokens)
+    assert all(count == 0 for _total, count in take_router_metrics(model.train()).values())
 
 
 @pytest.mark.unit

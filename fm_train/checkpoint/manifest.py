@@ -13,6 +13,9 @@ Schema (version 1)::
                                   # replicated); the converter merges tp shards and renames pipeline
                                   # names with it
     tied: {pipeline tied key: module name}   # DeepSpeed TiedLayerSpec keys (pp > 1), else {}
+    experts: {ep, params: [name, ...], ranks: [[global expert, ...] per ep rank]}
+                                  # only with expert parallelism (ep > 1): the stacked expert
+                                  # parameters, whose row i on ep rank r is expert ranks[r][i]
     data: {state: <data stream state>, tokenizer_hash: str | null}
     tokens_seen: int
     rng: {scheme: "per-rank", files: ["rng/rank_00000.pt", ...]}
@@ -84,11 +87,15 @@ def package_versions() -> dict[str, str]:
 
 def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tokens_seen: int,
                    tokenizer_hash: str | None = None, layers: list[dict] | None = None,
-                   tied: Mapping[str, str] | None = None, param_prefix: str = "model.") -> dict[str, Any]:
+                   tied: Mapping[str, str] | None = None, param_prefix: str = "model.",
+                   experts: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The caller's part of a manifest; :func:`fm_train.checkpoint.save_checkpoint` adds step, files,
-    RNG and versions. ``layers`` defaults to the dense table (:func:`dense_layers`)."""
+    RNG and versions. ``layers`` defaults to the dense table (:func:`dense_layers`); ``experts``: the
+    placement of expert-parallel experts (:func:`fm_train.deepspeed_adapter.moe.expert_placement`)."""
     if topology.tp > 1 and layers is None:
         raise CheckpointError(f"tp={topology.tp}: pass layers with the tp split dims (the converter needs them)")
+    if (experts is None) != (topology.ep == 1):
+        raise CheckpointError(f"ep={topology.ep}: pass experts (where each expert lives) exactly when ep > 1")
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -98,6 +105,7 @@ def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tok
         "param_prefix": param_prefix,
         "layers": layers if layers is not None else dense_layers(config.model.n_layers),
         "tied": dict(tied or {}),
+        **({"experts": dict(experts)} if experts is not None else {}),
         "data": {"state": data_state, "tokenizer_hash": tokenizer_hash},
         "tokens_seen": int(tokens_seen),
     }
@@ -140,6 +148,30 @@ def check_manifest(manifest: Mapping[str, Any], *, where: str) -> None:
         raise CheckpointError(f"{where}: manifest version {manifest['version']} is newer than this fm-train "
                               f"reads ({VERSION}); upgrade fm-train")
     check_file_names(manifest, where=where)
+    check_experts(manifest, where=where)
+
+
+def check_experts(manifest: Mapping[str, Any], *, where: str) -> None:
+    """The ``experts`` record, when the step has one, is what fm-train writes: ``topology.ep`` ranks of equally
+    many experts each, numbered 0.. in rank order, and parameter names; a reader indexes files and rows by it."""
+    topology = manifest.get("topology")
+    ep = topology.get("ep", 1) if isinstance(topology, Mapping) else 1
+    record = manifest.get("experts")
+    if record is None:
+        if ep != 1:
+            raise CheckpointError(f"{where}: topology.ep={ep!r} but no experts record (where each expert lives)")
+        return
+    ok = (isinstance(record, Mapping) and record.get("ep") == ep and isinstance(ep, int) and ep > 1
+          and isinstance(record.get("params"), list) and record["params"]
+          and all(isinstance(n, str) for n in record["params"]) and isinstance(record.get("ranks"), list)
+          and len(record["ranks"]) == ep and all(isinstance(r, list) for r in record["ranks"]))
+    if ok:
+        per_rank = len(record["ranks"][0])
+        ok = per_rank > 0 and record["ranks"] == [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep)]
+    if not ok:
+        raise CheckpointError(f"{where}: field experts is not the record fm-train writes ({{ep: topology.ep, params:"
+                              " [names], ranks: equal runs of global experts per ep rank}): this manifest was"
+                              " altered, do not resume or convert this step")
 
 
 def check_file_names(manifest: Mapping[str, Any], *, where: str) -> None:

@@ -1,8 +1,8 @@
 """Which files of a step directory the ranks of one node read, and the record of what a node holds.
 
 Without a shared ``run.dir`` each node resumes from its own disk, fetching from ``run.storage`` what
-it lacks (:mod:`fm_train.checkpoint.fetch`). On the layout that saved the step (same world, tp, pp and
-ZeRO stage) a rank reads only part of it, so a node fetches only that part:
+it lacks (:mod:`fm_train.checkpoint.fetch`). On the layout that saved the step (same world, tp, pp, ep
+and ZeRO stage) a rank reads only part of it, so a node fetches only that part:
 
 - every file the rank itself wrote (its RNG state, its ZeRO partition ``[bf16_]zero_pp_rank_D_...``);
 - every file that is not one rank's own (neither ``zero_pp_rank_D_*`` nor ``rng/rank_R.pt``) written
@@ -43,8 +43,8 @@ _MODEL_STATES = re.compile(r"^mp_rank_\d+_model_states\.pt$")
 def same_layout(manifest: Mapping[str, Any], topology: Topology, zero_stage: int) -> bool:
     """Whether ``topology`` and ``zero_stage`` are the ones that saved ``manifest``'s step."""
     saved = manifest["topology"]
-    return ((saved["world"], saved["tp"], saved["pp"], saved["zero_stage"])
-            == (topology.world, topology.tp, topology.pp, zero_stage))
+    return ((saved["world"], saved["tp"], saved["pp"], saved.get("ep", 1), saved["zero_stage"])
+            == (topology.world, topology.tp, topology.pp, topology.ep, zero_stage))
 
 
 def files_for_ranks(manifest: Mapping[str, Any], ranks: Iterable[int], topology: Topology,

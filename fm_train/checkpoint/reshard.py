@@ -1,12 +1,13 @@
-"""Resume on another tensor/pipeline layout (or ZeRO stage): load full tensors, keep this rank's slices.
+"""Resume on another tensor/pipeline/expert layout (or ZeRO stage): load full tensors, keep this rank's slices.
 
 DeepSpeed's own loaders need the saved and the current layout to match (its universal checkpoint
 relaxes only the dp size for modules it knows the tp patterns of, i.e. Megatron-DeepSpeed's). Here,
 after ``deepspeed.initialize`` on the new layout, every rank streams from the source step, one
 parameter at a time, the full fp32 master weight and Adam's ``exp_avg``/``exp_avg_sq`` (merged over
-the source's dp partitions, tp shards and pipeline stages by :class:`fm_train.deepspeed_adapter.ckpt_reader.
-DeepSpeedWeights` and the source manifest), slices them for its own tp rank along the split dims the
-current layout records, and writes them where the current engine keeps them (per ZeRO stage:
+the source's dp partitions, tp shards, pipeline stages and expert-parallel ranks by
+:class:`fm_train.deepspeed_adapter.ckpt_reader.DeepSpeedWeights` and the source manifest), slices them
+for its own tp rank along the split dims the current layout records and, for stacked experts, keeps
+the rows of its own experts, and writes them where the current engine keeps them (per ZeRO stage:
 :class:`fm_train.deepspeed_adapter.optimizer_state.OptimizerStateWriter`, which also creates Adam's
 state where the optimizer has not made it yet, with the saved step count, so bias correction
 continues where it stopped). The LR
@@ -31,6 +32,11 @@ from fm_train.checkpoint.layout import CheckpointError
 log = logging.getLogger("fm_train.checkpoint")
 
 
+def _rows(full: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+    """This ep rank's experts (consecutive rows of a stacked expert parameter); all of them when None."""
+    return full if rows is None else full[rows[0]:rows[-1] + 1]
+
+
 def _local_slice(full: torch.Tensor, dim: int | None, tp_rank: int, tp_size: int) -> torch.Tensor:
     """This tp rank's contiguous share of ``full`` along ``dim`` (the tp plan's own slicing)."""
     if dim is None or tp_size == 1:
@@ -40,13 +46,14 @@ def _local_slice(full: torch.Tensor, dim: int | None, tp_rank: int, tp_size: int
 
 @torch.no_grad()
 def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], layout: Mapping[str, Any], *,
-                   tp_rank: int, tp_size: int, trust: bool = False) -> None:
+                   tp_rank: int, tp_size: int, ep_rank: int = 0, trust: bool = False) -> None:
     """Load the source step ``step_dir`` (``manifest``) into ``engine`` built on another layout.
 
     ``layout`` describes the current engine's names as a manifest would (``topology.pp``, ``layers``,
-    ``tied``, ``param_prefix``; and ``tied_params``: tied parameter -> the one it shares): it maps each
-    local DeepSpeed parameter name to the pure model's name and its tp split dim. Every rank of the current world calls this. Files load ``weights_only`` unless
-    ``trust``.
+    ``tied``, ``param_prefix``, ``experts``; and ``tied_params``: tied parameter -> the one it shares):
+    it maps each local DeepSpeed parameter name to the pure model's name, its tp split dim, and for an
+    expert parameter this rank's experts (``ep_rank``'s entry of ``experts.ranks``). Every rank of the
+    current world calls this. Files load ``weights_only`` unless ``trust``.
     """
     try:
         source = DeepSpeedWeights(step_dir, manifest, tied=layout["tied_params"], trust=trust)
@@ -68,6 +75,8 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
         raise CheckpointError(str(exc)) from None
     shapes = source.shapes()
     tied = layout["tied_params"]
+    placement = layout.get("experts")
+    experts_of = {n: placement["ranks"][ep_rank] for n in placement["params"]} if placement else {}
     for local_name, param in engine.module.named_parameters():
         name = ds_to_fm(local_name, layout)
         if name not in shapes and name in tied:
@@ -75,7 +84,8 @@ def load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], lay
         if name not in shapes:
             raise CheckpointError(f"{step_dir} has no parameter {name!r} (current {local_name!r})")
         dim = tp_split_dim(name, layout)
-        values = {key: _local_slice(source.get(name, key), dim, tp_rank, tp_size).contiguous()
+        rows = experts_of.get(name)
+        values = {key: _local_slice(_rows(source.get(name, key), rows), dim, tp_rank, tp_size).contiguous()
                   for key in (None, *adam_moments())}
         if values[None].shape != unpartitioned_shape(param):
             raise CheckpointError(f"{name}: the slice for tp rank {tp_rank}/{tp_size} has shape "

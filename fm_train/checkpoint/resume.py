@@ -2,8 +2,8 @@
 
 A resume on the same layout loads DeepSpeed's files as they are, through the guarded checkpoint engine
 (:mod:`fm_train.deepspeed_adapter.ckpt_engine`: ``weights_only`` unpickling unless the run trusts its pickles).
-When the tensor- or pipeline-parallel size, the ZeRO stage, or the data-parallel size of partitioned
-optimizer state changed, :func:`load_checkpoint` reshards the step itself
+When the tensor-, pipeline- or expert-parallel size, the ZeRO stage, or the data-parallel size of
+partitioned optimizer state changed, :func:`load_checkpoint` reshards the step itself
 (:mod:`fm_train.checkpoint.reshard`): one path for every layout change, reading only files the
 manifest's checksums cover, each through the same pickle boundary. DeepSpeed's universal checkpoint
 (``ds_to_universal``) is not used: its converter and loader unpickle fully, and its output directory
@@ -132,14 +132,15 @@ def check_compatible(manifest: Mapping[str, Any], config: FmConfig | None, token
 
 
 def needs_reshard(manifest: Mapping[str, Any], tp: int, pp: int, zero_stage: int | None,
-                  dp: int | None = None) -> bool:
-    """True when fm-train reshards the step (DeepSpeed's loaders need the saved layout): tp, pp or the ZeRO
-    stage changed, or the dp size did while the optimizer state is partitioned over dp.
+                  dp: int | None = None, ep: int = 1) -> bool:
+    """True when fm-train reshards the step (DeepSpeed's loaders need the saved layout): tp, pp, ep or the
+    ZeRO stage changed, or the dp size did while the optimizer state is partitioned over dp.
 
     ``zero_stage``/``dp`` None: unknown to the caller, compared as unchanged.
     """
     saved = manifest["topology"]
-    if (saved["tp"], saved["pp"]) != (tp, pp) or (zero_stage is not None and saved["zero_stage"] != zero_stage):
+    if (saved["tp"], saved["pp"], saved.get("ep", 1)) != (tp, pp, ep) or (
+            zero_stage is not None and saved["zero_stage"] != zero_stage):
         return True
     return dp is not None and saved["dp"] != dp and _dp_partitioned(manifest)
 
@@ -182,13 +183,8 @@ def load_checkpoint(engine: Any, step_dir: Path, *, config: FmConfig | None = No
     bad = missing_files(manifest_dir, manifest)
     if bad:
         raise CheckpointError(f"{manifest_dir} is damaged: " + ", ".join(bad))
-    saved_ep = manifest["topology"].get("ep", 1)
-    if config is not None and saved_ep != config.parallel.ep:
-        raise CheckpointError(f"{manifest_dir} was saved with parallel.ep={saved_ep}, this run has parallel.ep="
-                              f"{config.parallel.ep}: resuming on another expert-parallel size is not supported yet;"
-                              f" resume with parallel.ep={saved_ep}")
     if config is not None and needs_reshard(manifest, config.parallel.tp, config.parallel.pp,
-                                            config.parallel.zero_stage, config.dp):
+                                            config.parallel.zero_stage, config.dp, config.parallel.ep):
         if not trust:
             check_pickles(manifest_dir, manifest)  # names the file with the resume's way to trust it
         return _load_resharded(engine, manifest_dir, manifest, config, layout, trust)
@@ -243,9 +239,14 @@ def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], co
                               f"ZeRO-{p.zero_stage}: pass layout= (the current "
                               "engine's layer table) so that it can be resharded")
     world, rank = _world_and_rank()
-    tp_rank = Topology(world=world, tp=p.tp, pp=p.pp).coord(rank).tp
-    log.info("rank %d: resharding %s (tp=%d pp=%d dp=%d ZeRO-%d) for tp=%d pp=%d dp=%d ZeRO-%d", rank, step_dir,
-             saved["tp"], saved["pp"], saved["dp"], saved["zero_stage"], p.tp, p.pp, world // (p.tp * p.pp),
-             p.zero_stage)
-    load_resharded(engine, step_dir, manifest, layout, tp_rank=tp_rank, tp_size=p.tp, trust=trust)
+    topology = Topology(world=world, tp=p.tp, pp=p.pp, ep=p.ep)
+    log.info("rank %d: resharding %s (tp=%d pp=%d dp=%d ep=%d ZeRO-%d) for tp=%d pp=%d dp=%d ep=%d ZeRO-%d", rank,
+             step_dir, saved["tp"], saved["pp"], saved["dp"], saved.get("ep", 1), saved["zero_stage"], p.tp, p.pp,
+             world // (p.tp * p.pp), p.ep, p.zero_stage)
+    if p.ep > 1 and not (layout.get("experts") or {}).get("params"):
+        raise CheckpointError(f"parallel.ep={p.ep}: the current layout names no expert parameters (pass layout="
+                              "current_layout(cfg, family, engine.module)) so that each rank keeps its experts")
+    load_resharded(engine, step_dir, manifest, layout, tp_rank=topology.coord(rank).tp, tp_size=p.tp,
+                   ep_rank=topology.ep_rank(rank),
+                   trust=trust)
     return manifest

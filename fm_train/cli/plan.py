@@ -40,7 +40,7 @@ def run_plan(args: argparse.Namespace) -> int:
     per_token = "" if active is None else f" ({active(cfg.model):,} active per token)"
     print(f"# model: {cfg.model.family}, {family.sizes.parameter_count(cfg.model):,} parameters{per_token}; "
           f"{flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
-          "(6N + 12 L h s per token)")
+          f"(6N + 12 L h s per token{', N active' if active is not None else ''})")
     device = "gpu" if cfg.cluster.gpus_per_worker > 0 else "cpu"
     print(format_memory(estimate_memory(cfg, family, device=device), device))
     for path in missing_paths(cfg):

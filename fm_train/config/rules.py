@@ -7,6 +7,7 @@ sees every problem of a config at once rather than one per attempt.
 from __future__ import annotations
 
 import math
+from typing import Any
 from pathlib import Path
 
 from fm_train.config.family_rules import family_rules
@@ -136,13 +137,14 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
         errors.append(f"parallel.ep={p.ep} with parallel.zero_stage=3: DeepSpeed's ZeRO-3 does not partition expert"
                       " parameters over the expert-data-parallel group; use parallel.zero_stage=1 or 2 (their"
                       " optimizer states are partitioned over it), or parallel.ep=1")
+    if p.zero_stage == 0:
+        errors.append(f"parallel.ep={p.ep} with parallel.zero_stage=0: DeepSpeed then saves each expert-parallel"
+                      " rank's optimizer whole in a file of its own, which fm-train cannot reshard or convert; use"
+                      " parallel.zero_stage=1 or 2 (the optimizer states partitioned, less memory), or parallel.ep=1")
     if p.tp > 1 or p.pp > 1:
         errors.append(f"parallel.ep={p.ep} with parallel.tp={p.tp}, parallel.pp={p.pp}: expert parallelism is checked"
                       " against one process with data parallelism only so far; set parallel.tp=1 and parallel.pp=1"
                       " (or parallel.ep=1)")
-    if cfg.convert.at_end:
-        errors.append(f"convert.at_end=true with parallel.ep={p.ep}: the converter cannot read an expert-parallel"
-                      " checkpoint yet; set convert.at_end=false (or parallel.ep=1)")
     if m.moe.experts % p.ep:
         errors.append(f"parallel.ep={p.ep} does not divide model.moe.experts={m.moe.experts}: each rank of an"
                       " expert-parallel group holds experts / ep of them; pick an ep that divides it")
@@ -173,8 +175,16 @@ def _init_from_errors(m: ModelConfig, *, require_paths: bool) -> list[str]:
         f"model.{field}={getattr(m, field)!r} conflicts with model.init_from (config.json {hf_key_of(field, shape['family'])}="
         f"{value!r}); drop model.{field} (and model.preset) to take the checkpoint's shape"
         for field, value in shape.items()
-        if field not in FREE_FIELDS and getattr(m, field) != value
+        if field not in FREE_FIELDS and field_differs(getattr(m, field), value)
     ]
+
+
+def field_differs(now: Any, stored: Any) -> bool:
+    """Whether a model field differs from what ``config.json`` gives; a section (``model.moe``) is compared
+    on the keys ``config.json`` sets (the others, such as the z-loss weight, are the run's to choose)."""
+    if isinstance(stored, dict) and hasattr(now, "model_dump"):
+        now = {k: v for k, v in now.model_dump().items() if k in stored}
+    return now != stored
 
 
 def missing_paths(cfg: FmConfig) -> list[str]:

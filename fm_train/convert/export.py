@@ -150,11 +150,6 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
         manifest = read_manifest(step_dir)
     except CheckpointError as exc:
         raise ConvertError(str(exc)) from None
-    ep = manifest["topology"].get("ep", 1)
-    if ep > 1:
-        raise ConvertError(f"{step_dir} was saved with parallel.ep={ep}: converting an expert-parallel checkpoint"
-                           " (experts in layer_*_expert_* files) is not supported yet; convert a step of a run"
-                           " with parallel.ep=1")
     held = read_held(step_dir)
     if held is not None:
         raise ConvertError(f"{step_dir} holds only the files ranks {held['ranks']} read ({HELD}: fetched from "

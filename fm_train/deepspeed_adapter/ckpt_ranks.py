@@ -13,7 +13,8 @@ count, or None when the checkpoint holds no optimizer state). Where the tensors 
 * ZeRO-1/2, and bf16 ZeRO-0 (DeepSpeed's ``BF16_Optimizer``): ``[bf16_]zero_pp_rank_D_mp_rank_XX_
   optim_states.pt``: ``single_partition_of_fp32_groups`` (one flat fp32 partition per param group and
   dp rank) and ``base_optimizer_state`` (the moments, flat in the same layout), located per parameter
-  by ``param_slice_mappings``; shapes in the model-states file's ``param_shapes``;
+  by ``param_slice_mappings``; shapes in the model-states file's ``param_shapes``; with expert
+  parallelism each ep rank's expert rows are partitioned over its own expert-data-parallel ranks;
 * ZeRO-3: ``zero_pp_rank_D_mp_rank_XX_optim_states.pt`` ``fp32_flat_groups`` and the moments in
   ``optimizer_state_dict.state``, where every parameter owns ``ceil(numel / dp)`` consecutive elements
   on each dp rank, in ``param_shapes`` order.
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import torch
 
@@ -123,10 +124,21 @@ class Zero0Rank:
 class Zero12Rank:
     """ZeRO-1/2 and ``BF16_Optimizer``: each parameter is a run of slices across the dp ranks' partitions."""
 
-    def __init__(self, model_file: Path, optim_files: list[Path], trust: bool) -> None:
+    def __init__(self, model_file: Path, optim_files: list[Path], trust: bool, *,
+                 experts: Collection[str] = (), ep: int = 1) -> None:
         groups = load_ds_file(model_file, trust=trust)["param_shapes"]
         self.shapes = {n: torch.Size(s) for g in groups for n, s in g.items()}
         self._group = {n: gi for gi, g in enumerate(groups) for n in g}
+        # Expert parameters (ep > 1): every ep rank saved its own rows under the same name, partitioned
+        # over its expert-data-parallel ranks, i.e. dp ranks r, r + ep, r + 2 ep, ... (fm-train's
+        # Topology); the full tensor is the ep ranks' rows in order.
+        unknown = sorted(set(experts) - set(self.shapes))
+        if unknown or len(optim_files) % ep:
+            raise CheckpointError(f"{model_file}: expert parameters {unknown} not in its param_shapes, or ep={ep} "
+                                  f"does not divide its {len(optim_files)} dp partitions")
+        self._ep, self._experts = ep, frozenset(experts)
+        for n in self._experts:
+            self.shapes[n] = torch.Size([self.shapes[n][0] * ep, *self.shapes[n][1:]])
         self._flat: list[list[torch.Tensor]] = []
         self._slices: list[list[Mapping[str, Any]]] = []
         self._states: list[Any] = []
@@ -149,16 +161,26 @@ class Zero12Rank:
 
     def get(self, name: str, key: str | None = None) -> torch.Tensor:
         _check_key(key)
-        g, shape = self._group[name], self.shapes[name]
+        if name not in self._experts:
+            return self._gather(name, key, range(len(self._slices)), self.shapes[name])
+        shape = self.shapes[name]
+        local = torch.Size([shape[0] // self._ep, *shape[1:]])
+        dp = len(self._slices)
+        return torch.cat([self._gather(name, key, range(r, dp, self._ep), local) for r in range(self._ep)])
+
+    def _gather(self, name: str, key: str | None, ranks: range, shape: torch.Size) -> torch.Tensor:
+        """``name``'s slices in the partitions of dp ``ranks``, in order, as one tensor of ``shape``."""
+        g = self._group[name]
         pieces = []
-        for rank, slices in enumerate(self._slices):
-            frag = slices[g].get(name)
+        for rank in ranks:
+            frag = self._slices[rank][g].get(name)
             if frag is not None:
                 pieces.append(self._flat_of(rank, g, key).narrow(0, frag.start, frag.numel))
         # One piece (dp = 1, or a parameter inside one partition): a view into the mapped file, no copy.
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces) if pieces else torch.empty(0)
         if out.numel() != shape.numel():
-            raise CheckpointError(f"{name}: found {out.numel()} of {shape.numel()} elements across the dp partitions")
+            raise CheckpointError(f"{name}: found {out.numel()} of {shape.numel()} elements across the dp partitions"
+                                  f" {list(ranks)}")
         return out.float().view(shape)
 
     def step(self) -> int | None:

@@ -4,8 +4,9 @@ Where each ZeRO stage keeps them is :mod:`fm_train.deepspeed_adapter.ckpt_ranks`
 model-parallel rank); this module merges the ranks: tensor-parallel shards (``mp_rank_XX``,
 pipeline-major like DeepSpeed's grid) are concatenated along the split dims the manifest records, and
 pipeline names (``{layer}.{param}``, ``tied_modules.{key}.{param}``) become fm_train names through the
-manifest's layer table. The converter reads the weights; a resume on another tp/pp layout
-(:mod:`fm_train.checkpoint.reshard`) reads the weights, the moments and the step count.
+manifest's layer table; the expert-parallel ranks' rows of each stacked expert parameter are stacked
+again in the order of the manifest's ``experts`` record. The converter reads the weights; a resume on
+another layout (:mod:`fm_train.checkpoint.reshard`) reads the weights, the moments and the step count.
 
 Files are opened with ``torch.load(mmap=True, weights_only=True)`` (a step in object storage: read in
 place, :mod:`fm_train.storage.ranged_reads`), so nothing is read until a parameter is asked for and
@@ -52,6 +53,7 @@ class DeepSpeedWeights:
         topo = manifest["topology"]
         self.tp, self.pp, self.dp, self.stage = topo["tp"], topo["pp"], topo["dp"], topo["zero_stage"]
         self.note = ""
+        self._experts = _expert_names(manifest)
         # One reader per model-parallel rank, pipeline-major (mp = pp_stage * tp + tp_rank).
         self._ranks = [self._open_mp_rank(mp, trust) for mp in range(self.tp * self.pp)]
         self._index: dict[str, list[tuple[int, str]]] = {}  # fm name -> [(mp rank, ds name)]
@@ -89,6 +91,9 @@ class DeepSpeedWeights:
     def _open_mp_rank(self, mp: int, trust: bool) -> Any:
         d, tag = self.step_dir, f"mp_rank_{mp:02d}"
         model_file = self._model_file(tag)
+        if self._experts and self.stage not in (1, 2):
+            raise CheckpointError(f"{d}: an expert-parallel step (ep={self.manifest['experts']['ep']}) saved with "
+                                  f"ZeRO-{self.stage}; fm-train writes those with ZeRO-1 or 2 only")
         if self.stage in (0, 1, 2):
             bf16 = (d / f"bf16_zero_pp_rank_0_{tag}_optim_states.pt").exists()
             if self.stage == 0 and not bf16:
@@ -99,7 +104,8 @@ class DeepSpeedWeights:
                 return Zero0Rank(model_file, layers, self._tied_layers(), trust)
             optim = [d / f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-{self.stage} optimizer partitions (dp={self.dp})"
-            return Zero12Rank(model_file, optim, trust)
+            return Zero12Rank(model_file, optim, trust, experts=self._experts,
+                              ep=self.manifest["experts"]["ep"] if self._experts else 1)
         if self.stage == 3:
             optim = [d / f"zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-3 partitions (dp={self.dp})"
@@ -143,3 +149,13 @@ class DeepSpeedWeights:
         """LR scheduler state and DeepSpeed's ``global_steps``/``global_samples``/``skipped_steps``."""
         states = load_ds_file(self._model_file("mp_rank_00"), trust=self._trust)
         return {k: states.get(k) for k in ENGINE_FIELDS}
+
+
+def _expert_names(manifest: Mapping[str, Any]) -> frozenset[str]:
+    """DeepSpeed names of the parameters whose rows expert parallelism split (none when ep = 1)."""
+    record = manifest.get("experts")
+    if not record:
+        return frozenset()
+    if manifest["topology"]["pp"] > 1 or manifest["topology"]["tp"] > 1:
+        raise CheckpointError("an expert-parallel step saved with tp or pp > 1: fm-train does not write those")
+    return frozenset(manifest.get("param_prefix", "model.") + name for name in record["params"])

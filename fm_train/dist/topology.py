@@ -94,6 +94,10 @@ class Topology:
         return [[self.rank_of(pp=p, dp=b * self.ep + i, tp=t) for b in range(self.dp // self.ep)]
                 for p in range(self.pp) for t in range(self.tp) for i in range(self.ep)]
 
+    def ep_rank(self, rank: int) -> int:
+        """``rank``'s place in its expert-parallel group: which share of the experts it keeps."""
+        return self.coord(rank).dp % self.ep
+
     def group_of(self, rank: int, axis: str) -> list[int]:
         """The members of ``rank``'s group along ``axis`` (``tp``, ``dp``, ``pp``, ``ep`` or ``edp``)."""
         groups = {"tp": self.tp_groups, "dp": self.dp_groups, "pp": self.pp_groups, "ep": self.ep_groups,

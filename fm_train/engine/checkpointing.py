@@ -46,18 +46,28 @@ def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, family: FamilySp
     from fm_train.checkpoint import load_checkpoint
 
     manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash,
-                               layout=current_layout(cfg, family))
+                               layout=current_layout(cfg, family, engine.module))
     state.step = int(manifest["step"])
     state.tokens_seen = int(manifest["tokens_seen"])
     state.data_state = manifest["data"]["state"]
 
 
-def current_layout(cfg: FmConfig, family: FamilySpec) -> dict[str, Any]:
+def current_layout(cfg: FmConfig, family: FamilySpec, module: Any = None) -> dict[str, Any]:
     """This run's parameter naming as a manifest records it, plus the model's tied parameters: what a
-    resharding load maps local names with."""
-    return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp}, "layers": manifest_layers(family, cfg),
-            "tied": manifest_tied(family, cfg), "param_prefix": "model.",
-            "tied_params": family.tied_params(cfg.model.model_dump())}
+    resharding load maps local names with. ``module``: the engine's, whose expert placement (ep > 1)
+    says which local rows of which parameter are which experts."""
+    return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp, "ep": cfg.parallel.ep},
+            "layers": manifest_layers(family, cfg), "tied": manifest_tied(family, cfg), "param_prefix": "model.",
+            "tied_params": family.tied_params(cfg.model.model_dump()),
+            "experts": _expert_placement(cfg, module)}
+
+
+def _expert_placement(cfg: FmConfig, module: Any) -> dict[str, Any] | None:
+    if cfg.parallel.ep == 1 or module is None:
+        return None
+    from fm_train.deepspeed_adapter.moe import expert_placement
+
+    return expert_placement(module, "model.")
 
 
 class CheckpointSaver:
@@ -94,7 +104,8 @@ class CheckpointSaver:
         from fm_train.checkpoint import build_manifest, save_checkpoint
 
         manifest = build_manifest(self.cfg, self.topology, data_state=state.data_state, tokens_seen=state.tokens_seen,
-                                  tokenizer_hash=self.tokenizer_hash, layers=self.layers, tied=self.tied)
+                                  tokenizer_hash=self.tokenizer_hash, layers=self.layers, tied=self.tied,
+                                  experts=_expert_placement(self.cfg, engine.module))
         return save_checkpoint(engine, Path(self.cfg.run.dir), state.step, manifest=manifest,
                                keep=self.cfg.checkpoint.keep, is_rank0=self.is_rank0, uploader=self.uploader)
 

@@ -36,7 +36,7 @@ from fm_train.parallel.sharded_init import (
     materialize_,
     materialize_zero3_,
 )
-from fm_train.parallel.tensor_parallel import TPGroup, apply_tensor_parallel
+from fm_train.parallel.tensor_parallel import SINGLE, TPGroup, apply_tensor_parallel
 
 
 class ModelWithLoss(nn.Module):
@@ -87,17 +87,24 @@ def build_zero3_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None
     return materialize_zero3_(model, args, cfg.run.seed if init is None else init)
 
 
-def build_tp_model(family: FamilySpec, args: Any, tp: TPGroup, init: InitSource) -> nn.Module:
-    """The pure model with the family's tp plan applied, holding only this rank's shards of the initial weights.
+def build_tp_model(family: FamilySpec, args: Any, tp: TPGroup, init: InitSource, ep: EPGroup | None = None) -> nn.Module:
+    """The pure model with the family's tp plan applied (and with ``ep``, its experts split), holding only
+    this rank's shards of the initial weights.
 
     Built on the meta device, so the full model never exists on a rank; each shard equals the
-    matching slice of :func:`build_dense_model`'s weights. Its forward returns vocab-sharded logits.
+    matching slice of :func:`build_dense_model`'s weights, and from a Hugging Face checkpoint a rank
+    reads only its shards and its experts. Its forward returns vocab-sharded logits when tp > 1.
     """
     modules = family.modules()
     with torch.device("meta"):
         model = args.build()
     apply_tensor_parallel(model, tp, modules.tp_plan)
-    materialize_(model, args, init, tp, modules.tp_plan)
+    rows = {}
+    if ep is not None:
+        apply_expert_parallel(model, ep, modules.expert_types)
+        rows = {f"{name}.{pname}": (ep.rank, ep.size) for name, m in model.named_modules()
+                if isinstance(m, modules.expert_types) for pname, _ in m.named_parameters(recurse=False)}
+    materialize_(model, args, init, tp, modules.tp_plan, rows=rows)
     modules.finish_materialize(model, args)  # derived buffers (RoPE tables) are recomputed, not initialised
     return model
 
@@ -145,31 +152,41 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
         # Without a process group there is nothing to partition over (a single-process reference).
         if p.zero_stage == 3 and dist.is_initialized():
             return ModelWithLoss(build_zero3_model(cfg, family, init, ds_config), loss)
-        module = ModelWithLoss(build_dense_model(cfg, family, init), loss)
+        if p.ep > 1:
+            assert groups is not None  # _check raised otherwise
+            module = ModelWithLoss(build_tp_model(family, args, SINGLE, init, ep=_ep_group(groups)), loss)
+        else:
+            module = ModelWithLoss(build_dense_model(cfg, family, init), loss)
     else:
         assert groups is not None  # _check raised otherwise
         tp = TPGroup.from_groups(groups)
         if p.pp > 1:
             module = modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
                                             activation_checkpointing=p.activation_checkpointing)
+            if p.ep > 1:  # the stages are built whole: split their experts now
+                apply_expert_parallel(module, _ep_group(groups), modules.expert_types)
         else:
-            module = ModelWithLoss(build_tp_model(family, args, tp, init),
+            module = ModelWithLoss(build_tp_model(family, args, tp, init, ep=_ep_group(groups) if p.ep > 1 else None),
                                    loss_fn=vocab_loss(modules.loss(args), args.vocab_size, tp))
     if p.ep > 1:
         assert groups is not None  # _check raised otherwise
-        _split_experts(module, family, groups)
+        _register_experts(module, family, groups)
     return module
 
 
-def _split_experts(module: nn.Module, family: FamilySpec, groups: ParallelGroups) -> None:
-    """Expert parallelism on ``module``: this rank keeps its experts and exchanges tokens with its
-    expert-parallel group; DeepSpeed learns which parameters are experts and over which ranks to
+def _ep_group(groups: ParallelGroups) -> EPGroup:
+    ranks = groups.ranks("ep")
+    return EPGroup(groups.group("ep"), ranks.index(groups.rank), len(ranks))
+
+
+def _register_experts(module: nn.Module, family: FamilySpec, groups: ParallelGroups) -> None:
+    """Expert parallelism applied to ``module`` (each rank keeps its experts and exchanges tokens with its
+    expert-parallel group): DeepSpeed learns which parameters are experts and over which ranks to
     average their gradients."""
-    ep_ranks, edp_ranks = groups.ranks("ep"), groups.ranks("edp")
-    ep = EPGroup(groups.group("ep"), ep_ranks.index(groups.rank), len(ep_ranks))
-    experts = apply_expert_parallel(module, ep, family.modules().expert_types)
+    experts = [m for m in module.modules() if isinstance(m, family.modules().expert_types)]
     if not experts:
-        raise ValueError(f"parallel.ep={ep.size}, but the {family.name} model has no experts to split")
-    register_expert_groups(ep.size, groups.group("ep"), ep_ranks, groups.group("edp"), edp_ranks)
-    total = ep.size * next(experts[0].parameters()).shape[0]
-    mark_expert_parameters(experts, ep=ep.size, total_experts=total)
+        raise ValueError(f"parallel.ep={groups.topology.ep}, but the {family.name} model has no experts to split")
+    ep_ranks, edp_ranks = groups.ranks("ep"), groups.ranks("edp")
+    register_expert_groups(len(ep_ranks), groups.group("ep"), ep_ranks, groups.group("edp"), edp_ranks)
+    total = len(ep_ranks) * next(experts[0].parameters()).shape[0]
+    mark_expert_parameters(experts, ep=len(ep_ranks), total_experts=total)

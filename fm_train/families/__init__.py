@@ -57,7 +57,9 @@ class ConfigRules:
         family = family_of_hf(raw.get("model_type"))
         if family is None:
             known = ", ".join(f.hf.model_type for f in FAMILIES.values())
-            raise ValueError(f"{where}: model_type {raw.get('model_type')!r} is not one fm-train trains ({known})")
+            raise ValueError(f"{where}: model_type {raw.get('model_type')!r} is not one fm-train trains ({known}: the"
+                             " architectures its families compute exactly); continue from a checkpoint of one of them,"
+                             " or set model.init_from: null to train from scratch")
         try:
             return family.hf.fields_from_config(raw)
         except KeyError as exc:

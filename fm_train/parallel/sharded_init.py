@@ -161,6 +161,16 @@ def initial_shard(args: ModelArgs, init: InitSource, name: str, dim: int | None,
     return init.read(name, dim, tp.rank, tp.size)
 
 
+def initial_rows(args: ModelArgs, init: InitSource, name: str, index: int, parts: int) -> torch.Tensor:
+    """Chunk ``index`` of ``parts`` of parameter ``name``'s initial value along dim 0: an expert-parallel
+    rank's experts of a stacked expert parameter. From a :class:`SliceReader` only those rows are read."""
+    if not isinstance(init, SliceReader):
+        return initial_value(args, init, name).chunk(parts, 0)[index]
+    name, init = _own_name(args, name), _PaddedVocab(args, init)
+    _check_shape(args, name, init.shape(name))
+    return init.read(name, 0, index, parts)
+
+
 def initial_flat(args: ModelArgs, init: InitSource, name: str, start: int, count: int) -> torch.Tensor:
     """Elements ``[start, start + count)`` of parameter ``name``'s flattened initial value (a ZeRO-3
     partition); from a :class:`SliceReader` only the rows covering them are read."""
@@ -173,20 +183,27 @@ def initial_flat(args: ModelArgs, init: InitSource, name: str, start: int, count
 
 @torch.no_grad()
 def materialize_(module: nn.Module, args: ModelArgs, init: InitSource, tp: TPGroup, plan: TPPlan, *, prefix: str = "",
-                 device: torch.device | str = "cpu") -> nn.Module:
+                 device: torch.device | str = "cpu", rows: Mapping[str, tuple[int, int]] | None = None) -> nn.Module:
     """Give ``module``'s parameters real storage holding this rank's tp shard (split by ``plan``) of the
     initial weights.
 
     ``prefix + local name`` must be the pure model's parameter name (``model.layers.3.`` for a
-    pipeline block, empty for the whole model). Buffers become uninitialised storage: the caller
-    recomputes them (RoPE tables are derived from ``args``, never stored).
+    pipeline block, empty for the whole model). ``rows``: pure-model name -> ``(index, parts)`` for
+    parameters split by rows instead (an expert-parallel rank's experts: :func:`initial_rows`).
+    Buffers become uninitialised storage: the caller recomputes them (RoPE tables are derived from
+    ``args``, never stored).
     """
+    rows = rows or {}
     ties = tied_parameters(module)
     if any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()]):
         module.to_empty(device=device)
         retie(module, ties)  # to_empty replaces each module's parameters separately, breaking ties
     for name, param in module.named_parameters():
         full_name = prefix + name
+        if full_name in rows:  # expert rows: whole on every tp rank
+            param.copy_(initial_rows(args, init, full_name, *rows[full_name]))
+            mark_tensor_parallel(param, None, tp)
+            continue
         dim = plan.split_dim_of(full_name)
         param.copy_(initial_shard(args, init, full_name, dim, tp))
         mark_tensor_parallel(param, dim, tp)  # to_empty made new Parameter objects: tag them again

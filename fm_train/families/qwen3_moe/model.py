@@ -210,9 +210,9 @@ def set_router_loss_scale(scale: float) -> None:
 
 
 class RouterStats:
-    """What the routers measured since the last reset, for the metrics (never for gradients). Kept as
-    detached tensors on the model's device, so a forward never waits for the device; the metrics read
-    them once per logged step."""
+    """What the routers measured in training forwards since the last reset, for the metrics (never for
+    gradients). Kept as detached tensors on the model's device, so a forward never waits for the device;
+    the metrics read them once per logged step."""
 
     def __init__(self) -> None:
         self.reset()
@@ -263,8 +263,9 @@ class SparseMoeBlock(nn.Module):
         out = self.experts(x[source], kept_counts)
         out = out * weights.reshape(-1)[order].unsqueeze(-1)
         y = torch.zeros_like(x).index_add_(0, source, out.to(x.dtype))
-        self.stats.add(counts.detach(), aux, z, dropped=counts.sum() - kept_counts.sum())
-        self.stats.routed += flat.numel()
+        if self.training:  # evaluation and the checkpoint's probe are not the training step's routing
+            self.stats.add(counts.detach(), aux, z, dropped=counts.sum() - kept_counts.sum())
+            self.stats.routed += flat.numel()
         router_loss = self.aux_loss_coef * aux + self.z_loss_coef * z
         if torch.is_grad_enabled() and router_loss.requires_grad:
             y = RouterLossGrad.apply(y, router_loss)

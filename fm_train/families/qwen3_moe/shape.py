@@ -131,6 +131,8 @@ def config_errors(cfg: Any) -> list[str]:
     """The MoE family's rules on a whole config, each naming the field and the fix."""
     m = cfg.model
     if m.moe is None:
+        if m.init_from is not None:  # the section comes from init_from, whose own error says why it could not
+            return []
         return ["model.family=qwen3_moe needs the model.moe section (experts, top_k, expert_ffn_hidden, ...); start from"
                 " model.preset: moe-tiny, or write model.moe: {experts: 8, top_k: 2}"]
     e = m.moe
