@@ -16,6 +16,7 @@ from typing import Any
 
 from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
+from fm_train.deepspeed_adapter.moe import expert_placement
 from fm_train.dist.topology import Topology
 from fm_train.engine.state import TrainState
 from fm_train.families.spec import FamilySpec, manifest_layers, manifest_tied
@@ -65,8 +66,6 @@ def current_layout(cfg: FmConfig, family: FamilySpec, module: Any = None) -> dic
 def _expert_placement(cfg: FmConfig, module: Any) -> dict[str, Any] | None:
     if cfg.parallel.ep == 1 or module is None:
         return None
-    from fm_train.deepspeed_adapter.moe import expert_placement
-
     return expert_placement(module, "model.")
 
 
