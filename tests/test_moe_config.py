@@ -64,7 +64,7 @@ def test_flops_per_token_count_the_active_experts_only():
     ({"parallel__ep": 2, "parallel__zero_stage": 3}, "parallel.ep=2 with parallel.zero_stage=3"),
     ({"parallel__ep": 2, "parallel__zero_stage": 0}, "parallel.ep=2 with parallel.zero_stage=0"),
     ({"precision": "fp16"}, "precision=fp16 with model.family=qwen3_moe"),
-    ({"parallel__ep": 2, "parallel__tp": 2, "cluster__workers": 4}, "parallel.ep=2 with parallel.tp=2, parallel.pp=1"),
+    ({"parallel__ep": 2, "parallel__tp": 2, "cluster__workers": 2}, "parallel.ep=2 does not divide the data-parallel size 1"),
     ({"model__head_dim": 15}, "the head width 15 is odd"),
 ])
 def test_bad_moe_settings_are_refused_naming_the_field_and_the_fix(over, message):
@@ -96,6 +96,8 @@ def test_moe_recipes_plan_to_fit_an_h100_with_each_expert_group_on_one_node(reci
                           "--no-config"], capture_output=True, text=True, check=True, cwd=root).stdout
     assert f"# layout: world={world} = pp 1 x dp {world} (ep 8 within dp) x tp 1; zero stage 2; bf16" in out, out
     assert all(size in out for size in sizes) and "N active" in out, out
+    a2a = next(line for line in out.splitlines() if line.startswith("#   all-to-all (ep)"))
+    assert 0.05 < float(a2a.split()[3]) < 2, a2a  # GiB: one routed block's buffers, bf16, 4k tokens
     total = next(line for line in out.splitlines() if line.startswith("#   total (peak)"))
     assert 10 < float(total.split()[3]) < 70, total  # GiB: fits an 80 GiB H100 with room to spare
     rows = [[int(x) for x in line.split()] for line in out.splitlines() if line.strip() and line.split()[0].isdigit()]
@@ -103,3 +105,20 @@ def test_moe_recipes_plan_to_fit_an_h100_with_each_expert_group_on_one_node(reci
     assert len(node_of) == world
     for group in Topology(world=world, ep=8).ep_groups():  # the all-to-all never leaves a node
         assert len({node_of[r] for r in group}) == 1, group
+
+
+def test_expert_parallelism_composes_with_tp_and_pp():
+    assert moe(parallel__ep=2, parallel__tp=2, cluster__workers=4).dp == 2
+    assert moe(parallel__ep=2, parallel__pp=2, parallel__zero_stage=1, cluster__workers=4).dp == 2
+
+
+def test_the_plan_counts_the_all_to_all_buffers_of_expert_parallelism():
+    from fm_train.families import family_of
+    from fm_train.plan.memory import estimate_memory
+
+    family = family_of("qwen3_moe")
+    one, two = (moe(parallel__ep=ep, precision="fp32", data__seq_len=64, train__micro_batch=2) for ep in (1, 2))
+    assert estimate_memory(one, family).dispatch == 0.0
+    copies = 64 * 2 * two.model.moe.top_k
+    routed = two.model.n_layers - two.model.moe.dense_layers
+    assert estimate_memory(two, family).dispatch == 2 * copies * two.model.hidden * 4 + routed * copies * 8

@@ -1,6 +1,7 @@
-"""The MoE family through the real worker and DeepSpeed engine at ep1 and ep2: training with router metrics
-in ``metrics.jsonl``, checkpoints recording where each expert lives, an exact resume on the same layout
-and a resume on another ep at the same global sample, and the export of either as ``Qwen3MoeForCausalLM``."""
+"""The MoE family through the real worker and DeepSpeed engine at ep1 and ep2 (and ep2 with tp2 or pp2):
+training with router metrics in ``metrics.jsonl``, checkpoints recording where each expert lives, an exact
+resume on the same layout and a resume on another layout at the same global sample, and the export of
+each as ``Qwen3MoeForCausalLM``."""
 
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def test_moe_trains_reports_its_router_and_resumes_exactly(tmp_path: Path, strai
     assert [r["step"] for r in full] == [1, 2, 3, 4, 5, 6]
     for r in full:
         assert 1.0 <= r["moe_load_max_mean"] <= 4.0 and r["moe_dropped"] == 0.0
+        per_layer = [r["moe_load_max_mean/layer_1"], r["moe_load_max_mean/layer_2"]]  # the two routed blocks
+        assert all(1.0 <= x <= 4.0 for x in per_layer) and sum(per_layer) / 2 == pytest.approx(r["moe_load_max_mean"])
         assert 1.0 < r["moe_aux_loss"] < 4.0 and r["moe_z_loss"] > 0.0  # k = 2 under perfect balance
     # The same run preempted (SIGTERM on rank 1 while it reads step 4's first batch: it saves step 4 and
     # stops) and started again: the same losses to the bit.
@@ -135,3 +138,43 @@ def test_moe_checkpoint_converts_to_qwen3_moe_that_generates_and_fine_tunes(tmp_
     trainer.train()
     logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert len(logged) >= 4 and logged[-1] < logged[0], logged
+
+
+@pytest.mark.parametrize("layout", [{"tp": 2, "ep": 2, "zero_stage": 2}, {"pp": 2, "ep": 2, "zero_stage": 1}],
+                         ids=["tp2-ep2", "pp2-ep2"])
+def test_moe_with_tp_or_pp_trains_like_ep2_converts_and_reshards(tmp_path: Path, straight: dict[int, Path],
+                                                                  layout: dict[str, int]) -> None:
+    """4 ranks, dp2 x (tp2 or pp2) x ep2: the same global batches as the 2-rank ep2 run, so the same losses;
+    the step converts (verified against its own probe) and resumes on the 2-rank ep2 layout."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fm_train.convert import convert_checkpoint
+
+    raw = moe_raw(tmp_path / "run", **layout)
+    raw["cluster"] = {"workers": 4}
+    assert run_distributed(_worker_with_fake_data, world_size=4, args=(raw,), init_process_group=False) == [0] * 4
+    want, got = records(straight[2]), records(tmp_path / "run")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for w, g in zip(want, got):
+        assert (g["data_receipt"], g["tokens_seen"]) == (w["data_receipt"], w["tokens_seen"])
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["moe_aux_loss"] == pytest.approx(
+            w["moe_aux_loss"], rel=1e-5)
+        for key in ("moe_load_max_mean/layer_1", "moe_load_max_mean/layer_2"):  # each from the stage holding it
+            assert g[key] == pytest.approx(w[key], rel=1e-5)
+    manifest = json.loads((tmp_path / "run/checkpoints/step_00000006/manifest.json").read_text())
+    assert manifest["experts"]["params"] == [f"model.layers.{i}.mlp.experts.{p}" for i in (1, 2)
+                                             for p in ("gate_up_proj", "down_proj")]
+
+    out = convert_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32", no_tokenizer=True)
+    assert "logits match the training engine's own logits" in (out / "README.md").read_text()
+    model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    assert model.generate(torch.tensor([[1, 4, 7, 10]]), max_new_tokens=6, do_sample=False,
+                          pad_token_id=0).shape == (1, 10)
+
+    moved = moe_raw(tmp_path / "moved", ep=2)
+    moved["checkpoint"] = {**moved["checkpoint"], "resume": str(tmp_path / "run/checkpoints/step_00000003")}
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(moved,), init_process_group=False) == [0, 0]
+    for w, g in zip(want[3:], records(tmp_path / "moved")):
+        assert (g["step"], g["data_receipt"]) == (w["step"], w["data_receipt"])
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)

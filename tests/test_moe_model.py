@@ -79,9 +79,11 @@ def test_router_losses_reach_the_router_scaled_like_the_loss_and_are_reported():
         metrics = take_router_metrics(model)
     finally:
         set_router_loss_scale(1.0)
-    assert set(metrics) == {"moe_aux_loss", "moe_z_loss", "moe_load_max_mean", "moe_dropped"}
+    per_layer = {f"moe_load_max_mean/layer_{i}" for i in (1, 2, 3)}  # the routed blocks, each on its own
+    assert set(metrics) == {"moe_aux_loss", "moe_z_loss", "moe_load_max_mean", "moe_dropped", *per_layer}
     mean = {name: total / count for name, (total, count) in metrics.items()}
     assert mean["moe_dropped"] == 0.0 and mean["moe_load_max_mean"] >= 1.0
+    assert sum(mean[k] for k in per_layer) / 3 == pytest.approx(mean["moe_load_max_mean"])
     assert metrics["moe_aux_loss"][1] == 2 * 3  # two forwards through each of the 3 routed blocks
     assert 1.0 < mean["moe_aux_loss"] < 2 * cfg.model.moe.top_k  # k under perfect balance
     assert all(count == 0 for _total, count in take_router_metrics(model).values())  # taken: reset

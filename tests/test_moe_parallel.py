@@ -1,6 +1,7 @@
-"""Expert parallelism trains exactly like one process: ep2 under ZeRO-1 and 2, dp4 x ep2, router
-losses on and gradients clipped, loss for loss against a single rank running the same micro-batches;
-and the check is sharp: averaging the experts' gradients over the wrong group is caught."""
+"""Expert parallelism trains exactly like one process: ep2 under ZeRO-1 and 2, dp4 x ep2, tp2 with the
+experts replicated, tp2 x ep2 and pp2 x ep2, router losses on and gradients clipped, loss for loss
+against a single rank running the same micro-batches; and the check is sharp: averaging the experts'
+gradients over the wrong group is caught (and tp2 caught the q/k norms' gradients left unsummed)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,14 @@ pytestmark = pytest.mark.multiproc
 STEPS, SEQ, VOCAB, MICRO = 6, 16, 256, 2
 
 
-def moe_raw(*, workers: int, ep: int, zero: int, accum: int) -> dict[str, Any]:
+def moe_raw(*, workers: int, ep: int, zero: int, accum: int, tp: int = 1, pp: int = 1) -> dict[str, Any]:
     return {
         "run": {"name": "moe-ep", "dir": "runs/unused", "seed": 11},
         "model": {"preset": "moe-tiny", "n_layers": 3, "hidden": 32, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8,
                   "ffn_hidden": 48, "vocab_size": VOCAB, "vocab_multiple": 1, "max_seq_len": SEQ,
                   "moe": {"experts": 4, "top_k": 2, "expert_ffn_hidden": 16, "dense_layers": 1,
                           "aux_loss_coef": 0.05, "z_loss_coef": 0.01}},
-        "parallel": {"tp": 1, "pp": 1, "ep": ep, "zero_stage": zero},
+        "parallel": {"tp": tp, "pp": pp, "ep": ep, "zero_stage": zero},
         "precision": "fp32",
         "data": {"seq_len": SEQ},
         "train": {"steps": STEPS, "micro_batch": MICRO, "grad_accum": accum, "log_every": 1, "eval_every": 0},
@@ -62,6 +63,7 @@ def _train(cases: list[dict[str, Any]], wrong_expert_group: bool = False) -> lis
     from fm_train.dist.topology import Topology
     from fm_train.engine import TrainState, build_engine
     from fm_train.engine import train_module as tm
+    from fm_train.engine.pipeline_step import pipeline_train_step
     from fm_train.engine.step import train_step
     from fm_train.families import family_of
 
@@ -71,20 +73,25 @@ def _train(cases: list[dict[str, Any]], wrong_expert_group: bool = False) -> lis
     out = []
     for case in cases:
         cfg = build_config(moe_raw(**case))
-        groups = ParallelGroups(Topology(world=dist.get_world_size(), ep=cfg.parallel.ep))
+        p = cfg.parallel
+        groups = ParallelGroups(Topology(world=dist.get_world_size(), tp=p.tp, pp=p.pp, ep=p.ep))
         family = family_of(cfg.model)
+        pipelined = p.pp > 1
         engine, scheduler = build_engine(cfg, tm.build_train_module(cfg, family, groups),
-                                         blocks=family.modules().block_types)
+                                         blocks=family.modules().block_types, mpu=None if pipelined else groups)
         experts = [p for n, p in engine.module.named_parameters() if n.endswith("experts.gate_up_proj")]
         assert experts and all(p.shape[0] == 4 // cfg.parallel.ep for p in experts)  # this rank's experts only
+        step_fn = pipeline_train_step if pipelined else train_step
         state, norms = TrainState(lr_scheduler=scheduler), GradNormTracker.of(engine)
         batches = rank_batches(groups.coord.dp, cfg.dp, cfg.train.grad_accum, cfg.global_batch)
         losses, clipped = [], False
         for _ in range(STEPS):
-            step = train_step(engine, batches, state, cfg.tokens_per_step, norms)
+            step = step_fn(engine, batches, state, cfg.tokens_per_step, norms)
             total = step.loss_sum.detach().clone()
-            dist.all_reduce(total)
-            losses.append(float(total) / (step.micro_batches * dist.get_world_size()))
+            if not pipelined:  # the pipeline's loss is already the mean over dp ranks
+                dist.all_reduce(total, group=groups.group("dp"))
+                total /= cfg.dp
+            losses.append(float(total) / step.micro_batches)
             clipped = clipped or step.grad_norm > cfg.optim.grad_clip
         assert clipped, "the gradient norm never exceeded optim.grad_clip: clipping went untested"
         out.append(losses)
@@ -116,3 +123,16 @@ def test_experts_averaged_over_the_wrong_group_are_caught(reference):
     [wrong] = run_distributed(_train, 4, args=([{"workers": 4, "ep": 2, "zero": 1, "accum": 2}], True))[0]
     assert wrong[0] == pytest.approx(reference[8][0], rel=1e-5)  # the same model until the first update
     assert wrong != pytest.approx(reference[8], rel=1e-5)
+
+
+def test_tp2_with_replicated_experts_equals_one_process(reference):
+    [tp2] = run_distributed(_train, 2, args=([{"workers": 2, "tp": 2, "ep": 1, "zero": 1, "accum": 4}],))[0]
+    assert tp2 == pytest.approx(reference[4], rel=1e-5)
+
+
+def test_tp2_ep2_and_pp2_ep2_equal_one_process(reference):
+    cases = [{"workers": 4, "tp": 2, "ep": 2, "zero": 1, "accum": 2},
+             {"workers": 4, "pp": 2, "ep": 2, "zero": 1, "accum": 2}]
+    tp2_ep2, pp2_ep2 = run_distributed(_train, 4, args=(cases,))[0]
+    assert tp2_ep2 == pytest.approx(reference[4], rel=1e-5)
+    assert pp2_ep2 == pytest.approx(reference[4], rel=1e-5)

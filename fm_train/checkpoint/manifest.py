@@ -91,7 +91,7 @@ def build_manifest(config: FmConfig, topology: Topology, *, data_state: Any, tok
                    experts: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The caller's part of a manifest; :func:`fm_train.checkpoint.save_checkpoint` adds step, files,
     RNG and versions. ``layers`` defaults to the dense table (:func:`dense_layers`); ``experts``: the
-    placement of expert-parallel experts (:func:`fm_train.deepspeed_adapter.moe.expert_placement`)."""
+    placement of expert-parallel experts (:func:`fm_train.families.spec.manifest_experts`)."""
     if topology.tp > 1 and layers is None:
         raise CheckpointError(f"tp={topology.tp}: pass layers with the tp split dims (the converter needs them)")
     if (experts is None) != (topology.ep == 1):

@@ -245,7 +245,7 @@ def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], co
              world // (p.tp * p.pp), p.ep, p.zero_stage)
     if p.ep > 1 and not (layout.get("experts") or {}).get("params"):
         raise CheckpointError(f"parallel.ep={p.ep}: the current layout names no expert parameters (pass layout="
-                              "current_layout(cfg, family, engine.module)) so that each rank keeps its experts")
+                              "current_layout(cfg, family)) so that each rank keeps its experts")
     load_resharded(engine, step_dir, manifest, layout, tp_rank=topology.coord(rank).tp, tp_size=p.tp,
                    ep_rank=topology.ep_rank(rank),
                    trust=trust)

@@ -141,10 +141,6 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
         errors.append(f"parallel.ep={p.ep} with parallel.zero_stage=0: DeepSpeed then saves each expert-parallel"
                       " rank's optimizer whole in a file of its own, which fm-train cannot reshard or convert; use"
                       " parallel.zero_stage=1 or 2 (the optimizer states partitioned, less memory), or parallel.ep=1")
-    if p.tp > 1 or p.pp > 1:
-        errors.append(f"parallel.ep={p.ep} with parallel.tp={p.tp}, parallel.pp={p.pp}: expert parallelism is checked"
-                      " against one process with data parallelism only so far; set parallel.tp=1 and parallel.pp=1"
-                      " (or parallel.ep=1)")
     if m.moe.experts % p.ep:
         errors.append(f"parallel.ep={p.ep} does not divide model.moe.experts={m.moe.experts}: each rank of an"
                       " expert-parallel group holds experts / ep of them; pick an ep that divides it")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -125,18 +125,17 @@ class Zero12Rank:
     """ZeRO-1/2 and ``BF16_Optimizer``: each parameter is a run of slices across the dp ranks' partitions."""
 
     def __init__(self, model_file: Path, optim_files: list[Path], trust: bool, *,
-                 experts: Collection[str] = (), ep: int = 1) -> None:
+                 is_expert: Callable[[str], bool] | None = None, ep: int = 1) -> None:
         groups = load_ds_file(model_file, trust=trust)["param_shapes"]
         self.shapes = {n: torch.Size(s) for g in groups for n, s in g.items()}
         self._group = {n: gi for gi, g in enumerate(groups) for n in g}
         # Expert parameters (ep > 1): every ep rank saved its own rows under the same name, partitioned
         # over its expert-data-parallel ranks, i.e. dp ranks r, r + ep, r + 2 ep, ... (fm-train's
         # Topology); the full tensor is the ep ranks' rows in order.
-        unknown = sorted(set(experts) - set(self.shapes))
-        if unknown or len(optim_files) % ep:
-            raise CheckpointError(f"{model_file}: expert parameters {unknown} not in its param_shapes, or ep={ep} "
-                                  f"does not divide its {len(optim_files)} dp partitions")
-        self._ep, self._experts = ep, frozenset(experts)
+        if len(optim_files) % ep:
+            raise CheckpointError(f"{model_file}: ep={ep} does not divide its {len(optim_files)} dp partitions")
+        self._ep = ep
+        self._experts = frozenset(n for n in self.shapes if is_expert is not None and is_expert(n))
         for n in self._experts:
             self.shapes[n] = torch.Size([self.shapes[n][0] * ep, *self.shapes[n][1:]])
         self._flat: list[list[torch.Tensor]] = []

@@ -67,6 +67,10 @@ class DeepSpeedWeights:
         for name in tied:
             # ZeRO-0 keeps a tied parameter as a second entry; Hugging Face stores the shared one only.
             self._index.pop(name, None)
+        missing = sorted(self._experts - set(self._index))
+        if missing:
+            raise CheckpointError(f"{step_dir}: the manifest's experts record names {missing[:3]}, which no"
+                                  " model-parallel rank's files hold")
         self._shapes = {n: self._merged_shape(n) for n in self._index}
 
     def _model_file(self, tag: str) -> Path:
@@ -104,7 +108,7 @@ class DeepSpeedWeights:
                 return Zero0Rank(model_file, layers, self._tied_layers(), trust)
             optim = [d / f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-{self.stage} optimizer partitions (dp={self.dp})"
-            return Zero12Rank(model_file, optim, trust, experts=self._experts,
+            return Zero12Rank(model_file, optim, trust, is_expert=lambda ds: ds_to_fm(ds, self.manifest) in self._experts,
                               ep=self.manifest["experts"]["ep"] if self._experts else 1)
         if self.stage == 3:
             optim = [d / f"zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
@@ -152,10 +156,6 @@ class DeepSpeedWeights:
 
 
 def _expert_names(manifest: Mapping[str, Any]) -> frozenset[str]:
-    """DeepSpeed names of the parameters whose rows expert parallelism split (none when ep = 1)."""
+    """fm_train names of the parameters whose rows expert parallelism split (none when ep = 1)."""
     record = manifest.get("experts")
-    if not record:
-        return frozenset()
-    if manifest["topology"]["pp"] > 1 or manifest["topology"]["tp"] > 1:
-        raise CheckpointError("an expert-parallel step saved with tp or pp > 1: fm-train does not write those")
-    return frozenset(manifest.get("param_prefix", "model.") + name for name in record["params"])
+    return frozenset(record["params"]) if record else frozenset()

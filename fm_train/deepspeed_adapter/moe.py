@@ -145,28 +145,3 @@ def mark_expert_parameters(experts: Iterable[nn.Module], *, ep: int, total_exper
 def named_param_groups(groups: list[dict]) -> list[dict]:
     """``groups`` with the ``name`` DeepSpeed's split into expert and dense optimizer groups requires."""
     return [{**g, "name": g.get("name", f"group_{i}")} for i, g in enumerate(groups)]
-
-
-def expert_placement(module: nn.Module, prefix: str) -> dict | None:
-    """Where the experts of an expert-parallel ``module`` live, as a checkpoint manifest records it; None
-    when nothing in it is split by expert parallelism.
-
-    ``{"ep": size, "params": [stacked expert parameters, named without ``prefix``], "ranks": [[global
-    experts of ep rank 0], ...]}``: row ``i`` of a parameter on ep rank ``r`` is expert ``ranks[r][i]``.
-    DeepSpeed's own files name each expert by its global index (``layer_<moe layer>_expert_<global>_...``),
-    but its optimizer partitions carry every ep rank's rows under the same parameter name: this record is
-    what lets a reader put the rows together again (:mod:`fm_train.deepspeed_adapter.ckpt_reader`).
-    """
-    params: list[str] = []
-    ep = per_rank = 0
-    for name, child in module.named_modules():
-        marker = getattr(child, _MARKER, None)
-        if not isinstance(marker, ExpertsMarker):
-            continue
-        ep, per_rank = marker.ep_size, marker.num_local_experts
-        for pname, _param in child.named_parameters(recurse=False):
-            full = f"{name}.{pname}"
-            params.append(full[len(prefix):] if full.startswith(prefix) else full)
-    if not params:
-        return None
-    return {"ep": ep, "params": params, "ranks": [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep)]}

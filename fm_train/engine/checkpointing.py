@@ -16,10 +16,9 @@ from typing import Any
 
 from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
-from fm_train.deepspeed_adapter.moe import expert_placement
 from fm_train.dist.topology import Topology
 from fm_train.engine.state import TrainState
-from fm_train.families.spec import FamilySpec, manifest_layers, manifest_tied
+from fm_train.families.spec import FamilySpec, manifest_experts, manifest_layers, manifest_tied
 
 
 def resume_point(cfg: FmConfig, topology: Topology) -> Path | None:
@@ -47,26 +46,20 @@ def restore(engine: DeepSpeedEngine, path: Path, cfg: FmConfig, family: FamilySp
     from fm_train.checkpoint import load_checkpoint
 
     manifest = load_checkpoint(engine, path, config=cfg, tokenizer_hash=tokenizer_hash,
-                               layout=current_layout(cfg, family, engine.module))
+                               layout=current_layout(cfg, family))
     state.step = int(manifest["step"])
     state.tokens_seen = int(manifest["tokens_seen"])
     state.data_state = manifest["data"]["state"]
 
 
-def current_layout(cfg: FmConfig, family: FamilySpec, module: Any = None) -> dict[str, Any]:
+def current_layout(cfg: FmConfig, family: FamilySpec) -> dict[str, Any]:
     """This run's parameter naming as a manifest records it, plus the model's tied parameters: what a
-    resharding load maps local names with. ``module``: the engine's, whose expert placement (ep > 1)
-    says which local rows of which parameter are which experts."""
+    resharding load maps local names with (and, with ep > 1, which rows of which parameter are which
+    experts)."""
     return {"topology": {"pp": cfg.parallel.pp, "tp": cfg.parallel.tp, "ep": cfg.parallel.ep},
             "layers": manifest_layers(family, cfg), "tied": manifest_tied(family, cfg), "param_prefix": "model.",
             "tied_params": family.tied_params(cfg.model.model_dump()),
-            "experts": _expert_placement(cfg, module)}
-
-
-def _expert_placement(cfg: FmConfig, module: Any) -> dict[str, Any] | None:
-    if cfg.parallel.ep == 1 or module is None:
-        return None
-    return expert_placement(module, "model.")
+            "experts": manifest_experts(family, cfg)}
 
 
 class CheckpointSaver:
@@ -80,6 +73,7 @@ class CheckpointSaver:
                  tokenizer_hash: str | None, rank: int = 0) -> None:
         self.cfg, self.topology, self.is_rank0, self.tokenizer_hash = cfg, topology, is_rank0, tokenizer_hash
         self.layers, self.tied = manifest_layers(family, cfg), manifest_tied(family, cfg)
+        self.experts = manifest_experts(family, cfg)
         self.uploader = None
         self.log_copies = None  # rank 0 with run.storage: the run's logs, copied after each commit
         if cfg.run.storage is not None:
@@ -104,7 +98,7 @@ class CheckpointSaver:
 
         manifest = build_manifest(self.cfg, self.topology, data_state=state.data_state, tokens_seen=state.tokens_seen,
                                   tokenizer_hash=self.tokenizer_hash, layers=self.layers, tied=self.tied,
-                                  experts=_expert_placement(self.cfg, engine.module))
+                                  experts=self.experts)
         return save_checkpoint(engine, Path(self.cfg.run.dir), state.step, manifest=manifest,
                                keep=self.cfg.checkpoint.keep, is_rank0=self.is_rank0, uploader=self.uploader)
 

@@ -46,6 +46,8 @@ class Sizes:
     active_parameter_count: Callable[[Any], int] | None = None
     #: Parameters of the routed experts, which expert parallelism splits (None: the family has none).
     expert_parameter_count: Callable[[Any], int] | None = None
+    #: Bytes of expert parallelism's token exchange on the busiest rank of ``cfg`` (None: no experts).
+    dispatch_bytes: Callable[["FmConfig"], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,32 @@ def manifest_layers(family: FamilySpec, cfg: "FmConfig") -> list[dict[str, Any]]
     modules = family.modules()
     args = modules.args(cfg.model)
     return layer_table(modules.pipeline_layer_names(args), split_dims(family, args))
+
+
+def manifest_experts(family: FamilySpec, cfg: "FmConfig") -> dict[str, Any] | None:
+    """The manifest's ``experts`` record when ``parallel.ep`` > 1 (None otherwise): the pure model's
+    stacked expert parameters, whichever pipeline stage holds them, and the global experts of each ep
+    rank (consecutive runs, as :class:`fm_train.parallel.expert_parallel.EPGroup` keeps them).
+
+    DeepSpeed's optimizer partitions carry every ep rank's rows under the same parameter name: this
+    record is what lets a reader put the rows together again (:mod:`fm_train.deepspeed_adapter.ckpt_reader`).
+    """
+    ep = cfg.parallel.ep
+    if ep == 1:
+        return None
+    import torch
+
+    modules = family.modules()
+    with torch.device("meta"):
+        model = modules.args(cfg.model).build()
+    params, experts = [], 0
+    for name, module in model.named_modules():
+        if isinstance(module, modules.expert_types):
+            for pname, param in module.named_parameters(recurse=False):
+                params.append(f"{name}.{pname}")
+                experts = param.shape[0]
+    per_rank = experts // ep
+    return {"ep": ep, "params": params, "ranks": [list(range(r * per_rank, (r + 1) * per_rank)) for r in range(ep)]}
 
 
 def manifest_tied(family: FamilySpec, cfg: "FmConfig") -> dict[str, str]:

@@ -275,6 +275,20 @@ def _copy_out_hook(tp: TPGroup):
     return hook
 
 
+def _summed_grads_hook(tp: TPGroup):
+    """A forward pre-hook that makes the gradients of its module's own parameters sum over the tp ranks.
+
+    Installed on the module, not on the parameters, because materialising a meta-built model makes
+    new ``Parameter`` objects: each one gets its gradient hook at its first forward.
+    """
+    def hook(module: nn.Module, _args: tuple) -> None:
+        for param in module.parameters(recurse=False):
+            if param.requires_grad and not getattr(param, "tp_grad_summed", False):
+                param.register_hook(lambda grad: _all_reduce(grad, tp))
+                param.tp_grad_summed = True  # type: ignore[attr-defined]
+    return hook
+
+
 def tied_parameters(module: nn.Module) -> list[list[str]]:
     """Groups of parameter names that share one tensor (e.g. embed_tokens.weight and lm_head.weight)."""
     by_id: dict[int, list[str]] = {}
@@ -316,7 +330,8 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
     """Split ``model`` (in place) by ``plan`` for this tp rank; returns ``model``.
 
     The plan's modules are swapped for their tensor-parallel twins, its own parameters for their
-    shards, and its regions get the hooks that move activations into the tp region. Names stay the
+    shards, its regions get the hooks that move activations into the tp region (and its
+    ``summed_grads`` modules the hook that sums their weights' gradients). Names stay the
     same, so state-dict keys do not change, only shapes. A module on the meta device gets meta shards
     (materialise them with :func:`fm_train.parallel.sharded_init.materialize_`); a real one gets this
     rank's slice of its weights. Tied parameters stay tied.
@@ -344,5 +359,7 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
             module.register_forward_pre_hook(_copy_in_hook(tp))
         if plan.is_output_into_tp(name):
             module.register_forward_hook(_copy_out_hook(tp))
+        if plan.sums_grads(name):
+            module.register_forward_pre_hook(_summed_grads_hook(tp))
     retie(model, ties, plan)
     return model

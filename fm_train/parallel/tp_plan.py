@@ -37,12 +37,17 @@ class TPPlan:
     - ``outputs_into_tp``: modules whose output enters the tp region (a forward hook): a replicated
       computation that feeds a column-parallel weight used outside its module's own forward (BERT's
       prediction transform before the tied decoder).
+    - ``summed_grads``: modules inside the region whose weights stay whole although each tp rank
+      applies them to its own heads only (Qwen3's per-head q/k norms): each rank's gradient is a
+      partial sum, so it is summed over the tp ranks in backward (Megatron-Core all-reduces its
+      qk-layernorm gradients the same way).
     """
 
     modules: Mapping[str, Style]
     params: Mapping[str, int] = field(default_factory=dict)
     regions: tuple[str, ...] = ()
     outputs_into_tp: tuple[str, ...] = ()
+    summed_grads: tuple[str, ...] = ()
 
     def style_of(self, module: str) -> Style | None:
         """How the module named ``module`` is split (None: the plan leaves it whole)."""
@@ -56,6 +61,10 @@ class TPPlan:
     def is_output_into_tp(self, module: str) -> bool:
         """Whether ``module``'s output is copied into the tp region."""
         return _suffix_match(module, dict.fromkeys(self.outputs_into_tp)) is not None
+
+    def sums_grads(self, module: str) -> bool:
+        """Whether ``module``'s whole weights get gradients summed over the tp ranks."""
+        return _suffix_match(module, dict.fromkeys(self.summed_grads)) is not None
 
     def own_param_dim(self, name: str) -> int | None:
         """Split dim of ``name`` when the plan lists the parameter itself (``params``), else None."""

@@ -20,6 +20,9 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
   largest parameter. ZeRO-3 adds a third: DeepSpeed flattens the sub-group's gradient views into
   one fp32 tensor before the step (``_prepare_fp32_grad_for_sub_group``). On a GPU without offload
   AdamW runs fused, in place: the two AdamW temporaries go.
+
+With expert parallelism the family adds the token exchange (``Sizes.dispatch_bytes``): the all-to-all
+buffers of one routed block in flight and the expert-order index each routed block keeps.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class MemoryEstimate:
     params_per_rank: int
     gathered: float = 0.0  # ZeRO-3: full parameters and gradients of the modules in flight
     optimizer_step: float = 0.0  # AdamW's temporaries while it steps (transient)
+    dispatch: float = 0.0  # expert parallelism's all-to-all buffers and kept expert-order indices
 
     @property
     def device_total(self) -> float:
@@ -63,7 +67,7 @@ class MemoryEstimate:
         at the same time; the peak is the larger of the two phases on top of the steady states.
         """
         steady = self.params + self.grads + self.optimizer + self.runtime
-        return steady + max(self.activations + self.logits + self.gathered, self.optimizer_step)
+        return steady + max(self.activations + self.logits + self.gathered + self.dispatch, self.optimizer_step)
 
 
 def _largest_module_params(cfg: FmConfig, family: FamilySpec) -> int:
@@ -133,9 +137,10 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
     tokens = cfg.data.seq_len * cfg.train.micro_batch
     logits = tokens * cfg.model.padded_vocab_size / p.tp * (4 + 4 + (2 if half else 4))
     runtime = RUNTIME_OVERHEAD_GIB[device] * GIB
+    dispatch = family.sizes.dispatch_bytes(cfg) if family.sizes.dispatch_bytes is not None else 0.0
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=acts, logits=logits,
                           runtime=runtime, offloaded_optimizer=offloaded, params_per_rank=int(n),
-                          gathered=gathered, optimizer_step=step_temps)
+                          gathered=gathered, optimizer_step=step_temps, dispatch=dispatch)
 
 
 def format_memory(est: MemoryEstimate, device: str) -> str:
@@ -143,10 +148,12 @@ def format_memory(est: MemoryEstimate, device: str) -> str:
     rows = [("parameters", est.params), ("gradients", est.grads), ("optimizer states", est.optimizer),
             ("activations", est.activations), ("logits + loss", est.logits), ("zero-3 gathered", est.gathered),
             (f"runtime ({device})", est.runtime), ("adamw step temps", est.optimizer_step)]
+    if est.dispatch:
+        rows.insert(5, ("all-to-all (ep)", est.dispatch))
     lines = [f"# memory per device (busiest rank, {est.params_per_rank:,} parameters before ZeRO split)"]
     lines += [f"#   {name:<18} {value / GIB:9.2f} GiB" for name, value in rows]
     lines.append(f"#   {'total (peak)':<18} {est.device_total / GIB:9.2f} GiB   (the step temps and the"
-                 " activations/logits/gathered are not alive at once: the larger counts)")
+                 " activations/logits/gathered/all-to-all are not alive at once: the larger counts)")
     if est.offloaded_optimizer:
         lines.append(f"#   {'host (offload)':<18} {est.offloaded_optimizer / GIB:9.2f} GiB")
     return "\n".join(lines)

@@ -38,7 +38,7 @@ SPEC = FamilySpec(
                 block_params=shape.block_matmul_params, stage_params=shape.stage_params,
                 activation_bytes_per_layer=shape.activation_bytes_per_layer, config_errors=shape.config_errors,
                 active_parameter_count=shape.active_parameter_count,
-                expert_parameter_count=shape.expert_parameter_count),
+                expert_parameter_count=shape.expert_parameter_count, dispatch_bytes=shape.dispatch_bytes),
     objective=Objective(tokenizer_specials={}, data=lambda info, model_vocab_size, seed: None),
     hf=HuggingFace(model_type=hf.MODEL_TYPE, architecture=hf.ARCHITECTURE, auto_class=hf.AUTO_CLASS,
                    config_keys=hf.CONFIG_KEYS, key_templates=hf.KEY_TEMPLATES,

@@ -233,8 +233,9 @@ class RouterStats:
 class SparseMoeBlock(nn.Module):
     """Router plus experts (HF's ``mlp`` of a routed block); the router losses attach to its output."""
 
-    def __init__(self, args: MoEArgs) -> None:
+    def __init__(self, args: MoEArgs, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # the block's index in the model, for the per-layer metrics
         self.experts_total, self.top_k = args.experts, args.top_k
         self.capacity_factor = args.capacity_factor
         self.aux_loss_coef, self.z_loss_coef = args.aux_loss_coef, args.z_loss_coef
@@ -287,7 +288,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden, args.norm_eps)
         self.self_attn = Attention(args)
         self.post_attention_layernorm = RMSNorm(args.hidden, args.norm_eps)
-        self.mlp: nn.Module = SparseMoeBlock(args) if args.is_moe_layer(index) else MLP(args.hidden, args.ffn_hidden)
+        self.mlp: nn.Module = (SparseMoeBlock(args, index) if args.is_moe_layer(index)
+                               else MLP(args.hidden, args.ffn_hidden))
+        # Every block knows the model's routed blocks, so that a pipeline stage holding none of them
+        # still reports their metrics' names (every rank must name the same ones).
+        self.routed_layers = tuple(i for i in range(args.n_layers) if args.is_moe_layer(i))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
@@ -363,16 +368,22 @@ def take_router_metrics(model: nn.Module) -> dict[str, tuple[float, float]]:
 
     ``moe_aux_loss`` and ``moe_z_loss`` (unscaled, per routed block and forward), ``moe_load_max_mean``
     (the most loaded expert's token copies over the mean, per block; 1.0 is perfect balance),
-    ``moe_dropped`` (the share of token copies over capacity). Every key is there on every rank.
+    ``moe_dropped`` (the share of token copies over capacity), and ``moe_load_max_mean/layer_NN`` for
+    each routed block NN of the model. Every key is there on every rank.
     """
     blocks = [b for b in moe_blocks(model) if b.stats.forwards]
     losses = [b.stats.losses.tolist() for b in blocks]  # the one read of the device per block and record
-    loads = [b.stats.tokens_per_expert.double() for b in blocks]
+    loads = {b.layer: float(b.stats.tokens_per_expert.max() / b.stats.tokens_per_expert.double().mean())
+             for b in blocks}
     forwards = sum(b.stats.forwards for b in blocks)
     out = {"moe_aux_loss": (sum(aux for aux, _, _ in losses), forwards),
            "moe_z_loss": (sum(z for _, z, _ in losses), forwards),
-           "moe_load_max_mean": (sum(float(c.max() / c.mean()) for c in loads), len(blocks)),
+           "moe_load_max_mean": (sum(loads.values()), len(blocks)),
            "moe_dropped": (sum(d for _, _, d in losses), sum(b.stats.routed for b in blocks))}
+    routed = next((m.routed_layers for m in model.modules() if isinstance(m, DecoderLayer)), ())
+    width = len(str(max(routed, default=0)))
+    for layer in routed:
+        out[f"moe_load_max_mean/layer_{layer:0{width}d}"] = (loads.get(layer, 0.0), 1 if layer in loads else 0)
     for b in moe_blocks(model):
         b.stats.reset()
     return {k: (float(total), float(count)) for k, (total, count) in out.items()}

@@ -127,6 +127,24 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     return seq * b * (attention + routed) * elt
 
 
+def dispatch_bytes(cfg: Any) -> float:
+    """Bytes of the expert-parallel token exchange on the busiest rank, per micro-batch (0 at ep = 1).
+
+    The exchange runs one routed block at a time: the receive buffer of the k copies of every token
+    and the buffer of their results on the way back are in flight together (2 x tokens x k x hidden),
+    and each routed block of the stage keeps its expert-order index for backward (8 bytes a copy).
+    Balanced routing is assumed: a rank receives as many copies as it sends; a skewed router raises
+    the receive side by up to the load's max/mean (``moe_load_max_mean`` in the metrics).
+    """
+    if cfg.parallel.ep == 1:
+        return 0.0
+    s = _shape(cfg.model)
+    elt = 4 if cfg.precision == "fp32" else 2
+    copies = cfg.data.seq_len * cfg.train.micro_batch * s.top_k
+    routed_here = math.ceil((s.layers - s.dense_layers) / cfg.parallel.pp)
+    return 2 * copies * s.hidden * elt + routed_here * copies * 8
+
+
 def config_errors(cfg: Any) -> list[str]:
     """The MoE family's rules on a whole config, each naming the field and the fix."""
     m = cfg.model
