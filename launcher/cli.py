@@ -40,6 +40,11 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("config", nargs="?", default=None,
                         help="run config YAML (default: cluster_configs/local.yaml of the project)")
     _add_overrides(parser)
+    parser.add_argument("--resume", default=None, metavar="latest|STEP|PATH|none",
+                        help="what the run starts from (checkpoint.resume): latest (the newest intact checkpoint of"
+                             " run.dir; none there is an error), a step number of run.dir, a step directory, or none"
+                             " (from scratch); default: the config's, auto (latest if there is one). Restarts after a"
+                             " failure continue from what the run saved since")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (host:6379, ray://host:10001 or auto); overrides cluster.address and"
                              " RAY_ADDRESS; without any of them a private local Ray is started on 127.0.0.1")
@@ -67,12 +72,17 @@ def launch_options(args: argparse.Namespace) -> LaunchOptions:
                          connect_timeout_s=args.connect_timeout_s)
 
 
+def launch_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides of a parsed ``launch`` command line, ``--resume`` last (it wins)."""
+    return [*args.overrides, *([f"checkpoint.resume={args.resume}"] if args.resume is not None else [])]
+
+
 def run_launch(args: argparse.Namespace) -> int:
     """``fm-train launch``: train on Ray with restarts, then convert; returns the exit status."""
     from launcher.job import launch
 
     try:
-        return launch(args.config, args.overrides, launch_options(args))
+        return launch(args.config, launch_overrides(args), launch_options(args))
     except Exception as exc:
         if type(exc).__name__ in _USER_ERRORS:
             return _error(exc)

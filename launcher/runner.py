@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Callable, Iterator
 
-from fm_train.config import ConfigError, FmConfig, dump_config
+from fm_train.config import ConfigError, FmConfig, build_config, dump_config
 from fm_train.dist.topology import Topology
 from launcher.cluster import ClusterError, Demand, slots_per_node, wait_for_dead_nodes
 from launcher.elastic import choose_layout, describe, full_layout, record_layout_change, wait_for_room, with_layout
@@ -36,6 +36,7 @@ from launcher.outcomes import (
 )
 from launcher.preflight import PreflightError, resolve_on_node, run_preflight
 from launcher.progress import Progress
+from launcher.runstate import latest_checkpoint
 
 
 @contextmanager
@@ -88,6 +89,7 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
     failures = preemptions = rendezvous = 0
     attempt = 0
     current = cfg
+    saved_at_launch = latest_checkpoint(paths.run_dir)
     outcome: Outcome | None = None  # the previous attempt's, once there is one
     try:
         with catch_stop_signals() as stop:
@@ -99,7 +101,7 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                         say(f"not restarting: {chosen}")
                         assert outcome is not None
                         return outcome
-                    current = chosen
+                    current = _resume_for_restart(chosen, paths.run_dir, saved_at_launch, say)
                 try:
                     outcome, port = _one_attempt(current, paths, options, sink, progress, stop, attempt, say)
                 except PreflightError:
@@ -143,6 +145,19 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
                     " the workers resume from checkpoints/latest")
     finally:
         sink.close()
+
+
+def _resume_for_restart(cfg: FmConfig, run_dir: Path, saved_at_launch: Path | None,
+                        say: Callable[[str], None]) -> FmConfig:
+    """The config of a restart: a ``checkpoint.resume`` other than auto (a step, a path, none) chose where
+    the launch started; once the run has saved since, a restart continues from that, not from the start."""
+    if cfg.checkpoint.resume == "auto" or latest_checkpoint(run_dir) in (None, saved_at_launch):
+        return cfg
+    say(f"the run saved checkpoints since it started from checkpoint.resume={cfg.checkpoint.resume}: the restart"
+        " resumes from its newest (auto)")
+    data = cfg.model_dump(mode="json")
+    data["checkpoint"]["resume"] = "auto"
+    return build_config(data)
 
 
 def _layout_for_attempt(configured: FmConfig, current: FmConfig, paths: RunPaths, progress: Progress,

@@ -224,3 +224,20 @@ def test_a_step_only_one_node_holds_is_not_resumed(trained, tmp_path: Path, capf
         (node_b / "checkpoints" / step / "manifest.json").unlink()
     assert run_distributed(_resume_point_per_node, 2, args=([str(node_a), str(node_b)],)) == [None, None]
     assert "not resuming from step_00000003, step_00000002: not complete in every node's" in capfd.readouterr().out
+
+
+def test_resume_by_step_number_or_latest_names_what_is_missing(trained, tmp_path: Path) -> None:
+    from fm_train.checkpoint import CheckpointError, find_resume_point
+
+    run = _copy_run(trained[0], tmp_path)
+    assert find_resume_point(run, "2") == run / "checkpoints/step_00000002"  # fm-train launch --resume 2
+    assert find_resume_point(run, "latest") == run / "checkpoints/step_00000003"
+    with pytest.raises(CheckpointError, match=r"checkpoint\.resume=7: .*step_00000007 does not exist; the steps saved"
+                                              r" in .* are 2, 3"):
+        find_resume_point(run, "7")
+    _flip_byte(run / "checkpoints/step_00000002/manifest.json")
+    with pytest.raises(CheckpointError, match="step_00000002"):
+        find_resume_point(run, "2")  # a named step is verified like a named path
+    with pytest.raises(CheckpointError, match=r"checkpoint\.resume=latest, but .* holds no checkpoint; use auto"):
+        find_resume_point(tmp_path / "empty", "latest")
+    assert find_resume_point(tmp_path / "empty", "auto") is None

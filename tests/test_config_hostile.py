@@ -152,3 +152,11 @@ def test_mixed_key_types_in_precision_are_one_line(tiny_config_dict):
     """A mapping whose keys are a number and a string cannot be sorted: still a message, not a TypeError."""
     with pytest.raises(ConfigError, match=r"precision: unknown key\(s\) \['1', 'x'\]"):
         build_config({**tiny_config_dict, "precision": {1: True, "x": True}})
+
+
+def test_an_init_from_dir_whose_config_json_is_not_utf8_is_refused_naming_it(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_bytes(b'{"model_type": "llama", "hidden_size": \xff\xfe}')
+    with pytest.raises(ConfigError, match=r"cannot read .*config\.json"):
+        build_config({"model": {"init_from": str(hf)}})

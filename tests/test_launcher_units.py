@@ -146,3 +146,29 @@ def test_run_state_reads_latest_and_metrics(tmp_path):
     (ckpt / "latest").unlink()
     (ckpt / "latest").symlink_to(elsewhere)
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_resume_flag_wins_over_set_and_a_restart_continues_from_what_the_run_saved(tmp_path):
+    import argparse
+
+    from fm_train.config import build_config
+    from launcher.cli import add_launch_arguments, launch_overrides
+    from launcher.runner import _resume_for_restart
+
+    parser = add_launch_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["cfg.yaml", "--set", "checkpoint.resume=none", "--resume", "1200"])
+    assert launch_overrides(args) == ["checkpoint.resume=none", "checkpoint.resume=1200"]
+    assert launch_overrides(parser.parse_args(["cfg.yaml"])) == []
+
+    said: list[str] = []
+    cfg = build_config({"checkpoint": {"resume": "1200"}, "run": {"dir": str(tmp_path)}})
+    ckpt = tmp_path / "checkpoints"
+    (ckpt / "step_00001200").mkdir(parents=True)
+    (ckpt / "latest").write_text("step_00001200\n")
+    at_launch = latest_checkpoint(tmp_path)
+    assert _resume_for_restart(cfg, tmp_path, at_launch, said.append).checkpoint.resume == "1200"  # nothing new
+    (ckpt / "step_00001300").mkdir()
+    (ckpt / "latest").write_text("step_00001300\n")  # the run saved after it started from step 1200
+    assert _resume_for_restart(cfg, tmp_path, at_launch, said.append).checkpoint.resume == "auto"
+    assert said and "resumes from its newest (auto)" in said[0]
+    assert cfg.checkpoint.resume == "1200"  # the configured run is left as it was

@@ -90,3 +90,23 @@ def test_parameter_count_matches_published_shapes():
     # TinyLlama-1.1B and Llama-2-7B as published.
     assert parameter_count(build_config({"model": {"preset": "1.1b"}, "data": {"seq_len": 128}}).model) == 1_100_048_384
     assert parameter_count(build_config({"model": {"preset": "7b"}, "data": {"seq_len": 128}}).model) == 6_738_415_616
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "cluster_configs").glob("h100_*.yaml")))
+def test_every_gpu_recipe_plans_to_fit_its_card(recipe):
+    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(ROOT / "cluster_configs" / recipe),
+                          "--no-config"], capture_output=True, text=True, check=True).stdout
+    card = next(line for line in out.splitlines() if line.startswith("# card:"))
+    assert card.startswith("# card: fits") and "of 80 GiB (cluster.gpu_memory_gib)" in card, card
+
+
+def test_plan_warns_when_the_peak_exceeds_the_card_and_names_the_fixes():
+    from fm_train.cli.plan import card_fit
+
+    warning = card_fit(140.08, 80, "cluster.gpu_memory_gib")
+    assert warning.startswith("# warning: the planned peak 140.08 GiB exceeds the 80 GiB card") and "60.08 GiB" in warning
+    assert "train.micro_batch" in warning and "parallel.activation_checkpointing" in warning
+    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(ROOT / "cluster_configs/h100_7b_2node.yaml"),
+                          "--no-config", "--set", "train.micro_batch=64"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "# warning: the planned peak" in out and "exceeds the 80 GiB card (cluster.gpu_memory_gib)" in out

@@ -209,7 +209,7 @@ def read_manifest(step_dir: Path) -> dict[str, Any]:
                               "(the save did not finish, or this is not a step directory)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a flipped byte can break the UTF-8 too
         raise CheckpointError(f"{path} is not valid JSON ({exc})") from None
     check_manifest(manifest, where=str(path))
     # Written before the vocabulary was padded: its tensors have vocab_size rows (the config's default would pad).

@@ -23,11 +23,13 @@ from fm_train.checkpoint.layout import (
     LATEST,
     MANIFEST,
     CheckpointError,
+    checkpoints_dir,
     is_complete,
     list_step_dirs,
     parse_step,
     read_latest,
     refuse_symlinks,
+    step_dir_name,
 )
 from fm_train.checkpoint.choose import choose_resume_point, verify_step
 from fm_train.deepspeed_adapter.ckpt_engine import guarded_checkpoint_engine
@@ -89,17 +91,30 @@ def resolve_checkpoint(path: Path) -> Path:
 
 
 def find_resume_point(run_dir: Path, resume: str, *, allow_fresh_start: bool = False) -> Path | None:
-    """``resume``: ``"auto"`` (the newest intact step of ``run_dir``, or None), ``"none"`` or a path.
+    """``resume``: ``"auto"`` (the newest intact step of ``run_dir``, or None), ``"latest"`` (the same,
+    but a run without one is an error), ``"none"``, a step number of ``run_dir`` or a path.
 
     Every rank calls it (the files' checksums are checked collectively). ``auto`` skips damaged
     checkpoints loudly and refuses a fresh start over nothing but damaged ones unless
-    ``allow_fresh_start`` (:func:`fm_train.checkpoint.choose.choose_resume_point`); an explicit path
-    that is damaged is an error naming the files.
+    ``allow_fresh_start`` (:func:`fm_train.checkpoint.choose.choose_resume_point`); an explicit step
+    or path that is missing or damaged is an error naming it.
     """
     if resume == "none":
         return None
-    if resume == "auto":
-        return choose_resume_point(Path(run_dir), allow_fresh_start=allow_fresh_start)
+    if resume in ("auto", "latest"):
+        found = choose_resume_point(Path(run_dir), allow_fresh_start=allow_fresh_start)
+        if found is None and resume == "latest":
+            raise CheckpointError(f"checkpoint.resume=latest, but {checkpoints_dir(run_dir)} holds no checkpoint;"
+                                  " use auto (resume if there is one, else start fresh) or none")
+        return found
+    if resume.isdigit():
+        step_dir = checkpoints_dir(run_dir) / step_dir_name(int(resume))
+        if not step_dir.is_dir():
+            saved = [str(step) for step, p in list_step_dirs(checkpoints_dir(run_dir)) if is_complete(p)]
+            raise CheckpointError(f"checkpoint.resume={resume}: {step_dir} does not exist; the steps saved in"
+                                  f" {checkpoints_dir(run_dir)} are {', '.join(saved) or 'none'}")
+        verify_step(step_dir)
+        return step_dir
     step_dir = resolve_checkpoint(Path(resume))
     verify_step(step_dir)
     return step_dir

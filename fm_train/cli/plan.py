@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from fm_train.cli.common import ConfigError, add_config_arguments, config_from_args, fail
-from fm_train.config import dump_config
+from fm_train.config import FmConfig, dump_config
 from fm_train.config.rules import missing_paths
 from fm_train.families import family_of
 from fm_train.plan.flops import flops_per_step
 from fm_train.plan.layout import format_rank_table, rank_table
-from fm_train.plan.memory import estimate_memory, format_memory
+from fm_train.plan.memory import GIB, estimate_memory, format_memory
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +42,36 @@ def run_plan(args: argparse.Namespace) -> int:
           f"{flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
           f"(6N + 12 L h s per token{', N active' if active is not None else ''})")
     device = "gpu" if cfg.cluster.gpus_per_worker > 0 else "cpu"
-    print(format_memory(estimate_memory(cfg, family, device=device), device))
+    estimate = estimate_memory(cfg, family, device=device)
+    print(format_memory(estimate, device))
+    if device == "gpu":
+        print(card_fit(estimate.device_total / GIB, *_card(cfg)))
     for path in missing_paths(cfg):
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))
     return 0
+
+
+def _card(cfg: FmConfig) -> tuple[float | None, str]:
+    """``(GiB, where the figure comes from)`` of the GPU the plan is held against; None when unknown."""
+    if cfg.cluster.gpu_memory_gib is not None:
+        return cfg.cluster.gpu_memory_gib, "cluster.gpu_memory_gib"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory / GIB, f"this machine's {props.name}"
+    return None, ""
+
+
+def card_fit(peak_gib: float, card_gib: float | None, source: str) -> str:
+    """The plan's peak against the card: the margin when it fits, a warning naming the fixes when not."""
+    if card_gib is None:
+        return ("# card: unknown (no GPU here and cluster.gpu_memory_gib unset): set cluster.gpu_memory_gib to"
+                " check the peak against it")
+    if peak_gib <= card_gib:
+        return f"# card: fits, peak {peak_gib:.2f} GiB of {card_gib:g} GiB ({source}), {card_gib - peak_gib:.2f} GiB left"
+    return (f"# warning: the planned peak {peak_gib:.2f} GiB exceeds the {card_gib:g} GiB card ({source}) by"
+            f" {peak_gib - card_gib:.2f} GiB: lower train.micro_batch (raising train.grad_accum keeps the batch),"
+            " turn on parallel.activation_checkpointing, raise parallel.zero_stage, or split the model further"
+            " (parallel.tp, parallel.pp)")

@@ -31,7 +31,7 @@ def read_hf_shape(hf_dir: str | Path) -> dict[str, Any]:
     path = hf_config_file(hf_dir)
     try:
         raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise ValueError(f"cannot read {path}: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} is not a JSON object")

@@ -101,8 +101,10 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     errors += _init_from_errors(m, require_paths=require_paths)
 
     # Checkpoint.
-    if cfg.checkpoint.resume not in ("auto", "none") and require_paths and not Path(cfg.checkpoint.resume).exists():
-        errors.append(f"checkpoint.resume={cfg.checkpoint.resume!r} does not exist; use auto, none or a step directory")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "latest", "none") and not resume.isdigit() and require_paths and not Path(resume).exists():
+        errors.append(f"checkpoint.resume={resume!r} does not exist; use auto, latest, none, a step number or a step"
+                      " directory")
 
     # Data paths.
     if cfg.run.storage is not None:

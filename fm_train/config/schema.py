@@ -263,7 +263,10 @@ class CheckpointConfig(_Section):
     every: NonNegativeInt = Field(100, le=MAX_STEPS, description="Save every N steps (0: only at the end).")
     keep: PositiveInt = Field(3, le=MAX_STEPS,
                               description="Keep the newest K checkpoints (never the one `latest` names).")
-    resume: str = Field("auto", description="auto (from latest if any) | none | path to a step directory.")
+    resume: str = Field(
+        "auto", description="auto (from the newest intact checkpoint if any) | latest (the same, but none is an"
+                            " error) | none | STEP (RUN/checkpoints/step_STEP) | path to a step directory. A"
+                            " restart after a failure continues from what the run saved since.")
     allow_fresh_start: bool = Field(
         False, description="With resume: auto, train from scratch when RUN/checkpoints holds checkpoints but none is"
         " intact (each is moved aside to step_XXXXXXXX.damaged). Off: such a start is refused (exit 2), so a damaged"
@@ -293,6 +296,9 @@ class ClusterConfig(_Section):
     )
     cpus_per_worker: PositiveFloat = Field(1, description="Ray CPUs reserved per worker.")
     gpus_per_worker: float = Field(0, ge=0, description="Ray GPUs reserved per worker (0 or 1 in practice).")
+    gpu_memory_gib: Optional[PositiveFloat] = Field(
+        None, le=100_000, description="Memory of each GPU in GiB, which `fm-train plan` holds the planned peak"
+                                      " against (null: the card of this machine, when it has one).")
     max_restarts: NonNegativeInt = Field(3, le=1_000_000, description="Whole-group restarts after a worker failure.")
     step_timeout_s: PositiveFloat = Field(600, description="A step slower than this counts as a hang.")
     startup_timeout_s: PositiveFloat = Field(
