@@ -204,8 +204,9 @@ def run_worker(cfg: FmConfig) -> int:
         val = engine_data.val_batches(cfg, sources, dp_rank=dp_rank, dp_size=dp_size,
                                       skip_shards=engine_data.shards_left_out(skip, state.data_state),
                                       objective=objective)
-        wandb = ({"project": cfg.logging.wandb_project, "name": cfg.run.name, "config": cfg.model_dump(mode="json")}
-                 if cfg.logging.wandb else None)
+        lg = cfg.logging
+        wandb = ({"project": lg.wandb_project, "entity": lg.wandb_entity, "tags": lg.wandb_tags, "mode": lg.wandb_mode,
+                  "name": cfg.run.name, "config": cfg.model_dump(mode="json")} if lg.wandb else None)
         sink = MetricsSink(run_dir, enabled=is_rank0, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard,
                            wandb=wandb, line_fields=family.modules().metric_fields)
         heartbeat.beat(state.step, "ready")

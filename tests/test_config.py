@@ -64,13 +64,19 @@ def test_resolved_config_round_trips(tiny_config_dict):
 
 
 def test_all_shipped_configs_validate():
-    files = sorted((ROOT / "cluster_configs").glob("*.yaml"))
+    files = sorted((ROOT / "cluster_configs").glob("*.yaml"))  # run configs only: Ray's files are in ray/
     assert any(f.name == "local.yaml" for f in files)
     for f in files:
-        raw = yaml.safe_load(f.read_text())
-        if not isinstance(raw, dict) or "model" not in raw:
-            continue  # Ray cluster YAMLs live here too
         load_config(f)
+
+
+def test_a_ray_cluster_file_given_as_a_run_config_says_what_it_is():
+    ray_file = ROOT / "cluster_configs" / "ray" / "ray_cluster_example.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(ray_file)
+    message = str(err.value)
+    assert message.count("\n") == 0 and "is a Ray cluster launcher file" in message, message
+    assert f"ray up {ray_file}" in message and "cluster_configs/local.yaml" in message
 
 
 # Each bad config: (mutation, fragment that must appear in the one-line error).

@@ -116,6 +116,6 @@ def test_two_node_cpu_config_keeps_tp_pairs_per_node():
 def test_ray_cluster_example_passes_rays_own_schema():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = yaml.safe_load((ROOT / "cluster_configs" / "ray_cluster_example.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "cluster_configs" / "ray" / "ray_cluster_example.yaml").read_text())
     validate_config(prepare_config(raw))
     assert "RAY_AUTH_MODE=disabled" not in " ".join(raw["head_start_ray_commands"] + raw["worker_start_ray_commands"])

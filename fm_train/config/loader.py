@@ -175,6 +175,15 @@ def build_config(raw: Mapping[str, Any] | None, overrides: Iterable[str] = (), *
     return cfg
 
 
+_RAY_CLUSTER_KEYS = frozenset({"cluster_name", "provider", "auth", "head_node_type", "available_node_types",
+                               "head_start_ray_commands", "worker_start_ray_commands"})
+
+
+def _is_ray_cluster_file(raw: dict[str, Any]) -> bool:
+    """Whether a YAML mapping is a Ray autoscaler cluster file (``ray up``) rather than a run config."""
+    return len(_RAY_CLUSTER_KEYS & set(raw)) >= 2 and not {"run", "model", "train"} & set(raw)
+
+
 def load_config(path: str | Path | None, overrides: Iterable[str] = (), *, require_paths: bool = False) -> FmConfig:
     """Load ``path`` (YAML; None means all defaults) with overrides; raise :class:`ConfigError` on any problem."""
     raw: Any = {}
@@ -188,6 +197,10 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *, requi
             raise ConfigError(f"{p}: {exc}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections (run, model, parallel, ...)")
+        if _is_ray_cluster_file(raw):
+            raise ConfigError(f"{p} is a Ray cluster launcher file (cluster_name, provider, ...), not an fm-train run"
+                              f" config: bring the machines up with `ray up {p}`, then run `fm-train launch` with a"
+                              " run config (cluster_configs/local.yaml, cluster_configs/h100_*.yaml)")
     try:
         return build_config(raw, overrides, require_paths=require_paths)
     except ConfigError as exc:

@@ -6,6 +6,7 @@ sees every problem of a config at once rather than one per attempt.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import Any
 from pathlib import Path
@@ -14,6 +15,10 @@ from fm_train.config.family_rules import family_rules
 from fm_train.config.hf_shape import FREE_FIELDS, hf_config_file, hf_key_of, read_hf_shape
 from fm_train.config.schema import FmConfig, ModelConfig
 from fm_train.config.storage_uri import uri_errors, uri_scheme
+
+
+#: How to get Weights & Biases logging (an optional extra); named by every error about it.
+WANDB_INSTALL = "pip install 'fm-train[wandb]' (then `wandb login`, or logging.wandb_mode=offline)"
 
 
 def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
@@ -105,6 +110,11 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     if resume not in ("auto", "latest", "none") and not resume.isdigit() and require_paths and not Path(resume).exists():
         errors.append(f"checkpoint.resume={resume!r} does not exist; use auto, latest, none, a step number or a step"
                       " directory")
+
+    # Logging.
+    if cfg.logging.wandb and require_paths and importlib.util.find_spec("wandb") is None:
+        errors.append(f"logging.wandb=true, but the wandb package is not installed: {WANDB_INSTALL}, or set"
+                      " logging.wandb=false")
 
     # Data paths.
     if cfg.run.storage is not None:

@@ -323,8 +323,14 @@ class LoggingConfig(_Section):
 
     tensorboard: bool = Field(True, description="Write TensorBoard events to RUN/tensorboard.")
     jsonl: bool = Field(True, description="Write RUN/metrics.jsonl.")
-    wandb: bool = Field(False, description="Log to Weights & Biases (needs wandb installed and logged in).")
-    wandb_project: str = Field("fm-train", description="W&B project name when logging.wandb is on.")
+    wandb: bool = Field(False, description="Log to Weights & Biases (pip install 'fm-train[wandb]', then `wandb"
+                                           " login`); a restart or resume continues the same W&B run.")
+    wandb_project: str = Field("fm-train", max_length=128, description="W&B project name when logging.wandb is on.")
+    wandb_entity: Optional[str] = Field(None, max_length=128,
+                                        description="W&B entity (team or user) of the run (null: your default).")
+    wandb_tags: list[str] = Field(default_factory=list, max_length=64, description="W&B tags of the run.")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="online, or offline: written under RUN/wandb only, for `wandb sync` later.")
     all_ranks: bool = Field(False, description="Stream every rank's log lines to the driver, not only rank 0.")
 
 

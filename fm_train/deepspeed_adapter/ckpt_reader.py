@@ -108,8 +108,10 @@ class DeepSpeedWeights:
                 return Zero0Rank(model_file, layers, self._tied_layers(), trust)
             optim = [d / f"{'bf16_' if bf16 else ''}zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-{self.stage} optimizer partitions (dp={self.dp})"
+            if not self._experts:
+                return Zero12Rank(model_file, optim, trust)
             return Zero12Rank(model_file, optim, trust, is_expert=lambda ds: ds_to_fm(ds, self.manifest) in self._experts,
-                              ep=self.manifest["experts"]["ep"] if self._experts else 1)
+                              ep=self.manifest["experts"]["ep"])
         if self.stage == 3:
             optim = [d / f"zero_pp_rank_{r}_{tag}_optim_states.pt" for r in range(self.dp)]
             self.note = f"fp32 master weights from ZeRO-3 partitions (dp={self.dp})"

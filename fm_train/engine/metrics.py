@@ -18,6 +18,7 @@ from typing import Any, Sequence, TextIO
 import torch
 
 from fm_train.config import ConfigError
+from fm_train.config.rules import WANDB_INSTALL
 
 # Shown on the stdout line, in this order, with these formats; everything else goes to the files only.
 _LINE_FIELDS: tuple[tuple[str, str, str], ...] = (
@@ -63,7 +64,8 @@ class MetricsSink:
     def __init__(self, run_dir: str | Path, *, enabled: bool, jsonl: bool = True, tensorboard: bool = True,
                  stream: TextIO | None = None, wandb: dict[str, Any] | None = None,
                  line_fields: Sequence[tuple[str, str, str]] = ()) -> None:
-        """``wandb``: ``{"project": ..., "name": ..., "config": {...}}`` to also log to Weights & Biases.
+        """``wandb``: the keyword arguments of ``wandb.init`` (``project``, ``name``, ``config``, ``entity``,
+        ``tags``, ``mode``) to also log to Weights & Biases (``id``, ``dir`` and ``resume`` are set here).
         ``line_fields``: the model's own metrics to show on the stdout line (see :func:`format_line`)."""
         self.enabled = enabled
         self._line_fields = tuple(line_fields)
@@ -76,8 +78,8 @@ class MetricsSink:
             try:
                 import wandb as wandb_module
             except ImportError:
-                raise ConfigError("logging.wandb=true but the wandb package is not installed; "
-                                  "`pip install wandb` (and `wandb login`) or set logging.wandb=false") from None
+                raise ConfigError(f"logging.wandb=true, but the wandb package is not installed: {WANDB_INSTALL},"
+                                  " or set logging.wandb=false") from None
         if not enabled:
             return
         run = Path(run_dir)
@@ -93,8 +95,7 @@ class MetricsSink:
             # A stable id from the run directory: a resumed run continues the same W&B run. The API key
             # stays in wandb's own store or WANDB_API_KEY; it is never passed through fm-train.
             run_id = hashlib.sha256(str(run.resolve()).encode()).hexdigest()[:16]
-            self._wandb = wandb_module.init(project=wandb["project"], name=wandb["name"], config=wandb["config"],
-                                            dir=str(run), id=run_id, resume="allow")
+            self._wandb = wandb_module.init(**wandb, dir=str(run), id=run_id, resume="allow")
 
     def write(self, record: dict[str, Any]) -> None:
         """Emit one record everywhere (a no-op on ranks other than 0)."""

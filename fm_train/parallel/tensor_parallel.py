@@ -275,18 +275,27 @@ def _copy_out_hook(tp: TPGroup):
     return hook
 
 
-def _summed_grads_hook(tp: TPGroup):
-    """A forward pre-hook that makes the gradients of its module's own parameters sum over the tp ranks.
+def _sum_grads_over_tp(module: nn.Module, tp: TPGroup) -> None:
+    """Make the gradients of ``module``'s own parameters sum over the tp ranks (a hook on each)."""
+    for param in module.parameters(recurse=False):
+        if param.requires_grad and not getattr(param, "tp_grad_summed", False):
+            param.register_hook(lambda grad: _all_reduce(grad, tp))
+            param.tp_grad_summed = True  # type: ignore[attr-defined]
 
-    Installed on the module, not on the parameters, because materialising a meta-built model makes
-    new ``Parameter`` objects: each one gets its gradient hook at its first forward.
+
+def _register_summed_grads(module: nn.Module, tp: TPGroup) -> None:
+    """Sum ``module``'s weight gradients over the tp ranks from its first forward on.
+
+    The gradient hooks go on at the first forward, not now, because materialising a meta-built model
+    makes new ``Parameter`` objects; the forward pre-hook that installs them then removes itself, and
+    runs outside ``torch.compile`` (a compiled block sees it once, as a graph break).
     """
-    def hook(module: nn.Module, _args: tuple) -> None:
-        for param in module.parameters(recurse=False):
-            if param.requires_grad and not getattr(param, "tp_grad_summed", False):
-                param.register_hook(lambda grad: _all_reduce(grad, tp))
-                param.tp_grad_summed = True  # type: ignore[attr-defined]
-    return hook
+    @torch.compiler.disable
+    def install(mod: nn.Module, _args: tuple) -> None:
+        _sum_grads_over_tp(mod, tp)
+        handle.remove()
+
+    handle = module.register_forward_pre_hook(install)
 
 
 def tied_parameters(module: nn.Module) -> list[list[str]]:
@@ -360,6 +369,6 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
         if plan.is_output_into_tp(name):
             module.register_forward_hook(_copy_out_hook(tp))
         if plan.sums_grads(name):
-            module.register_forward_pre_hook(_summed_grads_hook(tp))
+            _register_summed_grads(module, tp)
     retie(model, ties, plan)
     return model
