@@ -9,6 +9,7 @@ vocabulary-row and tied parameters, and never which family it has.
 from __future__ import annotations
 
 import zlib
+from abc import ABC, abstractmethod
 from typing import ClassVar, Mapping
 
 import torch
@@ -27,9 +28,10 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-class ModelArgs:
+class ModelArgs(ABC):
     """Shape arguments of a pure model (mixed into a family's frozen dataclass, which holds ``hidden``,
-    ``n_heads``, ``vocab_size`` and ``vocab_multiple``), and what is known about its parameters by name."""
+    ``n_heads``, ``vocab_size`` and ``vocab_multiple``), and what is known about its parameters by name.
+    A family's arguments must define :meth:`build` and :meth:`init_parameter` (abstract here)."""
 
     hidden: int
     n_heads: int
@@ -59,13 +61,13 @@ class ModelArgs:
         tied = self.TIED_PARAMS.get(name)
         return tied if tied is not None and self.ties() else name
 
+    @abstractmethod
     def build(self) -> nn.Module:
         """The pure module of this shape on the current default device (``torch.device("meta")`` works)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
         """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place."""
-        raise NotImplementedError
 
 
 def parameter_generator(seed: int, name: str) -> torch.Generator:
