@@ -45,8 +45,9 @@ class _RankBatches(IterableDataset):
     """Micro-batches of one dp rank; inside a DataLoader worker, every W-th one."""
 
     def __init__(self, order: StreamOrder, reader: SampleReader, start: int, micro_batch: int, dp_rank: int,
-                 dp_size: int, num_steps: Optional[int], objective: Optional[MaskedLM] = None) -> None:
-        self.order, self.reader, self.start, self.objective = order, reader, start, objective
+                 dp_size: int, num_steps: Optional[int], objective: Optional[MaskedLM] = None,
+                 eos_id: Optional[int] = None) -> None:
+        self.order, self.reader, self.start, self.objective, self.eos_id = order, reader, start, objective, eos_id
         self.micro_batch, self.dp_rank, self.dp_size, self.num_steps = micro_batch, dp_rank, dp_size, num_steps
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -73,12 +74,23 @@ class _RankBatches(IterableDataset):
                 inputs, labels = self.objective.apply(tokens, self.order.sample_ids(*located))
             else:  # next-token prediction: the sample shifted by one
                 inputs, labels = tokens[:, :-1], tokens[:, 1:]
-            yield {"step": m, "input_ids": torch.from_numpy(inputs.astype(np.int64)),
-                   "labels": torch.from_numpy(labels.astype(np.int64))}
+            item = {"step": m, "input_ids": torch.from_numpy(inputs.astype(np.int64)),
+                    "labels": torch.from_numpy(labels.astype(np.int64))}
+            if self.eos_id is not None:
+                item["document_ids"] = torch.from_numpy(document_ids(inputs, self.eos_id))
+            yield item
+
+
+def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """Document index (int32) of each token of packed samples ``[batch, seq]``: a document ends at, and
+    includes, its EOS token; the first token of a sample is in document 0."""
+    ends = (tokens == eos_id).astype(np.int32)
+    return (np.cumsum(ends, axis=-1, dtype=np.int32) - ends).astype(np.int32)
 
 
 class DataStream:
-    """Batches of one dp rank: dicts with input_ids, labels (torch.long [micro_batch, seq_len]), state, receipt.
+    """Batches of one dp rank: dicts with input_ids, labels (torch.long [micro_batch, seq_len]), state, receipt,
+    and with ``documents`` document_ids (torch.int32, the same shape: :func:`document_ids`).
 
     Each ``iter()`` starts from the state the stream was made with. ``info`` describes the data and
     ``skipped_shards`` lists shards left out under ``on_bad_shard="skip"``.
@@ -86,12 +98,13 @@ class DataStream:
 
     def __init__(self, plan: _Plan, order: StreamOrder, *, kind: str, start: int, receipt: int, micro_batch: int,
                  dp_rank: int, dp_size: int, num_workers: int, num_steps: Optional[int],
-                 objective: Optional[MaskedLM] = None) -> None:
+                 objective: Optional[MaskedLM] = None, documents: bool = False) -> None:
         self.info, self.skipped_shards = plan.info, plan.skipped
         self._plan, self._order, self._kind = plan, order, kind
         self._start, self._receipt, self._num_workers, self._num_steps = start, receipt, num_workers, num_steps
         self._global_batch = micro_batch * dp_size
-        self._batches = _RankBatches(order, plan.reader, start, micro_batch, dp_rank, dp_size, num_steps, objective)
+        self._batches = _RankBatches(order, plan.reader, start, micro_batch, dp_rank, dp_size, num_steps, objective,
+                                     eos_id=plan.info.eos_id if documents else None)
 
     def __len__(self) -> int:
         if self._num_steps is None:
@@ -113,9 +126,12 @@ class DataStream:
             receipt = receipt_update(receipt, positions, self._order.sample_ids(*self._order.locate(positions)))
             position = int(positions[-1]) + 1
             consumed, epochs = self._order.epochs(position) if self._kind == "train" else ([], [])
-            yield {"input_ids": item["input_ids"], "labels": item["labels"], "receipt": f"{receipt:016x}",
-                   "state": make_state(self._kind, position, receipt, consumed, epochs, self._plan.skipped,
-                                       self._plan.config)}
+            batch = {"input_ids": item["input_ids"], "labels": item["labels"], "receipt": f"{receipt:016x}",
+                     "state": make_state(self._kind, position, receipt, consumed, epochs, self._plan.skipped,
+                                         self._plan.config)}
+            if "document_ids" in item:
+                batch["document_ids"] = item["document_ids"]
+            yield batch
 
 
 def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
@@ -123,7 +139,7 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
                       verify_sha256: bool = True, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
                       skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
-                      objective: MaskedLM | None = None) -> DataStream:
+                      objective: MaskedLM | None = None, documents: bool = False) -> DataStream:
     """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
 
     The state resumes exactly on any dp size and micro batch (the global order is the same; only
@@ -135,7 +151,9 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     then windows of ``shuffle_window`` consecutive samples; contiguous reads for slow storage).
     ``cache``: where shards of object-store sources are kept on local disk (None: ranged GETs).
     ``objective``: None for next-token batches (``labels`` = the sample shifted by one), or a
-    :class:`~data_shards.masking.MaskedLM` for an encoder's masked-token batches.
+    :class:`~data_shards.masking.MaskedLM` for an encoder's masked-token batches. ``documents``: each batch
+    also holds ``document_ids`` (which document of the packed sample each token belongs to, from the
+    EOS tokens), for attention kept within documents.
     ``verify_sha256``: check each shard's sha256 against index.json when this process (or, through
     markers, another of the node) first reads it (:mod:`data_shards.verify`); a mismatch is a bad shard.
     """
@@ -150,20 +168,22 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     if state is not None:
         start, receipt, _ = parse_state(state, "train", plan.config)
     return DataStream(plan, plan.train, kind="train", start=start, receipt=receipt, micro_batch=micro_batch,
-                      dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, num_steps=None, objective=objective)
+                      dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, num_steps=None, objective=objective,
+                      documents=documents)
 
 
 def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_batch: int, dp_rank: int,
                     dp_size: int, seed: int, val_fraction: float, max_batches: int, on_bad_shard: str = "fail",
                     skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
-                    objective: MaskedLM | None = None, verify_sha256: bool = True) -> DataStream:
+                    objective: MaskedLM | None = None, verify_sha256: bool = True,
+                    documents: bool = False) -> DataStream:
     """Finite validation stream of one dp rank: the same batches on every call, at most ``max_batches``.
 
     Validation samples are the held-out tails of the shards (``val_fraction`` of each source), mixed
     by the source weights; every rank gets the same number of batches. ``on_bad_shard`` and
     ``skip_shards`` work as in :func:`make_train_loader`; pass the training stream's, so that a shard
     left out of training is left out of validation too (its tail would otherwise stop the run).
-    ``verify_sha256`` as in :func:`make_train_loader`.
+    ``verify_sha256`` and ``documents`` as in :func:`make_train_loader`.
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if val_fraction <= 0:
@@ -176,7 +196,7 @@ def make_val_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_bat
         raise DataError(f"the validation split holds {total} samples, fewer than one global batch of "
                         f"{micro_batch * dp_size}; raise data.val_fraction or lower the batch")
     return DataStream(plan, plan.val, kind="val", start=0, receipt=0, micro_batch=micro_batch, dp_rank=dp_rank,
-                      dp_size=dp_size, num_workers=0, num_steps=steps, objective=objective)
+                      dp_size=dp_size, num_workers=0, num_steps=steps, objective=objective, documents=documents)
 
 
 def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:

@@ -162,7 +162,8 @@ def run_worker(cfg: FmConfig) -> int:
     is_rank0 = env.rank == 0
     heartbeat = Heartbeat.from_environ()
     try:
-        topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+        topo = Topology(world=env.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep,
+                        sp=cfg.parallel.sp)
         # First thing after joining, on every rank: each group is a collective over the world.
         with rendezvous_errors(env, "creating the dp/tp/pp groups"):
             groups = ParallelGroups(topo)
@@ -190,8 +191,9 @@ def run_worker(cfg: FmConfig) -> int:
                 print(f"resumed from {resume_from} at step {state.step}", flush=True)
         save = checkpointing.checkpoint_hook(cfg, family, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash,
                                              rank=env.rank)
-        # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches.
-        dp_rank, dp_size = groups.get_data_parallel_rank(), groups.get_data_parallel_world_size()
+        # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches, and so do
+        # the sp ranks of a sequence-parallel group (each keeps its chunk of the tokens).
+        dp_rank, dp_size = topo.batch_rank(env.rank), topo.batch_dp
         skip = engine_data.recorded_bad_shards(run_dir) if cfg.data.on_bad_shard == "skip" else []
         if skip and is_rank0:
             print(f"leaving out {len(skip)} shard(s) that earlier attempts found bad"

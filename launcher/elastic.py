@@ -65,19 +65,21 @@ def choose_layout(cfg: FmConfig, slots_per_node: Sequence[int]) -> Layout | str:
         return (f"the cluster has {have} free slot(s) ({_per_node(slots_per_node)}) and the run needs"
                 f" {full.workers}; set cluster.min_workers (a multiple of tp x pp = {model_parallel}) to let it go on"
                 " with fewer workers, or add nodes")
-    per_replica = cfg.train.micro_batch * cfg.train.grad_accum * cfg.dp  # the global batch in sequences
+    per_replica = cfg.global_batch  # in sequences
     rejected = []
     for workers in range(full.workers - model_parallel, floor - 1, -model_parallel):
         dp = workers // model_parallel
-        if dp % cfg.parallel.ep:
-            rejected.append(f"{workers} workers (dp {dp} is not a multiple of parallel.ep={cfg.parallel.ep})")
+        if dp % cfg.parallel.ep or dp % cfg.parallel.sp:
+            rejected.append(f"{workers} workers (dp {dp} is not a multiple of parallel.ep={cfg.parallel.ep} and"
+                            f" parallel.sp={cfg.parallel.sp})")
             continue
-        if per_replica % (cfg.train.micro_batch * dp):
-            rejected.append(f"{workers} workers (dp {dp} does not divide the global batch of {per_replica}"
-                            f" sequences in micro-batches of {cfg.train.micro_batch})")
+        readers = dp // cfg.parallel.sp  # the sp ranks of a group share their samples
+        if per_replica % (cfg.train.micro_batch * readers):
+            rejected.append(f"{workers} workers (dp {dp} / sp {cfg.parallel.sp} does not divide the global batch of"
+                            f" {per_replica} sequences in micro-batches of {cfg.train.micro_batch})")
             continue
         if placeable(workers, cfg.parallel.tp, slots_per_node):
-            return Layout(workers, per_replica // (cfg.train.micro_batch * dp))
+            return Layout(workers, per_replica // (cfg.train.micro_batch * readers))
     detail = f"; not possible: {', '.join(rejected)}" if rejected else ""
     return (f"no layout between cluster.min_workers={floor} and cluster.workers={full.workers} fits the"
             f" {have} free slot(s) left ({_per_node(slots_per_node)}) with tp groups of {cfg.parallel.tp} on one"

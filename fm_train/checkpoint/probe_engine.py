@@ -4,9 +4,9 @@ Every rank calls :func:`engine_probe` (the forward is collective: ZeRO-3 gathers
 tp layers reduce over tp, a pipeline passes activations between stages). The forward is the
 training's own:
 
-- a plain ``DeepSpeedEngine`` (any ZeRO stage, tp): ``engine(input_ids, labels)``, with the wrapper's
+- a plain ``DeepSpeedEngine`` (any ZeRO stage, tp, sp): ``engine(input_ids, labels)``, with the wrapper's
   ``loss_fn`` (``fm_train.engine.train_module.ModelWithLoss``) swapped for one that keeps the logits
-  for the length of the call;
+  for the length of the call (with sp, each rank's chunk, gathered along the sequence);
 - a ``PipelineEngine``: ``eval_batch`` on one micro-batch with ``return_logits``; the activation
   shapes are reset before and after, since the probe's shape is not the training micro-batch's
   (:func:`fm_train.deepspeed_adapter.pipeline.pipeline_logits`).
@@ -92,7 +92,17 @@ def _dense_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, TPIn
     engine.eval()
     with torch.no_grad(), _keeping_logits(engine.module, kept):
         engine(ids, ids)
+    sp = getattr(engine.module, "sp", None)  # sequence parallelism: each rank has its chunk of the positions
+    if sp is not None and sp.size > 1:
+        return _gather_sequence(kept["logits"], sp.group, sp.size), tp, 0
     return kept["logits"], tp, 0
+
+
+def _gather_sequence(local: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """The whole sequence's logits from the sp group's consecutive chunks (rank order is chunk order)."""
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
 
 
 def _gather_vocab(local: torch.Tensor, tp: TPInfo) -> torch.Tensor:

@@ -254,7 +254,7 @@ def _load_resharded(engine: Any, step_dir: Path, manifest: Mapping[str, Any], co
                               f"ZeRO-{p.zero_stage}: pass layout= (the current "
                               "engine's layer table) so that it can be resharded")
     world, rank = _world_and_rank()
-    topology = Topology(world=world, tp=p.tp, pp=p.pp, ep=p.ep)
+    topology = Topology(world=world, tp=p.tp, pp=p.pp, ep=p.ep, sp=p.sp)
     log.info("rank %d: resharding %s (tp=%d pp=%d dp=%d ep=%d ZeRO-%d) for tp=%d pp=%d dp=%d ep=%d ZeRO-%d", rank,
              step_dir, saved["tp"], saved["pp"], saved["dp"], saved.get("ep", 1), saved["zero_stage"], p.tp, p.pp,
              world // (p.tp * p.pp), p.ep, p.zero_stage)

@@ -31,11 +31,12 @@ def run_plan(args: argparse.Namespace) -> int:
         print("# resolved config")
         print(dump_config(cfg))
     p, family = cfg.parallel, family_of(cfg.model)
-    experts = f" (ep {p.ep} within dp)" if p.ep > 1 else ""
+    experts = "".join(f" ({name} {size} within dp)" for name, size in (("ep", p.ep), ("sp", p.sp)) if size > 1)
     print(f"# layout: world={cfg.world_size} = pp {p.pp} x dp {cfg.dp}{experts} x tp {p.tp}; zero stage {p.zero_stage}; "
           f"{cfg.precision}")
     print(f"# batch: global {cfg.global_batch} sequences = micro {cfg.train.micro_batch} x accum "
-          f"{cfg.train.grad_accum} x dp {cfg.dp}; {cfg.tokens_per_step:,} tokens per step")
+          f"{cfg.train.grad_accum} x dp {cfg.dp}{f' / sp {p.sp}' if p.sp > 1 else ''};"
+          f" {cfg.tokens_per_step:,} tokens per step")
     active = family.sizes.active_parameter_count
     per_token = "" if active is None else f" ({active(cfg.model):,} active per token)"
     print(f"# model: {cfg.model.family}, {family.sizes.parameter_count(cfg.model):,} parameters{per_token}; "

@@ -35,6 +35,7 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
         )
     if p.ep > 1:
         errors.extend(_expert_parallel_errors(cfg))
+    errors.extend(_sequence_errors(cfg))
     if p.pp > 1 and p.zero_stage > 1:
         errors.append(
             f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine allows"
@@ -73,8 +74,8 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     # Batch.
     if t.global_batch is not None and c.workers % (p.tp * p.pp) == 0 and t.global_batch != cfg.global_batch:
         errors.append(
-            f"train.global_batch={t.global_batch} != micro_batch x grad_accum x dp = {t.micro_batch} x"
-            f" {t.grad_accum} x {cfg.dp} = {cfg.global_batch}; fix one of them or drop train.global_batch"
+            f"train.global_batch={t.global_batch} != micro_batch x grad_accum x dp / sp = {t.micro_batch} x"
+            f" {t.grad_accum} x {cfg.dp} / {p.sp} = {cfg.global_batch}; fix one of them or drop train.global_batch"
         )
 
     # Optimizer and schedule.
@@ -163,6 +164,42 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
     if c.min_workers is not None and (c.min_workers // (p.tp * p.pp)) % p.ep:
         errors.append(f"cluster.min_workers={c.min_workers} leaves a data-parallel size that parallel.ep={p.ep}"
                       " does not divide; raise it to a multiple of tp x pp x ep or set it to null")
+    return errors
+
+
+def _sequence_errors(cfg: FmConfig) -> list[str]:
+    """parallel.sp shares samples among data-parallel ranks and splits their tokens, then their heads; document
+    masking needs the documents' ids, which pipelines do not carry yet."""
+    m, p, c, d = cfg.model, cfg.parallel, cfg.cluster, cfg.data
+    errors = []
+    if p.pp > 1 and (p.sp > 1 or d.document_masking):
+        what = f"parallel.sp={p.sp}" if p.sp > 1 else "data.document_masking=true"
+        errors.append(f"{what} with parallel.pp={p.pp}: pipeline stages do not carry positions and document ids"
+                      " yet; use parallel.pp=1 (tensor parallelism and ZeRO-3 compose with both)")
+    if p.sp == 1:
+        return errors
+    if p.ep > 1:
+        errors.append(f"parallel.sp={p.sp} with parallel.ep={p.ep}: sequence and expert parallelism do not compose yet"
+                      " (both are carved out of the data-parallel ranks); set one of them to 1")
+    if c.workers % (p.tp * p.pp) == 0 and cfg.dp % p.sp:
+        errors.append(f"parallel.sp={p.sp} does not divide the data-parallel size {cfg.dp} (cluster.workers="
+                      f"{c.workers} / (tp {p.tp} x pp {p.pp})): the ranks of a sequence-parallel group are"
+                      " data-parallel ranks sharing their samples; set cluster.workers so that dp is a multiple of sp")
+    if c.min_workers is not None and (c.min_workers // (p.tp * p.pp)) % p.sp:
+        errors.append(f"cluster.min_workers={c.min_workers} leaves a data-parallel size that parallel.sp={p.sp}"
+                      " does not divide; raise it to a multiple of tp x pp x sp or set it to null")
+    if d.seq_len % p.sp:
+        errors.append(f"parallel.sp={p.sp} does not divide data.seq_len={d.seq_len}: each rank of a sequence-parallel"
+                      f" group holds seq_len / sp tokens; pick a seq_len that is a multiple of {p.sp}")
+    heads, kv = m.n_heads // p.tp, m.n_kv_heads // p.tp
+    if m.n_heads % p.tp == 0 and heads % p.sp:
+        errors.append(f"parallel.sp={p.sp} does not divide the {heads} attention heads per tp rank (model.n_heads="
+                      f"{m.n_heads} / parallel.tp={p.tp}): after the all-to-all each rank computes heads / sp of"
+                      " them; pick an sp that divides it")
+    if m.n_kv_heads % p.tp == 0 and kv and kv % p.sp and p.sp % kv:
+        errors.append(f"parallel.sp={p.sp} and the {kv} kv heads per tp rank (model.n_kv_heads={m.n_kv_heads} /"
+                      f" parallel.tp={p.tp}): one must divide the other (fewer kv heads than sp are repeated so that"
+                      " each rank gets the one its query heads use); pick such an sp")
     return errors
 
 

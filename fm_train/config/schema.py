@@ -168,6 +168,11 @@ class ParallelConfig(_Section):
         1, le=MAX_WORKERS, description="Expert-parallel size: each group of ep data-parallel ranks splits every"
                                        " routed block's experts (E / ep each) and exchanges tokens all-to-all;"
                                        " must divide the data-parallel size and model.moe.experts.")
+    sp: PositiveInt = Field(
+        1, le=MAX_WORKERS, description="Sequence-parallel size (Ulysses): each group of sp data-parallel ranks"
+                                       " shares its samples, each rank holding seq_len / sp tokens; an all-to-all"
+                                       " around attention swaps the sequence split for a head split. Must divide"
+                                       " the data-parallel size, data.seq_len and the heads per tp rank.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
@@ -225,6 +230,9 @@ class DataConfig(_Section):
         description="Node-local directory that keeps whole shards of object-store sources (s3://...) after their"
                     " first read, shared by the node's ranks and loader workers (unused for local sources); null:"
                     " every read is a ranged GET (no disk, but one request per contiguous run of samples).")
+    document_masking: bool = Field(
+        False, description="Attention within documents: a token of a packed sample attends only to the earlier"
+                           " tokens of its own document (documents end at the tokenizer's EOS token).")
     cache_gb: PositiveFloat = Field(50.0, description="Size bound of data.cache_dir; least recently used shards"
                                                       " are deleted beyond it.")
 
@@ -360,9 +368,14 @@ class FmConfig(_Section):
         return self.cluster.workers // (self.parallel.tp * self.parallel.pp)
 
     @property
+    def data_parallel(self) -> int:
+        """Micro-batches read side by side: ``dp / sp`` (the sp ranks of a group share their samples)."""
+        return max(1, self.dp // self.parallel.sp)
+
+    @property
     def global_batch(self) -> int:
-        """Sequences per optimizer step: ``micro_batch * grad_accum * dp``."""
-        return self.train.micro_batch * self.train.grad_accum * self.dp
+        """Sequences per optimizer step: ``micro_batch * grad_accum * dp / sp``."""
+        return self.train.micro_batch * self.train.grad_accum * self.data_parallel
 
     @property
     def tokens_per_step(self) -> int:

@@ -40,10 +40,14 @@ class ParallelGroups:
         self._groups: dict[str, ProcessGroup] = {}
         # Fixed order on every rank: tp, dp, pp, then model-parallel (tp x pp of one dp index, Megatron's
         # definition, which is also what DeepSpeed's pipeline grid calls its model-parallel group), then
-        # with expert parallelism the expert-parallel and expert-data-parallel groups.
+        # with expert parallelism the expert-parallel and expert-data-parallel groups, with sequence
+        # parallelism the sequence-parallel ones. DeepSpeed is not told about sp (no
+        # get_sequence_parallel_* here): to it the sp ranks are data-parallel ranks, which is what they are
+        # for ZeRO's partitions and the gradient average (see fm_train.parallel.sequence_parallel).
         for axis, groups in (("tp", topology.tp_groups()), ("dp", topology.dp_groups()),
                              ("pp", topology.pp_groups()), ("mp", self._model_parallel_groups()),
-                             *((("ep", topology.ep_groups()), ("edp", topology.edp_groups())) if topology.ep > 1 else ())):
+                             *((("ep", topology.ep_groups()), ("edp", topology.edp_groups())) if topology.ep > 1 else ()),
+                             *((("sp", topology.sp_groups()),) if topology.sp > 1 else ())):
             for ranks in groups:
                 group = dist.new_group(ranks=ranks)
                 if self.rank in ranks:
@@ -59,7 +63,7 @@ class ParallelGroups:
 
     def ranks(self, axis: str) -> list[int]:
         """Global ranks of this rank's group along ``axis`` (``tp``, ``dp``, ``pp``, ``mp``; ``ep`` and ``edp``
-        when ep > 1)."""
+        when ep > 1; ``sp`` when sp > 1)."""
         return list(self._ranks[axis])
 
     def group(self, axis: str) -> ProcessGroup:

@@ -7,6 +7,9 @@ Expert parallelism subdivides the data axis: ``ep`` consecutive data-parallel in
 (pp, tp) coordinate share out the experts (an expert-parallel group, exchanging tokens all-to-all),
 and the ranks with the same index in their expert-parallel group hold the same experts (an
 expert-data-parallel group, averaging those experts' gradients); DeepSpeed's "E + D" order.
+Sequence parallelism subdivides it the same way: ``sp`` consecutive data-parallel indices share their
+samples, each holding ``seq / sp`` tokens (a sequence-parallel group); the data is split among the
+``dp / sp`` groups only (:meth:`Topology.batch_rank`).
 No torch import here: the launcher and the planner use it too.
 """
 
@@ -34,10 +37,12 @@ class Topology:
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    sp: int = 1
 
     def __post_init__(self) -> None:
-        if self.world <= 0 or self.tp <= 0 or self.pp <= 0 or self.ep <= 0:
-            raise ValueError(f"world={self.world}, tp={self.tp}, pp={self.pp}, ep={self.ep}: all must be positive")
+        if min(self.world, self.tp, self.pp, self.ep, self.sp) <= 0:
+            raise ValueError(f"world={self.world}, tp={self.tp}, pp={self.pp}, ep={self.ep}, sp={self.sp}:"
+                             " all must be positive")
         if self.world % (self.tp * self.pp) != 0:
             raise ValueError(
                 f"world size {self.world} is not divisible by tp x pp = {self.tp} x {self.pp}; "
@@ -46,11 +51,27 @@ class Topology:
         if self.dp % self.ep:
             raise ValueError(f"ep={self.ep} does not divide the data-parallel size {self.dp}: expert-parallel"
                              " groups are carved out of the data-parallel ranks")
+        if self.dp % self.sp:
+            raise ValueError(f"sp={self.sp} does not divide the data-parallel size {self.dp}: sequence-parallel"
+                             " groups are carved out of the data-parallel ranks")
 
     @property
     def dp(self) -> int:
         """Data-parallel size."""
         return self.world // (self.tp * self.pp)
+
+    @property
+    def batch_dp(self) -> int:
+        """How many different micro-batches a step reads side by side: ``dp / sp``."""
+        return self.dp // self.sp
+
+    def batch_rank(self, rank: int) -> int:
+        """Which share of the data ``rank`` reads (the ranks of a sequence-parallel group read the same)."""
+        return self.coord(rank).dp // self.sp
+
+    def sp_rank(self, rank: int) -> int:
+        """``rank``'s place in its sequence-parallel group: which chunk of each sample's tokens it holds."""
+        return self.coord(rank).dp % self.sp
 
     def rank_of(self, *, pp: int, dp: int, tp: int) -> int:
         """Global rank at grid coordinates."""
@@ -94,14 +115,19 @@ class Topology:
         return [[self.rank_of(pp=p, dp=b * self.ep + i, tp=t) for b in range(self.dp // self.ep)]
                 for p in range(self.pp) for t in range(self.tp) for i in range(self.ep)]
 
+    def sp_groups(self) -> list[list[int]]:
+        """Ranks that share their samples, each holding a chunk of the tokens (``sp`` consecutive dp indices)."""
+        return [[self.rank_of(pp=p, dp=b * self.sp + i, tp=t) for i in range(self.sp)]
+                for p in range(self.pp) for t in range(self.tp) for b in range(self.dp // self.sp)]
+
     def ep_rank(self, rank: int) -> int:
         """``rank``'s place in its expert-parallel group: which share of the experts it keeps."""
         return self.coord(rank).dp % self.ep
 
     def group_of(self, rank: int, axis: str) -> list[int]:
-        """The members of ``rank``'s group along ``axis`` (``tp``, ``dp``, ``pp``, ``ep`` or ``edp``)."""
+        """The members of ``rank``'s group along ``axis`` (``tp``, ``dp``, ``pp``, ``ep``, ``edp`` or ``sp``)."""
         groups = {"tp": self.tp_groups, "dp": self.dp_groups, "pp": self.pp_groups, "ep": self.ep_groups,
-                  "edp": self.edp_groups}[axis]()
+                  "edp": self.edp_groups, "sp": self.sp_groups}[axis]()
         return next(g for g in groups if rank in g)
 
 

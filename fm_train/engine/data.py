@@ -62,7 +62,8 @@ def data_objective(cfg: FmConfig, family: FamilySpec, info: Any) -> Any:
 def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
                   state: dict[str, Any] | None, skip_shards: Iterable[str] = (),
                   objective: Any = None) -> Iterator[dict[str, Any]]:
-    """This dp rank's training micro-batches, resuming right after the batch that left ``state``;
+    """This data rank's training micro-batches (``dp_rank`` / ``dp_size``: the data split, which sequence-parallel
+    ranks share), with the document ids when ``data.document_masking``, resuming right after the batch that left ``state``;
     ``skip_shards`` (keys ``"<source index>:<shard name>"``) are left out; ``objective``: what
     :func:`data_objective` returned."""
     import data_shards
@@ -72,7 +73,7 @@ def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
         val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state,
-        skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective,
+        skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective, documents=d.document_masking,
     ))
 
 
@@ -140,6 +141,6 @@ def val_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int,
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, val_fraction=d.val_fraction, max_batches=cfg.train.eval_batches,
         on_bad_shard=d.on_bad_shard, skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective,
-        verify_sha256=d.verify_sha256,
+        verify_sha256=d.verify_sha256, documents=d.document_masking,
     )
     return lambda: stream  # every iter() of a DataStream starts again from its first batch

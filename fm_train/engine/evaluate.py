@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
+from fm_train.engine.step import forward_inputs
 
 
 @torch.no_grad()
@@ -22,7 +23,8 @@ def evaluate(engine: DeepSpeedEngine, batches: Iterable[Mapping[str, Any]],
     try:
         totals = torch.zeros(2, dtype=torch.float64, device=engine.device)
         for batch in batches:
-            loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+            args, extra = forward_inputs(batch, engine.device)
+            loss = engine(*args, **extra)
             totals[0] += loss.detach().to(torch.float64)
             totals[1] += 1
     finally:

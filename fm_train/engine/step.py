@@ -19,7 +19,15 @@ from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.engine.state import TrainState
 
 Batch = Mapping[str, Any]
-"""``{"input_ids": long[B, S], "labels": long[B, S], "state": dict, "receipt": str}`` (the last two optional)."""
+"""``{"input_ids": long[B, S], "labels": long[B, S], "document_ids": int[B, S], "state": dict, "receipt": str}``
+(the last three optional)."""
+
+
+def forward_inputs(batch: Batch, device: torch.device) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+    """The engine's forward arguments for ``batch`` on ``device``: ``(input_ids, labels)``, and the document
+    ids as a keyword when the batch has them (``data.document_masking``)."""
+    extra = {"document_ids": batch["document_ids"].to(device)} if batch.get("document_ids") is not None else {}
+    return (batch["input_ids"].to(device), batch["labels"].to(device)), extra
 
 
 @dataclass
@@ -43,7 +51,8 @@ def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], state: TrainSt
     loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
     for _ in range(accum):
         batch = next(batches)
-        loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+        args, extra = forward_inputs(batch, engine.device)
+        loss = engine(*args, **extra)
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()

@@ -15,6 +15,7 @@ a time, then only this rank's partition).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from fm_train.families.spec import FamilySpec, LossFn, layout_errors
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.expert_parallel import EPGroup, apply_expert_parallel
 from fm_train.parallel.pipeline import vocab_loss
+from fm_train.parallel.sequence_parallel import SINGLE_SP, SPGroup, apply_sequence_parallel, local_inputs
 from fm_train.parallel.sharded_init import (
     InitSource,
     SliceReader,
@@ -40,16 +42,26 @@ from fm_train.parallel.tensor_parallel import SINGLE, TPGroup, apply_tensor_para
 
 
 class ModelWithLoss(nn.Module):
-    """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels) -> loss``, the
-    loss being the family's objective."""
+    """Wraps the pure model so that DeepSpeed's engine sees ``forward(input_ids, labels, document_ids=None) ->
+    loss``, the loss being the family's objective.
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+    The batch comes whole (every sample's tokens): with sequence parallelism (``sp``) the wrapper keeps this
+    rank's chunk of the tokens and gives the model their positions (:func:`local_inputs`).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, sp: SPGroup = SINGLE_SP) -> None:
         super().__init__()
         self.model = model  # keys stay "model.model.layers..." inside the wrapper; stripped on export
         self.loss_fn = loss_fn
+        self.sp = sp
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model(input_ids), labels)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.sp.size == 1 and document_ids is None:
+            return self.loss_fn(self.model(input_ids), labels)
+        batch = {"input_ids": input_ids, "labels": labels, "document_ids": document_ids}
+        input_ids, labels, extra = local_inputs(batch, self.sp, device=input_ids.device)
+        return self.loss_fn(self.model(input_ids, **extra), labels)
 
 
 def build_dense_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None = None) -> nn.Module:
@@ -112,13 +124,14 @@ def build_tp_model(family: FamilySpec, args: Any, tp: TPGroup, init: InitSource,
 def _check(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups | None) -> None:
     p = cfg.parallel
     errors = layout_errors(family, family.modules().args(cfg.model), p.tp, p.pp)
-    if (p.tp > 1 or p.pp > 1 or p.ep > 1) and groups is None:
-        errors.append(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep} needs the rank's ParallelGroups:"
+    if (p.tp > 1 or p.pp > 1 or p.ep > 1 or p.sp > 1) and groups is None:
+        errors.append(f"parallel.tp={p.tp}, parallel.pp={p.pp}, parallel.ep={p.ep}, parallel.sp={p.sp} needs the"
+                      " rank's ParallelGroups:"
                       " build_train_module(cfg, family, groups=ParallelGroups(topology))")
-    if groups is not None and (groups.topology.tp, groups.topology.pp) != (p.tp, p.pp):
+    if groups is not None and (groups.topology.tp, groups.topology.pp, groups.topology.sp) != (p.tp, p.pp, p.sp):
         t = groups.topology
-        errors.append(f"groups were built for tp={t.tp}, pp={t.pp} but the config says parallel.tp={p.tp},"
-                      f" parallel.pp={p.pp}")
+        errors.append(f"groups were built for tp={t.tp}, pp={t.pp}, sp={t.sp} but the config says parallel.tp={p.tp},"
+                      f" parallel.pp={p.pp}, parallel.sp={p.sp}")
     if errors:
         raise ValueError("cannot build the train module:\n  " + "\n  ".join(errors))
 
@@ -136,6 +149,8 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
       process group, built already partitioned (:func:`build_zero3_model`).
     - tp > 1, pp = 1: the tp-sharded model with the vocab-parallel loss; pass ``mpu=groups`` to
       ``deepspeed.initialize``.
+    - sp > 1 (pp = 1): as above, each ``CoreAttention`` wrapped for Ulysses and the wrapper cutting
+      every batch to this rank's chunk of the tokens.
     - pp > 1: a ``PipelineModule`` (tp-sharded stages when tp > 1) with activation checkpointing
       inside the stages when ``parallel.activation_checkpointing``; DeepSpeed takes its ``mpu``
       from the module, so pass none.
@@ -147,16 +162,18 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
     if modules.set_layer_loss_scale is not None:  # DeepSpeed puts 1 / grad_accum on each micro-batch's loss
         modules.set_layer_loss_scale(1.0 / cfg.train.grad_accum)
     module: nn.Module
+    sp = _sp_group(groups) if p.sp > 1 and groups is not None else SINGLE_SP
+    wrap = functools.partial(ModelWithLoss, sp=sp)
     if p.tp == 1 and p.pp == 1:
         loss = modules.loss(args)
         # Without a process group there is nothing to partition over (a single-process reference).
         if p.zero_stage == 3 and dist.is_initialized():
-            return ModelWithLoss(build_zero3_model(cfg, family, init, ds_config), loss)
-        if p.ep > 1:
+            module = wrap(build_zero3_model(cfg, family, init, ds_config), loss)
+        elif p.ep > 1:
             assert groups is not None  # _check raised otherwise
-            module = ModelWithLoss(build_tp_model(family, args, SINGLE, init, ep=_ep_group(groups)), loss)
+            module = wrap(build_tp_model(family, args, SINGLE, init, ep=_ep_group(groups)), loss)
         else:
-            module = ModelWithLoss(build_dense_model(cfg, family, init), loss)
+            module = wrap(build_dense_model(cfg, family, init), loss)
     else:
         assert groups is not None  # _check raised otherwise
         tp = TPGroup.from_groups(groups)
@@ -166,12 +183,18 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
             if p.ep > 1:  # the stages are built whole: split their experts now
                 apply_expert_parallel(module, _ep_group(groups), modules.expert_types)
         else:
-            module = ModelWithLoss(build_tp_model(family, args, tp, init, ep=_ep_group(groups) if p.ep > 1 else None),
-                                   loss_fn=vocab_loss(modules.loss(args), args.vocab_size, tp))
+            module = wrap(build_tp_model(family, args, tp, init, ep=_ep_group(groups) if p.ep > 1 else None),
+                          vocab_loss(modules.loss(args), args.vocab_size, tp))
+    apply_sequence_parallel(module, sp)
     if p.ep > 1:
         assert groups is not None  # _check raised otherwise
         _register_experts(module, family, groups)
     return module
+
+
+def _sp_group(groups: ParallelGroups) -> SPGroup:
+    ranks = groups.ranks("sp")
+    return SPGroup(groups.group("sp"), ranks.index(groups.rank), len(ranks))
 
 
 def _ep_group(groups: ParallelGroups) -> EPGroup:

@@ -116,7 +116,10 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -
     """The DeepSpeed config dict for ``cfg`` (pass it as ``deepspeed.initialize(config=...)``).
 
     The batch triple is derived once from the config: ``train_batch_size = micro_batch x grad_accum x
-    dp`` (``cfg.global_batch``), which DeepSpeed re-checks against its own data-parallel size.
+    dp``, which DeepSpeed re-checks against its own data-parallel size. With sequence parallelism that
+    is DeepSpeed's count, not the samples': the sp ranks of a group read the same samples
+    (``cfg.global_batch``), yet DeepSpeed rightly treats them as data-parallel ranks (ZeRO partitions
+    over them, gradients are averaged with them).
 
     ``accelerator``: the device kind the engine will run on; None detects this process's (and then
     also checks ``precision`` against the hardware: an error for bf16 on a GPU without it, a warning
@@ -127,7 +130,7 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -
         check_precision(cfg.precision, accelerator)
     t = cfg.train
     config: dict[str, Any] = {
-        "train_batch_size": cfg.global_batch,
+        "train_batch_size": t.micro_batch * t.grad_accum * cfg.dp,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,

@@ -22,7 +22,7 @@ class RankRow:
 
 def rank_table(cfg: FmConfig) -> list[RankRow]:
     """Every rank's node slot (ranks fill nodes in order, as the launcher places them) and grid coordinates."""
-    topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep)
+    topo = Topology(world=cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp, ep=cfg.parallel.ep, sp=cfg.parallel.sp)
     rows = []
     for c in topo.coords:
         node, slot = node_slot(c.rank, cfg.cluster.slots_per_node)

@@ -80,4 +80,10 @@ def config_errors(cfg: Any) -> list[str]:
                       " grouped-query attention; set them equal (the bert-* presets do)")
     if not m.tie_embeddings:
         errors.append("model.tie_embeddings=false: BERT's MLM decoder is the word embedding; set it to true")
+    if cfg.parallel.sp > 1:  # a chunk's share of the masked tokens varies: its mean loss would be misweighted
+        errors.append(f"parallel.sp={cfg.parallel.sp}: the bert family is not sequence-parallel (its loss counts only"
+                      " the masked tokens, which the sp ranks' chunks hold unequal shares of); set parallel.sp=1")
+    if cfg.data.document_masking:
+        errors.append("data.document_masking=true: the bert family does not keep attention within documents"
+                      " (its samples are single sequences with [CLS]/[SEP]); set data.document_masking=false")
     return errors

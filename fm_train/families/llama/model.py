@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_train.families.llama import TIED_PARAMS, VOCAB_ROW_PARAMS
+from fm_train.model.attention import CoreAttention, rope_slice
 from fm_train.model.base import ModelArgs, parameter_generator, real_logits
 
 @dataclass(frozen=True)
@@ -88,16 +89,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(batch, heads, seq, head_dim)`` by position."""
-    cos, sin = cos.to(x.dtype)[None, None], sin.to(x.dtype)[None, None]
+    """Rotate ``x`` of shape ``(batch, seq, heads, head_dim)`` by position: ``cos``/``sin`` are
+    ``(seq, head_dim)`` (the same positions in every sample) or ``(batch, seq, head_dim)``."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    cos, sin = (cos[None, :, None], sin[None, :, None]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     return x * cos + _rotate_half(x) * sin
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention through ``scaled_dot_product_attention``.
+    """Grouped-query causal self-attention: projections and RoPE here, the inner product in ``core``.
 
     Head counts are read from the projection shapes at run time, so a tensor-parallel plan that
-    splits q/k/v by heads needs no change here.
+    splits q/k/v by heads needs no change here; ``core`` is what sequence parallelism wraps.
     """
 
     def __init__(self, args: LlamaArgs) -> None:
@@ -107,19 +110,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.hidden, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.hidden, args.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.hidden, bias=args.qkv_bias)
+        self.core = CoreAttention(causal=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim)
+        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim)
+        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+        return self.o_proj(self.core(q, k, v, document_ids).reshape(bsz, seq, -1))
 
 
 class MLP(nn.Module):
@@ -145,8 +145,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -167,17 +168,17 @@ class LlamaBackbone(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        seq = h.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        cos, sin = rope_slice(self.rope_cos, self.rope_sin, h.shape[1], position_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
 
 
 class LlamaForCausalLM(nn.Module):
-    """Backbone plus output head; ``forward(tokens) -> logits`` (float32 logits only if the model is).
+    """Backbone plus output head; ``forward(tokens, position_ids, document_ids) -> logits`` (float32 logits only if the model is).
 
     The logits have ``args.padded_vocab_size`` columns; those from ``args.vocab_size`` on belong to
     no token. :func:`causal_lm_loss` leaves them out, and :func:`real_logits` drops them.
@@ -191,8 +192,12 @@ class LlamaForCausalLM(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.model(tokens)
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``tokens`` ``[batch, seq]``; ``position_ids`` (default ``0..seq-1``) are the tokens'
+        RoPE positions, ``document_ids`` (default: one document) keep attention within each document
+        (:mod:`fm_train.model.attention`)."""
+        h = self.model(tokens, position_ids, document_ids)
         return self.lm_head(h) if self.lm_head is not None else h
 
     @torch.no_grad()

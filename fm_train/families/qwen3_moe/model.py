@@ -33,6 +33,7 @@ from torch import nn
 
 from fm_train.families.qwen3_moe import TIED_PARAMS, VOCAB_ROW_PARAMS
 from fm_train.families.llama.model import RMSNorm, apply_rope, causal_lm_loss, rope_tables
+from fm_train.model.attention import CoreAttention, rope_slice
 from fm_train.model.base import ModelArgs, parameter_generator
 
 #: Expert parameters: one leading row per expert (what expert parallelism splits).
@@ -113,19 +114,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * self.head_dim, args.hidden, bias=False)
         self.q_norm = RMSNorm(self.head_dim, args.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.norm_eps)
+        self.core = CoreAttention(causal=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(bsz, seq, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(bsz, seq, -1, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(bsz, seq, -1, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(bsz, seq, -1, self.head_dim))
+        v = self.v_proj(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+        return self.o_proj(self.core(q, k, v, document_ids).reshape(bsz, seq, -1))
 
 
 class MLP(nn.Module):
@@ -294,8 +292,9 @@ class DecoderLayer(nn.Module):
         # still reports their metrics' names (every rank must name the same ones).
         self.routed_layers = tuple(i for i in range(args.n_layers) if args.is_moe_layer(i))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, document_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -313,12 +312,12 @@ class MoEBackbone(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        seq = h.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        cos, sin = rope_slice(self.rope_cos, self.rope_sin, h.shape[1], position_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h
 
 
@@ -333,8 +332,10 @@ class MoEForCausalLM(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.model(tokens)
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``tokens``; ``position_ids`` and ``document_ids`` as the Llama family's."""
+        h = self.model(tokens, position_ids, document_ids)
         return self.lm_head(h) if self.lm_head is not None else h
 
 

@@ -173,4 +173,8 @@ def config_errors(cfg: Any) -> list[str]:
     if cfg.precision == "fp16":
         errors.append("precision=fp16 with model.family=qwen3_moe: the router losses enter backward inside the blocks,"
                       " past DeepSpeed's fp16 loss scaling; use precision=bf16 (or fp32)")
+    if cfg.parallel.sp > 1:  # load balancing is a function of a whole micro-batch's routing, not of a chunk's
+        errors.append(f"parallel.sp={cfg.parallel.sp}: the qwen3_moe family is not sequence-parallel yet (its"
+                      " routers' load-balancing loss would be computed on each rank's chunk of the tokens, not on"
+                      " the whole micro-batch as one process does); set parallel.sp=1")
     return errors
