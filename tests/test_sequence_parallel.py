@@ -1,6 +1,7 @@
-"""Ulysses sequence parallelism trains exactly like one process: sp2 under ZeRO-2 and ZeRO-3, sp2 x dp2,
-tp2 x sp2, a grouped-query shape with fewer kv heads than sp, with and without document masking, loss for loss against a single rank running the same
-micro-batches, gradients clipped; and the check is sharp: chunks given the wrong positions are caught."""
+"""Ulysses sequence parallelism trains exactly like one process: sp2 under ZeRO-2 and ZeRO-3, sp2 x dp2 (with
+activation checkpointing: the recomputed blocks exchange again), tp2 x sp2, a grouped-query shape with
+fewer kv heads than sp, with and without document masking, loss for loss against a single rank running
+the same micro-batches, gradients clipped; and the check is sharp: chunks at the wrong positions are caught."""
 
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ STEPS, SEQ, VOCAB, MICRO, EOS = 5, 16, 128, 2, 3
 
 
 def raw(*, workers: int, sp: int = 1, tp: int = 1, zero: int = 2, accum: int, kv: int = 2,
-        docs: bool = False) -> dict[str, Any]:
+        docs: bool = False, recompute: bool = False) -> dict[str, Any]:
     return {
         "run": {"name": "sp", "dir": "runs/unused", "seed": 5},
         "model": {"preset": "tiny", "n_layers": 2, "hidden": 32, "n_heads": 4, "n_kv_heads": kv, "ffn_hidden": 64,
                   "vocab_size": VOCAB, "vocab_multiple": 1, "max_seq_len": SEQ, "tie_embeddings": False},
-        "parallel": {"tp": tp, "sp": sp, "zero_stage": zero},
+        "parallel": {"tp": tp, "sp": sp, "zero_stage": zero, "activation_checkpointing": recompute},
         "precision": "fp32",
         "data": {"seq_len": SEQ, "document_masking": docs},
         "train": {"steps": STEPS, "micro_batch": MICRO, "grad_accum": accum, "log_every": 1, "eval_every": 0},
@@ -138,11 +139,11 @@ def test_sp2_with_zero2_and_zero3_equals_one_process(reference):
 
 
 def test_sp2_dp2_and_tp2_sp2_equal_one_process(reference):
-    cases = [{"workers": 4, "sp": 2, "zero": 2, "accum": 1, "kv": 2, "docs": True},
+    cases = [{"workers": 4, "sp": 2, "zero": 2, "accum": 1, "kv": 2, "docs": True, "recompute": True},
              {"workers": 4, "sp": 2, "tp": 2, "zero": 1, "accum": 2, "kv": 2, "docs": True},
              {"workers": 4, "sp": 2, "tp": 2, "zero": 1, "accum": 2, "kv": 2}]
     sp2_dp2, tp2_sp2_docs, tp2_sp2 = run_distributed(_train, 4, args=(cases,))[0]
-    assert sp2_dp2 == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)
+    assert sp2_dp2 == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)  # blocks recomputed, exchange too
     # tp2 leaves 1 kv head per tp rank, fewer than sp: repeated for the exchange
     assert tp2_sp2_docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)
     assert tp2_sp2 == pytest.approx(ref(reference, kv=2), rel=1e-5)

@@ -110,3 +110,24 @@ def test_plan_warns_when_the_peak_exceeds_the_card_and_names_the_fixes():
                           "--no-config", "--set", "train.micro_batch=64"], capture_output=True, text=True,
                          check=True).stdout
     assert "# warning: the planned peak" in out and "exceeds the 80 GiB card (cluster.gpu_memory_gib)" in out
+
+
+def test_plan_names_the_smallest_sequence_parallel_size_that_fits():
+    """The 8B 32k recipe at sp 1 needs 241 GiB: the plan names the smallest sp that fits alone (8 under
+    ZeRO-2, 4 under ZeRO-3), with its peak; the activations fall with sp."""
+    recipe = str(ROOT / "cluster_configs/h100_8b_32k_1node.yaml")
+
+    def plan(*overrides: str) -> str:
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        return subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", *sets],
+                              capture_output=True, text=True, check=True).stdout
+
+    def gib(out: str, row: str) -> float:
+        return float(next(line for line in out.splitlines() if line.startswith(f"#   {row}")).split()[-2])
+
+    sp1 = plan("parallel.sp=1")
+    assert "parallel.sp=8 fits alone (peak 55.94 GiB)" in sp1
+    assert "parallel.sp=4 fits alone" in plan("parallel.sp=1", "parallel.zero_stage=3")
+    sp8 = plan()
+    assert gib(sp8, "activations") == pytest.approx(gib(sp1, "activations") / 8, rel=1e-3)
+    assert "(sp 8 within dp)" in sp8 and "x dp 8 / sp 8" in sp8

@@ -6,8 +6,9 @@ import argparse
 
 from fm_train.cli.common import ConfigError, add_config_arguments, config_from_args, fail
 from fm_train.config import FmConfig, dump_config
-from fm_train.config.rules import missing_paths
+from fm_train.config.rules import check_rules, missing_paths
 from fm_train.families import family_of
+from fm_train.families.spec import FamilySpec
 from fm_train.plan.flops import flops_per_step
 from fm_train.plan.layout import format_rank_table, rank_table
 from fm_train.plan.memory import GIB, estimate_memory, format_memory
@@ -46,7 +47,9 @@ def run_plan(args: argparse.Namespace) -> int:
     estimate = estimate_memory(cfg, family, device=device)
     print(format_memory(estimate, device))
     if device == "gpu":
-        print(card_fit(estimate.device_total / GIB, *_card(cfg)))
+        card, source = _card(cfg)
+        fix = smallest_fitting_sp(cfg, family, card) if card is not None and estimate.device_total / GIB > card else None
+        print(card_fit(estimate.device_total / GIB, card, source, sp_fix=fix))
     for path in missing_paths(cfg):
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))
@@ -65,8 +68,24 @@ def _card(cfg: FmConfig) -> tuple[float | None, str]:
     return None, ""
 
 
-def card_fit(peak_gib: float, card_gib: float | None, source: str) -> str:
-    """The plan's peak against the card: the margin when it fits, a warning naming the fixes when not."""
+def smallest_fitting_sp(cfg: FmConfig, family: FamilySpec, card_gib: float) -> tuple[int, float] | None:
+    """``(sp, peak GiB)`` of the smallest sequence-parallel size that fits ``card_gib`` with everything else
+    unchanged and every config rule held (sp divides dp, seq_len and the heads), or None when none does."""
+    for sp in range(cfg.parallel.sp + 1, cfg.dp + 1):
+        if cfg.dp % sp:
+            continue
+        trial = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"sp": sp})})
+        if check_rules(trial, require_paths=False):
+            continue
+        peak = estimate_memory(trial, family, device="gpu").device_total / GIB
+        if peak <= card_gib:
+            return sp, peak
+    return None
+
+
+def card_fit(peak_gib: float, card_gib: float | None, source: str, sp_fix: tuple[int, float] | None = None) -> str:
+    """The plan's peak against the card: the margin when it fits, a warning naming the fixes when not
+    (``sp_fix``: the smallest ``parallel.sp`` that fits, and its peak)."""
     if card_gib is None:
         return ("# card: unknown (no GPU here and cluster.gpu_memory_gib unset): set cluster.gpu_memory_gib to"
                 " check the peak against it")
@@ -75,4 +94,5 @@ def card_fit(peak_gib: float, card_gib: float | None, source: str) -> str:
     return (f"# warning: the planned peak {peak_gib:.2f} GiB exceeds the {card_gib:g} GiB card ({source}) by"
             f" {peak_gib - card_gib:.2f} GiB: lower train.micro_batch (raising train.grad_accum keeps the batch),"
             " turn on parallel.activation_checkpointing, raise parallel.zero_stage, or split the model further"
-            " (parallel.tp, parallel.pp)")
+            " (parallel.tp, parallel.pp)" + (f"; parallel.sp={sp_fix[0]} fits alone (peak {sp_fix[1]:.2f} GiB)"
+                                            if sp_fix is not None else ""))

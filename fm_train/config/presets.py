@@ -1,7 +1,7 @@
 """Named model shapes that a config can pick with ``model.preset`` and then override field by field.
 
 The shapes follow the published architectures so that a converted checkpoint has the familiar
-``config.json``: TinyLlama-1.1B, Llama-2 7B/13B and Llama-3 70B; BERT-base and BERT-large for
+``config.json``: TinyLlama-1.1B, Llama-2 7B/13B and Llama-3 8B/70B; BERT-base and BERT-large for
 encoders. ``tiny`` and ``bert-tiny`` are the test and demo sizes.
 """
 
@@ -24,6 +24,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
     "13b": dict(n_layers=40, hidden=5120, n_heads=40, n_kv_heads=40, ffn_hidden=13824, vocab_size=32000,
                 max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
+    # Llama-3 8B shape.
+    "8b": dict(n_layers=32, hidden=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336, vocab_size=128256,
+               max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),
     # Llama-3 70B shape.
     "70b": dict(n_layers=80, hidden=8192, n_heads=64, n_kv_heads=8, ffn_hidden=28672, vocab_size=128256,
                 max_seq_len=8192, tie_embeddings=False, rope_theta=500000.0),

@@ -68,8 +68,26 @@ class CoreAttention(nn.Module):
         if document_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(document_ids, self.causal))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_MASKS.get(document_ids, self.causal))
         return out.transpose(1, 2)
+
+
+class _LastMask:
+    """The mask of the last ``document_ids`` seen: every block of a forward (and its recomputation under
+    activation checkpointing) gets the same tensor, so the ``seq x seq`` mask is made once per forward."""
+
+    def __init__(self) -> None:
+        self.key: tuple[torch.Tensor, int, bool] | None = None
+        self.mask: torch.Tensor | None = None
+
+    def get(self, document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
+        key = self.key
+        if key is None or key[0] is not document_ids or key[1:] != (document_ids._version, causal) or self.mask is None:
+            self.key, self.mask = (document_ids, document_ids._version, causal), document_mask(document_ids, causal)
+        return self.mask
+
+
+_MASKS = _LastMask()
 
 
 def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,

@@ -21,6 +21,9 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
   one fp32 tensor before the step (``_prepare_fp32_grad_for_sub_group``). On a GPU without offload
   AdamW runs fused, in place: the two AdamW temporaries go.
 
+Sequence parallelism divides every activation term by sp (a rank holds seq_len / sp tokens); document
+masking on CPU adds the boolean mask of the whole sequence (micro_batch x seq_len^2 bytes).
+
 With expert parallelism the family adds the token exchange (``Sizes.dispatch_bytes``): the all-to-all
 buffers of one routed block in flight and the expert-order index each routed block keeps.
 """
@@ -123,22 +126,27 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
         offloaded, optimizer = optimizer, 0.0
     gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b) if p.zero_stage >= 3 else 0.0
 
-    per_layer = family.sizes.activation_bytes_per_layer(cfg)
+    # Sequence parallelism: a rank keeps seq_len / sp tokens of every activation (after the all-to-all,
+    # attention holds the whole sequence for heads / sp heads: as many values).
+    per_layer = family.sizes.activation_bytes_per_layer(cfg) / p.sp
     layers_here = math.ceil(cfg.model.n_layers / p.pp)
     if p.activation_checkpointing:
         elt = 4 if cfg.precision == "fp32" else 2
-        kept = layers_here * cfg.data.seq_len * cfg.train.micro_batch * cfg.model.hidden * elt
+        kept = layers_here * cfg.data.seq_len // p.sp * cfg.train.micro_batch * cfg.model.hidden * elt
         acts = kept + per_layer  # block inputs, plus one block recomputed at a time
     else:
         acts = layers_here * per_layer
     in_flight = min(p.pp, cfg.train.grad_accum) if p.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
     acts *= in_flight
     # Logits: 16-bit output, its fp32 upcast for the loss, and the fp32 gradient (last stage only).
-    tokens = cfg.data.seq_len * cfg.train.micro_batch
+    tokens = cfg.data.seq_len // p.sp * cfg.train.micro_batch
     logits = tokens * cfg.model.padded_vocab_size / p.tp * (4 + 4 + (2 if half else 4))
+    # Document masking on CPU: the boolean mask of the whole sequence, made once per forward; on a GPU
+    # FlexAttention's block mask is (seq / 128)^2 entries, nothing next to the activations.
+    mask = cfg.train.micro_batch * cfg.data.seq_len ** 2 if cfg.data.document_masking and device == "cpu" else 0.0
     runtime = RUNTIME_OVERHEAD_GIB[device] * GIB
     dispatch = family.sizes.dispatch_bytes(cfg) if family.sizes.dispatch_bytes is not None else 0.0
-    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=acts, logits=logits,
+    return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=acts + mask, logits=logits,
                           runtime=runtime, offloaded_optimizer=offloaded, params_per_rank=int(n),
                           gathered=gathered, optimizer_step=step_temps, dispatch=dispatch)
 

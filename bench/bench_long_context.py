@@ -1,0 +1,165 @@
+"""Per-rank memory of a long sequence on CPU, sp1 against sp2 (Ulysses), next to the planner's estimate; and
+the all-to-all's share of the sp2 step.
+
+    .venv/bin/python bench/bench_long_context.py --seq 16384            # tiny preset, fp32, micro 1
+    .venv/bin/python bench/bench_long_context.py --seq 16384 --documents
+
+Each layout runs in its own real processes (gloo, 1 thread each) that build what the worker builds
+(``build_train_module``, ``build_engine`` with ZeRO-2) and train ``--steps`` steps on one sample of
+``--seq`` tokens, after the worker's allocator setting. A sampler thread reads each rank's RSS every
+20 ms. The activation memory of a rank is its peak during the last step minus its RSS just before it
+(the model and optimizer states are then resident), which the planner's activation terms
+(``activations + logits`` of :func:`fm_train.plan.memory.estimate_memory`) predict. The all-to-all time
+is what ``deepspeed.comm.all_to_all_single`` took inside the sp2 step (forward and backward), timed
+around each call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_memory import GIB, RssSampler  # noqa: E402  (bench/ is this script's directory)
+
+
+def make_config(seq: int, sp: int, steps: int, documents: bool, preset: str):
+    from fm_train.config import build_config
+
+    return build_config({
+        "run": {"dir": "runs/bench_long_context", "seed": 1}, "model": {"preset": preset, "max_seq_len": seq},
+        "precision": "fp32", "parallel": {"zero_stage": 2, "sp": sp}, "cluster": {"workers": sp},
+        "data": {"seq_len": seq, "document_masking": documents},
+        "train": {"steps": steps, "micro_batch": 1, "eval_every": 0}, "optim": {"warmup_steps": 0},
+    })
+
+
+def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        sampler = RssSampler()
+        import torch
+
+        import deepspeed.comm as ds_comm
+        from fm_train.deepspeed_adapter.comm import init_distributed
+        from fm_train.dist.env import RankEnv, ensure_extension_cache
+        from fm_train.dist.groups import ParallelGroups
+        from fm_train.dist.process_group import shutdown_distributed
+        from fm_train.dist.topology import Topology
+        from fm_train.engine import build_engine
+        from fm_train.engine.train_module import build_train_module
+        from fm_train.families import family_of
+        from fm_train.worker import return_freed_memory_to_os
+
+        torch.set_num_threads(1)
+        return_freed_memory_to_os()
+        ensure_extension_cache()
+        init_distributed(RankEnv.from_environ())
+        cfg = make_config(opts["seq"], world, opts["steps"], opts["documents"], opts["preset"])
+        family = family_of(cfg.model)
+        groups = ParallelGroups(Topology(world=world, sp=world))
+        engine, _ = build_engine(cfg, build_train_module(cfg, family, groups), blocks=family.modules().block_types)
+        exchange = {"s": 0.0, "calls": 0}
+        real = ds_comm.all_to_all_single
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                exchange["s"] += time.perf_counter() - t0
+                exchange["calls"] += 1
+
+        ds_comm.all_to_all_single = timed
+        gen = torch.Generator().manual_seed(7)  # the same sample on every rank of the group
+        tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=gen)
+        extra = {}
+        if opts["documents"]:  # documents of ~2,000 tokens
+            ends = torch.rand(1, cfg.data.seq_len, generator=gen) < 1 / 2000
+            extra["document_ids"] = (ends.cumsum(-1) - ends.int()).to(torch.int32)
+        steps = []
+        for step in range(opts["steps"]):
+            sampler.enter(f"before{step}")
+            before = sampler._proc.memory_info().rss
+            exchange.update(s=0.0, calls=0)
+            sampler.enter(f"step{step}")
+            t0 = time.perf_counter()
+            loss = engine(tokens[:, :-1], tokens[:, 1:], **extra)
+            engine.backward(loss)
+            engine.step()
+            wall = time.perf_counter() - t0
+            peaks = dict(sampler.peaks)
+            steps.append({"before_gib": before / GIB, "peak_gib": peaks.get(f"step{step}", 0) / GIB, "step_s": wall,
+                          "all_to_all_s": exchange["s"], "all_to_all_calls": exchange["calls"], "loss": loss.item()})
+        sampler.stop()
+        shutdown_distributed()
+        queue.put((rank, {"steps": steps}))
+    except BaseException:  # noqa: BLE001 - the parent reports every rank's failure
+        queue.put((rank, {"error": traceback.format_exc()}))
+
+
+def run_layout(sp: int, opts: dict[str, Any]) -> dict[int, Any]:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    procs = mp.start_processes(rank_main, args=(sp, port, opts, queue), nprocs=sp, join=False, start_method="spawn")
+    while not procs.join(timeout=1):
+        pass
+    results = dict(queue.get() for _ in range(sp))
+    for r, res in results.items():
+        if "error" in res:
+            raise SystemExit(f"sp{sp} rank {r} failed:\n{res['error']}")
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq", type=int, default=16384)
+    parser.add_argument("--steps", type=int, default=2, help="the last step is the one measured (default 2)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--documents", action="store_true", help="document masking on (documents of ~2,000 tokens)")
+    args = parser.parse_args()
+
+    from fm_train.families import family_of
+    from fm_train.plan.memory import estimate_memory
+
+    opts = vars(args)
+    rows = {}
+    for sp in (1, 2):
+        cfg = make_config(args.seq, sp, args.steps, args.documents, args.preset)
+        est = estimate_memory(cfg, family_of(cfg.model), device="cpu")
+        results = run_layout(sp, opts)
+        last = [results[r]["steps"][-1] for r in sorted(results)]
+        measured = max(s["peak_gib"] - s["before_gib"] for s in last)
+        predicted = (est.activations + est.logits) / GIB
+        rows[sp] = {"activation_gib": measured, "planner_gib": predicted, "planner_over_measured": predicted / measured,
+                    "step_s": max(s["step_s"] for s in last), "all_to_all_s": max(s["all_to_all_s"] for s in last),
+                    "all_to_all_calls": last[0]["all_to_all_calls"], "loss": last[0]["loss"]}
+        print(json.dumps({"sp": sp, **{k: round(v, 4) if isinstance(v, float) else v for k, v in rows[sp].items()}}),
+              flush=True)
+    ratio = rows[2]["activation_gib"] / rows[1]["activation_gib"]
+    share = rows[2]["all_to_all_s"] / rows[2]["step_s"]
+    print(f"{args.preset}, seq {args.seq}, micro 1, fp32, ZeRO-2{', document masking' if args.documents else ''}:"
+          f" activation memory per rank sp2 / sp1 = {ratio:.3f} (goal <= 0.55); planner / measured sp1"
+          f" {rows[1]['planner_over_measured']:.3f}, sp2 {rows[2]['planner_over_measured']:.3f} (goal 0.75-1.25);"
+          f" all-to-all {share:.1%} of the sp2 step ({rows[2]['all_to_all_s']:.2f} of {rows[2]['step_s']:.2f} s);"
+          f" loss sp1 {rows[1]['loss']:.6f} sp2 {rows[2]['loss']:.6f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
