@@ -84,12 +84,12 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         ds_comm.all_to_all_single = timed
         gen = torch.Generator().manual_seed(7)  # the same sample on every rank of the group
         tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=gen)
-        extra = {}
-        if opts["documents"]:  # documents of ~2,000 tokens
-            ends = torch.rand(1, cfg.data.seq_len, generator=gen) < 1 / 2000
-            extra["document_ids"] = (ends.cumsum(-1) - ends.int()).to(torch.int32)
+        ends = torch.rand(1, cfg.data.seq_len, generator=gen) < 1 / 2000  # documents of ~2,000 tokens
+        documents = (ends.cumsum(-1) - ends.int()).to(torch.int32)
         steps = []
         for step in range(opts["steps"]):
+            # A new batch each step, as the loader gives: the previous one (and its mask) is freed.
+            extra = {"document_ids": documents.clone()} if opts["documents"] else {}
             sampler.enter(f"before{step}")
             before = sampler._proc.memory_info().rss
             exchange.update(s=0.0, calls=0)
@@ -148,7 +148,8 @@ def main() -> int:
         predicted = (est.activations + est.logits) / GIB
         rows[sp] = {"activation_gib": measured, "planner_gib": predicted, "planner_over_measured": predicted / measured,
                     "step_s": max(s["step_s"] for s in last), "all_to_all_s": max(s["all_to_all_s"] for s in last),
-                    "all_to_all_calls": last[0]["all_to_all_calls"], "loss": last[0]["loss"]}
+                    "all_to_all_calls": last[0]["all_to_all_calls"],
+                    "loss": sum(s["loss"] for s in last) / len(last)}  # each rank's mean over its chunk
         print(json.dumps({"sp": sp, **{k: round(v, 4) if isinstance(v, float) else v for k, v in rows[sp].items()}}),
               flush=True)
     ratio = rows[2]["activation_gib"] / rows[1]["activation_gib"]

@@ -7,7 +7,7 @@ so it never appears in a state dict; Ulysses sequence parallelism replaces it fr
 
 Document masking: ``document_ids`` ``[batch, seq]`` gives each token of a packed sample its document
 (a document ends at its EOS token), and a token attends only to tokens of its own document. On CPU the
-mask goes to ``scaled_dot_product_attention`` as a boolean matrix; on a GPU FlexAttention runs it as a
+mask goes to ``scaled_dot_product_attention`` as an additive ``seq x seq`` matrix; on a GPU FlexAttention runs it as a
 block mask, skipping the blocks that are masked whole (compiled once per process). Positions are not
 restarted per document: RoPE scores depend only on the distance between query and key, which is the
 same either way once attention stays within a document.
@@ -16,6 +16,7 @@ same either way once attention stays within a document.
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -68,23 +69,38 @@ class CoreAttention(nn.Module):
         if document_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_MASKS.get(document_ids, self.causal))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_MASKS.get(document_ids, self.causal, q.dtype))
         return out.transpose(1, 2)
 
 
 class _LastMask:
-    """The mask of the last ``document_ids`` seen: every block of a forward (and its recomputation under
-    activation checkpointing) gets the same tensor, so the ``seq x seq`` mask is made once per forward."""
+    """The additive mask (0 or -inf, in the attention's dtype) of the last ``document_ids`` seen.
+
+    Every block of a forward (and its recomputation under activation checkpointing) gets the same
+    tensor, so the ``seq x seq`` mask is made once per forward; additive, because SDPA turns a boolean
+    mask into a float one on every call and keeps each copy for backward (one per block). The entry is
+    dropped when its ``document_ids`` tensor is freed (the batch is done), so a mask never outlives its
+    batch nor meets the next one's.
+    """
 
     def __init__(self) -> None:
-        self.key: tuple[torch.Tensor, int, bool] | None = None
+        self.key: tuple[Any, ...] | None = None
         self.mask: torch.Tensor | None = None
 
-    def get(self, document_ids: torch.Tensor, causal: bool) -> torch.Tensor:
-        key = self.key
-        if key is None or key[0] is not document_ids or key[1:] != (document_ids._version, causal) or self.mask is None:
-            self.key, self.mask = (document_ids, document_ids._version, causal), document_mask(document_ids, causal)
+    def get(self, document_ids: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+        key = (id(document_ids), document_ids._version, causal, dtype)
+        if self.key != key or self.mask is None:
+            allowed = document_mask(document_ids, causal)
+            self.key = None
+            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
+                                                                                                  float("-inf"))
+            self.key = key
+            weakref.finalize(document_ids, self._forget, key[0])
         return self.mask
+
+    def _forget(self, ident: int) -> None:
+        if self.key is not None and self.key[0] == ident:
+            self.key, self.mask = None, None
 
 
 _MASKS = _LastMask()

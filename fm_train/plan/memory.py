@@ -22,7 +22,7 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
   AdamW runs fused, in place: the two AdamW temporaries go.
 
 Sequence parallelism divides every activation term by sp (a rank holds seq_len / sp tokens); document
-masking on CPU adds the boolean mask of the whole sequence (micro_batch x seq_len^2 bytes).
+masking on CPU adds the mask of the whole sequence (micro_batch x seq_len^2 x (dtype + 1 bool) bytes).
 
 With expert parallelism the family adds the token exchange (``Sizes.dispatch_bytes``): the all-to-all
 buffers of one routed block in flight and the expert-order index each routed block keeps.
@@ -141,9 +141,12 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
     # Logits: 16-bit output, its fp32 upcast for the loss, and the fp32 gradient (last stage only).
     tokens = cfg.data.seq_len // p.sp * cfg.train.micro_batch
     logits = tokens * cfg.model.padded_vocab_size / p.tp * (4 + 4 + (2 if half else 4))
-    # Document masking on CPU: the boolean mask of the whole sequence, made once per forward; on a GPU
-    # FlexAttention's block mask is (seq / 128)^2 entries, nothing next to the activations.
-    mask = cfg.train.micro_batch * cfg.data.seq_len ** 2 if cfg.data.document_masking and device == "cpu" else 0.0
+    # Document masking on CPU: the additive mask of the whole sequence (made once per forward, in the
+    # activations' dtype) and the boolean one it comes from; on a GPU FlexAttention's block mask is
+    # (seq / 128)^2 entries, nothing next to the activations.
+    elt = 4 if cfg.precision == "fp32" else 2
+    mask = (cfg.train.micro_batch * cfg.data.seq_len ** 2 * (elt + 1)
+            if cfg.data.document_masking and device == "cpu" else 0.0)
     runtime = RUNTIME_OVERHEAD_GIB[device] * GIB
     dispatch = family.sizes.dispatch_bytes(cfg) if family.sizes.dispatch_bytes is not None else 0.0
     return MemoryEstimate(params=params, grads=grads, optimizer=optimizer, activations=acts + mask, logits=logits,
