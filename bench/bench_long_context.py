@@ -1,8 +1,10 @@
-"""Per-rank memory of a long sequence on CPU, sp1 against sp2 (Ulysses), next to the planner's estimate; and
-the all-to-all's share of the sp2 step.
+"""Per-rank memory of a long sequence on CPU, sp1 against sp2 (Ulysses) and tp2 without against with
+tensor-parallel sequence parallelism, next to the planner's estimate; and the all-to-all's share of the
+sp2 step.
 
     .venv/bin/python bench/bench_long_context.py --seq 16384            # tiny preset, fp32, micro 1
     .venv/bin/python bench/bench_long_context.py --seq 16384 --documents
+    .venv/bin/python bench/bench_long_context.py --seq 16384 --layouts tp2 tp2-seq
 
 Each layout runs in its own real processes (gloo, 1 thread each) that build what the worker builds
 (``build_train_module``, ``build_engine`` with ZeRO-2) and train ``--steps`` steps on one sample of
@@ -31,12 +33,18 @@ sys.path.insert(0, str(ROOT))
 from bench_memory import GIB, RssSampler  # noqa: E402  (bench/ is this script's directory)
 
 
-def make_config(seq: int, sp: int, steps: int, documents: bool, preset: str):
+#: Layout name -> (tp, sp, tensor-parallel sequence parallelism).
+LAYOUTS = {"sp1": (1, 1, False), "sp2": (1, 2, False), "tp2": (2, 1, False), "tp2-seq": (2, 1, True)}
+
+
+def make_config(seq: int, layout: str, steps: int, documents: bool, preset: str):
     from fm_train.config import build_config
 
+    tp, sp, tpsp = LAYOUTS[layout]
     return build_config({
         "run": {"dir": "runs/bench_long_context", "seed": 1}, "model": {"preset": preset, "max_seq_len": seq},
-        "precision": "fp32", "parallel": {"zero_stage": 2, "sp": sp}, "cluster": {"workers": sp},
+        "precision": "fp32", "parallel": {"zero_stage": 2, "sp": sp, "tp": tp, "tp_sequence_parallel": tpsp},
+        "cluster": {"workers": tp * sp},
         "data": {"seq_len": seq, "document_masking": documents},
         "train": {"steps": steps, "micro_batch": 1, "eval_every": 0}, "optim": {"warmup_steps": 0},
     })
@@ -66,10 +74,11 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         return_freed_memory_to_os()
         ensure_extension_cache()
         init_distributed(RankEnv.from_environ())
-        cfg = make_config(opts["seq"], world, opts["steps"], opts["documents"], opts["preset"])
+        cfg = make_config(opts["seq"], opts["layout"], opts["steps"], opts["documents"], opts["preset"])
         family = family_of(cfg.model)
-        groups = ParallelGroups(Topology(world=world, sp=world))
-        engine, _ = build_engine(cfg, build_train_module(cfg, family, groups), blocks=family.modules().block_types)
+        groups = ParallelGroups(Topology(world=world, tp=cfg.parallel.tp, sp=cfg.parallel.sp))
+        engine, _ = build_engine(cfg, build_train_module(cfg, family, groups), blocks=family.modules().block_types,
+                                 mpu=groups if cfg.parallel.tp > 1 else None)
         exchange = {"s": 0.0, "calls": 0}
         real = ds_comm.all_to_all_single
 
@@ -109,20 +118,23 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         queue.put((rank, {"error": traceback.format_exc()}))
 
 
-def run_layout(sp: int, opts: dict[str, Any]) -> dict[int, Any]:
+def run_layout(layout: str, opts: dict[str, Any]) -> dict[int, Any]:
     import torch.multiprocessing as mp
 
+    tp, sp, _ = LAYOUTS[layout]
+    world = tp * sp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    procs = mp.start_processes(rank_main, args=(sp, port, opts, queue), nprocs=sp, join=False, start_method="spawn")
+    procs = mp.start_processes(rank_main, args=(world, port, {**opts, "layout": layout}, queue), nprocs=world,
+                               join=False, start_method="spawn")
     while not procs.join(timeout=1):
         pass
-    results = dict(queue.get() for _ in range(sp))
+    results = dict(queue.get() for _ in range(world))
     for r, res in results.items():
         if "error" in res:
-            raise SystemExit(f"sp{sp} rank {r} failed:\n{res['error']}")
+            raise SystemExit(f"{layout} rank {r} failed:\n{res['error']}")
     return results
 
 
@@ -132,6 +144,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2, help="the last step is the one measured (default 2)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--documents", action="store_true", help="document masking on (documents of ~2,000 tokens)")
+    parser.add_argument("--layouts", nargs=2, default=["sp1", "sp2"], choices=sorted(LAYOUTS),
+                        help="the baseline and the layout compared with it (default: sp1 sp2)")
     args = parser.parse_args()
 
     from fm_train.families import family_of
@@ -139,26 +153,27 @@ def main() -> int:
 
     opts = vars(args)
     rows = {}
-    for sp in (1, 2):
-        cfg = make_config(args.seq, sp, args.steps, args.documents, args.preset)
+    for layout in args.layouts:
+        cfg = make_config(args.seq, layout, args.steps, args.documents, args.preset)
         est = estimate_memory(cfg, family_of(cfg.model), device="cpu")
-        results = run_layout(sp, opts)
+        results = run_layout(layout, opts)
         last = [results[r]["steps"][-1] for r in sorted(results)]
         measured = max(s["peak_gib"] - s["before_gib"] for s in last)
         predicted = (est.activations + est.logits) / GIB
-        rows[sp] = {"activation_gib": measured, "planner_gib": predicted, "planner_over_measured": predicted / measured,
+        rows[layout] = {"activation_gib": measured, "planner_gib": predicted, "planner_over_measured": predicted / measured,
                     "step_s": max(s["step_s"] for s in last), "all_to_all_s": max(s["all_to_all_s"] for s in last),
                     "all_to_all_calls": last[0]["all_to_all_calls"],
                     "loss": sum(s["loss"] for s in last) / len(last)}  # each rank's mean over its chunk
-        print(json.dumps({"sp": sp, **{k: round(v, 4) if isinstance(v, float) else v for k, v in rows[sp].items()}}),
-              flush=True)
-    ratio = rows[2]["activation_gib"] / rows[1]["activation_gib"]
-    share = rows[2]["all_to_all_s"] / rows[2]["step_s"]
+        print(json.dumps({"layout": layout, **{k: round(v, 4) if isinstance(v, float) else v
+                                               for k, v in rows[layout].items()}}), flush=True)
+    base, other = (rows[name] for name in args.layouts)
+    ratio = other["activation_gib"] / base["activation_gib"]
+    share = other["all_to_all_s"] / other["step_s"]
     print(f"{args.preset}, seq {args.seq}, micro 1, fp32, ZeRO-2{', document masking' if args.documents else ''}:"
-          f" activation memory per rank sp2 / sp1 = {ratio:.3f} (goal <= 0.55); planner / measured sp1"
-          f" {rows[1]['planner_over_measured']:.3f}, sp2 {rows[2]['planner_over_measured']:.3f} (goal 0.75-1.25);"
-          f" all-to-all {share:.1%} of the sp2 step ({rows[2]['all_to_all_s']:.2f} of {rows[2]['step_s']:.2f} s);"
-          f" loss sp1 {rows[1]['loss']:.6f} sp2 {rows[2]['loss']:.6f}")
+          f" activation memory per rank {args.layouts[1]} / {args.layouts[0]} = {ratio:.3f}; planner / measured"
+          f" {base['planner_over_measured']:.3f} and {other['planner_over_measured']:.3f} (goal 0.75-1.25);"
+          f" all-to-all {share:.1%} of the {args.layouts[1]} step ({other['all_to_all_s']:.2f} of"
+          f" {other['step_s']:.2f} s); loss {base['loss']:.6f} and {other['loss']:.6f}")
     return 0
 
 

@@ -48,8 +48,8 @@ def run_plan(args: argparse.Namespace) -> int:
     print(format_memory(estimate, device))
     if device == "gpu":
         card, source = _card(cfg)
-        fix = smallest_fitting_sp(cfg, family, card) if card is not None and estimate.device_total / GIB > card else None
-        print(card_fit(estimate.device_total / GIB, card, source, sp_fix=fix))
+        fixes = fitting_changes(cfg, family, card) if card is not None and estimate.device_total / GIB > card else []
+        print(card_fit(estimate.device_total / GIB, card, source, fixes=fixes))
     for path in missing_paths(cfg):
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))
@@ -68,24 +68,32 @@ def _card(cfg: FmConfig) -> tuple[float | None, str]:
     return None, ""
 
 
-def smallest_fitting_sp(cfg: FmConfig, family: FamilySpec, card_gib: float) -> tuple[int, float] | None:
-    """``(sp, peak GiB)`` of the smallest sequence-parallel size that fits ``card_gib`` with everything else
-    unchanged and every config rule held (sp divides dp, seq_len and the heads), or None when none does."""
-    for sp in range(cfg.parallel.sp + 1, cfg.dp + 1):
-        if cfg.dp % sp:
-            continue
-        trial = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update={"sp": sp})})
+def fitting_changes(cfg: FmConfig, family: FamilySpec, card_gib: float) -> list[str]:
+    """Single changes of the sequence split that make the plan fit ``card_gib``, everything else unchanged
+    and every config rule held: ``parallel.tp_sequence_parallel=true`` (when tp > 1), and the smallest
+    ``parallel.sp`` (dividing dp, seq_len and the heads), each with its peak."""
+    def peak_with(**parallel: object) -> float | None:
+        trial = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update=parallel)})
         if check_rules(trial, require_paths=False):
-            continue
-        peak = estimate_memory(trial, family, device="gpu").device_total / GIB
-        if peak <= card_gib:
-            return sp, peak
-    return None
+            return None
+        return estimate_memory(trial, family, device="gpu").device_total / GIB
+
+    fixes = []
+    if cfg.parallel.tp > 1 and not cfg.parallel.tp_sequence_parallel:
+        peak = peak_with(tp_sequence_parallel=True)
+        if peak is not None and peak <= card_gib:
+            fixes.append(f"parallel.tp_sequence_parallel=true (peak {peak:.2f} GiB)")
+    for sp in range(cfg.parallel.sp + 1, cfg.dp + 1):
+        peak = peak_with(sp=sp) if cfg.dp % sp == 0 else None
+        if peak is not None and peak <= card_gib:
+            fixes.append(f"parallel.sp={sp} (peak {peak:.2f} GiB)")
+            break
+    return fixes
 
 
-def card_fit(peak_gib: float, card_gib: float | None, source: str, sp_fix: tuple[int, float] | None = None) -> str:
+def card_fit(peak_gib: float, card_gib: float | None, source: str, fixes: list[str] | None = None) -> str:
     """The plan's peak against the card: the margin when it fits, a warning naming the fixes when not
-    (``sp_fix``: the smallest ``parallel.sp`` that fits, and its peak)."""
+    (``fixes``: single changes known to fit, from :func:`fitting_changes`)."""
     if card_gib is None:
         return ("# card: unknown (no GPU here and cluster.gpu_memory_gib unset): set cluster.gpu_memory_gib to"
                 " check the peak against it")
@@ -94,5 +102,4 @@ def card_fit(peak_gib: float, card_gib: float | None, source: str, sp_fix: tuple
     return (f"# warning: the planned peak {peak_gib:.2f} GiB exceeds the {card_gib:g} GiB card ({source}) by"
             f" {peak_gib - card_gib:.2f} GiB: lower train.micro_batch (raising train.grad_accum keeps the batch),"
             " turn on parallel.activation_checkpointing, raise parallel.zero_stage, or split the model further"
-            " (parallel.tp, parallel.pp)" + (f"; parallel.sp={sp_fix[0]} fits alone (peak {sp_fix[1]:.2f} GiB)"
-                                            if sp_fix is not None else ""))
+            " (parallel.tp, parallel.pp)" + (f"; each of these fits alone: {', '.join(fixes)}" if fixes else ""))

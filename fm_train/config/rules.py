@@ -176,6 +176,14 @@ def _sequence_errors(cfg: FmConfig) -> list[str]:
         what = f"parallel.sp={p.sp}" if p.sp > 1 else "data.document_masking=true"
         errors.append(f"{what} with parallel.pp={p.pp}: pipeline stages do not carry positions and document ids"
                       " yet; use parallel.pp=1 (tensor parallelism and ZeRO-3 compose with both)")
+    if p.tp_sequence_parallel:
+        if p.tp == 1:
+            errors.append("parallel.tp_sequence_parallel=true splits the sequence over the tensor-parallel ranks, and"
+                          " parallel.tp=1 has none; raise parallel.tp or turn it off")
+        elif d.seq_len % (p.tp * p.sp):
+            errors.append(f"parallel.tp_sequence_parallel=true: parallel.tp={p.tp} x parallel.sp={p.sp} does not divide"
+                          f" data.seq_len={d.seq_len} (outside the tp matmuls each rank holds seq_len / (sp x tp)"
+                          f" tokens); pick a seq_len that is a multiple of {p.tp * p.sp}")
     if p.sp == 1:
         return errors
     if p.ep > 1:

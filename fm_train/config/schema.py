@@ -173,6 +173,11 @@ class ParallelConfig(_Section):
                                        " shares its samples, each rank holding seq_len / sp tokens; an all-to-all"
                                        " around attention swaps the sequence split for a head split. Must divide"
                                        " the data-parallel size, data.seq_len and the heads per tp rank.")
+    tp_sequence_parallel: bool = Field(
+        False, description="Sequence parallelism inside tensor parallelism (Megatron-style): outside the tp matmuls"
+                           " (norms, residual adds) each tp rank holds seq_len / tp tokens, the tp all-reduces"
+                           " become reduce-scatter + all-gather; activation memory of those regions / tp. Needs"
+                           " tp > 1.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")

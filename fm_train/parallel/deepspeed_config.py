@@ -141,5 +141,10 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -
         # Never DeepSpeed's universal loader (it unpickles fully): fm-train reshards every layout change.
         "checkpoint": {"load_universal": False},
     }
+    if cfg.parallel.pp > 1 and cfg.parallel.tp_sequence_parallel:
+        # DeepSpeed's pipeline sends each tp rank 1/tp of an activation and all-gathers it on the next
+        # stage, which assumes the tp ranks hold the same activation; with the sequence split they hold
+        # different chunks, so each rank sends its own whole.
+        config["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     config.update(precision_sections(cfg))
     return config

@@ -9,6 +9,13 @@ The f/g conjugate collectives are hand-written ``torch.autograd.Function`` s (me
 a dependency; DeepSpeed AutoTP only handles HF models and does not compose with ``PipelineModule``;
 see docs/parallelism.md). Each attention/MLP region copies its input into the tp region once (a
 forward pre-hook), so backward all-reduces one activation gradient per region, not one per linear.
+
+Sequence parallelism inside tp (``TPGroup.sequence_parallel``, Megatron-style): outside the regions
+(norms, residual adds) each tp rank keeps ``seq / tp`` tokens. Entering a region (and the head) becomes
+an all-gather of the sequence (reduce-scatter in backward), leaving one (row-parallel outputs, the
+vocab-parallel embedding) a reduce-scatter (all-gather in backward), the same bytes as the all-reduce
+they replace. The weights left whole (norms, row biases) now see only this rank's tokens, so their
+gradients are summed over the tp ranks.
 """
 
 from __future__ import annotations
@@ -32,12 +39,15 @@ class TPGroup:
     group: ProcessGroup | None
     rank: int = 0
     size: int = 1
+    #: Outside the tp regions, activations hold this rank's ``seq / size`` tokens (Megatron's sequence parallelism).
+    sequence_parallel: bool = False
 
     @classmethod
-    def from_groups(cls, groups: ParallelGroups) -> "TPGroup":
+    def from_groups(cls, groups: ParallelGroups, sequence_parallel: bool = False) -> "TPGroup":
         """The calling rank's tp group out of its :class:`ParallelGroups`."""
         return cls(groups.get_tensor_model_parallel_group(), groups.get_tensor_model_parallel_rank(),
-                   groups.get_tensor_model_parallel_world_size())
+                   groups.get_tensor_model_parallel_world_size(), sequence_parallel and
+                   groups.get_tensor_model_parallel_world_size() > 1)
 
     def split(self, n: int, what: str) -> int:
         """Size of this rank's share of ``n`` (``what`` names the dimension in the error)."""
@@ -96,14 +106,67 @@ class _GatherFromTP(torch.autograd.Function):
         return grad.chunk(ctx.tp.size, dim=-1)[ctx.tp.rank].contiguous(), None
 
 
+def _gather_sequence(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The tp ranks' consecutive chunks of dim 1 (the sequence), concatenated in rank order."""
+    front = x.transpose(0, 1).contiguous()
+    out = torch.empty((tp.size * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_single(out, front, group=tp.group)
+    return out.transpose(0, 1).contiguous()
+
+
+def _scatter_sequence_sum(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The sum over the tp ranks of ``x``, keeping this rank's chunk of dim 1 (the sequence)."""
+    front = x.transpose(0, 1).contiguous()
+    if front.shape[0] % tp.size:
+        raise ValueError(f"tensor-parallel sequence parallelism: tp={tp.size} does not divide the {front.shape[0]}"
+                         " tokens of a sample")
+    out = torch.empty((front.shape[0] // tp.size, *front.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out, front, group=tp.group)
+    return out.transpose(0, 1).contiguous()
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather of the sequence forward; reduce-scatter of the gradient backward (entering a tp region
+    under sequence parallelism: Megatron's ``g`` with ``tensor_parallel_output_grad``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.tp = tp
+        return _gather_sequence(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _scatter_sequence_sum(grad, ctx.tp), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    """Reduce-scatter of the sequence forward; all-gather of the gradient backward (leaving a tp region
+    under sequence parallelism)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
+        ctx.tp = tp
+        return _scatter_sequence_sum(x, tp)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _gather_sequence(grad, ctx.tp), None
+
+
 def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """Enter a tp region: identity forward, gradient summed over the tp group backward."""
-    return x if tp.size == 1 else _CopyToTP.apply(x, tp)
+    """Enter a tp region: identity forward, gradient summed over the tp group backward; under sequence
+    parallelism the sequence is gathered (and the gradient reduce-scattered)."""
+    if tp.size == 1:
+        return x
+    return _GatherSequence.apply(x, tp) if tp.sequence_parallel else _CopyToTP.apply(x, tp)
 
 
 def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """Leave a tp region: partial results summed over the tp group forward, identity backward."""
-    return x if tp.size == 1 else _ReduceFromTP.apply(x, tp)
+    """Leave a tp region: partial results summed over the tp group forward, identity backward; under
+    sequence parallelism each rank keeps its chunk of the sum (and the gradient is gathered)."""
+    if tp.size == 1:
+        return x
+    return _ScatterSequence.apply(x, tp) if tp.sequence_parallel else _ReduceFromTP.apply(x, tp)
 
 
 def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -275,16 +338,20 @@ def _copy_out_hook(tp: TPGroup):
     return hook
 
 
-def _sum_grads_over_tp(module: nn.Module, tp: TPGroup) -> None:
-    """Make the gradients of ``module``'s own parameters sum over the tp ranks (a hook on each)."""
-    for param in module.parameters(recurse=False):
+def _sum_grads_over_tp(module: nn.Module, tp: TPGroup, names: frozenset[str] | None = None) -> None:
+    """Make the gradients of ``module``'s own parameters (those in ``names``: None, all) sum over the tp
+    ranks (a hook on each)."""
+    for name, param in module.named_parameters(recurse=False):
+        if names is not None and name not in names:
+            continue
         if param.requires_grad and not getattr(param, "tp_grad_summed", False):
             param.register_hook(lambda grad: _all_reduce(grad, tp))
             param.tp_grad_summed = True  # type: ignore[attr-defined]
 
 
-def _register_summed_grads(module: nn.Module, tp: TPGroup) -> None:
-    """Sum ``module``'s weight gradients over the tp ranks from its first forward on.
+def _register_summed_grads(module: nn.Module, tp: TPGroup, names: frozenset[str] | None = None) -> None:
+    """Sum ``module``'s weight gradients (its own parameters in ``names``; None: all) over the tp ranks
+    from its first forward on.
 
     The gradient hooks go on at the first forward, not now, because materialising a meta-built model
     makes new ``Parameter`` objects; the forward pre-hook that installs them then removes itself, and
@@ -292,7 +359,7 @@ def _register_summed_grads(module: nn.Module, tp: TPGroup) -> None:
     """
     @torch.compiler.disable
     def install(mod: nn.Module, _args: tuple) -> None:
-        _sum_grads_over_tp(mod, tp)
+        _sum_grads_over_tp(mod, tp, names)
         handle.remove()
 
     handle = module.register_forward_pre_hook(install)
@@ -370,5 +437,10 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
             module.register_forward_hook(_copy_out_hook(tp))
         if plan.sums_grads(name):
             _register_summed_grads(module, tp)
+        elif tp.sequence_parallel:  # whole weights applied to this rank's tokens only: partial gradients
+            whole = frozenset(p for p, _ in module.named_parameters(recurse=False)
+                              if plan.split_dim_of(f"{name}.{p}" if name else p) is None)
+            if whole:
+                _register_summed_grads(module, tp, whole)
     retie(model, ties, plan)
     return model

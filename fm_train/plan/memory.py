@@ -21,7 +21,8 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
   one fp32 tensor before the step (``_prepare_fp32_grad_for_sub_group``). On a GPU without offload
   AdamW runs fused, in place: the two AdamW temporaries go.
 
-Sequence parallelism divides every activation term by sp (a rank holds seq_len / sp tokens); document
+Sequence parallelism divides every activation term by sp (a rank holds seq_len / sp tokens), tensor-parallel
+sequence parallelism the terms outside the tp matmuls (norms, block inputs) by tp; document
 masking on CPU adds the mask of the whole sequence (micro_batch x seq_len^2 x (dtype + 1 bool) bytes).
 
 With expert parallelism the family adds the token exchange (``Sizes.dispatch_bytes``): the all-to-all
@@ -132,7 +133,8 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
     layers_here = math.ceil(cfg.model.n_layers / p.pp)
     if p.activation_checkpointing:
         elt = 4 if cfg.precision == "fp32" else 2
-        kept = layers_here * cfg.data.seq_len // p.sp * cfg.train.micro_batch * cfg.model.hidden * elt
+        split = p.sp * (p.tp if p.tp_sequence_parallel else 1)  # the block inputs: split with the sequence
+        kept = layers_here * cfg.data.seq_len // split * cfg.train.micro_batch * cfg.model.hidden * elt
         acts = kept + per_layer  # block inputs, plus one block recomputed at a time
     else:
         acts = layers_here * per_layer

@@ -83,6 +83,9 @@ def config_errors(cfg: Any) -> list[str]:
     if cfg.parallel.sp > 1:  # a chunk's share of the masked tokens varies: its mean loss would be misweighted
         errors.append(f"parallel.sp={cfg.parallel.sp}: the bert family is not sequence-parallel (its loss counts only"
                       " the masked tokens, which the sp ranks' chunks hold unequal shares of); set parallel.sp=1")
+    if cfg.parallel.tp_sequence_parallel:
+        errors.append("parallel.tp_sequence_parallel=true: the bert family does not split the sequence inside tensor"
+                      " parallelism (its prediction head's transform runs outside the tp regions); turn it off")
     if cfg.data.document_masking:
         errors.append("data.document_masking=true: the bert family does not keep attention within documents"
                       " (its samples are single sequences with [CLS]/[SEP]); set data.document_masking=false")

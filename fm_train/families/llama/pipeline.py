@@ -52,12 +52,14 @@ class DecoderBlockPipe(DecoderLayer):
         apply_tensor_parallel(self, tp, PLAN)
         materialize_(self, args, seed, tp, PLAN, prefix=f"model.layers.{index}.")
         self.head_dim, self.rope_theta = args.head_dim, args.rope_theta
+        self.seq_split = tp.size if tp.sequence_parallel else 1  # hidden holds seq / tp tokens between the regions
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # RoPE tables for this sequence length, recomputed here rather than sent between stages
         # (p2p and DeepSpeed's activation partitioning want one activation tensor) or stored per
         # block (max_seq_len x head_dim per layer); they cost O(seq x head_dim), nothing next to a block.
-        cos, sin = rope_tables(self.head_dim, hidden.shape[1], self.rope_theta, device=hidden.device)
+        seq = hidden.shape[1] * self.seq_split
+        cos, sin = rope_tables(self.head_dim, seq, self.rope_theta, device=hidden.device)
         return super().forward(hidden, cos, sin)
 
 
@@ -67,6 +69,7 @@ class FinalNormPipe(RMSNorm):
     def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
         with torch.device("meta"):
             super().__init__(args.hidden, args.norm_eps)
+        apply_tensor_parallel(self, tp, PLAN)  # whole, but with the sequence split its gradient is summed over tp
         materialize_(self, args, seed, tp, PLAN, prefix="model.norm.")
 
 

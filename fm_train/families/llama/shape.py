@@ -74,7 +74,8 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     s, b, h, f = cfg.data.seq_len, cfg.train.micro_batch, m.hidden, m.ffn_hidden
     kv = _kv_width(m)
     elt = 4 if cfg.precision == "fp32" else 2
-    replicated = 4 * h  # both norm inputs and outputs (no sequence parallelism)
+    # Both norms' inputs and outputs: whole on every tp rank, or split with the sequence inside tp.
+    replicated = 4 * h / (tp if cfg.parallel.tp_sequence_parallel else 1)
     sharded = (h + 2 * kv) + 2 * h + 4 * f  # q/k/v, attention out + o_proj input, gate/up/silu/product
     return s * b * (replicated + sharded / tp) * elt
 

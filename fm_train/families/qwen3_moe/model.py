@@ -315,7 +315,8 @@ class MoEBackbone(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x
-        cos, sin = rope_slice(self.rope_cos, self.rope_sin, h.shape[1], position_ids)
+        # The tokens' count, not h's: under tp sequence parallelism h holds seq / tp of them.
+        cos, sin = rope_slice(self.rope_cos, self.rope_sin, x.shape[1], position_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, document_ids)
         return self.norm(h) if self.norm is not None else h

@@ -177,4 +177,8 @@ def config_errors(cfg: Any) -> list[str]:
         errors.append(f"parallel.sp={cfg.parallel.sp}: the qwen3_moe family is not sequence-parallel yet (its"
                       " routers' load-balancing loss would be computed on each rank's chunk of the tokens, not on"
                       " the whole micro-batch as one process does); set parallel.sp=1")
+    if cfg.parallel.tp_sequence_parallel:  # the routed blocks would route each tp rank's chunk of the tokens
+        errors.append("parallel.tp_sequence_parallel=true: the qwen3_moe family does not split the sequence inside"
+                      " tensor parallelism yet (its routed blocks sit outside the tp regions and would route each"
+                      " tp rank's chunk alone); turn it off")
     return errors
