@@ -1,6 +1,6 @@
 """Document masking: a packed sample computes what each of its documents computes alone (Llama and the MoE
 family), the GPU kernel's mask (FlexAttention, here unfused on CPU) equals the CPU one, the loader's
-document ids follow the shards' EOS tokens, and the families or layouts that cannot mask are refused."""
+document ids follow the shards' EOS tokens, and what cannot mask or split the sequence is refused by name."""
 
 from __future__ import annotations
 
@@ -106,8 +106,14 @@ def test_what_cannot_mask_or_split_the_sequence_is_refused():
     assert "bert family is not sequence-parallel" in _errors({"model": {"preset": "bert-tiny"}, "parallel": {"sp": 2}})
     assert "qwen3_moe family is not sequence-parallel yet" in _errors(
         {"model": {"preset": "moe-tiny"}, "parallel": {"sp": 2}})
-    assert "pipeline stages do not carry" in _errors(
-        {"model": {"preset": "tiny"}, "parallel": {"pp": 2}, "data": {"document_masking": True}})
+    assert "parallel.tp=1 has none" in _errors({"model": {"preset": "tiny"}, "parallel": {"tp_sequence_parallel": True}})
+    assert "tp=2 x parallel.sp=2 does not divide data.seq_len=30" in _errors(
+        {"model": {"preset": "tiny"}, "parallel": {"tp": 2, "sp": 2, "tp_sequence_parallel": True},
+         "data": {"seq_len": 30}, "cluster": {"workers": 4}})
+    assert "qwen3_moe family does not split the sequence inside tensor parallelism" in _errors(
+        {"model": {"preset": "moe-tiny"}, "parallel": {"tp": 2, "tp_sequence_parallel": True}})
+    assert "bert family does not split the sequence inside tensor parallelism" in _errors(
+        {"model": {"preset": "bert-tiny"}, "parallel": {"tp": 2, "tp_sequence_parallel": True}})
     assert "does not divide data.seq_len=30" in _errors(
         {"model": {"preset": "tiny"}, "parallel": {"sp": 4}, "data": {"seq_len": 30}, "cluster": {"workers": 4}})
     assert "does not divide the data-parallel size 3" in _errors(

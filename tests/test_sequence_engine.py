@@ -1,7 +1,7 @@
 """Sequence parallelism and document masking through the real worker on real shards: an sp2 run (2 ranks,
-ZeRO-2, evaluation on) equals the one-rank run step for step (both read the same samples), converts to a
-verified Hugging Face model (the probe's logits gathered along the sequence), and resumes on one rank
-(sp2 -> sp1) at the same global sample."""
+ZeRO-2, evaluation on) and a pp2 x sp2 run (4 ranks, ZeRO-1) equal the one-rank run step for step (all
+read the same samples), convert to verified Hugging Face models (the probe's logits gathered along the
+sequence), and sp2 resumes on one rank (sp2 -> sp1) at the same global sample."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from distributed import run_distributed
 pytestmark = pytest.mark.multiproc
 
 
-def sp_raw(run_dir: Path, corpus: Path, *, sp: int, workers: int) -> dict[str, Any]:
+def sp_raw(run_dir: Path, corpus: Path, *, sp: int, workers: int, pp: int = 1) -> dict[str, Any]:
     return {
         "run": {"name": "sp", "dir": str(run_dir), "seed": 3},
         "model": {"n_layers": 2, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128, "vocab_size": 512,
                   "max_seq_len": 32, "tie_embeddings": True},
-        "parallel": {"sp": sp, "zero_stage": 2},
+        "parallel": {"sp": sp, "pp": pp, "zero_stage": 2 if pp == 1 else 1},
         "precision": "fp32",
         "data": {"sources": [{"path": str(corpus)}], "seq_len": 32, "document_masking": True, "num_workers": 0},
         "train": {"steps": 6, "micro_batch": 4, "grad_accum": 1, "eval_every": 3, "eval_batches": 2, "log_every": 1},
@@ -90,3 +90,20 @@ def test_sp2_resumes_on_one_rank_at_the_same_sample(tmp_path: Path, runs: dict[s
     for w, g in zip(want, got):
         assert (g["data_receipt"], g["tokens_seen"], g["lr"]) == (w["data_receipt"], w["tokens_seen"], w["lr"])
         assert g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+
+
+def test_pp2_sp2_trains_like_one_rank_and_converts(tmp_path: Path, runs: dict[str, Path], corpus: Path) -> None:
+    """4 ranks, two stages of an sp2 group each: the same samples as one rank, the same losses; the probe
+    runs through the pipeline on the chunks and is gathered along the sequence, and the step converts."""
+    from fm_train.convert import convert_checkpoint
+
+    raw = sp_raw(tmp_path / "pp2sp2", corpus, sp=2, workers=4, pp=2)
+    assert run_distributed(_worker, 4, args=(raw,), init_process_group=False) == [0, 0, 0, 0]
+    got, want = records(tmp_path / "pp2sp2"), records(runs["sp1"])
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for g, w in zip(got, want):
+        assert g["data_receipt"] == w["data_receipt"] and g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+    assert [v["val_loss"] for v in records(tmp_path / "pp2sp2", "val_loss")] == pytest.approx(
+        [v["val_loss"] for v in records(runs["sp1"], "val_loss")], rel=1e-5)
+    out = convert_checkpoint(tmp_path / "pp2sp2", tmp_path / "hf", dtype="fp32", no_tokenizer=True)
+    assert "logits match the training engine's own logits" in (out / "README.md").read_text()

@@ -73,8 +73,11 @@ def _train(cases: list[dict[str, Any]], unshifted_positions: bool = False,
     from fm_train.engine.pipeline_step import pipeline_train_step
     from fm_train.engine.step import train_step
     from fm_train.families import family_of
+    from fm_train.deepspeed_adapter.comm import init_distributed
+    from fm_train.dist.env import RankEnv
     from fm_train.model.attention import CoreAttention
 
+    init_distributed(RankEnv.from_environ())  # DeepSpeed adopts the harness's group (a pipeline needs it built)
     if unsummed_norms:  # a bug to catch: the norms' partial gradients left unsummed over the tp ranks
         from fm_train.parallel import tensor_parallel
 
@@ -88,7 +91,7 @@ def _train(cases: list[dict[str, Any]], unshifted_positions: bool = False,
         family = family_of(cfg.model)
         module = tm.build_train_module(cfg, family, groups)
         wrapped = [m for m in module.modules() if type(m).__name__ == "UlyssesAttention"]
-        assert len(wrapped) == (cfg.model.n_layers if p.sp > 1 else 0)
+        assert len(wrapped) == (cfg.model.n_layers // p.pp if p.sp > 1 else 0)  # this stage's blocks
         assert sum(isinstance(m, CoreAttention) for m in module.modules()) == cfg.model.n_layers // p.pp
         if unshifted_positions:  # a bug to catch: every chunk's RoPE positions counted from 0
             real = tm.local_inputs
@@ -188,3 +191,16 @@ def test_unsummed_norm_gradients_are_caught(reference):
     [wrong] = run_distributed(_train, 2, args=([case], False, True))[0]
     assert wrong[0] == pytest.approx(ref(reference, kv=2)[0], rel=1e-5)  # the same model until the first update
     assert wrong != pytest.approx(ref(reference, kv=2), rel=1e-5)
+
+
+def test_pp2_sp2_and_pp2_with_document_masking_equal_one_process(reference):
+    """The stages pass the chunk's positions (and the document ids) on with the hidden states: pp2 x sp2 with
+    one kv head and masking, pp2 x sp2, and pp2 x dp2 with masking and activation checkpointing (the
+    stages recompute their blocks with the positions and ids they received)."""
+    cases = [{"workers": 4, "pp": 2, "sp": 2, "zero": 1, "accum": 2, "kv": 1, "docs": True},
+             {"workers": 4, "pp": 2, "sp": 2, "zero": 1, "accum": 2, "kv": 2},
+             {"workers": 4, "pp": 2, "zero": 1, "accum": 1, "kv": 2, "docs": True, "recompute": True}]
+    sp_docs, sp_plain, docs = run_distributed(_train, 4, args=(cases,))[0]
+    assert sp_docs == pytest.approx(ref(reference, kv=1, docs=True), rel=1e-5)
+    assert sp_plain == pytest.approx(ref(reference, kv=2), rel=1e-5)
+    assert docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)

@@ -30,6 +30,7 @@ from fm_train.checkpoint import collective
 from fm_train.checkpoint.manifest import saved_padded_vocab
 from fm_train.checkpoint.probe import FIELDS, probe_positions, probe_tokens, summarize
 from fm_train.checkpoint.rng import capture_rng, restore_rng
+from fm_train.parallel.sequence_parallel import pipeline_item, sequence_group
 
 TPInfo = tuple[Any, int, int]  # (process group or None, this rank's index in it, its size)
 
@@ -43,7 +44,10 @@ def engine_probe(engine: Any, model_fields: Mapping[str, Any]) -> dict[str, torc
     rng, was_training = capture_rng(), engine.module.training
     try:
         if is_pipeline_engine(engine):
-            local, tp, owner = pipeline_logits(engine, tokens)
+            sp = sequence_group(engine.module)
+            local, tp, owner = pipeline_logits(engine, pipeline_item({"input_ids": tokens, "labels": tokens}, sp))
+            if local is not None and sp.size > 1:
+                local = _gather_sequence(local, sp.group, sp.size)
         else:
             local, tp, owner = _dense_logits(engine, tokens)
     finally:
@@ -92,8 +96,8 @@ def _dense_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, TPIn
     engine.eval()
     with torch.no_grad(), _keeping_logits(engine.module, kept):
         engine(ids, ids)
-    sp = getattr(engine.module, "sp", None)  # sequence parallelism: each rank has its chunk of the positions
-    if sp is not None and sp.size > 1:
+    sp = sequence_group(engine.module)  # sequence parallelism: each rank has its chunk of the positions
+    if sp.size > 1:
         return _gather_sequence(kept["logits"], sp.group, sp.size), tp, 0
     return kept["logits"], tp, 0
 

@@ -172,10 +172,6 @@ def _sequence_errors(cfg: FmConfig) -> list[str]:
     masking needs the documents' ids, which pipelines do not carry yet."""
     m, p, c, d = cfg.model, cfg.parallel, cfg.cluster, cfg.data
     errors = []
-    if p.pp > 1 and (p.sp > 1 or d.document_masking):
-        what = f"parallel.sp={p.sp}" if p.sp > 1 else "data.document_masking=true"
-        errors.append(f"{what} with parallel.pp={p.pp}: pipeline stages do not carry positions and document ids"
-                      " yet; use parallel.pp=1 (tensor parallelism and ZeRO-3 compose with both)")
     if p.tp_sequence_parallel:
         if p.tp == 1:
             errors.append("parallel.tp_sequence_parallel=true splits the sequence over the tensor-parallel ranks, and"

@@ -89,8 +89,9 @@ def pipeline_module(layers: list[LayerSpec], counts: list[int], *, pp: int, dp: 
     )
 
 
-def pipeline_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor | None, TPInfo, int]:
-    """One inference micro-batch of ``tokens`` through a ``PipelineEngine``'s stages: the last stage's
+def pipeline_logits(engine: Any, item: tuple[tuple[torch.Tensor, ...], torch.Tensor]
+                    ) -> tuple[torch.Tensor | None, TPInfo, int]:
+    """One inference micro-batch ``item`` (``(inputs, labels)``) through a ``PipelineEngine``'s stages: the last stage's
     logits (None on other stages), its tp group, and the global rank that owns the result (the last
     stage's dp 0 / tp 0 rank). Every rank of the pipeline calls this."""
     grid = engine.grid
@@ -103,7 +104,7 @@ def pipeline_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor | N
     kept = (engine.total_loss, getattr(engine, "total_additional_losses", None))
     engine.reset_activation_shape()  # buffers were sized by the training micro-batch
     try:
-        _, logits = engine.eval_batch(data_iter=iter([((tokens,), tokens)]), return_logits=True,
+        _, logits = engine.eval_batch(data_iter=iter([item]), return_logits=True,
                                       reduce_output=None, bcast_loss=False, num_micro_batches=1)
     finally:
         engine.reset_activation_shape()  # and the next train_batch sizes them again

@@ -2,7 +2,8 @@
 
 The pipeline engine runs a whole optimizer step itself (``train_batch``: ``grad_accum`` micro-batches
 through the 1F1B schedule, gradient reduction, clipping, optimizer, LR scheduler) and pulls the
-micro-batches from an iterator as ``((input_ids,), labels)``. Only the first stage (inputs) and the
+micro-batches from an iterator as ``((input_ids,), labels)`` (with sequence parallelism or document masking
+``((input_ids, position_ids[, document_ids]), labels)`` of this rank's chunk: ``pipeline_item``). Only the first stage (inputs) and the
 last stage (labels) pull; the returned loss is computed on the last stage, averaged over the
 micro-batches and the dp ranks, and broadcast by DeepSpeed to every stage of the pipeline, so every
 rank of the world ends the step holding the same loss.
@@ -19,6 +20,7 @@ from fm_train.deepspeed_adapter.engine import PipelineEngine
 from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.engine.state import TrainState
 from fm_train.engine.step import Batch, StepOutput
+from fm_train.parallel.sequence_parallel import SINGLE_SP, SPGroup, pipeline_item, sequence_group
 
 
 class MicroBatchFeed:
@@ -30,8 +32,8 @@ class MicroBatchFeed:
     data state in a checkpoint and the batches after a resume are the same on every rank.
     """
 
-    def __init__(self, stream: Iterator[Batch], count: int) -> None:
-        self._stream = stream
+    def __init__(self, stream: Iterator[Batch], count: int, sp: SPGroup = SINGLE_SP) -> None:
+        self._stream, self._sp = stream, sp
         self._left = count
         self.state: dict[str, Any] | None = None
         self.receipt = ""
@@ -39,14 +41,14 @@ class MicroBatchFeed:
     def __iter__(self) -> "MicroBatchFeed":
         return self
 
-    def __next__(self) -> tuple[tuple[torch.Tensor], torch.Tensor]:
+    def __next__(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         if self._left == 0:
             # The engine asked for more micro-batches than one step holds: a batch-size mismatch.
             raise RuntimeError("the pipeline engine pulled more micro-batches than gradient_accumulation_steps")
         batch = next(self._stream)
         self._left -= 1
         self.state, self.receipt = batch.get("state"), batch.get("receipt", "")
-        return (batch["input_ids"],), batch["labels"]
+        return pipeline_item(batch, self._sp)
 
     def drain(self) -> None:
         """Consume the micro-batches of this step that the engine did not pull."""
@@ -59,7 +61,7 @@ def pipeline_train_step(engine: PipelineEngine, batches: Iterator[Batch], state:
     """One optimizer step through ``engine.train_batch``; advances ``state`` like the plain step does."""
     accum = engine.gradient_accumulation_steps()
     lr = float(engine.get_lr()[0])
-    feed = MicroBatchFeed(batches, accum)
+    feed = MicroBatchFeed(batches, accum, sequence_group(engine.module))
     loss = engine.train_batch(data_iter=feed)
     feed.drain()
     state.data_state, state.data_receipt = feed.state, feed.receipt
@@ -81,7 +83,8 @@ def pipeline_evaluate(engine: PipelineEngine, batches: Iterable[Batch],
     engine averages over its own dp group. Returns NaN when some rank has no batch.
     """
     del group  # DeepSpeed's pipeline grid owns the dp reduction
-    items = [((b["input_ids"],), b["labels"]) for b in batches]
+    sp = sequence_group(engine.module)
+    items = [pipeline_item(b, sp) for b in batches]
     count = torch.tensor([len(items)], dtype=torch.int64, device=engine.device)
     if dist.is_initialized():
         dist.all_reduce(count, op=dist.ReduceOp.MIN)

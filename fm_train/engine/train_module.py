@@ -186,6 +186,7 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
             module = wrap(build_tp_model(family, args, tp, init, ep=_ep_group(groups) if p.ep > 1 else None),
                           vocab_loss(modules.loss(args), args.vocab_size, tp))
     apply_sequence_parallel(module, sp)
+    module.sp = sp  # what the pipeline's feed, evaluation and probe cut each batch by (sequence_group)
     if p.ep > 1:
         assert groups is not None  # _check raised otherwise
         _register_experts(module, family, groups)

@@ -22,6 +22,7 @@ from fm_train.deepspeed_adapter.pipeline import (
     balanced_bounds,
 )
 from fm_train.deepspeed_adapter.pipeline import pipeline_module as _ds_pipeline_module
+from fm_train.parallel.sequence_parallel import split_stage_input
 from fm_train.parallel.sharded_init import InitSource, materialize_
 from fm_train.parallel.tensor_parallel import (
     TPGroup,
@@ -45,10 +46,12 @@ class EmbeddingPipe(VocabParallelEmbedding):
         super().__init__(args.padded_vocab_size, args.hidden, tp, device="meta")
         materialize_(self, args, seed, tp, plan, prefix=module + ".")
 
-    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``.
-        ids = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-        return super().forward(ids)
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        # DeepSpeed hands the first stage the input tuple of the batch, ``(input_ids,)``, or with sequence
+        # parallelism or document masking ``(input_ids, position_ids[, document_ids])``: those travel on.
+        ids, extra = split_stage_input(inputs)
+        hidden = super().forward(ids)
+        return (hidden, *extra) if extra else hidden
 
 
 def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:

@@ -92,3 +92,30 @@ def local_inputs(batch: Mapping[str, Any], sp: SPGroup,
     if documents is not None:
         extra["document_ids"] = documents.to(device)
     return input_ids.to(device), labels.to(device), extra
+
+
+def sequence_group(module: nn.Module) -> SPGroup:
+    """The sequence-parallel group a train module was built for (a ``ModelWithLoss`` or a pipeline)."""
+    return getattr(module, "sp", SINGLE_SP)
+
+
+def pipeline_item(batch: Mapping[str, Any], sp: SPGroup) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``batch`` as a pipeline micro-batch ``(inputs, labels)`` for this rank's chunk: ``(input_ids,)`` alone,
+    or with sequence parallelism or document ids ``(input_ids, position_ids[, document_ids])``, which the
+    stages pass on with their hidden states (:func:`split_stage_input`)."""
+    input_ids, labels, extra = local_inputs(batch, sp, device=batch["input_ids"].device)
+    if not extra:
+        return (input_ids,), labels
+    positions = extra.get("position_ids")
+    if positions is None:
+        positions = torch.arange(input_ids.shape[-1]).expand_as(input_ids)
+    documents = extra.get("document_ids")
+    return (input_ids, positions, *(() if documents is None else (documents,))), labels
+
+
+def split_stage_input(x: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A pipeline stage's input as ``(hidden states, what travels with them)``: nothing, or the
+    ``(position_ids[, document_ids])`` of :func:`pipeline_item`."""
+    if isinstance(x, (tuple, list)):
+        return x[0], tuple(x[1:])
+    return x, ()

@@ -83,6 +83,16 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return emb.cos(), emb.sin()
 
 
+def rope_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of ``positions`` (``(batch, seq)``): ``(batch, seq, head_dim)``, the rows of
+    :func:`rope_tables` at those positions (the same products, so the same values)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -23,6 +23,7 @@ from fm_train.families.llama.model import (
     LlamaArgs,
     RMSNorm,
     causal_lm_loss,
+    rope_at,
     rope_tables,
 )
 from fm_train.parallel.pipeline import (
@@ -34,6 +35,7 @@ from fm_train.parallel.pipeline import (
     tied_head_forward,
     vocab_loss,
 )
+from fm_train.parallel.sequence_parallel import split_stage_input
 from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
 from fm_train.parallel.tensor_parallel import (
     ColumnParallelLinear,
@@ -54,23 +56,31 @@ class DecoderBlockPipe(DecoderLayer):
         self.head_dim, self.rope_theta = args.head_dim, args.rope_theta
         self.seq_split = tp.size if tp.sequence_parallel else 1  # hidden holds seq / tp tokens between the regions
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # RoPE tables for this sequence length, recomputed here rather than sent between stages
-        # (p2p and DeepSpeed's activation partitioning want one activation tensor) or stored per
-        # block (max_seq_len x head_dim per layer); they cost O(seq x head_dim), nothing next to a block.
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:  # type: ignore[override]
+        # RoPE tables recomputed here rather than stored per block (max_seq_len x head_dim per layer);
+        # they cost O(seq x head_dim), nothing next to a block. Positions (and document ids) travel with
+        # the hidden states when the sequence is split or masked (split_stage_input), else 0..seq-1.
+        hidden, extra = split_stage_input(x)
+        if extra:
+            cos, sin = rope_at(extra[0], self.head_dim, self.rope_theta)
+            out = super().forward(hidden, cos, sin, extra[1] if len(extra) > 1 else None)
+            return (out, *extra)
         seq = hidden.shape[1] * self.seq_split
         cos, sin = rope_tables(self.head_dim, seq, self.rope_theta, device=hidden.device)
         return super().forward(hidden, cos, sin)
 
 
 class FinalNormPipe(RMSNorm):
-    """The final ``model.norm``."""
+    """The final ``model.norm`` (what traveled with the hidden states stops here)."""
 
     def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
         with torch.device("meta"):
             super().__init__(args.hidden, args.norm_eps)
         apply_tensor_parallel(self, tp, PLAN)  # whole, but with the sequence split its gradient is summed over tp
         materialize_(self, args, seed, tp, PLAN, prefix="model.norm.")
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(split_stage_input(x)[0])
 
 
 class LMHeadPipe(ColumnParallelLinear):

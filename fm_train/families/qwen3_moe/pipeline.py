@@ -14,7 +14,7 @@ import functools
 import torch
 
 from fm_train.deepspeed_adapter.pipeline import FmPipelineModule, LayerSpec, TiedLayerSpec
-from fm_train.families.llama.model import RMSNorm, rope_tables
+from fm_train.families.llama.model import RMSNorm, rope_at, rope_tables
 from fm_train.families.qwen3_moe.model import DecoderLayer, MoEArgs, causal_lm_loss
 from fm_train.families.qwen3_moe.tp_plan import TP_PLAN as PLAN
 from fm_train.parallel.pipeline import (
@@ -26,6 +26,7 @@ from fm_train.parallel.pipeline import (
     tied_head_forward,
     vocab_loss,
 )
+from fm_train.parallel.sequence_parallel import split_stage_input
 from fm_train.parallel.sharded_init import InitSource, full_shapes, materialize_
 from fm_train.parallel.tensor_parallel import ColumnParallelLinear, TPGroup, apply_tensor_parallel
 
@@ -40,7 +41,11 @@ class DecoderBlockPipe(DecoderLayer):
         materialize_(self, args, seed, tp, PLAN, prefix=f"model.layers.{index}.")
         self.head_size, self.rope_theta = args.head_dim, args.rope_theta
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor | tuple[torch.Tensor, ...]:  # type: ignore[override]
+        hidden, extra = split_stage_input(x)  # positions and document ids travel on, as in the Llama pipeline
+        if extra:
+            cos, sin = rope_at(extra[0], self.head_size, self.rope_theta)
+            return (super().forward(hidden, cos, sin, extra[1] if len(extra) > 1 else None), *extra)
         cos, sin = rope_tables(self.head_size, hidden.shape[1], self.rope_theta, device=hidden.device)
         return super().forward(hidden, cos, sin)
 
@@ -52,6 +57,9 @@ class FinalNormPipe(RMSNorm):
         with torch.device("meta"):
             super().__init__(args.hidden, args.norm_eps)
         materialize_(self, args, seed, tp, PLAN, prefix="model.norm.")
+
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(split_stage_input(x)[0])
 
 
 class LMHeadPipe(ColumnParallelLinear):
