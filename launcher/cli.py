@@ -207,11 +207,46 @@ def run_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_runs_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``fm-train runs``."""
+    parser.add_argument("words", nargs="*", metavar="DIR | show NAME",
+                        help="`fm-train runs [DIR]` lists the runs in DIR (a run directory, or one holding run"
+                             " directories; default $FM_TRAIN_RUNS or ./runs): name, state (running, finished,"
+                             " stopped), last step, last loss, latest checkpoint, run.storage, start, host."
+                             " `fm-train runs show NAME [--dir DIR]` prints one run in detail, with how to resume it")
+    parser.add_argument("--dir", default=None, help="where `runs show` looks for NAME (default: as `runs`)")
+    return parser
+
+
+def run_runs(args: argparse.Namespace) -> int:
+    """``fm-train runs [DIR]`` / ``fm-train runs show NAME``."""
+    from launcher import runs
+
+    words = list(args.words)
+    try:
+        if words[:1] == ["show"]:
+            if len(words) != 2:
+                raise runs.RunsError("usage: fm-train runs show NAME [--dir DIR]")
+            root = Path(args.dir) if args.dir else runs.default_root()
+            print(runs.describe_run(runs.find_run(root, words[1])))
+            return 0
+        if len(words) > 1 or args.dir:
+            raise runs.RunsError("usage: fm-train runs [DIR] (or fm-train runs show NAME [--dir DIR])")
+        if words and "://" in words[0]:
+            raise runs.RunsError(f"{words[0]}: listing runs from object storage is not supported yet; pass the"
+                                 " local directory the runs' run.dir lies in")
+        print(runs.format_runs(runs.find_runs(Path(words[0]) if words else runs.default_root())))
+    except runs.RunsError as exc:
+        return _error(exc)
+    return 0
+
+
 COMMANDS = {
     "launch": ("train on a Ray cluster (or a private local Ray) with restarts, then convert", add_launch_arguments, run_launch),
     "submit": ("submit `fm-train launch` to a Ray cluster as a Ray Job", add_submit_arguments, run_submit),
     "status": ("status of a submitted job", add_status_arguments, run_status),
     "logs": ("logs of a submitted job", add_logs_arguments, run_logs),
     "stop": ("stop a submitted job (workers save first)", add_stop_arguments, run_stop),
+    "runs": ("list runs from their run directories; `runs show NAME` for one", add_runs_arguments, run_runs),
 }
 """name -> (help, add-arguments function, run function), for the CLI wiring."""

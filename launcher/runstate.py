@@ -41,7 +41,7 @@ def step_of(path: Path | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _tail_lines(path: Path, max_bytes: int = 65536) -> list[str]:
+def tail_lines(path: Path, max_bytes: int = 65536) -> list[str]:
     with path.open("rb") as fh:
         fh.seek(0, os.SEEK_END)
         size = fh.tell()
@@ -56,11 +56,11 @@ def last_metrics_step(run_dir: Path) -> int | None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    steps = [rec["step"] for rec in _parse(_tail_lines(path)) if isinstance(rec.get("step"), int)]
+    steps = [rec["step"] for rec in parse_records(tail_lines(path)) if isinstance(rec.get("step"), int)]
     return max(steps) if steps else None
 
 
-def _parse(lines: list[str]) -> Iterator[dict]:
+def parse_records(lines: list[str]) -> Iterator[dict]:
     for line in lines:
         try:
             rec = json.loads(line)
@@ -98,4 +98,4 @@ class MetricsTail:
         self._offset = size
         data = self._partial + data
         *complete, self._partial = data.split(b"\n")
-        return list(_parse([c.decode("utf-8", errors="replace") for c in complete]))
+        return list(parse_records([c.decode("utf-8", errors="replace") for c in complete]))

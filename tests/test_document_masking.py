@@ -124,3 +124,45 @@ def test_what_cannot_mask_or_split_the_sequence_is_refused():
     assert "kv heads per tp rank" not in message  # 4 kv heads, sp 8: repeated, fine
     assert "one must divide the other" in _errors(
         {"model": {"preset": "tiny", "n_heads": 12, "n_kv_heads": 3, "hidden": 192}, "parallel": {"sp": 2}})
+
+
+def test_the_mask_is_made_once_per_batch_and_freed_with_it(monkeypatch):
+    import gc
+    import weakref
+
+    from fm_train.model import attention
+
+    made = []
+    real = attention.additive_mask
+    monkeypatch.setattr(attention, "additive_mask", lambda *args: made.append(len(made)) or real(*args))
+    q = torch.randn(1, 6, 2, 8)
+    documents = torch.tensor([[0, 0, 0, 1, 1, 1]], dtype=torch.int32)
+    core = CoreAttention()
+    first = core(q, q, q, documents)
+    torch.testing.assert_close(core(q, q, q, documents), first)  # a second block of the same forward
+    assert len(made) == 1
+    mask = weakref.ref(attention._MASKS.mask)
+    del documents
+    gc.collect()
+    assert mask() is None and attention._MASKS.mask is None  # gone with its batch
+    core(q, q, q, torch.tensor([[0, 1, 1, 1, 1, 1]], dtype=torch.int32))
+    assert len(made) == 2
+
+
+def test_samples_of_32k_tokens_pack_documents_and_read_with_their_ids(tmp_path):
+    """Shards at seq_len 32,768: every sample packs many source files end to end (EOS between them), reads
+    back whole, and its document ids count the EOS tokens before each position."""
+    import data_shards
+
+    shards = data_shards.build_default_corpus(tmp_path / "long", vocab_size=512, seq_len=32768, max_bytes=600_000)
+    info = data_shards.check_sources([str(shards)], 512)
+    assert info.seq_len == 32768
+    stream = data_shards.make_train_loader([(str(shards), 1.0)], seq_len=32768, micro_batch=1, dp_rank=0, dp_size=1,
+                                           seed=0, documents=True)
+    batch = next(iter(stream))
+    ids, docs = batch["input_ids"].numpy(), batch["document_ids"].numpy()
+    assert ids.shape == docs.shape == (1, 32768)
+    ends = ids == info.eos_id
+    assert ends.sum() >= 2  # several files in one sample
+    np.testing.assert_array_equal(docs, np.cumsum(ends, axis=1) - ends)
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])

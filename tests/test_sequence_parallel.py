@@ -141,11 +141,13 @@ def ref(reference, **shape) -> list[float]:
 def test_sp2_with_zero2_and_zero3_equals_one_process(reference):
     cases = [{"workers": 2, "sp": 2, "zero": 2, "accum": 2, "kv": 2},
              {"workers": 2, "sp": 2, "zero": 2, "accum": 2, "kv": 2, "docs": True},
+             {"workers": 2, "sp": 2, "zero": 3, "accum": 2, "kv": 2},
              {"workers": 2, "sp": 2, "zero": 3, "accum": 2, "kv": 2, "docs": True},
              {"workers": 2, "sp": 2, "zero": 2, "accum": 2, "kv": 1, "docs": True}]
-    plain, docs, zero3_docs, gqa_docs = run_distributed(_train, 2, args=(cases,))[0]
+    plain, docs, zero3, zero3_docs, gqa_docs = run_distributed(_train, 2, args=(cases,))[0]
     assert plain == pytest.approx(ref(reference, kv=2), rel=1e-5)
     assert docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)
+    assert zero3 == pytest.approx(ref(reference, kv=2), rel=1e-5)
     assert zero3_docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)
     assert gqa_docs == pytest.approx(ref(reference, kv=1, docs=True), rel=1e-5)  # 1 kv head, sp 2
     assert docs != pytest.approx(plain, rel=1e-3)  # the mask changes what is computed
@@ -153,11 +155,13 @@ def test_sp2_with_zero2_and_zero3_equals_one_process(reference):
 
 
 def test_sp2_dp2_and_tp2_sp2_equal_one_process(reference):
-    cases = [{"workers": 4, "sp": 2, "zero": 2, "accum": 1, "kv": 2, "docs": True, "recompute": True},
+    cases = [{"workers": 4, "sp": 2, "zero": 2, "accum": 1, "kv": 2},
+             {"workers": 4, "sp": 2, "zero": 2, "accum": 1, "kv": 2, "docs": True, "recompute": True},
              {"workers": 4, "sp": 2, "tp": 2, "zero": 1, "accum": 2, "kv": 2, "docs": True},
              {"workers": 4, "sp": 2, "tp": 2, "zero": 1, "accum": 2, "kv": 2}]
-    sp2_dp2, tp2_sp2_docs, tp2_sp2 = run_distributed(_train, 4, args=(cases,))[0]
-    assert sp2_dp2 == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)  # blocks recomputed, exchange too
+    sp2_dp2, sp2_dp2_docs, tp2_sp2_docs, tp2_sp2 = run_distributed(_train, 4, args=(cases,))[0]
+    assert sp2_dp2 == pytest.approx(ref(reference, kv=2), rel=1e-5)
+    assert sp2_dp2_docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)  # recomputed, exchanged again
     # tp2 leaves 1 kv head per tp rank, fewer than sp: repeated for the exchange
     assert tp2_sp2_docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)
     assert tp2_sp2 == pytest.approx(ref(reference, kv=2), rel=1e-5)

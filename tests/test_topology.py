@@ -142,3 +142,17 @@ def test_the_70b_recipe_fits_without_recomputation_thanks_to_the_tp_sequence_spl
                            check=True).stdout
     assert "activation_checkpointing: false" in split and "tp_sequence_parallel: true" in split
     assert "# card: fits, peak 50.43 GiB of 80 GiB" in split
+
+
+def test_plan_estimates_the_step_time_from_a_stated_roofline():
+    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(ROOT / "cluster_configs/h100_7b_2node.yaml"),
+                          "--no-config"], capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if x.startswith("# step time:"))
+    assert "assumed 40% MFU of the 989 TFLOP/s peak (cluster.gpu_peak_tflops), not a measurement" in line
+    flops = float(next(x for x in out.splitlines() if x.startswith("# model:")).split("; ")[1].split()[0])
+    seconds = float(line.split("~")[1].split(" s")[0])
+    assert seconds == pytest.approx(flops / (16 * 989e12 * 0.4), rel=0.01)
+    half = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(ROOT / "cluster_configs/h100_7b_2node.yaml"),
+                           "--no-config", "--mfu", "0.2"], capture_output=True, text=True, check=True).stdout
+    slower = next(x for x in half.splitlines() if x.startswith("# step time:"))
+    assert "assumed 20% MFU" in slower and float(slower.split("~")[1].split(" s")[0]) == pytest.approx(2 * seconds, rel=0.01)

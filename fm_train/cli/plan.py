@@ -14,12 +14,19 @@ from fm_train.plan.layout import format_rank_table, rank_table
 from fm_train.plan.memory import GIB, estimate_memory, format_memory
 
 
+#: The MFU a GPU step-time estimate assumes unless ``--mfu`` says otherwise.
+ASSUMED_MFU = 0.40
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fm-train plan``."""
     add_config_arguments(parser)
     parser.add_argument("--no-config", action="store_true", help="do not print the resolved config, only the layout")
     parser.add_argument("--check-paths", action="store_true",
                         help="fail (instead of warning) when a data path does not exist on this machine")
+    parser.add_argument("--mfu", type=float, default=ASSUMED_MFU,
+                        help=f"the model FLOPs utilisation the step-time estimate assumes (default {ASSUMED_MFU}; 0.4-0.5"
+                             " is what well-tuned dense training reaches on H100s)")
 
 
 def run_plan(args: argparse.Namespace) -> int:
@@ -40,9 +47,9 @@ def run_plan(args: argparse.Namespace) -> int:
           f" {cfg.tokens_per_step:,} tokens per step")
     active = family.sizes.active_parameter_count
     per_token = "" if active is None else f" ({active(cfg.model):,} active per token)"
+    flops = flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step)
     print(f"# model: {cfg.model.family}, {family.sizes.parameter_count(cfg.model):,} parameters{per_token}; "
-          f"{flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step):.3e} model FLOPs per step "
-          f"(6N + 12 L h s per token{', N active' if active is not None else ''})")
+          f"{flops:.3e} model FLOPs per step (6N + 12 L h s per token{', N active' if active is not None else ''})")
     device = "gpu" if cfg.cluster.gpus_per_worker > 0 else "cpu"
     estimate = estimate_memory(cfg, family, device=device)
     print(format_memory(estimate, device))
@@ -50,10 +57,37 @@ def run_plan(args: argparse.Namespace) -> int:
         card, source = _card(cfg)
         fixes = fitting_changes(cfg, family, card) if card is not None and estimate.device_total / GIB > card else []
         print(card_fit(estimate.device_total / GIB, card, source, fixes=fixes))
+        print(step_time(flops, cfg, *_peak(cfg), mfu=args.mfu))
     for path in missing_paths(cfg):
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))
     return 0
+
+
+def step_time(flops: float, cfg: FmConfig, peak: float | None, source: str, *, mfu: float) -> str:
+    """The roofline estimate of a step: the model FLOPs over every GPU's peak at an assumed MFU."""
+    if peak is None:
+        return ("# step time: unknown (no GPU here and cluster.gpu_peak_tflops unset): set it to the card's data-sheet"
+                " peak to get an estimate")
+    seconds = flops / (cfg.world_size * peak * mfu)
+    tokens = cfg.tokens_per_step / seconds
+    return (f"# step time: ~{seconds:.2f} s, {tokens:,.0f} tokens/s ({tokens / cfg.world_size:,.0f} per GPU): a roofline"
+            f" estimate at an assumed {mfu:.0%} MFU of the {peak / 1e12:g} TFLOP/s peak ({source}), not a measurement")
+
+
+def _peak(cfg: FmConfig) -> tuple[float | None, str]:
+    """``(FLOP/s, where the figure comes from)`` of each GPU at the run's precision; None when unknown."""
+    if cfg.cluster.gpu_peak_tflops is not None:
+        return cfg.cluster.gpu_peak_tflops * 1e12, "cluster.gpu_peak_tflops"
+    import torch
+
+    if torch.cuda.is_available():
+        from fm_train.engine.flops import table_peak_flops
+
+        name = torch.cuda.get_device_name(0)
+        peak = table_peak_flops(name, cfg.precision)
+        return (peak, f"this machine's {name}, data sheet") if peak is not None else (None, "")
+    return None, ""
 
 
 def _card(cfg: FmConfig) -> tuple[float | None, str]:

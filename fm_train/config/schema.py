@@ -312,6 +312,10 @@ class ClusterConfig(_Section):
     gpu_memory_gib: Optional[PositiveFloat] = Field(
         None, le=100_000, description="Memory of each GPU in GiB, which `fm-train plan` holds the planned peak"
                                       " against (null: the card of this machine, when it has one).")
+    gpu_peak_tflops: Optional[PositiveFloat] = Field(
+        None, le=1e6, description="Data-sheet dense peak of each GPU in TFLOP/s at the run's precision (989 for an"
+                                  " H100 SXM in bf16), from which `fm-train plan` estimates the step time (null: the"
+                                  " card of this machine, when it has one).")
     max_restarts: NonNegativeInt = Field(3, le=1_000_000, description="Whole-group restarts after a worker failure.")
     step_timeout_s: PositiveFloat = Field(600, description="A step slower than this counts as a hang.")
     startup_timeout_s: PositiveFloat = Field(

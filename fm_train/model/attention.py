@@ -69,32 +69,37 @@ class CoreAttention(nn.Module):
         if document_ids is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_MASKS.get(document_ids, self.causal, q.dtype))
+            mask = _MASKS.get(document_ids, (self.causal, q.dtype), lambda: additive_mask(document_ids, self.causal,
+                                                                                          q.dtype))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return out.transpose(1, 2)
 
 
+def additive_mask(document_ids: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`document_mask` as 0 (attend) or -inf (not), ``[batch, 1, seq, seq]`` in ``dtype``: SDPA turns a
+    boolean mask into this on every call, and keeps each copy for backward."""
+    allowed = document_mask(document_ids, causal)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+
+
 class _LastMask:
-    """The additive mask (0 or -inf, in the attention's dtype) of the last ``document_ids`` seen.
+    """The mask made for the last ``document_ids`` seen (an additive matrix on CPU, a block mask on a GPU).
 
     Every block of a forward (and its recomputation under activation checkpointing) gets the same
-    tensor, so the ``seq x seq`` mask is made once per forward; additive, because SDPA turns a boolean
-    mask into a float one on every call and keeps each copy for backward (one per block). The entry is
-    dropped when its ``document_ids`` tensor is freed (the batch is done), so a mask never outlives its
-    batch nor meets the next one's.
+    tensor, so the mask is made once per forward, not once per block. The entry is dropped when its
+    ``document_ids`` tensor is freed (the batch is done), so a mask never outlives its batch nor meets
+    the next one's.
     """
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
-        self.mask: torch.Tensor | None = None
+        self.mask: Any = None
 
-    def get(self, document_ids: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
-        key = (id(document_ids), document_ids._version, causal, dtype)
+    def get(self, document_ids: torch.Tensor, kind: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        key = (id(document_ids), document_ids._version, *kind)
         if self.key != key or self.mask is None:
-            allowed = document_mask(document_ids, causal)
-            self.key = None
-            self.mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed,
-                                                                                                  float("-inf"))
-            self.key = key
+            self.key, self.mask = None, None  # the previous batch's mask goes before the new one is made
+            self.mask, self.key = make(), key
             weakref.finalize(document_ids, self._forget, key[0])
         return self.mask
 
@@ -106,20 +111,29 @@ class _LastMask:
 _MASKS = _LastMask()
 
 
-def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,
-                            causal: bool, *, compiled: bool = True) -> torch.Tensor:
-    """Document-masked attention through FlexAttention (q, k, v ``[batch, heads, seq, head_dim]``): blocks
-    where no query sees a key are skipped. ``compiled=False`` runs FlexAttention's unfused reference (any
-    device; what the CPU tests check the mask with)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def document_block_mask(document_ids: torch.Tensor, causal: bool, *, compiled: bool) -> Any:
+    """FlexAttention's ``BlockMask`` of :func:`document_mask` (``compiled``: built by a compiled kernel
+    without materialising ``seq x seq``, as a GPU needs at long sequences)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
-    batch, _, seq, _ = q.shape
+    batch, seq = document_ids.shape
 
     def same_document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
         keep = document_ids[b, q_idx] == document_ids[b, kv_idx]
         return keep & (q_idx >= kv_idx) if causal else keep
 
-    block_mask = create_block_mask(same_document, batch, None, seq, seq, device=q.device)
+    return create_block_mask(same_document, batch, None, seq, seq, device=document_ids.device, _compile=compiled)
+
+
+def flex_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids: torch.Tensor,
+                            causal: bool, *, compiled: bool = True) -> torch.Tensor:
+    """Document-masked attention through FlexAttention (q, k, v ``[batch, heads, seq, head_dim]``): blocks
+    where no query sees a key are skipped; the block mask is made once per forward. ``compiled=False``
+    runs FlexAttention's unfused reference (any device; what the CPU tests check the mask with)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    block_mask = _MASKS.get(document_ids, ("block", causal, compiled),
+                            lambda: document_block_mask(document_ids, causal, compiled=compiled))
     attend: Callable[..., torch.Tensor] = _compiled_flex() if compiled else flex_attention
     return attend(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
