@@ -60,18 +60,16 @@ class CoreAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        groups = q.shape[1] // k.shape[1]
         if document_ids is not None and q.is_cuda:
             return flex_document_attention(q, k, v, document_ids, self.causal).transpose(1, 2)
-        if groups > 1:
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
+        # Grouped-query heads through SDPA itself (no repeated k/v copies kept for backward).
+        gqa = q.shape[1] != k.shape[1]
         if document_ids is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=gqa)
         else:
             mask = _MASKS.get(document_ids, (self.causal, q.dtype), lambda: additive_mask(document_ids, self.causal,
                                                                                           q.dtype))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return out.transpose(1, 2)
 
 

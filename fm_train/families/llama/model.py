@@ -99,10 +99,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` of shape ``(batch, seq, heads, head_dim)`` by position: ``cos``/``sin`` are
+    """Rotate ``x`` of shape ``(batch, heads, seq, head_dim)`` by position: ``cos``/``sin`` are
     ``(seq, head_dim)`` (the same positions in every sample) or ``(batch, seq, head_dim)``."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    cos, sin = (cos[None, :, None], sin[None, :, None]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
     return x * cos + _rotate_half(x) * sin
 
 
@@ -125,10 +125,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim)
-        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim)
+        # RoPE on (batch, heads, seq, d): its results are contiguous in the layout SDPA reads; the core
+        # takes (batch, seq, heads, d) views of them (the layout sequence parallelism exchanges).
+        q = self.q_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)
         return self.o_proj(self.core(q, k, v, document_ids).reshape(bsz, seq, -1))
 
 

@@ -119,10 +119,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(bsz, seq, -1, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(bsz, seq, -1, self.head_dim))
+        q = self.q_norm(self.q_proj(x).view(bsz, seq, -1, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(bsz, seq, -1, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2)  # as Llama's
         return self.o_proj(self.core(q, k, v, document_ids).reshape(bsz, seq, -1))
 
 
