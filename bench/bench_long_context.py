@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_memory import GIB, RssSampler  # noqa: E402  (bench/ is this script's directory)
+from bench_memory import GIB, RssSampler, rank_environment  # noqa: E402  (bench/ is this script's directory)
 
 
 #: Layout name -> (tp, sp, tensor-parallel sequence parallelism).
@@ -51,10 +51,7 @@ def make_config(seq: int, layout: str, steps: int, documents: bool, preset: str)
 
 
 def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any) -> None:
-    import os
-
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    rank_environment(rank, world, port)
     try:
         sampler = RssSampler()
         import torch

@@ -87,9 +87,14 @@ def make_config(preset: str, seq: int, workers: int, steps: int, zero: int, laye
     })
 
 
-def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any) -> None:
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """The torchrun-style environment of one local rank (1 thread), as the launcher sets it."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+
+
+def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any) -> None:
+    rank_environment(rank, world, port)
     try:
         sampler = RssSampler()
         import torch

@@ -141,7 +141,7 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
 def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
     """parallel.ep splits the experts among data-parallel ranks: the model must have experts, ep must
     divide their number and the data-parallel size (also the smallest one an elastic run shrinks to)."""
-    m, p, c = cfg.model, cfg.parallel, cfg.cluster
+    m, p = cfg.model, cfg.parallel
     if m.moe is None:
         return [f"parallel.ep={p.ep} splits experts, but model.family={m.family} has none (model.moe is unset);"
                 " set parallel.ep=1, or train a Mixture-of-Experts model (model.preset: moe-tiny)"]
@@ -157,20 +157,29 @@ def _expert_parallel_errors(cfg: FmConfig) -> list[str]:
     if m.moe.experts % p.ep:
         errors.append(f"parallel.ep={p.ep} does not divide model.moe.experts={m.moe.experts}: each rank of an"
                       " expert-parallel group holds experts / ep of them; pick an ep that divides it")
-    if c.workers % (p.tp * p.pp) == 0 and cfg.dp % p.ep:
-        errors.append(f"parallel.ep={p.ep} does not divide the data-parallel size {cfg.dp} (cluster.workers="
-                      f"{c.workers} / (tp {p.tp} x pp {p.pp})): expert-parallel groups are carved out of the"
-                      " data-parallel ranks; set cluster.workers so that dp is a multiple of ep")
-    if c.min_workers is not None and (c.min_workers // (p.tp * p.pp)) % p.ep:
-        errors.append(f"cluster.min_workers={c.min_workers} leaves a data-parallel size that parallel.ep={p.ep}"
-                      " does not divide; raise it to a multiple of tp x pp x ep or set it to null")
+    return errors + _carved_from_dp(cfg, "ep", "expert-parallel groups are carved out of the data-parallel ranks")
+
+
+def _carved_from_dp(cfg: FmConfig, axis: str, why: str) -> list[str]:
+    """``parallel.<axis>`` groups are made of data-parallel ranks: it must divide dp, also the smallest dp an
+    elastic run shrinks to (``cluster.min_workers``)."""
+    p, c = cfg.parallel, cfg.cluster
+    size = getattr(p, axis)
+    errors = []
+    if c.workers % (p.tp * p.pp) == 0 and cfg.dp % size:
+        errors.append(f"parallel.{axis}={size} does not divide the data-parallel size {cfg.dp} (cluster.workers="
+                      f"{c.workers} / (tp {p.tp} x pp {p.pp})): {why}; set cluster.workers so that dp is a multiple"
+                      f" of {axis}")
+    if c.min_workers is not None and (c.min_workers // (p.tp * p.pp)) % size:
+        errors.append(f"cluster.min_workers={c.min_workers} leaves a data-parallel size that parallel.{axis}={size}"
+                      f" does not divide; raise it to a multiple of tp x pp x {axis} or set it to null")
     return errors
 
 
 def _sequence_errors(cfg: FmConfig) -> list[str]:
-    """parallel.sp shares samples among data-parallel ranks and splits their tokens, then their heads; document
-    masking needs the documents' ids, which pipelines do not carry yet."""
-    m, p, c, d = cfg.model, cfg.parallel, cfg.cluster, cfg.data
+    """parallel.sp shares samples among data-parallel ranks and splits their tokens, then their heads;
+    parallel.tp_sequence_parallel splits the tokens over the tp ranks outside their matmuls."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
     errors = []
     if p.tp_sequence_parallel:
         if p.tp == 1:
@@ -185,13 +194,8 @@ def _sequence_errors(cfg: FmConfig) -> list[str]:
     if p.ep > 1:
         errors.append(f"parallel.sp={p.sp} with parallel.ep={p.ep}: sequence and expert parallelism do not compose yet"
                       " (both are carved out of the data-parallel ranks); set one of them to 1")
-    if c.workers % (p.tp * p.pp) == 0 and cfg.dp % p.sp:
-        errors.append(f"parallel.sp={p.sp} does not divide the data-parallel size {cfg.dp} (cluster.workers="
-                      f"{c.workers} / (tp {p.tp} x pp {p.pp})): the ranks of a sequence-parallel group are"
-                      " data-parallel ranks sharing their samples; set cluster.workers so that dp is a multiple of sp")
-    if c.min_workers is not None and (c.min_workers // (p.tp * p.pp)) % p.sp:
-        errors.append(f"cluster.min_workers={c.min_workers} leaves a data-parallel size that parallel.sp={p.sp}"
-                      " does not divide; raise it to a multiple of tp x pp x sp or set it to null")
+    errors += _carved_from_dp(cfg, "sp", "the ranks of a sequence-parallel group are data-parallel ranks sharing"
+                                        " their samples")
     if d.seq_len % p.sp:
         errors.append(f"parallel.sp={p.sp} does not divide data.seq_len={d.seq_len}: each rank of a sequence-parallel"
                       f" group holds seq_len / sp tokens; pick a seq_len that is a multiple of {p.sp}")
