@@ -45,6 +45,10 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                              " run.dir; none there is an error), a step number of run.dir, a step directory, or none"
                              " (from scratch); default: the config's, auto (latest if there is one). Restarts after a"
                              " failure continue from what the run saved since")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="everything up to the first step, without training: the config check, the plan's peak"
+                             " against cluster.gpu_memory_gib, the cluster's resources, the placement table and every"
+                             " node's preflight (storage, data, versions); exit 0 only when a launch would start")
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (host:6379, ray://host:10001 or auto); overrides cluster.address and"
                              " RAY_ADDRESS; without any of them a private local Ray is started on 127.0.0.1")
@@ -79,10 +83,11 @@ def launch_overrides(args: argparse.Namespace) -> list[str]:
 
 def run_launch(args: argparse.Namespace) -> int:
     """``fm-train launch``: train on Ray with restarts, then convert; returns the exit status."""
-    from launcher.job import launch
+    from launcher.job import dry_run, launch
 
     try:
-        return launch(args.config, launch_overrides(args), launch_options(args))
+        run = dry_run if args.dry_run else launch
+        return run(args.config, launch_overrides(args), launch_options(args))
     except Exception as exc:
         if type(exc).__name__ in _USER_ERRORS:
             return _error(exc)

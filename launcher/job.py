@@ -74,6 +74,70 @@ def launch(config: str | Path | None, overrides: Sequence[str], options: LaunchO
                 run_dir.rmdir()  # only when still empty: a launch that never started leaves no run dir
 
 
+def dry_run(config: str | Path | None, overrides: Sequence[str], options: LaunchOptions, say: Say = say_flush) -> int:
+    """``fm-train launch --dry-run``: everything up to the first step, without training. The config check,
+    the plan (its peak against the card), the cluster's resources against the request, the slots placed
+    with their table, and every node's preflight; then everything is released. Returns 0 only when a real
+    launch would start; raises (a user error) at the first thing that would stop it. Takes no lease and
+    leaves no run directory behind."""
+    from launcher.runner import RunPaths, rehearse  # imports Ray
+
+    cfg, address, _ = load_run_config(config, overrides, options, say)
+    problem = _plan_summary(cfg, say)
+    run_dir = Path(cfg.run.dir).resolve()
+    created = not run_dir.exists()
+    conn = connect(address, timeout_s=options.connect_timeout_s)
+    try:
+        say(f"ray: {'private local instance (127.0.0.1, no dashboard)' if conn.private else address or 'existing connection'}")
+        check_capacity(Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker))
+        say(f"resources: {cfg.cluster.workers} slots of {cfg.cluster.cpus_per_worker:g} CPU and"
+            f" {cfg.cluster.gpus_per_worker:g} GPU available")
+        run_dir.mkdir(parents=True, exist_ok=True)  # the preflight's write test needs it
+        # A missing default corpus is built by the launch before its workers start: not data to probe yet.
+        built = [s for s in cfg.data.sources if s.default_corpus and not (Path(s.path) / "index.json").is_file()]
+        for source in built:
+            say(f"data: {source.path} does not exist yet; the launch builds it first (default_corpus)")
+        probed = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"sources": [s for s in cfg.data.sources if s not in built]})})
+        rehearse(probed, RunPaths(run_dir=run_dir, run_dir_arg=cfg.run.dir, workdir=os.getcwd()), options, say)
+    finally:
+        conn.close()
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+    if problem is not None:
+        say(f"dry run: the launch would start, but {problem}")
+        return 1
+    say("dry run: ok, a launch would start (nothing was trained or written)")
+    return 0
+
+
+def _plan_summary(cfg: FmConfig, say: Say) -> str | None:
+    """The plan's lines a dry run prints (layout, batch, peak memory against the card); what would make the
+    run fail once started (the peak over the card), or None."""
+    from fm_train.families import family_of
+    from fm_train.plan.memory import GIB, estimate_memory
+
+    p = cfg.parallel
+    say(f"plan: world {cfg.world_size} = pp {p.pp} x dp {cfg.dp} x tp {p.tp}" +
+        "".join(f", {name} {size} within dp" for name, size in (("ep", p.ep), ("sp", p.sp)) if size > 1) +
+        f"; {cfg.global_batch} sequences, {cfg.tokens_per_step:,} tokens per step")
+    gpu = cfg.cluster.gpus_per_worker > 0
+    peak = estimate_memory(cfg, family_of(cfg.model), device="gpu" if gpu else "cpu").device_total / GIB
+    card = cfg.cluster.gpu_memory_gib
+    if not gpu:
+        say(f"plan: peak {peak:.2f} GiB per worker process (CPU run: no card to hold it against)")
+        return None
+    if card is None:
+        say(f"plan: peak {peak:.2f} GiB per GPU; set cluster.gpu_memory_gib to hold it against the card")
+        return None
+    if peak > card:
+        return (f"its planned peak {peak:.2f} GiB exceeds the {card:g} GiB card (cluster.gpu_memory_gib); `fm-train plan`"
+                " names the changes that fit")
+    say(f"plan: peak {peak:.2f} GiB per GPU of {card:g} GiB (cluster.gpu_memory_gib), {card - peak:.2f} GiB left")
+    return None
+
+
 def _launch_leased(cfg: FmConfig, address: str | None, run_dir: Path, options: LaunchOptions, say: Say) -> int:
     """:func:`launch` once the run's lease is held."""
     from launcher.runner import RunPaths, train  # imports Ray

@@ -186,8 +186,10 @@ def _layout_for_attempt(configured: FmConfig, current: FmConfig, paths: RunPaths
     return nxt
 
 
-def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: LogSink, progress: Progress,
-                 stop: StopRequest, attempt: int, say: Callable[[str], None]) -> tuple[Outcome, int]:
+def _placed_group(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, attempt: int,
+                  say: Callable[[str], None]) -> WorkerGroup:
+    """The worker slots placed for ``cfg`` (the table and its warnings said) and the nodes' preflight passed;
+    nothing started yet. The caller tears the group down."""
     topology = Topology(cfg.world_size, tp=cfg.parallel.tp, pp=cfg.parallel.pp)
     demand = Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker)
     group = WorkerGroup.create(demand, topology, placement_timeout_s=options.placement_timeout_s,
@@ -203,6 +205,23 @@ def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: L
                               if cfg.run.storage is not None else (paths.run_dir, paths.run_dir_arg))
         run_preflight(group.node_probes(), run_dir=shared, run_dir_arg=shared_arg,
                       workdir=paths.workdir, sources=[s.path for s in cfg.data.sources], say=say)
+    except BaseException:
+        group.teardown()
+        raise
+    return group
+
+
+def rehearse(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[[str], None] = print) -> None:
+    """What a launch does before its workers start, and nothing after: the slots placed on the cluster, the
+    placement table, every node's preflight (storage, data, versions); then the slots are released.
+    Raises what the launch would (``PlacementError``, ``PreflightError``, ``ClusterError``)."""
+    _placed_group(cfg, paths, options, 1, say).teardown()
+
+
+def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: LogSink, progress: Progress,
+                 stop: StopRequest, attempt: int, say: Callable[[str], None]) -> tuple[Outcome, int]:
+    group = _placed_group(cfg, paths, options, attempt, say)
+    try:
         group.save_placement(paths.run_dir, attempt)
         if stop.signal_name is not None:
             return Stopped(signal_name=stop.signal_name), group.master_port
