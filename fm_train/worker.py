@@ -127,8 +127,12 @@ def _report_init_read(init: "InitSource", rank: int) -> None:
 
 
 def _banner(cfg: FmConfig, family: FamilySpec, topo: Topology, backend: str) -> str:
-    return (f"fm-train worker: world {topo.world} = dp {topo.dp} x tp {topo.tp} x pp {topo.pp} ({backend}),"
-            f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {cfg.model.family},"
+    p = cfg.parallel
+    within = "".join(f", {name} {size} within dp" for name, size in (("ep", topo.ep), ("sp", topo.sp)) if size > 1)
+    extras = "".join(f", {what}" for what, on in (("tp sequence split", p.tp_sequence_parallel and p.tp > 1),
+                                                   ("document masking", cfg.data.document_masking)) if on)
+    return (f"fm-train worker: world {topo.world} = dp {topo.dp} x tp {topo.tp} x pp {topo.pp}{within} ({backend}),"
+            f" ZeRO-{cfg.parallel.zero_stage}, {cfg.precision}, {cfg.model.family}{extras},"
             f" {family.sizes.parameter_count(cfg.model) / 1e6:.2f}M params,"
             f" global batch {cfg.global_batch} x {cfg.data.seq_len} tokens,"
             f" {family.sizes.flops_per_token(cfg.model, cfg.data.seq_len) / 1e6:.2f} MFLOP/token,"

@@ -1,7 +1,12 @@
-"""Per-rank log files under RUN/logs and the prefixed echo of worker output on the driver."""
+"""Per-rank log files under RUN/logs and the prefixed echo of worker output on the driver.
+
+The files keep every line. The console leaves out what third-party libraries print on every start that is
+known and harmless (:data:`KNOWN_NOISE`), so that what a rank says there is fm-train's own.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
 from collections import deque
 from pathlib import Path
@@ -12,9 +17,26 @@ from launcher.placement import Placement
 # Lines kept per rank for failure reports ("the last thing it did").
 LAST_LINES = 20
 
+#: Worker lines the console does not echo (the rank's file keeps them), each known and harmless.
+KNOWN_NOISE: tuple[re.Pattern[str], ...] = (
+    # DeepSpeed on a CPU worker: the accelerator choice fm-train made on purpose (gloo, no GPU slot).
+    re.compile(r"\[WARNING\] \[real_accelerator\.py:\d+:get_accelerator\] Setting accelerator to CPU"),
+    # DeepSpeed's shared-memory comm op, built once into the extension cache and loaded from it after.
+    re.compile(r"^DeepSpeed deepspeed\.ops\.comm\.\w+ built successfully$"),
+    # torch deprecating the collective names DeepSpeed still calls, and the source line the warning quotes.
+    re.compile(r"FutureWarning: `torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    re.compile(r"^\s+return func\(\*args, \*\*kwargs\)$"),
+)
+
+
+def known_noise(line: str) -> bool:
+    """Whether ``line`` is one of :data:`KNOWN_NOISE`."""
+    return any(pattern.search(line) for pattern in KNOWN_NOISE)
+
 
 class LogSink:
-    """Writes every rank's output to RUN/logs/rank_NNN.log and echoes rank 0 (or all ranks) with a prefix."""
+    """Writes every rank's output to RUN/logs/rank_NNN.log and echoes rank 0 (or all ranks) with a prefix,
+    known third-party noise left out of the echo."""
 
     def __init__(self, run_dir: Path, *, echo_all: bool, out: IO[str] | None = None) -> None:
         self.log_dir = run_dir / "logs"
@@ -44,7 +66,7 @@ class LogSink:
         """Record one output line of ``rank`` (stderr lines are marked in the file, not on the console)."""
         self._file_write(rank, line + "\n" if stream == "out" else f"[stderr] {line}\n")
         self._last.setdefault(rank, deque(maxlen=LAST_LINES)).append(line)
-        if rank == 0 or self.echo_all:
+        if (rank == 0 or self.echo_all) and not known_noise(line):
             print(f"{self._prefix.get(rank, f'[rank {rank}]')} {line}", file=self.out, flush=True)
 
     def note(self, rank: int, text: str) -> None:
