@@ -17,6 +17,7 @@ started within the same second.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -72,11 +73,17 @@ class Holder:
 
     @classmethod
     def parse(cls, data: bytes) -> "Holder | None":
-        """The holder a lease file names; None when it is not a lease this module wrote."""
+        """The holder a lease file names; None when it is not a lease this module wrote (wrong fields or types)."""
         try:
-            return cls(**json.loads(data))
-        except (ValueError, TypeError):
+            fields = json.loads(data)
+            holder = cls(**fields)
+        except (ValueError, TypeError, RecursionError):
             return None
+        numbers = (holder.pid_started, holder.started, holder.renewed)
+        if not (isinstance(holder.host, str) and isinstance(holder.token, str) and type(holder.pid) is int
+                and all(type(x) in (int, float) and math.isfinite(x) for x in numbers) and 0 < holder.pid < 2**32):
+            return None
+        return holder
 
     def encode(self) -> bytes:
         """The lease file's content."""

@@ -16,7 +16,9 @@ this host its process is alive), ``finished`` once the last logged step reached 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +64,11 @@ def find_runs(root: Path) -> list[RunSummary]:
         raise RunsError(f"{root} is not a directory; pass a run directory or one that holds runs (default: runs)")
     if is_run_dir(root):
         return [summarize(root)]
-    runs = [summarize(p) for p in sorted(root.iterdir()) if is_run_dir(p)]
+    try:
+        children = sorted(root.iterdir())
+    except OSError as exc:
+        raise RunsError(f"{root} cannot be listed ({exc.strerror or exc}); pass a directory you can read") from None
+    runs = [summarize(p) for p in children if is_run_dir(p)]
     if not runs:
         raise RunsError(f"{root} holds no run: a run directory has {', '.join(RUN_FILES)} (what `fm-train launch`"
                         " writes under run.dir); pass the directory your runs' run.dir lies in")
@@ -76,7 +82,10 @@ def find_run(root: Path, name: str) -> Path:
         return root
     candidate = root / name
     if "/" in name or name in ("", ".", "..") or not is_run_dir(candidate):
-        known = [p.name for p in sorted(root.iterdir()) if is_run_dir(p)] if root.is_dir() else []
+        try:
+            known = [_text(p.name) for p in sorted(root.iterdir()) if is_run_dir(p)] if root.is_dir() else []
+        except OSError:
+            known = []
         raise RunsError(f"no run {name!r} in {root}; runs there: {', '.join(known) or 'none'}")
     return candidate
 
@@ -99,37 +108,63 @@ def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _json(path: Path) -> Any:
-    if not path.is_file() or path.is_symlink():
+def _read(path: Path, limit: int = MAX_JSON_BYTES) -> bytes | None:
+    """At most ``limit`` bytes of a regular file (not a symlink); None when it is not there or unreadable."""
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError:
         return None
-    with path.open("rb") as fh:
-        data = fh.read(MAX_JSON_BYTES + 1)
-    if len(data) > MAX_JSON_BYTES:
+    return data if len(data) <= limit else None
+
+
+def _json(path: Path) -> Any:
+    data = _read(path)
+    try:
+        return None if data is None else json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _number(value: Any) -> float | None:
+    """A finite number from a record (not a bool), else None."""
+    if type(value) not in (int, float):
         return None
     try:
-        return json.loads(data)
-    except ValueError:
+        number = float(value)
+    except OverflowError:
         return None
+    return number if math.isfinite(number) else None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _text(value: Any) -> str:
+    """A value read from a run directory as printable text (no terminal control sequences)."""
+    return _CONTROL.sub("?", str(value))
 
 
 def _last_records(run: Path) -> tuple[int | None, float | None, dict[str, Any]]:
     """``(last step, last training loss, last training record)`` from the tail of ``metrics.jsonl``."""
     path = run / "metrics.jsonl"
-    if not path.is_file() or path.is_symlink():
+    try:
+        if not path.is_file() or path.is_symlink():
+            return None, None, {}
+        records = list(parse_records(tail_lines(path)))
+    except (OSError, RecursionError):
         return None, None, {}
-    records = list(parse_records(tail_lines(path)))
-    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
-    trained = [r for r in records if isinstance(r.get("loss"), (int, float)) and isinstance(r.get("step"), int)]
+    steps = [r["step"] for r in records if type(r.get("step")) is int]
+    trained = [r for r in records if _number(r.get("loss")) is not None and type(r.get("step")) is int]
     last = trained[-1] if trained else {}
-    return (max(steps) if steps else None), (float(last["loss"]) if last else None), last
+    return (max(steps) if steps else None), (_number(last["loss"]) if last else None), last
 
 
 def _holder(run: Path) -> Holder | None:
-    path = run / LEASE_NAME
-    if not path.is_file() or path.is_symlink():
-        return None
-    with path.open("rb") as fh:
-        return Holder.parse(fh.read(MAX_JSON_BYTES))
+    data = _read(run / LEASE_NAME)
+    return None if data is None else Holder.parse(data)
 
 
 def summarize(run: Path) -> RunSummary:
@@ -137,7 +172,7 @@ def summarize(run: Path) -> RunSummary:
     config = _config(run)
     run_section, train = _section(config, "run"), _section(config, "train")
     step, loss, _ = _last_records(run)
-    steps = train.get("steps") if isinstance(train.get("steps"), int) else None
+    steps = train.get("steps") if type(train.get("steps")) is int else None
     holder = _holder(run)
     now = time.time()
     if holder is not None and holder.gone(now, lease_timeout_s()) is None:
@@ -152,11 +187,15 @@ def summarize(run: Path) -> RunSummary:
     if host is None and isinstance(ranks, list) and ranks and isinstance(ranks[0], dict):
         host = str(ranks[0].get("node_ip")) if ranks[0].get("node_ip") is not None else None
     resolved = run / "config.resolved.yaml"
-    started = holder.started if holder is not None else (resolved.stat().st_mtime if resolved.is_file() else None)
+    try:
+        started = holder.started if holder is not None else (resolved.stat().st_mtime if resolved.is_file() else None)
+    except OSError:
+        started = None
     storage = run_section.get("storage")
-    return RunSummary(name=run.name, path=run, state=state, step=step, steps=steps, loss=loss,
-                      checkpoint=step_of(latest_checkpoint(run)), storage=storage if isinstance(storage, str) else None,
-                      started=started, host=host)
+    return RunSummary(name=_text(run.name), path=run, state=state, step=step, steps=steps, loss=loss,
+                      checkpoint=step_of(latest_checkpoint(run)),
+                      storage=_text(storage) if isinstance(storage, str) else None, started=started,
+                      host=None if host is None else _text(host))
 
 
 def _when(seconds: float | None) -> str:
@@ -185,23 +224,27 @@ def describe_run(run: Path) -> str:
     model, parallel, cluster = (_section(config, k) for k in ("model", "parallel", "cluster"))
     _, _, last = _last_records(run)
     steps_dir = run / "checkpoints"
-    saved = sorted(p.name for p in steps_dir.glob("step_*") if p.is_dir() and not p.is_symlink()) \
-        if steps_dir.is_dir() else []
+    try:
+        saved = sorted(_text(p.name) for p in steps_dir.glob("step_*") if p.is_dir() and not p.is_symlink()) \
+            if steps_dir.is_dir() else []
+    except OSError:
+        saved = []
     holder = _holder(run)
-    lines = [f"run        {s.name}  ({s.path})",
-             f"state      {s.state}" + (f": {holder.describe(time.time())}" if holder is not None else ""),
+    lines = [_text(f"run        {s.name}  ({s.path})"),
+             f"state      {s.state}" + (_text(f": {holder.describe(time.time())}") if holder is not None else ""),
              f"step       {_or_dash(s.step)} of {_or_dash(s.steps)}" + ("" if s.loss is None else f", loss {s.loss:.4f}"),
-             f"model      {model.get('family', '-')} {model.get('preset') or ''}".rstrip(),
-             "layout     " + " ".join(f"{k}={parallel[k]}" for k in ("tp", "pp", "sp", "ep", "zero_stage")
-                                      if k in parallel) + f", workers={cluster.get('workers', '-')}",
+             _text(f"model      {model.get('family', '-')} {model.get('preset') or ''}".rstrip()),
+             _text("layout     " + " ".join(f"{k}={parallel[k]}" for k in ("tp", "pp", "sp", "ep", "zero_stage")
+                                            if k in parallel) + f", workers={cluster.get('workers', '-')}"),
              f"storage    {_or_dash(s.storage)}",
              f"started    {_when(s.started)} on {_or_dash(s.host)}",
              f"latest     {'-' if s.checkpoint is None else f'step {s.checkpoint}'}",
              f"saved      {', '.join(saved) or '-'}",
              f"hf export  {run / 'hf' if (run / 'hf' / 'config.json').is_file() else '-'}"]
     if last:
-        lines.append("last step  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                              for k, v in last.items() if isinstance(v, (int, float, str))))
+        lines.append(_text("last step  " + ", ".join(f"{k}={v:.4g}" if _number(v) is not None and isinstance(v, float)
+                                                    else f"{k}={v}" for k, v in last.items()
+                                                    if isinstance(v, (int, float, str)) and not isinstance(v, bool))))
     if s.state != "finished" and s.checkpoint is not None:
         lines.append(f"resume     fm-train launch {run / 'config.resolved.yaml'} --resume latest")
     return "\n".join(lines)

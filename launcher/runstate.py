@@ -26,7 +26,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     latest = run_dir / "checkpoints" / "latest"
     if latest.is_symlink() or not latest.is_file():
         return None
-    name = latest.read_text(errors="replace").strip()
+    try:
+        with latest.open("rb") as fh:
+            name = fh.read(256).decode(errors="replace").strip()  # a step name is ~13 bytes
+    except OSError:
+        return None
     target = latest.parent / name
     if not _STEP_NAME.fullmatch(name) or target.is_symlink() or not target.is_dir():
         return None
@@ -64,8 +68,8 @@ def parse_records(lines: list[str]) -> Iterator[dict]:
     for line in lines:
         try:
             rec = json.loads(line)
-        except ValueError:
-            continue  # a line being written right now
+        except (ValueError, RecursionError):
+            continue  # a line being written right now, or not a record
         if isinstance(rec, dict):
             yield rec
 

@@ -74,3 +74,10 @@ def test_records_of_other_batches_are_not_compared() -> None:
     other[0, 0] = (other[0, 0] + 1) % 64
     with pytest.raises(ValueError, match="different input batches"):
         compare(summarize(logits, other), summarize(logits, ids), 1e-4)
+
+
+def test_the_probe_length_splits_over_the_sequence_parallel_ranks():
+    assert probe_tokens(512, 64, multiple=8).shape == (2, 32)
+    assert probe_tokens(512, 60, multiple=7).shape == (2, 28)  # rounded down to a multiple
+    assert probe_tokens(512, 4096, multiple=64).shape == (2, 64)  # longer than usual when the split needs it
+    assert probe_tokens(512, 30, multiple=64).shape == (2, 30)  # never past the model's context

@@ -91,6 +91,24 @@ def test_untrusted_run_directories_are_read_without_harm(tmp_path: Path) -> None
     assert sorted(p.name for p in outside.iterdir()) == ["secret.jsonl", "step_00000999"]  # nothing written
 
 
+def test_hostile_records_leave_their_columns_empty(tmp_path: Path) -> None:
+    run = make_run(tmp_path, "odd", steps=10, logged=2, latest=None, storage="s3://b/\x1b[31mred")
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write(json.dumps({"step": 3, "loss": 10 ** 400}) + "\n")  # a float cannot hold it
+        fh.write(json.dumps({"step": True, "loss": True}) + "\n")  # booleans are not numbers here
+        fh.write("[" * 20_000 + "\n")  # nesting bomb
+    (run / ".fm-train-lease.json").write_text(json.dumps({"host": "h\x1b]0;x\x07", "pid": "1", "pid_started": 0,
+                                                         "started": "y", "renewed": "y", "token": "t"}))
+    (run / "placement.json").write_text(json.dumps({"ranks": [{"node_ip": "10.0.0.1\x1b[2J"}]}))
+    out = fm_train(str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    row = out.stdout.splitlines()[1]
+    assert row.split()[:4] == ["odd", "stopped", "3/10", "5.9800"]  # the last loss that is a number
+    assert "\x1b" not in out.stdout and "s3://b/?[31mred" in row and "10.0.0.1?[2J" in row
+    shown = fm_train("show", "odd", "--dir", str(tmp_path))
+    assert shown.returncode == 0 and "\x1b" not in shown.stdout, shown.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["{empty}"], "holds no run: a run directory has config.resolved.yaml"),
     (["{empty}/nope"], "is not a directory"),

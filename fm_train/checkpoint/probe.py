@@ -31,13 +31,18 @@ PROBE_MAX_LEN = 32
 FIELDS = ("logits", "logsumexp", "token_logits")
 
 
-def probe_tokens(vocab_size: int, max_seq_len: int) -> torch.Tensor:
+def probe_tokens(vocab_size: int, max_seq_len: int, multiple: int = 1) -> torch.Tensor:
     """Fixed token ids, ``PROBE_ROWS x min(PROBE_MAX_LEN, max_seq_len)``, from a private seeded generator.
 
-    A private ``torch.Generator``: drawing them never moves the global RNG the training uses.
+    ``multiple``: the length is a multiple of it (rounded down, and at least ``multiple`` within
+    ``max_seq_len``), for layouts that split the sequence (sp, and tp with its sequence split). A private
+    ``torch.Generator``: drawing them never moves the global RNG the training uses.
     """
+    length = min(PROBE_MAX_LEN, max_seq_len) // multiple * multiple
+    if length == 0:
+        length = multiple if multiple <= max_seq_len else min(PROBE_MAX_LEN, max_seq_len)
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    return torch.randint(0, vocab_size, (PROBE_ROWS, min(PROBE_MAX_LEN, max_seq_len)), generator=gen)
+    return torch.randint(0, vocab_size, (PROBE_ROWS, length), generator=gen)
 
 
 def probe_positions(seq_len: int) -> torch.Tensor:

@@ -31,6 +31,7 @@ from fm_train.checkpoint.manifest import saved_padded_vocab
 from fm_train.checkpoint.probe import FIELDS, probe_positions, probe_tokens, summarize
 from fm_train.checkpoint.rng import capture_rng, restore_rng
 from fm_train.parallel.sequence_parallel import pipeline_item, sequence_group
+from fm_train.parallel.tensor_parallel import tensor_sequence_split
 
 TPInfo = tuple[Any, int, int]  # (process group or None, this rank's index in it, its size)
 
@@ -40,7 +41,9 @@ def engine_probe(engine: Any, model_fields: Mapping[str, Any]) -> dict[str, torc
     from fm_train.deepspeed_adapter.engine import is_pipeline_engine
     from fm_train.deepspeed_adapter.pipeline import pipeline_logits
 
-    tokens = probe_tokens(int(model_fields["vocab_size"]), int(model_fields["max_seq_len"]))
+    # A length the layout can split: the sp chunks, each split again by tp under its sequence split.
+    split = sequence_group(engine.module).size * tensor_sequence_split(engine.module)
+    tokens = probe_tokens(int(model_fields["vocab_size"]), int(model_fields["max_seq_len"]), split)
     rng, was_training = capture_rng(), engine.module.training
     try:
         if is_pipeline_engine(engine):

@@ -24,7 +24,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-config", action="store_true", help="do not print the resolved config, only the layout")
     parser.add_argument("--check-paths", action="store_true",
                         help="fail (instead of warning) when a data path does not exist on this machine")
-    parser.add_argument("--mfu", type=float, default=ASSUMED_MFU,
+    parser.add_argument("--mfu", type=_fraction, default=ASSUMED_MFU,
                         help=f"the model FLOPs utilisation the step-time estimate assumes (default {ASSUMED_MFU}; 0.4-0.5"
                              " is what well-tuned dense training reaches on H100s)")
 
@@ -62,6 +62,14 @@ def run_plan(args: argparse.Namespace) -> int:
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))
     return 0
+
+
+def _fraction(text: str) -> float:
+    """An MFU in (0, 1] (argparse type)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]; an MFU of 40 % is 0.4")
+    return value
 
 
 def step_time(flops: float, cfg: FmConfig, peak: float | None, source: str, *, mfu: float) -> str:
@@ -103,11 +111,13 @@ def _card(cfg: FmConfig) -> tuple[float | None, str]:
 
 
 def fitting_changes(cfg: FmConfig, family: FamilySpec, card_gib: float) -> list[str]:
-    """Single changes of the sequence split that make the plan fit ``card_gib``, everything else unchanged
-    and every config rule held: ``parallel.tp_sequence_parallel=true`` (when tp > 1), and the smallest
-    ``parallel.sp`` (dividing dp, seq_len and the heads), each with its peak."""
-    def peak_with(**parallel: object) -> float | None:
-        trial = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update=parallel)})
+    """Single changes of the sequence split that make the plan fit ``card_gib``, every config rule held:
+    ``parallel.tp_sequence_parallel=true`` (when tp > 1), and the smallest ``parallel.sp`` (dividing dp,
+    seq_len and the heads) with ``train.grad_accum`` raised by sp so that the global batch stays, each
+    with its peak."""
+    def peak_with(accum: int = 1, **parallel: object) -> float | None:
+        trial = cfg.model_copy(update={"parallel": cfg.parallel.model_copy(update=parallel),
+                                       "train": cfg.train.model_copy(update={"grad_accum": cfg.train.grad_accum * accum})})
         if check_rules(trial, require_paths=False):
             return None
         return estimate_memory(trial, family, device="gpu").device_total / GIB
@@ -118,9 +128,13 @@ def fitting_changes(cfg: FmConfig, family: FamilySpec, card_gib: float) -> list[
         if peak is not None and peak <= card_gib:
             fixes.append(f"parallel.tp_sequence_parallel=true (peak {peak:.2f} GiB)")
     for sp in range(cfg.parallel.sp + 1, cfg.dp + 1):
-        peak = peak_with(sp=sp) if cfg.dp % sp == 0 else None
+        if cfg.dp % sp or sp % cfg.parallel.sp:
+            continue
+        accum = sp // cfg.parallel.sp  # fewer batch replicas: more micro-batches each keep the global batch
+        peak = peak_with(accum=accum, sp=sp)
         if peak is not None and peak <= card_gib:
-            fixes.append(f"parallel.sp={sp} (peak {peak:.2f} GiB)")
+            fixes.append(f"parallel.sp={sp}" + (f" with train.grad_accum={cfg.train.grad_accum * accum}" if accum > 1
+                                                else "") + f" (peak {peak:.2f} GiB)")
             break
     return fixes
 

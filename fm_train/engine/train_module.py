@@ -194,8 +194,8 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
 
 
 def _sp_group(groups: ParallelGroups) -> SPGroup:
-    ranks = groups.ranks("sp")
-    return SPGroup(groups.group("sp"), ranks.index(groups.rank), len(ranks))
+    t = groups.topology
+    return SPGroup(groups.group("sp"), t.sp_rank(groups.rank), t.sp)
 
 
 def _ep_group(groups: ParallelGroups) -> EPGroup:

@@ -115,9 +115,10 @@ def document_block_mask(document_ids: torch.Tensor, causal: bool, *, compiled: b
     from torch.nn.attention.flex_attention import create_block_mask
 
     batch, seq = document_ids.shape
+    ids = document_ids.clone()  # the mask keeps its own copy, so the batch's tensor can go (and the cache entry)
 
     def same_document(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-        keep = document_ids[b, q_idx] == document_ids[b, kv_idx]
+        keep = ids[b, q_idx] == ids[b, kv_idx]
         return keep & (q_idx >= kv_idx) if causal else keep
 
     return create_block_mask(same_document, batch, None, seq, seq, device=document_ids.device, _compile=compiled)

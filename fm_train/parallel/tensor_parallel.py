@@ -174,6 +174,15 @@ def gather_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return x if tp.size == 1 else _GatherFromTP.apply(x, tp)
 
 
+def tensor_sequence_split(module: nn.Module) -> int:
+    """How many ways ``module``'s tp layers split the sequence outside their regions (1: they do not)."""
+    for sub in module.modules():
+        tp = getattr(sub, "tp", None)
+        if isinstance(tp, TPGroup) and tp.sequence_parallel:
+            return tp.size
+    return 1
+
+
 # ---- layers ----------------------------------------------------------------------------------------
 class ColumnParallelLinear(nn.Module):
     """``y_local = x W_local^T + b_local`` with ``W`` split along its output dim (dim 0)."""

@@ -74,8 +74,9 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     s, b, h, f = cfg.data.seq_len, cfg.train.micro_batch, m.hidden, m.ffn_hidden
     kv = _kv_width(m)
     elt = 4 if cfg.precision == "fp32" else 2
-    # Both norms' inputs and outputs: whole on every tp rank, or split with the sequence inside tp.
-    replicated = 4 * h / (tp if cfg.parallel.tp_sequence_parallel else 1)
+    # Both norms' inputs and outputs: whole on every tp rank, or split with the sequence inside tp; then
+    # each region's gathered input (what its column-parallel linears keep for backward) is whole again.
+    replicated = 4 * h / tp + 2 * h if cfg.parallel.tp_sequence_parallel and tp > 1 else 4 * h
     sharded = (h + 2 * kv) + 2 * h + 4 * f  # q/k/v, attention out + o_proj input, gate/up/silu/product
     return s * b * (replicated + sharded / tp) * elt
 
