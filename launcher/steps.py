@@ -62,6 +62,9 @@ def _sample(args: argparse.Namespace) -> int:
     if family is None:
         print(f"{args.model}: model_type {model_type!r} is not one of fm-train's families", file=sys.stderr)
         return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its weight-loading bar would sit among the sample's lines
     print(family.hf.sample(Path(args.model), prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed))
     return 0
 
