@@ -174,12 +174,14 @@ def test_chunks_at_the_wrong_positions_are_caught(reference):
 
 def test_tensor_parallel_sequence_parallelism_equals_one_process(reference):
     """tp2 with the sequence split outside the tp matmuls (norms and residuals on seq / 2 tokens), with and
-    without document masking; 2 ranks, ZeRO-1."""
+    without document masking, and with the blocks recomputed; 2 ranks, ZeRO-1."""
     cases = [{"workers": 2, "tp": 2, "tpsp": True, "zero": 1, "accum": 2, "kv": 2},
-             {"workers": 2, "tp": 2, "tpsp": True, "zero": 1, "accum": 2, "kv": 2, "docs": True}]
-    plain, docs = run_distributed(_train, 2, args=(cases,))[0]
-    assert plain == pytest.approx(ref(reference, kv=2), rel=1e-5)
+             {"workers": 2, "tp": 2, "tpsp": True, "zero": 1, "accum": 2, "kv": 2, "docs": True},
+             {"workers": 2, "tp": 2, "tpsp": True, "zero": 1, "accum": 2, "kv": 2, "recompute": True}]
+    plain, docs, recomputed = run_distributed(_train, 2, args=(cases,))[0]
+    assert plain == pytest.approx(ref(reference, kv=2), rel=1e-5)  # regions gather their input again in backward
     assert docs == pytest.approx(ref(reference, kv=2, docs=True), rel=1e-5)
+    assert recomputed == pytest.approx(ref(reference, kv=2), rel=1e-5)  # recomputed blocks: no regathering
 
 
 def test_tp2_sp2_and_pp2_tp2_with_tensor_parallel_sequence_parallelism_equal_one_process(reference):

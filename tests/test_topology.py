@@ -137,11 +137,11 @@ def test_the_70b_recipe_fits_without_recomputation_thanks_to_the_tp_sequence_spl
     recipe = str(ROOT / "cluster_configs/h100_70b_8node.yaml")
     whole = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", "--set",
                             "parallel.tp_sequence_parallel=false"], capture_output=True, text=True, check=True).stdout
-    assert "exceeds the 80 GiB card" in whole and "fits alone: parallel.tp_sequence_parallel=true (peak 70.43 GiB)" in whole
+    assert "exceeds the 80 GiB card" in whole and "fits alone: parallel.tp_sequence_parallel=true (peak 52.93 GiB)" in whole
     split = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe], capture_output=True, text=True,
                            check=True).stdout
     assert "activation_checkpointing: false" in split and "tp_sequence_parallel: true" in split
-    assert "# card: fits, peak 70.43 GiB of 80 GiB" in split
+    assert "# card: fits, peak 52.93 GiB of 80 GiB" in split
 
 
 def test_plan_estimates_the_step_time_from_a_stated_roofline():

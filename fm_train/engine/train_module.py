@@ -176,7 +176,8 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
             module = wrap(build_dense_model(cfg, family, init), loss)
     else:
         assert groups is not None  # _check raised otherwise
-        tp = TPGroup.from_groups(groups, sequence_parallel=p.tp_sequence_parallel)
+        tp = TPGroup.from_groups(groups, sequence_parallel=p.tp_sequence_parallel,
+                                 regather=not p.activation_checkpointing)
         if p.pp > 1:
             module = modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
                                             activation_checkpointing=p.activation_checkpointing)

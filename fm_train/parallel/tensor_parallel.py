@@ -41,13 +41,16 @@ class TPGroup:
     size: int = 1
     #: Outside the tp regions, activations hold this rank's ``seq / size`` tokens (Megatron's sequence parallelism).
     sequence_parallel: bool = False
+    #: With the sequence split: regions keep only this rank's chunk of their gathered input for backward and
+    #: gather it again then (off when blocks are recomputed, which keeps nothing of a region anyway).
+    regather: bool = True
 
     @classmethod
-    def from_groups(cls, groups: ParallelGroups, sequence_parallel: bool = False) -> "TPGroup":
+    def from_groups(cls, groups: ParallelGroups, sequence_parallel: bool = False, regather: bool = True) -> "TPGroup":
         """The calling rank's tp group out of its :class:`ParallelGroups`."""
         return cls(groups.get_tensor_model_parallel_group(), groups.get_tensor_model_parallel_rank(),
                    groups.get_tensor_model_parallel_world_size(), sequence_parallel and
-                   groups.get_tensor_model_parallel_world_size() > 1)
+                   groups.get_tensor_model_parallel_world_size() > 1, regather)
 
     def split(self, n: int, what: str) -> int:
         """Size of this rank's share of ``n`` (``what`` names the dimension in the error)."""
@@ -341,6 +344,61 @@ def _copy_in_hook(tp: TPGroup):
     return hook
 
 
+class _Regathered:
+    """What a region keeps for backward in place of its gathered input: this rank's chunk, gathered again
+    (once, for every saved use of it) when backward first needs it."""
+
+    def __init__(self, local: torch.Tensor, tp: TPGroup) -> None:
+        self.local, self.tp = local, tp
+        self.full: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.full is None:
+            self.full = _gather_sequence(self.local, self.tp)
+        return self.full
+
+
+def _regathering_region(module: nn.Module, tp: TPGroup) -> None:
+    """Under the sequence split, enter ``module``'s region with the gathered sequence but let the tensors its
+    layers save for backward keep only this rank's chunk of it (Megatron's linears do the same): the
+    whole sequence is gathered again in backward. Saved-tensor hooks are active for the region's forward
+    only; without them each region would keep ``seq x hidden`` whole on every tp rank."""
+    state: dict[str, object] = {}
+
+    def pre(_module: nn.Module, args: tuple) -> tuple:
+        local = args[0]
+        full = _GatherSequence.apply(local, tp)
+        if not torch.is_grad_enabled():
+            return (full, *args[1:])
+        keep = _Regathered(local.detach(), tp)
+        storage, numel = full.untyped_storage().data_ptr(), full.numel()
+
+        def pack(t: torch.Tensor) -> object:
+            if t.numel() == numel and t.is_contiguous() and t.untyped_storage().data_ptr() == storage:
+                return (keep, t.shape)
+            return t
+
+        def unpack(packed: object) -> torch.Tensor:
+            if isinstance(packed, tuple):
+                again, shape = packed
+                return again.get().view(shape)
+            return packed  # type: ignore[return-value]
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        hooks.__enter__()
+        state["hooks"] = hooks
+        return (full, *args[1:])
+
+    def post(_module: nn.Module, _args: tuple, output: object) -> object:
+        hooks = state.pop("hooks", None)
+        if hooks is not None:
+            hooks.__exit__(None, None, None)  # type: ignore[attr-defined]
+        return output
+
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post, always_call=True)
+
+
 def _copy_out_hook(tp: TPGroup):
     def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
         return copy_to_tp(output, tp)
@@ -441,7 +499,10 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
             _shard_own_parameter(model, name, dim, tp)
     for name, module in model.named_modules():
         if plan.is_region(name):
-            module.register_forward_pre_hook(_copy_in_hook(tp))
+            if tp.sequence_parallel and tp.regather:
+                _regathering_region(module, tp)
+            else:
+                module.register_forward_pre_hook(_copy_in_hook(tp))
         if plan.is_output_into_tp(name):
             module.register_forward_hook(_copy_out_hook(tp))
         if plan.sums_grads(name):

@@ -74,9 +74,14 @@ def activation_bytes_per_layer(cfg: Any) -> float:
     s, b, h, f = cfg.data.seq_len, cfg.train.micro_batch, m.hidden, m.ffn_hidden
     kv = _kv_width(m)
     elt = 4 if cfg.precision == "fp32" else 2
-    # Both norms' inputs and outputs: whole on every tp rank, or split with the sequence inside tp; then
-    # each region's gathered input (what its column-parallel linears keep for backward) is whole again.
-    replicated = 4 * h / tp + 2 * h if cfg.parallel.tp_sequence_parallel and tp > 1 else 4 * h
+    # Both norms' inputs and outputs: whole on every tp rank, or split with the sequence inside tp. With the
+    # split each region's gathered input is kept as this rank's chunk and gathered again in backward; when
+    # blocks are recomputed that is off, and the recomputed block keeps it whole.
+    p = cfg.parallel
+    if p.tp_sequence_parallel and tp > 1:
+        replicated = 6 * h / tp if not p.activation_checkpointing else 4 * h / tp + 2 * h
+    else:
+        replicated = 4 * h
     sharded = (h + 2 * kv) + 2 * h + 4 * f  # q/k/v, attention out + o_proj input, gate/up/silu/product
     return s * b * (replicated + sharded / tp) * elt
 
