@@ -69,9 +69,10 @@ def choose_layout(cfg: FmConfig, slots_per_node: Sequence[int]) -> Layout | str:
     rejected = []
     for workers in range(full.workers - model_parallel, floor - 1, -model_parallel):
         dp = workers // model_parallel
-        if dp % cfg.parallel.ep or dp % cfg.parallel.sp:
-            rejected.append(f"{workers} workers (dp {dp} is not a multiple of parallel.ep={cfg.parallel.ep} and"
-                            f" parallel.sp={cfg.parallel.sp})")
+        carved = [f"parallel.{axis}={size}" for axis, size in (("ep", cfg.parallel.ep), ("sp", cfg.parallel.sp))
+                  if dp % size]
+        if carved:
+            rejected.append(f"{workers} workers (dp {dp} is not a multiple of {' and '.join(carved)})")
             continue
         readers = dp // cfg.parallel.sp  # the sp ranks of a group share their samples
         if per_replica % (cfg.train.micro_batch * readers):

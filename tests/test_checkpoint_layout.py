@@ -88,7 +88,7 @@ def test_load_refuses_other_model_shape_or_tokenizer(tmp_path: Path) -> None:
 def test_manifest_records_versions_and_layers(tmp_path: Path) -> None:
     d = _fake_step(tmp_path, 7, complete=True)
     m = json.loads((d / "manifest.json").read_text())
-    assert m["step"] == 7 and m["topology"] == {"world": 2, "dp": 2, "tp": 1, "pp": 1, "ep": 1, "zero_stage": 2,
+    assert m["step"] == 7 and m["topology"] == {"world": 2, "dp": 2, "tp": 1, "pp": 1, "ep": 1, "sp": 1, "zero_stage": 2,
                                                 "precision": "fp32"}
     assert {"torch", "deepspeed", "transformers", "fm_train", "python"} <= set(m["versions"])
     assert [e["module"] for e in m["layers"]] == ["model.embed_tokens", "model.layers.0", "model.layers.1",
