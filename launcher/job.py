@@ -172,12 +172,16 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _step(args: list[str], say: Say) -> int:
     """Run ``python -m launcher.steps ARGS`` with its output passed through; returns the exit code."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")]))}
+    from launcher.logsink import known_noise
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(project_root()), os.environ.get("PYTHONPATH")])),
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' weight-loading bars among the step's lines
     proc = subprocess.Popen([sys.executable, "-m", "launcher.steps", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     for line in proc.stdout:  # streamed: building a corpus or converting a 70B model takes a while
-        say(f"  {line.rstrip()}")
+        if not known_noise(line.rstrip()):
+            say(f"  {line.rstrip()}")
     return proc.wait()
 
 
