@@ -1,7 +1,7 @@
 """Tokens/s of fm-train against ``transformers.Trainer`` + DeepSpeed in the local recipe's layout: 2 ranks, ZeRO-2/3, fp32.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_engine_dist.py [--zero 2 3] [--rounds 2] [--steps 25] [--warmup 5]
-        [--glibc-malloc-variant] [--json PATH]
+        [--malloc-variants] [--json PATH]
 
 Both contenders run as 2 gloo processes started by ``torchrun --nproc_per_node 2`` with
 ``OMP_NUM_THREADS=1`` (one thread per rank, as ``cluster_configs/local.yaml``'s workers), train the
@@ -11,10 +11,11 @@ global batch of 8 x 128 tokens, 4 sequences per rank, fp32, AdamW, clip 1.0, cos
 * ``fm-train``: what ``fm-train worker`` runs per step, minus the data reader: ``ParallelGroups``,
   ``build_train_module``, ``build_engine`` (fm-train's DeepSpeed config), ``fm_train.engine.train``
   with the metrics sink on rank 0 (a record every 10 steps), the per-step stop-flag poll over the
-  control group, and the worker's malloc setting (``fm_train.worker.return_freed_memory_to_os``:
-  glibc's mmap threshold fixed at 128 KiB).
-* ``fm-train/glibc-malloc`` (with ``--glibc-malloc-variant``): the same without that malloc setting,
-  to measure what it costs.
+  control group, and the worker's allocator policy (``fm_train.dist.host_memory``: glibc's mmap
+  threshold fixed at 64 MiB, ``malloc_trim`` after every step).
+* with ``--malloc-variants``, the same under the other policies, to measure what each costs:
+  ``fm-train/small-mmap`` (the 128 KiB threshold the worker used before) and ``fm-train/glibc``
+  (glibc untouched).
 * ``trainer``: ``transformers.Trainer`` with ``TrainingArguments(deepspeed=<dict>)``, the ZeRO config
   of the Hugging Face DeepSpeed guide (``auto`` values, ``overlap_comm``, its bucket sizes), the
   Trainer's own ``adamw_torch`` and cosine schedule (so the optimizer is ``torch.optim.AdamW`` on
@@ -55,8 +56,8 @@ WORLD = 2
 MICRO = 4  # per rank: 2 x 4 = bench_engine.py's global batch of 8 sequences
 LOG_EVERY = 10
 CONTENDERS = ("fm-train", "trainer")
-GLIBC_VARIANT = "fm-train/glibc-malloc"
-ROLES = (*CONTENDERS, GLIBC_VARIANT)
+MALLOC_VARIANTS = {"fm-train/small-mmap": "small", "fm-train/glibc": "glibc"}
+ROLES = (*CONTENDERS, *MALLOC_VARIANTS)
 Stamp = tuple[float, float]  # (wall clock, this process's CPU time) at a step's end
 
 
@@ -67,10 +68,10 @@ def rank_rows(rank: int):
     return ids[rows].contiguous(), labels[rows].contiguous()
 
 
-def fm_train_rank(zero: int, steps: int, out: Path, *, tune_malloc: bool = True) -> None:
+def fm_train_rank(zero: int, steps: int, out: Path, *, malloc: str | None = None) -> None:
     """One torchrun rank of fm-train's worker loop on the fixed batch; rank 0 writes its step times.
 
-    ``tune_malloc``: apply the worker's glibc setting (``return_freed_memory_to_os``), as a real rank does.
+    ``malloc``: the allocator policy (:mod:`fm_train.dist.host_memory`; None: the worker's default).
     """
     from fm_train.config import build_config
     from fm_train.dist.env import RankEnv, ensure_extension_cache
@@ -82,13 +83,12 @@ def fm_train_rank(zero: int, steps: int, out: Path, *, tune_malloc: bool = True)
     from fm_train.engine.loop import throughput_spec
     from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
-    from fm_train.worker import return_freed_memory_to_os
+    from fm_train.dist.host_memory import HostMemory
 
     import torch
 
     env = RankEnv.from_environ()
-    if tune_malloc:
-        return_freed_memory_to_os()
+    host_memory = HostMemory.configure(malloc, gpu=False)
     ensure_extension_cache()
     init_distributed(env)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -109,7 +109,7 @@ def fm_train_rank(zero: int, steps: int, out: Path, *, tune_malloc: bool = True)
         stamps: list[Stamp] = []
         train(engine, batches, state, cfg, sink=sink, group=groups.get_data_parallel_group(), stop=lambda: False,
               control_group=groups.control, hooks=[lambda _e, _s: stamps.append(_stamp())],
-              spec=throughput_spec(cfg, family, engine.device))
+              spec=throughput_spec(cfg, family, engine.device), after_step=host_memory.trim)
         sink.close()
         with torch.no_grad():
             loss = float(engine(ids, labels).item())  # a sanity check: trained, well below log(vocab) = 8.3
@@ -255,8 +255,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds per ZeRO stage (order alternates)")
     parser.add_argument("--steps", type=int, default=25, help="steps per launch")
     parser.add_argument("--warmup", type=int, default=5, help="first step times of each launch left out")
-    parser.add_argument("--glibc-malloc-variant", action="store_true",
-                        help="also run fm-train without the worker's malloc setting")
+    parser.add_argument("--malloc-variants", action="store_true",
+                        help="also run fm-train under the other allocator policies (128 KiB mmap threshold; glibc's own)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--role", choices=ROLES, help=argparse.SUPPRESS)  # set for the torchrun ranks
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -265,7 +265,7 @@ def main() -> int:
         if args.role == "trainer":
             trainer_rank(args.zero[0], args.steps, args.out)
         else:
-            fm_train_rank(args.zero[0], args.steps, args.out, tune_malloc=args.role == "fm-train")
+            fm_train_rank(args.zero[0], args.steps, args.out, malloc=MALLOC_VARIANTS.get(args.role))
         return 0
     from fm_train.dist.env import ensure_extension_cache
 
@@ -276,7 +276,7 @@ def main() -> int:
         log = work / "ranks.log"
         try:
             for zero in args.zero:
-                roles = ROLES if args.glibc_malloc_variant else CONTENDERS
+                roles = ROLES if args.malloc_variants else CONTENDERS
                 results.append(compare(zero, roles, args.rounds, args.steps, args.warmup, work, log))
         except SystemExit:
             print(log.read_text()[-6000:], file=sys.stderr)

@@ -65,10 +65,10 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         from fm_train.engine import build_engine
         from fm_train.engine.train_module import build_train_module
         from fm_train.families import family_of
-        from fm_train.worker import return_freed_memory_to_os
+        from fm_train.dist.host_memory import HostMemory
 
         torch.set_num_threads(1)
-        return_freed_memory_to_os()
+        HostMemory.configure("small", gpu=False)  # freed activations leave RSS at once: a step's peak is its own
         ensure_extension_cache()
         init_distributed(RankEnv.from_environ())
         cfg = make_config(opts["seq"], opts["layout"], opts["steps"], opts["documents"], opts["preset"])

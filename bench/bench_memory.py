@@ -7,7 +7,7 @@ Each rank is a real process (gloo, 1 thread) that does what the worker does minu
 ``build_train_module`` (ZeRO-3: built partitioned under ``deepspeed.zero.Init``), ``build_engine``
 with the config the worker renders, then ``--steps`` optimizer steps on a random micro-batch
 (activation checkpointing on), after the worker's allocator setting
-(``fm_train.worker.return_freed_memory_to_os``; ``--keep-malloc`` skips it). A sampler thread reads the process's RSS every 20 ms; each phase's
+(``fm_train.dist.host_memory``, its trim after every step; ``--malloc small|glibc`` picks another). A sampler thread reads the process's RSS every 20 ms; each phase's
 peak is reported, and the overall peak is checked against ``ru_maxrss``. The planner's figure is
 ``fm_train.plan.memory.estimate_memory(cfg, family, device="cpu").device_total`` for the same config.
 Goal: the planner within 25 % of the measured peak of the busiest rank.
@@ -89,8 +89,8 @@ def make_config(preset: str, seq: int, workers: int, steps: int, zero: int, laye
 
 def rank_environment(rank: int, world: int, port: int) -> None:
     """The torchrun-style environment of one local rank (1 thread), as the launcher sets it."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
 
 
 def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any) -> None:
@@ -105,11 +105,10 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         from fm_train.dist.process_group import shutdown_distributed
         from fm_train.engine.train_module import build_train_module
         from fm_train.families import family_of
-        from fm_train.worker import return_freed_memory_to_os
+        from fm_train.dist.host_memory import HostMemory
 
         torch.set_num_threads(1)
-        if not opts["keep_malloc"]:
-            return_freed_memory_to_os()  # as the worker does
+        host_memory = HostMemory.configure(opts["malloc"], gpu=False)  # as the worker does
         ensure_extension_cache()
         init_distributed(RankEnv.from_environ())
         cfg = make_config(opts["preset"], opts["seq"], world, opts["steps"], opts["zero"], opts["layers"])
@@ -133,6 +132,7 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
             engine.backward(loss)
             sampler.enter(f"step{step + 1}.optimizer")
             engine.step()
+            host_memory.trim()  # as the training loop does after each step
             losses.append(loss.item())
             times[f"step{step + 1}_s"] = time.perf_counter() - t0
         peaks = sampler.stop()
@@ -151,19 +151,22 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--zero", type=int, default=3, choices=[0, 1, 2, 3])
     parser.add_argument("--layers", type=int, default=None, help="override the preset's n_layers")
-    parser.add_argument("--keep-malloc", action="store_true",
-                        help="leave glibc's dynamic mmap threshold on (the worker turns it off)")
+    parser.add_argument("--malloc", choices=["reuse", "small", "glibc"], default=None,
+                        help="the allocator policy (fm_train.dist.host_memory; default: the worker's)")
     parser.add_argument("--min-free-gib", type=float, default=0.5,
                         help="stop the ranks when the machine's available memory falls below this (default 0.5)")
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
+    from fm_train.engine.build import memory_budget_gib
     from fm_train.families import family_of
-    from fm_train.plan.memory import estimate_memory, format_memory
+    from fm_train.plan.memory import estimate_memory, format_memory, zero3_live_blocks
 
     cfg = make_config(args.preset, args.seq, args.workers, args.steps, args.zero, args.layers)
     family = family_of(cfg.model)
-    est = estimate_memory(cfg, family, device="cpu")
+    os.environ["LOCAL_WORLD_SIZE"] = str(args.workers)  # the ranks' budget: ZeRO-3's gathered blocks as the engine's
+    live = zero3_live_blocks(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
+    est = estimate_memory(cfg, family, device="cpu", live_blocks=live)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -195,7 +198,15 @@ def main() -> int:
     print(f"{args.preset}{f' with {args.layers} layers' if args.layers else ''}: {family.sizes.parameter_count(cfg.model):,} params, ZeRO-{args.zero}, dp {cfg.dp}, seq {args.seq},"
           f" micro 1, fp32, activation checkpointing; wall {time.perf_counter() - start:.0f} s")
     print(f"measured peak RSS (busiest rank) {measured:.2f} GiB; planner {predicted:.2f} GiB;"
-          f" planner / measured = {predicted / measured:.3f} (goal 0.75-1.25)")
+          f" planner / measured = {predicted / measured:.3f} (goal 0.75-1.25); ZeRO-3 gathers {live} blocks")
+    if args.steps >= 20:  # flat over the run: each step's peak, the first tenth after warm-up against the last
+        for r in sorted(results):
+            per_step = [max(v for k, v in results[r]["peaks_gib"].items() if k.startswith(f"step{n}."))
+                        for n in range(1, args.steps + 1)]
+            tenth = max(2, args.steps // 10)
+            early, late = max(per_step[5:5 + tenth]), max(per_step[-tenth:])
+            print(f"rank {r}: peak RSS per step {early:.3f} GiB (steps 6-{5 + tenth}) -> {late:.3f} GiB (last"
+                  f" {tenth}): {100 * (late / early - 1):+.1f} % (goal flat, < 5 %); highest {max(per_step):.3f} GiB")
     return 0
 
 

@@ -1,22 +1,41 @@
-"""MFU of fm-train on NVIDIA GPUs, next to a bare PyTorch loop on the same GPU in the same run.
+"""fm-train against an external reference on the same GPU: tokens/s, MFU and memory, eager and compiled.
 
-    .venv/bin/python bench/gpu_mfu.py --max-minutes 10 --json bench/gpu_mfu.json
+    .venv/bin/python bench/gpu_mfu.py --json bench/gpu_mfu.json          # one H100/H200, under 8 minutes
+    .venv/bin/python bench/gpu_mfu.py --cpu-smoke                        # the whole harness on CPU, tiny shape
 
-Without a GPU it prints one line saying so and exits 0. With one it trains the 1.1B preset
-(TinyLlama shape, seq 2048, bf16) and reports, per contender, tokens/s per GPU, achieved model
-TFLOP/s and MFU against two peaks: the GPU's *measured* bf16 matmul rate (8192^3, CUDA events) and
-its data-sheet figure (``fm_train/engine/flops.py``). FLOPs per token: ``fm_train.plan.flops``.
+The shape and the split come from the recipe (``--recipe``, default ``cluster_configs/h100_1b_1node.yaml``:
+the 1.1B preset, TinyLlama shape, seq 2048, bf16, its micro-batch x gradient accumulation, its ZeRO
+stage), run on one GPU. Four contenders, each in a fresh process (``gpu_mfu_runs.py`` says exactly what
+each trains and how it is timed):
 
-Runs, each in fresh processes (``gpu_mfu_runs.py``), while the time budget lasts:
+1. ``reference eager``: ``transformers.LlamaForCausalLM`` (SDPA, bf16, from the config, no download) in a
+   plain PyTorch loop: fp32 master weights and gradient accumulation, ``clip_grad_norm_``, fused AdamW;
+2. ``fm-train eager``: fm-train's DeepSpeed engine and training loop;
+3. ``reference compiled``: the same with ``torch.compile`` of each decoder layer;
+4. ``fm-train compiled``: ``parallel.compile=true`` (``torch.compile`` of each block).
 
-1. probe: device name, peaks;
-2. bare PyTorch loop on GPU 0; it also finds the micro-batch: the largest of ``--micro-batches``
-   (1,2,4,8) before the first that runs out of memory;
-3. fm-train on GPU 0 at that micro-batch (ZeRO ``--zero``, like ``h100_1b_1node.yaml``); if it runs
-   out of memory, both contenders are measured again at the next smaller micro-batch;
-4. with 2+ GPUs: fm-train data parallel over all of them, then tp2 and pp2 (4 micro-batches per step).
+Reported per contender: tokens/s per GPU, model TFLOP/s, MFU against the data-sheet peak
+(``fm_train/engine/flops.py``) and against the measured bf16 matmul peak (8192^3, CUDA events, in a probe
+process first), peak GPU memory, build and warm-up (compile) seconds apart from the timed ones; then
+fm-train / reference for eager/eager and compiled/compiled. One JSON line per contender, a one-paragraph
+``summary:`` at the end, everything in ``--json``. Goals (issue 29): MFU >= 45 % and >= 1.0 of the reference.
 
-Goals: fm-train / bare >= 0.95 and MFU >= 45 % (of the data-sheet peak) on one H100/H200.
+Out of memory: a contender that runs out of memory lowers the shared micro-batch to the next divisor that
+keeps the tokens per step (accumulation raised to match), and every contender already measured at the
+larger one is measured again, so both sides are always compared at the same split.
+
+How it stays inside 8 minutes on one H100 from a fresh machine: the venv is PyPI wheels only
+(``scripts/bootstrap.sh``; torch's CUDA wheel brings Triton) and nothing is built at run time: fm-train's
+AdamW is torch's fused one through DeepSpeed's ``torch_adam`` (no ``FusedAdam`` JIT build, no CUDA toolkit
+needed), and the fm-train result lists any DeepSpeed op built during the run (``ops_built_during_run``,
+expected empty). The bench's own clock (``--max-minutes``, default 7, from its start) holds: the probe gets
+at most 90 s; a run starts only if its expected need is left (eager 45 s, compiled 100 s) and gets at most
+its cap (eager 120 s, compiled 210 s, cold compile included) or what is left; inside, the run times its last
+warm-up step alone and cuts the timed steps (``--steps``, default 3, each ``grad_accum`` micro-batches) to
+what fits before its deadline. A run that cannot start, or whose warm-up left no room, is reported with a
+``skipped:`` line, and the summary names it. Compile warm-up is reported as ``warmup_s``, never timed.
+The needs and caps (``NEED_CAP_S``) are estimates until the first GPU run: set them from its ``build_s``,
+``warmup_s`` and ``wall_s``. Without a GPU it prints one line saying so and exits 0.
 """
 
 from __future__ import annotations
@@ -25,175 +44,137 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # gpu_mfu_common / gpu_mfu_runs, also when imported by the tests
 
-from gpu_mfu_common import next_smaller  # noqa: E402  (bench/ is on the path: this script's folder)
+from gpu_mfu_common import (  # noqa: E402
+    Budget,
+    Contender,
+    Split,
+    contenders,
+    measure_all,
+    ratios,
+    summary,
+    throughput,
+)
 
-GOAL_RATIO, GOAL_MFU = 0.95, 0.45
-
-
-# --- pure rules (unit-tested on CPU: tests/test_device.py; the micro-batch search: gpu_mfu_common.py) ---
-
-def throughput(*, tokens_per_step: int, steps: int, seconds: float, gpus: int, flops_per_token: float,
-               measured_peak: float, table_peak: float | None) -> dict[str, float | None]:
-    """tokens/s per GPU, achieved model TFLOP/s per GPU and MFU against both peaks."""
-    per_gpu = tokens_per_step * steps / seconds / gpus
-    achieved = per_gpu * flops_per_token
-    return {"tokens_per_s_per_gpu": per_gpu, "tflops_per_gpu": achieved / 1e12,
-            "mfu_measured": achieved / measured_peak if measured_peak else None,
-            "mfu_table": achieved / table_peak if table_peak else None}
-
-
-@dataclass(frozen=True)
-class Run:
-    """One measurement: which code, on how many GPUs, in which layout."""
-
-    name: str
-    kind: str  # "bare" | "fm_train"
-    world: int = 1
-    tp: int = 1
-    pp: int = 1
-    zero: int = 2
-    grad_accum: int = 1
+RECIPE = ROOT / "cluster_configs" / "h100_1b_1node.yaml"
+#: (seconds that must be left to start a run, the most it may take), eager and compiled, per device.
+NEED_CAP_S = {("cuda", False): (45.0, 120.0), ("cuda", True): (100.0, 210.0),
+              ("cpu", False): (10.0, 120.0), ("cpu", True): (15.0, 180.0)}
+#: --cpu-smoke: the tiny preset on CPU in fp32, blocks compiled with a tracing-only backend.
+SMOKE_OVERRIDES = ("model.preset=tiny", "precision=fp32", "data.seq_len=64")
 
 
-def multi_gpu_runs(gpus: int, zero: int) -> list[Run]:
-    """The layouts measured on a node with ``gpus`` GPUs beyond the one-GPU pair."""
-    if gpus < 2:
-        return []
-    return [Run(f"fm-train dp{gpus}", "fm_train", world=gpus, zero=zero),
-            Run("fm-train tp2", "fm_train", world=2, tp=2, zero=min(zero, 2)),
-            # ZeRO <= 1 with a pipeline (DeepSpeed); 4 micro-batches per step keep both stages busy.
-            Run("fm-train pp2", "fm_train", world=2, pp=2, zero=1, grad_accum=4)]
+def recipe_split(recipe: Path, overrides: Sequence[str]) -> tuple[Split, Any]:
+    """The recipe's micro-batch and gradient accumulation (at its own world size) and its config."""
+    from fm_train.config import load_config
+
+    cfg = load_config(recipe, list(overrides))
+    return Split(cfg.train.micro_batch, cfg.train.grad_accum), cfg
 
 
-class Budget:
-    """Wall-clock budget of the whole bench."""
-
-    def __init__(self, minutes: float) -> None:
-        self.deadline = time.monotonic() + minutes * 60
-
-    def left_s(self) -> float:
-        return self.deadline - time.monotonic()
-
-
-# --- orchestration -----------------------------------------------------------------------------
-
-def _job(args: argparse.Namespace, run: Run, micro_batch: int | None, search: Sequence[int] = ()) -> dict[str, Any]:
-    return {"preset": args.preset, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
-            "micro_batch": micro_batch, "search": list(search), "world": run.world, "tp": run.tp, "pp": run.pp,
-            "zero": run.zero, "grad_accum": run.grad_accum, "compile": args.compile, "device": args.device}
-
-
-def _measure(args: argparse.Namespace, budget: Budget, run: Run, micro_batch: int | None,
-             search: Sequence[int] = ()) -> dict[str, Any]:
+def _measure(args: argparse.Namespace, budget: Budget, probe: dict, run: Contender, split: Split) -> dict[str, Any]:
+    """One contender in a fresh process, within its share of the budget; its report line."""
     import gpu_mfu_runs as runs
 
-    if budget.left_s() < 45:
-        return {"error": "skipped: time budget spent"}
-    fn = runs.bare if run.kind == "bare" else runs.fm_train
-    started = time.monotonic()
-    results = runs.spawn(fn, _job(args, run, micro_batch, search), world=run.world, timeout_s=budget.left_s())
-    errors = [r["error"] for r in results if "error" in r]
-    result = {"error": errors[0]} if errors else results[0]
-    result["wall_s"] = round(time.monotonic() - started, 1)
-    return result
-
-
-def _report(name: str, result: dict[str, Any], run: Run, args: argparse.Namespace, peaks: dict[str, Any]) -> dict:
-    from fm_train.config import build_config
-    from fm_train.families import family_of
-
-    if "error" in result:
-        line = {"name": name, "error": result["error"][-600:], "wall_s": result.get("wall_s")}
+    head = {"name": run.name, "kind": run.kind, "compiled": run.compiled}
+    need, cap = NEED_CAP_S[(args.device, run.compiled)]
+    grant = budget.grant(need, cap)
+    if grant is None:
+        line = {**head, "error": f"skipped: {max(0.0, budget.left_s()):.0f} s left of the --max-minutes budget,"
+                                 f" this run needs about {need:.0f} s"}
         print(json.dumps(line), flush=True)
         return line
-    model = build_config({"model": {"preset": args.preset}}).model
-    family = family_of(model)
-    shape = family.modules().args(model)
-    dp = run.world // (run.tp * run.pp)
-    tokens_per_step = result["micro_batch"] * run.grad_accum * dp * args.seq
-    line = {"name": name, **result, **throughput(
-        tokens_per_step=tokens_per_step, steps=result["steps"], seconds=result["seconds"], gpus=run.world,
-        flops_per_token=family.sizes.flops_per_token(shape, args.seq), measured_peak=peaks["measured_peak"],
-        table_peak=peaks["table_peak"])}
+    job = {"recipe": str(args.recipe), "overrides": args.overrides, "device": args.device,
+           "micro_batch": split.micro_batch, "grad_accum": split.grad_accum, "compiled": run.compiled,
+           "compile_backend": args.compile_backend, "warmup": args.warmup, "steps": args.steps}
+    started = time.monotonic()
+    result = runs.spawn(runs.reference if run.kind == "reference" else runs.fm_train, job, timeout_s=grant)[0]
+    line = {**head, "micro_batch": split.micro_batch, "grad_accum": split.grad_accum, **result,
+            "wall_s": round(time.monotonic() - started, 1)}
+    if "error" not in line:
+        tokens_per_step = split.micro_batch * split.grad_accum * args.seq
+        line.update(tokens_per_step=tokens_per_step, **throughput(
+            tokens_per_step=tokens_per_step, steps=result["steps"], seconds=result["seconds"], gpus=1,
+            flops_per_token=args.flops_per_token, measured_peak=probe["measured_peak"],
+            table_peak=probe["table_peak"]))
+    else:
+        line["error"] = str(line["error"])[-1500:]
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in line.items()}), flush=True)
     return line
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--max-minutes", type=float, default=10.0, help="stop starting runs after this (default 10)")
-    parser.add_argument("--preset", default="1.1b")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--micro-batches", default="1,2,4,8", help="candidates of the micro-batch search")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3])
-    parser.add_argument("--compile", action="store_true", help="parallel.compile=true for fm-train")
-    parser.add_argument("--single-gpu-only", action="store_true", help="skip the multi-GPU layouts")
+    parser.add_argument("--recipe", type=Path, default=RECIPE, help="the recipe whose shape and split are measured")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for both contenders (repeatable)")
+    parser.add_argument("--max-minutes", type=float, default=7.0, help="the bench's whole budget (default 7)")
+    parser.add_argument("--micro-batch", type=int, help="start at this micro-batch instead of the recipe's")
+    parser.add_argument("--grad-accum", type=int, help="with --micro-batch: accumulation instead of the recipe's")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps, the compile included (default 2)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, each grad_accum micro-batches (default 3)")
+    parser.add_argument("--modes", default="eager,compiled", help="eager, compiled or both (default both)")
     parser.add_argument("--json", type=Path, help="write every result here")
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                        help="cpu: a smoke run of every code path on a machine without a GPU (tiny shapes; no figures)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="run the whole harness on CPU: tiny preset, seq 64, fp32, micro-batch 2 x 2,"
+                             " blocks compiled with the aot_eager backend (no figures worth keeping)")
     args = parser.parse_args(argv)
-    budget = Budget(args.max_minutes)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1 (the last warm-up step sets the timed steps)")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - {"eager", "compiled"}:
+        parser.error(f"--modes {args.modes!r}: give eager, compiled or eager,compiled")
+    args.compiled_modes = [m == "compiled" for m in ("eager", "compiled") if m in modes]
+    args.device, args.compile_backend = ("cpu", "aot_eager") if args.cpu_smoke else ("cuda", "inductor")
+    if args.cpu_smoke:
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
+        args.micro_batch, args.grad_accum = args.micro_batch or 2, args.grad_accum or 2
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = Budget(args.max_minutes * 60)
 
     import torch
 
-    if args.device == "cuda" and (not torch.cuda.is_available() or torch.cuda.device_count() == 0):
+    if not args.cpu_smoke and (not torch.cuda.is_available() or torch.cuda.device_count() == 0):
         print(f"gpu_mfu: skipped: no CUDA GPU visible (torch {torch.__version__}, CUDA build {torch.version.cuda})")
         return 0
     import gpu_mfu_runs as runs
 
-    gpus = torch.cuda.device_count() if args.device == "cuda" else 2
-    peaks = runs.spawn(runs.probe, {"device": args.device}, world=1, timeout_s=min(180.0, budget.left_s()))[0]
-    if "error" in peaks:
-        print(f"gpu_mfu: probe failed: {peaks['error']}")
+    from fm_train.families import family_of
+
+    split, cfg = recipe_split(args.recipe, args.overrides)
+    if args.micro_batch:
+        split = Split(args.micro_batch, args.grad_accum or split.grad_accum)
+    args.seq = cfg.data.seq_len
+    args.flops_per_token = family_of(cfg.model).sizes.flops_per_token(cfg.model, args.seq)
+    probe = runs.spawn(runs.probe, {"device": args.device}, timeout_s=min(90.0, budget.left_s()))[0]
+    if "error" in probe:
+        print(f"gpu_mfu: probe failed: {probe['error']}")
         return 1
-    print(json.dumps({"probe": peaks, "gpus": gpus}), flush=True)
-    candidates = [int(c) for c in args.micro_batches.split(",")]
-    lines: list[dict] = []
+    print(json.dumps({"probe": probe, "recipe": str(args.recipe), "preset": cfg.model.preset, "seq": args.seq,
+                      "precision": cfg.precision, "zero_stage": cfg.parallel.zero_stage, "split": split._asdict(),
+                      "flops_per_token": args.flops_per_token}), flush=True)
 
-    bare_run, fm_run = Run("bare", "bare"), Run(f"fm-train zero{args.zero}", "fm_train", zero=args.zero)
-    bare = _measure(args, budget, bare_run, None, search=candidates)
-    micro_batch = bare.get("micro_batch")
-    fm = _measure(args, budget, fm_run, micro_batch) if micro_batch else {"error": "no micro-batch"}
-    while fm.get("error") == "oom" and micro_batch is not None:
-        micro_batch = next_smaller(candidates, micro_batch)
-        if micro_batch is None:
-            break
-        print(f"fm-train ran out of memory; both contenders again at micro-batch {micro_batch}", flush=True)
-        bare = _measure(args, budget, bare_run, micro_batch)
-        fm = _measure(args, budget, fm_run, micro_batch)
-    lines.append(_report("bare", bare, bare_run, args, peaks))
-    lines.append(_report(fm_run.name, fm, fm_run, args, peaks))
-    if not args.single_gpu_only and micro_batch:
-        for run in multi_gpu_runs(gpus, args.zero):
-            lines.append(_report(run.name, _measure(args, budget, run, micro_batch), run, args, peaks))
-
-    summary = _summary(lines[0], lines[1], peaks, args.seq)
-    print(summary, flush=True)
+    results, notes = measure_all(contenders(args.compiled_modes), split,
+                                 lambda run, at: _measure(args, budget, probe, run, at))
+    pair_ratios = ratios(results)
+    text = summary(probe["device"], results, pair_ratios, notes)
+    print(text, flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"probe": peaks, "gpus": gpus, "args": vars(args) | {"json": str(args.json)},
-                                         "runs": lines, "summary": summary}, indent=2) + "\n")
+        report = {"probe": probe, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                  "recipe_split": split._asdict(), "runs": results, "ratios": pair_ratios, "notes": notes,
+                  "budget_used_s": round(args.max_minutes * 60 - budget.left_s(), 1), "summary": text}
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
-
-
-def _summary(bare: dict, fm: dict, peaks: dict, seq: int) -> str:
-    if "error" in bare or "error" in fm:
-        return "summary: incomplete (see the error lines above)"
-    ratio = fm["tokens_per_s_per_gpu"] / bare["tokens_per_s_per_gpu"]
-    mfu = fm["mfu_table"]
-    mfu_text = "n/a (GPU not in the peak table)" if mfu is None else f"{mfu:.1%}"
-    return (f"summary: {peaks['device']}: fm-train / bare = {ratio:.3f} (goal >= {GOAL_RATIO}),"
-            f" fm-train MFU {mfu_text} of data sheet (goal >= {GOAL_MFU:.0%}),"
-            f" {fm['mfu_measured']:.1%} of measured matmul peak {peaks['measured_peak'] / 1e12:.0f} TFLOP/s;"
-            f" micro-batch {fm['micro_batch']} x seq {seq}")
 
 
 if __name__ == "__main__":

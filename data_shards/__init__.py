@@ -37,6 +37,7 @@ Public API (what the training engine calls)::
     build_default_corpus(out_dir, *, vocab_size: int, seq_len: int, workers: int = 1,
                          max_bytes: int | None = None) -> Path
         Shards of this interpreter's standard library source (offline demo data), built once.
+        DEFAULT_CORPUS_VOCAB: its tokenizer's size when the model's vocabulary is ``auto``.
 
     cli.add_shard_arguments(parser) / cli.run_shard(args) -> int: the ``fm-train shard`` command.
 
@@ -60,14 +61,14 @@ from .errors import BadShardError, DataError
 _EXPORTS = {
     "check_sources": "sources", "SourcesInfo": "sources", "verify_directory": "sources",
     "make_train_loader": "loader", "make_val_loader": "loader", "DataStream": "loader",
-    "build_default_corpus": "corpus", "build_shards": "build", "BuildOptions": "build", "BuildSummary": "build",
+    "build_default_corpus": "corpus", "DEFAULT_CORPUS_VOCAB": "corpus", "build_shards": "build", "BuildOptions": "build", "BuildSummary": "build",
     "ShardCache": "shard_cache", "MaskedLM": "masking",
 }
 __all__ = ["BadShardError", "DataError", *_EXPORTS, "MaskedLM"]
 
 if TYPE_CHECKING:
     from .build import BuildOptions, BuildSummary, build_shards
-    from .corpus import build_default_corpus
+    from .corpus import DEFAULT_CORPUS_VOCAB, build_default_corpus
     from .loader import DataStream, make_train_loader, make_val_loader
     from .masking import MaskedLM
     from .shard_cache import ShardCache

@@ -16,6 +16,9 @@ from .index import INDEX_NAME
 from .inputs import InputFile
 
 DEFAULT_MAX_BYTES = 3_000_000  # about 1 M tokens: builds in well under a minute on 2 cores
+#: The tokenizer vocabulary of a default corpus built for a model whose vocabulary is ``auto`` (a BPE of
+#: this size suits the ~1 M tokens; the model then takes this plus its family's special tokens).
+DEFAULT_CORPUS_VOCAB = 4096
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 

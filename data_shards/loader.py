@@ -15,7 +15,7 @@ import itertools
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .errors import BadShardError, DataError
 from .masking import MaskedLM
 from .order import Mixer, SourceOrder, StreamOrder, ValOrder, val_counts
+from .schedule import Phase, ScheduledMixer, static_signature
 from .sample_reader import SampleReader
 from .shard_cache import ShardCache
 from .sources import SourcesInfo, bad_shard_message, check_sources, shard_problem
@@ -75,7 +76,8 @@ class _RankBatches(IterableDataset):
             else:  # next-token prediction: the sample shifted by one
                 inputs, labels = tokens[:, :-1], tokens[:, 1:]
             item = {"step": m, "input_ids": torch.from_numpy(inputs.astype(np.int64)),
-                    "labels": torch.from_numpy(labels.astype(np.int64))}
+                    "labels": torch.from_numpy(labels.astype(np.int64)),
+                    "source_ids": torch.from_numpy(located[0].astype(np.int64))}
             if self.eos_id is not None:
                 item["document_ids"] = torch.from_numpy(document_ids(inputs, self.eos_id))
             yield item
@@ -89,8 +91,9 @@ def document_ids(tokens: np.ndarray, eos_id: int) -> np.ndarray:
 
 
 class DataStream:
-    """Batches of one dp rank: dicts with input_ids, labels (torch.long [micro_batch, seq_len]), state, receipt,
-    and with ``documents`` document_ids (torch.int32, the same shape: :func:`document_ids`).
+    """Batches of one dp rank: dicts with input_ids, labels (torch.long [micro_batch, seq_len]), source_ids
+    (torch.long [micro_batch]: each sample's source index), state, receipt, and with ``documents``
+    document_ids (torch.int32, the same shape as input_ids: :func:`document_ids`).
 
     Each ``iter()`` starts from the state the stream was made with. ``info`` describes the data and
     ``skipped_shards`` lists shards left out under ``on_bad_shard="skip"``.
@@ -126,7 +129,8 @@ class DataStream:
             receipt = receipt_update(receipt, positions, self._order.sample_ids(*self._order.locate(positions)))
             position = int(positions[-1]) + 1
             consumed, epochs = self._order.epochs(position) if self._kind == "train" else ([], [])
-            batch = {"input_ids": item["input_ids"], "labels": item["labels"], "receipt": f"{receipt:016x}",
+            batch = {"input_ids": item["input_ids"], "labels": item["labels"], "source_ids": item["source_ids"],
+                     "receipt": f"{receipt:016x}",
                      "state": make_state(self._kind, position, receipt, consumed, epochs, self._plan.skipped,
                                          self._plan.config)}
             if "document_ids" in item:
@@ -139,7 +143,8 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
                       verify_sha256: bool = True, val_fraction: float = 0.0, shuffle: str = "global",
                       shuffle_window: int = 1024, state: dict | None = None,
                       skip_shards: Iterable[str] = (), cache: ShardCache | None = None,
-                      objective: MaskedLM | None = None, documents: bool = False) -> DataStream:
+                      objective: MaskedLM | None = None, documents: bool = False,
+                      schedule: list[Phase] | None = None) -> DataStream:
     """Infinite training stream of one dp rank; pass a batch's ``state`` back to resume right after it.
 
     The state resumes exactly on any dp size and micro batch (the global order is the same; only
@@ -156,6 +161,9 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     EOS tokens), for attention kept within documents.
     ``verify_sha256``: check each shard's sha256 against index.json when this process (or, through
     markers, another of the node) first reads it (:mod:`data_shards.verify`); a mismatch is a bad shard.
+    ``schedule``: the sources' weights over global positions (:mod:`data_shards.schedule`) instead of the
+    static ``sources`` weights. A ``state`` resumes under another schedule (or static weights) only when
+    both order the positions it consumed the same way (what comes after may change).
     """
     _check_split(micro_batch, dp_rank, dp_size)
     if num_workers < 0:
@@ -163,10 +171,10 @@ def make_train_loader(sources: list[tuple[str, float]], *, seq_len: int, micro_b
     skip_also = set(state.get("skipped_shards", [])) if isinstance(state, dict) else set()
     skip_also |= set(skip_shards)
     plan = _make_plan(sources, seq_len, seed, on_bad_shard, verify_sha256, val_fraction, shuffle, shuffle_window,
-                      skip_also, cache)
+                      skip_also, cache, schedule)
     start, receipt = 0, 0
     if state is not None:
-        start, receipt, _ = parse_state(state, "train", plan.config)
+        start, receipt, _ = parse_state(state, "train", plan.config, mixture=_mixture_check(plan, len(sources)))
     return DataStream(plan, plan.train, kind="train", start=start, receipt=receipt, micro_batch=micro_batch,
                       dp_rank=dp_rank, dp_size=dp_size, num_workers=num_workers, num_steps=None, objective=objective,
                       documents=documents)
@@ -206,7 +214,7 @@ def _check_split(micro_batch: int, dp_rank: int, dp_size: int) -> None:
 
 def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad_shard: str, verify_sha256: bool,
                val_fraction: float, shuffle: str, shuffle_window: int, skip_also: set[str],
-               cache: ShardCache | None) -> _Plan:
+               cache: ShardCache | None, schedule: list[Phase] | None = None) -> _Plan:
     """Check the sources, find bad shards (the same on every rank: it depends only on the files) and orders.
 
     The start-up check is the cheap one (sizes and two headers per shard) whatever ``verify_sha256``:
@@ -242,9 +250,12 @@ def _make_plan(sources: list[tuple[str, float]], seq_len: int, seed: int, on_bad
         val_orders.append(ValOrder(samples - val, val))  # tails start after the shard's train samples
     weights = [float(w) for _, w in sources]
     first = [np.array([e.first_sample for e in ix.shards], dtype=np.int64) for ix in info.indexes]
-    mixer = Mixer(weights)
-    config = {"seed": seed, "weights": mixer.weights, "shuffle": shuffle, "shuffle_window": shuffle_window,
-              "val_fraction": val_fraction, "samples": [ix.num_samples for ix in info.indexes]}
+    mixer: Mixer | ScheduledMixer = Mixer(weights) if schedule is None else ScheduledMixer(schedule, len(sources))
+    config = {"seed": seed, "weights": mixer.weights if isinstance(mixer, Mixer) else None, "shuffle": shuffle,
+              "shuffle_window": shuffle_window, "val_fraction": val_fraction,
+              "samples": [ix.num_samples for ix in info.indexes]}
+    if schedule is not None:  # absent without one: a static run's state is what it always was
+        config["schedule"] = [ph.to_json() for ph in schedule]
     return _Plan(info=info, train=StreamOrder(train_orders, mixer, first), val=_val_order(val_orders, weights, first),
                  reader=SampleReader(info.paths, info.indexes, cache, _verifier(info, cache) if verify_sha256 else None),
                  skipped=skipped, config=config)
@@ -273,3 +284,31 @@ def _val_order(orders: list[ValOrder], weights: list[float], first: list[np.ndar
     if not keep:
         return None
     return StreamOrder([orders[s] for s in keep], Mixer([weights[s] for s in keep]), first, sources=keep)
+
+
+def _signature(mixer: Mixer | ScheduledMixer, position: int) -> list[tuple]:
+    if isinstance(mixer, Mixer):
+        return static_signature(mixer, position)
+    return mixer.signature(position)
+
+
+def _mixture_check(plan: _Plan, n_sources: int) -> Callable[[dict[str, Any], int], Optional[str]]:
+    """How a saved state's mixture (static weights or schedule) is compared with this plan's: only the
+    part before the saved position must agree (see :mod:`data_shards.schedule`); returns what differs."""
+    def check(saved: dict[str, Any], position: int) -> Optional[str]:
+        try:
+            if saved.get("schedule") is not None:
+                before: Mixer | ScheduledMixer = ScheduledMixer(
+                    [Phase.from_json(p) for p in saved["schedule"]], n_sources)
+            else:
+                before = Mixer([float(w) for w in saved["weights"]])
+        except (DataError, KeyError, TypeError, ValueError) as exc:
+            return f"the saved mixture cannot be read ({exc})"
+        old, new = _signature(before, position), _signature(plan.train.mixer, position)
+        if old == new:
+            return None
+        at = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        start = min(seg[0] for seg in (old[at:at + 1] + new[at:at + 1]))
+        return (f"the mixture orders the {position} samples already consumed differently (first difference in the"
+                f" segment starting at position {start}); change only phases after the resumed step")
+    return check

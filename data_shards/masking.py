@@ -37,6 +37,8 @@ class MaskedLM:
     #: The shards' end-of-document token (becomes ``[SEP]``); None: the windows hold none.
     eos_id: int | None = None
     rate: float = 0.15
+    #: ``[PAD]``: never in a (full) window, and never drawn as a replacement; None: the model has none.
+    pad_id: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.rate < 1.0:
@@ -48,7 +50,7 @@ class MaskedLM:
     @property
     def special_ids(self) -> tuple[int, ...]:
         """Ids that are never chosen and never drawn as replacements."""
-        return (self.cls_id, self.sep_id, self.mask_id) + (() if self.eos_id is None else (self.eos_id,))
+        return (self.cls_id, self.sep_id, self.mask_id) + tuple(i for i in (self.eos_id, self.pad_id) if i is not None)
 
     def apply(self, tokens: np.ndarray, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, labels)``, both int64 ``[rows, seq_len]``, from shard samples ``tokens``

@@ -12,7 +12,9 @@ position without replaying the stream, and the order never depends on the number
   window permuted with its own seed (contiguous reads, for slow storage).
 - Several sources: a smooth weighted round-robin pattern over integer weights, repeated with period
   ``sum(weights)``; position ``p`` belongs to source ``pattern[p % period]``, and is that source's
-  ``k``-th sample where ``k`` counts the earlier positions of the same source.
+  ``k``-th sample where ``k`` counts the earlier positions of the same source. Weights that change
+  over training (phases and ramps) are :mod:`data_shards.schedule`'s ``ScheduledMixer``, with the
+  same interface.
 - Validation: the last ``floor(C_{i+1} f) - floor(C_i f)`` samples of shard ``i`` (C = cumulative
   sample counts, f = val_fraction): exactly ``floor(N f)`` samples, spread over all shards, the same
   for every seed; they never appear in training.

@@ -13,7 +13,7 @@ or moved (the position is mixed in). It detects accidents, not adversaries: it i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -46,13 +46,23 @@ def make_state(kind: str, position: int, receipt: int, consumed: list[int], epoc
             "consumed": consumed, "epoch": epochs, "skipped_shards": skipped, "config": config}
 
 
-def parse_state(state: dict[str, Any], kind: str, config: dict[str, Any]) -> tuple[int, int, list[str]]:
-    """(position, receipt, skipped shards) of a saved state; DataError if it belongs to other data settings."""
+def parse_state(state: dict[str, Any], kind: str, config: dict[str, Any],
+                mixture: Optional[Callable[[dict[str, Any], int], Optional[str]]] = None) -> tuple[int, int, list[str]]:
+    """(position, receipt, skipped shards) of a saved state; DataError if it belongs to other data settings.
+
+    ``mixture``: compares the saved config's mixture (``weights`` / ``schedule``) up to the saved position
+    and says what differs (None: they agree); without it they must be equal.
+    """
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION or state.get("kind") != kind:
         raise DataError(f"data state {str(state)[:200]} is not a version-{STATE_VERSION} {kind} state of "
                         "data_shards; resume from a checkpoint written by this version or start without state")
     saved = state.get("config", {})
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.items() if saved.get(k) != v]
+    mixing = ("weights", "schedule") if mixture is not None else ()
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in config.items() if k not in mixing and saved.get(k) != v]
+    if mixture is not None and isinstance(state.get("position"), int):
+        problem = mixture(saved, state["position"])
+        if problem is not None:
+            changed.append(problem)
     if changed:
         raise DataError("the data settings changed since the checkpoint (" + "; ".join(changed) + "), so the "
                         "saved position would point at other samples; restore them or start the data stream "

@@ -29,6 +29,7 @@ from fm_train.families import FamilySpec, family_of
 if TYPE_CHECKING:
     from fm_train.dist.groups import ParallelGroups
     from fm_train.parallel.sharded_init import InitSource
+    from fm_train.convert.background import BackgroundExports
 
 
 RENDEZVOUS_EXIT_CODE = 4
@@ -67,29 +68,6 @@ def _engine_mpu(topo: Topology, groups: ParallelGroups) -> ParallelGroups | None
     needs none (DeepSpeed's default world group is the dp group).
     """
     return groups if topo.tp > 1 and topo.pp == 1 else None
-
-
-def return_freed_memory_to_os() -> None:
-    """Make glibc hand large freed blocks back to the OS at once (CPU training; a no-op elsewhere).
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    tensors below it come from the heap, whose freed memory the process keeps: a CPU rank's RSS then
-    grew by 0.2-0.3 GiB per step on a 125M model under ZeRO-3. Fixing the threshold at 128 KiB
-    (what MALLOC_MMAP_THRESHOLD_=131072 does) kept it flat at the first step's peak
-    (bench/RESULTS_memory.md). Tensors on a GPU do not use this heap, so GPU ranks are left alone.
-    """
-    import ctypes
-    import ctypes.util
-
-    import torch
-
-    if not sys.platform.startswith("linux") or torch.cuda.is_available():
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; setting it also turns the dynamic raise off
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
 
 
 def _model_metrics(family: FamilySpec, engine: Any) -> Callable[[], dict[str, tuple[float, float]]] | None:
@@ -139,6 +117,16 @@ def _banner(cfg: FmConfig, family: FamilySpec, topo: Topology, backend: str) -> 
             f" {cfg.train.steps} steps")
 
 
+def _hf_exports(cfg: FmConfig) -> "BackgroundExports | None":
+    """Rank 0's handle on the Hugging Face exports of ``convert.every`` (None when it is 0)."""
+    if not cfg.convert.every:
+        return None
+    from fm_train.convert.background import BackgroundExports
+
+    return BackgroundExports(Path(cfg.run.dir), dtype=cfg.convert.dtype, keep=cfg.convert.keep, storage=cfg.run.storage,
+                             retries=cfg.checkpoint.upload_retries, end_wait_s=cfg.convert.end_wait_s)
+
+
 def run_worker(cfg: FmConfig) -> int:
     """Train ``cfg`` as the rank the environment names; returns 0 when every step ran."""
     # Heavy imports here, not at module import: the CLI and the launcher import this module cheaply.
@@ -148,17 +136,26 @@ def run_worker(cfg: FmConfig) -> int:
     from fm_train.dist.heartbeat import Heartbeat
     from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
+    from fm_train.dist.host_memory import HostMemory
+    from fm_train.engine.goodput import Goodput
     from fm_train.engine.loop import throughput_spec
     from fm_train.engine.train_module import build_train_module
     from fm_train.engine import checkpointing
     from fm_train.engine import data as engine_data
+    from fm_train.families.vocab import resolve_vocab
+    import torch
+
     from fm_train.deepspeed_adapter.comm import init_distributed
     from fm_train.dist.process_group import shutdown_distributed
 
     family = family_of(cfg.model)  # resolved once, handed to what needs it
     env = RankEnv.from_environ()
     _check_world(cfg, env)
-    return_freed_memory_to_os()
+    # CPU ranks: activations reused from the heap, its free pages returned after every step.
+    try:
+        host_memory = HostMemory.configure(gpu=torch.cuda.is_available())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     # SIGTERM (preemption, the launcher stopping the group) and SIGINT: finish the step, save, exit 0.
     stop = StopRequest().install()
     ensure_extension_cache()
@@ -173,14 +170,21 @@ def run_worker(cfg: FmConfig) -> int:
             groups = ParallelGroups(topo)
         print(f"rank {env.rank}: node {os.environ.get('FM_TRAIN_NODE_IP', '?')}, {local_endpoint()},"
               f" coordinates {topo.coord(env.rank)}", flush=True)
+        sources = engine_data.prepare_sources(cfg, family, is_rank0=is_rank0)
+        info = engine_data.check_sources(cfg, sources)
+        # model.vocab_size: auto becomes the shards' number here, before anything is built or saved.
+        auto_vocab, cfg = cfg.model.vocab_size == "auto", resolve_vocab(cfg, family, info)
         run_dir = Path(cfg.run.dir)
         if is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.resolved.yaml").write_text(dump_config(cfg))
+            resolved = run_dir / "config.resolved.yaml"  # by rename: a rank's actor may be reading it right now
+            (tmp := resolved.with_name(f".{resolved.name}.{os.getpid()}")).write_text(dump_config(cfg))
+            os.replace(tmp, resolved)
             print(_banner(cfg, family, topo, backend), flush=True)
+            if auto_vocab:
+                print(f"model.vocab_size: auto = {cfg.model.vocab_size} (the {info.vocab_size} tokens of"
+                      f" {info.tokenizer_dir} and the {family.name} special tokens it lacks)", flush=True)
 
-        sources = engine_data.prepare_sources(cfg, family, is_rank0=is_rank0)
-        info = engine_data.check_sources(cfg, sources)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from = checkpointing.resume_point(cfg, topo)
         init = _initial_weights(cfg, family, resuming=resume_from is not None)
@@ -194,7 +198,8 @@ def run_worker(cfg: FmConfig) -> int:
             if is_rank0:
                 print(f"resumed from {resume_from} at step {state.step}", flush=True)
         save = checkpointing.checkpoint_hook(cfg, family, topo, is_rank0=is_rank0, tokenizer_hash=tokenizer_hash,
-                                             rank=env.rank)
+                                             rank=env.rank, on_save_start=lambda step: heartbeat.beat(step, "save"),
+                                             exports=_hf_exports(cfg) if is_rank0 else None)
         # Split by the dp coordinate alone: tp and pp peers of one replica get identical batches, and so do
         # the sp ranks of a sequence-parallel group (each keeps its chunk of the tokens).
         dp_rank, dp_size = topo.batch_rank(env.rank), topo.batch_dp
@@ -220,7 +225,9 @@ def run_worker(cfg: FmConfig) -> int:
             train(engine, batches, state, cfg, sink=sink, spec=throughput_spec(cfg, family, engine.device),
                   val_batches=val, hooks=[save, heartbeat], group=groups.get_data_parallel_group(),
                   stop=lambda: stop.requested, on_stop=save.save, control_group=groups.control,
-                  model_metrics=_model_metrics(family, engine))
+                  model_metrics=_model_metrics(family, engine),
+                  goodput=Goodput.for_run(run_dir, state.tokens_seen, write=is_rank0),
+                  after_step=host_memory.trim)
         except BadShardError as exc:
             if cfg.data.on_bad_shard != "skip":
                 raise

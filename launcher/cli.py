@@ -214,33 +214,36 @@ def run_stop(args: argparse.Namespace) -> int:
 
 def add_runs_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Arguments of ``fm-train runs``."""
-    parser.add_argument("words", nargs="*", metavar="DIR | show NAME",
-                        help="`fm-train runs [DIR]` lists the runs in DIR (a run directory, or one holding run"
-                             " directories; default $FM_TRAIN_RUNS or ./runs): name, state (running, finished,"
-                             " stopped), last step, last loss, latest checkpoint, run.storage, start, host."
-                             " `fm-train runs show NAME [--dir DIR]` prints one run in detail, with how to resume it")
-    parser.add_argument("--dir", default=None, help="where `runs show` looks for NAME (default: as `runs`)")
+    parser.add_argument("words", nargs="*", metavar="DIR_OR_URI | show NAME",
+                        help="`fm-train runs [DIR_OR_URI]` lists the runs in DIR (a run directory, or one holding run"
+                             " directories; default $FM_TRAIN_RUNS or ./runs) or under an object-store URI (one run's"
+                             " run.storage, or a prefix holding several, e.g. s3://bucket/runs): name, state (running,"
+                             " finished, stopped), last step, last loss, latest checkpoint, run.storage, start, host."
+                             " `fm-train runs show NAME [--dir DIR_OR_URI]` prints one run in detail, with how to"
+                             " resume it")
+    parser.add_argument("--dir", default=None, metavar="DIR_OR_URI",
+                        help="where `runs show` looks for NAME (default: as `runs`)")
     return parser
 
 
 def run_runs(args: argparse.Namespace) -> int:
-    """``fm-train runs [DIR]`` / ``fm-train runs show NAME``."""
+    """``fm-train runs [DIR_OR_URI]`` / ``fm-train runs show NAME``."""
     from launcher import runs
 
     words = list(args.words)
     try:
         if words[:1] == ["show"]:
             if len(words) != 2:
-                raise runs.RunsError("usage: fm-train runs show NAME [--dir DIR]")
-            root = Path(args.dir) if args.dir else runs.default_root()
-            print(runs.describe_run(runs.find_run(root, words[1])))
+                raise runs.RunsError("usage: fm-train runs show NAME [--dir DIR_OR_URI]")
+            root = runs.open_root(args.dir) if args.dir else runs.default_root()
+            with runs.reading(root):
+                print(runs.describe_run(runs.find_run(root, words[1])))
             return 0
         if len(words) > 1 or args.dir:
-            raise runs.RunsError("usage: fm-train runs [DIR] (or fm-train runs show NAME [--dir DIR])")
-        if words and "://" in words[0]:
-            raise runs.RunsError(f"{words[0]}: listing runs from object storage is not supported yet; pass the"
-                                 " local directory the runs' run.dir lies in")
-        print(runs.format_runs(runs.find_runs(Path(words[0]) if words else runs.default_root())))
+            raise runs.RunsError("usage: fm-train runs [DIR_OR_URI] (or fm-train runs show NAME [--dir DIR_OR_URI])")
+        root = runs.open_root(words[0]) if words else runs.default_root()
+        with runs.reading(root):
+            print(runs.format_runs(runs.find_runs(root)))
     except runs.RunsError as exc:
         return _error(exc)
     return 0
@@ -252,6 +255,7 @@ COMMANDS = {
     "status": ("status of a submitted job", add_status_arguments, run_status),
     "logs": ("logs of a submitted job", add_logs_arguments, run_logs),
     "stop": ("stop a submitted job (workers save first)", add_stop_arguments, run_stop),
-    "runs": ("list runs from their run directories; `runs show NAME` for one", add_runs_arguments, run_runs),
+    "runs": ("list runs from their run directories or run.storage; `runs show NAME` for one", add_runs_arguments,
+             run_runs),
 }
 """name -> (help, add-arguments function, run function), for the CLI wiring."""

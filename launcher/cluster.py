@@ -92,6 +92,9 @@ def connect(address: str | None, *, timeout_s: float = 10.0) -> Connection:
     loaded = sys.modules.get("ray")
     if loaded is not None and loaded.is_initialized():
         return Connection(address=address, private=False, owned=False)
+    from launcher.logsink import quiet_ray_driver
+
+    quiet_ray_driver()  # Ray's known start-up notices off the console (docs/launcher.md, "Console output")
     if address is None:
         previous = os.environ.get(_LOOPBACK_ENV)
         os.environ[_LOOPBACK_ENV] = "0"  # read when Ray is imported

@@ -112,12 +112,37 @@ def dry_run(config: str | Path | None, overrides: Sequence[str], options: Launch
     return 0
 
 
+def resolve_vocab_here(cfg: FmConfig, say: Say) -> FmConfig:
+    """``cfg`` with ``model.vocab_size: auto`` as a number, so that every worker reads the same config; left
+    to the workers (which resolve it alike) when the shards cannot be read from the driver."""
+    from fm_train.families import family_of
+    from fm_train.families.vocab import DataUnreadable, plan_vocab
+
+    try:
+        cfg, note = plan_vocab(cfg, family_of(cfg.model))
+    except DataUnreadable as exc:
+        say(f"model.vocab_size: auto is left to the workers: {exc}")
+        return cfg
+    if note is not None:
+        say(note)
+    return cfg
+
+
 def _plan_summary(cfg: FmConfig, say: Say) -> str | None:
     """The plan's lines a dry run prints (layout, batch, peak memory against the card); what would make the
     run fail once started (the peak over the card), or None."""
     from fm_train.families import family_of
     from fm_train.plan.memory import GIB, estimate_memory
 
+    from fm_train.config import ConfigError
+    from fm_train.families.vocab import DataUnreadable, plan_vocab
+
+    try:
+        cfg, note = plan_vocab(cfg, family_of(cfg.model))  # the plan needs model.vocab_size: auto as a number
+    except DataUnreadable as exc:
+        raise ConfigError(str(exc)) from None
+    if note is not None:
+        say(f"plan: {note}")
     p = cfg.parallel
     say(f"plan: world {cfg.world_size} = pp {p.pp} x dp {cfg.dp} x tp {p.tp}" +
         "".join(f", {name} {size} within dp" for name, size in (("ep", p.ep), ("sp", p.sp)) if size > 1) +
@@ -148,6 +173,7 @@ def _launch_leased(cfg: FmConfig, address: str | None, run_dir: Path, options: L
         check_capacity(Demand(cfg.cluster.workers, cfg.cluster.cpus_per_worker, cfg.cluster.gpus_per_worker))
         if options.post_training:
             ensure_corpus(cfg, say)
+        cfg = resolve_vocab_here(cfg, say)
         text = dump_config(cfg)
         _write_atomic(run_dir / "config.resolved.yaml", text)
         paths = RunPaths(run_dir=run_dir, run_dir_arg=cfg.run.dir, workdir=os.getcwd())
@@ -231,7 +257,8 @@ def _summary(run_dir: Path, hf_dir: Path | None, say: Say, hf_uri: str | None = 
     items = [("run directory", run_dir), ("resolved config", run_dir / "config.resolved.yaml"),
              ("metrics", run_dir / "metrics.jsonl"), ("logs", run_dir / "logs"),
              ("placement", run_dir / "placement.json"), ("checkpoints", run_dir / "checkpoints"),
-             ("failures", run_dir / "failures.jsonl"), ("hugging face model", hf_dir)]
+             ("failures", run_dir / "failures.jsonl"), ("hugging face model", hf_dir),
+             ("exports in training", run_dir / "hf_steps")]
     say("where everything is:")
     for name, path in items:
         if path is not None and path.exists():

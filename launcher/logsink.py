@@ -1,11 +1,14 @@
 """Per-rank log files under RUN/logs and the prefixed echo of worker output on the driver.
 
 The files keep every line. The console leaves out what third-party libraries print on every start that is
-known and harmless (:data:`KNOWN_NOISE`), so that what a rank says there is fm-train's own.
+known and harmless (:data:`KNOWN_NOISE`), so that what a rank says there is fm-train's own. The driver's
+own Ray messages (logged by ``ray.init`` in the launching process, where no rank file exists) are held
+back the same way by :func:`quiet_ray_driver` (:data:`DRIVER_NOISE`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections import deque
@@ -27,6 +30,37 @@ KNOWN_NOISE: tuple[re.Pattern[str], ...] = (
     re.compile(r"FutureWarning: `torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
     re.compile(r"^\s+return func\(\*args, \*\*kwargs\)$"),
 )
+
+
+#: Ray's driver-side log records (logger name, message pattern) left off the console, each known and harmless.
+DRIVER_NOISE: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # ray.init starting a local instance turns token authentication on by default and says so on every start;
+    # the safe default stays on. The warning that authentication is *disabled* is not matched and still shows.
+    ("ray._private.authentication.authentication_token_setup",
+     re.compile(r"^Token authentication is enabled for this Ray cluster\.")),
+)
+
+
+class _DriverNoise(logging.Filter):
+    """Drops the records of one Ray logger whose message matches ``pattern``."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_ray_driver() -> None:
+    """Keep :data:`DRIVER_NOISE` off the driver's console (call before ``ray.init``; calling again adds nothing).
+
+    A filter on the logger that emits each record, so Ray's own handlers and every other message are untouched.
+    """
+    for name, pattern in DRIVER_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DriverNoise) and f.pattern is pattern for f in logger.filters):
+            logger.addFilter(_DriverNoise(pattern))
 
 
 def known_noise(line: str) -> bool:

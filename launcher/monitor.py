@@ -6,9 +6,11 @@ finished). Two rules find a hang:
 
 * per rank: a rank whose heartbeat has not moved for ``cluster.step_timeout_s`` is hung, however
   much any rank prints (a chatty rank must not hide a stuck one); before a rank's first beat the
-  limit is ``cluster.startup_timeout_s``. The rule applies once any rank of the attempt has beaten,
-  so worker commands that do not write heartbeats are judged by the next rule alone;
-* for the group: no log line or metrics record from any rank for ``cluster.step_timeout_s``.
+  limit is ``cluster.startup_timeout_s``, and while its heartbeat says ``save`` (a checkpoint being
+  written, committed or uploaded) it is ``cluster.save_timeout_s``. The rule applies once any rank of
+  the attempt has beaten, so worker commands that do not write heartbeats are judged by the next rule alone;
+* for the group: no log line or metrics record from any rank for ``cluster.step_timeout_s``
+  (``cluster.save_timeout_s`` while a rank is saving).
 
 Until the first metrics record arrives the group limit is ``cluster.startup_timeout_s`` instead:
 loading a large model or checkpoint, or building an op, may be silent for longer than any step.
@@ -27,6 +29,9 @@ from launcher.group import WorkerGroup
 from launcher.logsink import LogSink
 from launcher.outcomes import Failed, Hung, Outcome, Preempted, Stopped, Succeeded, cause_rank
 from launcher.progress import Progress
+
+#: The heartbeat phase a worker records while it saves a checkpoint (fm_train.engine.checkpointing).
+SAVE_PHASE = "save"
 
 _SIGTERM_CODES = (-signal.SIGTERM, 128 + signal.SIGTERM)
 
@@ -60,9 +65,13 @@ class AttemptWatch:
     beats: dict[int, tuple[tuple[int, str] | None, float]] = field(default_factory=dict)
     """rank -> (last heartbeat (step, phase) or None, seconds since it last changed)."""
     trained: bool = False  # a metrics record arrived: the start-up is over
+    save_timeout_s: float = 3600.0
 
     def silence_limit(self) -> tuple[float, str]:
         """The silence that counts as a hang now, and the setting that sets it."""
+        saving = any(b is not None and b[1] == SAVE_PHASE for r, (b, _) in self.beats.items() if r not in self.exit_codes)
+        if saving and self.save_timeout_s > self.step_timeout_s:
+            return self.save_timeout_s, f"cluster.save_timeout_s={self.save_timeout_s:g}, while a rank saves"
         if self.trained:
             return self.step_timeout_s, f"cluster.step_timeout_s={self.step_timeout_s:g}"
         limit = max(self.startup_timeout_s, self.step_timeout_s)
@@ -118,7 +127,7 @@ def run_attempt(w: AttemptWatch) -> Outcome:
         now = time.monotonic()
         stalled = stalled_rank(w.beats, set(w.exit_codes), step_timeout_s=w.step_timeout_s,
                                startup_timeout_s=max(w.startup_timeout_s, w.step_timeout_s), states=w.states,
-                               quiet_s={r: now - t for r, t in w.last_output.items()})
+                               quiet_s={r: now - t for r, t in w.last_output.items()}, save_timeout_s=w.save_timeout_s)
         if stalled is not None:
             return _rank_hung(w, *stalled)
         silent = time.monotonic() - last_progress
@@ -199,21 +208,27 @@ def _hung(w: AttemptWatch, silent: float) -> Hung:
 
 def stalled_rank(beats: dict[int, tuple[tuple[int, str] | None, float]], exited: set[int], *,
                  step_timeout_s: float, startup_timeout_s: float, states: dict[int, str] | None = None,
-                 quiet_s: dict[int, float] | None = None) -> tuple[int, str] | None:
+                 quiet_s: dict[int, float] | None = None,
+                 save_timeout_s: float | None = None) -> tuple[int, str] | None:
     """``(rank, why)`` of the rank whose heartbeat stopped moving for longer than its limit, or None.
 
     Pure (unit-tested). In a collective hang every rank stalls; the suspect is a stopped process
     (SIGSTOP, a debugger) if any, else the rank furthest behind (lowest step), else the one whose
     output went quiet first (``quiet_s``: seconds since its last line), else the longest still.
-    No rank has beaten yet: None (the group rule decides).
+    No rank has beaten yet: None (the group rule decides). A rank whose heartbeat says ``save`` is
+    judged by ``save_timeout_s`` (None: the step's limit).
     """
     running = {r: b for r, b in beats.items() if r not in exited}
     if not any(beat is not None for beat, _ in running.values()):
         return None
     stalled = []
     for rank, (beat, age) in running.items():
-        limit, name = ((step_timeout_s, "cluster.step_timeout_s") if beat is not None
-                       else (startup_timeout_s, "cluster.startup_timeout_s"))
+        if beat is None:
+            limit, name = startup_timeout_s, "cluster.startup_timeout_s"
+        elif beat[1] == SAVE_PHASE and save_timeout_s is not None:
+            limit, name = save_timeout_s, "cluster.save_timeout_s"
+        else:
+            limit, name = step_timeout_s, "cluster.step_timeout_s"
         if age > limit:
             stopped = (states or {}).get(rank) == "stopped"
             quiet = (quiet_s or {}).get(rank, 0.0)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import Callable, Iterator
 
 from fm_train.config import ConfigError, FmConfig, build_config, dump_config
+from fm_train.dist.env import LAUNCH_START_ENV
 from fm_train.dist.topology import Topology
 from launcher.cluster import ClusterError, Demand, slots_per_node, wait_for_dead_nodes
 from launcher.elastic import choose_layout, describe, full_layout, record_layout_change, wait_for_room, with_layout
@@ -84,6 +86,8 @@ def train(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, say: Callable[
     (:mod:`launcher.elastic`), and the next restart returns to ``cfg`` when the cluster has room.
     """
     echo_all = cfg.logging.all_ranks if options.all_ranks is None else options.all_ranks
+    # Every attempt's workers count goodput from the launch's start (fm_train.engine.goodput).
+    options = replace(options, extra_env=(*options.extra_env, (LAUNCH_START_ENV, f"{time.time():.3f}")))
     sink = LogSink(paths.run_dir, echo_all=echo_all)
     progress = Progress(cfg.train.steps, interval_s=options.progress_interval_s)
     failures = preemptions = rendezvous = 0
@@ -230,7 +234,7 @@ def _one_attempt(cfg: FmConfig, paths: RunPaths, options: LaunchOptions, sink: L
         group.start(options.worker_command, workdir=paths.workdir, run_dir=paths.run_dir_arg,
                     config_text=dump_config(cfg), attempt=attempt, extra_env=options.extra_env)
         watch = AttemptWatch(group=group, sink=sink, progress=progress, step_timeout_s=cfg.cluster.step_timeout_s,
-                             startup_timeout_s=cfg.cluster.startup_timeout_s,
+                             startup_timeout_s=cfg.cluster.startup_timeout_s, save_timeout_s=cfg.cluster.save_timeout_s,
                              total_steps=cfg.train.steps, poll_interval_s=options.poll_interval_s,
                              stop_grace_s=options.stop_grace_s, failure_grace_s=options.failure_grace_s,
                              stop=stop, say=say)

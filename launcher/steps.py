@@ -13,14 +13,22 @@ import sys
 from pathlib import Path
 
 def _corpus(args: argparse.Namespace) -> int:
-    from data_shards import build_default_corpus
+    from data_shards import DEFAULT_CORPUS_VOCAB, build_default_corpus
     from fm_train.families import family_of
 
-    # The model family's own special tokens (an encoder's [CLS], [SEP], [MASK]) follow the tokenizer's.
-    vocab = args.vocab_size - len(family_of(args.family).objective.tokenizer_specials)
+    # The model family's own special tokens (an encoder's [CLS], [SEP], [MASK], [PAD]) follow the tokenizer's.
+    specials = len(family_of(args.family).objective.tokenizer_specials)
+    vocab = DEFAULT_CORPUS_VOCAB if args.vocab_size == "auto" else int(args.vocab_size) - specials
     path = build_default_corpus(Path(args.out), vocab_size=vocab, seq_len=args.seq_len, workers=args.workers)
     print(f"default corpus written to {path}")
     return 0
+
+
+def _vocab_arg(text: str) -> str:
+    """``--vocab-size``: a positive number or auto (argparse type)."""
+    if text != "auto" and not (text.isdigit() and int(text) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a positive number nor auto")
+    return text
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -75,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("corpus", help="build the default corpus shards")
     p.add_argument("out", help="shard directory to create")
-    p.add_argument("--vocab-size", type=int, required=True, help="the model's vocabulary (model.vocab_size)")
+    p.add_argument("--vocab-size", type=_vocab_arg, required=True,
+                   help="the model's vocabulary (model.vocab_size: a number, or auto for the default corpus's)")
     p.add_argument("--family", required=True, help="model.family (its special tokens come after the tokenizer's)")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sample (data.seq_len)")
     p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")

@@ -346,10 +346,16 @@ def test_a_tokenizer_with_bert_s_special_tokens_keeps_their_ids(tmp_path: Path) 
 
     family = family_of("bert")
     wordpiece = family.objective.data(info_with(["[PAD]", "[MASK]", "[CLS]", "[SEP]"]), 8, 1)
-    assert (wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id, wordpiece.eos_id) == (2, 3, 1, None)
-    appended = family.objective.data(info_with(["<eos>"]), 7, 1)
-    assert (appended.cls_id, appended.sep_id, appended.mask_id, appended.eos_id) == (4, 5, 6, 0)
+    assert (wordpiece.cls_id, wordpiece.sep_id, wordpiece.mask_id, wordpiece.pad_id, wordpiece.eos_id) == (2, 3, 1, 0,
+                                                                                                          None)
+    eos_only = info_with(["<eos>"])
+    appended = family.objective.data(eos_only, 8, 1)
+    assert (appended.cls_id, appended.sep_id, appended.mask_id, appended.pad_id, appended.eos_id) == (4, 5, 6, 7, 0)
+    assert 7 in appended.special_ids  # [PAD] is never drawn as a random replacement
+    # Room for three only: an encoder trained before [PAD] existed resumes (and evaluates) without one.
+    old = family.objective.data(eos_only, 7, 1)
+    assert (old.cls_id, old.sep_id, old.mask_id, old.pad_id, old.vocab_size) == (4, 5, 6, None, 7)
     with pytest.raises(DataError, match="model.vocab_size=6 leaves no room for the encoder's"):
         family.objective.data(info_with(["<x>"]), 6, 1)
-    with pytest.raises(DataError, match=r"has some of BERT's special tokens but not \['\[MASK\]'\]"):
+    with pytest.raises(DataError, match=r"has some of BERT's special tokens but not \['\[MASK\]', '\[PAD\]'\]"):
         family.objective.data(info_with(["[CLS]", "[SEP]"]), 8, 1)

@@ -1,8 +1,9 @@
 """The encoder recipe end to end on real shards: the worker pretrains bert-tiny with masked tokens
 from the default corpus (dp2, ZeRO-1), the loss falls; the checkpoint converts, with the shards'
-tokenizer plus [CLS]/[SEP]/[MASK], into a directory ``pipeline("fill-mask")`` runs on; ``fm-train
-eval`` reports masked-token loss and accuracy on it (and perplexity on a decoder); and
-``transformers.Trainer`` fine-tunes it for sequence classification with a falling loss."""
+tokenizer plus [CLS]/[SEP]/[MASK]/[PAD] (``model.vocab_size: auto``), into a directory ``pipeline("fill-mask")``
+runs on; ``fm-train eval`` reports masked-token loss and accuracy on it (and perplexity on a decoder); and
+``transformers.Trainer`` fine-tunes it for sequence classification on texts padded to a fixed length,
+with a falling loss."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def encoder(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     from fm_train.convert import convert_checkpoint
 
     root = tmp_path_factory.mktemp("encoder")
-    records = _pretrain(corpus, root / "run", {"preset": "bert-tiny", "vocab_size": VOCAB + 3, "max_seq_len": SEQ}, 60)
+    records = _pretrain(corpus, root / "run", {"preset": "bert-tiny", "vocab_size": "auto", "max_seq_len": SEQ}, 60)
     lines: list[str] = []
     out = convert_checkpoint(root / "run", root / "hf", dtype="fp32", progress=lines.append)
     return out, records, lines
@@ -55,7 +56,16 @@ def test_an_encoder_pretrains_on_shards_and_fills_masks(encoder) -> None:
     assert len(vals) == 2 and vals[-1] < vals[0], vals
     assert any("verified against the engine's probe" in line for line in lines), lines
     tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    assert [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id] == [VOCAB, VOCAB + 1, VOCAB + 2]
+    assert [tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id, tokenizer.pad_token_id] == [
+        VOCAB, VOCAB + 1, VOCAB + 2, VOCAB + 3]
+    # model.vocab_size: auto = the shards' 512 tokens + the 4 specials, resolved once and recorded as a number.
+    run = out.parent / "run"
+    assert "vocab_size: 516" in (run / "config.resolved.yaml").read_text()
+    step = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert json.loads((step / "manifest.json").read_text())["config"]["model"]["vocab_size"] == VOCAB + 4
+    config = json.loads((out / "config.json").read_text())
+    assert (config["vocab_size"], config["pad_token_id"]) == (VOCAB + 4, VOCAB + 3)  # [PAD] is BERT's padding_idx
+    assert tokenizer.padding_side == "right" and "## Padding" in (out / "README.md").read_text()
     fill = pipeline("fill-mask", model=AutoModelForMaskedLM.from_pretrained(str(out), local_files_only=True),
                     tokenizer=tokenizer)
     guesses = fill(f"import os{tokenizer.mask_token}path", top_k=3)
@@ -83,8 +93,9 @@ def test_eval_reports_a_decoder_s_perplexity(corpus: Path, tmp_path: Path, capsy
     from fm_train.cli import main
     from fm_train.convert import convert_checkpoint
 
-    records = _pretrain(corpus, tmp_path / "run", {"preset": "tiny", "vocab_size": VOCAB, "n_layers": 2,
+    records = _pretrain(corpus, tmp_path / "run", {"preset": "tiny", "vocab_size": "auto", "n_layers": 2,
                                                     "max_seq_len": SEQ}, 20)
+    assert "vocab_size: 512," in (tmp_path / "run" / "config.resolved.yaml").read_text()  # auto: the shards' 512
     out = convert_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="fp32", progress=lambda line: None)
     assert main(["eval", str(out), "--data", str(corpus), "--val-fraction", "0.05", "--batches", "2", "--seed", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -99,9 +110,10 @@ def test_eval_reports_a_decoder_s_perplexity(corpus: Path, tmp_path: Path, capsy
 
 @pytest.mark.multiproc
 def test_the_encoder_fine_tunes_for_classification_with_the_trainer(encoder, corpus: Path, tmp_path: Path) -> None:
-    """Windows of the corpus (label 0) against windows of tokens drawn uniformly from its vocabulary
-    (label 1): learnt from the token statistics within a few epochs."""
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
+    """Texts of the corpus (label 0) against texts of tokens drawn uniformly from its vocabulary (label 1),
+    of different lengths, tokenized as a user does: ``padding="max_length"`` with the export's [PAD] and
+    attention mask. Learnt from the token statistics within a few epochs."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
     import data_shards
 
@@ -111,9 +123,15 @@ def test_the_encoder_fine_tunes_for_classification_with_the_trainer(encoder, cor
     windows = next(iter(stream))["input_ids"]
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(len(windows)) % 2
+    lengths = torch.randint(6, SEQ // 2, (len(windows),), generator=gen)
     rows = [torch.randint(1, VOCAB, (SEQ,), generator=gen) if y else w for w, y in zip(windows, labels)]
-    examples = [{"input_ids": torch.cat([torch.tensor([VOCAB]), r[: SEQ - 2], torch.tensor([VOCAB + 1])]),
-                 "labels": y} for r, y in zip(rows, labels)]
+    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    texts = [tokenizer.decode(r[:n]) for r, n in zip(rows, lengths)]
+    batch = tokenizer(texts, padding="max_length", max_length=SEQ, truncation=True)
+    masks = torch.tensor(batch["attention_mask"])
+    assert (masks == 0).any() and (torch.tensor(batch["input_ids"])[masks == 0] == VOCAB + 3).all()  # [PAD], masked
+    examples = [{"input_ids": ids, "attention_mask": mask, "labels": int(y)}
+                for ids, mask, y in zip(batch["input_ids"], batch["attention_mask"], labels)]
     model = AutoModelForSequenceClassification.from_pretrained(str(out), num_labels=2, local_files_only=True)
     args = TrainingArguments(output_dir=str(tmp_path / "ft"), per_device_train_batch_size=16, num_train_epochs=8,
                              learning_rate=5e-4, logging_steps=4, save_strategy="no", report_to=[], seed=0,

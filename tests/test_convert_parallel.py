@@ -216,3 +216,27 @@ def test_swapped_files_fail_the_probe_although_names_and_shapes_match(tmp_path: 
     said: list[str] = []
     convert_checkpoint(run, tmp_path / "hf-old", dtype="fp32", progress=said.append)
     assert any("has no probe" in m for m in said), said
+
+
+def test_a_converted_decoder_pads_with_eos_and_fine_tunes_on_padded_batches(tmp_path: Path, trained) -> None:
+    """The export says what padding uses (its EOS token, on the right) in tokenizer_config.json and
+    generation_config.json, so ``padding="max_length"`` works as it is, and ``transformers.Trainer``
+    fine-tunes the model on padded batches (labels -100 at the pads) with a finite, falling loss."""
+    import math
+
+    from transformers import AutoTokenizer
+
+    from fm_train.convert import convert_checkpoint
+    from fine_tune import fine_tune_padded
+
+    run_dir, _ = trained("tp2-zero1-vocab1001")
+    out = convert_checkpoint(run_dir, tmp_path / "hf", dtype="fp32")
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    assert tok.pad_token == tok.eos_token == "</s>" and tok.padding_side == "right"
+    assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] == "</s>"
+    assert json.loads((out / "generation_config.json").read_text())["pad_token_id"] == tok.eos_token_id
+    # Not the embedding's padding_idx: EOS is a token the model predicts, its row must keep training.
+    assert json.loads((out / "config.json").read_text()).get("pad_token_id") is None
+    assert "with the EOS token '</s>'" in (out / "README.md").read_text()
+    losses = fine_tune_padded(out, tmp_path)
+    assert len(losses) >= 4 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses

@@ -41,7 +41,7 @@ def _fm_logits(manifest: dict, state: dict[str, torch.Tensor], tokens: torch.Ten
 
 
 @pytest.mark.parametrize("zero_stage,world,precision", [
-    (0, 2, "fp32"), (1, 2, "fp32"), (2, 2, "bf16"), (3, 2, "fp32"), (2, 1, "fp32"),
+    (0, 2, "fp32"), (1, 2, "bf16"), (2, 2, "bf16"), (3, 2, "fp32"), (2, 1, "fp32"),
 ])
 def test_convert_matches_fm_model(tmp_path: Path, zero_stage: int, world: int, precision: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -3,6 +3,7 @@ backends, fused AdamW in the DeepSpeed config, peak table, MFU, the meter's cloc
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -110,13 +111,25 @@ def test_cpu_config_is_unchanged(tiny_config_dict):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_gpu_config_fuses_adamw_and_overlaps_zero2_reduction(tiny_config_dict, stage):
+def test_gpu_config_fuses_adamw_and_overlaps_zero1_2_reduction(tiny_config_dict, stage):
     cfg = _cfg(tiny_config_dict, f"parallel.zero_stage={stage}", "precision=bf16")
     gpu, cpu = deepspeed_config(cfg, accelerator="cuda"), deepspeed_config(cfg, accelerator="cpu")
     assert gpu["optimizer"]["params"] == {**cpu["optimizer"]["params"], "fused": True}
-    assert gpu["zero_optimization"].get("overlap_comm") is (True if stage == 2 else None)
+    assert gpu["zero_optimization"].get("overlap_comm") is (True if stage in (1, 2) else None)
     assert {k: v for k, v in gpu.items() if k not in ("optimizer", "zero_optimization")} == \
         {k: v for k, v in cpu.items() if k not in ("optimizer", "zero_optimization")}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can(tiny_config_dict, stage):
+    cfg = _cfg(tiny_config_dict, f"parallel.zero_stage={stage}", "precision=bf16")
+    assert deepspeed_config(cfg, accelerator="cpu").get("data_types") == (
+        None if stage == 0 else {"grad_accum_dtype": "fp32"})
+    chosen = _cfg(tiny_config_dict, f"parallel.zero_stage={stage}", "precision=bf16", "train.grad_accum_dtype=bf16")
+    assert deepspeed_config(chosen, accelerator="cpu").get("data_types") == (
+        None if stage == 0 else {"grad_accum_dtype": "bf16"})
+    assert "data_types" not in deepspeed_config(_cfg(tiny_config_dict, f"parallel.zero_stage={stage}"),
+                                                accelerator="cpu")
 
 
 def test_offloaded_optimizer_states_are_never_fused(tiny_config_dict):
@@ -176,51 +189,110 @@ def test_wall_clock_leaves_paused_time_out():
     assert 0.04 < clock.elapsed_s() < 0.25
 
 
-# ---- the bench's pure rules --------------------------------------------------------------------
+# ---- the bench's pure rules (bench/gpu_mfu_common.py) and its harness on CPU ---------------------
 
-def test_micro_batch_search_takes_the_largest_before_the_first_oom():
-    tried: list[int] = []
-
-    def fits(limit: int):
-        def check(mb: int) -> bool:
-            tried.append(mb)
-            return mb <= limit
-        return check
-
-    assert gpu_mfu_common.pick_micro_batch([8, 1, 4, 2], fits(4)) == 4
-    assert tried == [1, 2, 4, 8]  # ascending, and 8 is the one that failed
-    tried.clear()
-    assert gpu_mfu_common.pick_micro_batch([1, 2, 4, 8], fits(100)) == 8
-    assert gpu_mfu_common.pick_micro_batch([1, 2, 4, 8], fits(0)) is None
-    tried.clear()
-    # Stops at the first failure: a larger size is not tried after an out-of-memory.
-    assert gpu_mfu_common.pick_micro_batch([1, 2, 4, 8], lambda mb: tried.append(mb) or mb != 2) == 1
-    assert tried == [1, 2]
+def test_bench_measures_pairs_eager_first():
+    names = [c.name for c in gpu_mfu_common.contenders()]
+    assert names == ["reference eager", "fm-train eager", "reference compiled", "fm-train compiled"]
+    assert [c.name for c in gpu_mfu_common.contenders([True])] == ["reference compiled", "fm-train compiled"]
 
 
-def test_next_smaller_micro_batch():
-    assert gpu_mfu_common.next_smaller([1, 2, 4, 8], 8) == 4
-    assert gpu_mfu_common.next_smaller([1, 2, 4, 8], 1) is None
+def test_step_down_keeps_the_tokens_per_step():
+    Split = gpu_mfu_common.Split
+    assert gpu_mfu_common.step_down(Split(8, 8)) == Split(4, 16)
+    assert gpu_mfu_common.step_down(Split(4, 16)) == Split(2, 32)
+    assert gpu_mfu_common.step_down(Split(6, 1)) == Split(3, 2)  # the largest divisor below, not half
+    assert gpu_mfu_common.step_down(Split(3, 1)) == Split(1, 3)
+    assert gpu_mfu_common.step_down(Split(1, 64)) is None
+
+
+def test_out_of_memory_is_recognised_in_any_spelling():
+    assert gpu_mfu_common.is_oom("oom")
+    assert gpu_mfu_common.is_oom("Traceback ...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+    assert gpu_mfu_common.is_oom("RuntimeError: CUDA error: out of memory")
+    assert not gpu_mfu_common.is_oom("timeout: killed after 120 s")
+    assert not gpu_mfu_common.is_oom("skipped: 30 s left of the --max-minutes budget")
+
+
+def test_timed_steps_fit_the_time_left():
+    assert gpu_mfu_common.timed_steps(3, step_s=2.0, left_s=100.0) == 3
+    assert gpu_mfu_common.timed_steps(3, step_s=2.0, left_s=5.0) == 2
+    assert gpu_mfu_common.timed_steps(3, step_s=2.0, left_s=1.5) == 0
+    assert gpu_mfu_common.timed_steps(3, step_s=2.0, left_s=-4.0) == 0
+
+
+def test_budget_grants_a_capped_share_and_refuses_without_the_need():
+    now = [0.0]
+    budget = gpu_mfu_common.Budget(420.0, clock=lambda: now[0])
+    assert budget.grant(need_s=100, cap_s=210) == 210
+    now[0] = 300.0
+    assert budget.grant(need_s=100, cap_s=210) == 120  # never past the bench's own deadline
+    assert budget.grant(need_s=45, cap_s=120) == 120
+    now[0] = 350.0
+    assert budget.grant(need_s=100, cap_s=210) is None and budget.grant(need_s=45, cap_s=120) == 70
+
+
+def _fake_measure(oom_above: dict[str, int], calls: list[tuple[str, int, int]]):
+    def measure(run, split):
+        calls.append((run.name, split.micro_batch, split.grad_accum))
+        if split.micro_batch > oom_above.get(run.name, 10**6):
+            return {"error": "Traceback\ntorch.OutOfMemoryError: CUDA out of memory."}
+        return {"name": run.name, "kind": run.kind, "compiled": run.compiled, "micro_batch": split.micro_batch,
+                "grad_accum": split.grad_accum, "tokens_per_s_per_gpu": 1000.0 * (2 if run.kind == "fm_train" else 1)}
+    return measure
+
+
+def test_an_oom_steps_both_contenders_down_and_measures_the_earlier_one_again():
+    calls: list[tuple[str, int, int]] = []
+    results, notes = gpu_mfu_common.measure_all(gpu_mfu_common.contenders(), gpu_mfu_common.Split(8, 8),
+                                                _fake_measure({"fm-train eager": 4}, calls))
+    assert calls == [("reference eager", 8, 8), ("fm-train eager", 8, 8), ("fm-train eager", 4, 16),
+                     ("reference eager", 4, 16), ("reference compiled", 4, 16), ("fm-train compiled", 4, 16)]
+    assert [(r["name"], r["micro_batch"], r["grad_accum"]) for r in results] == [
+        ("reference eager", 4, 16), ("fm-train eager", 4, 16), ("reference compiled", 4, 16), ("fm-train compiled", 4, 16)]
+    assert len(notes) == 1 and "fm-train eager ran out of memory at micro-batch 8" in notes[0]
+    assert gpu_mfu_common.ratios(results) == {"eager": 2.0, "compiled": 2.0}
+
+
+def test_an_oom_at_micro_batch_one_is_an_error_and_the_rest_still_run():
+    calls: list[tuple[str, int, int]] = []
+    results, _ = gpu_mfu_common.measure_all(gpu_mfu_common.contenders([False]), gpu_mfu_common.Split(2, 1),
+                                            _fake_measure({"reference eager": 0}, calls))
+    assert calls == [("reference eager", 2, 1), ("reference eager", 1, 2), ("fm-train eager", 1, 2)]
+    assert "out of memory even at micro-batch 1" in results[0]["error"] and results[1]["micro_batch"] == 1
+    assert gpu_mfu_common.ratios(results) == {"eager": None, "compiled": None}
+
+
+def test_ratios_only_between_runs_at_the_same_split():
+    ref = {"kind": "reference", "compiled": False, "micro_batch": 8, "grad_accum": 8, "tokens_per_s_per_gpu": 100.0}
+    fm = {**ref, "kind": "fm_train", "tokens_per_s_per_gpu": 90.0}
+    assert gpu_mfu_common.ratios([ref, fm])["eager"] == pytest.approx(0.9)
+    assert gpu_mfu_common.ratios([ref, {**fm, "micro_batch": 4, "grad_accum": 16}])["eager"] is None
 
 
 def test_bench_throughput_figures():
-    got = gpu_mfu.throughput(tokens_per_step=8 * 2048, steps=10, seconds=2.0, gpus=2, flops_per_token=7e9,
-                             measured_peak=700e12, table_peak=989e12)
+    got = gpu_mfu_common.throughput(tokens_per_step=8 * 2048, steps=10, seconds=2.0, gpus=2, flops_per_token=7e9,
+                                    measured_peak=700e12, table_peak=989e12)
     assert got["tokens_per_s_per_gpu"] == pytest.approx(8 * 2048 * 10 / 2.0 / 2)
     assert got["tflops_per_gpu"] == pytest.approx(got["tokens_per_s_per_gpu"] * 7e9 / 1e12)
     assert got["mfu_measured"] == pytest.approx(got["tflops_per_gpu"] * 1e12 / 700e12)
     assert got["mfu_table"] == pytest.approx(got["tflops_per_gpu"] * 1e12 / 989e12)
-    assert gpu_mfu.throughput(tokens_per_step=1, steps=1, seconds=1.0, gpus=1, flops_per_token=1.0,
-                              measured_peak=1.0, table_peak=None)["mfu_table"] is None
+    assert gpu_mfu_common.throughput(tokens_per_step=1, steps=1, seconds=1.0, gpus=1, flops_per_token=1.0,
+                                     measured_peak=1.0, table_peak=None)["mfu_table"] is None
 
 
-def test_bench_layouts_per_gpu_count():
-    assert gpu_mfu.multi_gpu_runs(1, zero=2) == []
-    runs = {r.name: r for r in gpu_mfu.multi_gpu_runs(8, zero=2)}
-    assert runs["fm-train dp8"].world == 8 and runs["fm-train dp8"].zero == 2
-    assert (runs["fm-train tp2"].world, runs["fm-train tp2"].tp) == (2, 2)
-    pp = runs["fm-train pp2"]
-    assert (pp.world, pp.pp, pp.zero, pp.grad_accum) == (2, 2, 1, 4)  # DeepSpeed: ZeRO <= 1 with a pipeline
+def test_summary_names_figures_ratios_goals_and_failures():
+    ok = {"name": "fm-train eager", "kind": "fm_train", "compiled": False, "micro_batch": 8, "grad_accum": 8,
+          "tokens_per_s_per_gpu": 50_000.0, "mfu_table": 0.37, "mfu_measured": 0.5, "peak_mem_gib": 41.0}
+    skipped = {"name": "fm-train compiled", "error": "skipped: 20 s left of the --max-minutes budget, this run"
+                                                     " needs about 100 s"}
+    text = gpu_mfu_common.summary("NVIDIA H100 80GB HBM3", [ok, skipped], {"eager": 1.05, "compiled": None},
+                                  ["a step-down note"])
+    assert "\n" not in text and text.startswith("summary: NVIDIA H100 80GB HBM3:")
+    assert "50,000 tokens/s/GPU, MFU 37.0% of the data sheet (50.0% of measured matmul peak)" in text
+    assert "eager/eager = 1.050 (goal >= 1.0)" in text and "compiled/compiled = n/a" in text
+    assert "fm-train compiled: skipped: 20 s left" in text and "best fm-train MFU 37.0% (goal >= 45%)" in text
+    assert text.endswith("a step-down note")
 
 
 def test_bench_skips_cleanly_without_a_gpu(capsys):
@@ -229,3 +301,32 @@ def test_bench_skips_cleanly_without_a_gpu(capsys):
     assert gpu_mfu.main(["--max-minutes", "1"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("gpu_mfu: skipped: no CUDA GPU visible")
+
+
+@pytest.mark.multiproc
+def test_bench_cpu_smoke_runs_the_whole_harness(tmp_path, capsys):
+    """``--cpu-smoke``: the recipe's config path, the probe, the transformers reference and fm-train's engine,
+    each eager and compiled (``aot_eager``), each in a fresh process, the report, ratios, summary and JSON.
+
+    What only a GPU can run, and this test therefore does not: bf16 on the 1.1B shape, Inductor/Triton
+    kernels (here the compile stops at tracing), torch's fused AdamW on CUDA, NCCL, the CUDA-event matmul
+    probe and the data-sheet peak of a real card, CUDA peak memory, and a real out-of-memory (the step-down
+    is covered by the fake-measure tests above)."""
+    out_json = tmp_path / "smoke.json"
+    assert gpu_mfu.main(["--cpu-smoke", "--warmup", "1", "--steps", "1", "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(out_json.read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert list(runs) == ["reference eager", "fm-train eager", "reference compiled", "fm-train compiled"]
+    for run in runs.values():
+        assert "error" not in run, run.get("error")
+        assert run["steps"] == 1 and run["tokens_per_step"] == 2 * 2 * 64 and run["tokens_per_s_per_gpu"] > 0
+        assert run["mfu_measured"] > 0 and run["mfu_table"] is None  # no data-sheet peak for a CPU
+        assert 8.0 < run["loss"] < 10.0  # ln(8192) = 9.01 at the start: both train the same tiny shape
+    # The reference is the same shape as fm-train's model, parameter for parameter.
+    assert runs["reference eager"]["parameters"] == runs["fm-train eager"]["parameters"]
+    assert runs["fm-train compiled"]["compile"] and runs["reference compiled"]["compile"] == "each LlamaDecoderLayer"
+    assert runs["reference compiled"]["compiled_graphs"] >= 1 and runs["fm-train compiled"]["compiled_graphs"] >= 1
+    assert runs["fm-train eager"]["ops_built_during_run"] == []
+    assert set(report["ratios"]) == {"eager", "compiled"} and all(v > 0 for v in report["ratios"].values())
+    assert lines[-1] == report["summary"] and lines[-1].startswith("summary: cpu: reference eager")

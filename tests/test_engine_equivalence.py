@@ -30,6 +30,8 @@ CASES: dict[str, dict[str, Any]] = {
     **{f"zero{s}-fp32": {"zero": s, "precision": "fp32", "micro": 4, "accum": 1} for s in range(4)},
     **{f"zero{s}-bf16": {"zero": s, "precision": "bf16", "micro": 4, "accum": 1} for s in range(4)},
     "zero2-fp32-micro2x2": {"zero": 2, "precision": "fp32", "micro": 2, "accum": 2},
+    # bf16 accumulating over micro-batches: in fp32 (train.grad_accum_dtype), DeepSpeed's own report checked below.
+    **{f"zero{s}-bf16-micro2x2": {"zero": s, "precision": "bf16", "micro": 2, "accum": 2} for s in (1, 2, 3)},
     "zero3-fp32-actckpt": {"zero": 3, "precision": "fp32", "micro": 4, "accum": 1, "actckpt": True},
 }
 METRICS_CASE = "zero2-fp32-micro2x2"
@@ -96,13 +98,15 @@ def _train_all_cases(base: dict[str, Any], root: str) -> dict[str, list[dict[str
         # A fixed peak keeps the matmul probe out of all but the metrics case.
         spec = (throughput_spec(cfg, family, engine.device) if name == METRICS_CASE
                 else ThroughputSpec(cfg.tokens_per_step, DP, 1.0, 1.0))
+        accum_dtype, optimizer = str(engine.get_data_types()[1]), type(engine.optimizer).__name__
         train(engine, rank_batches(rank, DP, case["micro"], case["accum"]), state, cfg, sink=sink,
               val_batches=val_batches, spec=spec)
         sink.close()
         engine.destroy()
         if rank == 0:
             out[name] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            out[name].append({"final_state": state.state_dict() | {"lr_scheduler": None}})
+            out[name].append({"final_state": state.state_dict() | {"lr_scheduler": None},
+                              "grad_accum_dtype": accum_dtype, "optimizer": optimizer})
     dist.barrier()
     return out
 
@@ -187,6 +191,16 @@ def test_metrics_jsonl_has_every_key(runs):
     assert lrs[3] > lrs[-1] >= 3e-4
     final = records[-1]["final_state"]
     assert final["step"] == STEPS and final["data_state"] == {"step": STEPS - 1, "micro": 1}
+
+
+def test_bf16_gradients_accumulate_in_fp32_with_zero(runs):
+    for case, spec in CASES.items():
+        facts = runs[case][-1]
+        if spec["precision"] == "bf16":
+            # ZeRO-0 has no fp32 path in DeepSpeed; ZeRO-1 then runs its BF16_Optimizer (fp32 gradient buffers).
+            assert facts["grad_accum_dtype"] == ("torch.bfloat16" if spec["zero"] == 0 else "torch.float32"), (case, facts)
+            if spec["zero"] == 1:
+                assert facts["optimizer"] == "BF16_Optimizer", (case, facts)
 
 
 def test_grad_norm_is_reported_in_every_stage(runs):

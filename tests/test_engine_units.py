@@ -93,6 +93,25 @@ def test_deepspeed_config_batch_and_optimizer(tiny_config_dict):
     assert ds["steps_per_print"] > 10**9 and ds["wall_clock_breakdown"] is False
 
 
+def test_zero3_keeps_as_many_blocks_gathered_as_the_memory_budget_holds(tiny_config_dict):
+    from fm_train.plan.memory import GIB, estimate_memory, zero3_live_blocks
+
+    cfg = _cfg(tiny_config_dict, "parallel.zero_stage=3", "model.n_layers=6")
+    family = family_of(cfg.model)
+    two = estimate_memory(cfg, family, device="gpu", live_blocks=2).device_total / GIB
+    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=None) == 2  # no budget known: the minimum
+    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two * 0.9) == 2  # never below two
+    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two + 1) == 6  # room for all: every block
+    block = family.sizes.block_params(cfg.model) * 4 / GIB  # fp32 bytes of one gathered block
+    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two + 2.5 * block) == 4
+    assert estimate_memory(cfg, family, device="gpu", live_blocks=4).device_total / GIB <= two + 2.5 * block
+    assert zero3_live_blocks(_cfg(tiny_config_dict, "parallel.zero_stage=2"), family, device="gpu", budget_gib=99) == 2
+    sizes = {n: deepspeed_config(cfg, zero3_live_blocks=n)["zero_optimization"] for n in (2, 6)}
+    per_block = sizes[2]["stage3_max_live_parameters"] // 2
+    assert sizes[2]["stage3_max_reuse_distance"] == per_block  # across one block's recompute and backward
+    assert (sizes[6]["stage3_max_live_parameters"], sizes[6]["stage3_max_reuse_distance"]) == (6 * per_block, 5 * per_block)
+
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_zero_sections(tiny_config_dict, stage):
     ds = deepspeed_config(_cfg(tiny_config_dict, f"parallel.zero_stage={stage}"))
@@ -199,6 +218,54 @@ def test_activation_checkpointing_keeps_names_and_gradients(tiny_config_dict):
         assert math.isfinite(ckpt(tokens[:, :-1], tokens[:, 1:]).item())
 
 
+def test_recomputing_some_blocks_saves_in_between_with_the_same_gradients(tiny_config_dict):
+    cfg = _cfg(tiny_config_dict, "model.n_layers=4")
+    family = family_of(cfg.model)
+    blocks = family.modules().block_types
+    models = {k: build_train_module(cfg, family) for k in ("plain", "first1", "first3", "all")}
+    assert apply_activation_checkpointing(models["first1"], blocks, limit=1) == 1
+    assert apply_activation_checkpointing(models["first3"], blocks, limit=3) == 3
+    assert apply_activation_checkpointing(models["first3"], blocks, limit=3) == 0  # idempotent with a limit too
+    assert apply_activation_checkpointing(models["all"], blocks) == 4
+    wrapped = [i for i, b in enumerate(m for m in models["first3"].modules() if isinstance(m, blocks))
+               if "forward" in vars(b)]
+    assert wrapped == [0, 1, 2]  # the first blocks, in order
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    saved = {}
+    for key, m in models.items():
+        size = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            size[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(tokens[:, :-1], tokens[:, 1:])
+        saved[key] = size[0]
+        loss.backward()
+    assert saved["plain"] > saved["first1"] > saved["first3"] > saved["all"], saved
+    for key in ("first1", "first3", "all"):
+        for (name, a), b in zip(models["plain"].named_parameters(), models[key].parameters()):
+            assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), (key, name)
+
+
+def test_recompute_blocks_is_checked_and_planned_between_none_and_all(tiny_config_dict):
+    from fm_train.config import ConfigError
+    from fm_train.plan.memory import estimate_memory
+
+    base = ("model.n_layers=4", "parallel.activation_checkpointing=true")
+    acts = {n: estimate_memory(_cfg(tiny_config_dict, *base, f"parallel.recompute_blocks={n}"), family_of(
+        _cfg(tiny_config_dict).model)).activations for n in (1, 2, 4)}
+    none = estimate_memory(_cfg(tiny_config_dict, "model.n_layers=4"), family_of(_cfg(tiny_config_dict).model))
+    every = estimate_memory(_cfg(tiny_config_dict, *base), family_of(_cfg(tiny_config_dict).model))
+    assert none.activations > acts[1] > acts[2] > acts[4] == every.activations
+    with pytest.raises(ConfigError, match=r"parallel.recompute_blocks=2 needs parallel.activation_checkpointing=true"):
+        _cfg(tiny_config_dict, "parallel.recompute_blocks=2")
+    with pytest.raises(ConfigError, match=r"parallel.recompute_blocks=3 exceeds the 2 blocks of a pipeline stage"):
+        _cfg(tiny_config_dict, *base, "parallel.pp=2", "cluster.workers=2", "parallel.zero_stage=1",
+             "parallel.recompute_blocks=3")
+
+
 def test_wandb_without_the_package_is_a_config_error_on_every_rank(tmp_path, monkeypatch):
     import sys
 
@@ -227,3 +294,25 @@ def test_a_stop_flag_on_one_rank_stops_every_rank() -> None:
     from distributed import run_distributed
 
     assert run_distributed(_stop_flags, 2) == [(True, False, True), (True, False, True)]
+
+
+def test_goodput_counts_from_the_launch_across_attempts(tmp_path, monkeypatch):
+    from fm_train.engine.goodput import Goodput
+
+    monkeypatch.delenv("FM_TRAIN_LAUNCH_START_S", raising=False)
+    alone = Goodput.for_run(tmp_path, 500, write=True)  # no launcher: from this worker's start, nothing written
+    assert alone.tokens_at_start == 500 and not (tmp_path / "goodput.json").exists()
+
+    monkeypatch.setenv("FM_TRAIN_LAUNCH_START_S", "1000.000")
+    first = Goodput.for_run(tmp_path, 200, write=True)  # the launch's first attempt resumed at 200 tokens
+    assert json.loads((tmp_path / "goodput.json").read_text()) == {"launch_start_s": 1000.0, "tokens_seen": 200}
+    # A restart of the same launch resumed at 600 tokens: it still counts from the launch's 200.
+    again = Goodput.for_run(tmp_path, 600, write=True)
+    assert (again.started_s, again.tokens_at_start) == (first.started_s, 200) == (1000.0, 200)
+    again._clock = lambda: 1100.0
+    assert again.record(1200, tokens_per_s=20.0) == {"goodput_tokens_per_s": 10.0, "goodput": 0.5}
+    # A new launch, or a damaged record: counts from itself.
+    monkeypatch.setenv("FM_TRAIN_LAUNCH_START_S", "5000")
+    assert Goodput.for_run(tmp_path, 1200, write=False).tokens_at_start == 1200
+    (tmp_path / "goodput.json").write_text("[not a record")
+    assert Goodput.for_run(tmp_path, 1300, write=True).tokens_at_start == 1300

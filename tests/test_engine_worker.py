@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -43,12 +44,28 @@ def _signal_at(batches: Iterator[dict[str, Any]], rank: int, kill_at: int | None
         yield batch
 
 
-def _worker_with_fake_data(raw: dict[str, Any], kill_at: int | None = None) -> int:
+def _worker_with_fake_data(raw: dict[str, Any], kill_at: int | None = None, beats: str | None = None,
+                           launch_start_s: float | None = None) -> int:
+    import os
+
     import torch.distributed as dist
 
     from fm_train.config import build_config
+    from fm_train.dist import heartbeat
     from fm_train.engine import data as engine_data
     from fm_train.worker import run_worker
+
+    if beats is not None:  # every heartbeat of this rank, in order, to RUN/<beats>.<rank>
+        beat = heartbeat.Heartbeat.beat
+
+        def logged(self: heartbeat.Heartbeat, step: int, phase: str = "step") -> None:
+            with open(f"{beats}.{os.environ['RANK']}", "a") as f:
+                f.write(f"{step} {phase}\n")
+            beat(self, step, phase)
+
+        heartbeat.Heartbeat.beat = logged  # type: ignore[method-assign]
+    if launch_start_s is not None:
+        os.environ["FM_TRAIN_LAUNCH_START_S"] = f"{launch_start_s:.3f}"
 
     engine_data.prepare_sources = lambda cfg, family, is_rank0: [(s.path, s.weight) for s in cfg.data.sources]
     engine_data.check_sources = lambda cfg, sources: None
@@ -65,13 +82,26 @@ def test_worker_wiring_and_resume(tiny_config_dict, tmp_path):
     raw = {**tiny_config_dict, "run": {**tiny_config_dict["run"], "dir": str(tmp_path / "run")},
            "train": {**tiny_config_dict["train"], "steps": 6, "log_every": 3, "eval_every": 3},
            "checkpoint": {"every": 4, "keep": 2}, "logging": {"tensorboard": False}}
-    assert run_distributed(_worker_with_fake_data, world_size=2, args=(raw,), init_process_group=False) == [0, 0]
+    launch_start = time.time()
+    assert run_distributed(_worker_with_fake_data, world_size=2, args=(raw, None, str(tmp_path / "beats"), launch_start),
+                           init_process_group=False) == [0, 0]
+    finished = time.time()
     run = tmp_path / "run"
+    # The heartbeat says `save` while a checkpoint is written (the launcher then allows cluster.save_timeout_s).
+    for rank in (0, 1):
+        assert (tmp_path / f"beats.{rank}").read_text().split("\n")[:-1] == [
+            "0 ready", "1 step", "2 step", "3 step", "4 save", "4 step", "5 step", "6 save", "6 step"]
+    # Goodput counts from the launch's start: start-up, evaluation and saves included, so below the steps' rate.
+    assert json.loads((run / "goodput.json").read_text()) == {"launch_start_s": round(launch_start, 3), "tokens_seen": 0}
     resolved = yaml.safe_load((run / "config.resolved.yaml").read_text())
     assert resolved["train"]["steps"] == 6 and resolved["parallel"]["zero_stage"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], "val_loss" in r) for r in records] == [(3, False), (3, True), (6, False), (6, True)]
     assert records[2]["data_receipt"] == f"{5:08x}" and records[2]["tokens_seen"] == 6 * 2 * 2 * SEQ
+    for r in (records[0], records[2]):
+        assert 0 < r["goodput"] < 1 and r["goodput_tokens_per_s"] < r["tokens_per_s"]
+        # tokens over the wall time from the launch to the record, which lies before the run's end
+        assert r["goodput_tokens_per_s"] >= r["tokens_seen"] / (finished - launch_start)
     assert not (run / "tensorboard").exists()
     # Saved every 4 steps and at the end.
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]

@@ -133,7 +133,7 @@ def test_family_lookup() -> None:
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("fields", [{}, {"tie_embeddings": False, "qkv_bias": True, "vocab_size": 1001}],
+@pytest.mark.parametrize("fields", [{"vocab_size": 8192}, {"tie_embeddings": False, "qkv_bias": True, "vocab_size": 1001}],
                          ids=["tied", "untied-bias-1001"])
 def test_llama_family_pieces_agree(fields: dict) -> None:
     import torch

@@ -112,9 +112,10 @@ def _build_from_hf(raw: dict[str, Any], layout: dict[str, Any]) -> dict[str, Any
     from fm_train.dist.topology import Topology
     from fm_train.engine.train_module import build_train_module
     from fm_train.families import family_of
-    from fm_train.worker import _initial_weights, return_freed_memory_to_os
+    from fm_train.dist.host_memory import HostMemory
+    from fm_train.worker import _initial_weights
 
-    return_freed_memory_to_os()  # as the worker: freed tensors go back to the OS, so the peak is honest
+    HostMemory.configure("small", gpu=False)  # freed tensors go back to the OS at once, so the peak is honest
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = build_config(raw, require_paths=True)
     family = family_of(cfg.model)

@@ -179,3 +179,23 @@ def test_a_shrunk_expert_parallel_run_keeps_dp_a_multiple_of_ep():
     assert choose_layout(cfg, [3]) == Layout(2, 6)
     why = choose_layout(cfg, [1])
     assert isinstance(why, str) and "3 workers (dp 3 is not a multiple of parallel.ep=2)" in why
+
+
+def test_a_saving_rank_is_judged_by_the_save_timeout():
+    saving = {0: ((8, "save"), 900.0), 1: ((8, "save"), 900.0)}
+    assert stalled_rank(saving, set(), step_timeout_s=600, startup_timeout_s=900, save_timeout_s=3600) is None
+    rank, why = stalled_rank({0: ((8, "step"), 1.0), 1: ((8, "save"), 4000.0)}, set(), step_timeout_s=600,
+                             startup_timeout_s=900, save_timeout_s=3600)
+    assert rank == 1 and "after step 8 (save)" in why and "cluster.save_timeout_s=3600" in why
+    # Without a save limit (a caller that has none) the step's applies.
+    assert stalled_rank(saving, set(), step_timeout_s=600, startup_timeout_s=900)[1].endswith("step_timeout_s=600)")
+    # The group's silence rule too: no rank prints while one saves.
+    from launcher.monitor import AttemptWatch
+
+    watch = AttemptWatch(group=None, sink=None, progress=None, step_timeout_s=600, startup_timeout_s=900,  # type: ignore[arg-type]
+                         total_steps=10, poll_interval_s=1, stop_grace_s=1, failure_grace_s=1, stop=None,  # type: ignore[arg-type]
+                         say=print, trained=True, save_timeout_s=3600)
+    watch.beats = {0: ((8, "step"), 5.0), 1: ((8, "save"), 5.0)}
+    assert watch.silence_limit() == (3600, "cluster.save_timeout_s=3600, while a rank saves")
+    watch.beats = {0: ((8, "step"), 5.0), 1: ((9, "step"), 5.0)}
+    assert watch.silence_limit() == (600, "cluster.step_timeout_s=600")

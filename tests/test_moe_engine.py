@@ -112,13 +112,18 @@ def test_moe_resumes_on_another_expert_parallel_size(tmp_path: Path, straight: d
 @pytest.mark.parametrize("ep", [1, 2])
 def test_moe_checkpoint_converts_to_qwen3_moe_that_generates_and_fine_tunes(tmp_path: Path, straight: dict[int, Path],
                                                                             ep: int) -> None:
+    import math
+
     import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeForCausalLM
 
     from fm_train.convert import convert_checkpoint
 
-    # Verified against the logits the engine computed at save time (at ep2: with the all-to-all).
-    out = convert_checkpoint(straight[ep], tmp_path / "hf", dtype="fp32", no_tokenizer=True)
+    # Verified against the logits the engine computed at save time (at ep2: with the all-to-all). The
+    # tokenizer: a small BPE one (the run trained on synthetic ids below VOCAB, so any of <= VOCAB tokens fits).
+    from test_checkpoint_support import write_tokenizer
+
+    out = convert_checkpoint(straight[ep], tmp_path / "hf", dtype="fp32", tokenizer=write_tokenizer(tmp_path))
     readme = (out / "README.md").read_text()
     assert "logits match the training engine's own logits" in readme and "Qwen3MoeForCausalLM" in readme
     config = json.loads((out / "config.json").read_text())
@@ -128,16 +133,13 @@ def test_moe_checkpoint_converts_to_qwen3_moe_that_generates_and_fine_tunes(tmp_
     prompt = torch.tensor([[1, 4, 7, 10]])
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert generated.shape == (1, 10)
-    rows = [(torch.arange(SEQ + 1) * 3 + s) % VOCAB for s in range(16)]
-    examples = [{"input_ids": r, "labels": r} for r in rows]
-    args = TrainingArguments(output_dir=str(tmp_path / "ft"), per_device_train_batch_size=4, num_train_epochs=3,
-                             learning_rate=3e-3, logging_steps=2, save_strategy="no", report_to=[], seed=0,
-                             use_cpu=True, dataloader_num_workers=0)
-    model.config.output_router_logits = True  # the router's load-balancing loss joins the fine-tuning loss
-    trainer = Trainer(model=model, args=args, train_dataset=examples)
-    trainer.train()
-    logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    assert len(logged) >= 4 and logged[-1] < logged[0], logged
+    # Texts padded to a fixed length with the export's padding (its EOS token), labels -100 at the pads; the
+    # router's load-balancing loss joins the fine-tuning loss.
+    from fine_tune import fine_tune_padded
+
+    assert AutoTokenizer.from_pretrained(str(out), local_files_only=True).pad_token == "</s>"
+    logged = fine_tune_padded(out, tmp_path, output_router_logits=True)
+    assert len(logged) >= 4 and all(math.isfinite(v) for v in logged) and logged[-1] < logged[0], logged
 
 
 @pytest.mark.parametrize("layout", [{"tp": 2, "ep": 2, "zero_stage": 2}, {"pp": 2, "ep": 2, "zero_stage": 1}],

@@ -10,6 +10,8 @@ and its tp/pp peers get identical rows.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -20,12 +22,13 @@ STEPS, SEQ, CLIP = 10, 32, 0.05
 
 
 def run_config(*, tp: int, pp: int, workers: int, zero: int, tie: bool = True, micro: int = 2, accum: int = 1,
-               activation_checkpointing: bool = False, vocab: int = 512) -> FmConfig:
+               activation_checkpointing: bool = False, vocab: int = 512, recompute: int | None = None) -> FmConfig:
     return FmConfig(
         run={"name": "eq", "dir": "runs/eq", "seed": 11},
         model={"n_layers": 4, "hidden": 64, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 172, "vocab_size": vocab,
                "max_seq_len": 64, "tie_embeddings": tie},
-        parallel={"tp": tp, "pp": pp, "zero_stage": zero, "activation_checkpointing": activation_checkpointing},
+        parallel={"tp": tp, "pp": pp, "zero_stage": zero, "activation_checkpointing": activation_checkpointing,
+                  "recompute_blocks": recompute},
         precision="fp32",
         data={"seq_len": SEQ},
         train={"steps": STEPS, "micro_batch": micro, "grad_accum": accum},
@@ -70,7 +73,6 @@ def reference_losses(cfg: FmConfig) -> tuple[list[float], list[float]]:
 
 def _train_parallel(cfg: FmConfig) -> list[float]:
     import deepspeed
-    import torch.distributed as dist
 
     from fm_train.dist.groups import ParallelGroups
     from fm_train.dist.topology import Topology
@@ -86,15 +88,23 @@ def _train_parallel(cfg: FmConfig) -> list[float]:
     engine, *_ = deepspeed.initialize(
         model=module, config=deepspeed_config(cfg), mpu=None if pipelined else groups,
         model_parameters=weight_decay_groups(module, cfg.optim.weight_decay))
+    return train_steps(engine, cfg, groups, STEPS)
+
+
+def train_steps(engine: Any, cfg: FmConfig, groups: Any, steps: int) -> list[float]:
+    """``steps`` optimizer steps of ``engine`` on this dp rank's rows of :func:`global_batch`; each step's loss,
+    averaged over micro-batches and dp (a pipeline engine's ``train_batch`` averages them itself)."""
+    import torch.distributed as dist
+
     dp, n = groups.get_data_parallel_rank(), cfg.train.micro_batch
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         ids, labels = global_batch(cfg, step)
         rows = slice(dp * n * cfg.train.grad_accum, (dp + 1) * n * cfg.train.grad_accum)
         ids, labels = ids[rows], labels[rows]
-        if pipelined:
+        if cfg.parallel.pp > 1:
             micro = [((ids[i:i + n],), labels[i:i + n]) for i in range(0, len(ids), n)]
-            loss = engine.train_batch(data_iter=iter(micro))  # averaged over micro-batches and dp
+            loss = engine.train_batch(data_iter=iter(micro))
         else:
             loss = engine(ids, labels)
             engine.backward(loss)
@@ -117,6 +127,8 @@ LAYOUTS = {
     "tp2-zero2-untied": dict(tp=2, pp=1, workers=2, zero=2, tie=False),
     "pp2-zero1-accum2": dict(tp=1, pp=2, workers=2, zero=1, accum=2),
     "pp2-zero0-untied-actckpt": dict(tp=1, pp=2, workers=2, zero=0, tie=False, accum=2, activation_checkpointing=True),
+    # one of each stage's two blocks recomputed (fm-train's wrapper, not DeepSpeed's all-or-none interval)
+    "pp2-zero1-recompute1": dict(tp=1, pp=2, workers=2, zero=1, accum=2, activation_checkpointing=True, recompute=1),
     "dp2xtp2-zero1": dict(tp=2, pp=1, workers=4, zero=1),
     "pp2xtp2-zero1-accum2-actckpt": dict(tp=2, pp=2, workers=4, zero=1, accum=2, activation_checkpointing=True),
     # 1001 tokens, which no tp size divides: embedding and head padded to 1024 rows, the padding

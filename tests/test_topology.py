@@ -93,11 +93,19 @@ def test_parameter_count_matches_published_shapes():
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "cluster_configs").glob("h100_*.yaml")))
-def test_every_gpu_recipe_plans_to_fit_its_card(recipe):
-    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(ROOT / "cluster_configs" / recipe),
-                          "--no-config"], capture_output=True, text=True, check=True).stdout
+def test_every_gpu_recipe_plans_to_fit_its_card_with_the_settings_plan_fit_chooses(recipe):
+    from fm_train.config import load_config
+
+    path = ROOT / "cluster_configs" / recipe
+    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", str(path), "--no-config", "--fit", "72"],
+                         capture_output=True, text=True, check=True).stdout
     card = next(line for line in out.splitlines() if line.startswith("# card:"))
     assert card.startswith("# card: fits") and "of 80 GiB (cluster.gpu_memory_gib)" in card, card
+    # The recipe is what the planner derives: applying its choice changes nothing (no full recomputation
+    # where memory allows, the smallest tp, the lowest ZeRO stage).
+    apply = next(line for line in out.splitlines() if line.startswith("#   apply: ")).removeprefix("#   apply: ")
+    overrides = [o for o in apply.split() if o != "--set"]
+    assert load_config(path, overrides).model_dump() == load_config(path).model_dump(), (recipe, apply)
 
 
 def test_plan_warns_when_the_peak_exceeds_the_card_and_names_the_fixes():
@@ -137,11 +145,11 @@ def test_the_70b_recipe_fits_without_recomputation_thanks_to_the_tp_sequence_spl
     recipe = str(ROOT / "cluster_configs/h100_70b_8node.yaml")
     whole = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", "--set",
                             "parallel.tp_sequence_parallel=false"], capture_output=True, text=True, check=True).stdout
-    assert "exceeds the 80 GiB card" in whole and "fits alone: parallel.tp_sequence_parallel=true (peak 52.93 GiB)" in whole
+    assert "exceeds the 80 GiB card" in whole and "fits alone: parallel.tp_sequence_parallel=true (peak 61.39 GiB)" in whole
     split = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe], capture_output=True, text=True,
                            check=True).stdout
     assert "activation_checkpointing: false" in split and "tp_sequence_parallel: true" in split
-    assert "# card: fits, peak 52.93 GiB of 80 GiB" in split
+    assert "# card: fits, peak 61.39 GiB of 80 GiB" in split
 
 
 def test_plan_estimates_the_step_time_from_a_stated_roofline():
@@ -156,3 +164,24 @@ def test_plan_estimates_the_step_time_from_a_stated_roofline():
                            "--no-config", "--mfu", "0.2"], capture_output=True, text=True, check=True).stdout
     slower = next(x for x in half.splitlines() if x.startswith("# step time:"))
     assert "assumed 20% MFU" in slower and float(slower.split("~")[1].split(" s")[0]) == pytest.approx(2 * seconds, rel=0.01)
+
+
+def test_plan_fit_names_the_cheapest_setting_and_fails_when_nothing_fits():
+    recipe = str(ROOT / "cluster_configs/h100_7b_2node.yaml")
+    out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", "--fit", "40"],
+                         capture_output=True, text=True, check=True).stdout
+    chosen = next(x for x in out.splitlines() if x.startswith("# fit 40 GiB: "))
+    # Recomputation costs most: tp 8 fits 40 GiB without it (grad_accum raised to keep the global batch) ...
+    assert chosen.startswith("# fit 40 GiB: tp 8, zero stage 1, grad_accum 64, no recomputation: peak "), chosen
+    assert float(chosen.rsplit("peak ", 1)[1].split()[0]) <= 40
+    apply = next(x for x in out.splitlines() if x.startswith("#   apply: "))
+    assert "--set parallel.tp=8 --set parallel.zero_stage=1 --set train.grad_accum=64" in apply
+    # ... and the smaller tp sizes fit by recomputing some blocks, each named with its cost.
+    tp1 = next(x for x in out.splitlines() if x.startswith("#   also fits: tp 1, "))
+    assert "recompute" in tp1 and "of 32 blocks per stage (+~" in tp1 and float(tp1.rsplit("peak ", 1)[1].split()[0]) <= 40
+    none = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", "--fit", "5"],
+                          capture_output=True, text=True)
+    assert none.returncode == 1 and "# fit 5 GiB: no setting fits" in none.stdout and "lower train.micro_batch" in none.stdout
+    bad = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--fit", "-3"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "-3 is not a positive number of GiB" in bad.stderr

@@ -74,17 +74,21 @@ def _keeping_logits(module: torch.nn.Module, into: dict[str, torch.Tensor]) -> I
     if not callable(getattr(module, "loss_fn", None)):
         raise TypeError(f"probe: {type(module).__name__} has no loss_fn; fm-train's engines wrap the model in "
                         "ModelWithLoss (forward(input_ids, labels) = loss_fn(model(input_ids), labels))")
-    original = module.loss_fn
+    original, head_loss = module.loss_fn, getattr(module, "head_loss", None)
 
     def keep(logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
         into["logits"] = logits.detach()
         return logits.new_zeros(())
 
     module.loss_fn = keep
+    if head_loss is not None:  # the probe wants logits, not the fused head's per-token losses
+        module.head_loss = False
     try:
         yield
     finally:
         module.loss_fn = original
+        if head_loss is not None:
+            module.head_loss = head_loss
 
 
 def _dense_logits(engine: Any, tokens: torch.Tensor) -> tuple[torch.Tensor, TPInfo, int]:

@@ -27,7 +27,8 @@ SUBCOMMANDS: list[tuple[str, str, str, str, str]] = [
     ("status", "show the status of a submitted job", "launcher.cli", "add_status_arguments", "run_status"),
     ("logs", "print (or follow) the logs of a submitted job", "launcher.cli", "add_logs_arguments", "run_logs"),
     ("stop", "stop a submitted job", "launcher.cli", "add_stop_arguments", "run_stop"),
-    ("runs", "list runs (state, step, loss, latest checkpoint) from their run directories; `runs show NAME`",
+    ("runs", "list runs (state, step, loss, latest checkpoint) from their run directories or run.storage;"
+     " `runs show NAME`",
      "launcher.cli", "add_runs_arguments", "run_runs"),
     ("shard", "tokenize raw text into webdataset shards with an index", "data_shards.cli",
      "add_shard_arguments", "run_shard"),

@@ -6,9 +6,12 @@ import argparse
 
 from fm_train.cli.common import ConfigError, add_config_arguments, config_from_args, fail
 from fm_train.config import FmConfig, dump_config
+from fm_train.config.mixture import describe_mixture
 from fm_train.config.rules import check_rules, missing_paths
 from fm_train.families import family_of
 from fm_train.families.spec import FamilySpec
+from fm_train.families.vocab import plan_vocab
+from fm_train.plan.fit import fit
 from fm_train.plan.flops import flops_per_step
 from fm_train.plan.layout import format_rank_table, rank_table
 from fm_train.plan.memory import GIB, estimate_memory, format_memory
@@ -24,6 +27,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-config", action="store_true", help="do not print the resolved config, only the layout")
     parser.add_argument("--check-paths", action="store_true",
                         help="fail (instead of warning) when a data path does not exist on this machine")
+    parser.add_argument("--fit", type=_budget, default=None, metavar="GIB",
+                        help="also find the cheapest memory settings that fit GIB per device (the fewest recomputed"
+                             " blocks, then the smallest tp within a node, then the lowest ZeRO stage; world, pp, sp, ep,"
+                             " micro-batch and global batch kept) and print the --set arguments; exit 1 if none fits")
     parser.add_argument("--mfu", type=_fraction, default=ASSUMED_MFU,
                         help=f"the model FLOPs utilisation the step-time estimate assumes (default {ASSUMED_MFU}; 0.4-0.5"
                              " is what well-tuned dense training reaches on H100s)")
@@ -33,18 +40,24 @@ def run_plan(args: argparse.Namespace) -> int:
     """Print the resolved config, the layout summary and the rank table; exit 2 on a bad config."""
     try:
         cfg = config_from_args(args, require_paths=args.check_paths)
+        cfg, vocab_note = plan_vocab(cfg, family_of(cfg.model))  # model.vocab_size: auto as a number
     except ConfigError as exc:
         return fail("plan", str(exc))
     if not args.no_config:
         print("# resolved config")
         print(dump_config(cfg))
     p, family = cfg.parallel, family_of(cfg.model)
+    if vocab_note is not None:
+        print(f"# vocabulary: {vocab_note}")
     experts = "".join(f" ({name} {size} within dp)" for name, size in (("ep", p.ep), ("sp", p.sp)) if size > 1)
     print(f"# layout: world={cfg.world_size} = pp {p.pp} x dp {cfg.dp}{experts} x tp {p.tp}; zero stage {p.zero_stage}; "
           f"{cfg.precision}")
     print(f"# batch: global {cfg.global_batch} sequences = micro {cfg.train.micro_batch} x accum "
           f"{cfg.train.grad_accum} x dp {cfg.dp}{f' / sp {p.sp}' if p.sp > 1 else ''};"
           f" {cfg.tokens_per_step:,} tokens per step")
+    mixture = describe_mixture(cfg)
+    if mixture is not None:
+        print(f"# data mixture: {mixture}")
     active = family.sizes.active_parameter_count
     per_token = "" if active is None else f" ({active(cfg.model):,} active per token)"
     flops = flops_per_step(family, cfg.model, cfg.data.seq_len, cfg.tokens_per_step)
@@ -61,7 +74,33 @@ def run_plan(args: argparse.Namespace) -> int:
     for path in missing_paths(cfg):
         print(f"# warning: data path {path!r} does not exist on this machine")
     print(format_rank_table(rank_table(cfg)))
+    if args.fit is not None:
+        return _print_fit(cfg, family, args.fit, device)
     return 0
+
+
+def _print_fit(cfg: FmConfig, family: FamilySpec, budget: float, device: str) -> int:
+    """``--fit``: the chosen setting, its ``--set`` arguments and the best of each tp size; 1 when none fits."""
+    chosen, per_tp = fit(cfg, family, budget, device=device)
+    if chosen is None:
+        print(f"# fit {budget:g} GiB: no setting fits (tp up to a node, any recomputation, ZeRO 1-3, with pp"
+              f" {cfg.parallel.pp}, sp {cfg.parallel.sp}, micro_batch {cfg.train.micro_batch}); lower"
+              " train.micro_batch, or raise parallel.pp or parallel.sp")
+        return 1
+    print(f"# fit {budget:g} GiB: {chosen.describe()}")
+    print("#   apply: " + " ".join(f"--set {o}" for o in chosen.overrides()))
+    for other in per_tp:
+        if other is not chosen:
+            print(f"#   also fits: {other.describe()}")
+    return 0
+
+
+def _budget(text: str) -> float:
+    """A memory budget in GiB, > 0 (argparse type)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of GiB")
+    return value
 
 
 def _fraction(text: str) -> float:

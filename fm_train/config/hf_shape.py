@@ -55,4 +55,6 @@ def shape_from_init_from(model: Any) -> Any:
         shape = read_hf_shape(model["init_from"])
     except ValueError:
         return model
+    if model.get("vocab_size") == "auto":  # auto takes the checkpoint's vocabulary, not the shards'
+        model = {k: v for k, v in model.items() if k != "vocab_size"}
     return {**shape, **model}

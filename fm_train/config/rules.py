@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fm_train.config.family_rules import family_rules
 from fm_train.config.hf_shape import FREE_FIELDS, hf_config_file, hf_key_of, read_hf_shape
+from fm_train.config.mixture import schedule_errors
 from fm_train.config.schema import FmConfig, ModelConfig
 from fm_train.config.storage_uri import uri_errors, uri_scheme
 
@@ -49,12 +50,21 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
         errors.append(f"parallel.tp={p.tp} does not divide model.n_kv_heads={m.n_kv_heads}; pick a tp that divides it")
     if m.ffn_hidden % p.tp != 0:
         errors.append(f"parallel.tp={p.tp} does not divide model.ffn_hidden={m.ffn_hidden}; pick a tp that divides it")
-    if m.padded_vocab_size % p.tp != 0:
+    if m.vocab_size != "auto" and m.padded_vocab_size % p.tp != 0:  # auto: checked again once resolved
         errors.append(
             f"parallel.tp={p.tp} does not divide the padded vocabulary {m.padded_vocab_size} (model.vocab_size="
             f"{m.vocab_size} rounded up to model.vocab_multiple={m.vocab_multiple}) that the vocab-parallel embedding"
             f" splits; set model.vocab_multiple to a multiple of {p.tp} (e.g. {math.lcm(m.vocab_multiple, p.tp)})"
         )
+    if p.recompute_blocks is not None:
+        per_stage = math.ceil(m.n_layers / p.pp)
+        if not p.activation_checkpointing:
+            errors.append(f"parallel.recompute_blocks={p.recompute_blocks} needs parallel.activation_checkpointing=true;"
+                          " turn it on, or set recompute_blocks to null")
+        elif p.recompute_blocks > per_stage:
+            errors.append(f"parallel.recompute_blocks={p.recompute_blocks} exceeds the {per_stage} blocks of a pipeline"
+                          f" stage (model.n_layers={m.n_layers} / parallel.pp={p.pp}); set at most {per_stage}, or"
+                          " null for all")
     if m.n_layers < p.pp:
         errors.append(f"model.n_layers={m.n_layers} is smaller than parallel.pp={p.pp}: every stage needs a block; lower parallel.pp")
 
@@ -111,11 +121,15 @@ def check_rules(cfg: FmConfig, *, require_paths: bool) -> list[str]:
     if resume not in ("auto", "latest", "none") and not resume.isdigit() and require_paths and not Path(resume).exists():
         errors.append(f"checkpoint.resume={resume!r} does not exist; use auto, latest, none, a step number or a step"
                       " directory")
+    errors += _convert_every_errors(cfg)
 
     # Logging.
     if cfg.logging.wandb and require_paths and importlib.util.find_spec("wandb") is None:
         errors.append(f"logging.wandb=true, but the wandb package is not installed: {WANDB_INSTALL}, or set"
                       " logging.wandb=false")
+
+    # Data mixture over training (source names, data.schedule).
+    errors += schedule_errors(cfg)
 
     # Data paths.
     if cfg.run.storage is not None:
@@ -209,6 +223,26 @@ def _sequence_errors(cfg: FmConfig) -> list[str]:
                       f" parallel.tp={p.tp}): one must divide the other (fewer kv heads than sp are repeated so that"
                       " each rank gets the one its query heads use); pick such an sp")
     return errors
+
+
+def _convert_every_errors(cfg: FmConfig) -> list[str]:
+    """``convert.every`` exports committed checkpoints: it needs one at each of its steps."""
+    every, ckpt = cfg.convert.every, cfg.checkpoint.every
+    if every == 0:
+        return []
+    if ckpt == 0:
+        return [f"convert.every={every} exports checkpoints during training, but checkpoint.every=0 saves only at the"
+                f" end; set checkpoint.every to {every} or a divisor of it, or convert.every=0"]
+    if every % ckpt != 0:
+        return [f"convert.every={every} is not a multiple of checkpoint.every={ckpt}: an export is made from the"
+                f" checkpoint of its step; set convert.every to a multiple of {ckpt} (e.g."
+                f" {max(ckpt, every // ckpt * ckpt)})"]
+    wait, limit = cfg.convert.end_wait_s, cfg.cluster.save_timeout_s
+    if wait >= limit:
+        return [f"convert.end_wait_s={wait:g} is not below cluster.save_timeout_s={limit:g}: the launcher would take"
+                " rank 0 waiting for its last export for a hang; lower convert.end_wait_s or raise"
+                " cluster.save_timeout_s"]
+    return []
 
 
 def _init_from_errors(m: ModelConfig, *, require_paths: bool) -> list[str]:

@@ -121,8 +121,12 @@ class ModelConfig(_Section):
     n_kv_heads: PositiveInt = Field(2, le=MAX_HEADS,
                                     description="Key/value heads (grouped-query attention; bert: = n_heads).")
     ffn_hidden: PositiveInt = Field(344, le=MAX_WIDTH, description="MLP inner width (llama: SwiGLU, bert: GELU).")
-    vocab_size: PositiveInt = Field(8192, le=MAX_WIDTH,
-                                    description="Tokens the model knows (the tokenizer's vocabulary, or more).")
+    vocab_size: Union[Literal["auto"], Annotated[int, Field(gt=0, le=MAX_WIDTH)]] = Field(
+        "auto", description="Tokens the model knows. auto: the first data source's tokenizer (its index.json) plus"
+        " the family's special tokens it lacks (bert: [CLS], [SEP], [MASK], [PAD]), resolved before the model is"
+        " built and saved as a number in config.resolved.yaml and every checkpoint; a default_corpus source not"
+        " built yet counts as its tokenizer's size (data_shards.DEFAULT_CORPUS_VOCAB). A number: used as given, at"
+        " least the tokenizer's vocabulary (plus the family's special tokens). Presets set the published model's.")
     vocab_multiple: PositiveInt = Field(
         128,
         le=MAX_WIDTH,
@@ -156,6 +160,8 @@ class ModelConfig(_Section):
     @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding and the head (``fm_train.model.base.padded_vocab_size``, torch-free here)."""
+        if self.vocab_size == "auto":  # a bug, not a user error: every consumer gets the resolved config
+            raise ValueError("model.vocab_size is still auto: resolve it first (fm_train.families.vocab.resolve_vocab)")
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
@@ -181,6 +187,10 @@ class ParallelConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    recompute_blocks: Optional[PositiveInt] = Field(
+        None, le=MAX_LAYERS, description="With activation_checkpointing: recompute only the first N blocks of each"
+        " pipeline stage (of the model when pp=1); the others keep their activations. null: every block. Each"
+        " recomputed block costs one more forward of it; `fm-train plan --fit GIB` names the fewest that fit.")
     compile: bool = Field(
         False, description="torch.compile each decoder block (fuses norms, RoPE and SwiGLU; costs a compile at start)."
     )
@@ -201,10 +211,29 @@ class DataSource(_Section):
 
     path: str = Field(..., description="Directory written by `fm-train shard` (holds index.json): a local or shared"
                       " path, or an object-store URI such as s3://bucket/prefix.")
-    weight: PositiveFloat = Field(1.0, description="Relative share of samples drawn from this source.")
+    name: Optional[str] = Field(
+        None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Short name of the source (letters, digits, _ . -), used by data.schedule and in the per-source"
+                    " metrics (tokens_seen/NAME, loss/NAME); null: the last part of the path.")
+    weight: PositiveFloat = Field(1.0, description="Relative share of samples drawn from this source (without"
+                                                   " data.schedule; with one, the schedule's weights apply).")
     default_corpus: bool = Field(
         False, description="If the directory is missing, build it from the Python standard library source."
     )
+
+
+class MixturePhase(_Section):
+    """One phase of data.schedule: constant weights, or a linear ramp from the previous phase's weights."""
+
+    until_step: Optional[PositiveInt] = Field(
+        None, le=MAX_STEPS, description="The phase covers the steps from the previous phase's until_step (0 for the"
+                                        " first) up to this one, exclusive; null: to the end of training (last phase"
+                                        " only).")
+    weights: Optional[dict[str, float]] = Field(
+        None, description="Constant weights by source name (or path); sources not named get 0.")
+    ramp_to: Optional[dict[str, float]] = Field(
+        None, description="Instead of weights: ramp linearly, step by step, from the previous phase's weights to"
+                          " these (reached at the phase's last step); needs until_step.")
 
 
 class DataConfig(_Section):
@@ -214,6 +243,11 @@ class DataConfig(_Section):
         default_factory=lambda: [DataSource(path="data/stdlib", weight=1.0, default_corpus=True)],
         description="Shard directories mixed by weight.",
     )
+    schedule: Optional[list[MixturePhase]] = Field(
+        None, description="The sources' weights over training: phases that follow each other, each constant weights"
+                          " or a linear ramp (e.g. a final annealing phase on a high-quality source); null: the"
+                          " static data.sources weights. A resumed run may change phases after its step, never"
+                          " before (see docs/data.md).")
     seq_len: PositiveInt = Field(256, le=MAX_WIDTH, description="Tokens per training sample (shards hold seq_len + 1).")
     num_workers: NonNegativeInt = Field(1, le=1024, description="DataLoader worker processes per rank.")
     on_bad_shard: Literal["fail", "skip"] = Field(
@@ -255,6 +289,11 @@ class TrainConfig(_Section):
     eval_every: NonNegativeInt = Field(100, le=MAX_STEPS, description="Validation every N steps (0: never).")
     eval_batches: PositiveInt = Field(8, le=MAX_BATCH, description="Micro-batches per validation.")
     log_every: PositiveInt = Field(10, le=MAX_STEPS, description="Metrics line every N steps.")
+    grad_accum_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="precision=bf16: the dtype gradients are accumulated and reduced in over the micro-batches"
+        " of a step (DeepSpeed's data_types.grad_accum_dtype). fp32 keeps the small contributions that bf16's 8-bit"
+        " mantissa rounds away over many micro-batches; bf16 halves the gradient buffers. ZeRO-0 always accumulates"
+        " in bf16 (DeepSpeed has no fp32 path there). Ignored for fp32 runs.")
 
 
 class OptimConfig(_Section):
@@ -293,10 +332,20 @@ class CheckpointConfig(_Section):
 
 
 class ConvertConfig(_Section):
-    """Export to a Hugging Face directory at the end of training."""
+    """Export to a Hugging Face directory at the end of training, and during it."""
 
     at_end: bool = Field(True, description="Convert the final checkpoint to RUN/hf.")
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of the exported weights.")
+    every: NonNegativeInt = Field(
+        0, le=MAX_STEPS, description="During training, export every N steps (a multiple of checkpoint.every) to a"
+                                     " verified RUN/hf_steps/step_XXXXXXXX (RUN/hf_steps/latest names the newest),"
+                                     " by a low-priority process once the step's checkpoint is committed; uploaded"
+                                     " to run.storage/hf_steps/ when set. 0: never.")
+    keep: PositiveInt = Field(2, le=1_000_000, description="Exports of convert.every kept (the newest; one that"
+                                                           " `fm-train eval` is reading is kept until it is done).")
+    end_wait_s: NonNegativeFloat = Field(
+        600, description="At the end of training, how long to wait for the export in progress of convert.every"
+                         " before stopping it (nothing half-written is left).")
 
 
 class ClusterConfig(_Section):
@@ -318,6 +367,10 @@ class ClusterConfig(_Section):
                                   " card of this machine, when it has one).")
     max_restarts: NonNegativeInt = Field(3, le=1_000_000, description="Whole-group restarts after a worker failure.")
     step_timeout_s: PositiveFloat = Field(600, description="A step slower than this counts as a hang.")
+    save_timeout_s: PositiveFloat = Field(
+        3600, description="A checkpoint save (writing, committing, handing to the upload) slower than this counts as a"
+                          " hang; while a rank saves, this replaces step_timeout_s (a large model's save to slow storage"
+                          " can take far longer than a step).")
     startup_timeout_s: PositiveFloat = Field(
         1800, description="Silence allowed before the first metrics record (imports, model build, checkpoint"
                           " load, op builds); step_timeout_s applies from then on.")
@@ -349,6 +402,12 @@ class LoggingConfig(_Section):
     wandb_mode: Literal["online", "offline"] = Field(
         "online", description="online, or offline: written under RUN/wandb only, for `wandb sync` later.")
     all_ranks: bool = Field(False, description="Stream every rank's log lines to the driver, not only rank 0.")
+    loss_per_source: bool = Field(
+        True, description="With several data sources, log the training loss of each (loss/NAME, next to"
+                          " tokens_seen/NAME): from the loss head's per-token losses, or (families without a"
+                          " fused head) one extra cross-entropy over the logits without gradient. Only where a"
+                          " rank holds whole samples' losses (parallel.tp=1, pp=1, sp=1); other layouts log"
+                          " tokens per source only.")
 
 
 class FmConfig(_Section):

@@ -78,15 +78,23 @@ def write_hf_dir(out: Path, family: FamilySpec, model_fields: Mapping[str, Any],
         progress(line)
     tmp = make_staging(out.parent, staging_prefix(out))
     try:
-        bos = eos = None
+        bos = eos = pad = None
+        padding = ""
         if tokenizer is not None:
-            bos, eos, size = copy_tokenizer(tokenizer, tmp, specials=family.objective.tokenizer_specials)
-            if size > model_fields["vocab_size"]:
-                raise ConvertError(f"tokenizer at {tokenizer} has {size} tokens, more than model.vocab_size="
+            ids = copy_tokenizer(tokenizer, tmp, specials=family.objective.tokenizer_specials,
+                                 rows=int(model_fields["vocab_size"]), pad_with_eos=family.hf.pads_with_eos)
+            bos, eos, pad, padding = ids.bos, ids.eos, ids.pad, ids.padding
+            if ids.size > model_fields["vocab_size"]:
+                raise ConvertError(f"tokenizer at {tokenizer} has {ids.size} tokens, more than model.vocab_size="
                                    f"{model_fields['vocab_size']}")
             progress(f"copied tokenizer from {tokenizer}")
-        family.hf.config(model_fields, dtype=dtype, bos=bos, eos=eos).save_pretrained(str(tmp))
-        write_generation_config(tmp, bos, eos)
+            if padding.startswith("Padding: none"):
+                progress(padding)
+        # config.json's pad_token_id is the embedding's padding_idx in transformers (its row gets no gradient):
+        # set for a dedicated [PAD], never for a decoder's EOS, which pads but is a token the model must learn.
+        family.hf.config(model_fields, dtype=dtype, bos=bos, eos=eos,
+                         pad=None if pad == eos else pad).save_pretrained(str(tmp))
+        write_generation_config(tmp, bos, eos, pad)
         layout = hf_layout(family, model_fields)
         shapes = {hf_name: shape for hf_name, (_piece, shape) in layout.items()}
         last: dict[str, torch.Tensor] = {}  # a fused expert tensor, fetched once for its consecutive pieces
@@ -123,6 +131,9 @@ def write_hf_dir(out: Path, family: FamilySpec, model_fields: Mapping[str, Any],
             progress(f"verified: max abs logit diff {report.max_abs_diff:.2e}")
         if readme is not None:
             readme(tmp, verified)
+            if padding and (tmp / "README.md").is_file():
+                with open(tmp / "README.md", "a") as f:
+                    f.write(f"\n## Padding\n\n{padding}\n")
         (tmp / OWNER_NAME).unlink()  # the staging record is not part of the export
         write_record(tmp)
         publish(tmp, out, overwrite, progress)
@@ -136,8 +147,9 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
                        overwrite: bool = False, trust_checkpoint: bool = False, tokenizer: Path | None = None,
                        no_tokenizer: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                        tolerance: float = DEFAULT_TOLERANCE, in_storage: Any = None,
-                       progress: Progress = lambda _m: None) -> Path:
+                       progress: Progress = lambda _m: None, source_label: str | None = None) -> Path:
     """Export ``checkpoint`` (run dir, checkpoints dir via ``latest``, or step dir) to ``out``.
+    ``source_label``: what the model card says it was exported from (default: the step directory read).
 
     The tokenizer comes from ``tokenizer`` or else ``data.sources[0].path/tokenizer`` of the manifest's
     config; when neither exists the conversion stops unless ``no_tokenizer``. ``in_storage``: the
@@ -193,7 +205,7 @@ def convert_checkpoint(checkpoint: Path, out: Path, *, dtype: str = "bf16", veri
                  "a wrong tp/pp/ZeRO merge")
 
     def readme(tmp: Path, verified: str) -> None:
-        write_readme(tmp, manifest, architecture=family.hf.architecture, dtype=dtype, source=str(where),
+        write_readme(tmp, manifest, architecture=family.hf.architecture, dtype=dtype, source=source_label or str(where),
                      note=source.note, verified=verified, tokenizer=provenance)
 
     written = write_hf_dir(out, family, model_fields, source.get, dtype=dtype, verify=verify, overwrite=overwrite,

@@ -4,6 +4,7 @@ README.md."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -68,11 +69,32 @@ def matching_tokenizer(manifest: Mapping[str, Any], run_dir: Path | None, given:
                        "--tokenizer DIR with the tokenizer the run trained on, or --no-tokenizer")
 
 
-def copy_tokenizer(src: Path, out_dir: Path, specials: Mapping[str, str] | None = None) -> tuple[int | None, int | None, int]:
-    """Copy the tokenizer files via AutoTokenizer (which proves they load); returns (bos, eos, size).
+@dataclass(frozen=True)
+class TokenizerIds:
+    """What :func:`copy_tokenizer` wrote: special ids, the tokenizer's size and how it pads."""
+
+    bos: int | None
+    eos: int | None
+    #: The padding token's id (an encoder's [PAD], a decoder's EOS); None: the export cannot pad.
+    pad: int | None
+    size: int
+    #: How padding works with this export, for the README (one paragraph).
+    padding: str
+
+
+#: What a user does to fine-tune an encoder exported without a [PAD] row (trained before it had one).
+ADD_PAD = ("tokenizer.add_special_tokens({'pad_token': '[PAD]'}); model.resize_token_embeddings(len(tokenizer))")
+
+
+def copy_tokenizer(src: Path, out_dir: Path, specials: Mapping[str, str] | None = None, *, rows: int | None = None,
+                   pad_with_eos: bool = False) -> TokenizerIds:
+    """Copy the tokenizer files via AutoTokenizer (which proves they load), padding on the right.
 
     ``specials`` (the family's ``tokenizer_specials``: ``{"mask_token": "[MASK]", ...}``) are appended
-    in order, so they get the ids training gave them: right after the shards' vocabulary.
+    in order, so they get the ids training gave them: right after the shards' vocabulary. ``rows``: the
+    model's ``vocab_size``; a model trained before its family's ``pad_token`` existed (an encoder without
+    a [PAD] row) gets the others only, and the README says how to add one. ``pad_with_eos`` (decoders):
+    a tokenizer without a padding token pads with its EOS token.
     """
     from transformers import AutoTokenizer
 
@@ -80,26 +102,44 @@ def copy_tokenizer(src: Path, out_dir: Path, specials: Mapping[str, str] | None 
         tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any loader failure means an unusable tokenizer dir
         raise ConvertError(f"tokenizer at {src} does not load with AutoTokenizer: {exc}") from None
+    padding = ""
     if specials:
         base, vocab = len(tok), tok.get_vocab()
         held = [token in vocab for token in specials.values()]
         if any(held) and not all(held):
             raise ConvertError(f"tokenizer at {src} holds some of {list(specials.values())} but not all; training used"
                                " either all of its own or none (appended)")
+        if not any(held) and "pad_token" in specials and rows is not None and base + len(specials) == rows + 1:
+            specials = {k: v for k, v in specials.items() if k != "pad_token"}  # no row for it: not exported
+            padding = ("Padding: none. This model was trained without a row for [PAD] (by an"
+                       " fm-train older than the encoder's [PAD]), so its tokenizer has no padding token. To"
+                       f" fine-tune on padded batches add one and a row for it first: `{ADD_PAD}`.")
         tok.add_special_tokens(dict(specials))  # held ones keep their ids (as in training), new ones follow
         got = [tok.convert_tokens_to_ids(token) for token in specials.values()]
         if not all(held) and got != list(range(base, base + len(specials))):
             raise ConvertError(f"tokenizer at {src}: {list(specials.values())} got ids {got}; the model was trained"
                                f" with them at {base}-{base + len(specials) - 1}")
+    if tok.pad_token is None and pad_with_eos and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+        padding = (f"Padding: with the EOS token {tok.eos_token!r} (id {tok.eos_token_id}), on the right: the"
+                   " attention mask leaves padded positions out; give them label -100 when training (as"
+                   " DataCollatorForLanguageModeling does). config.json leaves pad_token_id unset, so the"
+                   " embedding row of EOS keeps training; a sequence-classification head needs"
+                   " `model.config.pad_token_id = tokenizer.pad_token_id`.")
+    elif tok.pad_token is not None and not padding:
+        padding = (f"Padding: with {tok.pad_token!r} (id {tok.pad_token_id}), on the right; the attention mask"
+                   " leaves padded positions out.")
+    tok.padding_side = tok.init_kwargs["padding_side"] = "right"  # init_kwargs: written to tokenizer_config.json
     tok.save_pretrained(str(out_dir))
-    return tok.bos_token_id, tok.eos_token_id, len(tok)
+    return TokenizerIds(bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id, size=len(tok),
+                        padding=padding)
 
 
-def write_generation_config(out_dir: Path, bos: int | None, eos: int | None) -> None:
+def write_generation_config(out_dir: Path, bos: int | None, eos: int | None, pad: int | None = None) -> None:
     """generation_config.json with the tokenizer's special ids (sampling defaults left to the user)."""
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(str(out_dir))
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad).save_pretrained(str(out_dir))
 
 
 def write_readme(out_dir: Path, manifest: Mapping[str, Any], *, architecture: str, dtype: str, source: str,

@@ -21,6 +21,7 @@ from fm_train.deepspeed_adapter import version as _version  # noqa: F401 - check
 
 # isort: split
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
@@ -45,7 +46,9 @@ class GradNormTracker:
     def __init__(self, engine: DeepSpeedEngine) -> None:
         self._engine = engine
         self._norm: float | None = None
-        self._recorded_by_optimizer = hasattr(engine.optimizer, "_global_grad_norm")
+        # BF16_Optimizer sets the attribute in its first step only, so it is named, not probed.
+        self._recorded_by_optimizer = (hasattr(engine.optimizer, "_global_grad_norm")
+                                       or isinstance(engine.optimizer, BF16_Optimizer))
         if self._recorded_by_optimizer:
             return
         if engine.gradient_clipping() > 0:

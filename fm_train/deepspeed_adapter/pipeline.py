@@ -102,11 +102,17 @@ def pipeline_logits(engine: Any, item: tuple[tuple[torch.Tensor, ...], torch.Ten
     # total_loss) but not reduced or broadcast; the engine's loss fields are put back as they were.
     require_instance_attributes(engine, ["total_loss"])
     kept = (engine.total_loss, getattr(engine, "total_additional_losses", None))
+    # A loss with the head fused into it (fm_train.parallel.pipeline.HeadLoss) has the head emit logits meanwhile.
+    fused_loss = engine.module.loss_fn if getattr(engine.module.loss_fn, "fused", False) else None
     engine.reset_activation_shape()  # buffers were sized by the training micro-batch
     try:
+        if fused_loss is not None:
+            fused_loss.fused = False
         _, logits = engine.eval_batch(data_iter=iter([item]), return_logits=True,
                                       reduce_output=None, bcast_loss=False, num_micro_batches=1)
     finally:
+        if fused_loss is not None:
+            fused_loss.fused = True
         engine.reset_activation_shape()  # and the next train_batch sizes them again
         engine.total_loss, engine.total_additional_losses = kept
     return (logits.detach() if engine.is_last_stage() else None), tp, owner

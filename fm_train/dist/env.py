@@ -11,6 +11,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+#: Epoch seconds at which the launch began, the same for all its attempts (goodput counts from there).
+LAUNCH_START_ENV = "FM_TRAIN_LAUNCH_START_S"
+
 EXTENSIONS_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fm-train" / "torch_extensions"
 # One cache per Python environment: the build command holds the environment's absolute include paths,
 # so two virtualenvs sharing one directory saw each other's command as changed and rebuilt the op

@@ -23,16 +23,22 @@ def _checkpointed(forward: Callable[..., torch.Tensor], *args: Any) -> torch.Ten
     return checkpoint(forward, *args, use_reentrant=False)
 
 
-def apply_activation_checkpointing(module: nn.Module, blocks: tuple[type, ...]) -> int:
-    """Recompute every block of ``module`` in backward; returns how many blocks were wrapped.
+def apply_activation_checkpointing(module: nn.Module, blocks: tuple[type, ...], limit: int | None = None) -> int:
+    """Recompute the blocks of ``module`` in backward (the first ``limit`` only, None: all); returns how
+    many blocks were wrapped.
 
     Blocks are instances of ``blocks`` (the family's block types) found anywhere in
-    the tree, so the same call serves the dense model, a tensor-parallel one and the blocks of a
-    pipeline stage. Applying it twice is a no-op.
+    the tree, in module order, so the same call serves the dense model, a tensor-parallel one and the
+    blocks of a pipeline stage (its first ``limit``). Applying it twice is a no-op.
     """
-    count = 0
+    count, seen = 0, 0
     for block in module.modules():
-        if isinstance(block, blocks) and "forward" not in vars(block):
+        if not isinstance(block, blocks):
+            continue
+        seen += 1
+        if limit is not None and seen > limit:
+            break
+        if "forward" not in vars(block):
             # An instance attribute shadows the class method; nn.Module.__call__ still runs hooks.
             block.forward = functools.partial(_checkpointed, block.forward)  # type: ignore[method-assign]
             count += 1

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 from torch import nn
@@ -20,7 +21,35 @@ from fm_train.engine.activation_checkpointing import apply_activation_checkpoint
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
+from fm_train.families import family_of
 from fm_train.parallel.deepspeed_config import deepspeed_config
+from fm_train.plan.memory import GIB, zero3_live_blocks
+
+#: Shares of a device's memory a run may plan for: a GPU's (the allocator's cache and fragmentation take
+#: the rest), a CPU host's divided over its ranks (the OS, the driver and other processes the rest).
+GPU_BUDGET_SHARE, HOST_BUDGET_SHARE = 0.9, 0.8
+
+
+def memory_budget_gib(cfg: FmConfig) -> float:
+    """What this rank may plan to use: ``cluster.gpu_memory_gib`` (or this GPU's memory) on a GPU, this
+    host's memory over the ranks on it (``LOCAL_WORLD_SIZE``) on a CPU, each less a margin."""
+    import torch
+
+    if torch.cuda.is_available():
+        total = cfg.cluster.gpu_memory_gib or torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GIB
+        return total * GPU_BUDGET_SHARE
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / ranks * HOST_BUDGET_SHARE
+
+
+def rendered_deepspeed_config(cfg: FmConfig) -> dict[str, Any]:
+    """fm-train's DeepSpeed config for this rank: ZeRO-3 keeps as many blocks gathered as its memory budget
+    holds beyond the plan's peak (:func:`fm_train.plan.memory.zero3_live_blocks`)."""
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    live = zero3_live_blocks(cfg, family_of(cfg.model), device=device, budget_gib=memory_budget_gib(cfg))
+    return deepspeed_config(cfg, zero3_live_blocks=live)
 
 
 def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] = (), mpu: Any = None,
@@ -34,7 +63,7 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] =
     from the module). ``blocks`` are the family's block types (``FamilySpec.modules().block_types``),
     which activation checkpointing and ``torch.compile`` wrap. ``ds_config`` overrides the rendered config
     (benchmarks, tests). Activation checkpointing, when configured, is applied here, before DeepSpeed
-    hooks the module; a pipeline's stages already checkpoint their blocks (``build_pipeline``), and
+    hooks the module; a pipeline's stages already checkpoint their blocks (``build_train_module``), and
     wrapping them again would recompute each block twice.
     """
     pipelined = is_pipeline_module(module)
@@ -44,10 +73,10 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] =
         raise ValueError("parallel.activation_checkpointing / parallel.compile need the model's block types:"
                          " build_engine(cfg, module, blocks=family.modules().block_types)")
     if cfg.parallel.activation_checkpointing and not pipelined:
-        apply_activation_checkpointing(module, blocks)
+        apply_activation_checkpointing(module, blocks, limit=cfg.parallel.recompute_blocks)
     if cfg.parallel.compile:  # after checkpointing: the compiled call runs the checkpointed forward
         compile_blocks(module, blocks)
-    config = ds_config if ds_config is not None else deepspeed_config(cfg)
+    config = ds_config if ds_config is not None else rendered_deepspeed_config(cfg)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
     # ZeRO-3 master weights shared, no all-reduce over one fp32 dp rank: see the adapter's initialize.

@@ -22,13 +22,14 @@ from torch import nn
 _COMPILED = "_fm_train_compiled"
 
 
-def compile_blocks(module: nn.Module, blocks: tuple[type, ...]) -> int:
+def compile_blocks(module: nn.Module, blocks: tuple[type, ...], backend: str = "inductor") -> int:
     """Compile every block of ``module`` (instances of ``blocks``, the family's block types) in place;
-    returns how many (compiled on first call)."""
+    returns how many (compiled on first call). ``backend``: torch.compile's (the CPU tests use
+    ``aot_eager``, which traces the same graphs, forward and backward, without generating kernels)."""
     count = 0
     for block in module.modules():
         if isinstance(block, blocks) and not getattr(block, _COMPILED, False):
-            block.compile()
+            block.compile(backend=backend)
             setattr(block, _COMPILED, True)
             count += 1
     return count

@@ -33,8 +33,9 @@ def prepare_sources(cfg: FmConfig, family: FamilySpec, *, is_rank0: bool) -> Sou
 
     from data_shards.storage import as_location
 
-    # The family's own special tokens (an encoder's [CLS], [SEP], [MASK]) come after the tokenizer's.
-    vocab = cfg.model.vocab_size - len(family.objective.tokenizer_specials)
+    from fm_train.families.vocab import corpus_vocab
+
+    vocab = corpus_vocab(cfg, family)  # the family's own special tokens come after the tokenizer's
     for src in cfg.data.sources:
         if is_rank0 and src.default_corpus and not (as_location(src.path) / "index.json").exists():
             print(f"building the default corpus in {src.path} (vocab {vocab}, seq_len {cfg.data.seq_len})", flush=True)
@@ -45,10 +46,12 @@ def prepare_sources(cfg: FmConfig, family: FamilySpec, *, is_rank0: bool) -> Sou
 
 
 def check_sources(cfg: FmConfig, sources: Sources) -> Any:
-    """``data_shards.check_sources``: one tokenizer, vocab within the model's; returns its ``SourcesInfo``."""
+    """``data_shards.check_sources``: one tokenizer, vocab within the model's (a number; ``auto`` is
+    resolved from what this returns); returns its ``SourcesInfo``."""
     import data_shards
 
-    return data_shards.check_sources([p for p, _ in sources], cfg.model.vocab_size)
+    vocab = cfg.model.vocab_size
+    return data_shards.check_sources([p for p, _ in sources], None if vocab == "auto" else int(vocab))
 
 
 def data_objective(cfg: FmConfig, family: FamilySpec, info: Any) -> Any:
@@ -67,13 +70,18 @@ def train_batches(cfg: FmConfig, sources: Sources, *, dp_rank: int, dp_size: int
     ``skip_shards`` (keys ``"<source index>:<shard name>"``) are left out; ``objective``: what
     :func:`data_objective` returned."""
     import data_shards
+    from data_shards.schedule import Phase
+
+    from fm_train.config.mixture import resolve_schedule
 
     d = cfg.data
+    phases = resolve_schedule(cfg)  # data.schedule's steps as global sample positions
     return iter(data_shards.make_train_loader(
         sources, seq_len=d.seq_len, micro_batch=cfg.train.micro_batch, dp_rank=dp_rank, dp_size=dp_size,
         seed=cfg.run.seed, num_workers=d.num_workers, on_bad_shard=d.on_bad_shard, verify_sha256=d.verify_sha256,
         val_fraction=d.val_fraction, shuffle=d.shuffle, shuffle_window=d.shuffle_window, state=state,
         skip_shards=skip_shards, cache=shard_cache(cfg), objective=objective, documents=d.document_masking,
+        schedule=None if phases is None else [Phase.from_json(p) for p in phases],
     ))
 
 

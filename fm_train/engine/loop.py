@@ -14,14 +14,17 @@ import torch
 import torch.distributed as dist
 
 from fm_train.config import FmConfig
+from fm_train.config.mixture import source_names
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine, is_pipeline_engine
 from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
 from fm_train.dist.device import accelerator_of, attention_context
 from fm_train.engine.evaluate import evaluate
 from fm_train.engine.flops import peak_flops
+from fm_train.engine.goodput import Goodput
 from fm_train.engine.meter import IntervalMeter, ThroughputSpec
 from fm_train.engine.metrics import MetricsSink
 from fm_train.engine.pipeline_step import pipeline_evaluate, pipeline_train_step
+from fm_train.engine.source_metrics import SourceMeter
 from fm_train.engine.state import TrainState
 from fm_train.engine.step import Batch, StepOutput, train_step
 from fm_train.families.spec import FamilySpec
@@ -48,7 +51,8 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
           hooks: Sequence[StepHook] = (), group: dist.ProcessGroup | None = None,
           spec: ThroughputSpec, stop: Callable[[], bool] | None = None,
           on_stop: StepHook | None = None, control_group: dist.ProcessGroup | None = None,
-          model_metrics: Callable[[], dict[str, tuple[float, float]]] | None = None) -> TrainState:
+          model_metrics: Callable[[], dict[str, tuple[float, float]]] | None = None,
+          goodput: Goodput | None = None, after_step: Callable[[], None] | None = None) -> TrainState:
     """Train from ``state.step`` to ``cfg.train.steps``; returns the final state.
 
     Every ``log_every`` steps (and at the last step) a train record goes to ``sink``; every
@@ -66,6 +70,9 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
 
     ``model_metrics`` returns what the model measured since its last call (``name -> (sum, count)``, the
     family's ``take_metrics`` on this rank's module); each train record adds their means over all ranks.
+    ``goodput`` adds the launch's tokens per wall-clock second (:mod:`fm_train.engine.goodput`).
+    ``after_step`` runs right after each optimizer step, inside its timed span (the worker returns freed
+    host memory there: :mod:`fm_train.dist.host_memory`).
     """
     t = cfg.train
     pipelined = is_pipeline_engine(engine)
@@ -73,18 +80,27 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
     eval_fn = pipeline_evaluate if pipelined else evaluate
     grad_norm = GradNormTracker.of(engine)
     meter = IntervalMeter(spec, engine.device, group)
+    sources = source_meter(cfg, engine, group)
     stream = iter(batches)
     # SDPA kernels chosen for this device (flash first on a GPU), for forward, backward and eval alike.
     with attention_context(accelerator_of(engine.device)):
         while state.step < t.steps:
             out = step_fn(engine, stream, state, cfg.tokens_per_step, grad_norm)
+            if after_step is not None:
+                after_step()
             meter.add_step(out.loss_sum, out.micro_batches)
+            if sources is not None:
+                sources.add(out.samples)
             last = state.step == t.steps
 
             if state.step % t.log_every == 0 or last:
                 record = meter.record(state, lr=out.lr, grad_norm=out.grad_norm)
+                if goodput is not None:
+                    record.update(goodput.record(state.tokens_seen, record["tokens_per_s"]))
                 if model_metrics is not None:
                     record.update(mean_over_ranks(model_metrics(), engine.device))
+                if sources is not None:
+                    record.update(sources.record(state.data_state))
                 sink.write(record)
 
             if val_batches is not None and t.eval_every and (state.step % t.eval_every == 0 or last):
@@ -99,6 +115,14 @@ def train(engine: DeepSpeedEngine, batches: Iterable[Batch], state: TrainState, 
                         on_stop(engine, state)
                     break
     return state
+
+
+def source_meter(cfg: FmConfig, engine: DeepSpeedEngine, group: dist.ProcessGroup | None) -> SourceMeter | None:
+    """Per-source tokens (and losses, where the module reports per-sample ones) of a mixture; None for one source."""
+    if len(cfg.data.sources) < 2:
+        return None
+    losses = getattr(engine.module, "sample_loss_fn", None) is not None  # the same on every rank: set from cfg
+    return SourceMeter(source_names(cfg.data), cfg.data.seq_len, engine.device, losses=losses, group=group)
 
 
 def mean_over_ranks(metrics: dict[str, tuple[float, float]], device: torch.device) -> dict[str, float | None]:

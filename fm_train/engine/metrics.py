@@ -1,7 +1,8 @@
 """Where metrics go: one compact stdout line, ``RUN/metrics.jsonl``, TensorBoard and optionally W&B (rank 0 only).
 
 A record is a flat dict. Train records carry ``step, loss, lr, grad_norm, tokens_per_s,
-tokens_per_s_per_device, mfu, step_time_s, peak_mem_gib, data_receipt`` (and ``tokens_seen``); eval
+tokens_per_s_per_device, mfu, step_time_s, peak_mem_gib, data_receipt`` (and ``tokens_seen``; with several data
+sources ``tokens_seen/NAME`` and ``loss/NAME``: :mod:`fm_train.engine.source_metrics`); eval
 records carry ``step`` and ``val_loss``. Every rank may call :meth:`MetricsSink.write`; only the
 sink built with ``enabled=True`` (rank 0) writes, so the loop needs no rank checks.
 """

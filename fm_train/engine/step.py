@@ -9,13 +9,14 @@ same :class:`StepOutput`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from fm_train.deepspeed_adapter.engine import DeepSpeedEngine
 from fm_train.deepspeed_adapter.grad_norm import GradNormTracker
+from fm_train.engine.source_metrics import SampleLosses
 from fm_train.engine.state import TrainState
 
 Batch = Mapping[str, Any]
@@ -38,6 +39,7 @@ class StepOutput:
     micro_batches: int
     lr: float  # the rate this step was taken with
     grad_norm: float | None  # global, before clipping
+    samples: list[SampleLosses] = field(default_factory=list)  # per-sample losses, when the module reports them
 
 
 def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], state: TrainState, tokens_per_step: int,
@@ -49,6 +51,8 @@ def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], state: TrainSt
     accum = engine.gradient_accumulation_steps()
     lr = float(engine.get_lr()[0])
     loss_sum = torch.zeros((), dtype=torch.float32, device=engine.device)
+    samples: list[SampleLosses] = []
+    take = getattr(engine.module, "take_sample_losses", None)  # ModelWithLoss with per-source metrics on
     for _ in range(accum):
         batch = next(batches)
         args, extra = forward_inputs(batch, engine.device)
@@ -56,9 +60,12 @@ def train_step(engine: DeepSpeedEngine, batches: Iterator[Batch], state: TrainSt
         engine.backward(loss)
         engine.step()
         loss_sum += loss.detach().float()
+        taken = take() if take is not None else None
+        if taken is not None and batch.get("source_ids") is not None:
+            samples.append((batch["source_ids"], *taken))
         # The batch's state resumes the stream right after it, so the last one is what to save.
         state.data_state = batch.get("state")
         state.data_receipt = batch.get("receipt", "")
     state.step += 1
     state.tokens_seen += tokens_per_step
-    return StepOutput(loss_sum=loss_sum, micro_batches=accum, lr=lr, grad_norm=grad_norm.last())
+    return StepOutput(loss_sum=loss_sum, micro_batches=accum, lr=lr, grad_norm=grad_norm.last(), samples=samples)

@@ -16,7 +16,7 @@ a time, then only this rank's partition).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -25,8 +25,11 @@ from torch import nn
 from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.moe import mark_expert_parameters, register_expert_groups
 from fm_train.deepspeed_adapter.zero3 import partitioned_construction
+from fm_train.engine.activation_checkpointing import apply_activation_checkpointing
+from fm_train.engine.source_metrics import per_sample_cross_entropy
 from fm_train.dist.groups import ParallelGroups
 from fm_train.families.spec import FamilySpec, LossFn, layout_errors
+from fm_train.model.loss import IGNORE_INDEX
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.parallel.expert_parallel import EPGroup, apply_expert_parallel
 from fm_train.parallel.pipeline import vocab_loss
@@ -49,19 +52,39 @@ class ModelWithLoss(nn.Module):
     rank's chunk of the tokens and gives the model their positions (:func:`local_inputs`).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, sp: SPGroup = SINGLE_SP) -> None:
+    def __init__(self, model: nn.Module, loss_fn: LossFn, sp: SPGroup = SINGLE_SP, *, head_loss: bool = False) -> None:
+        """``head_loss``: the model takes ``labels`` and returns each token's loss (its head fused with the
+        cross-entropy, :class:`fm_train.model.loss.LMHead`), which ``loss_fn`` reduces; else it returns logits."""
         super().__init__()
         self.model = model  # keys stay "model.model.layers..." inside the wrapper; stripped on export
         self.loss_fn = loss_fn
         self.sp = sp
+        self.head_loss = head_loss
+        # Per-source metrics: (logits, labels) -> per-sample (loss sums, token counts), no gradient; None: off.
+        self.sample_loss_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._sample_losses: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if self.sp.size == 1 and document_ids is None:
-            return self.loss_fn(self.model(input_ids), labels)
-        batch = {"input_ids": input_ids, "labels": labels, "document_ids": document_ids}
-        input_ids, labels, extra = local_inputs(batch, self.sp, device=input_ids.device)
-        return self.loss_fn(self.model(input_ids, **extra), labels)
+        extra: dict[str, Any] = {}
+        if self.sp.size > 1 or document_ids is not None:
+            batch = {"input_ids": input_ids, "labels": labels, "document_ids": document_ids}
+            input_ids, labels, extra = local_inputs(batch, self.sp, device=input_ids.device)
+        if self.head_loss:
+            extra["labels"] = labels
+        return self._loss(self.model(input_ids, **extra), labels)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.sample_loss_fn is not None and self.training and self.head_loss:  # per-token losses: sum them
+            self._sample_losses = (logits.detach().sum(dim=1), (labels != IGNORE_INDEX).sum(dim=1).to(torch.float32))
+        elif self.sample_loss_fn is not None and self.training:  # from the same logits: no second forward
+            self._sample_losses = self.sample_loss_fn(logits.detach(), labels)
+        return self.loss_fn(logits, labels)
+
+    def take_sample_losses(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-sample (loss sums, token counts) of the last training forward (once), when enabled."""
+        out, self._sample_losses = self._sample_losses, None
+        return out
 
 
 def build_dense_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None = None) -> nn.Module:
@@ -163,9 +186,11 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
         modules.set_layer_loss_scale(1.0 / cfg.train.grad_accum)
     module: nn.Module
     sp = _sp_group(groups) if p.sp > 1 and groups is not None else SINGLE_SP
-    wrap = functools.partial(ModelWithLoss, sp=sp)
+    # A family whose head computes the loss itself (never the full logits) gets the labels into its forward.
+    head_loss = modules.head_loss(args) if modules.head_loss is not None else None
+    wrap = functools.partial(ModelWithLoss, sp=sp, head_loss=head_loss is not None)
     if p.tp == 1 and p.pp == 1:
-        loss = modules.loss(args)
+        loss = head_loss or modules.loss(args)
         # Without a process group there is nothing to partition over (a single-process reference).
         if p.zero_stage == 3 and dist.is_initialized():
             module = wrap(build_zero3_model(cfg, family, init, ds_config), loss)
@@ -174,18 +199,23 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
             module = wrap(build_tp_model(family, args, SINGLE, init, ep=_ep_group(groups)), loss)
         else:
             module = wrap(build_dense_model(cfg, family, init), loss)
+        if len(cfg.data.sources) > 1 and cfg.logging.loss_per_source and p.sp == 1:  # whole logits of whole samples
+            module.sample_loss_fn = functools.partial(per_sample_cross_entropy, vocab_size=args.vocab_size)
     else:
         assert groups is not None  # _check raised otherwise
         tp = TPGroup.from_groups(groups, sequence_parallel=p.tp_sequence_parallel,
                                  regather=not p.activation_checkpointing)
         if p.pp > 1:
             module = modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
-                                            activation_checkpointing=p.activation_checkpointing)
+                                            activation_checkpointing=p.activation_checkpointing
+                                            and p.recompute_blocks is None)
+            if p.activation_checkpointing and p.recompute_blocks is not None:  # DeepSpeed's interval does all or none
+                apply_activation_checkpointing(module, modules.block_types, limit=p.recompute_blocks)
             if p.ep > 1:  # the stages are built whole: split their experts now
                 apply_expert_parallel(module, _ep_group(groups), modules.expert_types)
         else:
             module = wrap(build_tp_model(family, args, tp, init, ep=_ep_group(groups) if p.ep > 1 else None),
-                          vocab_loss(modules.loss(args), args.vocab_size, tp))
+                          head_loss or vocab_loss(modules.loss(args), args.vocab_size, tp))
     apply_sequence_parallel(module, sp)
     module.sp = sp  # what the pipeline's feed, evaluation and probe cut each batch by (sequence_group)
     if p.ep > 1:

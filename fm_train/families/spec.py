@@ -48,6 +48,9 @@ class Sizes:
     expert_parameter_count: Callable[[Any], int] | None = None
     #: Bytes of expert parallelism's token exchange on the busiest rank of ``cfg`` (None: no experts).
     dispatch_bytes: Callable[["FmConfig"], float] | None = None
+    #: The output head is fused with the loss (``Modules.head_loss``): the last stage holds a few rows of
+    #: logits at a time, not the whole ``tokens x vocab`` and its fp32 copies (the planner's loss term).
+    fused_head_loss: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,13 +83,17 @@ class HuggingFace:
     fields_from_config: Callable[[Mapping[str, Any]], dict[str, Any]]
     #: Why a ``config.json`` describes a model fm-train's would compute differently (empty: imports exactly).
     import_problems: Callable[[Mapping[str, Any]], list[str]]
-    #: ``(model_fields, dtype=, bos=, eos=)`` -> a ``transformers`` config matching the checkpoint exactly.
+    #: ``(model_fields, dtype=, bos=, eos=, pad=None)`` -> a ``transformers`` config matching the checkpoint
+    #: exactly (``pad``: a dedicated padding token's id, which transformers makes the embedding's padding_idx).
     config: Callable[..., Any]
     #: ``(hf_dir, prompt=, max_new_tokens=, seed=)`` -> a few lines showing what an export computes.
     sample: Callable[..., str]
     #: Fused expert parameter (fm-train template) -> its per-expert Hugging Face keys (``{e}``: expert),
     #: each ``(template, part, parts)``: chunk ``part`` of ``parts`` of expert e's rows (empty: none).
     expert_pieces: Mapping[str, tuple[tuple[str, int, int], ...]] = field(default_factory=dict)
+    #: The export's tokenizer pads with its EOS token when it has no padding token (decoders); False: padding
+    #: comes from the family's ``tokenizer_specials`` (an encoder's [PAD]).
+    pads_with_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,10 @@ class Modules:
     take_metrics: Callable[["nn.Module"], dict[str, tuple[float, float]]] | None = None
     #: ``(metric, label, format)`` of the metrics above worth a place on the stdout log line.
     metric_fields: tuple[tuple[str, str, str], ...] = ()
+    #: The objective when the pure module (pp = 1) is given ``labels``: its head then returns each token's loss
+    #: (the head fused with the cross-entropy, tensor-parallel or not; :class:`fm_train.model.loss.LMHead`) and
+    #: this reduces them, ``(token losses, labels) -> scalar``. None: the module returns logits, ``loss`` applies.
+    head_loss: Callable[[Any], LossFn] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,6 +25,9 @@ def padded_vocab_size(vocab_size: int, multiple: int) -> int:
     Padded rows start at zero and stay there: no id selects them and the losses exclude their
     logits, so they get no gradient (and weight decay of zero is zero).
     """
+    if not isinstance(vocab_size, int):  # model.vocab_size: auto reached a model: a bug, named as such
+        raise ValueError(f"vocab_size {vocab_size!r} is not a number: resolve model.vocab_size: auto first"
+                         " (fm_train.families.vocab.resolve_vocab)")
     return -(-vocab_size // multiple) * multiple
 
 

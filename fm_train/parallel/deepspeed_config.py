@@ -24,27 +24,27 @@ from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
 _NEVER = 2**31 - 1
 
 
-def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu") -> dict[str, Any]:
+def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu", zero3_live_blocks: int = 2) -> dict[str, Any]:
     """``zero_optimization`` for the configured stage, with optimizer offload to CPU when asked."""
     p = cfg.parallel
     section: dict[str, Any] = {"stage": p.zero_stage}
     if p.zero_stage >= 1:
         # Contiguous gradient buffers avoid fragmentation at large scale and cost nothing small.
         section["contiguous_gradients"] = True
-    if p.zero_stage == 2 and accelerator == "cuda":
-        # Reduce-scatter finished gradient buckets on a side stream while backward continues
-        # (ZeRO-3 does this by default). Not on CPU: gloo has no streams to overlap on.
+    if p.zero_stage in (1, 2) and accelerator == "cuda":
+        # Reduce finished gradient buckets on a side stream while backward continues (ZeRO-3 does
+        # this by default; ZeRO-1 on its boundary micro-batch). Not on CPU: gloo has no streams.
         section["overlap_comm"] = True
     if p.zero_stage == 3:
         # Needed so `engine.save_16bit_model` (HF export without a ZeRO merge) gets whole weights.
         section["stage3_gather_16bit_weights_on_model_save"] = True
-        section.update(zero3_buffer_sizes(cfg))
+        section.update(zero3_buffer_sizes(cfg, zero3_live_blocks))
     if p.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return section
 
 
-def zero3_buffer_sizes(cfg: FmConfig) -> dict[str, int]:
+def zero3_buffer_sizes(cfg: FmConfig, live_blocks: int = 2) -> dict[str, int]:
     """ZeRO-3 buffer sizes (in elements) scaled to the model instead of DeepSpeed's fixed defaults.
 
     The defaults (a 5e8-element gradient bucket, up to 1e9 gathered parameters kept live or for
@@ -53,8 +53,10 @@ def zero3_buffer_sizes(cfg: FmConfig) -> dict[str, int]:
     and 2 x 2.2 GB of AdamW temporaries per rank on top of its 8.8 GB of ZeRO-3 states, more than a
     24 GiB machine holds (bench/RESULTS_memory.md). Buckets follow
     the Hugging Face integration's ``auto`` rule (``hidden^2``); gathered parameters are bounded to
-    two decoder blocks (the one computing and the one prefetched), and a block stays gathered across
-    its activation-checkpointing recompute and its backward (reuse distance one block); optimizer
+    ``live_blocks`` decoder blocks (at least two: the one computing and the one prefetched; more where
+    the memory budget holds them, :func:`fm_train.plan.memory.zero3_live_blocks`), and a block stays
+    gathered until ``live_blocks - 1`` blocks later (the reuse distance: with two, across its
+    activation-checkpointing recompute and its backward; with all, from forward to backward); optimizer
     sub-groups of ``ZERO3_SUB_GROUP`` (2e7) elements bound the AdamW step's temporaries.
     """
     m = cfg.model
@@ -64,16 +66,22 @@ def zero3_buffer_sizes(cfg: FmConfig) -> dict[str, int]:
         "reduce_bucket_size": h * h,
         "stage3_prefetch_bucket_size": int(0.9 * h * h),
         "stage3_param_persistence_threshold": 10 * h,
-        "stage3_max_live_parameters": 2 * block,
-        "stage3_max_reuse_distance": block,
+        "stage3_max_live_parameters": live_blocks * block,
+        "stage3_max_reuse_distance": max(1, live_blocks - 1) * block,
         "sub_group_size": ZERO3_SUB_GROUP,
     }
 
 
 def precision_sections(cfg: FmConfig) -> dict[str, Any]:
-    """``bf16`` / ``fp16`` sections; fp16 uses dynamic loss scaling (``loss_scale: 0``)."""
+    """``bf16`` / ``fp16`` sections; fp16 uses dynamic loss scaling (``loss_scale: 0``); bf16 with ZeRO >= 1
+    accumulates gradients in ``train.grad_accum_dtype``."""
     if cfg.precision == "bf16":
-        return {"bf16": {"enabled": True}}
+        sections: dict[str, Any] = {"bf16": {"enabled": True}}
+        if cfg.parallel.zero_stage >= 1:
+            # ZeRO-1 then runs DeepSpeed's BF16_Optimizer (fp32 gradient buffers), ZeRO-2/3 their fp32
+            # accumulation partitions; ZeRO-0 has no fp32 path (DeepSpeed refuses the mix).
+            sections["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}
+        return sections
     if cfg.precision == "fp16":
         return {
             "fp16": {
@@ -112,7 +120,8 @@ def optimizer_section(cfg: FmConfig, accelerator: Accelerator = "cpu") -> dict[s
     return {"type": "AdamW", "params": params}
 
 
-def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -> dict[str, Any]:
+def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None,
+                     zero3_live_blocks: int = 2) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` (pass it as ``deepspeed.initialize(config=...)``).
 
     The batch triple is derived once from the config: ``train_batch_size = micro_batch x grad_accum x
@@ -124,6 +133,7 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -
     ``accelerator``: the device kind the engine will run on; None detects this process's (and then
     also checks ``precision`` against the hardware: an error for bf16 on a GPU without it, a warning
     for bf16 on a CPU without native support). Pass it to render another machine's config.
+    ``zero3_live_blocks``: ZeRO-3's gathered decoder blocks (:func:`zero3_buffer_sizes`).
     """
     if accelerator is None:
         accelerator = detect_accelerator()
@@ -134,7 +144,7 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None) -
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero_section(cfg, accelerator),
+        "zero_optimization": zero_section(cfg, accelerator, zero3_live_blocks),
         "optimizer": optimizer_section(cfg, accelerator),
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,

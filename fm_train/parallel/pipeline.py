@@ -24,6 +24,7 @@ from fm_train.deepspeed_adapter.pipeline import (
 from fm_train.deepspeed_adapter.pipeline import pipeline_module as _ds_pipeline_module
 from fm_train.parallel.sequence_parallel import split_stage_input
 from fm_train.parallel.sharded_init import InitSource, materialize_
+from fm_train.model.loss import linear_cross_entropy, token_mean
 from fm_train.parallel.tensor_parallel import (
     TPGroup,
     VocabParallelEmbedding,
@@ -54,9 +55,50 @@ class EmbeddingPipe(VocabParallelEmbedding):
         return (hidden, *extra) if extra else hidden
 
 
-def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
-    """The tied output layer on the last stage: this rank's vocabulary shard of the logits, ``h E_local^T``."""
+def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor, head_loss: "HeadLoss | None" = None
+                      ) -> torch.Tensor:
+    """The tied output layer on the last stage: this rank's vocabulary shard of the logits, ``h E_local^T``;
+    with a fused ``head_loss``, the hidden states it turns into losses (:meth:`HeadLoss.head_output`)."""
+    if head_loss is not None:
+        return head_loss.head_output(embedding, hidden)
     return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
+
+
+class HeadLoss:
+    """A pipeline's loss with the output head fused into it: the full logits never exist on the last stage.
+
+    The head layer (an untied head, or the tied embedding's second use) calls :meth:`head_output`, which
+    remembers the layer and passes the hidden states on; the loss then computes each token's
+    cross-entropy from them and the layer's weight (this rank's vocabulary rows) in chunks
+    (:func:`~fm_train.model.loss.linear_cross_entropy`, vocab-parallel over tp) and takes their mean.
+    With ``fused`` off (the checkpoint probe wants logits) the head layer returns this rank's logits and
+    ``unfused``, the loss over logits, applies.
+    """
+
+    def __init__(self, vocab_size: int, tp: TPGroup, unfused: LossFn) -> None:
+        self.vocab_size, self.tp, self.unfused = vocab_size, tp, unfused
+        self.fused = True
+        self._head: torch.nn.Module | None = None
+
+    def head_output(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the head layer (whose ``weight`` holds this rank's vocabulary rows) returns for ``hidden``."""
+        self._head = head
+        if self.fused:
+            return hidden
+        return F.linear(copy_to_tp(hidden, self.tp), head.weight)
+
+    def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if not self.fused:
+            return self.unfused(output, labels)
+        if self._head is None:
+            raise RuntimeError("HeadLoss: the pipeline's head layer never ran (it must call head_output)")
+        hidden = copy_to_tp(output, self.tp)
+        weight = self._head.weight
+        start = self.tp.rank * weight.shape[0]
+        losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                      vocab_start=start, real_vocab=self.vocab_size - start,
+                                      group=self.tp.group if self.tp.size > 1 else None)
+        return token_mean(losses, labels.reshape(-1))
 
 
 def layer_counts(layer_names: Mapping[int, str], shapes: Mapping[str, torch.Size],

@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from fm_train.dist.groups import ParallelGroups
+from fm_train.model.loss import LMHead, linear_cross_entropy
 from fm_train.parallel.tp_plan import TPPlan
 
 
@@ -204,6 +205,29 @@ class ColumnParallelLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class VocabParallelHead(ColumnParallelLinear):
+    """The output head split over the vocabulary (the twin of :class:`~fm_train.model.loss.LMHead`):
+    ``forward(x)`` gives this rank's columns of the logits, ``forward(x, labels)`` each token's loss over
+    the whole real vocabulary (:func:`~fm_train.model.loss.linear_cross_entropy` over this rank's rows,
+    combined over tp), the same on every tp rank; no rank holds its part of the logits whole."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TPGroup, *, real_vocab: int, bias: bool = False,
+                 copy_input: bool = True, device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, out_features, tp, bias=bias, copy_input=copy_input, device=device)
+        self.real_vocab = real_vocab
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        if labels is None:
+            return super().forward(x)
+        if self.copy_input:
+            x = copy_to_tp(x, self.tp)  # backward sums the ranks' parts of the input's gradient
+        start = self.tp.rank * self.weight.shape[0]
+        losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), bias=self.bias,
+                                      vocab_start=start, real_vocab=self.real_vocab - start,
+                                      group=self.tp.group if self.tp.size > 1 else None)
+        return losses.view(labels.shape)
+
+
 class RowParallelLinear(nn.Module):
     """``y = all_reduce(x_local W_local^T) + b`` with ``W`` split along its input dim (dim 1)."""
 
@@ -334,6 +358,9 @@ def _parallel_twin(name: str, module: nn.Module, style: str, tp: TPGroup, in_reg
     bias = module.bias is not None
     if style == "row":
         return RowParallelLinear(module.in_features, module.out_features, tp, bias=bias, device=device)
+    if isinstance(module, LMHead):
+        return VocabParallelHead(module.in_features, module.out_features, tp, real_vocab=module.real_vocab, bias=bias,
+                                 copy_input=not in_region, device=device)
     return ColumnParallelLinear(module.in_features, module.out_features, tp, bias=bias,
                                 copy_input=not in_region, device=device)
 

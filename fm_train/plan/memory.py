@@ -12,8 +12,9 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
 
 * ZeRO-3 working set: the full (gathered) parameters of the modules being computed and their full
   gradients before the reduce-scatter, bounded by the buffer sizes we render
-  (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: two decoder blocks live) but never
-  below the largest single module (the embedding or the head, ``vocab x hidden``).
+  (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: ``live_blocks`` decoder blocks, two
+  unless a memory budget holds more: :func:`zero3_live_blocks`) but never below the largest single
+  module (the embedding or the head, ``vocab x hidden``).
 * The optimizer step: ``torch.optim.AdamW`` (``torch_adam``) on a CPU tensor runs its single-tensor
   path, whose ``exp_avg_sq.sqrt() / bias_correction`` makes two temporaries the size of the flat
   tensor it steps: a ZeRO-3 optimizer sub-group, ZeRO-1/2's whole flat partition, or (ZeRO-0) the
@@ -45,6 +46,23 @@ GIB = 1024**3
 # machines. GPU: CUDA context and NCCL buffers, typically 1-2 GiB.
 RUNTIME_OVERHEAD_GIB = {"cpu": 0.6, "gpu": 1.5}
 
+
+
+#: fm_train.model.loss.CHUNK_BYTES (that module imports torch; a test checks the two agree).
+LOSS_CHUNK_BYTES = 64 * 1024**2
+
+
+def fused_loss_bytes(tokens: int, columns: int, hidden: int, half: bool) -> float:
+    """Peak bytes of the head fused with the cross-entropy (``linear_cross_entropy``) over ``columns``
+    vocabulary columns, beyond the head weight's own gradient: forward holds one chunk of rows' logits
+    (in the model's dtype and in fp32); backward one slice of columns for all tokens (fp32, the gradient
+    cast back, in 16-bit also the fp32 copies its matmuls take) and the input's fp32 gradient; plus a
+    few fp32 numbers per token."""
+    rows = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * columns)))
+    cols = min(columns, max(1, LOSS_CHUNK_BYTES // (4 * tokens)))
+    forward = rows * columns * (4 + (2 if half else 0))
+    backward = cols * tokens * (4 + (2 + 2 + 4 if half else 0)) + (cols * hidden * 4 if half else 0) + tokens * hidden * 4
+    return max(forward, backward) + tokens * 16
 
 
 @dataclass(frozen=True)
@@ -80,12 +98,25 @@ def _largest_module_params(cfg: FmConfig, family: FamilySpec) -> int:
     return max(family.sizes.block_params(m), m.padded_vocab_size * m.hidden) // cfg.parallel.tp
 
 
-def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_b: int) -> float:
+def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_b: int, live_blocks: int) -> float:
     """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
     block = family.sizes.block_params(cfg.model) // cfg.parallel.tp
     largest = _largest_module_params(cfg, family)
-    live = max(2 * block, largest)  # stage3_max_live_parameters = 2 blocks
+    live = max(live_blocks * block, largest)  # stage3_max_live_parameters = live_blocks blocks
     return live * param_b + largest * grad_b
+
+
+def zero3_live_blocks(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib: float | None) -> int:
+    """How many decoder blocks ZeRO-3 may keep gathered: two (the block computing and the one prefetched),
+    plus as many more as ``budget_gib`` per device holds beyond the plan's peak with two, up to the stage's
+    blocks. Kept blocks are not gathered again for their backward (or recomputation), so the step does up
+    to half the all-gathers; None (no budget known): two."""
+    if cfg.parallel.zero_stage < 3 or budget_gib is None:
+        return 2
+    blocks = math.ceil(cfg.model.n_layers / cfg.parallel.pp)
+    spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, live_blocks=2).device_total
+    per_block = family.sizes.block_params(cfg.model) / cfg.parallel.tp * (4 if cfg.precision == "fp32" else 2)
+    return max(2, min(blocks, 2 + int(spare // per_block))) if per_block > 0 else 2
 
 
 def _optimizer_step_bytes(cfg: FmConfig, family: FamilySpec, n: float, device: str) -> float:
@@ -108,8 +139,9 @@ def _stage_expert_params(cfg: FmConfig, family: FamilySpec) -> float:
     return count(cfg.model) * math.ceil(cfg.model.n_layers / cfg.parallel.pp) / cfg.model.n_layers
 
 
-def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -> MemoryEstimate:
-    """Estimated peak memory of the busiest rank of ``cfg`` (a ``family`` model) on ``device`` (``cpu`` or ``gpu``)."""
+def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu", live_blocks: int = 2) -> MemoryEstimate:
+    """Estimated peak memory of the busiest rank of ``cfg`` (a ``family`` model) on ``device`` (``cpu`` or ``gpu``);
+    ``live_blocks``: ZeRO-3's gathered blocks (:func:`zero3_live_blocks`)."""
     p, dp = cfg.parallel, cfg.dp
     experts = _stage_expert_params(cfg, family)
     # Experts are whole on every tp rank and split over ep. ZeRO partitions their gradients and optimizer
@@ -120,12 +152,16 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
     param_b, grad_b, opt_b = (2, 2, 12) if half else (4, 4, 8)
     params = n * param_b / (dp if p.zero_stage >= 3 else 1)
     grads = (dense + experts) * grad_b / dp if p.zero_stage >= 2 else n * grad_b
+    if half and p.zero_stage >= 1 and cfg.train.grad_accum_dtype == "fp32":
+        # fp32 accumulation: ZeRO-2/3 keep their gradient partition in fp32; ZeRO-1 (DeepSpeed's
+        # BF16_Optimizer) keeps every gradient in fp32 next to the bf16 one backward writes.
+        grads = (dense + experts) * 4 / dp if p.zero_stage >= 2 else n * (grad_b + 4)
     optimizer = (dense + experts) * opt_b / dp if p.zero_stage >= 1 else n * opt_b
     offloaded = 0.0
     step_temps = _optimizer_step_bytes(cfg, family, n, device)
     if p.offload_optimizer:
         offloaded, optimizer = optimizer, 0.0
-    gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b) if p.zero_stage >= 3 else 0.0
+    gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b, live_blocks) if p.zero_stage >= 3 else 0.0
 
     # Sequence parallelism: a rank keeps seq_len / sp tokens of every activation (after the all-to-all,
     # attention holds the whole sequence for heads / sp heads: as many values).
@@ -134,8 +170,12 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
     if p.activation_checkpointing:
         elt = 4 if cfg.precision == "fp32" else 2
         split = p.sp * (p.tp if p.tp_sequence_parallel else 1)  # the block inputs: split with the sequence
-        kept = layers_here * cfg.data.seq_len // split * cfg.train.micro_batch * cfg.model.hidden * elt
-        acts = kept + per_layer  # block inputs, plus one block recomputed at a time
+        recomputed = layers_here if p.recompute_blocks is None else min(p.recompute_blocks, layers_here)
+        kept = recomputed * cfg.data.seq_len // split * cfg.train.micro_batch * cfg.model.hidden * elt
+        # Recomputed blocks keep their inputs, the others everything. They are the first ones, so backward
+        # recomputes each after the later blocks' activations are freed: the peak is the end of forward, or
+        # one recomputed block when all are.
+        acts = kept + max(layers_here - recomputed, 1) * per_layer
     else:
         acts = layers_here * per_layer
     in_flight = min(p.pp, cfg.train.grad_accum) if p.pp > 1 else 1  # 1F1B: stage 0 holds pp micro-batches
@@ -143,6 +183,8 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu") -
     # Logits: 16-bit output, its fp32 upcast for the loss, and the fp32 gradient (last stage only).
     tokens = cfg.data.seq_len // p.sp * cfg.train.micro_batch
     logits = tokens * cfg.model.padded_vocab_size / p.tp * (4 + 4 + (2 if half else 4))
+    if family.sizes.fused_head_loss:
+        logits = fused_loss_bytes(tokens, cfg.model.padded_vocab_size // p.tp, cfg.model.hidden, half)
     # Document masking on CPU: the additive mask of the whole sequence (made once per forward, in the
     # activations' dtype) and the boolean one it comes from; on a GPU FlexAttention's block mask is
     # (seq / 128)^2 entries, nothing next to the activations.

@@ -83,8 +83,9 @@ class RunLogCopies:
 
 
 def publish_hf_dir(local: Path, storage: str, *, retries: int = 5, backoff_s: float = 1.0,
-                   progress: Callable[[str], None] = lambda _m: None) -> str:
-    """Upload the verified Hugging Face directory ``local`` to ``<storage>/hf/``; returns its location.
+                   progress: Callable[[str], None] = lambda _m: None, folder: str = HF_DIR) -> str:
+    """Upload the verified Hugging Face directory ``local`` to ``<storage>/<folder>/`` (``hf``: the final
+    model; ``hf_steps/step_X``: an export during training); returns its location.
 
     The previous upload's marker goes first (a re-upload interrupted halfway must not look complete),
     then every file, each retried with backoff, then :data:`HF_MARKER` naming each file with its size
@@ -92,7 +93,7 @@ def publish_hf_dir(local: Path, storage: str, *, retries: int = 5, backoff_s: fl
     is deleted); the marker names the ones that belong to this model. Raises what the store raised
     once the retries are spent; the marker is then absent.
     """
-    root = storage_location(storage) / HF_DIR
+    root = storage_location(storage) / folder
     rels = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     digests = digest_files(local, rels)
     marker = root / HF_MARKER

@@ -36,7 +36,8 @@ CONFIG_KEYS: dict[str, str] = {
 }
 
 
-def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
+def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None,
+           pad: int | None = None) -> Any:
     """A ``transformers`` config matching the checkpoint's model fields exactly."""
     from transformers import BertConfig
 
@@ -48,6 +49,7 @@ def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos:
         max_position_embeddings=m["max_seq_len"], type_vocab_size=m.get("type_vocab_size", 2),
         layer_norm_eps=m["norm_eps"], initializer_range=m.get("init_std", 0.02), hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=eos,
+        pad_token_id=pad,
         dtype=torch_dtype, architectures=[ARCHITECTURE])
 
 

@@ -39,7 +39,8 @@ CONFIG_KEYS: dict[str, str] = {
 }
 
 
-def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
+def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None,
+           pad: int | None = None) -> Any:
     """A ``transformers`` config matching the checkpoint's model fields exactly."""
     # fm-train's ``qkv_bias`` is Llama's ``attention_bias`` (bias on q, k, v and o).
     from transformers import LlamaConfig
@@ -51,7 +52,7 @@ def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos:
         num_hidden_layers=m["n_layers"], num_attention_heads=m["n_heads"], num_key_value_heads=m["n_kv_heads"],
         max_position_embeddings=m["max_seq_len"], rms_norm_eps=m["norm_eps"], tie_word_embeddings=m["tie_embeddings"],
         hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"])},
-        initializer_range=m.get("init_std", 0.02), bos_token_id=bos, eos_token_id=eos, use_cache=True,
+        initializer_range=m.get("init_std", 0.02), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, use_cache=True,
         dtype=torch_dtype, attention_bias=bool(m.get("qkv_bias")), mlp_bias=False,
         head_dim=m["hidden"] // m["n_heads"], architectures=[ARCHITECTURE])
 

@@ -22,6 +22,7 @@ from torch import nn
 from fm_train.families.llama import TIED_PARAMS, VOCAB_ROW_PARAMS
 from fm_train.model.attention import CoreAttention, rope_slice
 from fm_train.model.base import ModelArgs, parameter_generator, real_logits
+from fm_train.model.loss import LMHead
 
 @dataclass(frozen=True)
 class LlamaArgs(ModelArgs):
@@ -60,7 +61,15 @@ def args_from_config(model_cfg: Any) -> LlamaArgs:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 like Hugging Face's ``LlamaRMSNorm``."""
+    """Root-mean-square norm, computed in fp32 like Hugging Face's ``LlamaRMSNorm``: the input is
+    normalised in fp32, cast back to its dtype, then scaled by the weight (in the weight's dtype).
+
+    The values are HF's, bit for bit, forward and backward (tests/test_kernels.py); what differs is what
+    backward keeps: the input in its own dtype and one fp32 number per row (:class:`_RMSNorm`), where
+    autograd over the formula keeps an fp32 copy of the input and the normalised output too. The
+    formula rather than ``F.rms_norm``: on CPU the latter keeps the same tensors and was not faster
+    (bench/RESULTS.md, "The step's kernels").
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -68,10 +77,37 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype)`` with ``h = x.float()``; backward recomputes ``h``
+    and the normalised rows from ``x`` and the per-row ``rsqrt``, then runs the ops autograd would."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # type: ignore[override]
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:  # type: ignore[override]
+        x, weight, rstd = ctx.saved_tensors
+        h = x.float()
+        normed = h * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # weight * n: d/d weight = grad * n, summed over the broadcast rows
+            product = grad * normed.to(x.dtype)
+            grad_w = product.sum(tuple(range(product.dim() - 1))) if product.dim() > 1 else product
+        if not ctx.needs_input_grad[0]:
+            return None, grad_w, None
+        grad_n = (grad * weight).float()
+        grad_r = (grad_n * h).sum(-1, keepdim=True)  # n = h * rstd
+        grad_v = -0.5 * grad_r * rstd.pow(3)  # rstd = rsqrt(v): autograd's formula, in its order
+        grad_p = grad_v.expand(h.shape) / h.shape[-1]  # v = mean(p) + eps
+        grad_h = grad_n * rstd + grad_p * (2.0 * h)  # p = h^2; both paths into h
+        return grad_h.to(x.dtype), grad_w, None
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,17 +129,50 @@ def rope_at(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class _Rope(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin`` (Hugging Face's ``apply_rotary_pos_emb``) written half by half
+    into one output, without ``rotate_half``'s ``cat`` and its temporaries.
+
+    The tables repeat their first half (:func:`rope_tables`), so each half of the output is
+    ``x1 * c - x2 * s`` and ``x2 * c + x1 * s`` with the same products and sums as HF's, hence the same
+    values. The rotation is linear in ``x``: backward needs only the tables, never ``x``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        half = x.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        ctx.save_for_backward(c, s)
+        return _rotate(x, c, s, sign=1.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        c, s = ctx.saved_tensors
+        return _rotate(grad, c, s, sign=-1.0), None, None  # the transpose of a rotation is the opposite rotation
+
+
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: float) -> torch.Tensor:
+    """``[x1 * c - sign * x2 * s, x2 * c + sign * x1 * s]`` over the two halves of the last dim."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    o1, o2 = out[..., :half], out[..., half:]
+    if sign > 0:
+        torch.sub(torch.mul(x1, c, out=o1), x2 * s, out=o1)
+        torch.add(torch.mul(x2, c, out=o2), x1 * s, out=o2)
+    else:
+        torch.add(torch.mul(x1, c, out=o1), x2 * s, out=o1)
+        torch.sub(torch.mul(x2, c, out=o2), x1 * s, out=o2)
+    return out
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` of shape ``(batch, heads, seq, head_dim)`` by position: ``cos``/``sin`` are
-    ``(seq, head_dim)`` (the same positions in every sample) or ``(batch, seq, head_dim)``."""
+    ``(seq, head_dim)`` (the same positions in every sample) or ``(batch, seq, head_dim)``, in
+    :func:`rope_tables`' layout (second half a copy of the first)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
-    return x * cos + _rotate_half(x) * sin
+    return _Rope.apply(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -144,7 +213,29 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.ffn_hidden, args.hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class _SiluMul(torch.autograd.Function):
+    """``silu(gate) * up`` keeping only ``gate`` and ``up`` for backward (autograd would also keep
+    ``silu(gate)``, one more ``ffn``-wide tensor per block), recomputing ``silu(gate)`` there instead."""
+
+    @staticmethod
+    def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        gate, up = ctx.saved_tensors
+        # The same ops autograd runs for F.silu(gate) * up: d/d up = grad * silu(gate), d/d gate = silu's
+        # backward of grad * up.
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's ``silu(gate) * up`` (values identical to the two-op form, one tensor less kept for backward)."""
+    return _SiluMul.apply(gate, up)
 
 
 class DecoderLayer(nn.Module):
@@ -194,24 +285,29 @@ class LlamaForCausalLM(nn.Module):
     """Backbone plus output head; ``forward(tokens, position_ids, document_ids) -> logits`` (float32 logits only if the model is).
 
     The logits have ``args.padded_vocab_size`` columns; those from ``args.vocab_size`` on belong to
-    no token. :func:`causal_lm_loss` leaves them out, and :func:`real_logits` drops them.
+    no token. :func:`causal_lm_loss` leaves them out, and :func:`real_logits` drops them. Given
+    ``labels`` the forward returns each token's loss instead, the head fused with the cross-entropy
+    (:class:`~fm_train.model.loss.LMHead`): the full logits never exist.
     """
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
         self.args = args
         self.model = LlamaBackbone(args)
-        self.lm_head: nn.Linear | None = nn.Linear(args.hidden, args.padded_vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = LMHead(args.hidden, args.padded_vocab_size, real_vocab=args.vocab_size)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of ``tokens`` ``[batch, seq]``; ``position_ids`` (default ``0..seq-1``) are the tokens'
         RoPE positions, ``document_ids`` (default: one document) keep attention within each document
-        (:mod:`fm_train.model.attention`)."""
+        (:mod:`fm_train.model.attention`). With ``labels`` (shifted, ``-100`` left out): the fp32 loss of
+        each token ``[batch, seq]`` (:func:`~fm_train.model.loss.token_mean` makes it the mean loss)."""
         h = self.model(tokens, position_ids, document_ids)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        return self.lm_head(h) if labels is None else self.lm_head(h, labels)
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

@@ -11,6 +11,7 @@ from fm_train.families.llama.model import DecoderLayer, LlamaArgs, args_from_con
 from fm_train.families.llama.pipeline import build_pipeline, pipeline_layer_names, stage_bounds
 from fm_train.families.llama.tp_plan import TP_PLAN
 from fm_train.families.spec import LossFn, Modules
+from fm_train.model.loss import token_mean
 
 
 def finish_materialize(model: nn.Module, args: LlamaArgs) -> None:
@@ -45,4 +46,5 @@ MODULES = Modules(
     stage_bounds=stage_bounds,
     build_pipeline=build_pipeline,
     pipeline_tied_module=pipeline_tied_module,
+    head_loss=lambda _args: token_mean,
 )

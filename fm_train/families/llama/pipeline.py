@@ -29,6 +29,7 @@ from fm_train.families.llama.model import (
 from fm_train.parallel.pipeline import (
     TIED_KEY,
     EmbeddingPipe,
+    HeadLoss,
     layer_counts,
     pipeline_module,
     stage_bounds_of,
@@ -84,11 +85,16 @@ class FinalNormPipe(RMSNorm):
 
 
 class LMHeadPipe(ColumnParallelLinear):
-    """The untied ``lm_head``: column-parallel over the vocabulary, logits stay sharded for the loss."""
+    """The untied ``lm_head``: column-parallel over the vocabulary; its weight goes to the fused loss
+    (:class:`~fm_train.parallel.pipeline.HeadLoss`), or with that off, its logits stay sharded for the loss."""
 
-    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource) -> None:
+    def __init__(self, args: LlamaArgs, tp: TPGroup, seed: InitSource, head_loss: HeadLoss) -> None:
         super().__init__(args.hidden, args.padded_vocab_size, tp, device="meta")
         materialize_(self, args, seed, tp, PLAN, prefix="lm_head.")
+        self.head_loss = head_loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_loss.head_output(self, x)
 
 
 def pipeline_layer_names(args: LlamaArgs) -> dict[int, str]:
@@ -119,9 +125,11 @@ def stage_bounds(args: LlamaArgs, pp: int) -> list[int]:
     return stage_bounds_of(layer_param_counts(args), range(1, args.n_layers + 1), pp, "decoder block")
 
 
-def loss_fn_for(args: LlamaArgs, tp: TPGroup):
-    """The training loss over this rank's logits: cross-entropy over the real vocabulary, vocab-parallel when tp > 1."""
-    return vocab_loss(functools.partial(causal_lm_loss, vocab_size=args.vocab_size), args.vocab_size, tp)
+def loss_fn_for(args: LlamaArgs, tp: TPGroup) -> HeadLoss:
+    """The training loss: cross-entropy over the real vocabulary from the head's input and weight (fused,
+    vocab-parallel when tp > 1), or over this rank's logits while the fused form is off."""
+    unfused = vocab_loss(functools.partial(causal_lm_loss, vocab_size=args.vocab_size), args.vocab_size, tp)
+    return HeadLoss(args.vocab_size, tp, unfused)
 
 
 def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitSource,
@@ -132,14 +140,16 @@ def build_pipeline(args: LlamaArgs, *, pp: int, dp: int, tp: TPGroup, seed: Init
     own stage's layers with its own tp shard. Feed it ``((input_ids,), labels)`` via ``train_batch``.
     """
     stage_bounds(args, pp)  # clear error before DeepSpeed partitions
+    loss = loss_fn_for(args, tp)
     embed: LayerSpec
     embedding = (args, tp, seed, PLAN, "model.embed_tokens")
     if args.tie_embeddings:
         embed = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding)
-        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding, forward_fn=tied_head_forward)
+        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding,
+                                        forward_fn=functools.partial(tied_head_forward, head_loss=loss))
     else:
-        embed, head = LayerSpec(EmbeddingPipe, *embedding), LayerSpec(LMHeadPipe, args, tp, seed)
+        embed, head = LayerSpec(EmbeddingPipe, *embedding), LayerSpec(LMHeadPipe, args, tp, seed, loss)
     layers = [embed, *(LayerSpec(DecoderBlockPipe, args, i, tp, seed) for i in range(args.n_layers)),
               LayerSpec(FinalNormPipe, args, tp, seed), head]
-    return pipeline_module(layers, layer_param_counts(args), pp=pp, dp=dp, tp=tp, loss_fn=loss_fn_for(args, tp),
+    return pipeline_module(layers, layer_param_counts(args), pp=pp, dp=dp, tp=tp, loss_fn=loss,
                            activation_checkpointing=activation_checkpointing, block_class=DecoderBlockPipe)

@@ -52,7 +52,8 @@ CONFIG_KEYS: dict[str, str] = {
 }
 
 
-def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None) -> Any:
+def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos: int | None,
+           pad: int | None = None) -> Any:
     """A ``transformers`` ``Qwen3MoeConfig`` matching the checkpoint's model fields exactly."""
     from transformers import Qwen3MoeConfig
 
@@ -64,7 +65,7 @@ def config(model_fields: Mapping[str, Any], *, dtype: str, bos: int | None, eos:
         head_dim=m.get("head_dim") or m["hidden"] // m["n_heads"], max_position_embeddings=m["max_seq_len"],
         rms_norm_eps=m["norm_eps"], tie_word_embeddings=m["tie_embeddings"], hidden_act="silu",
         rope_parameters={"rope_type": "default", "rope_theta": float(m["rope_theta"])},
-        initializer_range=m.get("init_std", 0.02), bos_token_id=bos, eos_token_id=eos, use_cache=True,
+        initializer_range=m.get("init_std", 0.02), bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, use_cache=True,
         dtype=torch_dtype, attention_bias=False, use_sliding_window=False, decoder_sparse_step=1,
         num_experts=moe["experts"], num_experts_per_tok=moe["top_k"],
         moe_intermediate_size=moe.get("expert_ffn_hidden") or m["ffn_hidden"],

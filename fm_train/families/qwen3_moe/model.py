@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_train.families.qwen3_moe import TIED_PARAMS, VOCAB_ROW_PARAMS
-from fm_train.families.llama.model import RMSNorm, apply_rope, causal_lm_loss, rope_tables
+from fm_train.families.llama.model import RMSNorm, apply_rope, causal_lm_loss, rope_tables, silu_mul
 from fm_train.model.attention import CoreAttention, rope_slice
 from fm_train.model.base import ModelArgs, parameter_generator
+from fm_train.model.loss import LMHead
 
 #: Expert parameters: one leading row per expert (what expert parallelism splits).
 EXPERT_PARAMS: tuple[str, ...] = ("experts.gate_up_proj", "experts.down_proj")
@@ -136,7 +137,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_hidden, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class Router(nn.Module):
@@ -178,7 +179,7 @@ class Experts(nn.Module):
         # these experts), not a loop of per-expert matmuls.
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = F.grouped_mm(tokens, self.gate_up_proj.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+        return F.grouped_mm(silu_mul(gate, up), self.down_proj.transpose(-2, -1), offs=offsets)
 
 
 class RouterLossGrad(torch.autograd.Function):
@@ -323,21 +324,24 @@ class MoEBackbone(nn.Module):
 
 
 class MoEForCausalLM(nn.Module):
-    """Backbone plus output head; ``forward(tokens) -> logits`` with ``args.padded_vocab_size`` columns."""
+    """Backbone plus output head; ``forward(tokens) -> logits`` with ``args.padded_vocab_size`` columns, or
+    with ``labels`` each token's loss (the head fused with the cross-entropy, as the Llama family's)."""
 
     def __init__(self, args: MoEArgs) -> None:
         super().__init__()
         self.args = args
         self.model = MoEBackbone(args)
-        self.lm_head: nn.Linear | None = nn.Linear(args.hidden, args.padded_vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = LMHead(args.hidden, args.padded_vocab_size, real_vocab=args.vocab_size)
         if args.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                document_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of ``tokens``; ``position_ids`` and ``document_ids`` as the Llama family's."""
+                document_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``tokens`` (with ``labels``: each token's fp32 loss); the other arguments as the Llama family's."""
         h = self.model(tokens, position_ids, document_ids)
-        return self.lm_head(h) if self.lm_head is not None else h
+        if self.lm_head is None:
+            return h
+        return self.lm_head(h) if labels is None else self.lm_head(h, labels)
 
 
 def init_moe_parameter(args: MoEArgs, name: str, param: torch.Tensor, seed: int) -> None:

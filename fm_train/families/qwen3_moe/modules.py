@@ -20,6 +20,7 @@ from fm_train.families.qwen3_moe.model import (
 from fm_train.families.qwen3_moe.pipeline import build_pipeline, pipeline_layer_names, stage_bounds
 from fm_train.families.qwen3_moe.tp_plan import TP_PLAN
 from fm_train.families.spec import LossFn, Modules
+from fm_train.model.loss import token_mean
 
 
 def finish_materialize(model: nn.Module, args: MoEArgs) -> None:
@@ -54,6 +55,7 @@ MODULES = Modules(
     stage_bounds=stage_bounds,
     build_pipeline=build_pipeline,
     pipeline_tied_module=pipeline_tied_module,
+    head_loss=lambda _args: token_mean,
     expert_types=(Experts,),
     set_layer_loss_scale=set_router_loss_scale,
     take_metrics=take_router_metrics,

@@ -20,6 +20,7 @@ from fm_train.families.qwen3_moe.tp_plan import TP_PLAN as PLAN
 from fm_train.parallel.pipeline import (
     TIED_KEY,
     EmbeddingPipe,
+    HeadLoss,
     layer_counts,
     pipeline_module,
     stage_bounds_of,
@@ -63,11 +64,16 @@ class FinalNormPipe(RMSNorm):
 
 
 class LMHeadPipe(ColumnParallelLinear):
-    """The untied ``lm_head``: column-parallel over the vocabulary, logits stay sharded for the loss."""
+    """The untied ``lm_head``: column-parallel over the vocabulary; its weight goes to the fused loss
+    (:class:`~fm_train.parallel.pipeline.HeadLoss`), or with that off, its logits stay sharded for the loss."""
 
-    def __init__(self, args: MoEArgs, tp: TPGroup, seed: InitSource) -> None:
+    def __init__(self, args: MoEArgs, tp: TPGroup, seed: InitSource, head_loss: HeadLoss) -> None:
         super().__init__(args.hidden, args.padded_vocab_size, tp, device="meta")
         materialize_(self, args, seed, tp, PLAN, prefix="lm_head.")
+        self.head_loss = head_loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head_loss.head_output(self, x)
 
 
 def pipeline_layer_names(args: MoEArgs) -> dict[int, str]:
@@ -94,15 +100,17 @@ def build_pipeline(args: MoEArgs, *, pp: int, dp: int, tp: TPGroup, seed: InitSo
                    activation_checkpointing: bool = False) -> FmPipelineModule:
     """The pipeline of ``args`` over a ``pp x dp x tp`` grid; every rank of the world calls this."""
     stage_bounds(args, pp)
+    unfused = vocab_loss(functools.partial(causal_lm_loss, vocab_size=args.vocab_size), args.vocab_size, tp)
+    loss = HeadLoss(args.vocab_size, tp, unfused)  # the head fused with the loss, as the Llama family's
     embedding = (args, tp, seed, PLAN, "model.embed_tokens")
     embed: LayerSpec
     if args.tie_embeddings:
         embed = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding)
-        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding, forward_fn=tied_head_forward)
+        head: LayerSpec = TiedLayerSpec(TIED_KEY, EmbeddingPipe, *embedding,
+                                        forward_fn=functools.partial(tied_head_forward, head_loss=loss))
     else:
-        embed, head = LayerSpec(EmbeddingPipe, *embedding), LayerSpec(LMHeadPipe, args, tp, seed)
+        embed, head = LayerSpec(EmbeddingPipe, *embedding), LayerSpec(LMHeadPipe, args, tp, seed, loss)
     layers = [embed, *(LayerSpec(DecoderBlockPipe, args, i, tp, seed) for i in range(args.n_layers)),
               LayerSpec(FinalNormPipe, args, tp, seed), head]
-    loss = vocab_loss(functools.partial(causal_lm_loss, vocab_size=args.vocab_size), args.vocab_size, tp)
     return pipeline_module(layers, layer_param_counts(args), pp=pp, dp=dp, tp=tp, loss_fn=loss,
                            activation_checkpointing=activation_checkpointing, block_class=DecoderBlockPipe)

@@ -1,0 +1,84 @@
+"""glibc's allocator set for a CPU training rank: activations reused from the heap, free pages returned each step.
+
+Left alone, glibc serves blocks above a threshold with their own ``mmap`` and raises that threshold
+(up to 32 MiB) whenever such a block is freed; blocks below it come from the heap, which keeps what is
+freed. Under ZeRO-3 that heap grew by 0.2-0.3 GiB per step on a 125M model. Fixing the threshold low
+(128 KiB) kept RSS flat, but made every activation a fresh ``mmap`` whose pages fault in zeroed on
+each step (a third of the step's CPU time on the local recipe's model). So the policy here
+(``reuse``, the default) fixes the threshold high (``MMAP_THRESHOLD``: activations come from the heap
+and are reused from step to step) and bounds what the heap may keep: after each optimizer step, when
+only the model and optimizer states are live, RSS is compared with its high-water mark over the first
+``SETTLE_STEPS`` steps (the step's own working set), and only when it has grown past it by
+``GROWTH`` are the heap's free pages returned to the OS (``malloc_trim``; trimming every step costs
+the page faults the high threshold saves). ``bench/RESULTS.md`` has the figures.
+
+``FM_TRAIN_HOST_MALLOC`` picks another policy: ``small`` (the 128 KiB threshold, no trim) or
+``glibc`` (untouched). GPU ranks are left alone: their tensors are not on this heap.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from typing import Literal
+
+POLICY_ENV = "FM_TRAIN_HOST_MALLOC"
+Policy = Literal["reuse", "small", "glibc"]
+POLICIES: tuple[Policy, ...] = ("reuse", "small", "glibc")
+
+MMAP_THRESHOLD = 64 << 20  # above any activation of a model trained on CPU; bigger tensors still get mmaps
+SMALL_MMAP_THRESHOLD = 128 << 10
+SETTLE_STEPS = 3  # the working set's high-water mark is taken over these first steps
+GROWTH = 0.05  # RSS beyond the mark by this share is fragmentation: trimmed
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+class HostMemory:
+    """This process's allocator policy; :meth:`trim` is called after every optimizer step."""
+
+    def __init__(self, libc: ctypes.CDLL | None, policy: Policy) -> None:
+        self._libc, self.policy = libc, policy
+        self._steps, self._mark, self.trims = 0, 0, 0
+
+    @classmethod
+    def configure(cls, policy: str | None = None, *, gpu: bool) -> "HostMemory":
+        """Apply ``policy`` (default: ``FM_TRAIN_HOST_MALLOC`` or ``reuse``) to this process; a no-op one on a
+        GPU rank, off Linux, or without glibc. ValueError names the variable for an unknown policy."""
+        chosen = policy if policy is not None else os.environ.get(POLICY_ENV, "reuse")
+        if chosen not in POLICIES:
+            raise ValueError(f"{POLICY_ENV}={chosen!r} is not one of {', '.join(POLICIES)}")
+        if gpu or not sys.platform.startswith("linux") or chosen == "glibc":
+            return cls(None, chosen)  # type: ignore[arg-type]
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            threshold = MMAP_THRESHOLD if chosen == "reuse" else SMALL_MMAP_THRESHOLD
+            # Setting the mmap threshold also turns glibc's dynamic raise off; the trim threshold is left
+            # high so that free() never trims in the middle of a step (trim() does it between steps).
+            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+            if chosen == "reuse":
+                libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+            libc.malloc_trim  # noqa: B018 - glibc has it; musl and others raise AttributeError here
+        except (OSError, AttributeError):  # not glibc: nothing to tune
+            return cls(None, chosen)  # type: ignore[arg-type]
+        return cls(libc, chosen)  # type: ignore[arg-type]
+
+    def trim(self) -> None:
+        """After an optimizer step: give the heap's free pages back to the OS when RSS outgrew the working
+        set's mark (``reuse`` policy only; one read of ``/proc/self/statm`` otherwise)."""
+        if self._libc is None or self.policy != "reuse":
+            return
+        rss = _rss_bytes()
+        self._steps += 1
+        if self._steps <= SETTLE_STEPS:
+            self._mark = max(self._mark, rss)
+        elif rss > self._mark * (1 + GROWTH):
+            self._libc.malloc_trim(0)
+            self.trims += 1
+
+
+def _rss_bytes() -> int:
+    """This process's resident set size (Linux)."""
+    with open("/proc/self/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,0 +1,66 @@
+"""The CPU rank's allocator policy (fm_train.dist.host_memory), measured in a fresh process each."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fm_train.dist.host_memory import HostMemory
+
+pytestmark = pytest.mark.unit
+
+_PROBE = r"""
+import json, sys
+import psutil, torch
+from fm_train.dist.host_memory import HostMemory
+
+memory = HostMemory.configure(sys.argv[1], gpu=False)
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+def step(mib):  # a step's activations: 1 MiB tensors, below the 64 MiB threshold, freed when it ends
+    blocks = [torch.ones(256 * 1024) for _ in range(mib)]
+    held = rss()
+    del blocks
+    return held
+for _ in range(3):  # the working set settles: 16 MiB of activations
+    step(16)
+    memory.trim()
+base = rss()
+steady = [step(16) for _ in range(3)]
+for _ in range(3):
+    memory.trim()
+after_steady = rss()
+held = step(96)  # a step that needs far more (or a heap fragmented as much)
+freed = rss()
+memory.trim()
+print(json.dumps({"held": held - base, "freed": freed - base, "trimmed": rss() - base,
+                  "steady": after_steady - base, "trims": memory.trims}))
+"""
+
+
+def _probe(policy: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, policy], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_reuse_keeps_the_working_set_and_trims_only_what_outgrows_it():
+    reuse, small = _probe("reuse"), _probe("small")
+    # Steps within the working set reuse the heap: nothing returned, nothing trimmed.
+    assert abs(reuse["steady"]) < 8 and reuse["trims"] == 1, reuse
+    assert reuse["held"] > 80 and small["held"] > 80  # MiB: resident while alive
+    # reuse: the freed blocks stay in the heap until the step ends, then the growth past the working set's
+    # mark is given back; small: each block was its own mmap, gone at free() (and faulted in again next time).
+    assert reuse["freed"] > 60, reuse
+    assert reuse["trimmed"] < 24, reuse
+    assert small["freed"] < 16 and small["trims"] == 0, small
+
+
+def test_policies_are_checked_and_gpu_ranks_left_alone(monkeypatch):
+    monkeypatch.setenv("FM_TRAIN_HOST_MALLOC", "jemalloc")
+    with pytest.raises(ValueError, match=r"FM_TRAIN_HOST_MALLOC='jemalloc' is not one of reuse, small, glibc"):
+        HostMemory.configure(gpu=False)
+    gpu = HostMemory.configure("reuse", gpu=True)
+    gpu.trim()  # a no-op: no libc handle
+    assert gpu._libc is None
