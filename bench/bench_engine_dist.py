@@ -100,7 +100,7 @@ def fm_train_rank(zero: int, steps: int, out: Path, *, malloc: str | None = None
         })
         groups = ParallelGroups(Topology(world=WORLD, tp=1, pp=1))
         family = family_of(cfg.model)
-        engine, scheduler = build_engine(cfg, build_train_module(cfg, family, groups),  # mpu None: pure dp, as the worker
+        engine, scheduler = build_engine(cfg, build_train_module(cfg, family, groups), family=family,  # mpu None: pure dp
                                          blocks=family.modules().block_types)
         ids, labels = rank_rows(env.rank)
         batches = iter(lambda: {"input_ids": ids, "labels": labels, "state": {}, "receipt": ""}, None)

@@ -120,7 +120,7 @@ def rank_main(rank: int, world: int, port: int, opts: dict[str, Any], queue: Any
         times["build_s"] = time.perf_counter() - t0
         sampler.enter("engine")
         t0 = time.perf_counter()
-        engine, _ = build_engine(cfg, module, blocks=family.modules().block_types)
+        engine, _ = build_engine(cfg, module, blocks=family.modules().block_types, family=family)  # as the worker
         times["engine_s"] = time.perf_counter() - t0
         tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=torch.Generator().manual_seed(rank))
         losses = []

@@ -190,7 +190,7 @@ def run_worker(cfg: FmConfig) -> int:
         init = _initial_weights(cfg, family, resuming=resume_from is not None)
         module = build_train_module(cfg, family, groups, init=init)
         _report_init_read(init, env.rank)
-        engine, scheduler = build_engine(cfg, module, blocks=family.modules().block_types,
+        engine, scheduler = build_engine(cfg, module, blocks=family.modules().block_types, family=family,
                                          mpu=_engine_mpu(topo, groups))
         state = TrainState(lr_scheduler=scheduler)
         if resume_from is not None:

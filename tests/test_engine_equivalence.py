@@ -92,7 +92,9 @@ def _train_all_cases(base: dict[str, Any], root: str) -> dict[str, list[dict[str
         run_dir = Path(root) / name
         cfg = make_config(base, str(run_dir), workers=DP, **case)
         family = family_of(cfg.model)
-        engine, scheduler = build_engine(cfg, build_train_module(cfg, family), blocks=family.modules().block_types)
+        # family: ZeRO-3 keeps every block gathered here (the budget holds them), as the worker would
+        engine, scheduler = build_engine(cfg, build_train_module(cfg, family), blocks=family.modules().block_types,
+                                         family=family)
         state = TrainState(lr_scheduler=scheduler)
         sink = MetricsSink(run_dir, enabled=rank == 0, tensorboard=name == METRICS_CASE)
         # A fixed peak keeps the matmul probe out of all but the metrics case.

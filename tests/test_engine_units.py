@@ -106,6 +106,13 @@ def test_zero3_keeps_as_many_blocks_gathered_as_the_memory_budget_holds(tiny_con
     assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two + 2.5 * block) == 4
     assert estimate_memory(cfg, family, device="gpu", live_blocks=4).device_total / GIB <= two + 2.5 * block
     assert zero3_live_blocks(_cfg(tiny_config_dict, "parallel.zero_stage=2"), family, device="gpu", budget_gib=99) == 2
+    # The engine's rendering: this host's budget (its memory over LOCAL_WORLD_SIZE ranks) holds all six blocks.
+    from fm_train.engine.build import memory_budget_gib, rendered_deepspeed_config
+
+    assert memory_budget_gib(cfg) > two + 6 * block
+    rendered = rendered_deepspeed_config(cfg, family)["zero_optimization"]["stage3_max_live_parameters"]
+    assert rendered == deepspeed_config(cfg, zero3_live_blocks=6)["zero_optimization"]["stage3_max_live_parameters"]
+    assert rendered_deepspeed_config(cfg)["zero_optimization"] == deepspeed_config(cfg)["zero_optimization"]  # no family: 2
     sizes = {n: deepspeed_config(cfg, zero3_live_blocks=n)["zero_optimization"] for n in (2, 6)}
     per_block = sizes[2]["stage3_max_live_parameters"] // 2
     assert sizes[2]["stage3_max_reuse_distance"] == per_block  # across one block's recompute and backward

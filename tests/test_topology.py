@@ -121,8 +121,8 @@ def test_plan_warns_when_the_peak_exceeds_the_card_and_names_the_fixes():
 
 
 def test_plan_names_the_smallest_sequence_parallel_size_that_fits():
-    """The 8B 32k recipe at sp 1 needs 241 GiB: the plan names the smallest sp that fits alone (8 under
-    ZeRO-2, 4 under ZeRO-3), with its peak; the activations fall with sp."""
+    """The 8B 32k recipe at sp 1 needs 176 GiB: the plan names the smallest sp that fits alone (4, under
+    ZeRO-2 and ZeRO-3), with its peak; the activations fall with sp."""
     recipe = str(ROOT / "cluster_configs/h100_8b_32k_1node.yaml")
 
     def plan(*overrides: str) -> str:
@@ -134,7 +134,7 @@ def test_plan_names_the_smallest_sequence_parallel_size_that_fits():
         return float(next(line for line in out.splitlines() if line.startswith(f"#   {row}")).split()[-2])
 
     sp1 = plan("parallel.sp=1")
-    assert "each of these fits alone: parallel.sp=8 with train.grad_accum=64 (peak" in sp1  # the global batch stays
+    assert "each of these fits alone: parallel.sp=4 with train.grad_accum=32 (peak" in sp1  # the global batch stays
     assert "fits alone: parallel.sp=4 with train.grad_accum=32 (peak" in plan("parallel.sp=1", "parallel.zero_stage=3")
     sp8 = plan()
     assert gib(sp8, "activations") == pytest.approx(gib(sp1, "activations") / 8, rel=1e-3)
@@ -145,11 +145,11 @@ def test_the_70b_recipe_fits_without_recomputation_thanks_to_the_tp_sequence_spl
     recipe = str(ROOT / "cluster_configs/h100_70b_8node.yaml")
     whole = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", "--set",
                             "parallel.tp_sequence_parallel=false"], capture_output=True, text=True, check=True).stdout
-    assert "exceeds the 80 GiB card" in whole and "fits alone: parallel.tp_sequence_parallel=true (peak 61.39 GiB)" in whole
+    assert "exceeds the 80 GiB card" in whole and "fits alone: parallel.tp_sequence_parallel=true (peak 56.29 GiB)" in whole
     split = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe], capture_output=True, text=True,
                            check=True).stdout
     assert "activation_checkpointing: false" in split and "tp_sequence_parallel: true" in split
-    assert "# card: fits, peak 61.39 GiB of 80 GiB" in split
+    assert "# card: fits, peak 56.29 GiB of 80 GiB" in split
 
 
 def test_plan_estimates_the_step_time_from_a_stated_roofline():
@@ -171,11 +171,13 @@ def test_plan_fit_names_the_cheapest_setting_and_fails_when_nothing_fits():
     out = subprocess.run([sys.executable, "-m", "fm_train.cli", "plan", recipe, "--no-config", "--fit", "40"],
                          capture_output=True, text=True, check=True).stdout
     chosen = next(x for x in out.splitlines() if x.startswith("# fit 40 GiB: "))
-    # Recomputation costs most: tp 8 fits 40 GiB without it (grad_accum raised to keep the global batch) ...
-    assert chosen.startswith("# fit 40 GiB: tp 8, zero stage 1, grad_accum 64, no recomputation: peak "), chosen
+    # Recomputation costs most: tp 4 fits 40 GiB without it under ZeRO-3 (grad_accum raised to keep the global
+    # batch), before tp 8 under ZeRO-1 ...
+    assert chosen.startswith("# fit 40 GiB: tp 4, zero stage 3, grad_accum 32, no recomputation: peak "), chosen
     assert float(chosen.rsplit("peak ", 1)[1].split()[0]) <= 40
     apply = next(x for x in out.splitlines() if x.startswith("#   apply: "))
-    assert "--set parallel.tp=8 --set parallel.zero_stage=1 --set train.grad_accum=64" in apply
+    assert "--set parallel.tp=4 --set parallel.zero_stage=3 --set train.grad_accum=32" in apply
+    assert "also fits: tp 8, zero stage 1, grad_accum 64, no recomputation" in out
     # ... and the smaller tp sizes fit by recomputing some blocks, each named with its cost.
     tp1 = next(x for x in out.splitlines() if x.startswith("#   also fits: tp 1, "))
     assert "recompute" in tp1 and "of 32 blocks per stage (+~" in tp1 and float(tp1.rsplit("peak ", 1)[1].split()[0]) <= 40

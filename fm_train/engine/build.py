@@ -21,7 +21,7 @@ from fm_train.engine.activation_checkpointing import apply_activation_checkpoint
 from fm_train.engine.compile import compile_blocks
 from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
-from fm_train.families import family_of
+from fm_train.families.spec import FamilySpec
 from fm_train.parallel.deepspeed_config import deepspeed_config
 from fm_train.plan.memory import GIB, zero3_live_blocks
 
@@ -42,18 +42,22 @@ def memory_budget_gib(cfg: FmConfig) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / ranks * HOST_BUDGET_SHARE
 
 
-def rendered_deepspeed_config(cfg: FmConfig) -> dict[str, Any]:
-    """fm-train's DeepSpeed config for this rank: ZeRO-3 keeps as many blocks gathered as its memory budget
-    holds beyond the plan's peak (:func:`fm_train.plan.memory.zero3_live_blocks`)."""
+def rendered_deepspeed_config(cfg: FmConfig, family: FamilySpec | None = None) -> dict[str, Any]:
+    """fm-train's DeepSpeed config for this rank: with the model's ``family``, ZeRO-3 keeps as many blocks
+    gathered as its memory budget holds beyond the plan's peak (:func:`fm_train.plan.memory.zero3_live_blocks`);
+    without it, two."""
     import torch
 
+    if family is None:
+        return deepspeed_config(cfg)
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    live = zero3_live_blocks(cfg, family_of(cfg.model), device=device, budget_gib=memory_budget_gib(cfg))
+    live = zero3_live_blocks(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
     return deepspeed_config(cfg, zero3_live_blocks=live)
 
 
 def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] = (), mpu: Any = None,
-                 ds_config: dict[str, Any] | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
+                 ds_config: dict[str, Any] | None = None,
+                 family: FamilySpec | None = None) -> tuple[DeepSpeedEngine, LRScheduler]:
     """Wrap ``module`` in a DeepSpeed engine: ``forward(input_ids, labels) -> loss``, or a
     ``PipelineModule``, for which DeepSpeed returns a ``PipelineEngine`` (driven by ``train_batch``).
 
@@ -62,7 +66,8 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] =
     batch size against dp, not the world; with a pipeline it must be None (DeepSpeed takes the grid
     from the module). ``blocks`` are the family's block types (``FamilySpec.modules().block_types``),
     which activation checkpointing and ``torch.compile`` wrap. ``ds_config`` overrides the rendered config
-    (benchmarks, tests). Activation checkpointing, when configured, is applied here, before DeepSpeed
+    (benchmarks, tests); ``family`` (the model's spec) lets ZeRO-3 keep as many blocks gathered as this
+    rank's memory budget holds (:func:`rendered_deepspeed_config`). Activation checkpointing, when configured, is applied here, before DeepSpeed
     hooks the module; a pipeline's stages already checkpoint their blocks (``build_train_module``), and
     wrapping them again would recompute each block twice.
     """
@@ -76,7 +81,7 @@ def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] =
         apply_activation_checkpointing(module, blocks, limit=cfg.parallel.recompute_blocks)
     if cfg.parallel.compile:  # after checkpointing: the compiled call runs the checkpointed forward
         compile_blocks(module, blocks)
-    config = ds_config if ds_config is not None else rendered_deepspeed_config(cfg)
+    config = ds_config if ds_config is not None else rendered_deepspeed_config(cfg, family)
     # DeepSpeed calls this with its basic (torch) optimizer, whose groups start at the peak lr.
     make_scheduler = functools.partial(build_lr_scheduler, optim=cfg.optim, total_steps=cfg.train.steps)
     # ZeRO-3 master weights shared, no all-reduce over one fp32 dp rank: see the adapter's initialize.
