@@ -11,8 +11,8 @@ global batch of 8 x 128 tokens, 4 sequences per rank, fp32, AdamW, clip 1.0, cos
 * ``fm-train``: what ``fm-train worker`` runs per step, minus the data reader: ``ParallelGroups``,
   ``build_train_module``, ``build_engine`` (fm-train's DeepSpeed config), ``fm_train.engine.train``
   with the metrics sink on rank 0 (a record every 10 steps), the per-step stop-flag poll over the
-  control group, and the worker's allocator policy (``fm_train.dist.host_memory``: glibc's mmap
-  threshold fixed at 64 MiB, ``malloc_trim`` after every step).
+  control group, and the worker's allocator policy (``fm_train.dist.host_memory``: glibc's own
+  thresholds, ``malloc_trim`` after a step only when RSS outgrew the working set).
 * with ``--malloc-variants``, the same under the other policies, to measure what each costs:
   ``fm-train/small-mmap`` (the 128 KiB threshold the worker used before) and ``fm-train/glibc``
   (glibc untouched).

@@ -19,7 +19,7 @@ from fm_train.dist.host_memory import HostMemory
 
 memory = HostMemory.configure(sys.argv[1], gpu=False)
 rss = lambda: psutil.Process().memory_info().rss / 2**20
-def step(mib):  # a step's activations: 1 MiB tensors, below the 64 MiB threshold, freed when it ends
+def step(mib):  # a step's activations: 1 MiB tensors, freed when it ends
     blocks = [torch.ones(256 * 1024) for _ in range(mib)]
     held = rss()
     del blocks
@@ -32,7 +32,10 @@ steady = [step(16) for _ in range(3)]
 for _ in range(3):
     memory.trim()
 after_steady = rss()
-held = step(96)  # a step that needs far more (or a heap fragmented as much)
+blocks = [torch.ones(256 * 1024) for _ in range(96)]  # a heap fragmented by 96 MiB of holes:
+pin = torch.ones(64 * 1024)  # a later block stays live above them, so free() cannot give them back
+held = rss()
+del blocks
 freed = rss()
 memory.trim()
 print(json.dumps({"held": held - base, "freed": freed - base, "trimmed": rss() - base,
@@ -50,8 +53,8 @@ def test_reuse_keeps_the_working_set_and_trims_only_what_outgrows_it():
     # Steps within the working set reuse the heap: nothing returned, nothing trimmed.
     assert abs(reuse["steady"]) < 8 and reuse["trims"] == 1, reuse
     assert reuse["held"] > 80 and small["held"] > 80  # MiB: resident while alive
-    # reuse: the freed blocks stay in the heap until the step ends, then the growth past the working set's
-    # mark is given back; small: each block was its own mmap, gone at free() (and faulted in again next time).
+    # reuse: the holes stay resident until the step ends, then the growth past the working set's mark is
+    # given back; small: each block was its own mmap, gone at free() (and faulted in again next time).
     assert reuse["freed"] > 60, reuse
     assert reuse["trimmed"] < 24, reuse
     assert small["freed"] < 16 and small["trims"] == 0, small

@@ -1,16 +1,16 @@
-"""glibc's allocator set for a CPU training rank: activations reused from the heap, free pages returned each step.
+"""glibc's allocator for a CPU training rank: activations reused from the heap, growth past the working set returned.
 
 Left alone, glibc serves blocks above a threshold with their own ``mmap`` and raises that threshold
 (up to 32 MiB) whenever such a block is freed; blocks below it come from the heap, which keeps what is
-freed. Under ZeRO-3 that heap grew by 0.2-0.3 GiB per step on a 125M model. Fixing the threshold low
-(128 KiB) kept RSS flat, but made every activation a fresh ``mmap`` whose pages fault in zeroed on
-each step (a third of the step's CPU time on the local recipe's model). So the policy here
-(``reuse``, the default) fixes the threshold high (``MMAP_THRESHOLD``: activations come from the heap
-and are reused from step to step) and bounds what the heap may keep: after each optimizer step, when
-only the model and optimizer states are live, RSS is compared with its high-water mark over the first
-``SETTLE_STEPS`` steps (the step's own working set), and only when it has grown past it by
-``GROWTH`` are the heap's free pages returned to the OS (``malloc_trim``; trimming every step costs
-the page faults the high threshold saves). ``bench/RESULTS.md`` has the figures.
+freed, so a step reuses the last one's pages. Under ZeRO-3 that heap grew by 0.2-0.3 GiB per step on a
+125M model. Fixing the threshold low (128 KiB, the ``small`` policy) kept RSS flat, but made every
+activation a fresh ``mmap`` whose pages fault in zeroed on each step (a third of the step's CPU time on
+the local recipe's model); a fixed high threshold was slower than glibc's own under ZeRO-3. So the
+policy here (``reuse``, the default) leaves glibc's thresholds alone and bounds what the heap may keep:
+after each optimizer step, when only the model and optimizer states are live, RSS is compared with its
+high-water mark over the first ``SETTLE_STEPS`` steps (the step's own working set), and only when it
+has grown past it by ``GROWTH`` are the heap's free pages returned to the OS (``malloc_trim``; trimming
+every step would cost the page faults that reuse saves). ``bench/RESULTS.md`` has the figures.
 
 ``FM_TRAIN_HOST_MALLOC`` picks another policy: ``small`` (the 128 KiB threshold, no trim) or
 ``glibc`` (untouched). GPU ranks are left alone: their tensors are not on this heap.
@@ -28,11 +28,10 @@ POLICY_ENV = "FM_TRAIN_HOST_MALLOC"
 Policy = Literal["reuse", "small", "glibc"]
 POLICIES: tuple[Policy, ...] = ("reuse", "small", "glibc")
 
-MMAP_THRESHOLD = 64 << 20  # above any activation of a model trained on CPU; bigger tensors still get mmaps
 SMALL_MMAP_THRESHOLD = 128 << 10
 SETTLE_STEPS = 3  # the working set's high-water mark is taken over these first steps
 GROWTH = 0.05  # RSS beyond the mark by this share is fragmentation: trimmed
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 
 class HostMemory:
@@ -53,12 +52,8 @@ class HostMemory:
             return cls(None, chosen)  # type: ignore[arg-type]
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            threshold = MMAP_THRESHOLD if chosen == "reuse" else SMALL_MMAP_THRESHOLD
-            # Setting the mmap threshold also turns glibc's dynamic raise off; the trim threshold is left
-            # high so that free() never trims in the middle of a step (trim() does it between steps).
-            libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-            if chosen == "reuse":
-                libc.mallopt(_M_TRIM_THRESHOLD, 2 * MMAP_THRESHOLD)
+            if chosen == "small":  # setting the threshold also turns glibc's dynamic raise off
+                libc.mallopt(_M_MMAP_THRESHOLD, SMALL_MMAP_THRESHOLD)
             libc.malloc_trim  # noqa: B018 - glibc has it; musl and others raise AttributeError here
         except (OSError, AttributeError):  # not glibc: nothing to tune
             return cls(None, chosen)  # type: ignore[arg-type]
