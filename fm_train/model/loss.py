@@ -10,17 +10,17 @@ summation order of the log-sum-exp.
 
 The result is one fp32 loss per token (0 where the label is ``ignore_index``), so a caller takes the
 mean over the tokens, or each sample's sum, at no cost. Under tensor parallelism the weight holds this
-rank's rows of the vocabulary (``vocab_start``), the per-token statistics are combined over ``group``
-(three all-reduces of one number per token) and the input's gradient is this rank's part, summed by the
+rank's rows of the vocabulary (``vocab_start``), the per-token statistics are combined by the caller's
+``combine`` (three all-reduces of one number per token over the tp group, made by the parallel layer:
+the model imports no collectives) and the input's gradient is this rank's part, summed by the
 caller's tp copy (:class:`fm_train.parallel.tensor_parallel.VocabParallelHead`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,17 +32,22 @@ IGNORE_INDEX = -100
 CHUNK_BYTES = 64 * 1024**2
 
 
+Combine = Callable[[torch.Tensor, Literal["max", "sum"]], None]
+"""Reduces a tensor in place over the ranks that hold parts of the vocabulary."""
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                          bias: torch.Tensor | None = None, vocab_start: int = 0, real_vocab: int | None = None,
                          ignore_index: int = IGNORE_INDEX, chunk_rows: int | None = None,
-                         group: Any = None) -> torch.Tensor:
+                         combine: Combine | None = None) -> torch.Tensor:
     """Per-token cross-entropy of ``F.linear(hidden, weight, bias)`` against ``labels``, in fp32.
 
     ``hidden`` ``[tokens, in]``, ``weight`` ``[columns, in]`` (this rank's vocabulary rows from
     ``vocab_start`` under tp), ``labels`` ``[tokens]`` global token ids or ``ignore_index``. Only the
     first ``real_vocab`` columns of ``weight`` take part in the softmax (the rest are vocabulary
-    padding; None: all). ``chunk_rows``: tokens per forward chunk (default from :data:`CHUNK_BYTES`); ``group``:
-    the tensor-parallel process group when the vocabulary is split (None: it is whole).
+    padding; None: all). ``chunk_rows``: tokens per forward chunk (default from :data:`CHUNK_BYTES`); ``combine``:
+    when the vocabulary is split, reduces a tensor in place over the ranks holding its parts (``"max"`` or
+    ``"sum"``; :func:`fm_train.parallel.tensor_parallel.tp_combine`); None: the vocabulary is whole.
     """
     if hidden.dim() != 2 or labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy wants hidden [tokens, in] and labels [tokens], got "
@@ -50,7 +55,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     columns = weight.shape[0]
     real = columns if real_vocab is None else max(0, min(columns, real_vocab))
     rows = chunk_rows or max(1, CHUNK_BYTES // (4 * columns))
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, vocab_start, real, ignore_index, rows, group)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, vocab_start, real, ignore_index, rows, combine)
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, real: int) -> torch.Tensor:
@@ -61,16 +66,11 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return logits
 
 
-def _reduce(x: torch.Tensor, group: Any, op: Any = None) -> None:
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op is None else op, group=group)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 labels: torch.Tensor, vocab_start: int, real: int, ignore_index: int, rows: int,
-                group: Any) -> torch.Tensor:
+                combine: Combine | None) -> torch.Tensor:
         tokens = hidden.shape[0]
         local = labels - vocab_start
         mine = (labels != ignore_index) & (local >= 0) & (local < real)
@@ -84,13 +84,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, local[start:end, None]).squeeze(1)
             target[start:end] = torch.where(mine[start:end], picked, 0.0)
             del logits
-        if group is not None and dist.get_world_size(group) > 1:  # log-sum-exp over the ranks' vocabulary parts
+        if combine is not None:  # log-sum-exp over the ranks' vocabulary parts
             top = lse.clone()
-            _reduce(top, group, dist.ReduceOp.MAX)
+            combine(top, "max")
             total = (lse - top).exp_()
-            _reduce(total, group)
+            combine(total, "sum")
             lse = top + total.log_()
-            _reduce(target, group)
+            combine(target, "sum")
         valid = labels != ignore_index
         ctx.save_for_backward(hidden, weight, bias, local, mine, valid, lse)
         ctx.rows, ctx.real = rows, real

@@ -29,6 +29,7 @@ from fm_train.parallel.tensor_parallel import (
     TPGroup,
     VocabParallelEmbedding,
     copy_to_tp,
+    tp_combine,
     vocab_parallel_cross_entropy,
 )
 from fm_train.parallel.tp_plan import TPPlan
@@ -97,7 +98,7 @@ class HeadLoss:
         start = self.tp.rank * weight.shape[0]
         losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                       vocab_start=start, real_vocab=self.vocab_size - start,
-                                      group=self.tp.group if self.tp.size > 1 else None)
+                                      combine=tp_combine(self.tp))
         return token_mean(losses, labels.reshape(-1))
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from fm_train.dist.groups import ParallelGroups
-from fm_train.model.loss import LMHead, linear_cross_entropy
+from fm_train.model.loss import Combine, LMHead, linear_cross_entropy
 from fm_train.parallel.tp_plan import TPPlan
 
 
@@ -224,7 +224,7 @@ class VocabParallelHead(ColumnParallelLinear):
         start = self.tp.rank * self.weight.shape[0]
         losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), bias=self.bias,
                                       vocab_start=start, real_vocab=self.real_vocab - start,
-                                      group=self.tp.group if self.tp.size > 1 else None)
+                                      combine=tp_combine(self.tp))
         return losses.view(labels.shape)
 
 
@@ -269,6 +269,14 @@ class VocabParallelEmbedding(nn.Module):
 def _reduce_(x: torch.Tensor, tp: TPGroup, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
     if tp.size > 1:  # a lone rank needs no process group, so the loss also runs without one
         dist.all_reduce(x, op=op, group=tp.group)
+
+
+def tp_combine(tp: TPGroup) -> Combine | None:
+    """The vocab-split loss's reduction over ``tp`` (:func:`fm_train.model.loss.linear_cross_entropy`); None
+    for a lone rank."""
+    if tp.size == 1:
+        return None
+    return lambda x, op: _reduce_(x, tp, dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
 
 
 class _VocabParallelCE(torch.autograd.Function):
