@@ -160,13 +160,13 @@ def main() -> int:
 
     from fm_train.engine.build import memory_budget_gib
     from fm_train.families import family_of
-    from fm_train.plan.memory import estimate_memory, format_memory, zero3_live_blocks
+    from fm_train.plan.memory import estimate_memory, format_memory, zero3_gathered
 
     cfg = make_config(args.preset, args.seq, args.workers, args.steps, args.zero, args.layers)
     family = family_of(cfg.model)
     os.environ["LOCAL_WORLD_SIZE"] = str(args.workers)  # the ranks' budget: ZeRO-3's gathered blocks as the engine's
-    live = zero3_live_blocks(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
-    est = estimate_memory(cfg, family, device="cpu", live_blocks=live)
+    gathered = zero3_gathered(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
+    est = estimate_memory(cfg, family, device="cpu", zero3=gathered)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -198,7 +198,8 @@ def main() -> int:
     print(f"{args.preset}{f' with {args.layers} layers' if args.layers else ''}: {family.sizes.parameter_count(cfg.model):,} params, ZeRO-{args.zero}, dp {cfg.dp}, seq {args.seq},"
           f" micro 1, fp32, activation checkpointing; wall {time.perf_counter() - start:.0f} s")
     print(f"measured peak RSS (busiest rank) {measured:.2f} GiB; planner {predicted:.2f} GiB;"
-          f" planner / measured = {predicted / measured:.3f} (goal 0.75-1.25); ZeRO-3 gathers {live} blocks")
+          f" planner / measured = {predicted / measured:.3f} (goal 0.75-1.25); ZeRO-3 keeps up to"
+          f" {gathered.max_live:,} parameters gathered")
     if args.steps >= 20:  # flat over the run: each step's peak, the first tenth after warm-up against the last
         for r in sorted(results):
             per_step = [max(v for k, v in results[r]["peaks_gib"].items() if k.startswith(f"step{n}."))

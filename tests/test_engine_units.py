@@ -93,30 +93,40 @@ def test_deepspeed_config_batch_and_optimizer(tiny_config_dict):
     assert ds["steps_per_print"] > 10**9 and ds["wall_clock_breakdown"] is False
 
 
-def test_zero3_keeps_as_many_blocks_gathered_as_the_memory_budget_holds(tiny_config_dict):
-    from fm_train.plan.memory import GIB, estimate_memory, zero3_live_blocks
+def test_zero3_keeps_as_much_gathered_as_the_memory_budget_holds(tiny_config_dict):
+    from fm_train.parallel.deepspeed_config import Zero3Gathered
+    from fm_train.plan.memory import GIB, estimate_memory, zero3_gathered
 
     cfg = _cfg(tiny_config_dict, "parallel.zero_stage=3", "model.n_layers=6")
     family = family_of(cfg.model)
-    two = estimate_memory(cfg, family, device="gpu", live_blocks=2).device_total / GIB
-    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=None) == 2  # no budget known: the minimum
-    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two * 0.9) == 2  # never below two
-    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two + 1) == 6  # room for all: every block
-    block = family.sizes.block_params(cfg.model) * 4 / GIB  # fp32 bytes of one gathered block
-    assert zero3_live_blocks(cfg, family, device="gpu", budget_gib=two + 2.5 * block) == 4
-    assert estimate_memory(cfg, family, device="gpu", live_blocks=4).device_total / GIB <= two + 2.5 * block
-    assert zero3_live_blocks(_cfg(tiny_config_dict, "parallel.zero_stage=2"), family, device="gpu", budget_gib=99) == 2
-    # The engine's rendering: this host's budget (its memory over LOCAL_WORLD_SIZE ranks) holds all six blocks.
+    block_params = family.sizes.block_params(cfg.model)
+    two = Zero3Gathered.blocks(block_params, 2)
+    base = estimate_memory(cfg, family, device="gpu", zero3=two).device_total / GIB
+    assert estimate_memory(cfg, family, device="gpu") == estimate_memory(cfg, family, device="gpu", zero3=two)
+    assert zero3_gathered(cfg, family, device="gpu", budget_gib=None) == two  # no budget known: the minimum
+    assert zero3_gathered(cfg, family, device="gpu", budget_gib=base * 0.9) == two  # never below two blocks
+    block = block_params * 4 / GIB  # fp32 bytes of one gathered block
+    four = Zero3Gathered.blocks(block_params, 4)
+    assert zero3_gathered(cfg, family, device="gpu", budget_gib=base + 2.5 * block) == four
+    assert estimate_memory(cfg, family, device="gpu", zero3=four).device_total / GIB <= base + 2.5 * block
+    # Room for all: the whole model, embedding and head included, each parameter gathered once per step.
+    whole = zero3_gathered(cfg, family, device="gpu", budget_gib=base + 1)
+    assert whole == Zero3Gathered.whole(family.sizes.stage_params(cfg))
+    assert whole.max_live > 6 * block_params and whole.reuse_distance == 3 * whole.max_live
+    assert estimate_memory(cfg, family, device="gpu", zero3=whole).device_total / GIB <= base + 1
+    assert zero3_gathered(_cfg(tiny_config_dict, "parallel.zero_stage=2"), family, device="gpu", budget_gib=99) == two
+    # The engine's rendering: this host's budget (its memory over LOCAL_WORLD_SIZE ranks) holds the whole model.
     from fm_train.engine.build import memory_budget_gib, rendered_deepspeed_config
 
-    assert memory_budget_gib(cfg) > two + 6 * block
-    rendered = rendered_deepspeed_config(cfg, family)["zero_optimization"]["stage3_max_live_parameters"]
-    assert rendered == deepspeed_config(cfg, zero3_live_blocks=6)["zero_optimization"]["stage3_max_live_parameters"]
+    assert memory_budget_gib(cfg) > base + 1
+    rendered = rendered_deepspeed_config(cfg, family)["zero_optimization"]
+    assert rendered == deepspeed_config(cfg, zero3_gathered=whole)["zero_optimization"]
+    assert (rendered["stage3_max_live_parameters"], rendered["stage3_max_reuse_distance"]) == whole
     assert rendered_deepspeed_config(cfg)["zero_optimization"] == deepspeed_config(cfg)["zero_optimization"]  # no family: 2
-    sizes = {n: deepspeed_config(cfg, zero3_live_blocks=n)["zero_optimization"] for n in (2, 6)}
-    per_block = sizes[2]["stage3_max_live_parameters"] // 2
-    assert sizes[2]["stage3_max_reuse_distance"] == per_block  # across one block's recompute and backward
-    assert (sizes[6]["stage3_max_live_parameters"], sizes[6]["stage3_max_reuse_distance"]) == (6 * per_block, 5 * per_block)
+    default = deepspeed_config(cfg)["zero_optimization"]
+    assert (default["stage3_max_live_parameters"], default["stage3_max_reuse_distance"]) == two
+    assert two.reuse_distance == block_params  # across one block's recompute and backward
+    assert (four.max_live, four.reuse_distance) == (4 * block_params, 3 * block_params)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

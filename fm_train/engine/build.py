@@ -23,7 +23,7 @@ from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
 from fm_train.families.spec import FamilySpec
 from fm_train.parallel.deepspeed_config import deepspeed_config
-from fm_train.plan.memory import GIB, zero3_live_blocks
+from fm_train.plan.memory import GIB, zero3_gathered
 
 #: Shares of a device's memory a run may plan for: a GPU's (the allocator's cache and fragmentation take
 #: the rest), a CPU host's divided over its ranks (the OS, the driver and other processes the rest).
@@ -44,15 +44,15 @@ def memory_budget_gib(cfg: FmConfig) -> float:
 
 def rendered_deepspeed_config(cfg: FmConfig, family: FamilySpec | None = None) -> dict[str, Any]:
     """fm-train's DeepSpeed config for this rank: with the model's ``family``, ZeRO-3 keeps as many blocks
-    gathered as its memory budget holds beyond the plan's peak (:func:`fm_train.plan.memory.zero3_live_blocks`);
-    without it, two."""
+    gathered as its memory budget holds beyond the plan's peak, or the whole stage
+    (:func:`fm_train.plan.memory.zero3_gathered`); without it, two blocks."""
     import torch
 
     if family is None:
         return deepspeed_config(cfg)
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    live = zero3_live_blocks(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
-    return deepspeed_config(cfg, zero3_live_blocks=live)
+    gathered = zero3_gathered(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
+    return deepspeed_config(cfg, zero3_gathered=gathered)
 
 
 def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] = (), mpu: Any = None,

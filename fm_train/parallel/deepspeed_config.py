@@ -13,7 +13,7 @@ backward.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from fm_train.config import FmConfig
 from fm_train.dist.device import Accelerator, check_precision, detect_accelerator, use_fused_adamw
@@ -24,7 +24,30 @@ from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
 _NEVER = 2**31 - 1
 
 
-def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu", zero3_live_blocks: int = 2) -> dict[str, Any]:
+class Zero3Gathered(NamedTuple):
+    """What a ZeRO-3 rank keeps gathered, in parameters (elements): ``stage3_max_live_parameters`` and
+    ``stage3_max_reuse_distance`` (DeepSpeed keeps a gathered parameter when the module trace uses it again
+    within this many parameters)."""
+
+    max_live: int
+    reuse_distance: int
+
+    @classmethod
+    def blocks(cls, block_params: int, blocks: int) -> Zero3Gathered:
+        """``blocks`` decoder blocks gathered (at least two: the one computing and the one prefetched); a
+        block stays gathered until ``blocks - 1`` blocks later (with two: across its activation-checkpointing
+        recompute and its backward)."""
+        return cls(blocks * block_params, max(1, blocks - 1) * block_params)
+
+    @classmethod
+    def whole(cls, stage_params: int) -> Zero3Gathered:
+        """The whole stage, embedding and head included, gathered once per step: from a parameter's forward
+        to its backward the trace passes each parameter at most three times (forward, recompute, backward)."""
+        return cls(stage_params, 3 * stage_params)
+
+
+def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu",
+                 zero3_gathered: Zero3Gathered | None = None) -> dict[str, Any]:
     """``zero_optimization`` for the configured stage, with optimizer offload to CPU when asked."""
     p = cfg.parallel
     section: dict[str, Any] = {"stage": p.zero_stage}
@@ -38,13 +61,13 @@ def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu", zero3_live_blo
     if p.zero_stage == 3:
         # Needed so `engine.save_16bit_model` (HF export without a ZeRO merge) gets whole weights.
         section["stage3_gather_16bit_weights_on_model_save"] = True
-        section.update(zero3_buffer_sizes(cfg, zero3_live_blocks))
+        section.update(zero3_buffer_sizes(cfg, zero3_gathered))
     if p.offload_optimizer:
         section["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return section
 
 
-def zero3_buffer_sizes(cfg: FmConfig, live_blocks: int = 2) -> dict[str, int]:
+def zero3_buffer_sizes(cfg: FmConfig, gathered: Zero3Gathered | None = None) -> dict[str, int]:
     """ZeRO-3 buffer sizes (in elements) scaled to the model instead of DeepSpeed's fixed defaults.
 
     The defaults (a 5e8-element gradient bucket, up to 1e9 gathered parameters kept live or for
@@ -52,22 +75,21 @@ def zero3_buffer_sizes(cfg: FmConfig, live_blocks: int = 2) -> dict[str, int]:
     model in fp32 on 2 ranks they allow a 2 GB gradient bucket, about 4 GB of gathered parameters
     and 2 x 2.2 GB of AdamW temporaries per rank on top of its 8.8 GB of ZeRO-3 states, more than a
     24 GiB machine holds (bench/RESULTS_memory.md). Buckets follow
-    the Hugging Face integration's ``auto`` rule (``hidden^2``); gathered parameters are bounded to
-    ``live_blocks`` decoder blocks (at least two: the one computing and the one prefetched; more where
-    the memory budget holds them, :func:`fm_train.plan.memory.zero3_live_blocks`), and a block stays
-    gathered until ``live_blocks - 1`` blocks later (the reuse distance: with two, across its
-    activation-checkpointing recompute and its backward; with all, from forward to backward); optimizer
+    the Hugging Face integration's ``auto`` rule (``hidden^2``); gathered parameters are bounded by
+    ``gathered`` (the planner's choice from the rank's memory budget, :func:`fm_train.plan.memory.zero3_gathered`:
+    more blocks, or the whole stage, where it holds them; None: two dense decoder blocks); optimizer
     sub-groups of ``ZERO3_SUB_GROUP`` (2e7) elements bound the AdamW step's temporaries.
     """
     m = cfg.model
     h, kv = m.hidden, m.n_kv_heads * (m.hidden // m.n_heads)
-    block = 2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden
+    if gathered is None:
+        gathered = Zero3Gathered.blocks(2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden, 2)
     return {
         "reduce_bucket_size": h * h,
         "stage3_prefetch_bucket_size": int(0.9 * h * h),
         "stage3_param_persistence_threshold": 10 * h,
-        "stage3_max_live_parameters": live_blocks * block,
-        "stage3_max_reuse_distance": max(1, live_blocks - 1) * block,
+        "stage3_max_live_parameters": gathered.max_live,
+        "stage3_max_reuse_distance": gathered.reuse_distance,
         "sub_group_size": ZERO3_SUB_GROUP,
     }
 
@@ -121,7 +143,7 @@ def optimizer_section(cfg: FmConfig, accelerator: Accelerator = "cpu") -> dict[s
 
 
 def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None,
-                     zero3_live_blocks: int = 2) -> dict[str, Any]:
+                     zero3_gathered: Zero3Gathered | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for ``cfg`` (pass it as ``deepspeed.initialize(config=...)``).
 
     The batch triple is derived once from the config: ``train_batch_size = micro_batch x grad_accum x
@@ -133,7 +155,7 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None,
     ``accelerator``: the device kind the engine will run on; None detects this process's (and then
     also checks ``precision`` against the hardware: an error for bf16 on a GPU without it, a warning
     for bf16 on a CPU without native support). Pass it to render another machine's config.
-    ``zero3_live_blocks``: ZeRO-3's gathered decoder blocks (:func:`zero3_buffer_sizes`).
+    ``zero3_gathered``: what ZeRO-3 keeps gathered (:func:`zero3_buffer_sizes`).
     """
     if accelerator is None:
         accelerator = detect_accelerator()
@@ -144,7 +166,7 @@ def deepspeed_config(cfg: FmConfig, *, accelerator: Accelerator | None = None,
         "train_micro_batch_size_per_gpu": t.micro_batch,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero_section(cfg, accelerator, zero3_live_blocks),
+        "zero_optimization": zero_section(cfg, accelerator, zero3_gathered),
         "optimizer": optimizer_section(cfg, accelerator),
         "steps_per_print": _NEVER,
         "wall_clock_breakdown": False,

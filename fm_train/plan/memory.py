@@ -12,9 +12,9 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
 
 * ZeRO-3 working set: the full (gathered) parameters of the modules being computed and their full
   gradients before the reduce-scatter, bounded by the buffer sizes we render
-  (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: ``live_blocks`` decoder blocks, two
-  unless a memory budget holds more: :func:`zero3_live_blocks`) but never below the largest single
-  module (the embedding or the head, ``vocab x hidden``).
+  (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: two decoder blocks, unless a memory
+  budget holds more blocks or the whole stage: :func:`zero3_gathered`) but never below the largest
+  single module (the embedding or the head, ``vocab x hidden``).
 * The optimizer step: ``torch.optim.AdamW`` (``torch_adam``) on a CPU tensor runs its single-tensor
   path, whose ``exp_avg_sq.sqrt() / bias_correction`` makes two temporaries the size of the flat
   tensor it steps: a ZeRO-3 optimizer sub-group, ZeRO-1/2's whole flat partition, or (ZeRO-0) the
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from fm_train.config import FmConfig
 from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
+from fm_train.parallel.deepspeed_config import Zero3Gathered
 from fm_train.families.spec import FamilySpec
 
 GIB = 1024**3
@@ -98,25 +99,43 @@ def _largest_module_params(cfg: FmConfig, family: FamilySpec) -> int:
     return max(family.sizes.block_params(m), m.padded_vocab_size * m.hidden) // cfg.parallel.tp
 
 
-def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_b: int, live_blocks: int) -> float:
+def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_b: int,
+                          gathered: Zero3Gathered | None) -> float:
     """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
-    block = family.sizes.block_params(cfg.model) // cfg.parallel.tp
     largest = _largest_module_params(cfg, family)
-    live = max(live_blocks * block, largest)  # stage3_max_live_parameters = live_blocks blocks
-    return live * param_b + largest * grad_b
+    live = (gathered or _two_blocks(cfg, family)).max_live
+    return max(live, largest) * param_b + largest * grad_b
 
 
-def zero3_live_blocks(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib: float | None) -> int:
-    """How many decoder blocks ZeRO-3 may keep gathered: two (the block computing and the one prefetched),
-    plus as many more as ``budget_gib`` per device holds beyond the plan's peak with two, up to the stage's
-    blocks. Kept blocks are not gathered again for their backward (or recomputation), so the step does up
-    to half the all-gathers; None (no budget known): two."""
+def _two_blocks(cfg: FmConfig, family: FamilySpec) -> Zero3Gathered:
+    return Zero3Gathered.blocks(family.sizes.block_params(cfg.model) // cfg.parallel.tp, 2)
+
+
+def _rank_stage_params(cfg: FmConfig, family: FamilySpec) -> tuple[float, float]:
+    """(dense, expert) parameters of the busiest stage held by one rank before ZeRO: dense ones split over tp,
+    routed experts over ep."""
+    experts = _stage_expert_params(cfg, family)
+    return (family.sizes.stage_params(cfg) - experts) / cfg.parallel.tp, experts / cfg.parallel.ep
+
+
+def zero3_gathered(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib: float | None) -> Zero3Gathered:
+    """What ZeRO-3 may keep gathered on one rank: the whole stage (embedding and head included: nothing is
+    gathered twice in a step) when ``budget_gib`` per device holds it beyond the plan's peak with two
+    blocks; else two blocks (the one computing and the one prefetched) plus as many as it holds, up to the
+    stage's blocks (a kept block is not gathered again for its backward or recompute). None (no budget
+    known, or below ZeRO-3): two blocks."""
+    two = _two_blocks(cfg, family)
     if cfg.parallel.zero_stage < 3 or budget_gib is None:
-        return 2
+        return two
+    spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, zero3=two).device_total
+    param_b = 4 if cfg.precision == "fp32" else 2
+    whole = int(sum(_rank_stage_params(cfg, family)))
+    if spare >= (whole - max(two.max_live, _largest_module_params(cfg, family))) * param_b:
+        return Zero3Gathered.whole(whole)
+    block = two.max_live // 2
     blocks = math.ceil(cfg.model.n_layers / cfg.parallel.pp)
-    spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, live_blocks=2).device_total
-    per_block = family.sizes.block_params(cfg.model) / cfg.parallel.tp * (4 if cfg.precision == "fp32" else 2)
-    return max(2, min(blocks, 2 + int(spare // per_block))) if per_block > 0 else 2
+    more = int(spare // (block * param_b)) if block > 0 else 0
+    return Zero3Gathered.blocks(block, max(2, min(blocks, 2 + more)))
 
 
 def _optimizer_step_bytes(cfg: FmConfig, family: FamilySpec, n: float, device: str) -> float:
@@ -139,15 +158,16 @@ def _stage_expert_params(cfg: FmConfig, family: FamilySpec) -> float:
     return count(cfg.model) * math.ceil(cfg.model.n_layers / cfg.parallel.pp) / cfg.model.n_layers
 
 
-def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu", live_blocks: int = 2) -> MemoryEstimate:
+def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu",
+                    zero3: Zero3Gathered | None = None) -> MemoryEstimate:
     """Estimated peak memory of the busiest rank of ``cfg`` (a ``family`` model) on ``device`` (``cpu`` or ``gpu``);
-    ``live_blocks``: ZeRO-3's gathered blocks (:func:`zero3_live_blocks`)."""
+    ``zero3``: what ZeRO-3 keeps gathered (:func:`zero3_gathered`; None: two blocks)."""
     p, dp = cfg.parallel, cfg.dp
-    experts = _stage_expert_params(cfg, family)
     # Experts are whole on every tp rank and split over ep. ZeRO partitions their gradients and optimizer
     # states over the dp / ep ranks holding the same experts: 1/dp of all of them per rank, as dense ones.
-    dense = (family.sizes.stage_params(cfg) - experts) / p.tp
-    n = dense + experts / p.ep
+    dense, split_experts = _rank_stage_params(cfg, family)
+    experts = split_experts * p.ep
+    n = dense + split_experts
     half = cfg.precision != "fp32"
     param_b, grad_b, opt_b = (2, 2, 12) if half else (4, 4, 8)
     params = n * param_b / (dp if p.zero_stage >= 3 else 1)
@@ -161,7 +181,7 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu", l
     step_temps = _optimizer_step_bytes(cfg, family, n, device)
     if p.offload_optimizer:
         offloaded, optimizer = optimizer, 0.0
-    gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b, live_blocks) if p.zero_stage >= 3 else 0.0
+    gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b, zero3) if p.zero_stage >= 3 else 0.0
 
     # Sequence parallelism: a rank keeps seq_len / sp tokens of every activation (after the all-to-all,
     # attention holds the whole sequence for heads / sp heads: as many values).
