@@ -131,7 +131,8 @@ def _loss_case(dtype: torch.dtype, bias: bool):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_cross_entropy_equals_the_logits_loss(dtype, bias, monkeypatch):
+@pytest.mark.parametrize("chunk_rows", [6, 1000], ids=["recomputed", "kept"])  # 7 chunks / one chunk, kept
+def test_linear_cross_entropy_equals_the_logits_loss(dtype, bias, chunk_rows, monkeypatch):
     import fm_train.model.loss as loss_module
 
     monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 41 * 9)  # backward: 9 columns a slice, the last one padding
@@ -139,9 +140,20 @@ def test_linear_cross_entropy_equals_the_logits_loss(dtype, bias, monkeypatch):
     params = [t for t in (h, w, b) if t is not None]
     ref = causal_lm_loss(F.linear(h, w, b), labels, vocab_size=real)  # the unchanged loss (-100 left out)
     ref_grads = torch.autograd.grad(ref, params)
-    per_token = linear_cross_entropy(h, w, labels, bias=b, real_vocab=real, chunk_rows=6)  # 7 chunks
+    matmuls = []
+    chunk_logits = loss_module._chunk_logits
+    monkeypatch.setattr(loss_module, "_chunk_logits", lambda *a: matmuls.append(a[0].shape[0]) or chunk_logits(*a))
+    per_token = linear_cross_entropy(h, w, labels, bias=b, real_vocab=real, chunk_rows=chunk_rows)
     ours = token_mean(per_token, labels)
-    grads = torch.autograd.grad(ours, params)
+    forward = len(matmuls)
+    grads = torch.autograd.grad(ours, params, retain_graph=True)
+    again = torch.autograd.grad(ours, params)  # backward twice: the kept logits are not consumed in place
+    for a, r in zip(again, grads):
+        assert torch.equal(a, r)
+    if chunk_rows >= labels.shape[0]:  # one chunk of all the tokens: backward reuses it, no second head matmul
+        assert matmuls == [labels.shape[0]]
+    else:
+        assert forward == 7 and len(matmuls) > forward
     assert per_token.dtype == torch.float32 and per_token.shape == labels.shape
     assert torch.all(per_token[labels == IGNORE_INDEX] == 0)
     if dtype == torch.float32:
@@ -184,11 +196,14 @@ def test_llama_head_loss_equals_the_loss_over_its_logits():
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
 
 
-def _tp2_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real: int) -> dict:
+def _tp2_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real: int, chunk_bytes: int) -> dict:
     """Rank's part of the vocab-parallel fused head: per-token losses and this rank's gradients."""
     import torch.distributed as dist
 
+    import fm_train.model.loss as loss_module
     from fm_train.parallel.tensor_parallel import TPGroup, VocabParallelHead
+
+    loss_module.CHUNK_BYTES = chunk_bytes  # this child process's own module
 
     rank = dist.get_rank()
     tp = TPGroup(dist.group.WORLD, rank, 2)
@@ -202,11 +217,13 @@ def _tp2_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, 
     return {"losses": losses.detach().tolist(), "grad_h": h.grad.tolist(), "grad_w": head.weight.grad.tolist()}
 
 
-def test_vocab_parallel_fused_head_equals_the_dense_loss_on_tp2():
+@pytest.mark.parametrize("chunk_bytes", [64 * 1024**2, 4 * 32 * 9], ids=["kept", "recomputed"])
+def test_vocab_parallel_fused_head_equals_the_dense_loss_on_tp2(chunk_bytes):
     # Rank 1's 32 columns end in 7 padding columns, left out of the softmax
     h, w, _, labels, real = _loss_case(torch.float32, bias=False)
     h, w = h.detach(), w.detach()
-    results = [{k: torch.tensor(v) for k, v in r.items()} for r in run_distributed(_tp2_head, 2, (h, w, labels, real))]
+    results = [{k: torch.tensor(v) for k, v in r.items()}
+               for r in run_distributed(_tp2_head, 2, (h, w, labels, real, chunk_bytes))]
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
     per_token = F.cross_entropy(F.linear(hr, wr).float()[:, :real], labels, reduction="none")
     ref = causal_lm_loss(F.linear(hr, wr), labels, vocab_size=real)

@@ -5,7 +5,9 @@ backward (three ``tokens x vocab`` tensors; at a 128k vocabulary and 2048 tokens
 :func:`linear_cross_entropy` runs the head's matmul and the cross-entropy over a few rows at a time and
 keeps for backward only the head's input and one log-sum-exp per token; backward computes the logits
 again a slice of the vocabulary at a time (one more head matmul) and turns each slice straight into its
-rows of the weight's gradient and its part of the input's. Values equal the unfused loss's up to the
+rows of the weight's gradient and its part of the input's. When all the tokens' fp32 logits fit in one
+chunk (:data:`CHUNK_BYTES`), forward keeps that chunk and backward reuses it: no second matmul, at most
+one chunk held. Values equal the unfused loss's up to the
 summation order of the log-sum-exp.
 
 The result is one fp32 loss per token (0 where the label is ``ignore_index``), so a caller takes the
@@ -77,12 +79,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local = torch.where(mine, local, 0)
         lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
         target = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+        kept = None  # all the logits, when they are one chunk: backward then needs no second matmul
         for start in range(0, tokens, rows):
             end = min(start + rows, tokens)
             logits = _chunk_logits(hidden[start:end], weight, bias, real)
             lse[start:end] = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, local[start:end, None]).squeeze(1)
             target[start:end] = torch.where(mine[start:end], picked, 0.0)
+            if end - start == tokens:
+                kept = logits
             del logits
         if combine is not None:  # log-sum-exp over the ranks' vocabulary parts
             top = lse.clone()
@@ -92,13 +97,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse = top + total.log_()
             combine(target, "sum")
         valid = labels != ignore_index
-        ctx.save_for_backward(hidden, weight, bias, local, mine, valid, lse)
+        ctx.save_for_backward(hidden, weight, bias, local, mine, valid, lse, kept)
         ctx.rows, ctx.real = rows, real
         return torch.where(valid, lse - target, 0.0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, weight, bias, local, mine, valid, lse = ctx.saved_tensors
+        hidden, weight, bias, local, mine, valid, lse, kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad = torch.where(valid, grad.float(), 0.0)  # an ignored token's loss is the constant 0
         tokens, columns, real = hidden.shape[0], weight.shape[0], ctx.real
@@ -115,8 +120,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for c0 in range(0, min(columns, real), cols):
             c1 = min(c0 + cols, columns)
             w = weight[c0:c1]
-            probs = _chunk_logits(hidden, w, None if bias is None else bias[c0:c1], real - c0)
-            probs = probs.sub_(lse[:, None]).exp_()
+            if kept is not None:  # kept from forward (a new tensor: backward may run again with retain_graph)
+                probs = (kept[:, c0:c1] - lse[:, None]).exp_()
+            else:
+                probs = _chunk_logits(hidden, w, None if bias is None else bias[c0:c1], real - c0)
+                probs = probs.sub_(lse[:, None]).exp_()
             # d loss / d logit = softmax - one_hot(label): the one-hot where this rank owns the label, in this slice
             here = mine & (local >= c0) & (local < c1)
             probs.scatter_add_(1, (local - c0).clamp(0, c1 - c0 - 1)[:, None], -here[:, None].float())

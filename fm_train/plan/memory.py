@@ -58,11 +58,13 @@ def fused_loss_bytes(tokens: int, columns: int, hidden: int, half: bool) -> floa
     vocabulary columns, beyond the head weight's own gradient: forward holds one chunk of rows' logits
     (in the model's dtype and in fp32); backward one slice of columns for all tokens (fp32, the gradient
     cast back, in 16-bit also the fp32 copies its matmuls take) and the input's fp32 gradient; plus a
-    few fp32 numbers per token."""
+    few fp32 numbers per token. When all the tokens are one chunk, its fp32 logits stay for backward."""
     rows = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * columns)))
     cols = min(columns, max(1, LOSS_CHUNK_BYTES // (4 * tokens)))
+    kept = tokens * columns * 4 if rows == tokens else 0
     forward = rows * columns * (4 + (2 if half else 0))
-    backward = cols * tokens * (4 + (2 + 2 + 4 if half else 0)) + (cols * hidden * 4 if half else 0) + tokens * hidden * 4
+    backward = (kept + cols * tokens * (4 + (2 + 2 + 4 if half else 0)) + (cols * hidden * 4 if half else 0)
+                + tokens * hidden * 4)
     return max(forward, backward) + tokens * 16
 
 
