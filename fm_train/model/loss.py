@@ -6,8 +6,8 @@ backward (three ``tokens x vocab`` tensors; at a 128k vocabulary and 2048 tokens
 keeps for backward only the head's input and one log-sum-exp per token; backward computes the logits
 again a slice of the vocabulary at a time (one more head matmul) and turns each slice straight into its
 rows of the weight's gradient and its part of the input's. When all the tokens' fp32 logits fit in one
-chunk (:data:`CHUNK_BYTES`), forward keeps that chunk and backward reuses it: no second matmul, at most
-one chunk held. Values equal the unfused loss's up to the
+chunk (:data:`CHUNK_BYTES`), forward keeps their exponentials and backward reuses them: no second
+matmul, at most one chunk held. Values equal the unfused loss's up to the
 summation order of the log-sum-exp.
 
 The result is one fp32 loss per token (0 where the label is ``ignore_index``), so a caller takes the
@@ -77,18 +77,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
         local = labels - vocab_start
         mine = (labels != ignore_index) & (local >= 0) & (local < real)
         local = torch.where(mine, local, 0)
-        lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
-        target = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
-        kept = None  # all the logits, when they are one chunk: backward then needs no second matmul
-        for start in range(0, tokens, rows):
-            end = min(start + rows, tokens)
-            logits = _chunk_logits(hidden[start:end], weight, bias, real)
-            lse[start:end] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, local[start:end, None]).squeeze(1)
-            target[start:end] = torch.where(mine[start:end], picked, 0.0)
-            if end - start == tokens:
-                kept = logits
-            del logits
+        exps = scale = None
+        if rows >= tokens:
+            # One chunk: its exponentials stay for backward (one exp pass, no second matmul); a row's
+            # softmax is then exps x scale, scale = exp(row max - log-sum-exp) once the sums are combined.
+            logits = _chunk_logits(hidden, weight, bias, real)
+            target = torch.where(mine, logits.gather(1, local[:, None]).squeeze(1), 0.0)
+            row_max = logits.amax(dim=-1)
+            row_max = torch.where(row_max.isfinite(), row_max, 0.0)  # a row of padding only: exps 0
+            exps = logits.sub_(row_max[:, None]).exp_()
+            lse = row_max + exps.sum(dim=-1).log_()
+        else:
+            lse = torch.empty(tokens, dtype=torch.float32, device=hidden.device)
+            target = torch.zeros(tokens, dtype=torch.float32, device=hidden.device)
+            for start in range(0, tokens, rows):
+                end = min(start + rows, tokens)
+                logits = _chunk_logits(hidden[start:end], weight, bias, real)
+                lse[start:end] = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(1, local[start:end, None]).squeeze(1)
+                target[start:end] = torch.where(mine[start:end], picked, 0.0)
+                del logits
         if combine is not None:  # log-sum-exp over the ranks' vocabulary parts
             top = lse.clone()
             combine(top, "max")
@@ -96,16 +104,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             combine(total, "sum")
             lse = top + total.log_()
             combine(target, "sum")
+        if exps is not None:
+            scale = (row_max - lse).exp_()
         valid = labels != ignore_index
-        ctx.save_for_backward(hidden, weight, bias, local, mine, valid, lse, kept)
+        ctx.save_for_backward(hidden, weight, bias, local, mine, valid, lse, exps, scale)
         ctx.rows, ctx.real = rows, real
         return torch.where(valid, lse - target, 0.0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        hidden, weight, bias, local, mine, valid, lse, kept = ctx.saved_tensors
+        hidden, weight, bias, local, mine, valid, lse, exps, scale = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad = torch.where(valid, grad.float(), 0.0)  # an ignored token's loss is the constant 0
+        if exps is not None:
+            return _one_chunk_backward(hidden, weight, bias, local, mine, exps, scale, grad, need_h, need_w, need_b)
         tokens, columns, real = hidden.shape[0], weight.shape[0], ctx.real
         # Backward walks the vocabulary, all tokens at a time: each slice of the weight's gradient is one
         # matmul written straight into it (as the unfused head's), and only the input's gradient, tokens x
@@ -120,11 +132,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for c0 in range(0, min(columns, real), cols):
             c1 = min(c0 + cols, columns)
             w = weight[c0:c1]
-            if kept is not None:  # kept from forward (a new tensor: backward may run again with retain_graph)
-                probs = (kept[:, c0:c1] - lse[:, None]).exp_()
-            else:
-                probs = _chunk_logits(hidden, w, None if bias is None else bias[c0:c1], real - c0)
-                probs = probs.sub_(lse[:, None]).exp_()
+            probs = _chunk_logits(hidden, w, None if bias is None else bias[c0:c1], real - c0)
+            probs = probs.sub_(lse[:, None]).exp_()
             # d loss / d logit = softmax - one_hot(label): the one-hot where this rank owns the label, in this slice
             here = mine & (local >= c0) & (local < c1)
             probs.scatter_add_(1, (local - c0).clamp(0, c1 - c0 - 1)[:, None], -here[:, None].float())
@@ -141,6 +150,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_b[c0:c1] = g.sum(0)
         return (None if grad_h is None else grad_h.to(hidden.dtype), grad_w, grad_b,
                 None, None, None, None, None, None)
+
+
+def _one_chunk_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, local: torch.Tensor,
+                        mine: torch.Tensor, exps: torch.Tensor, scale: torch.Tensor, grad: torch.Tensor,
+                        need_h: bool, need_w: bool, need_b: bool) -> tuple[Any, ...]:
+    """Backward from the exponentials forward kept: d loss / d logit = (softmax - one_hot(label)) x the token's
+    upstream gradient, softmax = exps x scale (a new tensor: backward may run again with retain_graph)."""
+    g = exps * (scale * grad)[:, None]
+    g.scatter_add_(1, local[:, None], -(grad * mine)[:, None])  # the one-hot where this rank owns the label
+    g = g.to(hidden.dtype)
+    grad_h = grad_w = grad_b = None
+    if need_h:  # 16-bit: multiplied in fp32 (exact products), as the sliced path
+        grad_h = g @ weight if g.dtype == torch.float32 else (g.float() @ weight.float()).to(hidden.dtype)
+    if need_w:
+        grad_w = g.t() @ hidden
+    if need_b and bias is not None:
+        grad_b = g.sum(0)
+    return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 class LMHead(nn.Linear):
