@@ -211,7 +211,6 @@ class ReferenceLoop:
     def __init__(self, job: Job) -> None:
         from transformers import AutoModelForCausalLM
 
-        from fm_train.dist.device import use_fused_adamw
         from fm_train.engine import build_lr_scheduler, weight_decay_groups
         from fm_train.families import family_of
 
@@ -238,8 +237,7 @@ class ReferenceLoop:
         o = cfg.optim
         groups = [{"params": [by_id[id(p)] for p in g["params"]], "weight_decay": g["weight_decay"]}
                   for g in weight_decay_groups(self.model, o.weight_decay)]
-        fused = use_fused_adamw(self.device.type, offload_optimizer=False)
-        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None)
+        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=True)  # as fm-train's
         self.sched = build_lr_scheduler(self.opt, o, cfg.train.steps)
         tokens = fixed_tokens(cfg.model.vocab_size, cfg.train.micro_batch, cfg.data.seq_len, self.device)
         self.ids = tokens[:, :-1].contiguous()  # transformers shifts the labels itself

@@ -19,7 +19,6 @@ from fm_train.dist.device import (
     choose_device,
     precision_warning,
     sdpa_backends,
-    use_fused_adamw,
 )
 from fm_train.engine.flops import mfu, table_peak_flops
 from fm_train.engine.meter import WallClock, interval_clock
@@ -103,7 +102,7 @@ def test_cpu_config_is_unchanged(tiny_config_dict):
         "train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0, "zero_optimization": {"stage": 2, "contiguous_gradients": True},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95], "eps": 1e-8,
-                                                  "weight_decay": 0.1, "torch_adam": True}},
+                                                  "weight_decay": 0.1, "torch_adam": True, "fused": True}},
         "steps_per_print": 2**31 - 1, "wall_clock_breakdown": False, "checkpoint": {"load_universal": False},
     }
     assert deepspeed_config(cfg, accelerator="cpu") == want
@@ -111,10 +110,10 @@ def test_cpu_config_is_unchanged(tiny_config_dict):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_gpu_config_fuses_adamw_and_overlaps_zero1_2_reduction(tiny_config_dict, stage):
+def test_gpu_config_overlaps_zero1_2_reduction_and_both_fuse_adamw(tiny_config_dict, stage):
     cfg = _cfg(tiny_config_dict, f"parallel.zero_stage={stage}", "precision=bf16")
     gpu, cpu = deepspeed_config(cfg, accelerator="cuda"), deepspeed_config(cfg, accelerator="cpu")
-    assert gpu["optimizer"]["params"] == {**cpu["optimizer"]["params"], "fused": True}
+    assert gpu["optimizer"] == cpu["optimizer"] and cpu["optimizer"]["params"]["fused"] is True
     assert gpu["zero_optimization"].get("overlap_comm") is (True if stage in (1, 2) else None)
     assert {k: v for k, v in gpu.items() if k not in ("optimizer", "zero_optimization")} == \
         {k: v for k, v in cpu.items() if k not in ("optimizer", "zero_optimization")}
@@ -132,10 +131,11 @@ def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can(tiny_config_dict,
                                                 accelerator="cpu")
 
 
-def test_offloaded_optimizer_states_are_never_fused(tiny_config_dict):
+def test_offloaded_optimizer_states_step_fused_on_the_cpu(tiny_config_dict):
     cfg = _cfg(tiny_config_dict, "parallel.offload_optimizer=true")
-    assert "fused" not in deepspeed_config(cfg, accelerator="cuda")["optimizer"]["params"]
-    assert use_fused_adamw("cuda", offload_optimizer=False) and not use_fused_adamw("cpu", offload_optimizer=False)
+    zero = deepspeed_config(cfg, accelerator="cuda")["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert deepspeed_config(cfg, accelerator="cuda")["optimizer"]["params"]["fused"] is True
 
 
 def test_compile_switch_defaults_off_and_validates(tiny_config_dict):

@@ -25,8 +25,9 @@ def _batches(vocab: int, seq: int):
         yield {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "state": {}, "receipt": ""}
 
 
-def _train(raw: dict[str, Any], ds_accelerator: str | None) -> dict[str, Any]:
-    """Per rank: build the engine (config rendered for ``ds_accelerator``) and train; losses and optimizer."""
+def _train(raw: dict[str, Any], ds_accelerator: str | None, fused: bool = True) -> dict[str, Any]:
+    """Per rank: build the engine (config rendered for ``ds_accelerator``; ``fused=False``: AdamW's
+    single-tensor path instead of the rendered fused one) and train; losses and optimizer."""
     import deepspeed
 
     from fm_train.config import build_config
@@ -38,7 +39,9 @@ def _train(raw: dict[str, Any], ds_accelerator: str | None) -> dict[str, Any]:
 
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = build_config(raw)
-    ds = deepspeed_config(cfg, accelerator=ds_accelerator) if ds_accelerator else None
+    ds = deepspeed_config(cfg, accelerator=ds_accelerator or "cpu")
+    if not fused:
+        del ds["optimizer"]["params"]["fused"]
     family = family_of(cfg.model)
     engine, scheduler = build_engine(cfg, build_train_module(cfg, family), blocks=family.modules().block_types,
                                      ds_config=ds)
@@ -61,11 +64,25 @@ def _raw(base: dict[str, Any], run_dir: Path, **parallel: Any) -> dict[str, Any]
 def test_deepspeed_builds_torch_fused_adamw_from_the_gpu_config(tiny_config_dict, tmp_path):
     # ZeRO-1: the GPU config of ZeRO-2 also overlaps communication on CUDA streams, which a CPU lacks.
     fused = run_distributed(_train, 1, (_raw(tiny_config_dict, tmp_path / "fused", zero_stage=1), "cuda"), init_process_group=False)[0]
-    plain = run_distributed(_train, 1, (_raw(tiny_config_dict, tmp_path / "plain", zero_stage=1), None), init_process_group=False)[0]
+    plain = run_distributed(_train, 1, (_raw(tiny_config_dict, tmp_path / "plain", zero_stage=1), None, False),
+                            init_process_group=False)[0]
     assert (fused["optimizer"], fused["fused"]) == ("AdamW", True)
     assert (plain["optimizer"], plain["fused"]) == ("AdamW", None)
     assert fused["losses"] == pytest.approx(plain["losses"], rel=1e-5)  # same update rule, one kernel
     assert plain["losses"][-1] < plain["losses"][0]
+
+
+@pytest.mark.parametrize("layout", [{"zero_stage": 0}, {"zero_stage": 2, "offload_optimizer": True}, {"zero_stage": 3}],
+                         ids=["zero0", "zero2-offload", "zero3"])
+def test_cpu_fused_adamw_trains_as_the_single_tensor_path(tiny_config_dict, tmp_path, layout):
+    """The CPU config's fused AdamW (ZeRO-Offload's CPU states included) against torch's single-tensor AdamW."""
+    fused = run_distributed(_train, 1, (_raw(tiny_config_dict, tmp_path / "fused", **layout), None),
+                            init_process_group=False)[0]
+    plain = run_distributed(_train, 1, (_raw(tiny_config_dict, tmp_path / "plain", **layout), None, False),
+                            init_process_group=False)[0]
+    assert (fused["fused"], plain["fused"]) == (True, None)
+    assert fused["losses"] == pytest.approx(plain["losses"], rel=1e-5)
+    assert fused["losses"][-1] < fused["losses"][0]
 
 
 @pytest.mark.slow  # the first inductor compile on 2 CPU cores takes minutes (cached afterwards)

@@ -175,14 +175,3 @@ def attention_context(accelerator: Accelerator) -> ContextManager[None]:
     if backends is None:
         return contextlib.nullcontext()
     return sdpa_kernel(list(backends), set_priority=True)
-
-
-def use_fused_adamw(accelerator: Accelerator, *, offload_optimizer: bool) -> bool:
-    """Whether AdamW should run fused (one kernel for all parameters) rather than for-each.
-
-    Only where the optimizer states are on a GPU: with ZeRO-Offload they are in CPU memory, and
-    torch's CPU fused AdamW is not what a GPU run should silently switch to. DeepSpeed's own
-    ``FusedAdam`` would JIT-compile an extension at start (minutes, and a CUDA toolkit on every node);
-    torch's fused AdamW ships compiled.
-    """
-    return accelerator == "cuda" and not offload_optimizer

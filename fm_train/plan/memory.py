@@ -15,12 +15,9 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
   (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: two decoder blocks, unless a memory
   budget holds more blocks or the whole stage: :func:`zero3_gathered`) but never below the largest
   single module (the embedding or the head, ``vocab x hidden``).
-* The optimizer step: ``torch.optim.AdamW`` (``torch_adam``) on a CPU tensor runs its single-tensor
-  path, whose ``exp_avg_sq.sqrt() / bias_correction`` makes two temporaries the size of the flat
-  tensor it steps: a ZeRO-3 optimizer sub-group, ZeRO-1/2's whole flat partition, or (ZeRO-0) the
-  largest parameter. ZeRO-3 adds a third: DeepSpeed flattens the sub-group's gradient views into
-  one fp32 tensor before the step (``_prepare_fp32_grad_for_sub_group``). On a GPU without offload
-  AdamW runs fused, in place: the two AdamW temporaries go.
+* The optimizer step: ``torch.optim.AdamW(fused=True)`` updates in place, with no temporaries the
+  size of the tensor it steps; ZeRO-3 flattens an optimizer sub-group's gradient views into one fp32
+  tensor before the step (``_prepare_fp32_grad_for_sub_group``): one sub-group's worth.
 
 Sequence parallelism divides every activation term by sp (a rank holds seq_len / sp tokens), tensor-parallel
 sequence parallelism the terms outside the tp matmuls (norms, block inputs) by tp; document
@@ -81,7 +78,7 @@ class MemoryEstimate:
     offloaded_optimizer: float  # host memory, when parallel.offload_optimizer is on
     params_per_rank: int
     gathered: float = 0.0  # ZeRO-3: full parameters and gradients of the modules in flight
-    optimizer_step: float = 0.0  # AdamW's temporaries while it steps (transient)
+    optimizer_step: float = 0.0  # the optimizer step's temporaries (ZeRO-3: a flattened sub-group gradient; transient)
     dispatch: float = 0.0  # expert parallelism's all-to-all buffers and kept expert-order indices
 
     @property
@@ -140,16 +137,11 @@ def zero3_gathered(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib
     return Zero3Gathered.blocks(block, max(2, min(blocks, 2 + more)))
 
 
-def _optimizer_step_bytes(cfg: FmConfig, family: FamilySpec, n: float, device: str) -> float:
-    """fp32 temporaries the size of the flat tensor AdamW steps at once (see the module docstring)."""
-    p, dp = cfg.parallel, cfg.dp
-    fused = device == "gpu" and not p.offload_optimizer  # fm_train.dist.device.use_fused_adamw
-    adamw = 0 if fused else 2
-    if p.zero_stage == 3:
-        flat = min(n / dp, ZERO3_SUB_GROUP + _largest_module_params(cfg, family) / dp)
-        return (adamw + 1) * 4 * flat  # + DeepSpeed's flattened gradient of the sub-group
-    flat = n / dp if p.zero_stage >= 1 else _largest_module_params(cfg, family)
-    return adamw * 4 * flat
+def _optimizer_step_bytes(cfg: FmConfig, family: FamilySpec, n: float) -> float:
+    """fp32 temporaries of the optimizer step (see the module docstring): ZeRO-3's flattened sub-group gradient."""
+    if cfg.parallel.zero_stage < 3:
+        return 0.0
+    return 4 * min(n / cfg.dp, ZERO3_SUB_GROUP + _largest_module_params(cfg, family) / cfg.dp)
 
 
 def _stage_expert_params(cfg: FmConfig, family: FamilySpec) -> float:
@@ -180,7 +172,7 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu",
         grads = (dense + experts) * 4 / dp if p.zero_stage >= 2 else n * (grad_b + 4)
     optimizer = (dense + experts) * opt_b / dp if p.zero_stage >= 1 else n * opt_b
     offloaded = 0.0
-    step_temps = _optimizer_step_bytes(cfg, family, n, device)
+    step_temps = _optimizer_step_bytes(cfg, family, n)
     if p.offload_optimizer:
         offloaded, optimizer = optimizer, 0.0
     gathered = _zero3_gathered_bytes(cfg, family, param_b, grad_b, zero3) if p.zero_stage >= 3 else 0.0
@@ -224,7 +216,7 @@ def format_memory(est: MemoryEstimate, device: str) -> str:
     """A short table of the estimate in GiB."""
     rows = [("parameters", est.params), ("gradients", est.grads), ("optimizer states", est.optimizer),
             ("activations", est.activations), ("logits + loss", est.logits), ("zero-3 gathered", est.gathered),
-            (f"runtime ({device})", est.runtime), ("adamw step temps", est.optimizer_step)]
+            (f"runtime ({device})", est.runtime), ("step temps", est.optimizer_step)]
     if est.dispatch:
         rows.insert(5, ("all-to-all (ep)", est.dispatch))
     lines = [f"# memory per device (busiest rank, {est.params_per_rank:,} parameters before ZeRO split)"]
