@@ -113,18 +113,28 @@ def test_zero3_keeps_as_much_gathered_as_the_memory_budget_holds(tiny_config_dic
     whole = zero3_gathered(cfg, family, device="gpu", budget_gib=base + 1)
     assert whole == Zero3Gathered.whole(family.sizes.stage_params(cfg))
     assert whole.max_live > 6 * block_params and whole.reuse_distance == 3 * whole.max_live
+    assert whole.reduce_bucket is None  # a GPU overlaps the reduce-scatters with backward: hidden^2 buckets
     assert estimate_memory(cfg, family, device="gpu", zero3=whole).device_total / GIB <= base + 1
     assert zero3_gathered(_cfg(tiny_config_dict, "parallel.zero_stage=2"), family, device="gpu", budget_gib=99) == two
+    # On a CPU (gloo: nothing to overlap) the stage's gradients go in one reduce-scatter, counted by the planner.
+    cpu_base = estimate_memory(cfg, family, device="cpu", zero3=two).device_total / GIB
+    cpu = zero3_gathered(cfg, family, device="cpu", budget_gib=cpu_base + 1)
+    assert cpu == Zero3Gathered.whole(whole.max_live, one_bucket=True) and cpu.reduce_bucket == whole.max_live
+    bucket = whole.max_live * 4 / GIB
+    assert (estimate_memory(cfg, family, device="cpu", zero3=cpu).device_total
+            - estimate_memory(cfg, family, device="cpu", zero3=whole).device_total) / GIB == pytest.approx(bucket)
     # The engine's rendering: this host's budget (its memory over LOCAL_WORLD_SIZE ranks) holds the whole model.
     from fm_train.engine.build import memory_budget_gib, rendered_deepspeed_config
 
-    assert memory_budget_gib(cfg) > base + 1
+    assert memory_budget_gib(cfg) > cpu_base + 1
     rendered = rendered_deepspeed_config(cfg, family)["zero_optimization"]
-    assert rendered == deepspeed_config(cfg, zero3_gathered=whole)["zero_optimization"]
-    assert (rendered["stage3_max_live_parameters"], rendered["stage3_max_reuse_distance"]) == whole
+    assert rendered == deepspeed_config(cfg, zero3_gathered=cpu)["zero_optimization"]
+    assert (rendered["stage3_max_live_parameters"], rendered["stage3_max_reuse_distance"],
+            rendered["reduce_bucket_size"]) == cpu
     assert rendered_deepspeed_config(cfg)["zero_optimization"] == deepspeed_config(cfg)["zero_optimization"]  # no family: 2
     default = deepspeed_config(cfg)["zero_optimization"]
-    assert (default["stage3_max_live_parameters"], default["stage3_max_reuse_distance"]) == two
+    assert (default["stage3_max_live_parameters"], default["stage3_max_reuse_distance"]) == two[:2]
+    assert default["reduce_bucket_size"] == cfg.model.hidden ** 2
     assert two.reuse_distance == block_params  # across one block's recompute and backward
     assert (four.max_live, four.reuse_distance) == (4 * block_params, 3 * block_params)
 

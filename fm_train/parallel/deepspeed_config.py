@@ -30,6 +30,7 @@ class Zero3Gathered(NamedTuple):
 
     max_live: int
     reuse_distance: int
+    reduce_bucket: int | None = None  # gradient elements reduce-scattered at once; None: hidden^2
 
     @classmethod
     def blocks(cls, block_params: int, blocks: int) -> Zero3Gathered:
@@ -39,10 +40,12 @@ class Zero3Gathered(NamedTuple):
         return cls(blocks * block_params, max(1, blocks - 1) * block_params)
 
     @classmethod
-    def whole(cls, stage_params: int) -> Zero3Gathered:
+    def whole(cls, stage_params: int, *, one_bucket: bool = False) -> Zero3Gathered:
         """The whole stage, embedding and head included, gathered once per step: from a parameter's forward
-        to its backward the trace passes each parameter at most three times (forward, recompute, backward)."""
-        return cls(stage_params, 3 * stage_params)
+        to its backward the trace passes each parameter at most three times (forward, recompute, backward).
+        ``one_bucket``: all its gradients reduce-scattered at once, where nothing overlaps the collective
+        anyway (gloo on a CPU): one collective a step instead of one per hidden^2 elements."""
+        return cls(stage_params, 3 * stage_params, stage_params if one_bucket else None)
 
 
 def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu",
@@ -72,19 +75,20 @@ def zero3_buffer_sizes(cfg: FmConfig, gathered: Zero3Gathered | None = None) -> 
     The defaults (a 5e8-element gradient bucket, up to 1e9 gathered parameters kept live or for
     reuse, 1e9-element optimizer sub-groups) are sized for GPUs, not for the model: for a 1.1B
     model in fp32 on 2 ranks they allow a 2 GB gradient bucket, about 4 GB of gathered parameters
-    and 2 x 2.2 GB of AdamW temporaries per rank on top of its 8.8 GB of ZeRO-3 states, more than a
-    24 GiB machine holds (bench/RESULTS_memory.md). Buckets follow
-    the Hugging Face integration's ``auto`` rule (``hidden^2``); gathered parameters are bounded by
-    ``gathered`` (the planner's choice from the rank's memory budget, :func:`fm_train.plan.memory.zero3_gathered`:
-    more blocks, or the whole stage, where it holds them; None: two dense decoder blocks); optimizer
-    sub-groups of ``ZERO3_SUB_GROUP`` (2e7) elements bound the AdamW step's temporaries.
+    and 2 x 2.2 GB of optimizer temporaries per rank on top of its 8.8 GB of ZeRO-3 states, more than a
+    24 GiB machine holds (bench/RESULTS_memory.md). Buckets follow the Hugging Face integration's
+    ``auto`` rule (``hidden^2``), unless ``gathered`` brings its own gradient bucket (a CPU rank holding
+    its whole stage: one reduce-scatter a step); gathered parameters are bounded by ``gathered`` (the
+    planner's choice from the rank's memory budget, :func:`fm_train.plan.memory.zero3_gathered`: more
+    blocks, or the whole stage, where it holds them; None: two dense decoder blocks); optimizer
+    sub-groups of ``ZERO3_SUB_GROUP`` (2e7) elements bound the flattened gradient of a step.
     """
     m = cfg.model
     h, kv = m.hidden, m.n_kv_heads * (m.hidden // m.n_heads)
     if gathered is None:
         gathered = Zero3Gathered.blocks(2 * h * h + 2 * h * kv + 3 * h * m.ffn_hidden, 2)
     return {
-        "reduce_bucket_size": h * h,
+        "reduce_bucket_size": gathered.reduce_bucket or h * h,
         "stage3_prefetch_bucket_size": int(0.9 * h * h),
         "stage3_param_persistence_threshold": 10 * h,
         "stage3_max_live_parameters": gathered.max_live,

@@ -102,8 +102,8 @@ def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_
                           gathered: Zero3Gathered | None) -> float:
     """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
     largest = _largest_module_params(cfg, family)
-    live = (gathered or _two_blocks(cfg, family)).max_live
-    return max(live, largest) * param_b + largest * grad_b
+    gathered = gathered or _two_blocks(cfg, family)
+    return max(gathered.max_live, largest) * param_b + (largest + (gathered.reduce_bucket or 0)) * grad_b
 
 
 def _two_blocks(cfg: FmConfig, family: FamilySpec) -> Zero3Gathered:
@@ -119,18 +119,19 @@ def _rank_stage_params(cfg: FmConfig, family: FamilySpec) -> tuple[float, float]
 
 def zero3_gathered(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib: float | None) -> Zero3Gathered:
     """What ZeRO-3 may keep gathered on one rank: the whole stage (embedding and head included: nothing is
-    gathered twice in a step) when ``budget_gib`` per device holds it beyond the plan's peak with two
-    blocks; else two blocks (the one computing and the one prefetched) plus as many as it holds, up to the
-    stage's blocks (a kept block is not gathered again for its backward or recompute). None (no budget
-    known, or below ZeRO-3): two blocks."""
+    gathered twice in a step; on a CPU with its gradients reduce-scattered in one bucket) when
+    ``budget_gib`` per device holds it beyond the plan's peak with two blocks; else two blocks (the one
+    computing and the one prefetched) plus as many as it holds, up to the stage's blocks (a kept block is
+    not gathered again for its backward or recompute). None (no budget known, or below ZeRO-3): two blocks."""
     two = _two_blocks(cfg, family)
     if cfg.parallel.zero_stage < 3 or budget_gib is None:
         return two
     spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, zero3=two).device_total
     param_b = 4 if cfg.precision == "fp32" else 2
     whole = int(sum(_rank_stage_params(cfg, family)))
-    if spare >= (whole - max(two.max_live, _largest_module_params(cfg, family))) * param_b:
-        return Zero3Gathered.whole(whole)
+    cpu = device == "cpu"
+    if spare >= (whole - max(two.max_live, _largest_module_params(cfg, family))) * param_b + cpu * whole * param_b:
+        return Zero3Gathered.whole(whole, one_bucket=cpu)
     block = two.max_live // 2
     blocks = math.ceil(cfg.model.n_layers / cfg.parallel.pp)
     more = int(spare // (block * param_b)) if block > 0 else 0
