@@ -65,7 +65,9 @@ SINGLE = TPGroup(None)
 
 # ---- f/g conjugate collectives ---------------------------------------------------------------------
 def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    x = x.clone()  # never reduce into a tensor autograd may have saved
+    # A copy: a gradient handed to a backward or a hook may be the very tensor another branch receives
+    # (an add passes one gradient to both inputs), so it is never reduced in place.
+    x = x.clone()
     dist.all_reduce(x, group=tp.group)
     return x
 
@@ -84,11 +86,16 @@ class _CopyToTP(torch.autograd.Function):
 
 
 class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce forward; identity backward (Megatron's ``g``)."""
+    """All-reduce forward, in place; identity backward (Megatron's ``g``).
+
+    In place: the partial sums are a matmul's or a lookup's fresh output that no backward keeps (a kept
+    one would make autograd refuse the dirty tensor at backward, not compute with the sum)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
-        return _all_reduce(x, tp)
+        dist.all_reduce(x, group=tp.group)
+        ctx.mark_dirty(x)
+        return x
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
