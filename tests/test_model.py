@@ -54,6 +54,46 @@ def test_init_is_seeded_by_name_and_layout_free():
     assert torch.equal(deeper.model.layers[1].mlp.up_proj.weight, a.model.layers[1].mlp.up_proj.weight)
 
 
+def test_seeded_slices_are_drawn_alone_from_the_tiles_they_overlap(monkeypatch):
+    """A tp shard of rows or columns, an expert-parallel rank's experts and a ZeRO-3 flat range equal the
+    same slice of the whole parameter, and a shard draws only the tiles it overlaps."""
+    import fm_train.model.base as base
+    from fm_train.families.qwen3_moe.model import MoEArgs
+    from fm_train.parallel.sharded_init import full_init, initial_flat, initial_rows, initial_shard
+    from fm_train.parallel.tensor_parallel import TPGroup
+
+    monkeypatch.setattr(base, "INIT_TILE", (16, 32))
+    drawn = []
+    tile_generator = base._tile_generator
+    monkeypatch.setattr(base, "_tile_generator", lambda *a: drawn.append(a[1:3]) or tile_generator(*a))
+    args = _args(vocab_size=500, vocab_multiple=64)  # 12 padding rows of the embedding and the head
+    for name, dim in [("model.layers.0.mlp.up_proj.weight", 0), ("model.layers.1.self_attn.o_proj.weight", 1),
+                      ("model.embed_tokens.weight", 0), ("model.norm.weight", 0)]:
+        whole = full_init(args, 5, name)
+        model = LlamaForCausalLM(args)
+        model.init_weights(5)
+        assert torch.equal(whole, dict(model.named_parameters())[name])
+        for parts in (2, 4):
+            for rank in range(parts):
+                drawn.clear()
+                got = initial_shard(args, 5, name, dim, TPGroup(None, rank, parts))
+                assert torch.equal(got, whole.chunk(parts, dim)[rank]), (name, parts, rank)
+                if whole.dim() == 2:  # its share of the tiles, and at most one more line of them at an edge
+                    grid = (-(-whole.shape[0] // 16), -(-whole.shape[1] // 32))
+                    assert len(set(drawn)) <= -(-grid[0] * grid[1] // parts) + grid[1 - dim], (name, parts, drawn)
+                    assert len(drawn) == len(set(drawn))  # no tile drawn twice
+        n = whole.numel()
+        for start, count in [(0, 7), (33, min(100, n - 33)), (n - 50, 50)]:
+            assert torch.equal(initial_flat(args, 5, name, start, count), whole.reshape(-1)[start:start + count])
+    assert torch.all(full_init(args, 5, "model.embed_tokens.weight")[500:] == 0)
+    moe = MoEArgs(n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_size=16, ffn_hidden=96, vocab_size=512,
+                  max_seq_len=64, experts=4, top_k=2, expert_ffn_hidden=32)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    experts = full_init(moe, 5, name)
+    for rank in range(2):
+        assert torch.equal(initial_rows(moe, 5, name, rank, 2), experts.chunk(2, 0)[rank])
+
+
 def test_parameter_count_matches_module():
     cfg = build_config({"model": {"preset": "tiny", "qkv_bias": True, "tie_embeddings": False}})
     from fm_train.families.llama.model import args_from_config

@@ -121,8 +121,11 @@ def test_dp4_ep2_with_zero1_equals_one_process(reference):
 
 def test_experts_averaged_over_the_wrong_group_are_caught(reference):
     [wrong] = run_distributed(_train, 4, args=([{"workers": 4, "ep": 2, "zero": 1, "accum": 2}], True))[0]
-    assert wrong[0] == pytest.approx(reference[8][0], rel=1e-5)  # the same model until the first update
+    # Near at the first step only: DeepSpeed's start-up broadcast over that group already gave one rank's
+    # experts to the other (engine._broadcast_model), then every update averages experts that differ.
+    assert wrong[0] == pytest.approx(reference[8][0], rel=1e-4)
     assert wrong != pytest.approx(reference[8], rel=1e-5)
+    assert abs(wrong[-1] - reference[8][-1]) > 10 * abs(wrong[0] - reference[8][0])
 
 
 def test_tp2_with_replicated_experts_equals_one_process(reference):

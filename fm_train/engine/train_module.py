@@ -179,6 +179,22 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
       from the module, so pass none.
     """
     _check(cfg, family, groups)
+    with _init_device():  # the initial weights are drawn where the rank will hold them
+        module = _build(cfg, family, groups, init, ds_config)
+    if cfg.parallel.ep > 1:
+        assert groups is not None  # _check raised otherwise
+        _register_experts(module, family, groups)
+    return module
+
+
+def _init_device() -> torch.device:
+    """Where a rank builds its module and draws its initial weights: its GPU (where DeepSpeed would move
+    them anyway), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _build(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups | None, init: InitSource | None,
+           ds_config: dict[str, Any] | None) -> nn.Module:
     p, modules = cfg.parallel, family.modules()
     args = modules.args(cfg.model)
     init = cfg.run.seed if init is None else init
@@ -218,9 +234,6 @@ def build_train_module(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups
                           head_loss or vocab_loss(modules.loss(args), args.vocab_size, tp))
     apply_sequence_parallel(module, sp)
     module.sp = sp  # what the pipeline's feed, evaluation and probe cut each batch by (sequence_group)
-    if p.ep > 1:
-        assert groups is not None  # _check raised otherwise
-        _register_experts(module, family, groups)
     return module
 
 

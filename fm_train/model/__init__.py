@@ -3,6 +3,6 @@
 The modules themselves live with their family (``fm_train/families/<name>/model.py``).
 """
 
-from fm_train.model.base import ModelArgs, padded_vocab_size, parameter_generator, real_logits
+from fm_train.model.base import Init, ModelArgs, padded_vocab_size, real_logits
 
-__all__ = ["ModelArgs", "padded_vocab_size", "parameter_generator", "real_logits"]
+__all__ = ["Init", "ModelArgs", "padded_vocab_size", "real_logits"]

@@ -4,12 +4,20 @@ A family's shape arguments (``LlamaArgs``, ``BertArgs``) subclass :class:`ModelA
 handles any pure model (the sharded init of :mod:`fm_train.parallel.sharded_init`, the converter's
 meta builds) asks the arguments for their module, their per-parameter seeded init and their
 vocabulary-row and tied parameters, and never which family it has.
+
+Seeded init draws a parameter in tiles (:data:`INIT_TILE` of its 2-D view ``[elements / last dim,
+last dim]``), each from its own generator seeded by the run seed, the parameter's name and the tile's
+place: any slice (a tp shard of rows or of columns, an expert-parallel rank's experts, a ZeRO-3 flat
+range) is drawn alone, on the device that will hold it, touching only the tiles it overlaps, and equals
+the same slice of the whole parameter in every layout.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
+import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
@@ -69,14 +77,70 @@ class ModelArgs(ABC):
         """The pure module of this shape on the current default device (``torch.device("meta")`` works)."""
 
     @abstractmethod
+    def init_of(self, name: str) -> Init:
+        """The initial distribution of the pure model's parameter ``name``."""
+
     def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
         """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place."""
+        param.copy_(self.initial_block(name, param.shape, seed, device=param.device).to(param.dtype))
+
+    def initial_block(self, name: str, shape: tuple[int, ...] | torch.Size, seed: int, *,
+                      rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+        """Rows ``[r0, r1)`` and columns ``[c0, c1)`` (None: all) of parameter ``name``'s seeded initial
+        value (full shape ``shape``) in its 2-D view ``[elements / shape[-1], shape[-1]]``, fp32, drawn on
+        ``device`` from the tiles they overlap only; the whole parameter when both are None."""
+        width = shape[-1] if len(shape) else 1
+        height = math.prod(shape) // width if width else 0
+        r0, r1 = rows or (0, height)
+        c0, c1 = cols or (0, width)
+        init = self.init_of(name)
+        if init.std == 0:
+            block = torch.full((r1 - r0, c1 - c0), init.fill, dtype=torch.float32, device=device)
+        else:
+            block = _draw_tiles(f"{seed}/{name}", init.std, (height, width), r0, r1, c0, c1, device)
+        if name.endswith(self.VOCAB_ROW_PARAMS):  # vocabulary padding: zero rows (a vector: zero elements)
+            if len(shape) == 1:
+                block[:, max(0, self.vocab_size - c0):] = 0.0
+            else:
+                block[max(0, self.vocab_size * (height // shape[0]) - r0):] = 0.0
+        return block.reshape(shape) if rows is None and cols is None else block
 
 
-def parameter_generator(seed: int, name: str) -> torch.Generator:
-    """The generator of parameter ``name``'s initial value: seeded by ``seed`` and the name only, so one
-    parameter's value can be made alone (a rank materialising only its shard)."""
-    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+#: Rows x columns of one seeded tile (256 K elements, fewer at a parameter's border): a slice draws only
+#: the tiles it overlaps.
+INIT_TILE = (512, 512)
+
+
+@dataclass(frozen=True)
+class Init:
+    """A parameter's initial distribution: normal(0, ``std``) when ``std`` > 0, else every element ``fill``."""
+
+    std: float = 0.0
+    fill: float = 0.0
+
+
+def _tile_generator(key: str, i: int, j: int, device: torch.device | str) -> torch.Generator:
+    digest = hashlib.blake2b(f"{key}/{i}/{j}".encode(), digest_size=8).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") % 2**63)
+
+
+def _draw_tiles(key: str, std: float, full: tuple[int, int], r0: int, r1: int, c0: int, c1: int,
+                device: torch.device | str) -> torch.Tensor:
+    """Rows ``[r0, r1)`` x columns ``[c0, c1)`` of the normal(0, ``std``) tiling seeded by ``key`` of a
+    ``full`` (rows, columns) matrix; edge tiles stop at its border, so whole draws exactly its elements."""
+    th, tw = INIT_TILE
+    out = torch.empty((r1 - r0, c1 - c0), dtype=torch.float32, device=device)
+    for i in range(r0 // th, -(-r1 // th)):
+        for j in range(c0 // tw, -(-c1 // tw)):
+            tile = torch.empty((min(th, full[0] - i * th), min(tw, full[1] - j * tw)), dtype=torch.float32,
+                               device=device)
+            tile.normal_(0.0, std, generator=_tile_generator(key, i, j, device))
+            top, left = max(r0, i * th), max(c0, j * tw)
+            bottom, right = min(r1, (i + 1) * th), min(c1, (j + 1) * tw)
+            out[top - r0:bottom - r0, left - c0:right - c0] = tile[top - i * th:bottom - i * th,
+                                                                   left - j * tw:right - j * tw]
+    return out
 
 
 def real_logits(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """Materialise only this rank's part of each parameter, equal to slicing the full initial weights.
 
-A pure model's seeded init draws every parameter from a generator seeded by the run seed and the
-parameter's name (``ModelArgs.init_parameter``, :mod:`fm_train.model.base`), so one parameter's full
-value can be produced on its own. A shard is then that
-full tensor sliced along its tp split dim (:func:`materialize_`), or the flat range a ZeRO-3 rank owns
-(:func:`materialize_zero3_`): every layout starts from exactly the weights of one process, and a rank
-never holds more than one full parameter at a time (never the whole model).
+A pure model's seeded init draws every parameter in tiles, each from a generator seeded by the run
+seed, the parameter's name and the tile's place (``ModelArgs.initial_block``, :mod:`fm_train.model.base`),
+so a rank draws its own slice alone, on its device, from the tiles it overlaps: its rows or columns of a
+tp shard (:func:`materialize_`), its experts, or the flat range a ZeRO-3 rank owns
+(:func:`materialize_zero3_`). Every layout starts from exactly the weights of one process, and no rank
+draws the whole model (nor, from the seed, a whole parameter it does not hold whole).
 
 The initial weights are an :data:`InitSource`: the run seed, full tensors by name, or a
 :class:`SliceReader` (a Hugging Face checkpoint imported for continued pretraining,
@@ -41,15 +41,47 @@ def full_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
 
 
-def full_init(args: ModelArgs, seed: int, name: str) -> torch.Tensor:
-    """The full fp32 initial value of the pure model's parameter ``name`` (a Hugging Face key)."""
+def _seeded_shape(args: ModelArgs, name: str) -> tuple[str, torch.Size]:
     name = args.tied_source(name)  # a tied parameter is the one it shares, and draws under that name
     shapes = full_shapes(args)
     if name not in shapes:
         raise KeyError(f"{name!r} is not a parameter of the model (known: {sorted(shapes)[:4]} ...)")
-    tensor = torch.empty(shapes[name], dtype=torch.float32)
-    args.init_parameter(name, tensor, seed)
-    return tensor
+    return name, shapes[name]
+
+
+def full_init(args: ModelArgs, seed: int, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The full fp32 initial value of the pure model's parameter ``name`` (a Hugging Face key)."""
+    name, shape = _seeded_shape(args, name)
+    return args.initial_block(name, shape, seed, device=device)
+
+
+def _seeded_chunk(args: ModelArgs, seed: int, name: str, dim: int, index: int, parts: int,
+                  device: torch.device | str) -> torch.Tensor:
+    """Chunk ``index`` of ``parts`` along ``dim`` (as ``torch.chunk`` cuts) of the seeded value, drawn alone:
+    along the last dim a range of columns, along dim 0 a range of rows of the 2-D view; any other dim
+    (no plan splits one) from the whole."""
+    name, shape = _seeded_shape(args, name)
+    dim = dim % len(shape)
+    size = -(-shape[dim] // parts)
+    start, stop = min(shape[dim], index * size), min(shape[dim], (index + 1) * size)
+    if dim == len(shape) - 1:
+        block = args.initial_block(name, shape, seed, cols=(start, stop), device=device)
+    elif dim == 0:
+        per_row = math.prod(shape[1:-1])  # rows of the 2-D view per index of dim 0
+        block = args.initial_block(name, shape, seed, rows=(start * per_row, stop * per_row), device=device)
+    else:
+        return args.initial_block(name, shape, seed, device=device).chunk(parts, dim)[index]
+    return block.reshape(*shape[:dim], stop - start, *shape[dim + 1:])
+
+
+def _seeded_flat(args: ModelArgs, seed: int, name: str, start: int, count: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """Elements ``[start, start + count)`` of the flattened seeded value: the rows of the 2-D view covering them."""
+    name, shape = _seeded_shape(args, name)
+    width = shape[-1]
+    first, last = start // width, -(-(start + count) // width)
+    rows = args.initial_block(name, shape, seed, rows=(first, last), device=device).reshape(-1)
+    return rows.narrow(0, start - first * width, count)
 
 
 @runtime_checkable
@@ -147,11 +179,17 @@ def initial_value(args: ModelArgs, init: InitSource, name: str) -> torch.Tensor:
     return value
 
 
-def initial_shard(args: ModelArgs, init: InitSource, name: str, dim: int | None, tp: TPGroup) -> torch.Tensor:
+def initial_shard(args: ModelArgs, init: InitSource, name: str, dim: int | None, tp: TPGroup, *,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
     """This tp rank's slice of parameter ``name``'s initial value along ``dim`` (all of it when replicated).
 
-    From a :class:`SliceReader` only the slice is read; otherwise the full value is made and cut.
+    From the seed only the slice is drawn (on ``device``), from a :class:`SliceReader` only the slice is
+    read; full tensors are cut.
     """
+    if isinstance(init, int):
+        if dim is None or tp.size == 1:
+            return full_init(args, init, name, device)
+        return _seeded_chunk(args, init, name, dim, tp.rank, tp.size, device)
     if not isinstance(init, SliceReader):
         return shard(initial_value(args, init, name), dim, tp)
     name, init = _own_name(args, name), _PaddedVocab(args, init)
@@ -161,9 +199,13 @@ def initial_shard(args: ModelArgs, init: InitSource, name: str, dim: int | None,
     return init.read(name, dim, tp.rank, tp.size)
 
 
-def initial_rows(args: ModelArgs, init: InitSource, name: str, index: int, parts: int) -> torch.Tensor:
+def initial_rows(args: ModelArgs, init: InitSource, name: str, index: int, parts: int, *,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Chunk ``index`` of ``parts`` of parameter ``name``'s initial value along dim 0: an expert-parallel
-    rank's experts of a stacked expert parameter. From a :class:`SliceReader` only those rows are read."""
+    rank's experts of a stacked expert parameter. From the seed or a :class:`SliceReader` only those rows
+    are drawn or read."""
+    if isinstance(init, int):
+        return _seeded_chunk(args, init, name, 0, index, parts, device)
     if not isinstance(init, SliceReader):
         return initial_value(args, init, name).chunk(parts, 0)[index]
     name, init = _own_name(args, name), _PaddedVocab(args, init)
@@ -171,9 +213,12 @@ def initial_rows(args: ModelArgs, init: InitSource, name: str, index: int, parts
     return init.read(name, 0, index, parts)
 
 
-def initial_flat(args: ModelArgs, init: InitSource, name: str, start: int, count: int) -> torch.Tensor:
+def initial_flat(args: ModelArgs, init: InitSource, name: str, start: int, count: int, *,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements ``[start, start + count)`` of parameter ``name``'s flattened initial value (a ZeRO-3
-    partition); from a :class:`SliceReader` only the rows covering them are read."""
+    partition); from the seed or a :class:`SliceReader` only the rows covering them are drawn or read."""
+    if isinstance(init, int):
+        return _seeded_flat(args, init, name, start, count, device)
     if not isinstance(init, SliceReader):
         return initial_value(args, init, name).reshape(-1).narrow(0, start, count)
     name, init = _own_name(args, name), _PaddedVocab(args, init)
@@ -183,12 +228,13 @@ def initial_flat(args: ModelArgs, init: InitSource, name: str, start: int, count
 
 @torch.no_grad()
 def materialize_(module: nn.Module, args: ModelArgs, init: InitSource, tp: TPGroup, plan: TPPlan, *, prefix: str = "",
-                 device: torch.device | str = "cpu", rows: Mapping[str, tuple[int, int]] | None = None) -> nn.Module:
+                 device: torch.device | str | None = None, rows: Mapping[str, tuple[int, int]] | None = None) -> nn.Module:
     """Give ``module``'s parameters real storage holding this rank's tp shard (split by ``plan``) of the
     initial weights.
 
     ``prefix + local name`` must be the pure model's parameter name (``model.layers.3.`` for a
-    pipeline block, empty for the whole model). ``rows``: pure-model name -> ``(index, parts)`` for
+    pipeline block, empty for the whole model). ``device``: where meta parameters get their storage and
+    the seeded values are drawn (None: torch's default device). ``rows``: pure-model name -> ``(index, parts)`` for
     parameters split by rows instead (an expert-parallel rank's experts: :func:`initial_rows`).
     Buffers become uninitialised storage: the caller recomputes them (RoPE tables are derived from
     ``args``, never stored).
@@ -196,16 +242,16 @@ def materialize_(module: nn.Module, args: ModelArgs, init: InitSource, tp: TPGro
     rows = rows or {}
     ties = tied_parameters(module)
     if any(t.device.type == "meta" for t in [*module.parameters(), *module.buffers()]):
-        module.to_empty(device=device)
+        module.to_empty(device=device if device is not None else torch.get_default_device())
         retie(module, ties)  # to_empty replaces each module's parameters separately, breaking ties
     for name, param in module.named_parameters():
         full_name = prefix + name
         if full_name in rows:  # expert rows: whole on every tp rank
-            param.copy_(initial_rows(args, init, full_name, *rows[full_name]))
+            param.copy_(initial_rows(args, init, full_name, *rows[full_name], device=param.device))
             mark_tensor_parallel(param, None, tp)
             continue
         dim = plan.split_dim_of(full_name)
-        param.copy_(initial_shard(args, init, full_name, dim, tp))
+        param.copy_(initial_shard(args, init, full_name, dim, tp, device=param.device))
         mark_tensor_parallel(param, dim, tp)  # to_empty made new Parameter objects: tag them again
     return module
 
@@ -228,5 +274,6 @@ def materialize_zero3_(module: nn.Module, args: ModelArgs, init: InitSource, *, 
         count = partition_elements(math.prod(full_shapes(args)[prefix + name]), part)
         part.flat.zero_()  # padding stays zero, as DeepSpeed's own partitioning leaves it
         if count:
-            part.flat.narrow(0, 0, count).copy_(initial_flat(args, init, prefix + name, part.per_rank * part.index, count))
+            part.flat.narrow(0, 0, count).copy_(initial_flat(args, init, prefix + name, part.per_rank * part.index,
+                                                             count, device=part.flat.device))
     return module

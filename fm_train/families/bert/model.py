@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fm_train.families.bert import TIED_PARAMS, VOCAB_ROW_PARAMS
-from fm_train.model.base import ModelArgs, parameter_generator, real_logits
+from fm_train.model.base import Init, ModelArgs, real_logits
 
 #: Label of a position the loss leaves out (not masked): ``torch.nn.functional.cross_entropy``'s default.
 IGNORE_INDEX = -100
@@ -45,8 +45,14 @@ class BertArgs(ModelArgs):
     def build(self) -> BertForMaskedLM:
         return BertForMaskedLM(self)
 
-    def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
-        init_bert_parameter(self, name, param, seed)
+    def init_of(self, name: str) -> Init:
+        """BERT's recipe: LayerNorms ones (weights) and zeros (biases), zero biases, normal(0, ``init_std``)
+        for matrices and embeddings."""
+        if "LayerNorm" in name and name.endswith(".weight"):
+            return Init(fill=1.0)
+        if name.endswith(".bias"):
+            return Init()
+        return Init(std=self.init_std)
 
 
 def bert_args_from_config(model_cfg: Any) -> BertArgs:
@@ -226,26 +232,13 @@ class BertForMaskedLM(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         """Seeded init, identical in every layout: normal(0, std) for matrices and embeddings, ones and
-        zeros for LayerNorms, zero biases (BERT's recipe). Each parameter draws from its own generator
-        seeded by ``seed`` and its name; the vocabulary padding rows are zero."""
+        zeros for LayerNorms, zero biases (BERT's recipe). Each parameter draws from generators seeded by
+        ``seed``, its name and the tile (:meth:`~fm_train.model.base.ModelArgs.init_parameter`); the
+        vocabulary padding rows are zero."""
         for name, param in self.named_parameters():
             if param.device.type == "meta":
                 raise RuntimeError(f"init_weights: {name} is on the meta device; call to_empty() first")
-            init_bert_parameter(self.args, name, param, seed)
-
-
-def init_bert_parameter(args: BertArgs, name: str, param: torch.Tensor, seed: int) -> None:
-    """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place."""
-    gen = parameter_generator(seed, name)
-    if "LayerNorm" in name:
-        param.fill_(1.0 if name.endswith(".weight") else 0.0)
-    elif name.endswith(".bias"):
-        param.zero_()
-    else:
-        std = args.init_std
-        param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(param.dtype))
-        if name.endswith(VOCAB_ROW_PARAMS):
-            param[args.vocab_size:] = 0.0
+            self.args.init_parameter(name, param, seed)
 
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from torch import nn
 
 from fm_train.families.llama import TIED_PARAMS, VOCAB_ROW_PARAMS
 from fm_train.model.attention import CoreAttention, rope_slice
-from fm_train.model.base import ModelArgs, parameter_generator, real_logits
+from fm_train.model.base import Init, ModelArgs, real_logits
 from fm_train.model.loss import LMHead
 
 @dataclass(frozen=True)
@@ -51,8 +51,17 @@ class LlamaArgs(ModelArgs):
     def build(self) -> LlamaForCausalLM:
         return LlamaForCausalLM(self)
 
-    def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
-        init_llama_parameter(self, name, param, seed)
+    def init_of(self, name: str) -> Init:
+        """Ones for norms, zero biases, normal(0, ``init_std``) for matrices; output projections (o_proj,
+        down_proj) scaled by ``1/sqrt(2 * n_layers)`` (GPT-2/OLMo practice: the residual stream does not
+        grow with depth)."""
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            return Init(fill=1.0)
+        if name.endswith(".bias"):
+            return Init()
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return Init(std=self.init_std / math.sqrt(2 * self.n_layers))
+        return Init(std=self.init_std)
 
 
 def args_from_config(model_cfg: Any) -> LlamaArgs:
@@ -311,42 +320,20 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Seeded init, identical in every layout: normal(0, std) for matrices, ones for norms, zero biases.
-
-        Output projections (o_proj, down_proj) are scaled by ``1/sqrt(2 * n_layers)`` (GPT-2/OLMo
-        practice) so the residual stream does not grow with depth. Each parameter draws from its own
-        generator seeded by ``seed`` and its name, so the values depend on nothing else: not on what
-        ran before, nor on which pipeline stage builds which blocks. The vocabulary padding rows of
-        the embedding and the head are zero.
+        """Seeded init, identical in every layout (:meth:`LlamaArgs.init_of`, drawn by
+        :meth:`~fm_train.model.base.ModelArgs.init_parameter`): the values depend on ``seed`` and each
+        parameter's name only, not on what ran before, nor on which pipeline stage builds which blocks.
+        The vocabulary padding rows of the embedding and the head are zero.
         """
         for name, param in self.named_parameters():
             if param.device.type == "meta":
                 raise RuntimeError(f"init_weights: {name} is on the meta device; call to_empty() first")
-            init_llama_parameter(self.args, name, param, seed)
+            self.args.init_parameter(name, param, seed)
 
     def tie_weights(self) -> None:
         """Tie the head to the embedding again (after ``to_empty``, which gives each its own storage)."""
         if self.args.tie_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
             self.lm_head.weight = self.model.embed_tokens.weight
-
-
-def init_llama_parameter(args: LlamaArgs, name: str, param: torch.Tensor, seed: int) -> None:
-    """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place.
-
-    Each parameter draws from its own generator seeded by ``seed`` and its name, so one parameter's
-    value can be made alone (a rank materialising only its shard, :mod:`fm_train.parallel.sharded_init`).
-    """
-    gen = parameter_generator(seed, name)
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-        param.fill_(1.0)
-    elif name.endswith(".bias"):
-        param.zero_()
-    else:
-        std = args.init_std
-        scale = std / math.sqrt(2 * args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
-        param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
-        if name.endswith(VOCAB_ROW_PARAMS):
-            param[args.vocab_size:] = 0.0
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:

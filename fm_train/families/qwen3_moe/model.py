@@ -34,7 +34,7 @@ from torch import nn
 from fm_train.families.qwen3_moe import TIED_PARAMS, VOCAB_ROW_PARAMS
 from fm_train.families.llama.model import RMSNorm, apply_rope, causal_lm_loss, rope_tables, silu_mul
 from fm_train.model.attention import CoreAttention, rope_slice
-from fm_train.model.base import ModelArgs, parameter_generator
+from fm_train.model.base import Init, ModelArgs
 from fm_train.model.loss import LMHead
 
 #: Expert parameters: one leading row per expert (what expert parallelism splits).
@@ -88,8 +88,14 @@ class MoEArgs(ModelArgs):
     def build(self) -> MoEForCausalLM:
         return MoEForCausalLM(self)
 
-    def init_parameter(self, name: str, param: torch.Tensor, seed: int) -> None:
-        init_moe_parameter(self, name, param, seed)
+    def init_of(self, name: str) -> Init:
+        """As the Llama family: ones for norms, normal(0, ``init_std``) for matrices, output projections
+        (o_proj, every expert's and the dense MLP's down_proj) scaled by ``1/sqrt(2 * n_layers)``."""
+        if name.endswith(("norm.weight", "layernorm.weight")):
+            return Init(fill=1.0)
+        if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+            return Init(std=self.init_std / math.sqrt(2 * self.n_layers))
+        return Init(std=self.init_std)
 
 
 def args_from_config(model_cfg: Any) -> MoEArgs:
@@ -344,25 +350,6 @@ class MoEForCausalLM(nn.Module):
         return self.lm_head(h) if labels is None else self.lm_head(h, labels)
 
 
-def init_moe_parameter(args: MoEArgs, name: str, param: torch.Tensor, seed: int) -> None:
-    """Fill ``param`` (the pure model's ``name``, full shape) with its seeded initial value in place.
-
-    As the Llama family: ones for norms, normal(0, std) for matrices, output projections (o_proj,
-    every expert's and the dense MLP's down_proj) scaled by ``1/sqrt(2 * n_layers)``, zero vocabulary
-    padding rows; each parameter from its own generator, so a rank can make its shard alone.
-    """
-    gen = parameter_generator(seed, name)
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-        param.fill_(1.0)
-        return
-    std = args.init_std
-    scale = std / math.sqrt(2 * args.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight",
-                                                                 "experts.down_proj")) else std
-    param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, scale, generator=gen).to(param.dtype))
-    if name.endswith(VOCAB_ROW_PARAMS):
-        param[args.vocab_size:] = 0.0
-
-
 def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
     """The routed blocks of a model (or of a pipeline stage), in order."""
     return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
@@ -396,4 +383,4 @@ def take_router_metrics(model: nn.Module) -> dict[str, tuple[float, float]]:
 
 
 __all__ = ["MoEArgs", "MoEForCausalLM", "DecoderLayer", "SparseMoeBlock", "Experts", "Router", "args_from_config",
-           "causal_lm_loss", "init_moe_parameter", "moe_blocks", "set_router_loss_scale", "take_router_metrics"]
+           "causal_lm_loss", "moe_blocks", "set_router_loss_scale", "take_router_metrics"]
