@@ -149,9 +149,9 @@ def test_parallel_checkpoint_converts_to_the_same_model(tmp_path: Path, name: st
 
     fresh_cfg = build_config(_raw(LAYOUTS[name], "data"))
     fresh = build_dense_model(fresh_cfg, family_of(fresh_cfg.model))
-    with torch.no_grad():
-        fresh_loss = causal_lm_loss(fresh(probe[:, :-1]), probe[:, 1:], vocab_size=vocab).item()
-    assert abs(fresh_loss - engine_loss) > 1e-3, (fresh_loss, engine_loss)
+    with torch.no_grad():  # logits, not the mean loss, which training may move less than its noise
+        moved = (fresh(probe[:, :-1])[..., :vocab] - hf(input_ids=probe[:, :-1]).logits).abs().max().item()
+    assert moved > 1e-2, moved
 
 
 def _swap_files(step_dir: Path, a: str, b: str) -> None:

@@ -117,7 +117,9 @@ def test_layout_logs_what_one_process_logs(root: Path, name: str) -> None:
     got_all = logged(root, name)
     got = train_records(got_all)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
-    assert ref[-1]["loss"] < ref[0]["loss"] - 0.1, "the reference must learn, or equal losses prove little"
+    ref_vals = [(r["step"], r["val_loss"]) for r in logged(root, REFERENCE) if "val_loss" in r]
+    # Train losses are of different batches; the validation batches are the same at steps 3 and 6.
+    assert ref_vals[-1][1] < ref_vals[0][1] - 0.05, f"the reference must learn, or equal losses prove little: {ref_vals}"
     for want, have in zip(ref, got):
         step = want["step"]
         assert close(have["loss"], want["loss"], 1e-5), (name, step, have["loss"], want["loss"])
@@ -127,7 +129,6 @@ def test_layout_logs_what_one_process_logs(root: Path, name: str) -> None:
         assert have["data_receipt"] == want["data_receipt"] != ""
     assert all(r["grad_norm"] > 0.5 for r in ref), "clipping must act for the norm to matter"
     vals = [(r["step"], r["val_loss"]) for r in got_all if "val_loss" in r]
-    ref_vals = [(r["step"], r["val_loss"]) for r in logged(root, REFERENCE) if "val_loss" in r]
     assert [s for s, _ in vals] == [s for s, _ in ref_vals] == [3, 6]
     if LAYOUTS[name][0] == LAYOUTS[REFERENCE][0]:
         # train.eval_batches counts micro-batches per dp rank, so only equal dp sizes share a val set.

@@ -94,7 +94,7 @@ def test_deepspeed_config_batch_and_optimizer(tiny_config_dict):
 
 
 def test_zero3_keeps_as_much_gathered_as_the_memory_budget_holds(tiny_config_dict):
-    from fm_train.parallel.deepspeed_config import Zero3Gathered
+    from fm_train.deepspeed_adapter.settings import Zero3Gathered
     from fm_train.plan.memory import GIB, estimate_memory, zero3_gathered
 
     cfg = _cfg(tiny_config_dict, "parallel.zero_stage=3", "model.n_layers=6")

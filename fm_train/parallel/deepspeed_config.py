@@ -12,40 +12,15 @@ their gradient reduction with backward (gloo has no streams to overlap on).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 from fm_train.config import FmConfig
 from fm_train.dist.device import Accelerator, check_precision, detect_accelerator
-from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
+from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP, Zero3Gathered
 
 # We print and log metrics ourselves (fm_train.engine.metrics); DeepSpeed's own progress report
 # would interleave a second, differently averaged loss line on every rank.
 _NEVER = 2**31 - 1
-
-
-class Zero3Gathered(NamedTuple):
-    """What a ZeRO-3 rank keeps gathered, in parameters (elements): ``stage3_max_live_parameters`` and
-    ``stage3_max_reuse_distance`` (DeepSpeed keeps a gathered parameter when the module trace uses it again
-    within this many parameters)."""
-
-    max_live: int
-    reuse_distance: int
-    reduce_bucket: int | None = None  # gradient elements reduce-scattered at once; None: hidden^2
-
-    @classmethod
-    def blocks(cls, block_params: int, blocks: int) -> Zero3Gathered:
-        """``blocks`` decoder blocks gathered (at least two: the one computing and the one prefetched); a
-        block stays gathered until ``blocks - 1`` blocks later (with two: across its activation-checkpointing
-        recompute and its backward)."""
-        return cls(blocks * block_params, max(1, blocks - 1) * block_params)
-
-    @classmethod
-    def whole(cls, stage_params: int, *, one_bucket: bool = False) -> Zero3Gathered:
-        """The whole stage, embedding and head included, gathered once per step: from a parameter's forward
-        to its backward the trace passes each parameter at most three times (forward, recompute, backward).
-        ``one_bucket``: all its gradients reduce-scattered at once, where nothing overlaps the collective
-        anyway (gloo on a CPU): one collective a step instead of one per hidden^2 elements."""
-        return cls(stage_params, 3 * stage_params, stage_params if one_bucket else None)
 
 
 def zero_section(cfg: FmConfig, accelerator: Accelerator = "cpu",

@@ -33,8 +33,7 @@ import math
 from dataclasses import dataclass
 
 from fm_train.config import FmConfig
-from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP
-from fm_train.parallel.deepspeed_config import Zero3Gathered
+from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP, Zero3Gathered
 from fm_train.families.spec import FamilySpec
 
 GIB = 1024**3
