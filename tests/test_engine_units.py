@@ -116,13 +116,17 @@ def test_zero3_keeps_as_much_gathered_as_the_memory_budget_holds(tiny_config_dic
     assert whole.reduce_bucket is None  # a GPU overlaps the reduce-scatters with backward: hidden^2 buckets
     assert estimate_memory(cfg, family, device="gpu", zero3=whole).device_total / GIB <= base + 1
     assert zero3_gathered(_cfg(tiny_config_dict, "parallel.zero_stage=2"), family, device="gpu", budget_gib=99) == two
-    # On a CPU (gloo: nothing to overlap) the stage's gradients go in one reduce-scatter, counted by the planner.
+    # On a CPU (gloo: nothing to overlap) the stage's gradients go in one reduce-scatter (a small stage) or in
+    # CPU_REDUCE_BUCKET-element ones; the planner counts the bucket's copies alive while it is reduced.
+    from fm_train.deepspeed_adapter.settings import CPU_REDUCE_BUCKET, REDUCE_BUCKET_COPIES
+
     cpu_base = estimate_memory(cfg, family, device="cpu", zero3=two).device_total / GIB
     cpu = zero3_gathered(cfg, family, device="cpu", budget_gib=cpu_base + 1)
-    assert cpu == Zero3Gathered.whole(whole.max_live, one_bucket=True) and cpu.reduce_bucket == whole.max_live
-    bucket = whole.max_live * 4 / GIB
+    assert cpu == Zero3Gathered.whole(whole.max_live, cpu=True) and cpu.reduce_bucket == whole.max_live
+    bucket = REDUCE_BUCKET_COPIES * whole.max_live * 4 / GIB
     assert (estimate_memory(cfg, family, device="cpu", zero3=cpu).device_total
             - estimate_memory(cfg, family, device="cpu", zero3=whole).device_total) / GIB == pytest.approx(bucket)
+    assert Zero3Gathered.whole(10 * CPU_REDUCE_BUCKET, cpu=True).reduce_bucket == CPU_REDUCE_BUCKET
     # The engine's rendering: this host's budget (its memory over LOCAL_WORLD_SIZE ranks) holds the whole model.
     from fm_train.engine.build import memory_budget_gib, rendered_deepspeed_config
 

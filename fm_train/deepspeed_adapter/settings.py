@@ -10,6 +10,13 @@ from typing import NamedTuple
 #: another, so smaller ones only add a Python loop (50 iterations for 1.1B parameters) to a step.
 ZERO3_SUB_GROUP = 20_000_000
 
+#: Gradient elements a CPU rank's ZeRO-3 reduce-scatters at once when it keeps its whole stage gathered.
+#: Each collective costs a gloo round trip, but a bucket is alive ~3.5 times over while it is reduced
+#: (the bucket, its flattened copy, gloo's buffer: ``REDUCE_BUCKET_COPIES``); 25M elements (100 MB fp32)
+#: is one collective a step up to ~100M-parameter stages and bounds those copies to ~0.35 GB above that.
+CPU_REDUCE_BUCKET = 25_000_000
+REDUCE_BUCKET_COPIES = 3.5
+
 
 class Zero3Gathered(NamedTuple):
     """What a ZeRO-3 rank keeps gathered, in parameters (elements): ``stage3_max_live_parameters`` and
@@ -28,9 +35,9 @@ class Zero3Gathered(NamedTuple):
         return cls(blocks * block_params, max(1, blocks - 1) * block_params)
 
     @classmethod
-    def whole(cls, stage_params: int, *, one_bucket: bool = False) -> Zero3Gathered:
+    def whole(cls, stage_params: int, *, cpu: bool = False) -> Zero3Gathered:
         """The whole stage, embedding and head included, gathered once per step: from a parameter's forward
         to its backward the trace passes each parameter at most three times (forward, recompute, backward).
-        ``one_bucket``: all its gradients reduce-scattered at once, where nothing overlaps the collective
-        anyway (gloo on a CPU): one collective a step instead of one per hidden^2 elements."""
-        return cls(stage_params, 3 * stage_params, stage_params if one_bucket else None)
+        ``cpu``: its gradients reduce-scattered in buckets of up to :data:`CPU_REDUCE_BUCKET`, as nothing
+        overlaps the collective there anyway (gloo): a few collectives a step instead of one per hidden^2."""
+        return cls(stage_params, 3 * stage_params, min(stage_params, CPU_REDUCE_BUCKET) if cpu else None)

@@ -14,7 +14,8 @@ Two terms come from what the code really allocates, as measured on CPU (bench/RE
   gradients before the reduce-scatter, bounded by the buffer sizes we render
   (:func:`fm_train.parallel.deepspeed_config.zero3_buffer_sizes`: two decoder blocks, unless a memory
   budget holds more blocks or the whole stage: :func:`zero3_gathered`) but never below the largest
-  single module (the embedding or the head, ``vocab x hidden``).
+  single module (the embedding or the head, ``vocab x hidden``); a CPU rank keeping its whole stage adds
+  its reduce bucket ``REDUCE_BUCKET_COPIES`` times over (the bucket, its flattened copy, gloo's buffer).
 * The optimizer step: ``torch.optim.AdamW(fused=True)`` updates in place, with no temporaries the
   size of the tensor it steps; ZeRO-3 flattens an optimizer sub-group's gradient views into one fp32
   tensor before the step (``_prepare_fp32_grad_for_sub_group``): one sub-group's worth.
@@ -33,7 +34,7 @@ import math
 from dataclasses import dataclass
 
 from fm_train.config import FmConfig
-from fm_train.deepspeed_adapter.settings import ZERO3_SUB_GROUP, Zero3Gathered
+from fm_train.deepspeed_adapter.settings import REDUCE_BUCKET_COPIES, ZERO3_SUB_GROUP, Zero3Gathered
 from fm_train.families.spec import FamilySpec
 
 GIB = 1024**3
@@ -102,7 +103,8 @@ def _zero3_gathered_bytes(cfg: FmConfig, family: FamilySpec, param_b: int, grad_
     """ZeRO-3's full parameters and gradients in flight (see the module docstring)."""
     largest = _largest_module_params(cfg, family)
     gathered = gathered or _two_blocks(cfg, family)
-    return max(gathered.max_live, largest) * param_b + (largest + (gathered.reduce_bucket or 0)) * grad_b
+    bucket = REDUCE_BUCKET_COPIES * (gathered.reduce_bucket or 0)
+    return max(gathered.max_live, largest) * param_b + (largest + bucket) * grad_b
 
 
 def _two_blocks(cfg: FmConfig, family: FamilySpec) -> Zero3Gathered:
@@ -128,9 +130,10 @@ def zero3_gathered(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib
     spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, zero3=two).device_total
     param_b = 4 if cfg.precision == "fp32" else 2
     whole = int(sum(_rank_stage_params(cfg, family)))
-    cpu = device == "cpu"
-    if spare >= (whole - max(two.max_live, _largest_module_params(cfg, family))) * param_b + cpu * whole * param_b:
-        return Zero3Gathered.whole(whole, one_bucket=cpu)
+    candidate = Zero3Gathered.whole(whole, cpu=device == "cpu")
+    more_params = whole - max(two.max_live, _largest_module_params(cfg, family))
+    if spare >= (more_params + REDUCE_BUCKET_COPIES * (candidate.reduce_bucket or 0)) * param_b:
+        return candidate
     block = two.max_live // 2
     blocks = math.ceil(cfg.model.n_layers / cfg.parallel.pp)
     more = int(spare // (block * param_b)) if block > 0 else 0
