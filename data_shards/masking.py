@@ -23,6 +23,15 @@ import numpy as np
 #: Label of a position the loss leaves out: ``torch.nn.functional.cross_entropy``'s default ``ignore_index``.
 IGNORE_INDEX = -100
 
+#: Share of a window's ordinary positions chosen for prediction (Devlin et al. 2019).
+MASK_RATE = 0.15
+
+
+def masked_per_sample(seq_len: int, rate: float = MASK_RATE) -> int:
+    """Positions of a ``seq_len`` window chosen for prediction (labelled): ``round(rate * (seq_len - 2))``, at
+    least one; fewer only when the window holds fewer ordinary tokens. The planner sizes the encoder's loss by it."""
+    return max(1, round(rate * (seq_len - 2)))
+
 
 @dataclass(frozen=True)
 class MaskedLM:
@@ -36,7 +45,7 @@ class MaskedLM:
     seed: int
     #: The shards' end-of-document token (becomes ``[SEP]``); None: the windows hold none.
     eos_id: int | None = None
-    rate: float = 0.15
+    rate: float = MASK_RATE
     #: ``[PAD]``: never in a (full) window, and never drawn as a replacement; None: the model has none.
     pad_id: int | None = None
 
@@ -66,7 +75,7 @@ class MaskedLM:
             inner = inputs[:, 1:-1]
             inner[inner == self.eos_id] = self.sep_id
         labels = np.full((rows, seq_len), IGNORE_INDEX, dtype=np.int64)
-        count = max(1, round(self.rate * (seq_len - 2)))
+        count = masked_per_sample(seq_len, self.rate)
         special = np.asarray(self.special_ids)
         for row, sample in enumerate(sample_ids):
             gen = np.random.Generator(np.random.PCG64([self.seed, int(sample)]))

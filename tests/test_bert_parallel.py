@@ -1,5 +1,5 @@
 """The encoder under tensor and pipeline parallelism: its tp plan and sharded init, tp2 against the
-dense model (logits, loss, every gradient), the equivalence list (tp2, pp2, dp2 x tp2, pp2 x tp2,
+dense model (logits, loss, every gradient, the loss over logits and the fused head's), the equivalence list (tp2, pp2, dp2 x tp2, pp2 x tp2,
 through the real engine and loop) against one process loss for loss, and checkpoints of those
 layouts converted to ``BertForMaskedLM`` and verified against the engine's own logits."""
 
@@ -103,7 +103,9 @@ def test_the_pipeline_layer_table_holds_every_parameter_once() -> None:
 
 
 # ---- tp2 against the dense model --------------------------------------------------------------------
-def _tp2_against_dense(vocab: int, multiple: int) -> dict[str, float]:
+def _tp2_against_dense(vocab: int, multiple: int, fused: bool) -> dict[str, float]:
+    """tp2 against the dense model's logits and loss over them; ``fused``: the tp2 loss is the training one,
+    the vocab-parallel fused head on the masked rows (``model(inputs, labels=labels)``)."""
     from test_parallel_tp import gradient_diffs
 
     from fm_train.dist.groups import ParallelGroups
@@ -111,37 +113,43 @@ def _tp2_against_dense(vocab: int, multiple: int) -> dict[str, float]:
     from fm_train.families import FAMILIES
     from fm_train.families.bert.model import masked_lm_loss
     from fm_train.engine.train_module import build_tp_model
+    from fm_train.model.loss import token_mean
     from fm_train.parallel.tensor_parallel import TPGroup, gather_from_tp, vocab_parallel_cross_entropy
 
     args = _args(vocab, multiple)
     tp = TPGroup.from_groups(ParallelGroups(Topology(world=2, tp=2)))
     model, dense = build_tp_model(FAMILIES["bert"], args, tp, SEED), _dense(args)
     inputs, labels = B.global_batch(0)
-    local = model(inputs)
-    assert local.shape[-1] == args.padded_vocab_size // 2
-    loss = vocab_parallel_cross_entropy(local, labels, tp, vocab_size=args.vocab_size)
-    loss.backward()
     ref_logits = dense(inputs)
     ref_loss = masked_lm_loss(ref_logits, labels, vocab_size=args.vocab_size)
     ref_loss.backward()
-    diffs = {"logits": (gather_from_tp(local.detach(), tp) - ref_logits.detach()).abs().max().item(),
-             "loss": abs(loss.item() - ref_loss.item())}
+    diffs = {}
+    if fused:
+        loss = token_mean(model(inputs, labels=labels), labels)
+    else:
+        local = model(inputs)
+        assert local.shape[-1] == args.padded_vocab_size // 2
+        loss = vocab_parallel_cross_entropy(local, labels, tp, vocab_size=args.vocab_size)
+        diffs["logits"] = (gather_from_tp(local.detach(), tp) - ref_logits.detach()).abs().max().item()
+    loss.backward()
+    diffs["loss"] = abs(loss.item() - ref_loss.item())
     # A floor under the reference: the key bias's gradient is zero in exact arithmetic (a softmax does
     # not change when every score of a query shifts), so only rounding noise is compared there.
     return {**diffs, **gradient_diffs(model, dense, tp, floor=1e-4)}
 
 
-def _tp2_cases() -> dict[int, dict[str, float]]:
+def _tp2_cases() -> dict[tuple[int, bool], dict[str, float]]:
     # 1001 tokens padded to 1024: tp rank 1's shard of the decoder and its bias ends in 23 padding columns.
-    return {vocab: _tp2_against_dense(vocab, multiple) for vocab, multiple in ((B.VOCAB, 1), (1001, 128))}
+    return {(vocab, fused): _tp2_against_dense(vocab, multiple, fused)
+            for vocab, multiple in ((B.VOCAB, 1), (1001, 128)) for fused in (False, True)}
 
 
 @pytest.mark.multiproc
 def test_tp2_encoder_logits_loss_and_gradients_equal_the_dense_model() -> None:
     for rank, cases in enumerate(run_distributed(_tp2_cases, world_size=2)):
-        for vocab, diffs in cases.items():
+        for (vocab, fused), diffs in cases.items():
             bad = {k: v for k, v in diffs.items() if not v < 1e-5}
-            assert not bad, f"rank {rank}, vocab {vocab}: {bad}"
+            assert not bad, f"rank {rank}, vocab {vocab}, fused head {fused}: {bad}"
 
 
 # ---- the equivalence list through the engine ---------------------------------------------------------

@@ -196,6 +196,37 @@ def test_llama_head_loss_equals_the_loss_over_its_logits():
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
 
 
+def test_bert_head_loss_on_the_masked_rows_equals_the_loss_over_all_its_logits():
+    """The encoder given labels runs its transform and fused decoder on the masked rows only; loss and every
+    gradient (the tied decoder/embedding and the MLM bias included) are those of the logits path."""
+    from fm_train.families.bert.model import BertArgs, masked_lm_loss
+
+    args = BertArgs(n_layers=2, hidden=32, n_heads=4, ffn_hidden=64, vocab_size=61, max_seq_len=16, vocab_multiple=8)
+    model = args.build()
+    model.init_weights(3)
+    with torch.no_grad():  # BERT's biases start at zero: give them values, so their gradients mean something
+        model.cls.predictions.bias[:61].normal_(0.0, 0.5, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 61, (3, 12))
+    labels = torch.where(torch.rand(3, 12) < 0.3, torch.randint(0, 61, (3, 12)), IGNORE_INDEX)
+    labels[0, 0], labels[1, :] = 5, IGNORE_INDEX  # a sample with nothing masked
+    params = [p for p in model.parameters()]
+    ref = masked_lm_loss(model(tokens), labels, vocab_size=61)
+    ref_grads = torch.autograd.grad(ref, params)
+    losses = model(tokens, labels=labels)
+    assert losses.shape == (3, 12) and losses.dtype == torch.float32
+    assert (losses[labels == IGNORE_INDEX] == 0).all()
+    ours = token_mean(losses, labels)
+    grads = torch.autograd.grad(ours, params)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)
+    # Nothing masked: NaN, as F.cross_entropy's mean over no token.
+    none = torch.full_like(labels, IGNORE_INDEX)
+    assert torch.isnan(masked_lm_loss(model(tokens), none, vocab_size=61))
+    assert torch.isnan(token_mean(model(tokens, labels=none), none))
+
+
 def _tp2_head(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, real: int, chunk_bytes: int) -> dict:
     """Rank's part of the vocab-parallel fused head: per-token losses and this rank's gradients."""
     import torch.distributed as dist
@@ -276,3 +307,19 @@ def test_the_planner_counts_the_fused_loss_by_the_losss_own_chunk_size():
     # 2048 tokens over a 128,256-column head at hidden 2048: a fraction of the unfused logits' 3 copies.
     unfused = 2048 * 128256 * (4 + 4 + 4)
     assert fused_loss_bytes(2048, 128256, 2048, half=False) < 0.45 * unfused
+
+
+def test_the_planner_counts_the_encoders_head_on_its_masked_tokens():
+    from data_shards.masking import masked_per_sample
+    from fm_train.config import build_config
+    from fm_train.families import family_of
+    from fm_train.plan.memory import estimate_memory, fused_loss_bytes
+
+    cfg = build_config({"model": {"preset": "bert-base", "vocab_size": 30522},
+                        "data": {"seq_len": 512}, "train": {"micro_batch": 8}})
+    family = family_of(cfg.model)
+    masked = 8 * masked_per_sample(512)
+    assert masked == 8 * 76  # round(0.15 x the 510 positions between [CLS] and [SEP])
+    half = cfg.precision != "fp32"
+    want = fused_loss_bytes(masked, cfg.model.padded_vocab_size, cfg.model.hidden, half)
+    assert estimate_memory(cfg, family).logits == want

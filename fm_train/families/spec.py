@@ -51,6 +51,9 @@ class Sizes:
     #: The output head is fused with the loss (``Modules.head_loss``): the last stage holds a few rows of
     #: logits at a time, not the whole ``tokens x vocab`` and its fp32 copies (the planner's loss term).
     fused_head_loss: bool = False
+    #: With ``fused_head_loss``: how many tokens of one micro-batch of ``cfg`` the fused head computes, at
+    #: most (a masked LM's head runs on the masked ones only); None: all of them.
+    head_tokens: Callable[["FmConfig"], int] | None = None
 
 
 @dataclass(frozen=True)

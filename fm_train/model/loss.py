@@ -177,7 +177,8 @@ class LMHead(nn.Linear):
     ``forward(hidden)``: logits ``[..., columns]``; ``forward(hidden, labels)``: fp32 losses shaped as
     ``labels`` (0 where a label is ``ignore_index``). The matmul runs inside the module's call, so
     whatever gathers the weight around a module's forward (ZeRO-3) still does. ``real_vocab``: columns
-    that are tokens (the rest are vocabulary padding, left out of the softmax).
+    that are tokens (the rest are vocabulary padding, left out of the softmax). ``bias``: a bias another
+    module holds (BERT's MLM bias, ``cls.predictions.bias`` in Hugging Face's keys), in place of the head's own.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, *, real_vocab: int | None = None,
@@ -185,10 +186,12 @@ class LMHead(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.real_vocab = out_features if real_vocab is None else real_vocab
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,  # type: ignore[override]
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        bias = self.bias if bias is None else bias
         if labels is None:
-            return F.linear(x, self.weight, self.bias)
-        losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), bias=self.bias,
+            return F.linear(x, self.weight, bias)
+        losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), bias=bias,
                                       real_vocab=self.real_vocab)
         return losses.view(labels.shape)
 

@@ -24,7 +24,7 @@ from fm_train.deepspeed_adapter.pipeline import (
 from fm_train.deepspeed_adapter.pipeline import pipeline_module as _ds_pipeline_module
 from fm_train.parallel.sequence_parallel import split_stage_input
 from fm_train.parallel.sharded_init import InitSource, materialize_
-from fm_train.model.loss import linear_cross_entropy, token_mean
+from fm_train.model.loss import IGNORE_INDEX, linear_cross_entropy, token_mean
 from fm_train.parallel.tensor_parallel import (
     TPGroup,
     VocabParallelEmbedding,
@@ -74,12 +74,24 @@ class HeadLoss:
     (:func:`~fm_train.model.loss.linear_cross_entropy`, vocab-parallel over tp) and takes their mean.
     With ``fused`` off (the checkpoint probe wants logits) the head layer returns this rank's logits and
     ``unfused``, the loss over logits, applies.
+
+    An encoder's head has more to it (BERT's): a layer before the head that the loss applies (a transform,
+    :meth:`transform_output`) and a bias held by a layer after it (:meth:`bias_output`). With
+    ``labelled_only`` the loss first keeps the tokens whose label is not ``-100``, so the transform and the
+    head run on those rows only (a masked LM's ~15 %); the rows enter the tp region after the transform
+    (replicated, its gradient whole on every rank), which the sequence split inside tp would not allow.
     """
 
-    def __init__(self, vocab_size: int, tp: TPGroup, unfused: LossFn) -> None:
+    def __init__(self, vocab_size: int, tp: TPGroup, unfused: LossFn, *, labelled_only: bool = False) -> None:
+        if labelled_only and tp.sequence_parallel:
+            raise ValueError("HeadLoss(labelled_only=True) picks rows of the whole sequence: it cannot run with"
+                             " the sequence split inside tensor parallelism (parallel.tp_sequence_parallel)")
         self.vocab_size, self.tp, self.unfused = vocab_size, tp, unfused
+        self.labelled_only = labelled_only
         self.fused = True
         self._head: torch.nn.Module | None = None
+        self._transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._bias: torch.nn.Module | None = None
 
     def head_output(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """What the head layer (whose ``weight`` holds this rank's vocabulary rows) returns for ``hidden``."""
@@ -88,18 +100,38 @@ class HeadLoss:
             return hidden
         return F.linear(copy_to_tp(hidden, self.tp), head.weight)
 
+    def transform_output(self, transform: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
+                         ) -> torch.Tensor:
+        """What a layer before the head returns: ``transform(hidden)``, or fused, ``hidden`` (the loss applies
+        ``transform``, to the labelled rows only with ``labelled_only``)."""
+        self._transform = transform
+        return hidden if self.fused else transform(hidden)
+
+    def bias_output(self, holder: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """What a layer after the head holding its ``bias`` (this rank's columns) returns: the head's logits
+        plus the bias, or fused, the hidden states the loss takes (and adds the bias to its logits)."""
+        self._bias = holder
+        return output if self.fused else output + holder.bias
+
     def __call__(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not self.fused:
             return self.unfused(output, labels)
         if self._head is None:
             raise RuntimeError("HeadLoss: the pipeline's head layer never ran (it must call head_output)")
-        hidden = copy_to_tp(output, self.tp)
+        hidden, labels = output, labels.reshape(-1)
+        if self.labelled_only:
+            keep = labels != IGNORE_INDEX
+            hidden, labels = hidden.reshape(-1, hidden.shape[-1])[keep], labels[keep]
+        if self._transform is not None:
+            hidden = self._transform(hidden)
+        hidden = copy_to_tp(hidden, self.tp)  # under the sequence split: [batch, seq / tp, hidden] gathered
+        hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = self._head.weight
         start = self.tp.rank * weight.shape[0]
-        losses = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+        losses = linear_cross_entropy(hidden, weight, labels, bias=None if self._bias is None else self._bias.bias,
                                       vocab_start=start, real_vocab=self.vocab_size - start,
                                       combine=tp_combine(self.tp))
-        return token_mean(losses, labels.reshape(-1))
+        return token_mean(losses, labels)
 
 
 def layer_counts(layer_names: Mapping[int, str], shapes: Mapping[str, torch.Size],

@@ -223,13 +223,17 @@ class VocabParallelHead(ColumnParallelLinear):
         super().__init__(in_features, out_features, tp, bias=bias, copy_input=copy_input, device=device)
         self.real_vocab = real_vocab
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
-        if labels is None:
-            return super().forward(x)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,  # type: ignore[override]
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias``: this rank's columns of a bias another module holds, in place of the head's own (as
+        :class:`~fm_train.model.loss.LMHead`)."""
+        bias = self.bias if bias is None else bias
         if self.copy_input:
             x = copy_to_tp(x, self.tp)  # backward sums the ranks' parts of the input's gradient
+        if labels is None:
+            return F.linear(x, self.weight, bias)
         start = self.tp.rank * self.weight.shape[0]
-        losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), bias=self.bias,
+        losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, labels.reshape(-1), bias=bias,
                                       vocab_start=start, real_vocab=self.real_vocab - start,
                                       combine=tp_combine(self.tp))
         return losses.view(labels.shape)
@@ -441,12 +445,6 @@ def _regathering_region(module: nn.Module, tp: TPGroup) -> None:
     module.register_forward_hook(post, always_call=True)
 
 
-def _copy_out_hook(tp: TPGroup):
-    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
-        return copy_to_tp(output, tp)
-    return hook
-
-
 def _sum_grads_over_tp(module: nn.Module, tp: TPGroup, names: frozenset[str] | None = None) -> None:
     """Make the gradients of ``module``'s own parameters (those in ``names``: None, all) sum over the tp
     ranks (a hook on each)."""
@@ -545,8 +543,6 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
                 _regathering_region(module, tp)
             else:
                 module.register_forward_pre_hook(_copy_in_hook(tp))
-        if plan.is_output_into_tp(name):
-            module.register_forward_hook(_copy_out_hook(tp))
         if plan.sums_grads(name):
             _register_summed_grads(module, tp)
         elif tp.sequence_parallel:  # whole weights applied to this rank's tokens only: partial gradients

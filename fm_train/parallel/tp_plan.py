@@ -34,9 +34,6 @@ class TPPlan:
       not swap (BERT's MLM bias, one entry per vocabulary column).
     - ``regions``: modules whose input enters the tp region once (a forward pre-hook), for the
       column-parallel linears inside them that share it (q/k/v).
-    - ``outputs_into_tp``: modules whose output enters the tp region (a forward hook): a replicated
-      computation that feeds a column-parallel weight used outside its module's own forward (BERT's
-      prediction transform before the tied decoder).
     - ``summed_grads``: modules inside the region whose weights stay whole although each tp rank
       applies them to its own heads only (Qwen3's per-head q/k norms): each rank's gradient is a
       partial sum, so it is summed over the tp ranks in backward (Megatron-Core all-reduces its
@@ -46,7 +43,6 @@ class TPPlan:
     modules: Mapping[str, Style]
     params: Mapping[str, int] = field(default_factory=dict)
     regions: tuple[str, ...] = ()
-    outputs_into_tp: tuple[str, ...] = ()
     summed_grads: tuple[str, ...] = ()
 
     def style_of(self, module: str) -> Style | None:
@@ -57,10 +53,6 @@ class TPPlan:
     def is_region(self, module: str) -> bool:
         """Whether ``module``'s input is copied into the tp region on entry."""
         return _suffix_match(module, dict.fromkeys(self.regions)) is not None
-
-    def is_output_into_tp(self, module: str) -> bool:
-        """Whether ``module``'s output is copied into the tp region."""
-        return _suffix_match(module, dict.fromkeys(self.outputs_into_tp)) is not None
 
     def sums_grads(self, module: str) -> bool:
         """Whether ``module``'s whole weights get gradients summed over the tp ranks."""

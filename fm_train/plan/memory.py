@@ -201,7 +201,8 @@ def estimate_memory(cfg: FmConfig, family: FamilySpec, *, device: str = "cpu",
     tokens = cfg.data.seq_len // p.sp * cfg.train.micro_batch
     logits = tokens * cfg.model.padded_vocab_size / p.tp * (4 + 4 + (2 if half else 4))
     if family.sizes.fused_head_loss:
-        logits = fused_loss_bytes(tokens, cfg.model.padded_vocab_size // p.tp, cfg.model.hidden, half)
+        head = tokens if family.sizes.head_tokens is None else min(tokens, family.sizes.head_tokens(cfg))
+        logits = fused_loss_bytes(head, cfg.model.padded_vocab_size // p.tp, cfg.model.hidden, half)
     # Document masking on CPU: the additive mask of the whole sequence (made once per forward, in the
     # activations' dtype) and the boolean one it comes from; on a GPU FlexAttention's block mask is
     # (seq / 128)^2 entries, nothing next to the activations.

@@ -5,6 +5,10 @@ word embeddings.
 No distributed code lives here; parallelism is applied from outside. Module names map one to one
 onto ``transformers``' ``BertForMaskedLM`` state-dict keys (``bert.encoder.layer.0.attention.self.query.weight``
 ...), so conversion is a rename-free copy.
+
+Given labels, the head runs on the masked positions only (about 15 % of them): the prediction transform
+and the decoder, fused with the cross-entropy (:class:`~fm_train.model.loss.LMHead`), see only the rows
+that carry a label, and the full ``tokens x vocab`` logits never exist.
 """
 
 from __future__ import annotations
@@ -19,9 +23,7 @@ from torch import nn
 
 from fm_train.families.bert import TIED_PARAMS, VOCAB_ROW_PARAMS
 from fm_train.model.base import Init, ModelArgs, real_logits
-
-#: Label of a position the loss leaves out (not masked): ``torch.nn.functional.cross_entropy``'s default.
-IGNORE_INDEX = -100
+from fm_train.model.loss import IGNORE_INDEX, LMHead
 
 
 @dataclass(frozen=True)
@@ -188,18 +190,35 @@ class BertPredictionHeadTransform(nn.Module):
 
 
 class BertLMPredictionHead(nn.Module):
-    """Transform, then the decoder (tied to the word embeddings) plus its own bias."""
+    """Transform, then the decoder (tied to the word embeddings) plus its own bias.
+
+    The decoder is an :class:`~fm_train.model.loss.LMHead` (an ``nn.Linear``: the same key; the tp plan
+    makes it a :class:`~fm_train.parallel.tensor_parallel.VocabParallelHead`) given this module's bias, so
+    ``cls.predictions.bias`` stays where ``transformers`` keeps it and the logits are one addmm with it.
+    """
 
     def __init__(self, args: BertArgs) -> None:
         super().__init__()
         self.transform = BertPredictionHeadTransform(args)
-        self.decoder = nn.Linear(args.hidden, args.padded_vocab_size, bias=False)
+        self.decoder = LMHead(args.hidden, args.padded_vocab_size, real_vocab=args.vocab_size)
         self.bias = nn.Parameter(torch.zeros(args.padded_vocab_size))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # One addmm with the bias, as transformers' decoder does (its decoder.bias is this parameter),
-        # rather than a matmul and a separate add over the whole [batch, seq, vocab] logits.
-        return F.linear(self.transform(h), self.decoder.weight, self.bias)
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of ``h`` ``[..., hidden]``; with ``labels`` (``h``'s token shape), each token's fp32 loss,
+        0 where the label is :data:`IGNORE_INDEX`.
+
+        The labelled rows are picked first and only they go through the transform and the decoder fused
+        with the cross-entropy: the head costs the ~15 % of the tokens the loss counts, not all of them.
+        The transform (dense, GELU, LayerNorm) acts on each row alone, so the values are those over all rows.
+        """
+        if labels is None:
+            return self.decoder(self.transform(h), bias=self.bias)
+        flat = labels.reshape(-1)
+        keep = flat != IGNORE_INDEX
+        rows = h.reshape(-1, h.shape[-1])[keep]
+        picked = self.decoder(self.transform(rows), flat[keep], bias=self.bias)
+        losses = torch.zeros(flat.shape, dtype=picked.dtype, device=picked.device).masked_scatter(keep, picked)
+        return losses.view(labels.shape)
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -207,13 +226,18 @@ class BertOnlyMLMHead(nn.Module):
         super().__init__()
         self.predictions = BertLMPredictionHead(args)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.predictions(h)
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.predictions(h, labels)
 
 
 class BertForMaskedLM(nn.Module):
     """Encoder plus MLM head; ``forward(input_ids) -> logits`` over ``args.padded_vocab_size`` columns
-    (those from ``args.vocab_size`` on belong to no token; :func:`masked_lm_loss` leaves them out)."""
+    (those from ``args.vocab_size`` on belong to no token; :func:`masked_lm_loss` leaves them out).
+
+    ``forward(input_ids, labels=labels)`` returns each token's fp32 loss instead (0 where nothing was
+    masked; :func:`~fm_train.model.loss.token_mean` makes it :func:`masked_lm_loss`'s value): the head
+    runs on the masked positions only, fused with the cross-entropy (:class:`BertLMPredictionHead`).
+    """
 
     def __init__(self, args: BertArgs) -> None:
         super().__init__()
@@ -222,8 +246,9 @@ class BertForMaskedLM(nn.Module):
         self.cls = BertOnlyMLMHead(args)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.cls(self.bert(input_ids, token_type_ids))
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.cls(self.bert(input_ids, token_type_ids), labels)
 
     def tie_weights(self) -> None:
         """Tie the decoder to the word embeddings again (after ``to_empty``, which gives each its own storage)."""
@@ -243,6 +268,10 @@ class BertForMaskedLM(nn.Module):
 
 def masked_lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None) -> torch.Tensor:
     """Mean cross-entropy over the masked positions (``labels`` is the original token there and
-    :data:`IGNORE_INDEX` elsewhere); with ``vocab_size`` the padding columns are left out."""
+    :data:`IGNORE_INDEX` elsewhere); with ``vocab_size`` the padding columns are left out. NaN when no
+    position is masked (0 / 0, as ``F.cross_entropy``; the fused head's ``token_mean`` gives the same).
+
+    The loss over logits: training takes the fused head's (``forward(..., labels=)``, the same value);
+    this one serves a pipeline's probe, which wants the logits, and the tests."""
     logits = real_logits(logits, vocab_size)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)

@@ -11,6 +11,7 @@ from fm_train.families.bert.model import BertArgs, BertLayer, bert_args_from_con
 from fm_train.families.bert.pipeline import build_pipeline, pipeline_layer_names, stage_bounds
 from fm_train.families.bert.tp_plan import TP_PLAN
 from fm_train.families.spec import LossFn, Modules
+from fm_train.model.loss import token_mean
 
 
 def finish_materialize(model: nn.Module, args: BertArgs) -> None:
@@ -19,7 +20,7 @@ def finish_materialize(model: nn.Module, args: BertArgs) -> None:
 
 
 def loss(args: BertArgs) -> LossFn:
-    """Masked-token cross-entropy over the real vocabulary."""
+    """Masked-token cross-entropy over the real vocabulary, from logits (training takes ``head_loss``'s)."""
     return functools.partial(masked_lm_loss, vocab_size=args.vocab_size)
 
 
@@ -39,4 +40,6 @@ MODULES = Modules(
     stage_bounds=stage_bounds,
     build_pipeline=build_pipeline,
     pipeline_tied_module=pipeline_tied_module,
+    # Given labels the model returns each token's loss, its head run on the masked tokens only.
+    head_loss=lambda _args: token_mean,
 )

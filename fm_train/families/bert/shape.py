@@ -4,7 +4,8 @@ Model FLOPs per token are ``6 * N_matmul + 12 * n_layers * hidden * seq_len``, a
 (:mod:`fm_train.families.llama.shape`): ``N_matmul`` is each block's q, k, v, output, intermediate
 and output projections plus the MLM head's transform and decoder (``hidden * vocab``, tied to the
 word embeddings but a matmul all the same). The embeddings are lookups, LayerNorms elementwise.
-The decoder runs over every position, as ``BertForMaskedLM`` does, not only the masked ones.
+The head runs on the masked positions only (training gives the model its labels), so it counts for
+their share of a window (:func:`head_tokens`), not for every position as in ``BertForMaskedLM``.
 """
 
 from __future__ import annotations
@@ -42,11 +43,23 @@ def parameter_count(shape: Any) -> int:
     return _embeddings(shape) + shape.n_layers * _block(shape) + _head(shape)
 
 
+def _masked(seq_len: int) -> int:
+    """Positions of a window the loss predicts (the loader's fixed count per sample, at most)."""
+    from data_shards.masking import masked_per_sample
+
+    return masked_per_sample(seq_len)
+
+
+def head_tokens(cfg: Any) -> int:
+    """Tokens of one micro-batch the prediction head computes: the masked ones, at most."""
+    return cfg.train.micro_batch * _masked(cfg.data.seq_len)
+
+
 def flops_per_token(shape: Any, seq_len: int) -> float:
-    """Model FLOPs for one trained token (forward + backward) at sequence length ``seq_len``."""
-    matmul = shape.n_layers * block_matmul_params(shape) + shape.hidden * shape.hidden \
-        + shape.hidden * shape.padded_vocab_size
-    return 6.0 * matmul + 12.0 * shape.n_layers * shape.hidden * seq_len
+    """Model FLOPs for one trained token (forward + backward) at sequence length ``seq_len``: the blocks for
+    every token, the head (transform and decoder) for the masked share of them."""
+    head = (shape.hidden * shape.hidden + shape.hidden * shape.padded_vocab_size) * _masked(seq_len) / seq_len
+    return 6.0 * (shape.n_layers * block_matmul_params(shape) + head) + 12.0 * shape.n_layers * shape.hidden * seq_len
 
 
 def stage_params(cfg: Any) -> int:
