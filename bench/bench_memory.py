@@ -160,6 +160,7 @@ def main() -> int:
 
     from fm_train.engine.build import memory_budget_gib
     from fm_train.families import family_of
+    from fm_train.dist.host_memory import policy_for, requested_policy
     from fm_train.plan.memory import estimate_memory, format_memory, zero3_gathered
 
     cfg = make_config(args.preset, args.seq, args.workers, args.steps, args.zero, args.layers)
@@ -167,6 +168,9 @@ def main() -> int:
     os.environ["LOCAL_WORLD_SIZE"] = str(args.workers)  # the ranks' budget: ZeRO-3's gathered blocks as the engine's
     gathered = zero3_gathered(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
     est = estimate_memory(cfg, family, device="cpu", zero3=gathered)
+    if args.malloc is None:  # as the worker chooses
+        args.malloc = requested_policy() or policy_for(est.device_total / GIB, memory_budget_gib(cfg))
+    print(f"allocator policy: {args.malloc}", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

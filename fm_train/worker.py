@@ -136,7 +136,8 @@ def run_worker(cfg: FmConfig) -> int:
     from fm_train.dist.heartbeat import Heartbeat
     from fm_train.dist.rendezvous import local_endpoint, rendezvous_errors
     from fm_train.engine import MetricsSink, TrainState, build_engine, train
-    from fm_train.dist.host_memory import HostMemory
+    from fm_train.engine.build import memory_budget_gib, planned_peak_gib
+    from fm_train.dist.host_memory import HostMemory, requested_policy
     from fm_train.engine.goodput import Goodput
     from fm_train.engine.loop import throughput_spec
     from fm_train.engine.train_module import build_train_module
@@ -151,9 +152,8 @@ def run_worker(cfg: FmConfig) -> int:
     family = family_of(cfg.model)  # resolved once, handed to what needs it
     env = RankEnv.from_environ()
     _check_world(cfg, env)
-    # CPU ranks: activations reused from the heap, its free pages returned after every step.
     try:
-        host_memory = HostMemory.configure(gpu=torch.cuda.is_available())
+        malloc = requested_policy()  # checked before anything starts; None: chosen by the plan below
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     # SIGTERM (preemption, the launcher stopping the group) and SIGINT: finish the step, save, exit 0.
@@ -185,6 +185,14 @@ def run_worker(cfg: FmConfig) -> int:
                 print(f"model.vocab_size: auto = {cfg.model.vocab_size} (the {info.vocab_size} tokens of"
                       f" {info.tokenizer_dir} and the {family.name} special tokens it lacks)", flush=True)
 
+        # CPU ranks: activations reused from the heap where the plan leaves room for what it keeps, else
+        # each freed at once (fm_train.dist.host_memory); the heap's growth trimmed after a step.
+        host_memory = HostMemory.configure(malloc, gpu=torch.cuda.is_available(), budget_gib=memory_budget_gib(cfg),
+                                           plan_gib=planned_peak_gib(cfg, family))
+        if is_rank0 and malloc is None and host_memory.policy == "small" and not torch.cuda.is_available():
+            print(f"host memory: the plan's peak is close to this rank's budget ({memory_budget_gib(cfg):.1f} GiB):"
+                  " freed activations go back to the OS at once (slower steps; FM_TRAIN_HOST_MALLOC=reuse keeps"
+                  " them for reuse)", flush=True)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)
         resume_from = checkpointing.resume_point(cfg, topo)
         init = _initial_weights(cfg, family, resuming=resume_from is not None)

@@ -67,3 +67,32 @@ def test_policies_are_checked_and_gpu_ranks_left_alone(monkeypatch):
     gpu = HostMemory.configure("reuse", gpu=True)
     gpu.trim()  # a no-op: no libc handle
     assert gpu._libc is None
+
+
+def test_the_plan_picks_the_policy_and_the_variable_overrides_it(monkeypatch):
+    from fm_train.dist.host_memory import REUSE_HEADROOM, policy_for, requested_policy
+
+    monkeypatch.delenv("FM_TRAIN_HOST_MALLOC", raising=False)
+    assert requested_policy() is None
+    # Room for what the heap keeps: reuse; a plan near the budget: small (RSS at the plan); unknown: reuse.
+    assert policy_for(2.0, 2.0 * REUSE_HEADROOM) == "reuse"
+    assert policy_for(9.5, 9.6) == "small"
+    assert policy_for(None, 9.6) == policy_for(9.5, None) == "reuse"
+    # gpu=True: the choice is made and recorded, and this test process's allocator is left as it is.
+    assert HostMemory.configure(gpu=True, plan_gib=9.5, budget_gib=9.6).policy == "small"
+    monkeypatch.setenv("FM_TRAIN_HOST_MALLOC", "reuse")
+    assert HostMemory.configure(gpu=True, plan_gib=9.5, budget_gib=9.6).policy == "reuse"
+    assert HostMemory.configure("glibc", gpu=True, plan_gib=9.5, budget_gib=9.6).policy == "glibc"
+
+
+def test_the_worker_plans_its_peak_with_what_zero3_gathers(tiny_config_dict):
+    from fm_train.config import build_config
+    from fm_train.engine.build import memory_budget_gib, planned_peak_gib
+    from fm_train.families import family_of
+    from fm_train.plan.memory import GIB, estimate_memory, zero3_gathered
+
+    raw = {**tiny_config_dict, "parallel": {**tiny_config_dict.get("parallel", {}), "zero_stage": 3}}
+    cfg = build_config(raw)
+    family = family_of(cfg.model)
+    gathered = zero3_gathered(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
+    assert planned_peak_gib(cfg, family) == estimate_memory(cfg, family, device="cpu", zero3=gathered).device_total / GIB

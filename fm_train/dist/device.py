@@ -12,8 +12,8 @@ bf16                   only if the GPU has it natively        allowed; warns whe
                        error naming ``precision``
 SDPA attention         flash, then memory-efficient, then     torch's default (unchanged CPU
                        cuDNN, then math as the fallback       numerics)
-AdamW                  ``torch.optim.AdamW(fused=True)``      ``torch.optim.AdamW`` (for-each)
-                       when its states live on the GPU
+AdamW                  ``torch.optim.AdamW(fused=True)``      the same (torch's CPU fused kernel;
+                                                              ZeRO-Offload's host states too)
 =====================  =====================================  ==================================
 
 The deciding functions are pure (they take flags, not torch state), so the rules are unit-tested on

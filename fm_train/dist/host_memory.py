@@ -12,8 +12,13 @@ high-water mark over the first ``SETTLE_STEPS`` steps (the step's own working se
 has grown past it by ``GROWTH`` are the heap's free pages returned to the OS (``malloc_trim``; trimming
 every step would cost the page faults that reuse saves). ``bench/RESULTS.md`` has the figures.
 
-``FM_TRAIN_HOST_MALLOC`` picks another policy: ``small`` (the 128 KiB threshold, no trim) or
-``glibc`` (untouched). GPU ranks are left alone: their tensors are not on this heap.
+What the heap keeps for reuse within a step is memory the plan does not count (about 1 GiB per rank at
+125M parameters with two ZeRO-3 blocks gathered; TinyLlama-1.1B on 2 ranks of a 24 GiB host outgrew the
+host with it, where ``small`` keeps RSS at the plan). So ``reuse`` is the default only where the plan
+leaves room for it: the planned peak times :data:`REUSE_HEADROOM` within the rank's memory budget
+(:func:`policy_for`); a tighter plan gets ``small``. ``FM_TRAIN_HOST_MALLOC`` picks a policy outright:
+``reuse``, ``small`` (the 128 KiB threshold, no trim) or ``glibc`` (untouched). GPU ranks are left
+alone: their tensors are not on this heap.
 """
 
 from __future__ import annotations
@@ -32,6 +37,26 @@ SMALL_MMAP_THRESHOLD = 128 << 10
 SETTLE_STEPS = 3  # the working set's high-water mark is taken over these first steps
 GROWTH = 0.05  # RSS beyond the mark by this share is fragmentation: trimmed
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+#: ``reuse`` needs the planned peak times this within the budget (measured: the heap kept up to 0.7x the
+#: plan's peak beyond it at 125M, bench/RESULTS.md).
+REUSE_HEADROOM = 1.75
+
+
+def requested_policy() -> Policy | None:
+    """The policy ``FM_TRAIN_HOST_MALLOC`` asks for, or None (chosen by the plan); ValueError names the
+    variable for an unknown one."""
+    chosen = os.environ.get(POLICY_ENV) or None
+    if chosen is not None and chosen not in POLICIES:
+        raise ValueError(f"{POLICY_ENV}={chosen!r} is not one of {', '.join(POLICIES)}")
+    return chosen  # type: ignore[return-value]
+
+
+def policy_for(plan_gib: float | None, budget_gib: float | None) -> Policy:
+    """The default policy for a rank whose planned peak is ``plan_gib`` of a ``budget_gib`` budget: ``reuse``
+    (fast) where the plan leaves it room, else ``small`` (RSS at the plan); ``reuse`` when either is unknown."""
+    if plan_gib is None or budget_gib is None or plan_gib * REUSE_HEADROOM <= budget_gib:
+        return "reuse"
+    return "small"
 
 
 class HostMemory:
@@ -42,12 +67,14 @@ class HostMemory:
         self._steps, self._mark, self.trims = 0, 0, 0
 
     @classmethod
-    def configure(cls, policy: str | None = None, *, gpu: bool) -> "HostMemory":
-        """Apply ``policy`` (default: ``FM_TRAIN_HOST_MALLOC`` or ``reuse``) to this process; a no-op one on a
-        GPU rank, off Linux, or without glibc. ValueError names the variable for an unknown policy."""
-        chosen = policy if policy is not None else os.environ.get(POLICY_ENV, "reuse")
+    def configure(cls, policy: str | None = None, *, gpu: bool, plan_gib: float | None = None,
+                  budget_gib: float | None = None) -> "HostMemory":
+        """Apply ``policy`` (default: ``FM_TRAIN_HOST_MALLOC``, else :func:`policy_for` the plan and budget) to
+        this process; a no-op one on a GPU rank, off Linux, or without glibc. ValueError names the variable
+        (or the argument) for an unknown policy."""
+        chosen = policy if policy is not None else requested_policy() or policy_for(plan_gib, budget_gib)
         if chosen not in POLICIES:
-            raise ValueError(f"{POLICY_ENV}={chosen!r} is not one of {', '.join(POLICIES)}")
+            raise ValueError(f"allocator policy {chosen!r} is not one of {', '.join(POLICIES)}")
         if gpu or not sys.platform.startswith("linux") or chosen == "glibc":
             return cls(None, chosen)  # type: ignore[arg-type]
         try:

@@ -23,7 +23,7 @@ from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
 from fm_train.families.spec import FamilySpec
 from fm_train.parallel.deepspeed_config import deepspeed_config
-from fm_train.plan.memory import GIB, zero3_gathered
+from fm_train.plan.memory import GIB, estimate_memory, zero3_gathered
 
 #: Shares of a device's memory a run may plan for: a GPU's (the allocator's cache and fragmentation take
 #: the rest), a CPU host's divided over its ranks (the OS, the driver and other processes the rest).
@@ -40,6 +40,15 @@ def memory_budget_gib(cfg: FmConfig) -> float:
         return total * GPU_BUDGET_SHARE
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / ranks * HOST_BUDGET_SHARE
+
+
+def planned_peak_gib(cfg: FmConfig, family: FamilySpec) -> float:
+    """The plan's peak for this rank, with ZeRO-3 gathering what this rank's budget holds (as rendered)."""
+    import torch
+
+    device = "gpu" if torch.cuda.is_available() else "cpu"
+    gathered = zero3_gathered(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
+    return estimate_memory(cfg, family, device=device, zero3=gathered).device_total / GIB
 
 
 def rendered_deepspeed_config(cfg: FmConfig, family: FamilySpec | None = None) -> dict[str, Any]:
