@@ -85,14 +85,26 @@ def test_the_plan_picks_the_policy_and_the_variable_overrides_it(monkeypatch):
     assert HostMemory.configure("glibc", gpu=True, plan_gib=9.5, budget_gib=9.6).policy == "glibc"
 
 
-def test_the_worker_plans_its_peak_with_what_zero3_gathers(tiny_config_dict):
+def test_the_worker_plans_its_peak_with_what_zero3_gathers_and_what_it_offloads(tiny_config_dict):
     from fm_train.config import build_config
+    from fm_train.dist.host_memory import policy_for
     from fm_train.engine.build import memory_budget_gib, planned_peak_gib
     from fm_train.families import family_of
     from fm_train.plan.memory import GIB, estimate_memory, zero3_gathered
 
-    raw = {**tiny_config_dict, "parallel": {**tiny_config_dict.get("parallel", {}), "zero_stage": 3}}
-    cfg = build_config(raw)
+    def cfg_with(**parallel):
+        return build_config({**tiny_config_dict, "parallel": {**tiny_config_dict.get("parallel", {}), **parallel}})
+
+    cfg = cfg_with(zero_stage=3)
     family = family_of(cfg.model)
-    gathered = zero3_gathered(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
-    assert planned_peak_gib(cfg, family) == estimate_memory(cfg, family, device="cpu", zero3=gathered).device_total / GIB
+    budget = memory_budget_gib(cfg)
+    # A tiny model on this host: the budget holds the whole stage (a CPU reduce bucket), and the heap's reuse.
+    assert zero3_gathered(cfg, family, device="cpu", budget_gib=budget).reduce_bucket is not None
+    peak = planned_peak_gib(cfg, family)
+    assert peak > estimate_memory(cfg, family, device="cpu").device_total / GIB  # more than two blocks gathered
+    assert policy_for(peak, budget) == "reuse"
+    # ZeRO-Offload on a CPU rank: the offloaded states are on the same host, so in the rank's plan.
+    offload = cfg_with(zero_stage=2, offload_optimizer=True)
+    est = estimate_memory(offload, family, device="cpu")
+    assert est.offloaded_optimizer > 0
+    assert planned_peak_gib(offload, family) == pytest.approx((est.device_total + est.offloaded_optimizer) / GIB)

@@ -13,7 +13,7 @@ ZERO3_SUB_GROUP = 20_000_000
 #: Gradient elements a CPU rank's ZeRO-3 reduce-scatters at once when it keeps its whole stage gathered.
 #: Each collective costs a gloo round trip, but a bucket is alive ~3.5 times over while it is reduced
 #: (the bucket, its flattened copy, gloo's buffer: ``REDUCE_BUCKET_COPIES``); 25M elements (100 MB fp32)
-#: is one collective a step up to ~100M-parameter stages and bounds those copies to ~0.35 GB above that.
+#: is one collective a step for stages up to 25M parameters, a few above, and bounds those copies to ~0.35 GB.
 CPU_REDUCE_BUCKET = 25_000_000
 REDUCE_BUCKET_COPIES = 3.5
 

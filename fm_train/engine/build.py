@@ -48,7 +48,7 @@ def planned_peak_gib(cfg: FmConfig, family: FamilySpec) -> float:
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
     gathered = zero3_gathered(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
-    return estimate_memory(cfg, family, device=device, zero3=gathered).device_total / GIB
+    return estimate_memory(cfg, family, device=device, zero3=gathered).rank_total(device) / GIB
 
 
 def rendered_deepspeed_config(cfg: FmConfig, family: FamilySpec | None = None) -> dict[str, Any]:

@@ -88,7 +88,8 @@ class ModelWithLoss(nn.Module):
 
 
 def build_dense_model(cfg: FmConfig, family: FamilySpec, init: InitSource | None = None) -> nn.Module:
-    """The whole pure model on CPU, initialised exactly as in every other layout (``init``: default the run seed)."""
+    """The whole pure model on torch's default device (a GPU rank's own under :func:`build_train_module`, else
+    CPU), initialised exactly as in every other layout (``init``: default the run seed)."""
     args = family.modules().args(cfg.model)
     model = args.build()
     init = cfg.run.seed if init is None else init

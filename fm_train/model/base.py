@@ -8,8 +8,10 @@ vocabulary-row and tied parameters, and never which family it has.
 Seeded init draws a parameter in tiles (:data:`INIT_TILE` of its 2-D view ``[elements / last dim,
 last dim]``), each from its own generator seeded by the run seed, the parameter's name and the tile's
 place: any slice (a tp shard of rows or of columns, an expert-parallel rank's experts, a ZeRO-3 flat
-range) is drawn alone, on the device that will hold it, touching only the tiles it overlaps, and equals
-the same slice of the whole parameter in every layout.
+range) is drawn alone, touching only the tiles it overlaps, and equals the same slice of the whole
+parameter in every layout. Tiles come from CPU generators (one tile in host memory at a time) and are
+placed on the device that will hold them: a GPU's generators would give other numbers than a CPU's, and
+other ones again on a GPU with another number of SMs, so the same seed would not start the same model.
 """
 
 from __future__ import annotations
@@ -89,7 +91,8 @@ class ModelArgs(ABC):
                       device: torch.device | str = "cpu") -> torch.Tensor:
         """Rows ``[r0, r1)`` and columns ``[c0, c1)`` (None: all) of parameter ``name``'s seeded initial
         value (full shape ``shape``) in its 2-D view ``[elements / shape[-1], shape[-1]]``, fp32, drawn on
-        ``device`` from the tiles they overlap only; the whole parameter when both are None."""
+        ``device`` from the tiles they overlap only (drawn on CPU, see the module docstring); the whole
+        parameter when both are None."""
         width = shape[-1] if len(shape) else 1
         height = math.prod(shape) // width if width else 0
         r0, r1 = rows or (0, height)
@@ -120,9 +123,9 @@ class Init:
     fill: float = 0.0
 
 
-def _tile_generator(key: str, i: int, j: int, device: torch.device | str) -> torch.Generator:
+def _tile_generator(key: str, i: int, j: int) -> torch.Generator:
     digest = hashlib.blake2b(f"{key}/{i}/{j}".encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") % 2**63)
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") % 2**63)
 
 
 def _draw_tiles(key: str, std: float, full: tuple[int, int], r0: int, r1: int, c0: int, c1: int,
@@ -133,9 +136,8 @@ def _draw_tiles(key: str, std: float, full: tuple[int, int], r0: int, r1: int, c
     out = torch.empty((r1 - r0, c1 - c0), dtype=torch.float32, device=device)
     for i in range(r0 // th, -(-r1 // th)):
         for j in range(c0 // tw, -(-c1 // tw)):
-            tile = torch.empty((min(th, full[0] - i * th), min(tw, full[1] - j * tw)), dtype=torch.float32,
-                               device=device)
-            tile.normal_(0.0, std, generator=_tile_generator(key, i, j, device))
+            tile = torch.empty((min(th, full[0] - i * th), min(tw, full[1] - j * tw)), dtype=torch.float32)
+            tile.normal_(0.0, std, generator=_tile_generator(key, i, j))
             top, left = max(r0, i * th), max(c0, j * tw)
             bottom, right = min(r1, (i + 1) * th), min(c1, (j + 1) * tw)
             out[top - r0:bottom - r0, left - c0:right - c0] = tile[top - i * th:bottom - i * th,

@@ -53,7 +53,7 @@ def zero3_buffer_sizes(cfg: FmConfig, gathered: Zero3Gathered | None = None) -> 
     and 2 x 2.2 GB of optimizer temporaries per rank on top of its 8.8 GB of ZeRO-3 states, more than a
     24 GiB machine holds (bench/RESULTS_memory.md). Buckets follow the Hugging Face integration's
     ``auto`` rule (``hidden^2``), unless ``gathered`` brings its own gradient bucket (a CPU rank holding
-    its whole stage: one reduce-scatter a step); gathered parameters are bounded by ``gathered`` (the
+    its whole stage: buckets of up to ``CPU_REDUCE_BUCKET`` elements); gathered parameters are bounded by ``gathered`` (the
     planner's choice from the rank's memory budget, :func:`fm_train.plan.memory.zero3_gathered`: more
     blocks, or the whole stage, where it holds them; None: two dense decoder blocks); optimizer
     sub-groups of ``ZERO3_SUB_GROUP`` (2e7) elements bound the flattened gradient of a step.

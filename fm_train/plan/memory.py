@@ -91,6 +91,11 @@ class MemoryEstimate:
         steady = self.params + self.grads + self.optimizer + self.runtime
         return steady + max(self.activations + self.logits + self.gathered + self.dispatch, self.optimizer_step)
 
+    def rank_total(self, device: str) -> float:
+        """Peak bytes of one rank against its memory budget: :attr:`device_total`, and on a CPU rank also the
+        offloaded optimizer states (the host is its device)."""
+        return self.device_total + (self.offloaded_optimizer if device == "cpu" else 0.0)
+
 
 def _largest_module_params(cfg: FmConfig, family: FamilySpec) -> int:
     """Parameters of the largest module a rank computes at once: a block or the embedding/head."""
@@ -120,14 +125,15 @@ def _rank_stage_params(cfg: FmConfig, family: FamilySpec) -> tuple[float, float]
 
 def zero3_gathered(cfg: FmConfig, family: FamilySpec, *, device: str, budget_gib: float | None) -> Zero3Gathered:
     """What ZeRO-3 may keep gathered on one rank: the whole stage (embedding and head included: nothing is
-    gathered twice in a step; on a CPU with its gradients reduce-scattered in one bucket) when
+    gathered twice in a step; on a CPU with its gradients reduce-scattered in buckets of up to
+    ``CPU_REDUCE_BUCKET`` elements) when
     ``budget_gib`` per device holds it beyond the plan's peak with two blocks; else two blocks (the one
     computing and the one prefetched) plus as many as it holds, up to the stage's blocks (a kept block is
     not gathered again for its backward or recompute). None (no budget known, or below ZeRO-3): two blocks."""
     two = _two_blocks(cfg, family)
     if cfg.parallel.zero_stage < 3 or budget_gib is None:
         return two
-    spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, zero3=two).device_total
+    spare = budget_gib * GIB - estimate_memory(cfg, family, device=device, zero3=two).rank_total(device)
     param_b = 4 if cfg.precision == "fp32" else 2
     whole = int(sum(_rank_stage_params(cfg, family)))
     candidate = Zero3Gathered.whole(whole, cpu=device == "cpu")
