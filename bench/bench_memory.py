@@ -158,7 +158,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch.multiprocessing as mp
 
-    from fm_train.engine.build import memory_budget_gib
+    from fm_train.engine.build import memory_budget_gib, planned_peak_gib
     from fm_train.families import family_of
     from fm_train.dist.host_memory import policy_for, requested_policy
     from fm_train.plan.memory import estimate_memory, format_memory, zero3_gathered
@@ -169,7 +169,7 @@ def main() -> int:
     gathered = zero3_gathered(cfg, family, device="cpu", budget_gib=memory_budget_gib(cfg))
     est = estimate_memory(cfg, family, device="cpu", zero3=gathered)
     if args.malloc is None:  # as the worker chooses
-        args.malloc = requested_policy() or policy_for(est.device_total / GIB, memory_budget_gib(cfg))
+        args.malloc = requested_policy() or policy_for(planned_peak_gib(cfg, family), memory_budget_gib(cfg))
     print(f"allocator policy: {args.malloc}", flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

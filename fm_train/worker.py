@@ -187,10 +187,11 @@ def run_worker(cfg: FmConfig) -> int:
 
         # CPU ranks: activations reused from the heap where the plan leaves room for what it keeps, else
         # each freed at once (fm_train.dist.host_memory); the heap's growth trimmed after a step.
-        host_memory = HostMemory.configure(malloc, gpu=torch.cuda.is_available(), budget_gib=memory_budget_gib(cfg),
+        budget = memory_budget_gib(cfg)
+        host_memory = HostMemory.configure(malloc, gpu=torch.cuda.is_available(), budget_gib=budget,
                                            plan_gib=planned_peak_gib(cfg, family))
         if is_rank0 and malloc is None and host_memory.policy == "small" and not torch.cuda.is_available():
-            print(f"host memory: the plan's peak is close to this rank's budget ({memory_budget_gib(cfg):.1f} GiB):"
+            print(f"host memory: the plan's peak is close to this rank's budget ({budget:.1f} GiB):"
                   " freed activations go back to the OS at once (slower steps; FM_TRAIN_HOST_MALLOC=reuse keeps"
                   " them for reuse)", flush=True)
         tokenizer_hash = getattr(info, "tokenizer_hash", None)

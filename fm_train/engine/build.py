@@ -23,6 +23,7 @@ from fm_train.engine.param_groups import weight_decay_groups
 from fm_train.engine.schedule import build_lr_scheduler
 from fm_train.families.spec import FamilySpec
 from fm_train.parallel.deepspeed_config import deepspeed_config
+from fm_train.deepspeed_adapter.settings import Zero3Gathered
 from fm_train.plan.memory import GIB, estimate_memory, zero3_gathered
 
 #: Shares of a device's memory a run may plan for: a GPU's (the allocator's cache and fragmentation take
@@ -42,12 +43,17 @@ def memory_budget_gib(cfg: FmConfig) -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / ranks * HOST_BUDGET_SHARE
 
 
-def planned_peak_gib(cfg: FmConfig, family: FamilySpec) -> float:
-    """The plan's peak for this rank, with ZeRO-3 gathering what this rank's budget holds (as rendered)."""
+def _rank_gathered(cfg: FmConfig, family: FamilySpec) -> tuple[str, Zero3Gathered]:
+    """This rank's device kind (``gpu`` or ``cpu``) and what ZeRO-3 keeps gathered within its budget."""
     import torch
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
-    gathered = zero3_gathered(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
+    return device, zero3_gathered(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
+
+
+def planned_peak_gib(cfg: FmConfig, family: FamilySpec) -> float:
+    """The plan's peak for this rank, with ZeRO-3 gathering what this rank's budget holds (as rendered)."""
+    device, gathered = _rank_gathered(cfg, family)
     return estimate_memory(cfg, family, device=device, zero3=gathered).rank_total(device) / GIB
 
 
@@ -55,13 +61,9 @@ def rendered_deepspeed_config(cfg: FmConfig, family: FamilySpec | None = None) -
     """fm-train's DeepSpeed config for this rank: with the model's ``family``, ZeRO-3 keeps as many blocks
     gathered as its memory budget holds beyond the plan's peak, or the whole stage
     (:func:`fm_train.plan.memory.zero3_gathered`); without it, two blocks."""
-    import torch
-
     if family is None:
         return deepspeed_config(cfg)
-    device = "gpu" if torch.cuda.is_available() else "cpu"
-    gathered = zero3_gathered(cfg, family, device=device, budget_gib=memory_budget_gib(cfg))
-    return deepspeed_config(cfg, zero3_gathered=gathered)
+    return deepspeed_config(cfg, zero3_gathered=_rank_gathered(cfg, family)[1])
 
 
 def build_engine(cfg: FmConfig, module: nn.Module, *, blocks: tuple[type, ...] = (), mpu: Any = None,
