@@ -184,6 +184,11 @@ class ParallelConfig(_Section):
                            " (norms, residual adds) each tp rank holds seq_len / tp tokens, the tp all-reduces"
                            " become reduce-scatter + all-gather; activation memory of those regions / tp. Needs"
                            " tp > 1.")
+    tp_overlap: bool = Field(
+        True, description="tp > 1: each region's column linears (q/k/v, gate/up) compute their weight gradients while"
+                          " the region's input-gradient all-reduce (reduce-scatter with tp_sequence_parallel) is in"
+                          " flight, as Megatron-Core does; false: the collective first, then the rest of backward."
+                          " Not under ZeRO-3 (its weights are partitioned when a region starts).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")

@@ -221,7 +221,8 @@ def _build(cfg: FmConfig, family: FamilySpec, groups: ParallelGroups | None, ini
     else:
         assert groups is not None  # _check raised otherwise
         tp = TPGroup.from_groups(groups, sequence_parallel=p.tp_sequence_parallel,
-                                 regather=not p.activation_checkpointing)
+                                 regather=not p.activation_checkpointing,
+                                 overlap=p.tp_overlap and p.zero_stage < 3)
         if p.pp > 1:
             module = modules.build_pipeline(args, pp=p.pp, dp=groups.topology.dp, tp=tp, seed=init,
                                             activation_checkpointing=p.activation_checkpointing

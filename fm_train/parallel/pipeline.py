@@ -62,7 +62,7 @@ def tied_head_forward(embedding: EmbeddingPipe, hidden: torch.Tensor, head_loss:
     with a fused ``head_loss``, the hidden states it turns into losses (:meth:`HeadLoss.head_output`)."""
     if head_loss is not None:
         return head_loss.head_output(embedding, hidden)
-    return F.linear(copy_to_tp(hidden, embedding.tp), embedding.weight)
+    return F.linear(copy_to_tp(hidden, embedding.tp, fresh_grad=True), embedding.weight)
 
 
 class HeadLoss:
@@ -98,7 +98,7 @@ class HeadLoss:
         self._head = head
         if self.fused:
             return hidden
-        return F.linear(copy_to_tp(hidden, self.tp), head.weight)
+        return F.linear(copy_to_tp(hidden, self.tp, fresh_grad=True), head.weight)
 
     def transform_output(self, transform: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
                          ) -> torch.Tensor:
@@ -124,7 +124,7 @@ class HeadLoss:
             hidden, labels = hidden.reshape(-1, hidden.shape[-1])[keep], labels[keep]
         if self._transform is not None:
             hidden = self._transform(hidden)
-        hidden = copy_to_tp(hidden, self.tp)  # under the sequence split: [batch, seq / tp, hidden] gathered
+        hidden = copy_to_tp(hidden, self.tp, fresh_grad=True)  # under the sequence split: [batch, seq / tp, hidden] gathered
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = self._head.weight
         start = self.tp.rank * weight.shape[0]

@@ -21,6 +21,7 @@ gradients are summed over the tp ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,13 +46,18 @@ class TPGroup:
     #: With the sequence split: regions keep only this rank's chunk of their gathered input for backward and
     #: gather it again then (off when blocks are recomputed, which keeps nothing of a region anyway).
     regather: bool = True
+    #: A region's column linears leave their weight gradients to the region's entry, which computes them while
+    #: the input gradient's collective is in flight (:class:`_EnterRegion`). Off under ZeRO-3: its parameters
+    #: are partitioned when the region is entered, and the entry takes the weights as inputs.
+    overlap: bool = False
 
     @classmethod
-    def from_groups(cls, groups: ParallelGroups, sequence_parallel: bool = False, regather: bool = True) -> "TPGroup":
+    def from_groups(cls, groups: ParallelGroups, sequence_parallel: bool = False, regather: bool = True,
+                    overlap: bool = False) -> "TPGroup":
         """The calling rank's tp group out of its :class:`ParallelGroups`."""
         return cls(groups.get_tensor_model_parallel_group(), groups.get_tensor_model_parallel_rank(),
                    groups.get_tensor_model_parallel_world_size(), sequence_parallel and
-                   groups.get_tensor_model_parallel_world_size() > 1, regather)
+                   groups.get_tensor_model_parallel_world_size() > 1, regather, overlap)
 
     def split(self, n: int, what: str) -> int:
         """Size of this rank's share of ``n`` (``what`` names the dimension in the error)."""
@@ -73,16 +79,21 @@ def _all_reduce(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 
 
 class _CopyToTP(torch.autograd.Function):
-    """Identity forward; all-reduce of the input gradient backward (Megatron's ``f``)."""
+    """Identity forward; all-reduce of the input gradient backward (Megatron's ``f``), in place when
+    ``fresh_grad`` (the gradient is a linear's or the fused loss's new input gradient that no other node holds)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, tp: TPGroup) -> torch.Tensor:  # type: ignore[override]
-        ctx.tp = tp
+    def forward(ctx, x: torch.Tensor, tp: TPGroup, fresh_grad: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.tp, ctx.fresh_grad = tp, fresh_grad
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return _all_reduce(grad, ctx.tp), None
+        if not ctx.fresh_grad:
+            return _all_reduce(grad, ctx.tp), None, None
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.tp.group)
+        return grad, None, None
 
 
 class _ReduceFromTP(torch.autograd.Function):
@@ -125,14 +136,19 @@ def _gather_sequence(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return out.transpose(0, 1).contiguous()
 
 
-def _scatter_sequence_sum(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """The sum over the tp ranks of ``x``, keeping this rank's chunk of dim 1 (the sequence)."""
+def _start_scatter_sequence_sum(x: torch.Tensor, tp: TPGroup, async_op: bool = False) -> tuple[torch.Tensor, Any]:
+    """Start :func:`_scatter_sequence_sum`: (the sequence-first result buffer, the collective's work or None)."""
     front = x.transpose(0, 1).contiguous()
     if front.shape[0] % tp.size:
         raise ValueError(f"tensor-parallel sequence parallelism: tp={tp.size} does not divide the {front.shape[0]}"
                          " tokens of a sample")
     out = torch.empty((front.shape[0] // tp.size, *front.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, front, group=tp.group)
+    return out, dist.reduce_scatter_single(out, front, group=tp.group, async_op=async_op)
+
+
+def _scatter_sequence_sum(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The sum over the tp ranks of ``x``, keeping this rank's chunk of dim 1 (the sequence)."""
+    out, _ = _start_scatter_sequence_sum(x, tp)
     return out.transpose(0, 1).contiguous()
 
 
@@ -164,12 +180,13 @@ class _ScatterSequence(torch.autograd.Function):
         return _gather_sequence(grad, ctx.tp), None
 
 
-def copy_to_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+def copy_to_tp(x: torch.Tensor, tp: TPGroup, *, fresh_grad: bool = False) -> torch.Tensor:
     """Enter a tp region: identity forward, gradient summed over the tp group backward; under sequence
-    parallelism the sequence is gathered (and the gradient reduce-scattered)."""
+    parallelism the sequence is gathered (and the gradient reduce-scattered). ``fresh_grad``: the result
+    feeds one linear (or the fused head loss) only, so its gradient is summed in place, without a copy."""
     if tp.size == 1:
         return x
-    return _GatherSequence.apply(x, tp) if tp.sequence_parallel else _CopyToTP.apply(x, tp)
+    return _GatherSequence.apply(x, tp) if tp.sequence_parallel else _CopyToTP.apply(x, tp, fresh_grad)
 
 
 def reduce_from_tp(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -205,10 +222,18 @@ class ColumnParallelLinear(nn.Module):
         local = tp.split(out_features, "output features")
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device))
         self.bias = nn.Parameter(torch.zeros(local, device=device)) if bias else None
+        #: Set by an overlapped region's entry for the length of its forward: where this linear leaves its
+        #: weight gradient's inputs (:class:`_RegionGrads` and this linear's place in it).
+        self.deferred: tuple[_RegionGrads, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
-            x = copy_to_tp(x, self.tp)
+            x = copy_to_tp(x, self.tp, fresh_grad=True)
+        if self.deferred is not None and torch.is_grad_enabled():
+            grads, index = self.deferred
+            grads.claim(index)
+            bias = None if self.bias is None else self.bias.detach()
+            return _DeferredColumnLinear.apply(x, self.weight.detach(), bias, grads, index)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -229,7 +254,7 @@ class VocabParallelHead(ColumnParallelLinear):
         :class:`~fm_train.model.loss.LMHead`)."""
         bias = self.bias if bias is None else bias
         if self.copy_input:
-            x = copy_to_tp(x, self.tp)  # backward sums the ranks' parts of the input's gradient
+            x = copy_to_tp(x, self.tp, fresh_grad=True)  # backward sums the ranks' parts of the input's gradient
         if labels is None:
             return F.linear(x, self.weight, bias)
         start = self.tp.rank * self.weight.shape[0]
@@ -274,6 +299,117 @@ class VocabParallelEmbedding(nn.Module):
         out = F.embedding(local.masked_fill(foreign, 0), self.weight)
         out = out.masked_fill(foreign.unsqueeze(-1), 0.0)
         return reduce_from_tp(out, self.tp)
+
+
+# ---- a region's entry that overlaps its input gradient's collective with the weight gradients ---------
+class _RegionGrads:
+    """One forward of an overlapped region: what each of its column linears' backward leaves for the entry
+    (its output gradient and its input), by the linear's place among the entry's linears."""
+
+    def __init__(self, count: int) -> None:
+        self.claimed = [False] * count
+        self.left: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * count
+
+    def claim(self, index: int) -> None:
+        if self.claimed[index]:
+            raise RuntimeError("tensor parallelism: a column linear of an overlapped region ran twice in one forward"
+                               " of the region; its weight gradient would be computed once (set parallel.tp_overlap:"
+                               " false for this model)")
+        self.claimed[index] = True
+
+    def leave(self, index: int, grad: torch.Tensor, x: torch.Tensor) -> None:
+        self.left[index] = (grad, x)
+
+    def take(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        left, self.left[index] = self.left[index], None
+        return left
+
+
+class _DeferredColumnLinear(torch.autograd.Function):
+    """``F.linear`` (weight and bias passed detached) whose backward gives the input gradient only and leaves
+    (output gradient, input) to the region's entry, which computes the weight and bias gradients."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                grads: _RegionGrads, index: int) -> torch.Tensor:
+        ctx.grads, ctx.index = grads, index
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        ctx.grads.leave(ctx.index, grad, x)
+        return grad.matmul(weight), None, None, None, None
+
+
+def weight_grads(grad: torch.Tensor, x: torch.Tensor, bias: bool) -> list[torch.Tensor]:
+    """A linear's weight gradient (and its bias's) from its output gradient and input, as ``F.linear``'s
+    backward computes them."""
+    g, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+    out = [g.t().mm(inputs)]
+    if bias:
+        out.append(g.sum(0))
+    return out
+
+
+class _EnterRegion(torch.autograd.Function):
+    """Enter a tp region whose column linears defer their weight gradients (``TPGroup.overlap``).
+
+    Forward as :func:`copy_to_tp` (the identity, or the sequence gathered). Backward receives the summed input
+    gradient of the region's linears, starts its collective (all-reduce, or reduce-scatter of the sequence)
+    without waiting, computes the linears' weight gradients meanwhile and waits only then: Megatron-Core's
+    asynchronous gradient all-reduce, with the weights left as they are (q/k/v and gate/up stay separate
+    parameters under their Hugging Face names). The weights are inputs of this node, so their gradients reach
+    their ``AccumulateGrad`` (and DeepSpeed's reduction hooks) from here. The incoming gradient is reduced in
+    place: it is the sum of the linears' fresh input gradients, which no other node holds.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tp: TPGroup, grads: _RegionGrads, biased: tuple[bool, ...],  # type: ignore[override]
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.tp, ctx.grads, ctx.biased = tp, grads, biased
+        return _gather_sequence(x, tp) if tp.sequence_parallel else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        tp: TPGroup = ctx.tp
+        if tp.sequence_parallel:
+            summed, work = _start_scatter_sequence_sum(grad, tp, async_op=True)
+        else:
+            summed = grad.contiguous()
+            work = dist.all_reduce(summed, group=tp.group, async_op=True)
+        param_grads: list[torch.Tensor | None] = []
+        for index, bias in enumerate(ctx.biased):
+            left = ctx.grads.take(index)
+            param_grads.extend([None] * (1 + bias) if left is None else weight_grads(*left, bias))
+        work.wait()
+        dx = summed.transpose(0, 1).contiguous() if tp.sequence_parallel else summed
+        return (dx, None, None, None, *param_grads)
+
+
+def _region_entry(region: nn.Module, tp: TPGroup):
+    """``enter(x)`` for ``region``: its input into the tp region, overlapped (:class:`_EnterRegion`) when ``tp``
+    says so, grad is on and the region has column linears; and ``leave()``, which ends the forward's
+    deferral (call it when the region's forward returns or fails)."""
+    linears = [m for m in region.modules() if isinstance(m, ColumnParallelLinear) and not m.copy_input]
+    biased = tuple(m.bias is not None for m in linears)
+
+    def enter(x: torch.Tensor) -> torch.Tensor:
+        if not (tp.overlap and linears and torch.is_grad_enabled()):
+            return copy_to_tp(x, tp)
+        grads = _RegionGrads(len(linears))
+        params: list[torch.Tensor] = []
+        for index, linear in enumerate(linears):
+            linear.deferred = (grads, index)
+            params.extend([linear.weight] if linear.bias is None else [linear.weight, linear.bias])
+        return _EnterRegion.apply(x, tp, grads, biased, *params)
+
+    def leave() -> None:
+        for linear in linears:
+            linear.deferred = None
+
+    return enter, leave
 
 
 # ---- vocab-parallel loss ---------------------------------------------------------------------------
@@ -384,10 +520,11 @@ def _parallel_twin(name: str, module: nn.Module, style: str, tp: TPGroup, in_reg
                                 copy_input=not in_region, device=device)
 
 
-def _copy_in_hook(tp: TPGroup):
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        return (copy_to_tp(args[0], tp), *args[1:])
-    return hook
+def _entering_region(module: nn.Module, tp: TPGroup) -> None:
+    """Enter ``module``'s region on each forward (:func:`_region_entry`)."""
+    enter, leave = _region_entry(module, tp)
+    module.register_forward_pre_hook(lambda _module, args: (enter(args[0]), *args[1:]))
+    module.register_forward_hook(lambda _module, _args, _output: leave(), always_call=True)
 
 
 class _Regathered:
@@ -410,10 +547,11 @@ def _regathering_region(module: nn.Module, tp: TPGroup) -> None:
     whole sequence is gathered again in backward. Saved-tensor hooks are active for the region's forward
     only; without them each region would keep ``seq x hidden`` whole on every tp rank."""
     state: dict[str, object] = {}
+    enter, leave = _region_entry(module, tp)
 
     def pre(_module: nn.Module, args: tuple) -> tuple:
         local = args[0]
-        full = _GatherSequence.apply(local, tp)
+        full = enter(local)
         if not torch.is_grad_enabled():
             return (full, *args[1:])
         keep = _Regathered(local.detach(), tp)
@@ -436,6 +574,7 @@ def _regathering_region(module: nn.Module, tp: TPGroup) -> None:
         return (full, *args[1:])
 
     def post(_module: nn.Module, _args: tuple, output: object) -> object:
+        leave()
         hooks = state.pop("hooks", None)
         if hooks is not None:
             hooks.__exit__(None, None, None)  # type: ignore[attr-defined]
@@ -542,7 +681,7 @@ def apply_tensor_parallel(model: nn.Module, tp: TPGroup, plan: TPPlan) -> nn.Mod
             if tp.sequence_parallel and tp.regather:
                 _regathering_region(module, tp)
             else:
-                module.register_forward_pre_hook(_copy_in_hook(tp))
+                _entering_region(module, tp)
         if plan.sums_grads(name):
             _register_summed_grads(module, tp)
         elif tp.sequence_parallel:  # whole weights applied to this rank's tokens only: partial gradients
