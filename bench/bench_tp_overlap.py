@@ -8,7 +8,7 @@ One ``torchrun --nproc_per_node 2`` launch (tp 2, dp 1, ZeRO-1, fp32, one thread
 the same model from the same seed, one per setting, and alternates them in rounds (the order rotating), so both
 see the same machine. Model: a Llama block shape with hidden 512, 8 heads, ffn 1408, 4 layers, vocab 8192, seq 512,
 micro-batch 4. Per step, rank 0 records the wall time of the step and of its backward, and the time its main
-thread spent blocked in tp collectives during backward (a synchronous all-reduce / reduce-scatter call, or the
+thread spent blocked in tp collectives during backward (a synchronous all-reduce / reduce-scatter / all-gather, or the
 wait on an asynchronous one): the exposed communication that the overlap exists to shrink. Figures are medians
 over the measured steps of all rounds (the first ``--warmup`` of each round left out). On a GPU the collective
 runs on its own stream while the weight-gradient GEMMs run; here gloo's thread and the rank's compute thread
@@ -45,7 +45,7 @@ class Blocked:
         import torch.distributed as dist
 
         self.on, self.seconds = False, 0.0
-        for name in ("all_reduce", "reduce_scatter_single"):
+        for name in ("all_reduce", "reduce_scatter_single", "all_gather_single"):
             setattr(dist, name, self._timed(getattr(dist, name)))
 
     def _timed(self, collective):

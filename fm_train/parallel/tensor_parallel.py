@@ -128,11 +128,16 @@ class _GatherFromTP(torch.autograd.Function):
         return grad.chunk(ctx.tp.size, dim=-1)[ctx.tp.rank].contiguous(), None
 
 
-def _gather_sequence(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
-    """The tp ranks' consecutive chunks of dim 1 (the sequence), concatenated in rank order."""
+def _start_gather_sequence(x: torch.Tensor, tp: TPGroup, async_op: bool = False) -> tuple[torch.Tensor, Any]:
+    """Start :func:`_gather_sequence`: (the sequence-first result buffer, the collective's work or None)."""
     front = x.transpose(0, 1).contiguous()
     out = torch.empty((tp.size * front.shape[0], *front.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_single(out, front, group=tp.group)
+    return out, dist.all_gather_single(out, front, group=tp.group, async_op=async_op)
+
+
+def _gather_sequence(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The tp ranks' consecutive chunks of dim 1 (the sequence), concatenated in rank order."""
+    out, _ = _start_gather_sequence(x, tp)
     return out.transpose(0, 1).contiguous()
 
 
@@ -303,12 +308,15 @@ class VocabParallelEmbedding(nn.Module):
 
 # ---- a region's entry that overlaps its input gradient's collective with the weight gradients ---------
 class _RegionGrads:
-    """One forward of an overlapped region: what each of its column linears' backward leaves for the entry
-    (its output gradient and its input), by the linear's place among the entry's linears."""
+    """One forward of an overlapped region: the output gradient each of its column linears' backward leaves
+    for the entry (by the linear's place among the entry's linears) and, under the regathered sequence split,
+    the region's input kept as this rank's chunk (:class:`_Regathered`), whose all-gather the first of those
+    backwards starts."""
 
     def __init__(self, count: int) -> None:
         self.claimed = [False] * count
-        self.left: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * count
+        self.left: list[torch.Tensor | None] = [None] * count
+        self.regathered: _Regathered | None = None
 
     def claim(self, index: int) -> None:
         if self.claimed[index]:
@@ -317,29 +325,32 @@ class _RegionGrads:
                                " false for this model)")
         self.claimed[index] = True
 
-    def leave(self, index: int, grad: torch.Tensor, x: torch.Tensor) -> None:
-        self.left[index] = (grad, x)
+    def leave(self, index: int, grad: torch.Tensor) -> None:
+        if self.regathered is not None:  # the entry needs the whole input soon: gather it behind the matmuls
+            self.regathered.start()
+        self.left[index] = grad
 
-    def take(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take(self, index: int) -> torch.Tensor | None:
         left, self.left[index] = self.left[index], None
         return left
 
 
 class _DeferredColumnLinear(torch.autograd.Function):
     """``F.linear`` (weight and bias passed detached) whose backward gives the input gradient only and leaves
-    (output gradient, input) to the region's entry, which computes the weight and bias gradients."""
+    its output gradient to the region's entry, which holds the input and computes the weight and bias
+    gradients; the linear itself keeps only its weight for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 grads: _RegionGrads, index: int) -> torch.Tensor:
         ctx.grads, ctx.index = grads, index
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        ctx.grads.leave(ctx.index, grad, x)
+        (weight,) = ctx.saved_tensors
+        ctx.grads.leave(ctx.index, grad)
         return grad.matmul(weight), None, None, None, None
 
 
@@ -363,17 +374,30 @@ class _EnterRegion(torch.autograd.Function):
     parameters under their Hugging Face names). The weights are inputs of this node, so their gradients reach
     their ``AccumulateGrad`` (and DeepSpeed's reduction hooks) from here. The incoming gradient is reduced in
     place: it is the sum of the linears' fresh input gradients, which no other node holds.
+
+    The node keeps the region's input for the weight gradients (the linears keep only their weights): the
+    input itself, the gathered sequence, or under the regathered split this rank's chunk, whose all-gather
+    the first linear's backward starts so that it runs behind the input-gradient matmuls (as Megatron's
+    linears do).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, tp: TPGroup, grads: _RegionGrads, biased: tuple[bool, ...],  # type: ignore[override]
                 *params: torch.Tensor) -> torch.Tensor:
         ctx.tp, ctx.grads, ctx.biased = tp, grads, biased
-        return _gather_sequence(x, tp) if tp.sequence_parallel else x.view_as(x)
+        if not tp.sequence_parallel:
+            ctx.save_for_backward(x)
+            return x.view_as(x)
+        full = _gather_sequence(x, tp)
+        if not tp.regather:  # without the regathered split (blocks recomputed) the gathered input is kept whole
+            ctx.save_for_backward(full)
+        return full
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         tp: TPGroup = ctx.tp
+        regathered, ctx.grads.regathered = ctx.grads.regathered, None
+        x = regathered.get() if regathered is not None else ctx.saved_tensors[0]
         if tp.sequence_parallel:
             summed, work = _start_scatter_sequence_sum(grad, tp, async_op=True)
         else:
@@ -382,23 +406,25 @@ class _EnterRegion(torch.autograd.Function):
         param_grads: list[torch.Tensor | None] = []
         for index, bias in enumerate(ctx.biased):
             left = ctx.grads.take(index)
-            param_grads.extend([None] * (1 + bias) if left is None else weight_grads(*left, bias))
+            param_grads.extend([None] * (1 + bias) if left is None else weight_grads(left, x, bias))
         work.wait()
         dx = summed.transpose(0, 1).contiguous() if tp.sequence_parallel else summed
         return (dx, None, None, None, *param_grads)
 
 
 def _region_entry(region: nn.Module, tp: TPGroup):
-    """``enter(x)`` for ``region``: its input into the tp region, overlapped (:class:`_EnterRegion`) when ``tp``
-    says so, grad is on and the region has column linears; and ``leave()``, which ends the forward's
-    deferral (call it when the region's forward returns or fails)."""
+    """``enter(x, regathered)`` for ``region``: its input into the tp region, overlapped
+    (:class:`_EnterRegion`) when ``tp`` says so, grad is on and the region has column linears (``regathered``:
+    the input as the regathering region keeps it); and ``leave()``, which ends the forward's deferral (call
+    it when the region's forward returns or fails)."""
     linears = [m for m in region.modules() if isinstance(m, ColumnParallelLinear) and not m.copy_input]
     biased = tuple(m.bias is not None for m in linears)
 
-    def enter(x: torch.Tensor) -> torch.Tensor:
+    def enter(x: torch.Tensor, regathered: "_Regathered | None" = None) -> torch.Tensor:
         if not (tp.overlap and linears and torch.is_grad_enabled()):
             return copy_to_tp(x, tp)
         grads = _RegionGrads(len(linears))
+        grads.regathered = regathered
         params: list[torch.Tensor] = []
         for index, linear in enumerate(linears):
             linear.deferred = (grads, index)
@@ -534,10 +560,20 @@ class _Regathered:
     def __init__(self, local: torch.Tensor, tp: TPGroup) -> None:
         self.local, self.tp = local, tp
         self.full: torch.Tensor | None = None
+        self._gathering: tuple[torch.Tensor, Any] | None = None
+
+    def start(self) -> None:
+        """Start the all-gather without waiting for it (a no-op once started)."""
+        if self.full is None and self._gathering is None:
+            self._gathering = _start_gather_sequence(self.local, self.tp, async_op=True)
 
     def get(self) -> torch.Tensor:
         if self.full is None:
-            self.full = _gather_sequence(self.local, self.tp)
+            self.start()
+            assert self._gathering is not None
+            out, work = self._gathering
+            work.wait()
+            self.full, self._gathering = out.transpose(0, 1).contiguous(), None
         return self.full
 
 
@@ -551,10 +587,10 @@ def _regathering_region(module: nn.Module, tp: TPGroup) -> None:
 
     def pre(_module: nn.Module, args: tuple) -> tuple:
         local = args[0]
-        full = enter(local)
+        keep = _Regathered(local.detach(), tp)
+        full = enter(local, keep)
         if not torch.is_grad_enabled():
             return (full, *args[1:])
-        keep = _Regathered(local.detach(), tp)
         storage, numel = full.untyped_storage().data_ptr(), full.numel()
 
         def pack(t: torch.Tensor) -> object:
