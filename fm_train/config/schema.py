@@ -188,7 +188,7 @@ class ParallelConfig(_Section):
         True, description="tp > 1: each region's column linears (q/k/v, gate/up) compute their weight gradients while"
                           " the region's input-gradient all-reduce (reduce-scatter with tp_sequence_parallel) is in"
                           " flight, as Megatron-Core does; false: the collective first, then the rest of backward."
-                          " Not under ZeRO-3 (its weights are partitioned when a region starts).")
+                          " Not under ZeRO-3 (its weights are partitioned when a region starts) nor in compiled blocks.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO >= 1).")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward.")

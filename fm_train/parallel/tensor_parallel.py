@@ -228,17 +228,20 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(local, in_features, device=device))
         self.bias = nn.Parameter(torch.zeros(local, device=device)) if bias else None
         #: Set by an overlapped region's entry for the length of its forward: where this linear leaves its
-        #: weight gradient's inputs (:class:`_RegionGrads` and this linear's place in it).
+        #: output gradient (:class:`_RegionGrads` and this linear's place in it).
         self.deferred: tuple[_RegionGrads, int] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.copy_input:
             x = copy_to_tp(x, self.tp, fresh_grad=True)
-        if self.deferred is not None and torch.is_grad_enabled():
+        # Deferred only when applied to the region's input itself: the entry computes the weight gradient
+        # from that input (a linear applied to anything else keeps its own backward).
+        if self.deferred is not None and torch.is_grad_enabled() and x is self.deferred[0].entered:
             grads, index = self.deferred
             grads.claim(index)
             bias = None if self.bias is None else self.bias.detach()
-            return _DeferredColumnLinear.apply(x, self.weight.detach(), bias, grads, index)
+            needs_grad = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+            return _DeferredColumnLinear.apply(x, self.weight.detach(), bias, grads, index, needs_grad)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -313,10 +316,12 @@ class _RegionGrads:
     the region's input kept as this rank's chunk (:class:`_Regathered`), whose all-gather the first of those
     backwards starts."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, regathered: "_Regathered | None") -> None:
         self.claimed = [False] * count
         self.left: list[torch.Tensor | None] = [None] * count
-        self.regathered: _Regathered | None = None
+        self.regathered = regathered
+        #: The entry's output: the tensor a linear must be applied to for its weight gradient to be deferred.
+        self.entered: torch.Tensor | None = None
 
     def claim(self, index: int) -> None:
         if self.claimed[index]:
@@ -325,7 +330,8 @@ class _RegionGrads:
                                " false for this model)")
         self.claimed[index] = True
 
-    def leave(self, index: int, grad: torch.Tensor) -> None:
+    def leave(self, index: int, grad: torch.Tensor | None) -> None:
+        """``grad``: None when the linear's weight needs no gradient (frozen)."""
         if self.regathered is not None:  # the entry needs the whole input soon: gather it behind the matmuls
             self.regathered.start()
         self.left[index] = grad
@@ -342,16 +348,16 @@ class _DeferredColumnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                grads: _RegionGrads, index: int) -> torch.Tensor:
-        ctx.grads, ctx.index = grads, index
+                grads: _RegionGrads, index: int, needs_grad: bool) -> torch.Tensor:
+        ctx.grads, ctx.index, ctx.needs_grad = grads, index, needs_grad
         ctx.save_for_backward(weight)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        ctx.grads.leave(ctx.index, grad)
-        return grad.matmul(weight), None, None, None, None
+        ctx.grads.leave(ctx.index, grad if ctx.needs_grad else None)
+        return grad.matmul(weight), None, None, None, None, None
 
 
 def weight_grads(grad: torch.Tensor, x: torch.Tensor, bias: bool) -> list[torch.Tensor]:
@@ -385,28 +391,30 @@ class _EnterRegion(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, tp: TPGroup, grads: _RegionGrads, biased: tuple[bool, ...],  # type: ignore[override]
                 *params: torch.Tensor) -> torch.Tensor:
         ctx.tp, ctx.grads, ctx.biased = tp, grads, biased
-        if not tp.sequence_parallel:
-            ctx.save_for_backward(x)
-            return x.view_as(x)
-        full = _gather_sequence(x, tp)
-        if not tp.regather:  # without the regathered split (blocks recomputed) the gathered input is kept whole
-            ctx.save_for_backward(full)
-        return full
+        out = _gather_sequence(x, tp) if tp.sequence_parallel else x.view_as(x)
+        if grads.regathered is None:  # else the regathering region keeps this rank's chunk of ``out``
+            ctx.save_for_backward(x if not tp.sequence_parallel else out)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         tp: TPGroup = ctx.tp
-        regathered, ctx.grads.regathered = ctx.grads.regathered, None
+        work = None
+        if ctx.needs_input_grad[0]:  # started before the weight gradients (and before waiting for the input)
+            if tp.sequence_parallel:
+                summed, work = _start_scatter_sequence_sum(grad, tp, async_op=True)
+            else:
+                summed = grad.contiguous()
+                work = dist.all_reduce(summed, group=tp.group, async_op=True)
+        regathered = ctx.grads.regathered
         x = regathered.get() if regathered is not None else ctx.saved_tensors[0]
-        if tp.sequence_parallel:
-            summed, work = _start_scatter_sequence_sum(grad, tp, async_op=True)
-        else:
-            summed = grad.contiguous()
-            work = dist.all_reduce(summed, group=tp.group, async_op=True)
         param_grads: list[torch.Tensor | None] = []
         for index, bias in enumerate(ctx.biased):
             left = ctx.grads.take(index)
             param_grads.extend([None] * (1 + bias) if left is None else weight_grads(left, x, bias))
+        param_grads = [g if need else None for g, need in zip(param_grads, ctx.needs_input_grad[4:])]
+        if work is None:
+            return (None, None, None, None, *param_grads)
         work.wait()
         dx = summed.transpose(0, 1).contiguous() if tp.sequence_parallel else summed
         return (dx, None, None, None, *param_grads)
@@ -417,22 +425,26 @@ def _region_entry(region: nn.Module, tp: TPGroup):
     (:class:`_EnterRegion`) when ``tp`` says so, grad is on and the region has column linears (``regathered``:
     the input as the regathering region keeps it); and ``leave()``, which ends the forward's deferral (call
     it when the region's forward returns or fails)."""
-    linears = [m for m in region.modules() if isinstance(m, ColumnParallelLinear) and not m.copy_input]
-    biased = tuple(m.bias is not None for m in linears)
+    linears = [m for m in region.modules() if type(m) is ColumnParallelLinear and not m.copy_input]
 
     def enter(x: torch.Tensor, regathered: "_Regathered | None" = None) -> torch.Tensor:
-        if not (tp.overlap and linears and torch.is_grad_enabled()):
+        # Compiled blocks trace the synchronous path: the entry's state between forward and backward (the
+        # linears' deferral, a Python object) is not something a graph holds.
+        if not (tp.overlap and linears and torch.is_grad_enabled()) or torch.compiler.is_compiling():
             return copy_to_tp(x, tp)
-        grads = _RegionGrads(len(linears))
-        grads.regathered = regathered
+        grads = _RegionGrads(len(linears), regathered)
         params: list[torch.Tensor] = []
         for index, linear in enumerate(linears):
             linear.deferred = (grads, index)
             params.extend([linear.weight] if linear.bias is None else [linear.weight, linear.bias])
-        return _EnterRegion.apply(x, tp, grads, biased, *params)
+        biased = tuple(linear.bias is not None for linear in linears)
+        grads.entered = _EnterRegion.apply(x, tp, grads, biased, *params)
+        return grads.entered
 
     def leave() -> None:
         for linear in linears:
+            if linear.deferred is not None:  # the entry's output is not kept past the forward (it may be the
+                linear.deferred[0].entered = None  # gathered sequence the regathering region keeps a chunk of)
             linear.deferred = None
 
     return enter, leave
